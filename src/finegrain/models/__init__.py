@@ -1,0 +1,1 @@
+"""Model plumbing: forward passes in the shared batch layout, builders and loading."""

@@ -1,0 +1,92 @@
+"""Forward passes of any Hugging Face causal LM in finegrain's batch layout.
+
+The batch layout (see :mod:`finegrain.types`) puts a left-padded prompt block of ``P`` columns before a
+right-padded response block of ``T`` columns. Position ids are computed from the attention mask so that
+left padding never changes a hidden state. Two slices of the final hidden states matter:
+
+* ``hidden[:, P-1 : P-1+T]`` -- the states that *predict* each response token (policy log-probs, KL);
+* ``hidden[:, P : P+T]`` -- the states *after reading* each response token (token-level reward heads,
+  ``r(x, y_<=t)``).
+
+The language-model head is applied by the caller (possibly in chunks), so full ``(N, L, V)`` logits are
+never built here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from finegrain.types import CompletionBatch
+
+
+def model_inputs(batch: CompletionBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Concatenate the prompt and response blocks into model inputs.
+
+    Returns:
+        ``input_ids (N, P+T)``, ``attention_mask (N, P+T)`` and ``position_ids (N, P+T)`` where position ids
+        count real tokens only (padding gets position 0 and is masked out anyway).
+    """
+    input_ids = torch.cat([batch.prompt_input_ids, batch.completion_input_ids], dim=1)
+    attention_mask = torch.cat(
+        [batch.prompt_attention_mask.long(), batch.completion_mask.long()], dim=1
+    )
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    return input_ids, attention_mask, position_ids
+
+
+def decoder(model: nn.Module) -> nn.Module:
+    """The transformer body of a causal LM (no LM head), for HF and PEFT-wrapped models alike."""
+    get_decoder = getattr(model, "get_decoder", None)
+    body = get_decoder() if callable(get_decoder) else None
+    if body is None:
+        raise TypeError(
+            f"{type(model).__name__} does not expose its decoder through get_decoder(); finegrain needs the final "
+            "hidden states of a causal LM (AutoModelForCausalLM)."
+        )
+    return body
+
+
+def hidden_states(model: nn.Module, batch: CompletionBatch) -> torch.Tensor:
+    """Final hidden states ``(N, P+T, H)`` (after the final norm) of ``model`` on ``batch``."""
+    input_ids, attention_mask, position_ids = model_inputs(batch)
+    out = decoder(model)(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    )
+    return out.last_hidden_state
+
+
+def predicting_states(hidden: torch.Tensor, batch: CompletionBatch) -> torch.Tensor:
+    """States that predict each response token: ``hidden[:, P-1 : P-1+T]`` -> ``(N, T, H)``."""
+    p = batch.prompt_input_ids.shape[1]
+    t = batch.completion_input_ids.shape[1]
+    if p == 0:
+        raise ValueError("every row needs at least one prompt token (e.g. BOS) to predict the first response token")
+    return hidden[:, p - 1 : p - 1 + t]
+
+
+def reading_states(hidden: torch.Tensor, batch: CompletionBatch) -> torch.Tensor:
+    """States after reading each response token: ``hidden[:, P : P+T]`` -> ``(N, T, H)``."""
+    p = batch.prompt_input_ids.shape[1]
+    return hidden[:, p : p + batch.completion_input_ids.shape[1]]
+
+
+def output_head(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The function ``hidden (..., H) -> logits (..., V)`` of a causal LM, as its own forward applies it.
+
+    Applies the output embedding and, where the config asks for it, final-logit soft-capping (Gemma 2).
+    """
+    head = model.get_output_embeddings()
+    if head is None:
+        raise TypeError(f"{type(model).__name__} has no output embeddings (LM head)")
+    config = getattr(model, "config", None)
+    cap = getattr(config, "final_logit_softcapping", None) if config is not None else None
+    if not cap:
+        return head
+
+    def capped(h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(head(h) / cap) * cap
+
+    return capped
