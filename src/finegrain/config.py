@@ -1,0 +1,338 @@
+"""Config dataclasses drive YAML files, command-line flags and ``--help`` from one source.
+
+Each command has one dataclass. Every field is declared with :func:`option`, which records its help text; the
+parser accepts ``--config file.yaml`` plus flag overrides (precedence: defaults < YAML < flags), both
+``--snake_case`` and ``--kebab-case`` spellings, ``--flag`` / ``--flag false`` for booleans, and several values
+for list fields. A YAML file may carry an ``env:`` mapping of environment variables to set (as in TRL).
+Unknown keys, wrong types and contradictory options fail at start with a :class:`~finegrain.errors.ConfigError`
+that names the option and says what to change. No config string is ever evaluated as code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+
+from finegrain.errors import ConfigError
+
+C = TypeVar("C")
+_MISSING = dataclasses.MISSING
+
+
+def option(default: Any = _MISSING, help: str = "", *, default_factory: Any = _MISSING, aliases: tuple[str, ...] = ()):
+    """Declare a config field with its help text (shown by ``--help`` and in shipped YAML comments)."""
+    meta = {"help": help, "aliases": aliases}
+    if default_factory is not _MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    """Convert ``value`` (from YAML or a flag string) to the field type ``tp``, or raise ConfigError."""
+    base, optional = _unwrap_optional(tp)
+    if value is None or (isinstance(value, str) and optional and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ConfigError(f"option '{name}' needs a value of type {_type_name(base)}, got none")
+    origin = get_origin(base)
+    if origin is Literal:
+        choices = get_args(base)
+        if value not in choices:
+            raise ConfigError(f"option '{name}' must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
+    if origin in (list, tuple):
+        (item_tp,) = get_args(base)[:1] or (str,)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()] if value else []
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(name, v, item_tp) for v in value]
+    if origin is dict or base is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"option '{name}' must be a mapping, got {value!r}")
+        return dict(value)
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"option '{name}' must be true or false, got {value!r}")
+    if base is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"option '{name}' must be an integer, got {value!r}")
+        try:
+            out = int(value) if not isinstance(value, float) or value.is_integer() else None
+        except (TypeError, ValueError):
+            out = None
+        if out is None:
+            raise ConfigError(f"option '{name}' must be an integer, got {value!r}")
+        return out
+    if base is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"option '{name}' must be a number, got {value!r}")
+        try:
+            out = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"option '{name}' must be a number, got {value!r}") from None
+        if math.isnan(out):
+            raise ConfigError(f"option '{name}' must be a number, got NaN")
+        return out
+    if base is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"option '{name}' must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    base, optional = _unwrap_optional(tp)
+    origin = get_origin(base)
+    if origin is Literal:
+        name = "{" + ",".join(map(str, get_args(base))) + "}"
+    elif origin in (list, tuple):
+        name = f"list[{_type_name(get_args(base)[0])}]"
+    else:
+        name = getattr(base, "__name__", str(base))
+    return f"{name} | None" if optional else name
+
+
+def config_fields(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.init]
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not _MISSING:
+        return f.default
+    if f.default_factory is not _MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return _MISSING
+
+
+def _suggest(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=3)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
+def build(cls: type[C], values: dict[str, Any], source: str = "options") -> C:
+    """Build ``cls`` from a mapping, coercing types and rejecting unknown keys."""
+    hints = _hints(cls)
+    known = {f.name: f for f in config_fields(cls)}
+    aliases = {a: f.name for f in known.values() for a in f.metadata.get("aliases", ())}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        name = aliases.get(name, name)
+        if name not in known:
+            raise ConfigError(f"unknown option '{key}' in {source}{_suggest(name, list(known))}")
+        kwargs[name] = _coerce(name, value, hints[name])
+    missing = [n for n, f in known.items() if n not in kwargs and _default_of(f) is _MISSING]
+    if missing:
+        raise ConfigError(f"missing required option(s): {', '.join(missing)}")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a config YAML file (a mapping); an ``env:`` mapping sets environment variables."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of option: value, got {type(data).__name__}")
+    env = data.pop("env", None) or {}
+    if not isinstance(env, dict):
+        raise ConfigError(f"config file {p}: 'env' must be a mapping of variable: value")
+    for k, v in env.items():
+        os.environ[str(k)] = str(v)
+    return data
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one flag per field of ``cls`` (both spellings), with its help and default."""
+    hints = _hints(cls)
+    for f in config_fields(cls):
+        tp = hints[f.name]
+        base, _ = _unwrap_optional(tp)
+        default = _default_of(f)
+        shown = "required" if default is _MISSING else f"default: {default!r}"
+        help_text = f"{f.metadata.get('help', '')} [{_type_name(tp)}; {shown}]".strip()
+        names = [f"--{f.name}"]
+        if "_" in f.name:
+            names.append(f"--{f.name.replace('_', '-')}")
+        for a in f.metadata.get("aliases", ()):
+            names.append(f"--{a}")
+        kwargs: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text.replace("%", "%%"))
+        if base is bool:
+            kwargs.update(nargs="?", const="true", metavar="BOOL")
+        elif get_origin(base) in (list, tuple):
+            kwargs.update(nargs="*", metavar="VALUE")
+        elif get_origin(base) is Literal:
+            kwargs.update(metavar="{" + ",".join(map(str, get_args(base))) + "}")
+        else:
+            kwargs.update(metavar=_type_name(base).upper())
+        parser.add_argument(*names, **kwargs)
+
+
+def make_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, usage="%(prog)s [--config YAML] [--option VALUE ...]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", default=None, metavar="YAML", help="YAML file of options; flags given here override it")
+    add_arguments(parser, cls)
+    return parser
+
+
+def parse(cls: type[C], argv: list[str] | None, prog: str, description: str = "") -> C:
+    """Parse ``argv`` into ``cls``: defaults, then ``--config`` YAML, then flags."""
+    parser = make_parser(cls, prog, description or (cls.__doc__ or ""))
+    ns = vars(parser.parse_args(argv))
+    config_path = ns.pop("config", None)
+    values: dict[str, Any] = load_yaml(config_path) if config_path else {}
+    values.update(ns)
+    return build(cls, values, source=f"config file {config_path}" if config_path else "options")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return {f.name: getattr(cfg, f.name) for f in config_fields(type(cfg))}
+
+
+def dump_yaml(cfg: Any, path: str | Path | None = None, *, comments: bool = False) -> str:
+    """The config as YAML (optionally with each key's help as a comment); written to ``path`` if given."""
+    data = to_dict(cfg)
+    if not comments:
+        text = yaml.safe_dump(data, sort_keys=False)
+    else:
+        hints = _hints(type(cfg))
+        lines = []
+        for f in config_fields(type(cfg)):
+            lines.append(f"# {f.metadata.get('help', '')} [{_type_name(hints[f.name])}]")
+            lines.append(yaml.safe_dump({f.name: data[f.name]}, sort_keys=False).rstrip())
+        text = "\n".join(lines) + "\n"
+    if path is not None:
+        Path(path).write_text(text)
+    return text
+
+
+def replace(cfg: C, **changes: Any) -> C:
+    """``dataclasses.replace`` that re-runs validation."""
+    return dataclasses.replace(cfg, **changes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Options shared by every training command. Names follow transformers / TRL where the concept is the same.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Options shared by every training command (sft, po, rm, ppo)."""
+
+    # model and data
+    model_name_or_path: str | None = option(None, "hub id or local path of the model; default: the built-in world's SFT model")
+    tokenizer_name_or_path: str | None = option(None, "tokenizer; default: the model's")
+    dataset_name: str | None = option(None, "hub id, local file (.jsonl/.json/.parquet/.csv) or directory; default: the built-in world's data")
+    dataset_split: str = option("train", "split of dataset_name to train on")
+    eval_dataset_name: str | None = option(None, "held-out data (same formats); default: the world's test split, or none for user data")
+    eval_split: str = option("test", "split of eval_dataset_name (or of dataset_name when eval_dataset_name is not set)")
+    max_train_samples: int | None = option(None, "use only the first N training rows")
+    max_eval_samples: int | None = option(256, "use only the first N evaluation rows")
+    skip_invalid_rows: bool = option(False, "skip bad rows (counted and logged) instead of stopping with an error")
+    max_length: int = option(512, "maximum prompt + response tokens; longer responses are cut from the right")
+    max_prompt_length: int = option(256, "maximum prompt tokens; longer prompts keep their end")
+    world_dir: str | None = option(None, "where the built-in world lives (built on first use); default: the cache directory")
+    trust_remote_code: bool = option(False, "allow models/tokenizers with custom code from the hub (off unless you ask)")
+    # run directory
+    output_dir: str | None = option(None, "run directory; default: runs/<command>-<method>")
+    overwrite_output_dir: bool = option(False, "start afresh even if output_dir holds checkpoints of another run")
+    resume_from_checkpoint: str | None = option(None, "checkpoint directory to resume from, or 'latest' for the newest in output_dir")
+    # optimisation
+    learning_rate: float = option(1e-5, "peak learning rate")
+    optim: Literal["adamw", "rmsprop", "sgd"] = option("adamw", "optimizer")
+    weight_decay: float = option(0.0, "decoupled weight decay")
+    adam_beta1: float = option(0.9, "Adam beta1")
+    adam_beta2: float = option(0.999, "Adam beta2")
+    max_grad_norm: float = option(1.0, "gradient-norm clipping (0 disables)")
+    lr_scheduler_type: Literal["constant", "linear", "cosine"] = option("linear", "learning-rate schedule after warm-up")
+    warmup_steps: int = option(0, "linear warm-up steps")
+    warmup_ratio: float = option(0.0, "warm-up as a fraction of max_steps (used when warmup_steps is 0)")
+    per_device_train_batch_size: int = option(8, "rows (pairs for preference data) per device per micro-step")
+    per_device_eval_batch_size: int = option(16, "rows per device for evaluation")
+    gradient_accumulation_steps: int = option(1, "micro-steps per optimizer step")
+    num_train_epochs: float = option(1.0, "epochs over the training data (used when max_steps < 0)")
+    max_steps: int = option(-1, "optimizer steps; -1: derived from num_train_epochs")
+    seed: int = option(0, "random seed (data order, initialisation, sampling)")
+    bf16: bool = option(False, "bfloat16 mixed precision")
+    gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
+    disable_dropout: bool = option(True, "turn dropout off in every model (as preference-optimisation recipes do)")
+    # LoRA
+    use_peft: bool = option(False, "train a LoRA adapter instead of all weights")
+    lora_r: int = option(16, "LoRA rank")
+    lora_alpha: int = option(32, "LoRA alpha")
+    lora_dropout: float = option(0.0, "LoRA dropout")
+    lora_target_modules: list[str] = option(default_factory=lambda: ["all-linear"], help="modules that get LoRA adapters")
+    # logging, evaluation, checkpoints
+    logging_steps: int = option(10, "log training metrics every N optimizer steps")
+    eval_steps: int = option(0, "evaluate every N optimizer steps (0: only at the end)")
+    save_steps: int = option(0, "write a resumable checkpoint every N optimizer steps (0: only at the end)")
+    save_total_limit: int = option(2, "keep only the newest N checkpoints")
+    report_to: list[str] = option(default_factory=list, help="extra trackers: tensorboard, wandb (metrics.jsonl is always written)")
+    max_nonfinite_steps: int = option(5, "stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)")
+    disable_tqdm: bool = option(False, "hide progress bars")
+
+    def __post_init__(self) -> None:
+        positive = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                    "max_length", "max_prompt_length", "max_nonfinite_steps")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"option '{name}' must be positive, got {getattr(self, name)}")
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError(
+                f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length ({self.max_length}) "
+                "so that some response tokens fit; raise --max_length or lower --max_prompt_length"
+            )
+        if self.max_steps == 0 or (self.max_steps < 0 and self.num_train_epochs <= 0):
+            raise ConfigError("nothing to train: set --max_steps > 0 or --num_train_epochs > 0")
+        if self.learning_rate < 0:
+            raise ConfigError(f"learning_rate must be >= 0, got {self.learning_rate}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.resume_from_checkpoint and self.overwrite_output_dir:
+            raise ConfigError("--resume_from_checkpoint and --overwrite_output_dir contradict each other: drop one")
+        for tracker in self.report_to:
+            if tracker not in ("tensorboard", "wandb"):
+                raise ConfigError(f"report_to: unknown tracker {tracker!r}; choose tensorboard and/or wandb")
+        if self.tokenizer_name_or_path and not self.model_name_or_path:
+            raise ConfigError("--tokenizer_name_or_path needs --model_name_or_path (the world's model has its own tokenizer)")

@@ -1,0 +1,65 @@
+"""The world's reviser: a minimal edit of a response that raises its oracle score.
+
+One edit is the smallest change that fixes one fault:
+
+* substitute one adjective / verb / adverb with the best word of the same kind not yet used in the response;
+* substitute a wrong topic noun with the prompt's topic;
+* delete a hedge together with its comma;
+* delete a malformed sentence, or a sentence beyond the length limit.
+
+``revise`` applies the single edit with the largest score gain (ties: fewer words changed, then earlier
+position), repeated up to ``max_edits`` times while each edit still raises the score. It plays the role that an
+LLM annotator plays for real data (TLCR, minimal-edit token reward models).
+"""
+
+from __future__ import annotations
+
+from finegrain.world.grammar import ROLE_ADJ, ROLE_ADV, ROLE_HEDGE, ROLE_TOPIC, ROLE_VERB, parse_response, split_words
+from finegrain.world.lexicon import ADJECTIVES, ADVERBS, VERBS, word_value
+from finegrain.world.oracle import OracleRules, judge, prompt_topic
+
+_POOLS = {ROLE_ADJ: ADJECTIVES, ROLE_VERB: VERBS, ROLE_ADV: ADVERBS}
+
+
+def _candidates(words: list[str], topic: str, rules: OracleRules) -> list[tuple[int, list[str]]]:
+    """(number of words changed, edited words) for every single minimal edit."""
+    out: list[tuple[int, list[str]]] = []
+    used = set(words)
+    for k, sent in enumerate(parse_response(words)):
+        a, b = sent.start, sent.start + len(sent.words)
+        if not sent.well_formed or k >= rules.max_sentences:
+            out.append((b - a, words[:a] + words[b:]))
+            continue
+        for j, role in enumerate(sent.roles):
+            i = a + j
+            if role in _POOLS:
+                unused = [w for w in _POOLS[role] if w not in used]
+                if unused:
+                    best = max(unused, key=lambda w: word_value(w, topic))
+                    out.append((1, words[:i] + [best] + words[i + 1 :]))
+            elif role == ROLE_TOPIC and words[i] != topic:
+                out.append((1, words[:i] + [topic] + words[i + 1 :]))
+            elif role == ROLE_HEDGE:
+                out.append((2, words[:i] + words[i + 2 :]))
+    return out
+
+
+def revise(prompt: str, response: str, max_edits: int = 1, rules: OracleRules = OracleRules()) -> str | None:
+    """Return a minimally edited ``response`` with a higher score, or None when no edit raises it."""
+    topic = prompt_topic(prompt)
+    words = split_words(response)
+    current = judge(prompt, response, rules).score
+    edited = False
+    for _ in range(max_edits):
+        best: tuple[float, int, int, list[str]] | None = None
+        for order, (changed, cand) in enumerate(_candidates(words, topic, rules)):
+            gain = judge(prompt, " ".join(cand), rules).score - current
+            key = (gain, -changed, -order)
+            if gain > 1e-9 and (best is None or key > best[:3]):
+                best = (gain, -changed, -order, cand)
+        if best is None:
+            break
+        words = best[3]
+        current += best[0]
+        edited = True
+    return " ".join(words) if edited else None
