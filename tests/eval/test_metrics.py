@@ -15,7 +15,6 @@ from finegrain.eval import (
     response_entropy,
     response_length,
     sequential_kl,
-    token_entropy,
     win_rate,
 )
 
@@ -155,15 +154,15 @@ def test_token_credit_length_mismatch_names_the_row():
 def test_entropy_uniform_and_one_hot():
     """Uniform over V=4: H = log 4. One-hot (other logits -inf or very negative): H = 0."""
     v = 4
-    logits = torch.zeros(2, 3, v)
+    logits = torch.zeros(3, 2, v)
     logits[1] = -float("inf")
     logits[1, :, 2] = 0.0  # one-hot with -inf elsewhere
-    ent = token_entropy(logits, chunk_size=1)
-    assert ent.shape == (2, 3)
-    torch.testing.assert_close(ent[0], torch.full((3,), math.log(v)))
-    torch.testing.assert_close(ent[1], torch.zeros(3))
-    big = torch.tensor([[[50.0, -50.0, -50.0]]])
-    assert token_entropy(big).item() == pytest.approx(0.0, abs=1e-6)
+    logits[2] = -50.0
+    logits[2, :, 0] = 50.0  # one-hot up to exp(-100)
+    ent = response_entropy(logits.requires_grad_(), torch.ones(3, 2), chunk_size=1)
+    assert ent.shape == (3,)
+    torch.testing.assert_close(ent, torch.tensor([math.log(v), 0.0, 0.0]), atol=1e-6, rtol=0)
+    assert not ent.requires_grad
 
 
 def test_entropy_masked_mean_per_response_then_mean():
@@ -209,11 +208,15 @@ def test_sequential_kl_of_exact_token_kl_is_kl_of_sequences():
     """Chain rule on a two-step model with context-dependent next-token distributions, enumerated naively."""
     g = torch.Generator().manual_seed(0)
     v = 3
-    pol_first, ref_first = torch.randn(v, generator=g).log_softmax(-1), torch.randn(v, generator=g).log_softmax(-1)
+    pol_first, ref_first = (
+        torch.randn(v, generator=g).log_softmax(-1),
+        torch.randn(v, generator=g).log_softmax(-1),
+    )
     pol_second = torch.randn(v, v, generator=g).log_softmax(-1)  # [first token, next token]
     ref_second = torch.randn(v, v, generator=g).log_softmax(-1)
     naive = sum(
-        (pol_first[a] + pol_second[a, b]).exp() * (pol_first[a] + pol_second[a, b] - ref_first[a] - ref_second[a, b])
+        (pol_first[a] + pol_second[a, b]).exp()
+        * (pol_first[a] + pol_second[a, b] - ref_first[a] - ref_second[a, b])
         for a in range(v)
         for b in range(v)
     )

@@ -12,7 +12,6 @@ from finegrain.eval.metrics import (
     response_entropy,
     response_length,
     sequential_kl,
-    token_entropy,
     win_rate,
 )
 
@@ -28,6 +27,5 @@ __all__ = [
     "response_entropy",
     "response_length",
     "sequential_kl",
-    "token_entropy",
     "win_rate",
 ]

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from finegrain.errors import DataError, NonFiniteError
-from finegrain.ops import masked_mean, masked_sum
+from finegrain.ops.logprobs import token_entropy
+from finegrain.ops.masked import masked_mean, masked_sum
 
 __all__ = [
     "TokenCreditResult",
@@ -32,7 +33,6 @@ __all__ = [
     "response_entropy",
     "response_length",
     "sequential_kl",
-    "token_entropy",
     "win_rate",
 ]
 
@@ -287,7 +287,10 @@ def evaluate_token_credit(
     for i, (s_row, c_row) in enumerate(zip(score_rows, credit_rows)):
         if s_row.shape != c_row.shape:
             raise DataError(
-                f"{s_row.size} scores for {c_row.size} credit values", source="token credit", row=i, field="scores"
+                f"{s_row.size} scores for {c_row.size} credit values",
+                source="token credit",
+                row=i,
+                field="scores",
             )
     s = np.concatenate(score_rows) if score_rows else np.zeros(0)
     c = np.concatenate(credit_rows) if credit_rows else np.zeros(0)
@@ -318,46 +321,31 @@ def evaluate_token_credit(
 # --------------------------------------------------------------------------------------------------------
 
 
-def token_entropy(logits: torch.Tensor, chunk_size: int = 8) -> torch.Tensor:
-    """Predictive entropy of every position, ``H_t = -Σ_v p_t(v) log p_t(v)`` with ``p_t = softmax(logits_t)``.
+def response_entropy(
+    logits: torch.Tensor, response_mask: torch.Tensor, chunk_size: int = 128
+) -> torch.Tensor:
+    """Mean per-token predictive entropy of each response, ``H̄_i = Σ_t m_it H_it / Σ_t m_it``.
 
-    Computed in fp32 from ``log_softmax`` (``0 · log 0`` taken as 0, so one-hot ``-inf`` logits are fine),
-    ``chunk_size`` rows at a time so that only a chunk of the ``(N, T, V)`` log-probabilities exists at once.
+    ``H_it = -Σ_v p_it(v) log p_it(v)`` with ``p_it = softmax(logits[i, t])`` is the entropy of the
+    distribution that generated response token t (:func:`finegrain.ops.logprobs.token_entropy`, chunked so
+    only ``(chunk_size, V)`` temporaries exist); an empty response gets 0. No gradient is recorded.
 
     Args:
-        logits: ``(N, T, V)`` logits of the positions that predict each response token.
-        chunk_size: rows per chunk.
+        logits: ``(N, T, V)`` logits in the response layout (row t predicts response token t).
+        response_mask: ``(N, T)`` bool or 0/1.
+        chunk_size: flattened positions per chunk.
 
     Returns:
-        ``(N, T)`` entropies in nats, float32.
+        ``(N,)`` entropies in nats (float32 for half-precision logits).
     """
     if logits.ndim != 3:
         raise ValueError(f"logits must be (N, T, V), got shape {tuple(logits.shape)}")
-    out = []
-    for chunk in logits.split(chunk_size, dim=0):
-        logp = torch.log_softmax(chunk.float(), dim=-1)
-        p = logp.exp()
-        # p · log p is 0 · (-inf) = NaN where a logit is -inf; its limit is 0.
-        plogp = torch.where(p > 0, p * logp, torch.zeros((), dtype=p.dtype, device=p.device))
-        out.append(-plogp.sum(dim=-1))
-    return torch.cat(out, dim=0)
+    with torch.no_grad():
+        entropy = token_entropy(logits, chunk_size)
+    return masked_mean(entropy, response_mask.to(logits.device), dim=-1)
 
 
-def response_entropy(logits: torch.Tensor, response_mask: torch.Tensor, chunk_size: int = 8) -> torch.Tensor:
-    """Mean per-token entropy of each response, ``H̄_i = Σ_t m_it H_it / Σ_t m_it`` (0 for an empty response).
-
-    Args:
-        logits: ``(N, T, V)``.
-        response_mask: ``(N, T)`` bool or 0/1.
-        chunk_size: rows per chunk for :func:`token_entropy`.
-
-    Returns:
-        ``(N,)`` float32.
-    """
-    return masked_mean(token_entropy(logits, chunk_size), response_mask.to(logits.device), dim=-1)
-
-
-def mean_token_entropy(logits: torch.Tensor, response_mask: torch.Tensor, chunk_size: int = 8) -> float:
+def mean_token_entropy(logits: torch.Tensor, response_mask: torch.Tensor, chunk_size: int = 128) -> float:
     """The ``entropy`` of ``eval.json``: masked mean entropy per response, then the mean over responses.
 
     ``entropy = (1 / |R|) Σ_{i∈R} H̄_i`` with ``R`` the non-empty responses (an empty response has no
@@ -366,7 +354,7 @@ def mean_token_entropy(logits: torch.Tensor, response_mask: torch.Tensor, chunk_
     Args:
         logits: ``(N, T, V)``.
         response_mask: ``(N, T)``.
-        chunk_size: rows per chunk.
+        chunk_size: flattened positions per chunk.
 
     Returns:
         A Python float (NaN if every response is empty).
@@ -394,7 +382,9 @@ def sequential_kl(token_kl: torch.Tensor, response_mask: torch.Tensor) -> torch.
         ``(N,)`` in the dtype of ``token_kl``.
     """
     if token_kl.shape != response_mask.shape:
-        raise ValueError(f"token_kl {tuple(token_kl.shape)} and response_mask {tuple(response_mask.shape)} differ")
+        raise ValueError(
+            f"token_kl {tuple(token_kl.shape)} and response_mask {tuple(response_mask.shape)} differ"
+        )
     return masked_sum(token_kl, response_mask, dim=-1)
 
 
