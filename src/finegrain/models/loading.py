@@ -1,0 +1,64 @@
+"""The one place that reads models and tokenizers from disk or the hub.
+
+``trust_remote_code`` is off unless the caller asks; weights are read as safetensors where the checkpoint
+has them. Errors name the path and say what to check.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from finegrain.errors import ConfigError
+
+
+def _dtype(name: str | None):
+    if name in (None, "auto"):
+        return None if name is None else "auto"
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    except KeyError:
+        raise ConfigError(f"unknown dtype {name!r}; choose float32, bfloat16 or float16") from None
+
+
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
+    """Load a tokenizer; give it a pad token (its EOS) when it has none, as causal-LM training needs one."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"could not load a tokenizer from {name_or_path!r}: {exc}") from None
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise ConfigError(f"tokenizer {name_or_path!r} has neither a pad nor an EOS token; set one and save it")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(name_or_path: str, *, trust_remote_code: bool = False, dtype: str | None = None,
+                   attn_implementation: str | None = None):
+    """Load an ``AutoModelForCausalLM`` (float32 by default on CPU)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if dtype is not None:
+        kwargs["dtype"] = _dtype(dtype)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as exc:
+        hint = "" if Path(name_or_path).exists() else " (no such local path; hub ids need network access)"
+        raise ConfigError(f"could not load a causal LM from {name_or_path!r}{hint}: {exc}") from None
+
+
+def save_pretrained(model, tokenizer, path: str | Path) -> Path:
+    """Save a model (safetensors) and its tokenizer so that ``from_pretrained(path)`` loads them."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path
