@@ -1,0 +1,28 @@
+"""The HTML report: token-reward heatmaps and the self-contained page over run directories.
+
+Names are imported on first use so that ``finegrain report --help`` (``finegrain.report.cli``) does not
+import torch and matplotlib.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__all__ = ["RunDirError", "build_report", "render_heatmap", "token_color"]
+
+_WHERE = {
+    "RunDirError": "finegrain.report.html",
+    "build_report": "finegrain.report.html",
+    "render_heatmap": "finegrain.report.heatmap",
+    "token_color": "finegrain.report.heatmap",
+}
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'finegrain.report' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
