@@ -1,0 +1,287 @@
+"""The per-action reward of online RL, built from any mix of reward sources (spec 3.4, 4.3, 5.4, 6).
+
+Spec 6: ``R_t = Σ_s c_s·values_s[t] (+ c_s·seq_reward_s on the last valid token) − c_KL·KLterm_t``, where every
+source ``s`` returns a :class:`finegrain.types.TokenRewards` aligned with the policy's response tokens and the
+KL term comes from :func:`finegrain.ops.kl.kl_penalty` (k1/k2/k3 or the full-vocabulary ``K̃_t``).
+
+Pipeline of :func:`dense_rewards`, in this order (each step optional):
+
+1. check every source for NaN/inf (:class:`finegrain.errors.NonFiniteError` names the source, row and token);
+2. ``raw``: scaled sum of the sources' token values, plus their scaled sequence scores on the last valid
+   response token (EOS when the response has one; the last generated token of a truncated response);
+3. normalise the *sequence return* ``Σ_t raw_t``, over the batch or with running moments (see
+   :func:`dense_rewards`);
+4. clip every token reward to ``[−clip, clip]`` (TLCR uses 5, spec 3.4) → ``score``;
+5. ``penalized = score − c_KL·kl``, the reward fed to GAE or REINFORCE.
+
+Everything is exactly 0 outside ``response_mask`` (actions after EOS and padding). This module imports only
+torch and finegrain's containers and errors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from finegrain.errors import NonFiniteError
+from finegrain.ops.masked import masked_sum
+from finegrain.types import TokenRewards
+
+__all__ = [
+    "RunningMoments",
+    "check_finite",
+    "dense_rewards",
+    "last_token_index",
+    "place_on_last_token",
+    "reward_metrics",
+]
+
+NORMALIZE_MODES = (None, "batch", "running")
+
+
+def check_finite(values: torch.Tensor, source: str, mask: torch.Tensor | None = None) -> None:
+    """Raise :class:`NonFiniteError` naming ``source`` if ``values`` holds NaN or inf (where ``mask`` is set).
+
+    Args:
+        values: ``(B, T)`` or ``(B,)`` rewards.
+        source: the reward source's name, used in the message.
+        mask: optional bool mask of the shape of ``values``; positions where it is False are not checked.
+
+    Raises:
+        NonFiniteError: with the source, the first bad row (and token) and how many values are bad.
+    """
+    bad = ~torch.isfinite(values)
+    if mask is not None:
+        bad = bad & mask.to(torch.bool)
+    if not bool(bad.any()):
+        return
+    first = [int(i) for i in bad.nonzero()[0]]
+    where = f"row {first[0]}" + (f", token {first[1]}" if len(first) > 1 else "")
+    value = values[tuple(first)].item()
+    raise NonFiniteError(
+        f"reward source '{source}' returned a non-finite reward ({value}) at {where} "
+        f"({int(bad.sum())} non-finite value(s) in the batch)"
+    )
+
+
+def last_token_index(response_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last True position of each row of ``response_mask`` ``(B, T)`` → ``(B,)`` long (−1 if empty).
+
+    Example:
+        >>> last_token_index(torch.tensor([[True, True, False], [True, False, False], [False, False, False]]))
+        tensor([ 1,  0, -1])
+    """
+    mask = response_mask.to(torch.bool)
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return torch.where(mask, positions, torch.full_like(positions, -1)).amax(dim=1)
+
+
+def place_on_last_token(scores: torch.Tensor, response_mask: torch.Tensor, source: str = "seq_reward") -> torch.Tensor:
+    """Put a sequence score on the last valid response token: ``out[i, last(i)] = scores[i]``, 0 elsewhere.
+
+    Args:
+        scores: ``(B,)`` sequence scores.
+        response_mask: ``(B, T)`` bool.
+        source: name used in the error message.
+
+    Returns:
+        ``(B, T)`` tensor in the dtype of ``scores``.
+
+    Raises:
+        ValueError: a row has no valid response token, so its score has nowhere to go.
+
+    Example:
+        >>> place_on_last_token(torch.tensor([2.0, -1.0]), torch.tensor([[True, True, False], [True, False, False]]))
+        tensor([[ 0.,  2.,  0.],
+                [-1.,  0.,  0.]])
+    """
+    last = last_token_index(response_mask)
+    if bool((last < 0).any()):
+        rows = (last < 0).nonzero().flatten().tolist()
+        raise ValueError(f"'{source}': rows {rows[:10]} have an empty response; a sequence score needs a token")
+    out = torch.zeros(response_mask.shape, dtype=scores.dtype, device=scores.device)
+    return out.scatter(1, last[:, None], scores[:, None])
+
+
+class RunningMoments:
+    """Running mean and variance of a stream of scalars (Chan et al.'s parallel update, in float64).
+
+    Used by ``dense_rewards(normalize="running")`` on sequence returns. In multi-process training, pass the
+    returns gathered from all ranks so that every rank holds the same moments. ``state_dict`` /
+    ``load_state_dict`` let a resumed run continue with the same statistics.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0.0
+        self.mean = 0.0
+        self.m2 = 0.0
+
+    @property
+    def var(self) -> float:
+        """Population variance of everything seen so far (0 before two values)."""
+        return self.m2 / self.count if self.count > 1 else 0.0
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.var)
+
+    def update(self, values: torch.Tensor) -> None:
+        """Fold a 1-D tensor of values into the moments."""
+        x = values.detach().to(torch.float64).flatten()
+        n = float(x.numel())
+        if n == 0:
+            return
+        batch_mean = float(x.mean())
+        batch_m2 = float(((x - batch_mean) ** 2).sum())
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += batch_m2 + delta * delta * self.count * n / total
+        self.count = total
+
+    def state_dict(self) -> dict[str, float]:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: Mapping[str, float]) -> None:
+        self.count, self.mean, self.m2 = float(state["count"]), float(state["mean"]), float(state["m2"])
+
+
+def _as_sources(sources: TokenRewards | Mapping[str, TokenRewards]) -> dict[str, TokenRewards]:
+    if isinstance(sources, TokenRewards):
+        return {"reward": sources}
+    if not sources:
+        raise ValueError("dense_rewards needs at least one reward source")
+    return dict(sources)
+
+
+def dense_rewards(
+    sources: TokenRewards | Mapping[str, TokenRewards],
+    response_mask: torch.Tensor,
+    *,
+    scales: float | Mapping[str, float] = 1.0,
+    kl: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    clip: float | None = None,
+    normalize: str | None = None,
+    center: bool = True,
+    running: RunningMoments | None = None,
+    eps: float = 1e-8,
+) -> dict[str, torch.Tensor]:
+    """Per-action rewards ``R_t = clip(norm(Σ_s c_s·r^s_t)) − c_KL·KLterm_t`` in the response layout (spec 6).
+
+    ``r^s_t`` is source ``s``'s token value (0 outside its mask), plus its ``seq_reward`` on the last valid
+    token of ``response_mask``. TLCR (spec 3.4): one source, ``clip=5``, ``kl`` = full-vocabulary ``K̃_t``,
+    ``kl_coef=0.1``. Xu et al. (4.3): one token-RM source, ``kl`` = k1, no terminal bonus. SRM (5.4): the
+    sentence-RM source, ``kl`` = k1, ``kl_coef=0.01``. Sequence-RM baseline: a source with zero ``values`` and a
+    ``seq_reward``.
+
+    Normalisation acts on the **sequence return** ``G_i = Σ_t raw_{i,t}`` so that sparse rewards stay sparse:
+    every token reward of row ``i`` is divided by ``std(G)`` and, with ``center=True``, ``mean(G)`` is
+    subtracted on the row's last valid token, which makes the normalised returns ``(G_i − mean)/std`` exactly.
+    For a sequence RM alone this is the usual score normalisation (OpenRLHF's ``normalize_reward``).
+    ``normalize="batch"`` takes the moments over the rows of this batch; ``"running"`` folds this batch into
+    ``running`` first and uses the running moments (OpenRLHF's order).
+
+    Args:
+        sources: one :class:`TokenRewards` (named ``"reward"``) or a mapping name → :class:`TokenRewards`, each with
+            ``values`` ``(B, T)``, ``mask`` ``(B, T)`` and optional ``seq_reward`` ``(B,)``.
+        response_mask: ``(B, T)`` bool, True on the actions of the response (EOS included, nothing after it).
+        scales: ``c_s``, one float for every source or a mapping name → float (missing names get 1).
+        kl: ``(B, T)`` KL term per action (:func:`finegrain.ops.kl.kl_penalty`); None for no penalty.
+        kl_coef: ``c_KL``.
+        clip: clip every task token reward (after normalisation) to ``[−clip, clip]``; None for no clipping.
+        normalize: None, ``"batch"`` or ``"running"``.
+        center: with normalisation, also subtract the mean return (on the last valid token).
+        running: the :class:`RunningMoments` for ``normalize="running"`` (updated in place).
+        eps: a variance at or below ``eps`` leaves the scale at 1 (only the mean is removed).
+
+    Returns:
+        A dict of ``(B, T)`` float tensors, all exactly 0 outside ``response_mask``:
+        ``"raw"`` (mixed task reward before normalisation and clipping), ``"raw/<source>"`` (each source's
+        scaled share of ``raw``), ``"score"`` (after normalisation and clipping), ``"kl"`` (the KL term, not
+        multiplied by ``c_KL``), ``"penalized"`` (``score − c_KL·kl``, the reward for GAE / REINFORCE).
+
+    Raises:
+        NonFiniteError: a source's values or sequence score, or the KL term, holds NaN/inf.
+        ValueError: shapes disagree, an unknown mode, or a sequence score for an empty response.
+
+    Example:
+        >>> m = torch.tensor([[True, True, False]])
+        >>> src = TokenRewards(values=torch.tensor([[0.5, 0.0, 0.0]]), mask=m, seq_reward=torch.tensor([1.0]))
+        >>> out = dense_rewards(src, m, kl=torch.tensor([[0.2, 0.1, 7.0]]), kl_coef=0.5)
+        >>> out["penalized"]
+        tensor([[0.4000, 0.9500, 0.0000]])
+    """
+    if normalize not in NORMALIZE_MODES:
+        raise ValueError(f"unknown normalize={normalize!r}; choose None, 'batch' or 'running'")
+    if normalize == "running" and running is None:
+        raise ValueError("normalize='running' needs a RunningMoments passed as running=")
+    if response_mask.dim() != 2:
+        raise ValueError(f"response_mask must be (B, T), got {tuple(response_mask.shape)}")
+    mask = response_mask.to(torch.bool)
+    named = _as_sources(sources)
+    zero = torch.zeros((), dtype=torch.float32, device=mask.device)
+
+    out: dict[str, torch.Tensor] = {}
+    raw = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    for name, src in named.items():
+        if src.values.shape != mask.shape:
+            raise ValueError(f"source '{name}': values {tuple(src.values.shape)} != response_mask {tuple(mask.shape)}")
+        # Checked where rewards enter: a NaN must name its source, not surface later as a NaN loss.
+        check_finite(src.values, name)
+        scale = scales.get(name, 1.0) if isinstance(scales, Mapping) else scales
+        share = torch.where(src.mask.to(torch.bool) & mask, src.values.float(), zero)
+        if src.seq_reward is not None:
+            check_finite(src.seq_reward, name)
+            share = share + place_on_last_token(src.seq_reward.float(), mask, name)
+        share = scale * share
+        out[f"raw/{name}"] = share
+        raw = raw + share
+    out["raw"] = raw
+
+    score = raw
+    if normalize is not None:
+        returns = masked_sum(raw, mask, dim=-1)
+        if normalize == "running":
+            running.update(returns)
+            mean, var = running.mean, running.var
+        else:
+            mean, var = float(returns.double().mean()), float(returns.double().var(unbiased=False))
+        # Equal returns (var 0, e.g. one row) carry no scale: dividing by sqrt(eps) would blow dense values up.
+        std = math.sqrt(var) if var > eps else 1.0
+        score = raw / std
+        if center:
+            score = score - place_on_last_token(torch.full_like(returns, mean / std), mask, "normalize")
+    if clip is not None:
+        score = score.clamp(-clip, clip)
+    out["score"] = torch.where(mask, score, zero)
+
+    if kl is None:
+        out["kl"] = torch.zeros_like(raw)
+    else:
+        if kl.shape != mask.shape:
+            raise ValueError(f"kl {tuple(kl.shape)} != response_mask {tuple(mask.shape)}")
+        check_finite(kl, "kl", mask)
+        out["kl"] = torch.where(mask, kl.float(), zero)
+    out["penalized"] = out["score"] - kl_coef * out["kl"]
+    return out
+
+
+def reward_metrics(rewards: Mapping[str, torch.Tensor], response_mask: torch.Tensor) -> dict[str, float]:
+    """Batch means of the per-sequence sums of the reward components, under the shared metric names.
+
+    Args:
+        rewards: the dict returned by :func:`dense_rewards`.
+        response_mask: ``(B, T)`` bool.
+
+    Returns:
+        ``{"rewards/raw", "rewards/kl", "rewards/penalized", "rewards/raw/<source>"...}`` → float, each the mean
+        over rows of ``Σ_t`` of that component (``rewards/kl`` is the unscaled KL term).
+    """
+    metrics = {}
+    for key, value in rewards.items():
+        if key in ("raw", "kl", "penalized") or key.startswith("raw/"):
+            metrics[f"rewards/{key}"] = float(masked_sum(value, response_mask, dim=-1).mean())
+    return metrics
