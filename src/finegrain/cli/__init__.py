@@ -1,0 +1,1 @@
+"""The ``finegrain`` command line."""

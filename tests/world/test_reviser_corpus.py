@@ -1,0 +1,68 @@
+import random
+
+import pytest
+
+from finegrain.world.corpus import Perception, Sampler, control_prompts, make_prompt, sft_corpus
+from finegrain.world.grammar import split_words
+from finegrain.world.lexicon import TOPICS, accuracy
+from finegrain.world.oracle import judge
+from finegrain.world.reviser import revise
+
+P = "describe the winter ."
+
+
+@pytest.mark.parametrize(
+    "response, expected",
+    [
+        ("it is hot .", "it is cold ."),  # one substitution: the clashing adjective becomes the best unused one
+        ("maybe , it is cold .", "it is cold ."),  # delete the hedge and its comma
+        ("the summer is cold and white .", "the winter is cold and white ."),  # fix the topic
+        ("it is is cold . it is white .", "it is white ."),  # delete the malformed sentence
+    ],
+)
+def test_reviser_single_edit_by_hand(response, expected):
+    assert revise(P, response, max_edits=1) == expected
+    assert judge(P, expected).score > judge(P, response).score
+
+
+def test_reviser_edits_are_minimal_and_raise_score():
+    sampler = Sampler(Perception.from_seed(0, 0.4, 1.0))
+    rng = random.Random(1)
+    n_revised = 0
+    for _ in range(300):
+        topic = rng.choice(TOPICS)
+        prompt = make_prompt(topic)
+        response = sampler.response(rng, topic, "neutral")
+        revised = revise(prompt, response, max_edits=1)
+        if revised is None:
+            continue
+        n_revised += 1
+        assert judge(prompt, revised).score > judge(prompt, response).score
+        a, b = split_words(response), split_words(revised)
+        if len(a) == len(b):  # a substitution changes exactly one word
+            assert sum(x != y for x, y in zip(a, b)) == 1
+        else:  # a deletion removes a contiguous run (a hedge + comma, or one sentence)
+            k = len(a) - len(b)
+            assert any(a[:i] + a[i + k :] == b for i in range(len(a)))
+    assert n_revised > 200
+
+
+def test_corpus_is_deterministic_and_controls_follow_perception():
+    s = Sampler(Perception.from_seed(0, 1.0, 0.0))
+    assert sft_corpus(s, 50, seed=3) == sft_corpus(s, 50, seed=3)
+    assert sft_corpus(s, 50, seed=3) != sft_corpus(s, 50, seed=4)
+    rng = random.Random(0)
+    mean = {m: sum(judge(make_prompt(t), s.response(rng, t, m)).score for t in TOPICS * 40) / 480 for m in ("good", "neutral", "bad")}
+    assert mean["good"] > mean["neutral"] > mean["bad"]
+    plus, minus = control_prompts("describe the fox .")
+    assert plus.endswith("describe the fox .") and "well" in plus and "badly" in minus
+
+
+def test_fidelity_controls_perception_of_topic_words():
+    exact = Perception.from_seed(0, 1.0, 0.0)
+    blind = Perception.from_seed(0, 0.0, 1.0)
+    for topic in TOPICS:
+        for w in ("cold", "flows", "sandy"):
+            assert exact.value(w, topic) == accuracy(w, topic)
+            # at fidelity 0 the perceived value of a descriptive word is the same for every topic
+            assert blind.value(w, topic) == blind.value(w, TOPICS[0])
