@@ -1,0 +1,292 @@
+"""Token-level supervision from minimal edits: the TLCR discriminator and the minimal-edit token reward model.
+
+Labels come from :mod:`finegrain.data.alignment`: on the rejected response ``y_l`` a token is -1 (substituted or
+deleted by the revision) or 0; on the revision ``y_e`` (TLCR's ``y_m``) a token is +1 (substituted or added) or 0.
+
+TLCR (Yoon et al., Findings ACL 2024, arXiv 2407.16574; spec 3.2-3.3):
+
+* :func:`tlcr_loss` -- soft-target cross-entropy of a two-class head, targets ``+1 -> (0, 1)``,
+  ``-1 -> (1, 0)``, ``0 -> (½, ½)``; ``L = L_pos + L_neg`` with ``L_pos`` on revision tokens and ``L_neg`` on
+  rejected tokens, each averaged over that sequence's response tokens, then over the batch. ``hard=True`` is the
+  official code's hard-label variant: plain cross-entropy on the non-neutral tokens only.
+* :func:`tlcr_token_rewards` -- ``r_t = 2·P(+ | x, y_≤t) − 1``.
+
+Minimal-edit token RM (Xu et al., ACL 2024, arXiv 2406.02756; spec 4.2, the objectives are proposals there):
+
+* ``objective="edit_bt"`` (A, default): ``−log σ(Σ_{t∈A} r(y_e,≤t) − Σ_{t∈D} r(y_l,≤t))`` plus
+  ``seq_weight ·`` the sequence Bradley–Terry loss ``−log σ(S(y_w) − S(y_l))``, ``S(y) = Σ_t m_t r(y_≤t)``;
+* ``objective="token_cls"`` (B): targets +1 on A, −1 on D, 0 elsewhere, as MSE on the scalar reward or as a
+  3-way cross-entropy whose reward is the expected label (:func:`expected_label_rewards`).
+
+``A`` = revision tokens labelled +1, ``D`` = rejected tokens labelled -1.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from finegrain.errors import ConfigError, DataError
+from finegrain.losses.bt import bradley_terry_loss
+from finegrain.ops.masked import masked_mean, masked_sum
+
+
+def _check(values: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, name: str, classes: int = 0) -> None:
+    """Shapes agree and labels are in {-1, 0, 1} on the mask."""
+    want = values.shape[:-1] if classes else values.shape
+    if classes and values.shape[-1] != classes:
+        raise DataError(f"{name} logits {tuple(values.shape)} must end in {classes} classes")
+    if labels.shape != want or mask.shape != want or len(want) != 2:
+        raise DataError(
+            f"{name}: outputs {tuple(values.shape)}, labels {tuple(labels.shape)} and mask {tuple(mask.shape)} "
+            "must agree on (B, T)"
+        )
+    on = labels[mask.to(torch.bool)]
+    if on.numel() and not bool(((on == -1) | (on == 0) | (on == 1)).all()):
+        raise DataError(f"{name} labels must be -1, 0 or +1 on response tokens, got {sorted(set(on.tolist()))}")
+
+
+def tlcr_soft_targets(labels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """TLCR soft targets over (negative, positive): ``+1 -> (0, 1)``, ``-1 -> (1, 0)``, ``0 -> (½, ½)``.
+
+    Args:
+        labels: ``(B, T)`` ints in ``{-1, 0, +1}``.
+        dtype: of the result.
+
+    Returns:
+        ``(B, T, 2)``; equals ``((1 − y)/2, (1 + y)/2)`` for ``y`` the label.
+
+    Example:
+        >>> tlcr_soft_targets(torch.tensor([[1, -1, 0]]))
+        tensor([[[0.0000, 1.0000],
+                 [1.0000, 0.0000],
+                 [0.5000, 0.5000]]])
+    """
+    y = labels.to(dtype)
+    return torch.stack([(1 - y) / 2, (1 + y) / 2], dim=-1)
+
+
+def tlcr_sequence_loss(
+    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, *, hard: bool = False
+) -> torch.Tensor:
+    """Per-sequence TLCR token loss, averaged over the sequence's response tokens.
+
+    Soft (default): ``(1/|m|) Σ_t m_t · (−Σ_c q_{t,c} log softmax(z_t)_c)`` with ``q`` = :func:`tlcr_soft_targets`.
+    Hard: ``(1/|m'|) Σ_t m'_t · (−log softmax(z_t)_{c_t})`` over non-neutral tokens ``m' = m ∧ (y ≠ 0)``,
+    ``c_t = 1`` for +1 and 0 for -1; a sequence without non-neutral tokens contributes 0.
+
+    Args:
+        logits: ``(B, T, 2)`` discriminator logits (class 1 = positive).
+        labels: ``(B, T)`` in ``{-1, 0, +1}``.
+        mask: ``(B, T)`` bool response mask.
+        hard: use the hard-label variant.
+
+    Returns:
+        ``(B,)`` loss per sequence.
+    """
+    _check(logits, labels, mask, "tlcr", classes=2)
+    logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    if hard:
+        token_loss = -logp.gather(-1, (labels > 0).long().unsqueeze(-1)).squeeze(-1)
+        return masked_mean(token_loss, mask.to(torch.bool) & (labels != 0), dim=-1)
+    token_loss = -(tlcr_soft_targets(labels, logp.dtype) * logp).sum(-1)
+    return masked_mean(token_loss, mask, dim=-1)
+
+
+class TLCRLossOutput(NamedTuple):
+    """Fields: ``loss`` scalar ``L_pos + L_neg``; ``positive_losses (B,)`` on revisions; ``negative_losses (B,)``."""
+
+    loss: torch.Tensor
+    positive_losses: torch.Tensor
+    negative_losses: torch.Tensor
+
+
+def tlcr_loss(
+    revised_logits: torch.Tensor,
+    revised_labels: torch.Tensor,
+    revised_mask: torch.Tensor,
+    rejected_logits: torch.Tensor,
+    rejected_labels: torch.Tensor,
+    rejected_mask: torch.Tensor,
+    *,
+    hard: bool = False,
+) -> TLCRLossOutput:
+    """TLCR discriminator loss ``L = mean_b L_pos(b) + mean_b L_neg(b)`` (spec 3.2).
+
+    Args:
+        revised_logits: ``(B, T_e, 2)`` head logits on the revisions' response tokens.
+        revised_labels: ``(B, T_e)`` in ``{0, +1}`` (other values are allowed and use their soft targets).
+        revised_mask: ``(B, T_e)`` bool.
+        rejected_logits: ``(B, T_l, 2)`` head logits on the rejected responses' tokens.
+        rejected_labels: ``(B, T_l)`` in ``{-1, 0}``.
+        rejected_mask: ``(B, T_l)`` bool.
+        hard: the hard-label variant (neutral tokens ignored).
+
+    Returns:
+        :class:`TLCRLossOutput`.
+    """
+    pos = tlcr_sequence_loss(revised_logits, revised_labels, revised_mask, hard=hard)
+    neg = tlcr_sequence_loss(rejected_logits, rejected_labels, rejected_mask, hard=hard)
+    return TLCRLossOutput(pos.mean() + neg.mean(), pos, neg)
+
+
+def tlcr_token_rewards(
+    head_logits: torch.Tensor, mask: torch.Tensor, *, double_softmax_compat: bool = False, lag: int = 0
+) -> torch.Tensor:
+    """TLCR continuous token reward ``r_t = 2·P(+ | x, y_≤t) − 1 = tanh((z_1 − z_0)/2) ∈ (−1, 1)`` (spec 3.3).
+
+    ``double_softmax_compat=True`` reproduces the official RL script (``--sum_to_one_reward``), which applies a
+    second softmax to the probabilities: ``r_t = 2·softmax(p_t)_1 − 1 = tanh((p_1 − p_0)/2) ∈ [−0.462, 0.462]``.
+    ``lag=1`` reproduces its index shift: the score of token ``y_{t−1}`` is credited to action ``t`` and the first
+    action gets 0 (the last token's score is lost). Use both only for parity with that code.
+
+    Args:
+        head_logits: ``(B, T, 2)`` discriminator logits on the response tokens (class 1 = positive).
+        mask: ``(B, T)`` bool response mask.
+        double_softmax_compat: apply the official code's second softmax.
+        lag: shift rewards ``lag`` positions to the right (0 = the paper's alignment).
+
+    Returns:
+        ``(B, T)`` rewards in float32 (or float64 for float64 logits), 0 where ``mask`` is False.
+
+    Example:
+        >>> tlcr_token_rewards(torch.tensor([[[0.0, 0.0], [0.0, 100.0]]]), torch.ones(1, 2, dtype=torch.bool))
+        tensor([[0., 1.]])
+    """
+    if head_logits.dim() != 3 or head_logits.shape[-1] != 2 or head_logits.shape[:2] != mask.shape:
+        raise DataError(f"head_logits {tuple(head_logits.shape)} must be (B, T, 2) for a mask of {tuple(mask.shape)}")
+    if lag < 0:
+        raise ConfigError(f"tlcr_token_rewards: lag must be >= 0, got {lag}")
+    z = head_logits.to(torch.promote_types(head_logits.dtype, torch.float32))
+    if double_softmax_compat:
+        z = torch.softmax(z, dim=-1)
+    # 2σ(z1 − z0) − 1 = tanh((z1 − z0)/2): no cancellation near ±1.
+    rewards = torch.tanh((z[..., 1] - z[..., 0]) / 2)
+    mask = mask.to(torch.bool)
+    rewards = torch.where(mask, rewards, torch.zeros_like(rewards))
+    if lag:
+        rewards = F.pad(rewards, (lag, 0))[:, : rewards.shape[1]]
+        rewards = torch.where(mask, rewards, torch.zeros_like(rewards))
+    return rewards
+
+
+def expected_label_rewards(logits: torch.Tensor) -> torch.Tensor:
+    """Reward of a 3-way token classifier over labels (−1, 0, +1): the expected label ``P(+1) − P(−1)``.
+
+    Args:
+        logits: ``(..., 3)``, class order (−1, 0, +1).
+
+    Returns:
+        ``(...)`` in ``[−1, 1]``.
+
+    Example:
+        >>> expected_label_rewards(torch.tensor([0.0, 0.0, 0.0]))
+        tensor(0.)
+    """
+    p = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    return p[..., 2] - p[..., 0]
+
+
+class MinimalEditOutput(NamedTuple):
+    """Per-pair results of :func:`minimal_edit_loss`; batch loss = ``losses.mean()``.
+
+    Fields:
+        losses: ``(B,)`` total per pair.
+        token_losses: ``(B,)`` the edit-focused BT term (A) or the token classification term (B).
+        sequence_losses: ``(B,)`` the sequence BT term before ``seq_weight`` (zeros for B).
+        accuracies: ``(B,)`` 1 where the edit margin ``Σ_A r − Σ_D r`` is positive (A; for B the margin of the
+            expected-label rewards), detached.
+    """
+
+    losses: torch.Tensor
+    token_losses: torch.Tensor
+    sequence_losses: torch.Tensor
+    accuracies: torch.Tensor
+
+
+def minimal_edit_loss(
+    revised_outputs: torch.Tensor,
+    revised_labels: torch.Tensor,
+    revised_mask: torch.Tensor,
+    rejected_outputs: torch.Tensor,
+    rejected_labels: torch.Tensor,
+    rejected_mask: torch.Tensor,
+    *,
+    objective: Literal["edit_bt", "token_cls"] = "edit_bt",
+    chosen_scores: torch.Tensor | None = None,
+    seq_weight: float = 1.0,
+    cls_loss: Literal["mse", "ce"] = "mse",
+) -> MinimalEditOutput:
+    """Training objective of the minimal-edit token reward model (Xu et al., ACL 2024; spec 4.2).
+
+    A, ``objective="edit_bt"`` (default)::
+
+        L = −log σ(Σ_{t∈A} r_e,t − Σ_{t∈D} r_l,t) + seq_weight · (−log σ(S(y_w) − S(y_l)))
+
+    with ``r`` the per-token rewards ``r_φ(x, y_≤t)``, ``S(y_l) = Σ_t m_t r_l,t`` and ``S(y_w)`` = ``chosen_scores``
+    (the original chosen responses' ``Σ_t m_t r``) or, when None, ``S(y_e)`` of the revisions. A pair without
+    edits (A = D = ∅) has edit term ``log 2`` and no gradient from it: skip such pairs (``EditLabels.identical``).
+
+    B, ``objective="token_cls"``: targets +1 on A, −1 on D and 0 on unchanged tokens, per sequence averaged over
+    its response tokens, revision + rejected:
+
+    * ``cls_loss="mse"``: outputs are scalar rewards, ``(r_t − y_t)²``;
+    * ``cls_loss="ce"``: outputs are 3-way logits (order −1, 0, +1), ``−log softmax(z_t)_{y_t+1}``; the reward is
+      :func:`expected_label_rewards`.
+
+    Args:
+        revised_outputs: ``(B, T_e)`` token rewards (A, B-mse) or ``(B, T_e, 3)`` logits (B-ce) on the revisions.
+        revised_labels: ``(B, T_e)`` in ``{0, +1}``.
+        revised_mask: ``(B, T_e)`` bool.
+        rejected_outputs: ``(B, T_l)`` or ``(B, T_l, 3)`` on the rejected responses.
+        rejected_labels: ``(B, T_l)`` in ``{-1, 0}``.
+        rejected_mask: ``(B, T_l)`` bool.
+        objective: ``"edit_bt"`` (A) or ``"token_cls"`` (B).
+        chosen_scores: ``(B,)`` ``S(y_w)`` of the original chosen responses, or None to use the revisions (A only).
+        seq_weight: weight of the sequence BT term (A only); 0 disables it.
+        cls_loss: ``"mse"`` or ``"ce"`` (B only).
+
+    Returns:
+        :class:`MinimalEditOutput`.
+    """
+    classes = 3 if objective == "token_cls" and cls_loss == "ce" else 0
+    _check(revised_outputs, revised_labels, revised_mask, "revised", classes)
+    _check(rejected_outputs, rejected_labels, rejected_mask, "rejected", classes)
+    rev_mask, rej_mask = revised_mask.to(torch.bool), rejected_mask.to(torch.bool)
+
+    if objective == "edit_bt":
+        added = masked_sum(revised_outputs, rev_mask & (revised_labels > 0), dim=-1)
+        deleted = masked_sum(rejected_outputs, rej_mask & (rejected_labels < 0), dim=-1)
+        edit = bradley_terry_loss(added, deleted)
+        seq_losses = torch.zeros_like(edit.losses)
+        if seq_weight:
+            s_w = masked_sum(revised_outputs, rev_mask, dim=-1) if chosen_scores is None else chosen_scores
+            seq_losses = bradley_terry_loss(s_w, masked_sum(rejected_outputs, rej_mask, dim=-1)).losses
+        return MinimalEditOutput(edit.losses + seq_weight * seq_losses, edit.losses, seq_losses, edit.accuracies)
+
+    if objective != "token_cls":
+        raise ConfigError(f"minimal_edit_loss: objective must be 'edit_bt' or 'token_cls', got {objective!r}")
+    if cls_loss == "mse":
+        rev_tok = (revised_outputs - revised_labels.to(revised_outputs.dtype)) ** 2
+        rej_tok = (rejected_outputs - rejected_labels.to(rejected_outputs.dtype)) ** 2
+        rev_r, rej_r = revised_outputs, rejected_outputs
+    elif cls_loss == "ce":
+        rev_tok = _three_way_ce(revised_outputs, revised_labels)
+        rej_tok = _three_way_ce(rejected_outputs, rejected_labels)
+        rev_r, rej_r = expected_label_rewards(revised_outputs), expected_label_rewards(rejected_outputs)
+    else:
+        raise ConfigError(f"minimal_edit_loss: cls_loss must be 'mse' or 'ce', got {cls_loss!r}")
+    token_losses = masked_mean(rev_tok, rev_mask, dim=-1) + masked_mean(rej_tok, rej_mask, dim=-1)
+    margin = masked_sum(rev_r, rev_mask & (revised_labels > 0), dim=-1) - masked_sum(
+        rej_r, rej_mask & (rejected_labels < 0), dim=-1
+    )
+    accuracies = (margin.detach() > 0).to(token_losses.dtype)
+    return MinimalEditOutput(token_losses, token_losses, torch.zeros_like(token_losses), accuracies)
+
+
+def _three_way_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``−log softmax(z)_{y+1}`` per token, ``(B, T, 3), (B, T) -> (B, T)``; padding labels are clamped."""
+    logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    return -logp.gather(-1, (labels.long() + 1).clamp(0, 2).unsqueeze(-1)).squeeze(-1)
