@@ -25,9 +25,10 @@ def make_run_dir(root: Path, name: str, method: str, kl: float, reward: float, s
                 "step": step,
                 "samples": 8 * step,
                 "split": "train",
-                "loss": 0.7 - 0.05 * step,
-                "rewards/margins": 0.1 * step,
-                "rewards/accuracies": 0.5 + 0.05 * step,
+                # Curves that differ between runs (through kl), so that plots show one line per run.
+                "loss": 0.7 * 0.9 ** (step * kl),
+                "rewards/margins": kl * (1 - 0.9**step),
+                "rewards/accuracies": 0.5 + 0.4 * (1 - 0.8 ** (step * kl)),
             }
         )
     rows.append(
@@ -111,7 +112,7 @@ def test_report_has_every_section(full_report):
     ):
         assert f"<th>{header}</th>" in table
     assert table.count("<tr>") == 3  # header + 2 runs
-    assert "<td>0.45</td>" in table  # final train loss 0.7 - 0.05 * 5
+    assert f"<td>{0.7 * 0.9 ** (5 * 3.4):.3g}</td>" in table  # final train loss of run "dpo"
     assert "<td>0.8</td>" in table  # pairwise accuracy from the eval split
     assert 'id="notes"' not in page  # nothing missing
 
