@@ -67,9 +67,11 @@ class Page:
         self._from_browser, from_browser_w = os.pipe()
 
         def wire_fds():
-            # Move both ends above 3/4 first, so that placing them on 3 and 4 cannot overwrite one another.
-            high_r = fcntl.fcntl(to_browser_r, fcntl.F_DUPFD, 10)
-            high_w = fcntl.fcntl(from_browser_w, fcntl.F_DUPFD, 10)
+            # In the child, between fork and exec: put the browser's ends on fds 3 and 4. Both are first copied
+            # above 10 (close-on-exec), so that placing one cannot overwrite the other; the dup2 copies are
+            # inheritable, every other descriptor of ours is close-on-exec (PEP 446), hence close_fds=False.
+            high_r = fcntl.fcntl(to_browser_r, fcntl.F_DUPFD_CLOEXEC, 10)
+            high_w = fcntl.fcntl(from_browser_w, fcntl.F_DUPFD_CLOEXEC, 10)
             os.dup2(high_r, 3)
             os.dup2(high_w, 4)
 
@@ -79,7 +81,7 @@ class Page:
         with open(self.stderr_path, "wb") as stderr:
             self.proc = subprocess.Popen(
                 [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={user_data_dir}", "about:blank"],
-                pass_fds=(3, 4),
+                close_fds=False,
                 preexec_fn=wire_fds,
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
