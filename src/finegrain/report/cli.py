@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = build_report(args.run_dirs, args.output, title=args.title)
     except FinegrainError as exc:
+        if os.environ.get("FINEGRAIN_DEBUG"):
+            raise  # the same switch as the `finegrain` dispatcher: show the traceback
         print(f"finegrain report: error: {exc}", file=sys.stderr)
         return 1
     print(path)
