@@ -11,7 +11,7 @@ A splitter maps a text to character spans, one per sentence. Every splitter here
 Splitters:
 
 * :class:`RuleSplitter` (default, no download): splits after ``.``, ``!``, ``?`` (and ``…``) followed by
-  whitespace, and at newlines; a period after a common abbreviation, a single capital initial or a line-leading
+  whitespace, after the full-width ``。！？``, and at newlines; a period after a common abbreviation, a single capital initial or a line-leading
   list number, or one followed by a lowercase word, does not end a sentence; decimals and URLs are never split
   (no whitespace after their dots); fragments shorter than ``min_chars`` non-space characters are merged.
 * :class:`SaTSplitter`: wraps ``wtpsplit``'s Segment-any-Text model (``sat-3l`` with threshold 0.2 in the SRM
@@ -69,8 +69,9 @@ ABBREVIATIONS: frozenset[str] = frozenset(
     "jul aug sep sept oct nov dec mt ft al eq eqs sec ch vol pp".split()
 )
 
-# A run of terminators, then optional closing quotes/brackets, then whitespace or the end of the text.
-_TERMINATOR = re.compile(r"[.!?…]+[\"'”’»)\]]*(?=\s|$)|\n")
+# A run of terminators, then optional closing quotes/brackets, then whitespace or the end of the text; or a
+# full-width terminator (CJK text puts no space after it); or a newline.
+_TERMINATOR = re.compile(r"[.!?…]+[\"'”’»)\]]*(?=\s|$)|[。！？]+[」』”’）]*|\n")
 _LIST_NUMBER = re.compile(r"[ \t]*\(?\d{1,3}")
 _NEXT_CHAR = re.compile(r"\s*(\S)")
 
@@ -107,8 +108,7 @@ class RuleSplitter:
     def _ends_sentence(self, text: str, m: re.Match) -> bool:
         if m.group() == "\n":
             return True
-        terminators = m.group().rstrip("\"'”’»)]")
-        if terminators != ".":
+        if m.group().rstrip("\"'”’»)]") != ".":
             return True  # "!", "?", "...", "?!" always end a sentence
         word_start = m.start()
         while word_start > 0 and not text[word_start - 1].isspace():
