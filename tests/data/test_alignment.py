@@ -228,9 +228,9 @@ def test_word_labels_on_random_pairs_match_naive_projection(bpe_tokenizer):
         rev_units = [rev[s:e] for s, e in rev_spans]
         src_tags, tgt_tags = edit_tags(rej_units, rev_units)
         assert cost(src_tags, tgt_tags) == naive_levenshtein_tags(rej_units, rev_units)[2] == out.distance
-        for text, spans, tags, offsets, labels, value in (
-            (rej, rej_spans, src_tags, out.rejected_offsets, out.rejected_labels, -1),
-            (rev, rev_spans, tgt_tags, out.revised_offsets, out.revised_labels, 1),
+        for spans, tags, offsets, labels, value in (
+            (rej_spans, src_tags, out.rejected_offsets, out.rejected_labels, -1),
+            (rev_spans, tgt_tags, out.revised_offsets, out.revised_labels, 1),
         ):
             changed = {c for (s, e), t in zip(spans, tags) if t != "U" for c in range(s, e)}
             assert labels == [value if changed & set(range(s, e)) else 0 for s, e in offsets]

@@ -7,7 +7,12 @@ import torch
 
 import finegrain.rewards.placement as placement
 from finegrain.errors import DataError
-from finegrain.rewards.placement import last_token_index, place_at_span_ends, place_on_last_token, spread_over_spans
+from finegrain.rewards.placement import (
+    last_token_index,
+    place_at_span_ends,
+    place_on_last_token,
+    spread_over_spans,
+)
 
 
 def right_padded_mask(lengths, T):
