@@ -36,8 +36,8 @@ from finegrain.ops.masked import masked_mean, masked_sum
 def _check(values: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, name: str, classes: int = 0) -> None:
     """Shapes agree and labels are in {-1, 0, 1} on the mask."""
     want = values.shape[:-1] if classes else values.shape
-    if classes and values.shape[-1] != classes:
-        raise DataError(f"{name} logits {tuple(values.shape)} must end in {classes} classes")
+    if classes and (values.dim() != 3 or values.shape[-1] != classes):
+        raise DataError(f"{name} logits {tuple(values.shape)} must be (B, T, {classes}): {classes} classes per token")
     if labels.shape != want or mask.shape != want or len(want) != 2:
         raise DataError(
             f"{name}: outputs {tuple(values.shape)}, labels {tuple(labels.shape)} and mask {tuple(mask.shape)} "
