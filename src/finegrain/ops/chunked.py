@@ -152,7 +152,9 @@ class _ChunkedCompletionStats(torch.autograd.Function):
                 g = g.to(w.dtype)
                 if need_h:
                     grad_h[rows] = g @ w
-                if need_w:
+                if need_w and w.dtype == stat:
+                    grad_w.addmm_(g.t(), h[rows])  # accumulate in place: no (V, H) temporary per chunk
+                elif need_w:
                     grad_w += (g.t() @ h[rows]).to(stat)
                 del g
         grad_w = grad_w.to(w.dtype) if grad_w is not None else None
