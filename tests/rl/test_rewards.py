@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from finegrain.errors import NonFiniteError
-from finegrain.rl.rewards import RunningMoments, dense_rewards, place_on_last_token, reward_metrics
+from finegrain.rewards.placement import place_on_last_token
+from finegrain.rl.rewards import RunningMoments, dense_rewards, reward_metrics
 from finegrain.types import TokenRewards
 
 # Three responses of a 5-column response block: row 0 ends with EOS at t=2, row 1 with EOS at t=4,
@@ -124,6 +125,16 @@ def test_running_normalisation_and_moments_state():
     assert restored.state_dict() == running.state_dict()
     with pytest.raises(ValueError, match="RunningMoments"):
         dense_rewards(_source(), MASK, normalize="running")
+
+
+def test_gather_makes_the_statistics_global():
+    """With a gather that pretends a second process saw returns (10, 20, 30), the batch moments use all six."""
+    seq = torch.tensor([1.0, 2.0, 3.0])
+    other = torch.tensor([10.0, 20.0, 30.0])
+    out = dense_rewards(_source(seq=seq), MASK, normalize="batch", gather=lambda r: torch.cat([r, other]))
+    pooled = torch.cat([seq, other]).double()
+    want = (seq.double() - pooled.mean()) / pooled.std(unbiased=False)
+    torch.testing.assert_close((out["score"] * MASK).sum(-1).double(), want, atol=1e-6, rtol=1e-6)
 
 
 def test_equal_returns_do_not_blow_up_dense_values():

@@ -10,24 +10,14 @@ from finegrain.rl.advantages import (
     rloo_advantages,
     whiten_advantages,
 )
-from finegrain.rl.rewards import (
-    RunningMoments,
-    check_finite,
-    dense_rewards,
-    last_token_index,
-    place_on_last_token,
-    reward_metrics,
-)
+from finegrain.rl.rewards import RunningMoments, dense_rewards, reward_metrics
 from finegrain.rl.rollout import resolve_special_ids, sample_next_token, sample_rollouts, score_rollout
 
 __all__ = [
     "RunningMoments",
-    "check_finite",
     "dense_rewards",
     "discounted_returns",
     "gae_advantages",
-    "last_token_index",
-    "place_on_last_token",
     "reinforce_advantages",
     "resolve_special_ids",
     "reward_metrics",

@@ -6,111 +6,64 @@ KL term comes from :func:`finegrain.ops.kl.kl_penalty` (k1/k2/k3 or the full-voc
 
 Pipeline of :func:`dense_rewards`, in this order (each step optional):
 
-1. check every source for NaN/inf (:class:`finegrain.errors.NonFiniteError` names the source, row and token);
+1. check every source for NaN/inf (:func:`finegrain.rewards.check_finite` raises
+   :class:`finegrain.errors.NonFiniteError` naming the source and the first bad row);
 2. ``raw``: scaled sum of the sources' token values, plus their scaled sequence scores on the last valid
-   response token (EOS when the response has one; the last generated token of a truncated response);
+   response token (EOS when the response has one; the last generated token of a truncated response), placed by
+   :func:`finegrain.rewards.place_on_last_token`;
 3. normalise the *sequence return* ``Σ_t raw_t``, over the batch or with running moments (see
    :func:`dense_rewards`);
 4. clip every token reward to ``[−clip, clip]`` (TLCR uses 5, spec 3.4) → ``score``;
 5. ``penalized = score − c_KL·kl``, the reward fed to GAE or REINFORCE.
 
 Everything is exactly 0 outside ``response_mask`` (actions after EOS and padding). This module imports only
-torch and finegrain's containers and errors.
+torch and finegrain's containers, errors and reward placement.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
 from finegrain.errors import NonFiniteError
 from finegrain.ops.masked import masked_sum
+from finegrain.rewards.base import check_finite
+from finegrain.rewards.placement import last_token_index, place_on_last_token
 from finegrain.types import TokenRewards
 
-__all__ = [
-    "RunningMoments",
-    "check_finite",
-    "dense_rewards",
-    "last_token_index",
-    "place_on_last_token",
-    "reward_metrics",
-]
+__all__ = ["NORMALIZE_MODES", "RunningMoments", "dense_rewards", "reward_metrics"]
 
 NORMALIZE_MODES = (None, "batch", "running")
 
 
-def check_finite(values: torch.Tensor, source: str, mask: torch.Tensor | None = None) -> None:
-    """Raise :class:`NonFiniteError` naming ``source`` if ``values`` holds NaN or inf (where ``mask`` is set).
-
-    Args:
-        values: ``(B, T)`` or ``(B,)`` rewards.
-        source: the reward source's name, used in the message.
-        mask: optional bool mask of the shape of ``values``; positions where it is False are not checked.
-
-    Raises:
-        NonFiniteError: with the source, the first bad row (and token) and how many values are bad.
-    """
-    bad = ~torch.isfinite(values)
-    if mask is not None:
-        bad = bad & mask.to(torch.bool)
-    if not bool(bad.any()):
-        return
-    first = [int(i) for i in bad.nonzero()[0]]
-    where = f"row {first[0]}" + (f", token {first[1]}" if len(first) > 1 else "")
-    value = values[tuple(first)].item()
-    raise NonFiniteError(
-        f"reward source '{source}' returned a non-finite reward ({value}) at {where} "
-        f"({int(bad.sum())} non-finite value(s) in the batch)"
-    )
+def _check_kl(kl: torch.Tensor, mask: torch.Tensor) -> None:
+    """Raise :class:`NonFiniteError` if the KL term is NaN/inf on an action (padding is never looked at)."""
+    bad = ~torch.isfinite(kl) & mask
+    if bool(bad.any()):
+        row, token = (int(i) for i in bad.nonzero()[0])
+        raise NonFiniteError(
+            f"the KL term 'kl' is non-finite ({kl[row, token].item()}) at row {row}, token {token} "
+            f"({int(bad.sum())} value(s)); clamp the log-ratio (kl_penalty(..., log_ratio_clip=...)) or check "
+            "the policy and reference log-probs"
+        )
 
 
-def last_token_index(response_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last True position of each row of ``response_mask`` ``(B, T)`` → ``(B,)`` long (−1 if empty).
-
-    Example:
-        >>> last_token_index(torch.tensor([[True, True, False], [True, False, False], [False, False, False]]))
-        tensor([ 1,  0, -1])
-    """
-    mask = response_mask.to(torch.bool)
-    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-    return torch.where(mask, positions, torch.full_like(positions, -1)).amax(dim=1)
-
-
-def place_on_last_token(scores: torch.Tensor, response_mask: torch.Tensor, source: str = "seq_reward") -> torch.Tensor:
-    """Put a sequence score on the last valid response token: ``out[i, last(i)] = scores[i]``, 0 elsewhere.
-
-    Args:
-        scores: ``(B,)`` sequence scores.
-        response_mask: ``(B, T)`` bool.
-        source: name used in the error message.
-
-    Returns:
-        ``(B, T)`` tensor in the dtype of ``scores``.
-
-    Raises:
-        ValueError: a row has no valid response token, so its score has nowhere to go.
-
-    Example:
-        >>> place_on_last_token(torch.tensor([2.0, -1.0]), torch.tensor([[True, True, False], [True, False, False]]))
-        tensor([[ 0.,  2.,  0.],
-                [-1.,  0.,  0.]])
-    """
-    last = last_token_index(response_mask)
-    if bool((last < 0).any()):
-        rows = (last < 0).nonzero().flatten().tolist()
+def _place_sequence_scores(scores: torch.Tensor, mask: torch.Tensor, source: str) -> torch.Tensor:
+    empty = last_token_index(mask) < 0
+    if bool(empty.any()):
+        rows = empty.nonzero().flatten().tolist()
         raise ValueError(f"'{source}': rows {rows[:10]} have an empty response; a sequence score needs a token")
-    out = torch.zeros(response_mask.shape, dtype=scores.dtype, device=scores.device)
-    return out.scatter(1, last[:, None], scores[:, None])
+    return place_on_last_token(scores, mask)
 
 
 class RunningMoments:
     """Running mean and variance of a stream of scalars (Chan et al.'s parallel update, in float64).
 
-    Used by ``dense_rewards(normalize="running")`` on sequence returns. In multi-process training, pass the
-    returns gathered from all ranks so that every rank holds the same moments. ``state_dict`` /
-    ``load_state_dict`` let a resumed run continue with the same statistics.
+    Used by ``dense_rewards(normalize="running")`` on sequence returns. In multi-process training give
+    :func:`dense_rewards` a ``gather`` function so that every rank folds in the same (global) returns and holds
+    the same moments. ``state_dict`` / ``load_state_dict`` let a resumed run continue with the same statistics.
     """
 
     def __init__(self) -> None:
@@ -167,6 +120,7 @@ def dense_rewards(
     normalize: str | None = None,
     center: bool = True,
     running: RunningMoments | None = None,
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
     eps: float = 1e-8,
 ) -> dict[str, torch.Tensor]:
     """Per-action rewards ``R_t = clip(norm(Σ_s c_s·r^s_t)) − c_KL·KLterm_t`` in the response layout (spec 6).
@@ -195,6 +149,8 @@ def dense_rewards(
         normalize: None, ``"batch"`` or ``"running"``.
         center: with normalisation, also subtract the mean return (on the last valid token).
         running: the :class:`RunningMoments` for ``normalize="running"`` (updated in place).
+        gather: optional function ``(B,) -> (world·B,)`` collecting the sequence returns of every process (e.g.
+            ``accelerator.gather``), so that the normalisation statistics are global.
         eps: a variance at or below ``eps`` leaves the scale at 1 (only the mean is removed).
 
     Returns:
@@ -230,12 +186,11 @@ def dense_rewards(
         if src.values.shape != mask.shape:
             raise ValueError(f"source '{name}': values {tuple(src.values.shape)} != response_mask {tuple(mask.shape)}")
         # Checked where rewards enter: a NaN must name its source, not surface later as a NaN loss.
-        check_finite(src.values, name)
+        check_finite(src, name)
         scale = scales.get(name, 1.0) if isinstance(scales, Mapping) else scales
         share = torch.where(src.mask.to(torch.bool) & mask, src.values.float(), zero)
         if src.seq_reward is not None:
-            check_finite(src.seq_reward, name)
-            share = share + place_on_last_token(src.seq_reward.float(), mask, name)
+            share = share + _place_sequence_scores(src.seq_reward.float(), mask, name)
         share = scale * share
         out[f"raw/{name}"] = share
         raw = raw + share
@@ -244,16 +199,17 @@ def dense_rewards(
     score = raw
     if normalize is not None:
         returns = masked_sum(raw, mask, dim=-1)
+        pooled = gather(returns) if gather is not None else returns
         if normalize == "running":
-            running.update(returns)
+            running.update(pooled)
             mean, var = running.mean, running.var
         else:
-            mean, var = float(returns.double().mean()), float(returns.double().var(unbiased=False))
+            mean, var = float(pooled.double().mean()), float(pooled.double().var(unbiased=False))
         # Equal returns (var 0, e.g. one row) carry no scale: dividing by sqrt(eps) would blow dense values up.
         std = math.sqrt(var) if var > eps else 1.0
         score = raw / std
         if center:
-            score = score - place_on_last_token(torch.full_like(returns, mean / std), mask, "normalize")
+            score = score - _place_sequence_scores(torch.full_like(returns, mean / std), mask, "normalize")
     if clip is not None:
         score = score.clamp(-clip, clip)
     out["score"] = torch.where(mask, score, zero)
@@ -263,7 +219,7 @@ def dense_rewards(
     else:
         if kl.shape != mask.shape:
             raise ValueError(f"kl {tuple(kl.shape)} != response_mask {tuple(mask.shape)}")
-        check_finite(kl, "kl", mask)
+        _check_kl(kl, mask)
         out["kl"] = torch.where(mask, kl.float(), zero)
     out["penalized"] = out["score"] - kl_coef * out["kl"]
     return out
