@@ -246,3 +246,21 @@ def test_score_rollout_of_a_hand_built_batch(model):
     out = score_rollout(model, batch, chunk_rows=1)
     assert out.keys() == {"token_logps"}
     assert (out["token_logps"][batch.completion_mask] < 0).all()
+
+
+# peft reads a transformers attribute that transformers 5 has deprecated; not ours to fix.
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+def test_lora_policy_with_the_adapter_disabled_as_reference(tokenizer, prompts):
+    """DESIGN's LoRA path: sampling through the PEFT wrapper, reference = the same model with its adapter off."""
+    peft = pytest.importorskip("peft")
+    base = _llama(len(tokenizer), seed=0)
+    plain = _llama(len(tokenizer), seed=0)
+    policy = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                       init_lora_weights=False)).eval()
+    ids, attn = prompts
+    batch = sample_rollouts(policy, ids, attn, max_new_tokens=3, generator=torch.Generator().manual_seed(0))
+    out = score_rollout(policy, batch, ref_context=policy.disable_adapter, with_full_kl=True)
+    torch.testing.assert_close(out["ref_token_logps"], score_rollout(plain, batch)["token_logps"])
+    mask = batch.completion_mask
+    assert (out["full_kl"][mask] > 0).all()
+    assert not torch.allclose(out["token_logps"][mask], out["ref_token_logps"][mask])

@@ -122,8 +122,11 @@ def sample_next_token(
 
 
 def _accepts(model: nn.Module, name: str) -> bool:
+    """Whether the model's forward takes ``name``; a PEFT wrapper forwards ``**kwargs``, so ask its base model."""
+    get_base = getattr(model, "get_base_model", None)
+    target = get_base() if callable(get_base) else model
     try:
-        return name in inspect.signature(model.forward).parameters
+        return name in inspect.signature(target.forward).parameters
     except (TypeError, ValueError):
         return False
 
