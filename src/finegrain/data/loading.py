@@ -46,66 +46,82 @@ _SPLIT_NAME = re.compile(r"^([a-z]+)(?:[-_.].*)?$")
 class Rows(Sequence):
     """Rows of one split as plain dicts, with the origin of each row.
 
+    A source made of several files keeps one part per file (no Arrow concatenation, so files whose columns or
+    types differ are still read, and each bad row is reported by the row validator with its own file and row).
+
     Args:
-        data: a ``datasets.Dataset`` or a list of dicts.
-        source: the name used in messages (a path, a hub id, ``"<list>"``...).
-        parts: for a source made of several files, ``(file, num_rows)`` in order; rows are numbered within each
-            file in :meth:`locate`. None for a single source.
+        parts: ``(name, data)`` per part, in order; ``data`` is a ``datasets.Dataset`` or a list of dicts and
+            ``name`` the file (or data-set name) its rows are reported under.
+        source: the name of the whole source (a path, a directory, a hub id, ``"<list>"``...).
     """
 
-    def __init__(self, data: Any, source: str, parts: Sequence[tuple[str, int]] | None = None):
-        self.data = data
+    def __init__(self, parts: Sequence[tuple[str, Any]], source: str):
+        self.parts = [(name, data) for name, data in parts]
         self.source = source
-        self.parts = list(parts) if parts else [(source, len(data))]
-        if sum(n for _, n in self.parts) != len(data):
-            raise ValueError("Rows: parts do not add up to the number of rows")
 
     @property
     def column_names(self) -> list[str]:
         """Column names; for rows of mixed keys, the union in order of first appearance."""
-        names = getattr(self.data, "column_names", None)
-        if names is not None:
-            return list(names)
         seen: dict[str, None] = {}
-        for row in self.data:
-            seen.update(dict.fromkeys(row))
+        for _, data in self.parts:
+            names = getattr(data, "column_names", None)
+            if names is not None:
+                seen.update(dict.fromkeys(names))
+            else:
+                for row in data:
+                    seen.update(dict.fromkeys(row))
         return list(seen)
 
     def __len__(self) -> int:
-        return len(self.data)
+        return sum(len(data) for _, data in self.parts)
+
+    def _find(self, i: int) -> tuple[str, Any, int]:
+        if i < 0:
+            i += len(self)
+        if i >= 0:
+            for name, data in self.parts:
+                if i < len(data):
+                    return name, data, i
+                i -= len(data)
+        raise IndexError("row index out of range")
 
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        return dict(self.data[i])
+        _, data, j = self._find(i)
+        return dict(data[j])
 
     def __iter__(self) -> Iterator[dict]:
-        for row in self.data:
-            yield dict(row)
+        for _, data in self.parts:
+            for row in data:
+                yield dict(row)
 
     def locate(self, i: int) -> tuple[str, int]:
         """``(file, row within that file)`` of row ``i``, for error messages."""
-        for name, n in self.parts:
-            if i < n:
-                return name, i
-            i -= n
-        raise IndexError(i)
+        name, _, j = self._find(i)
+        return name, j
 
     def head(self, n: int) -> Rows:
         """The first ``n`` rows (all of them when ``n`` is larger), keeping their origins."""
-        if n >= len(self):
-            return self
-        data = self.data.select(range(n)) if hasattr(self.data, "select") else self.data[:n]
         parts, left = [], n
-        for name, k in self.parts:
+        for name, data in self.parts:
             if left <= 0:
                 break
-            parts.append((name, min(k, left)))
+            k = min(len(data), left)
+            parts.append((name, data if k == len(data) else _take(data, k)))
             left -= k
-        return Rows(data, self.source, parts)
+        return Rows(parts, self.source)
 
     def __repr__(self) -> str:
         return f"Rows(source={self.source!r}, num_rows={len(self)}, columns={self.column_names})"
+
+
+def _take(data: Any, k: int) -> Any:
+    return data.select(range(k)) if hasattr(data, "select") else data[:k]
+
+
+def _single(data: Any, name: str) -> Rows:
+    return Rows([(name, data)], name)
 
 
 def load_rows(
@@ -153,10 +169,9 @@ def load_rows(
 
     if isinstance(source, datasets.DatasetDict):
         label = source_name or "<DatasetDict>"
-        return Rows(_pick_split(source, split, label), label)
+        return _single(_pick_split(source, split, label), label)
     if isinstance(source, datasets.Dataset):
-        label = source_name or _dataset_label(source)
-        return Rows(source, label)
+        return _single(source, source_name or _dataset_label(source))
     raise TypeError(
         f"load_rows: unsupported source of type {type(source).__name__}; give a path, a hub id, a "
         "datasets.Dataset/DatasetDict or a list of dicts"
@@ -180,7 +195,7 @@ def _from_list(items: Sequence[Any], label: str) -> Rows:
     for i, row in enumerate(items):
         if not isinstance(row, Mapping):
             raise DataError(f"expected a dict per row, got {type(row).__name__}", source=label, row=i)
-    return Rows([dict(r) for r in items], label)
+    return _single([dict(r) for r in items], label)
 
 
 def _pick_split(dd: Mapping[str, Any], split: str | None, label: str) -> Any:
@@ -257,27 +272,11 @@ def _from_directory(root: Path, split: str | None) -> Rows:
             f"no files for split '{wanted}'; splits found by file name: {', '.join(found) or 'none'}", source=str(root)
         )
     parts = [_read_file(f, _file_type(f)) for f in chosen]
-    if len(parts) == 1:
-        return parts[0]
-    return _concat(parts, str(root))
+    return Rows([p for r in parts for p in r.parts], str(root))
 
 
 def _hidden(path: Path, root: Path) -> bool:
     return any(p.startswith((".", "_")) for p in path.relative_to(root).parts)
-
-
-def _concat(parts: list[Rows], label: str) -> Rows:
-    import datasets
-
-    if all(isinstance(p.data, list) for p in parts):
-        data: Any = [row for p in parts for row in p.data]
-    else:
-        as_ds = [p.data if not isinstance(p.data, list) else datasets.Dataset.from_list(p.data) for p in parts]
-        try:
-            data = datasets.concatenate_datasets(as_ds)
-        except Exception as e:  # Arrow schema mismatch between files
-            raise DataError(f"the files of this directory have different columns or types: {e}", source=label) from e
-    return Rows(data, label, [(p.source, len(p)) for p in parts])
 
 
 def _from_saved(root: Path, split: str | None) -> Rows:
@@ -288,8 +287,8 @@ def _from_saved(root: Path, split: str | None) -> Rows:
     except Exception as e:
         raise DataError(f"cannot read a saved data set: {e}", source=str(root)) from e
     if isinstance(obj, datasets.DatasetDict):
-        return Rows(_pick_split(obj, split, str(root)), str(root))
-    return Rows(obj, str(root))
+        obj = _pick_split(obj, split, str(root))
+    return _single(obj, str(root))
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -302,10 +301,10 @@ def _read_bytes(path: Path) -> bytes:
 
 def _read_file(path: Path, kind: str) -> Rows:
     if kind == ".jsonl":
-        return Rows(_read_json_lines(path, _read_bytes(path)), str(path))
+        return _single(_read_json_lines(path, _read_bytes(path)), str(path))
     if kind == ".json":
-        return Rows(_read_json(path, _read_bytes(path)), str(path))
-    return Rows(_read_arrow(path, kind), str(path))
+        return _single(_read_json(path, _read_bytes(path)), str(path))
+    return _single(_read_arrow(path, kind), str(path))
 
 
 def _read_json_lines(path: Path, raw: bytes) -> list[dict]:
@@ -402,4 +401,4 @@ def _from_hub(repo_id: str, split: str | None, name: str | None, revision: str |
             "and end in one of " + ", ".join(SUFFIXES),
             source=repo_id,
         ) from e
-    return Rows(ds, repo_id)
+    return _single(ds, repo_id)

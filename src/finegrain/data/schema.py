@@ -280,7 +280,9 @@ def _revision(r: _Row, columns: frozenset[str]) -> dict:
     prompt, rejected, revised = _pair(r, "rejected", "revised", "prompt" in columns)
     if revised == rejected:
         raise r.error("revised identical to rejected", "revised")
-    chosen = r.response(r.get("chosen"), "chosen") if "chosen" in columns else None
+    chosen = r.raw.get("chosen")  # optional per row: revisions are trained on (rejected, revised)
+    if chosen is not None:
+        chosen = r.response(chosen, "chosen")
     return {
         "prompt": prompt,
         "rejected": rejected,
