@@ -127,19 +127,34 @@ class RevisionLabels(EditLabels):
     revised_offsets: list[tuple[int, int]] | None = None
 
 
-def _check_offsets(offsets: Any, text: str, field: str) -> np.ndarray:
-    """``offsets`` as an ``(n, 2)`` int64 array, after checking ``0 <= start <= end <= len(text)``."""
+def as_offsets(offsets: Any, text_length: int | None = None, field: str | None = None) -> np.ndarray:
+    """Token offsets as an ``(n, 2)`` int64 array, checked: ``0 <= start <= end`` (``<= text_length`` if given).
+
+    Args:
+        offsets: ``n`` ``(start, end)`` pairs (list, array or tensor); ``[]`` for no token.
+        text_length: the number of characters of the text the offsets index, or None to skip that bound.
+        field: named in the error message.
+
+    Returns:
+        ``(n, 2)`` int64 array.
+
+    Raises:
+        DataError: not pairs, or a pair out of range.
+    """
     arr = np.asarray(offsets, dtype=np.int64)
     if arr.size == 0:
         return arr.reshape(0, 2)
     if arr.ndim != 2 or arr.shape[1] != 2:
         raise DataError(f"offsets must be (start, end) pairs, got an array of shape {arr.shape}", field=field)
-    bad = (arr[:, 0] < 0) | (arr[:, 0] > arr[:, 1]) | (arr[:, 1] > len(text))
+    bad = (arr[:, 0] < 0) | (arr[:, 0] > arr[:, 1])
+    if text_length is not None:
+        bad |= arr[:, 1] > text_length
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
+        within = f"outside the text of {text_length} characters " if text_length is not None else ""
         raise DataError(
-            f"token {i} has offsets ({arr[i, 0]}, {arr[i, 1]}) outside the text of {len(text)} characters "
-            "(or start > end); offsets must come from tokenizing this exact text",
+            f"token {i} has offsets ({arr[i, 0]}, {arr[i, 1]}) {within}(or start > end); offsets must come "
+            "from tokenizing this exact text",
             field=field,
         )
     return arr
@@ -235,8 +250,8 @@ def edit_token_labels(
     """
     if unit not in UNITS:
         raise ConfigError(f"edit_token_labels: unit must be one of {UNITS}, got {unit!r}")
-    rej_off = _check_offsets(rejected_offsets, rejected_text, "rejected_offsets")
-    rev_off = _check_offsets(revised_offsets, revised_text, "revised_offsets")
+    rej_off = as_offsets(rejected_offsets, len(rejected_text), "rejected_offsets")
+    rev_off = as_offsets(revised_offsets, len(revised_text), "revised_offsets")
 
     if unit == "token":
         rej_units = _token_units(rejected_text, rej_off, rejected_ids, "rejected_ids")

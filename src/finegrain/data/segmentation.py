@@ -27,6 +27,7 @@ never by re-tokenising. The two SRM boundary modes build on them:
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from finegrain.data.alignment import as_offsets
 from finegrain.errors import ConfigError, DataError
 
 Span = tuple[int, int]
@@ -180,8 +182,6 @@ class SaTSplitter:
                 "SaTSplitter needs the optional package wtpsplit: pip install 'finegrain[sat]' "
                 "(or use the default RuleSplitter)"
             ) from err
-        import os
-
         path = model
         if not os.path.isdir(model):
             from huggingface_hub import snapshot_download
@@ -213,15 +213,6 @@ class SaTSplitter:
         return _merge_tiny(text, spans, self.min_chars)
 
 
-def _offsets_array(offsets: Any) -> np.ndarray:
-    arr = np.asarray(offsets, dtype=np.int64)
-    if arr.size == 0:
-        return arr.reshape(0, 2)
-    if arr.ndim != 2 or arr.shape[1] != 2 or (arr[:, 0] > arr[:, 1]).any() or (arr < 0).any():
-        raise DataError(f"offsets must be (start, end) pairs with 0 <= start <= end, got shape {arr.shape}")
-    return arr
-
-
 def token_sentence_ids(spans: Sequence[Span], offsets: Any) -> list[int]:
     """The sentence of every token: the first span its characters overlap, -1 if none.
 
@@ -239,7 +230,7 @@ def token_sentence_ids(spans: Sequence[Span], offsets: Any) -> list[int]:
         >>> token_sentence_ids([(0, 3), (4, 8)], [(0, 2), (2, 3), (3, 4), (4, 8)])
         [0, 0, -1, 1]
     """
-    arr = _offsets_array(offsets)
+    arr = as_offsets(offsets, field="offsets")
     if len(spans) == 0:
         return [-1] * len(arr)
     span_arr = np.asarray(spans, dtype=np.int64).reshape(-1, 2)

@@ -140,7 +140,7 @@ class SentenceRewardHead(nn.Module):
         embed_dim: ``d`` of queries and keys (128 in the SRM code's default, 256 in its released script).
         rope_theta: RoPE base ``θ``.
         max_sentences: the most boundaries a row may have, ``e_0`` included (``max_rope_sentences`` of the SRM
-            code, 100 in training, 200 in RL); more raises a :class:`DataError`.
+            code, 100 in training, 200 in RL); more raises a :class:`DataError` (RoPE, so ``weighted_sum`` only).
         weighted_sum: the attention aggregation (True) or the plain-sum ablation (False).
     """
 
