@@ -63,6 +63,8 @@ def test_detect_kind_rejects(columns, match):
         ("sft", ["prompt"], "completion"),
         ("sft", ["foo"], "text"),
         ("prompt", ["chosen"], "prompt"),
+        ("preference", ["chosen", "rejected", "ref_chosen_logps"], "ref_rejected_logps"),
+        ("preference", ["chosen", "rejected", "rejected_token_rewards"], "chosen_token_rewards"),
     ],
 )
 def test_missing_column_is_a_file_wide_error(kind, columns, missing):
@@ -297,9 +299,14 @@ def test_bad_token_rows(change, field, reason):
     assert (e.value.row, e.value.field, e.value.reason.split(":")[0]) == (0, field, reason)
 
 
-def test_token_rows_with_labels_and_spans():
+def test_token_rows_with_labels_or_spans_row_by_row():
+    rows = validate_rows([{"prompt": "p", "response": "r", "labels": [1]}, {"prompt": "p", "response": "r", "spans": []}])
+    assert rows[0]["labels"] == [1] and rows[1]["spans"] == []
     with pytest.raises(DataError, match="not both"):
         validate_rows([{"prompt": "p", "response": "r", "labels": [1], "spans": []}])
+    with pytest.raises(DataError, match="missing value") as e:
+        validate_rows([{"prompt": "p", "response": "r", "labels": None, "spans": None}])
+    assert e.value.field == "labels"
 
 
 def test_prompt_rows():

@@ -1,24 +1,25 @@
 """Row kinds, their columns, and validation of every row into plain python dicts.
 
 Column names follow TRL (docs/source/dataset_formats.md), so TRL data sets load unchanged. Each value that holds
-text may be *standard* (a string) or *conversational* (a list of ``{"role", "content"}`` messages).
+text may be *standard* (a string) or *conversational* (a list of ``{"role", "content"}`` messages). Columns not
+named here are dropped.
 
-=============  ==============================================================  ==========================================
-kind           columns                                                          normalised row (plus ``source``, ``row``)
-=============  ==============================================================  ==========================================
-``preference``  ``chosen``, ``rejected``, optional ``prompt`` (else implicit);   ``prompt``, ``chosen``, ``rejected``,
-               optional ``subset``, ``margin``, ``chosen_token_rewards``,        ``conversational`` + the optional columns
-               ``rejected_token_rewards``, ``ref_chosen_logps``,
-               ``ref_rejected_logps``
-``revision``   ``rejected``, ``revised``, optional ``prompt``, ``chosen``        ``prompt``, ``rejected``, ``revised``,
-                                                                                ``chosen`` (or None), ``conversational``
-``token``      ``prompt``, ``response`` and ``labels`` (one number per          ``prompt``, ``response``, ``labels`` or
-               response token) or ``spans`` (``[{"start", "end", "label"}]``,     ``spans`` (sorted ``(start, end, label)``),
-               character offsets in the response)                               ``conversational``
-``prompt``     ``prompt``                                                       ``prompt``, ``conversational``
-``sft``        ``prompt`` + ``completion``, or ``messages``, or ``text``          ``prompt`` (``""`` for ``text``),
-                                                                                ``completion``, ``conversational``
-=============  ==============================================================  ==========================================
+Kinds, their columns, and the normalised row each gives (every normalised row also has ``conversational``, and
+``source`` / ``row``: the file and the 0-based row in it):
+
+* ``preference``: ``chosen``, ``rejected``, optional ``prompt`` (else implicit, see below) -> ``prompt``,
+  ``chosen``, ``rejected``. Optional columns kept: ``subset`` (RewardBench style), ``margin``,
+  ``chosen_token_rewards`` / ``rejected_token_rewards`` (one number per response token), ``ref_chosen_logps`` /
+  ``ref_rejected_logps``. An optional column present in the data set must have a value on every row, and the
+  chosen/rejected columns come in pairs.
+* ``revision``: ``rejected``, ``revised``, optional ``prompt`` (else implicit) and ``chosen`` (may be missing
+  row by row) -> ``prompt``, ``rejected``, ``revised``, ``chosen`` (or None).
+* ``token``: ``prompt``, ``response`` and, per row, ``labels`` (one number per response token) or ``spans``
+  (``[{"start", "end", "label"}]``, character offsets in the response, sorted and non-overlapping once checked)
+  -> ``prompt``, ``response``, ``labels`` or ``spans`` (``(start, end, label)`` tuples).
+* ``prompt``: ``prompt`` -> ``prompt``.
+* ``sft``: ``prompt`` + ``completion``, or ``messages`` (the last message, an assistant turn, is the completion),
+  or ``text`` (all completion, empty prompt) -> ``prompt``, ``completion``.
 
 Responses (``chosen``, ``rejected``, ``revised``, ``response``, ``completion``) are normalised to their text: a
 conversational response must be a single assistant message, and its ``content`` is the text. A conversational
@@ -323,15 +324,16 @@ def _token(r: _Row, columns: frozenset[str]) -> dict:
     prompt = r.prompt(r.get("prompt"))
     response = r.response(r.get("response"), "response")
     out = {"prompt": prompt, "response": response, "conversational": isinstance(prompt, list)}
-    if "labels" in columns and "spans" in columns:
+    labels, spans = r.raw.get("labels"), r.raw.get("spans")
+    if labels is not None and spans is not None:
         raise r.error("wrong type", "labels", "give per-token labels or character spans, not both")
-    if "labels" in columns:
-        labels = r.numbers(r.get("labels"), "labels", integers=True)
-        if not labels:
-            raise r.error("empty labels", "labels")
-        out["labels"] = labels
-    else:
+    if spans is not None or "labels" not in columns:
         out["spans"] = _spans(r, r.get("spans"), response)
+        return out
+    labels = r.numbers(r.get("labels"), "labels", integers=True)
+    if not labels:
+        raise r.error("empty labels", "labels")
+    out["labels"] = labels
     return out
 
 
@@ -429,6 +431,10 @@ def check_columns(kind: str, columns: Iterable[str], *, source: str | None = Non
         "sft": [],
     }[kind]
     missing = [c for c in need if c not in cols]
+    if kind == "preference":  # per-response columns come in chosen/rejected pairs
+        for a, b in (("chosen_token_rewards", "rejected_token_rewards"), ("ref_chosen_logps", "ref_rejected_logps")):
+            if (a in cols) != (b in cols):
+                missing.append(b if a in cols else a)
     if kind == "token" and not missing and not cols & {"labels", "spans"}:
         missing = ["labels"]
     if kind == "sft" and not ({"prompt", "completion"} <= cols or cols & {"messages", "text"}):
