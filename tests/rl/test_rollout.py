@@ -89,12 +89,30 @@ def test_greedy_rollout_of_each_row_matches_the_unpadded_row_alone(model, prompt
         assert alone.completion_input_ids[0, :n].tolist() == batch.completion_input_ids[i, :n].tolist()
 
 
-def test_greedy_rollout_matches_transformers_generate_without_warnings(model, prompts, tokenizer, caplog):
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_greedy_rollout_matches_transformers_generate_without_warnings(model, prompts, tokenizer):
     ids, attn = prompts
-    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
-        warnings.simplefilter("always")
-        ours = sample_rollouts(model, ids, attn, max_new_tokens=6, do_sample=False, tokenizer=tokenizer)
-    assert not caught and not caplog.records
+    # transformers' logger does not propagate to the root logger, so listen on it directly.
+    hf_logger, records = logging.getLogger("transformers"), _Records()
+    hf_logger.addHandler(records)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ours = sample_rollouts(model, ids, attn, max_new_tokens=6, do_sample=False, tokenizer=tokenizer)
+        assert not caught and not records.messages
+        with torch.no_grad():  # the listener hears transformers: generate without a mask, pad = EOS, warns
+            model.generate(ids, max_new_tokens=1, do_sample=False, pad_token_id=2, eos_token_id=2)
+        assert records.messages
+    finally:
+        hf_logger.removeHandler(records)
     with torch.no_grad():
         theirs = model.generate(ids, attention_mask=attn, max_new_tokens=6, do_sample=False,
                                 pad_token_id=0, eos_token_id=2)[:, ids.shape[1]:]
