@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 from finegrain.data.collate import collate_completions, collate_preferences, pad_token_id
 from finegrain.data.loading import load_rows
 from finegrain.data.sampler import batch_indices, check_divisible, shard_batch
-from finegrain.data.schema import detect_kind, log_skips, validate_rows
+from finegrain.data.schema import detect_kind, validate_rows
 from finegrain.data.tokenize import TokenLimits, tokenize_rows
 from finegrain.errors import DataError
 from finegrain.types import CompletionBatch, PreferenceBatch
@@ -91,8 +91,6 @@ class _Prepared(Sequence):
             source=rows.source,
         )
         if not examples:
-            if skipped:
-                log_skips(skipped, rows.source, len(rows), "validation and tokenization")
             raise DataError(f"no usable rows ({len(rows)} read, {sum(skipped.values())} skipped)", source=rows.source)
         if kind == "revision":
             examples = [_revision_as_pair(ex) for ex in examples]

@@ -143,6 +143,7 @@ class _Row:
             role, content = m.get("role"), m.get("content")
             if not isinstance(role, str) or not role:
                 raise self.error("wrong type", field, f"message {j} has no string 'role'")
+            self.encodable(role, field)
             if not isinstance(content, str):
                 raise self.error("non-string content", field, f"message {j} content is {type(content).__name__}")
             self.encodable(content, field)

@@ -157,7 +157,6 @@ def tokenize_response(
 
 
 def _with_eos(ids: list[int], offsets: list, n_chars: int, tokenizer: Any, add_eos: bool):
-    offsets = [(int(s), int(e)) for s, e in offsets]
     n_text = len(ids)
     if add_eos:
         eos = tokenizer.eos_token_id
