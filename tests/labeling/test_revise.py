@@ -26,10 +26,12 @@ from finegrain.labeling.revise import (
     ReviseConfig,
     build_messages,
     conversation_text,
-    main as revise_main,
     parse_revision,
     run_revise,
     unchanged_path,
+)
+from finegrain.labeling.revise import (
+    main as revise_main,
 )
 
 KEY = "sk-test-0123456789abcdef"
@@ -44,7 +46,8 @@ class FakeEndpoint:
 
     It revises a response by replacing "bad" with "good". Rows whose rejected response contains ``flaky`` get a
     429 then a 500 before an answer; ``nomarker`` rows never get the marker; ``same`` rows come back unchanged;
-    ``slow`` rows wait ``slow_s`` seconds on their first request. After ``die_after`` answers the server
+    ``slow`` rows wait ``slow_s`` seconds on their first request; ``toolong`` rows get a 400; ``cutoff`` replies
+    end with finish_reason "length". After ``die_after`` answers the server
     fails every request with 500. With ``key`` set, a request without ``Bearer <key>`` gets 401.
     """
 
@@ -82,7 +85,7 @@ class FakeEndpoint:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
 
     @property
     def base_url(self) -> str:
@@ -114,6 +117,8 @@ class FakeEndpoint:
             return 429, {"error": {"message": "rate limited"}}, {"Retry-After": "0"}
         if "flaky" in rejected and k == 2:
             return 500, {"error": {"message": "overloaded"}}, {}
+        if "toolong" in rejected:
+            return 400, {"error": {"message": "this request exceeds the context length"}}, {}
         if "slow" in rejected and k == 1:
             time.sleep(self.slow_s)
         time.sleep(self.delay_s)
@@ -125,9 +130,10 @@ class FakeEndpoint:
             content = f"Response B says bad things.\n{MARKER}\n{rejected.replace('bad', 'good')}\n"
         with self.lock:
             self.answered += 1
+        finish = "length" if "cutoff" in rejected else "stop"
         answer = {"id": "x", "object": "chat.completion", "model": body["model"],
                   "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                               "finish_reason": "stop"}]}
+                               "finish_reason": finish}]}
         return 200, answer, {}
 
 
@@ -206,6 +212,9 @@ def test_endpoint_revisions_retries_counts_and_key(tmp_path, capsys):
     assert KEY not in out.read_text() and KEY not in unchanged_path(out).read_text()
     captured = capsys.readouterr()
     assert KEY not in captured.out + captured.err and KEY not in str(summary)
+    from finegrain.data.schema import validate_rows
+
+    assert [r["revised"] for r in validate_rows(str(out), "revision")] == [r["revised"] for r in _read(out)]
 
 
 def test_resume_after_the_server_dies_loses_and_repeats_nothing(tmp_path):
@@ -239,6 +248,26 @@ def test_limit_then_rerun_with_concurrency_completes_the_output(tmp_path):
     assert ep.max_in_flight > 1  # requests really overlapped
     assert sorted(r["index"] for r in _read(out)) == list(range(12))
     assert len(ep.requests) == 12
+
+
+def test_client_errors_and_cut_off_replies_fail_the_row_only(tmp_path):
+    data = _pairs(tmp_path / "pairs.jsonl", ["toolong bad", "cutoff bad", "same", "bad one"])
+    template = tmp_path / "reviser.txt"
+    template.write_text(f"Fix it.\n[Response B]\n{{rejected}}\n\nFirst, think. Then print {MARKER} and the fix.")
+    out = tmp_path / "revisions.jsonl"
+    with FakeEndpoint() as ep:
+        summary = run_revise(_cfg(data, out, ep, keep_unchanged=True, prompt_template=str(template), max_retries=1))
+    assert (summary.revised, summary.unchanged, summary.failed) == (1, 1, 2)
+    assert dict(summary.failures) == {"HTTP 400": 1, "reply cut off at max_tokens": 1}
+    assert ep.tries["toolong bad 0 ."] == 1 and ep.tries["cutoff bad 1 ."] == 2  # a 400 is not asked again
+    assert ep.requests[0]["body"]["messages"][-1]["content"].startswith("Fix it.")
+    rows = {r["index"]: r for r in _read(out)}
+    assert sorted(rows) == [2, 3] and rows[2]["revised"] == rows[2]["rejected"]  # unchanged kept on request
+    assert not unchanged_path(out).exists()
+    bad = tmp_path / "bad.txt"
+    bad.write_text("{rejected} without the marker")
+    with pytest.raises(ConfigError, match="marker"):
+        run_revise(_cfg(data, out, ep, prompt_template=str(bad)))
 
 
 def test_timeout_is_retried(tmp_path):
@@ -478,6 +507,14 @@ def test_hf_reviser_from_disk_through_the_command(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------- label dispatcher
+
+
+def test_docs_show_the_reviser_prompt_as_it_is():
+    from finegrain.labeling.revise import REVISER_PROMPT, REVISER_SYSTEM
+
+    doc = (Path(__file__).parents[2] / "docs" / "labeling.md").read_text()
+    assert REVISER_PROMPT in doc and " ".join(REVISER_SYSTEM.split()) in " ".join(doc.split())
+    assert all(f"## `finegrain label {name}`" in doc for name in ("revise", "contrastive", "edits"))
 
 
 def test_label_dispatcher_lists_sub_commands_and_refuses_unknown_ones(capsys, monkeypatch):

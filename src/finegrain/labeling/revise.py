@@ -318,15 +318,20 @@ class RevisionJob:
         rejected: the response to revise (text).
         chosen: the preferred response, or None.
         ids: id columns of the input row (``id``, ``idx``, ``uid``, ``*_id``), copied to the output.
-        messages: the chat messages sent to an LLM reviser.
+        template: the reviser's instruction (None: the built-in one).
     """
 
     index: int
     prompt: str | list[dict]
     rejected: str
-    chosen: str | None
-    ids: dict[str, Any]
-    messages: list[dict[str, str]]
+    chosen: str | None = None
+    ids: dict[str, Any] = dataclasses.field(default_factory=dict)
+    template: str | None = None
+
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        """The chat messages that ask an LLM reviser for the revision (built when asked, not kept)."""
+        return build_messages(self.prompt, self.rejected, self.chosen, self.template)
 
 
 def _id_columns(raw: dict) -> dict[str, Any]:
@@ -334,44 +339,32 @@ def _id_columns(raw: dict) -> dict[str, Any]:
             if (k in _ID_COLUMNS or k.endswith("_id")) and isinstance(v, (str, int)) and not isinstance(v, bool)}
 
 
-def _check_text(value: Any, source: str, row: int, field: str) -> str:
+def _check_row(raw: dict, source: str, row: int) -> dict[str, Any]:
+    """Prompt and rejected text of a row without ``chosen`` (text or messages, as :mod:`finegrain.data.schema`)."""
     from finegrain.data.schema import row_error
 
-    if value is None:
-        raise row_error("missing value", source=source, row=row, field=field)
-    if not isinstance(value, str):
-        raise row_error("wrong type", source=source, row=row, field=field,
-                        detail=f"expected a string or messages, got {type(value).__name__}")
-    if not value.strip():
-        raise row_error(f"empty {'prompt' if field == 'prompt' else 'response'}", source=source, row=row, field=field)
-    return value
+    def fail(reason: str, field: str, detail: str = "") -> DataError:
+        return row_error(reason, source=source, row=row, field=field, detail=detail)
 
-
-def _check_prompt(value: Any, source: str, row: int) -> str | list[dict]:
-    """A prompt of a row without ``chosen``: text, or a list of ``{role, content}`` messages."""
-    if not isinstance(value, list):
-        return _check_text(value, source, row, "prompt")
-    from finegrain.data.schema import row_error
-
-    for j, m in enumerate(value):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-            raise row_error("wrong type", source=source, row=row, field="prompt",
-                            detail=f"message {j} must be {{'role': str, 'content': str}}")
-    if not any(m["content"].strip() for m in value):
-        raise row_error("empty prompt", source=source, row=row, field="prompt")
-    return [dict(m) for m in value]
-
-
-def _check_response(value: Any, source: str, row: int) -> str:
-    """The text of a rejected response: a string, or one assistant message."""
-    if isinstance(value, list):
-        if len(value) != 1 or not isinstance(value[0], dict) or value[0].get("role") != "assistant":
-            from finegrain.data.schema import row_error
-
-            raise row_error("wrong type", source=source, row=row, field="rejected",
-                            detail="a conversational response must be one assistant message")
-        value = value[0].get("content")
-    return _check_text(value, source, row, "rejected")
+    prompt, rejected = raw.get("prompt"), raw.get("rejected")
+    prompt_text = prompt
+    if isinstance(prompt, list):
+        for j, m in enumerate(prompt):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise fail("wrong type", "prompt", f"message {j} must be {{'role': str, 'content': str}}")
+        prompt, prompt_text = [dict(m) for m in prompt], "".join(m["content"] for m in prompt)
+    if isinstance(rejected, list):
+        if len(rejected) != 1 or not isinstance(rejected[0], dict) or rejected[0].get("role") != "assistant":
+            raise fail("wrong type", "rejected", "a conversational response must be one assistant message")
+        rejected = rejected[0].get("content")
+    for field, value, what in (("prompt", prompt_text, "prompt"), ("rejected", rejected, "response")):
+        if value is None:
+            raise fail("missing value", field)
+        if not isinstance(value, str):
+            raise fail("wrong type", field, f"expected a string or messages, got {type(value).__name__}")
+        if not value.strip():
+            raise fail(f"empty {what}", field)
+    return {"prompt": prompt, "rejected": rejected, "chosen": None, "source": source, "row": row}
 
 
 def load_jobs(rows: Any, *, template: str | None = None, skip_invalid: bool = False,
@@ -404,9 +397,7 @@ def load_jobs(rows: Any, *, template: str | None = None, skip_invalid: bool = Fa
         for i, raw in enumerate(rows):
             source, row = rows.locate(i)
             try:
-                normal.append((i, {"prompt": _check_prompt(raw.get("prompt"), source, row),
-                                   "rejected": _check_response(raw.get("rejected"), source, row),
-                                   "chosen": None, "source": source, "row": row}))
+                normal.append((i, _check_row(raw, source, row)))
             except DataError as e:
                 if not skip_invalid:
                     raise
@@ -419,8 +410,7 @@ def load_jobs(rows: Any, *, template: str | None = None, skip_invalid: bool = Fa
         if template is not None and "{chosen}" in template and it["chosen"] is None:
             raise DataError("the reviser prompt template uses {chosen} but this row has no chosen response",
                             source=it["source"], row=it["row"], field="chosen")
-        jobs.append(RevisionJob(index, it["prompt"], it["rejected"], it["chosen"], _id_columns(rows[index]),
-                                build_messages(it["prompt"], it["rejected"], it["chosen"], template)))
+        jobs.append(RevisionJob(index, it["prompt"], it["rejected"], it["chosen"], _id_columns(rows[index]), template))
     return jobs
 
 
@@ -859,7 +849,7 @@ def run_revise(cfg: ReviseConfig, reviser: WorldReviser | HFReviser | OpenAIRevi
             already in memory).
 
     Returns:
-        The :class:`ReviseSummary` (also logged).
+        The :class:`ReviseSummary`.
 
     Raises:
         DataError: a bad input row, or an output file written from other input.
@@ -889,8 +879,12 @@ def run_revise(cfg: ReviseConfig, reviser: WorldReviser | HFReviser | OpenAIRevi
         reviser = reviser or make_reviser(cfg)
         out.parent.mkdir(parents=True, exist_ok=True)
         _revise_into(reviser, todo, out, cfg, summary)
-    logger.info("revise: %s", summary)
     return summary
+
+
+def _append(f: Any, row: dict[str, Any]) -> None:
+    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    f.flush()
 
 
 def _revise_into(reviser: Any, todo: list[RevisionJob], out: Path, cfg: ReviseConfig, summary: ReviseSummary) -> None:
@@ -902,24 +896,22 @@ def _revise_into(reviser: Any, todo: list[RevisionJob], out: Path, cfg: ReviseCo
         with out.open("a", encoding="utf-8") as f:
             for job, revised, reason in reviser.run(todo):
                 if revised is None:
-                    summary.failed += 1
-                    summary.failures[reason or "failed"] += 1
-                    if summary.failed == 1:
+                    reason = reason or "failed"
+                    key = reason.split(":", 1)[0]  # "HTTP 400: <server text>" is counted as "HTTP 400"
+                    if key not in summary.failures:
                         logger.warning("row %d failed: %s", job.index, reason)
+                    summary.failed += 1
+                    summary.failures[key] += 1
                 elif revised.strip() == job.rejected.strip():
                     summary.unchanged += 1
                     if cfg.keep_unchanged:
-                        f.write(json.dumps(_output_row(job, job.rejected), ensure_ascii=False) + "\n")
-                        f.flush()
+                        _append(f, _output_row(job, job.rejected))
                     else:
                         side = side or unchanged_path(out).open("a", encoding="utf-8")
-                        side.write(json.dumps({"index": job.index, "rejected": job.rejected}, ensure_ascii=False) + "\n")
-                        side.flush()
+                        _append(side, {"index": job.index, "rejected": job.rejected})
                 else:
                     summary.revised += 1
-                    row = _output_row(job, _with_spacing(revised, job.rejected))
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                    f.flush()
+                    _append(f, _output_row(job, _with_spacing(revised, job.rejected)))
                 bar.update(1)
                 bar.set_postfix(revised=summary.revised, unchanged=summary.unchanged, failed=summary.failed,
                                 refresh=False)
