@@ -229,7 +229,7 @@ class _Encoder:
         try:
             enc = self.tokenizer(texts, **kwargs)
             return [self._pick(enc, i, offsets) for i in range(len(texts))]
-        except Exception:  # noqa: BLE001 - find the text at fault below
+        except Exception:  # find the text at fault below
             out: list[Any] = []
             for t in texts:
                 try:
