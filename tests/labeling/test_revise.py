@@ -273,9 +273,9 @@ def test_client_errors_and_cut_off_replies_fail_the_row_only(tmp_path):
 def test_timeout_is_retried(tmp_path):
     data = _pairs(tmp_path / "pairs.jsonl", ["slow bad answer"])
     out = tmp_path / "revisions.jsonl"
-    with FakeEndpoint(slow_s=1.0) as ep:
-        summary = run_revise(_cfg(data, out, ep, timeout=0.3, max_retries=2))
-    assert summary.revised == 1 and ep.tries["slow bad answer 0 ."] == 2
+    with FakeEndpoint(slow_s=3.0) as ep:
+        summary = run_revise(_cfg(data, out, ep, timeout=0.5, max_retries=3))
+    assert summary.revised == 1 and ep.tries["slow bad answer 0 ."] >= 2  # the first try timed out
 
 
 def test_fatal_endpoint_errors_name_the_endpoint_and_what_to_check(tmp_path, capsys):

@@ -59,9 +59,12 @@ __all__ = [
     "WorldReviser",
     "build_messages",
     "conversation_text",
+    "load_jobs",
     "main",
+    "make_reviser",
     "parse_revision",
     "run_revise",
+    "unchanged_path",
 ]
 
 logger = logging.getLogger(__name__)
@@ -469,6 +472,10 @@ class HFReviser:
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError(f"the tokenizer of {getattr(tokenizer, 'name_or_path', 'the model')!r} has no chat "
                               "template; use a chat/instruct model (or save a chat_template with the tokenizer)")
+        if tokenizer.pad_token_id is None:  # batched generation pads; the EOS token is the usual stand-in
+            if tokenizer.eos_token_id is None:
+                raise ConfigError("the reviser's tokenizer has neither a pad nor an EOS token; set one and save it")
+            tokenizer.pad_token = tokenizer.eos_token
         self.model, self.tokenizer = model, tokenizer
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
         self.temperature, self.top_p, self.seed = temperature, top_p, seed
