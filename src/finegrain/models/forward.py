@@ -50,12 +50,40 @@ def decoder(model: nn.Module) -> nn.Module:
 
 
 def hidden_states(model: nn.Module, batch: CompletionBatch) -> torch.Tensor:
-    """Final hidden states ``(N, P+T, H)`` (after the final norm) of ``model`` on ``batch``."""
+    """Final hidden states ``(N, P+T, H)`` (after the final norm) of ``model`` on ``batch``.
+
+    The call goes through the model's own ``forward`` (so DDP / FSDP / DeepSpeed wrappers and PEFT adapters see
+    it) with ``output_hidden_states=True``; where the model accepts ``logits_to_keep`` only the last position's
+    logits are computed, so the full ``(N, L, V)`` logits are never built.
+    """
     input_ids, attention_mask, position_ids = model_inputs(batch)
-    out = decoder(model)(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    kwargs = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    out = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+        output_hidden_states=True, return_dict=True, **kwargs,
     )
-    return out.last_hidden_state
+    return out.hidden_states[-1]
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    inner = model
+    for attr in ("module", "base_model", "model"):  # DDP / PEFT wrappers
+        if "logits_to_keep" in _forward_params(inner):
+            return True
+        nxt = getattr(inner, attr, None)
+        if not isinstance(nxt, nn.Module):
+            break
+        inner = nxt
+    return "logits_to_keep" in _forward_params(inner)
+
+
+def _forward_params(model: nn.Module) -> frozenset[str]:
+    import inspect
+
+    try:
+        return frozenset(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return frozenset()
 
 
 def predicting_states(hidden: torch.Tensor, batch: CompletionBatch) -> torch.Tensor:

@@ -454,13 +454,10 @@ def micro_batches(indices: list[int], cfg: TrainConfig, rank: int, num_processes
 
     The global batch is ``per_device_train_batch_size x num_processes x gradient_accumulation_steps`` rows;
     micro-step ``i`` covers rows ``[i*m, (i+1)*m)`` with ``m = per_device x num_processes``, and process ``r``
-    takes the ``r``-th contiguous slice of it. Any process count and accumulation setting thus sees the same
-    global batch.
+    takes the ``r``-th contiguous slice of it (:func:`finegrain.data.sampler.shard_batch`). Any process count and
+    accumulation setting thus sees the same global batch.
     """
-    per = cfg.per_device_train_batch_size
-    m = per * num_processes
-    out = []
-    for i in range(cfg.gradient_accumulation_steps):
-        chunk = indices[i * m : (i + 1) * m]
-        out.append(chunk[rank * per : (rank + 1) * per])
-    return out
+    from finegrain.data.sampler import shard_batch
+
+    m = cfg.per_device_train_batch_size * num_processes
+    return [shard_batch(indices[i * m : (i + 1) * m], num_processes, rank) for i in range(cfg.gradient_accumulation_steps)]

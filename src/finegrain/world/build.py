@@ -101,8 +101,9 @@ def perception_of(cfg: WorldConfig) -> Perception:
     return Perception.from_seed(cfg.seed, cfg.fidelity, cfg.misperception_scale)
 
 
-def build_world(out_dir: str | Path, cfg: WorldConfig = WorldConfig(), *, show_progress: bool = True) -> dict[str, Any]:
+def build_world(out_dir: str | Path, cfg: WorldConfig | None = None, *, show_progress: bool = True) -> dict[str, Any]:
     """Build the world into ``out_dir`` and return its summary (also written to ``world.json``)."""
+    cfg = cfg or WorldConfig()
     from finegrain.world.sft import sample_responses, train_base_model
     from finegrain.world.tokenizer import build_tokenizer
 

@@ -41,6 +41,9 @@ class OracleRules:
     overlong_penalty: float = -0.5
 
 
+DEFAULT_RULES = OracleRules()
+
+
 @dataclass(frozen=True)
 class Judgement:
     """What the oracle says about one response.
@@ -74,7 +77,7 @@ def prompt_topic(prompt: str) -> str:
     return topics[-1]
 
 
-def judge(prompt: str, response: str, rules: OracleRules = OracleRules()) -> Judgement:
+def judge(prompt: str, response: str, rules: OracleRules = DEFAULT_RULES) -> Judgement:
     """Score ``response`` to ``prompt`` and attribute the score to its words (see the module docstring)."""
     topic = prompt_topic(prompt)
     words = split_words(response)
@@ -107,11 +110,11 @@ def judge(prompt: str, response: str, rules: OracleRules = OracleRules()) -> Jud
     )
 
 
-def score(prompt: str, response: str, rules: OracleRules = OracleRules()) -> float:
+def score(prompt: str, response: str, rules: OracleRules = DEFAULT_RULES) -> float:
     """The oracle's score of ``response`` to ``prompt``."""
     return judge(prompt, response, rules).score
 
 
-def credit(prompt: str, response: str, rules: OracleRules = OracleRules()) -> list[float]:
+def credit(prompt: str, response: str, rules: OracleRules = DEFAULT_RULES) -> list[float]:
     """Ground-truth credit of every word of ``response`` (sums to the score)."""
     return judge(prompt, response, rules).credit

@@ -14,9 +14,17 @@ LLM annotator plays for real data (TLCR, minimal-edit token reward models).
 
 from __future__ import annotations
 
-from finegrain.world.grammar import ROLE_ADJ, ROLE_ADV, ROLE_HEDGE, ROLE_TOPIC, ROLE_VERB, parse_response, split_words
+from finegrain.world.grammar import (
+    ROLE_ADJ,
+    ROLE_ADV,
+    ROLE_HEDGE,
+    ROLE_TOPIC,
+    ROLE_VERB,
+    parse_response,
+    split_words,
+)
 from finegrain.world.lexicon import ADJECTIVES, ADVERBS, VERBS, word_value
-from finegrain.world.oracle import OracleRules, judge, prompt_topic
+from finegrain.world.oracle import DEFAULT_RULES, OracleRules, judge, prompt_topic
 
 _POOLS = {ROLE_ADJ: ADJECTIVES, ROLE_VERB: VERBS, ROLE_ADV: ADVERBS}
 
@@ -44,7 +52,7 @@ def _candidates(words: list[str], topic: str, rules: OracleRules) -> list[tuple[
     return out
 
 
-def revise(prompt: str, response: str, max_edits: int = 1, rules: OracleRules = OracleRules()) -> str | None:
+def revise(prompt: str, response: str, max_edits: int = 1, rules: OracleRules = DEFAULT_RULES) -> str | None:
     """Return a minimally edited ``response`` with a higher score, or None when no edit raises it."""
     topic = prompt_topic(prompt)
     words = split_words(response)
