@@ -1,0 +1,618 @@
+"""``finegrain eval``: sample a policy and its reference on held-out prompts, judge both, and compare them.
+
+For every prompt both models sample ``num_samples`` responses with the same sampling settings and the same seed
+(two generators seeded alike: common random numbers, so a policy identical to its reference samples exactly the
+reference's responses). Then:
+
+* a judge scores every response: the built-in world's oracle, a reward-model directory (through
+  :func:`finegrain.rewards.registry.load_reward_source`; the score is the source's ``seq_reward``, else the sum of
+  its token rewards), or in Python any ``f(prompts, responses) -> scores`` or reward-source object;
+* the policy's ``j``-th response to a prompt is compared with the reference's ``j``-th: win, tie (``|Δ| <=
+  tie_tolerance``) or loss (:func:`finegrain.eval.metrics.win_rate`);
+* the policy's own samples give the sequential KL ``Σ_t KL(π(·|s_t) ‖ π_ref(·|s_t))`` (full vocabulary, summed over
+  the response: an unbiased estimate of KL(π ‖ π_ref) between the two distributions over responses, by the chain
+  rule), the mean per-token entropy, distinct-1/2 and the length (tokens, EOS included).
+
+Results go to ``OUTPUT_DIR/eval.json`` and ``OUTPUT_DIR/samples.jsonl`` (docs/run-directory.md) and a table is
+printed. ``--token_credit SOURCE ...`` also (or, without ``--policy``, only) scores token reward sources against
+ground-truth credit and writes ``token_credit.json`` (:mod:`finegrain.eval.token_credit`). Metric definitions:
+docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from finegrain.config import option, parse
+from finegrain.errors import ConfigError, DataError, NonFiniteError
+
+__all__ = ["EvalConfig", "ModelCache", "default_output_dir", "evaluate_policy", "format_eval", "main",
+           "resolve_device"]
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Evaluate a policy against its reference (win rate, reward, KL, entropy, diversity) and/or score token reward
+    sources against ground-truth credit."""
+
+    policy: str | None = option(None, "model directory to evaluate (e.g. RUN/final); needed unless only --token_credit is given")
+    reference: str | None = option(None, "reference model directory; default: the built-in world's SFT model (required with --prompts)")
+    prompts: str | None = option(None, "held-out prompts (file, directory or hub id with a prompt column); default: the world's data/prompts_test.jsonl")
+    prompts_split: str | None = option(None, "split of --prompts (default: the only or the train split)")
+    judge: str | None = option(None, "'oracle' (the world's) or a reward-model directory; default: oracle on the world")
+    num_samples: int = option(1, "responses per prompt from each model (the j-th policy response is compared with the j-th reference response)")
+    temperature: float = option(1.0, "sampling temperature (0: greedy); KL and entropy are taken at this temperature")
+    top_p: float = option(1.0, "nucleus sampling mass (1: off)")
+    top_k: int = option(0, "keep the k most likely tokens (0: off)")
+    max_new_tokens: int | None = option(None, "longest response; default: the world's (40) on the world, else 256")
+    seed: int = option(0, "sampling seed (the same for policy and reference)")
+    batch_size: int = option(64, "responses sampled per batch")
+    chunk_rows: int = option(8, "rows per forward pass when scoring (logits are at most chunk_rows x T x V); also the batch of token-credit sources")
+    max_prompts: int | None = option(None, "use only the first N prompts")
+    max_prompt_length: int = option(256, "longer prompts keep their end")
+    tie_tolerance: float = option(1e-6, "judge scores within this distance count as a tie")
+    output_dir: str | None = option(None, "where eval.json, samples.jsonl and token_credit.json go; default: the policy's run directory when the policy is RUN/final, else runs/eval-<name>")
+    world_dir: str | None = option(None, "where the built-in world lives (built on first use); default: the cache directory")
+    device: str | None = option(None, "cpu, cuda, cuda:1, ...; default: cuda when available")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = option(None, "model dtype (default: float32)")
+    trust_remote_code: bool = option(False, "allow models/tokenizers with custom code from the hub")
+    disable_tqdm: bool = option(False, "hide the progress bar")
+    # token credit
+    token_credit: list[str] = option(default_factory=list, help="token reward sources to score against ground-truth credit: oracle-credit, contrastive, implicit, implicit:<policy_dir>, reward-model directories (NAME=SPEC names one)")
+    credit_data: str | None = option(None, "ground truth: {prompt, response, words, credit}, {prompt, response, labels|spans} or {prompt, rejected, revised} rows; default: the world's data/credit_test.jsonl")
+    credit_split: str | None = option(None, "split of --credit_data")
+    max_credit_rows: int | None = option(None, "use only the first N rows of the credit data")
+    num_credit_examples: int = option(8, "responses written to token_credit.json for the report's heatmaps")
+    credit_unit: Literal["word", "token", "char"] = option("word", "edit-alignment unit for revision rows")
+
+    def __post_init__(self) -> None:
+        if not self.policy and not self.token_credit:
+            raise ConfigError("nothing to evaluate: pass --policy MODEL_DIR and/or --token_credit SOURCE ...")
+        for name in ("num_samples", "batch_size", "chunk_rows", "max_prompt_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"option '{name}' must be >= 1, got {getattr(self, name)}")
+        for name in ("max_new_tokens", "max_prompts", "max_credit_rows"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"option '{name}' must be >= 1 (or unset), got {getattr(self, name)}")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
+        if self.tie_tolerance < 0:
+            raise ConfigError(f"tie_tolerance must be >= 0, got {self.tie_tolerance}")
+        if self.num_credit_examples < 0:
+            raise ConfigError(f"num_credit_examples must be >= 0, got {self.num_credit_examples}")
+        if self.prompts and not self.reference and self.policy:
+            raise ConfigError("--prompts given without --reference: on your own prompts, name the reference model")
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """``name`` as a device; None: ``cuda`` when available, else ``cpu``."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+
+
+class ModelCache:
+    """Loads each model and tokenizer directory once, on one device, in eval mode (nothing trains here).
+
+    Args:
+        device: where models go.
+        dtype: ``float32`` / ``bfloat16`` / ``float16`` or None (float32).
+        trust_remote_code: allow custom model code.
+    """
+
+    def __init__(self, device: torch.device, dtype: str | None = None, trust_remote_code: bool = False):
+        self.device, self.dtype, self.trust_remote_code = device, dtype, trust_remote_code
+        self._models: dict[str, Any] = {}
+        self._tokenizers: dict[str, Any] = {}
+
+    @staticmethod
+    def _key(path: str | Path) -> str:
+        p = Path(path).expanduser()
+        return str(p.resolve()) if p.exists() else str(path)
+
+    def model(self, path: str | Path):
+        """The causal LM at ``path`` (loaded on first use)."""
+        key = self._key(path)
+        if key not in self._models:
+            from finegrain.models.loading import load_causal_lm
+
+            model = load_causal_lm(str(path), trust_remote_code=self.trust_remote_code, dtype=self.dtype)
+            self._models[key] = model.to(self.device).eval()
+        return self._models[key]
+
+    def tokenizer(self, path: str | Path):
+        """The tokenizer at ``path`` (loaded on first use)."""
+        key = self._key(path)
+        if key not in self._tokenizers:
+            from finegrain.models.loading import load_tokenizer
+
+            self._tokenizers[key] = load_tokenizer(str(path), trust_remote_code=self.trust_remote_code)
+        return self._tokenizers[key]
+
+
+def default_output_dir(policy: str | Path) -> Path:
+    """``RUN`` for a policy at ``RUN/final`` (a run directory: it has run.json or metrics.jsonl), else
+    ``runs/eval-<policy directory name>``."""
+    p = Path(policy)
+    if p.name == "final" and ((p.parent / "run.json").is_file() or (p.parent / "metrics.jsonl").is_file()):
+        return p.parent
+    return Path("runs") / f"eval-{p.resolve().name if p.exists() else p.name}"
+
+
+def _same_vocabulary(policy_model, ref_model, tokenizer, ref_tokenizer) -> None:
+    v_pol = policy_model.get_output_embeddings().weight.shape[0]
+    v_ref = ref_model.get_output_embeddings().weight.shape[0]
+    if v_pol != v_ref or (ref_tokenizer is not None and ref_tokenizer.get_vocab() != tokenizer.get_vocab()):
+        raise ConfigError(
+            f"the policy and the reference have different vocabularies ({v_pol} vs {v_ref} output tokens, or different "
+            "tokenizers): KL and paired sampling need the same tokenizer; pass the policy's own --reference"
+        )
+
+
+# ------------------------------------------------------------------------------------------------ judges
+
+
+JudgeFn = Callable[[list, list[str], Any], tuple[np.ndarray, "np.ndarray | None"]]
+
+
+def _prompt_text(prompt) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    return " ".join(m["content"] for m in prompt if m.get("role") == "user") or " ".join(m["content"] for m in prompt)
+
+
+def _oracle_judge(world: Path) -> JudgeFn:
+    from finegrain.world import load_world_config
+    from finegrain.world.oracle import judge as oracle
+
+    rules = load_world_config(world).rules
+
+    def fn(prompts, texts, batch):
+        scores, well_formed = [], []
+        for i, (p, t) in enumerate(zip(prompts, texts)):
+            try:
+                j = oracle(_prompt_text(p), t, rules)
+            except ValueError as exc:  # a prompt outside the world
+                raise DataError(f"the world's oracle cannot judge this prompt ({exc}); use --judge with a reward "
+                                "model for prompts that are not the world's", row=i, field="prompt") from None
+            scores.append(j.score)
+            well_formed.append(j.well_formed)
+        return np.asarray(scores, dtype=np.float64), np.asarray(well_formed, dtype=bool)
+
+    return fn
+
+
+def _source_judge(source) -> JudgeFn:
+    from finegrain.ops.masked import masked_sum
+    from finegrain.rewards.base import check_finite
+
+    name = getattr(source, "name", type(source).__name__)
+
+    def fn(prompts, texts, batch):
+        with torch.no_grad():
+            r = check_finite(source.token_rewards(batch), name)
+        score = r.seq_reward if r.seq_reward is not None else masked_sum(r.values, r.mask, dim=-1)
+        return score.detach().to("cpu", torch.float64).numpy(), None
+
+    return fn
+
+
+def _callable_judge(judge: Callable) -> JudgeFn:
+    name = getattr(judge, "__name__", type(judge).__name__)
+
+    def fn(prompts, texts, batch):
+        scores = np.asarray(judge(list(prompts), list(texts)), dtype=np.float64).reshape(-1)
+        if scores.shape != (len(texts),):
+            raise ValueError(f"judge {name} returned {scores.size} scores for {len(texts)} responses")
+        if not np.isfinite(scores).all():
+            raise NonFiniteError(f"judge {name} returned {int((~np.isfinite(scores)).sum())} non-finite score(s)")
+        return scores, None
+
+    return fn
+
+
+def _make_judge(judge, *, world: Path | None, tokenizer, device, world_dir) -> tuple[JudgeFn, str]:
+    """A judge function ``(prompts, texts, batch) -> (scores (N,), well_formed (N,) | None)`` and its name."""
+    if isinstance(judge, str) and judge == "oracle":
+        return _oracle_judge(world), "oracle"
+    if isinstance(judge, (str, Path)):
+        if not Path(judge).is_dir():
+            raise ConfigError(f"--judge {judge}: not 'oracle' and not a reward-model directory")
+        try:
+            from finegrain.rewards.registry import load_reward_source
+        except ImportError:
+            raise ConfigError(f"--judge {judge}: reward-model directories are loaded by finegrain.rewards.registry, "
+                              "which this installation lacks") from None
+        source = load_reward_source(str(judge), policy_tokenizer=tokenizer, device=device, world_dir=world_dir)
+        return _source_judge(source), str(judge)
+    if callable(getattr(judge, "token_rewards", None)):
+        return _source_judge(judge), str(getattr(judge, "name", type(judge).__name__))
+    if callable(judge):
+        return _callable_judge(judge), str(getattr(judge, "__name__", type(judge).__name__))
+    raise ConfigError(f"judge must be 'oracle', a reward-model directory, a reward source or a function; got {judge!r}")
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+
+@dataclasses.dataclass
+class _Side:
+    """Per-response results of one model (policy or reference), in prompt-major order."""
+
+    texts: list[str] = dataclasses.field(default_factory=list)
+    tokens: list[list[int]] = dataclasses.field(default_factory=list)
+    rewards: list[float] = dataclasses.field(default_factory=list)
+    well_formed: list[bool] = dataclasses.field(default_factory=list)
+    entropy: list[float] = dataclasses.field(default_factory=list)
+    length: list[int] = dataclasses.field(default_factory=list)
+    truncated: list[bool] = dataclasses.field(default_factory=list)
+    seq_kl: list[float] = dataclasses.field(default_factory=list)
+    seq_kl_k1: list[float] = dataclasses.field(default_factory=list)
+
+    def add(self, roll, scores: dict, texts: list[str], rewards, well_formed, eos_ids: list[int]) -> None:
+        from finegrain.eval.metrics import response_length, sequential_kl
+        from finegrain.ops.masked import masked_mean
+
+        mask = roll.completion_mask.to(torch.bool)
+        ids = roll.completion_input_ids
+        self.texts += texts
+        eos = torch.tensor(eos_ids, device=ids.device)
+        self.tokens += [row[m & ~torch.isin(row, eos)].tolist() for row, m in zip(ids, mask)]
+        self.rewards += [float(r) for r in rewards]
+        if well_formed is not None:
+            self.well_formed += [bool(w) for w in well_formed]
+        self.entropy += masked_mean(scores["entropy"], mask, dim=-1).tolist()
+        self.length += response_length(mask).tolist()
+        self.truncated += roll.extras["truncated"].tolist()
+        if "full_kl" in scores:
+            self.seq_kl += sequential_kl(scores["full_kl"], mask).tolist()
+            self.seq_kl_k1 += sequential_kl(scores["token_logps"] - scores["ref_token_logps"], mask).tolist()
+
+    def summary(self, num_samples: int) -> dict[str, Any]:
+        from finegrain.eval.metrics import distinct_n, mean_and_stderr
+
+        def per_prompt(values) -> np.ndarray:  # samples of one prompt are not independent: average them first
+            return np.asarray(values, dtype=np.float64).reshape(-1, num_samples).mean(axis=1)
+
+        lengths = np.asarray(self.length)
+        nonempty = lengths > 0
+        out: dict[str, Any] = {}
+        out["mean_reward"], out["mean_reward_stderr"] = mean_and_stderr(per_prompt(self.rewards))
+        out["entropy"] = float(np.asarray(self.entropy)[nonempty].mean()) if nonempty.any() else math.nan
+        out["distinct_1"] = distinct_n(self.tokens, 1)
+        out["distinct_2"] = distinct_n(self.tokens, 2)
+        out["length"] = float(lengths.mean())
+        out["truncated_rate"] = float(np.mean(self.truncated))
+        if self.well_formed:
+            out["well_formed_rate"] = float(np.mean(self.well_formed))
+        if self.seq_kl:
+            out["seq_kl"], out["seq_kl_stderr"] = mean_and_stderr(per_prompt(self.seq_kl))
+            out["seq_kl_k1"] = float(np.mean(self.seq_kl_k1))
+        return out
+
+
+def _clean(value):
+    """JSON-safe: NaN/inf become None, numpy scalars Python numbers."""
+    if isinstance(value, (np.floating, np.integer)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def evaluate_policy(
+    policy: str | Path | torch.nn.Module,
+    reference: str | Path | torch.nn.Module | None = None,
+    *,
+    prompts: Any = None,
+    judge: Any = None,
+    tokenizer: Any = None,
+    num_samples: int = 1,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    max_new_tokens: int | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    chunk_rows: int = 8,
+    max_prompts: int | None = None,
+    max_prompt_length: int = 256,
+    prompts_split: str | None = None,
+    tie_tolerance: float = 1e-6,
+    output_dir: str | Path | None = None,
+    world_dir: str | Path | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | None = None,
+    trust_remote_code: bool = False,
+    policy_name: str | None = None,
+    reference_name: str | None = None,
+    show_progress: bool = False,
+    quiet: bool = True,
+    models: ModelCache | None = None,
+) -> dict[str, Any]:
+    """Sample the policy and the reference on the same prompts, judge both, and compute the comparison metrics.
+
+    With ``prompts`` None this runs on the built-in world (its held-out prompts, its SFT model as the default
+    reference, its oracle as the default judge). Definitions of every metric are in docs/evaluation.md; in short,
+    over the ``N·k`` responses (``N`` prompts, ``k = num_samples``):
+
+    * ``win_rate`` / ``tie_rate`` / ``loss_rate``: the policy's ``j``-th response to a prompt against the
+      reference's ``j``-th, ``Δ = r − r_ref``, tie when ``|Δ| <= tie_tolerance``; the three sum to 1;
+    * ``mean_reward`` (``ref_mean_reward``) and its standard error over prompts (per-prompt means);
+    * ``seq_kl``: mean over responses of ``Σ_t KL(π(·|s_t) ‖ π_ref(·|s_t))``, full vocabulary, on the policy's
+      samples (``seq_kl_k1``: the same with the sampled-token estimator ``log π(y_t) − log π_ref(y_t)``);
+    * ``entropy``: mean over non-empty responses of the mean per-token entropy of the model on its own samples;
+    * ``distinct_1`` / ``distinct_2``: corpus-level distinct n-grams over all n-grams (EOS left out);
+    * ``length``: mean tokens per response, EOS included; ``truncated_rate``: share without EOS;
+    * ``well_formed_rate``: the oracle's well-formed share (oracle judge only).
+
+    Args:
+        policy: the policy's directory or a loaded causal LM (then pass ``tokenizer``).
+        reference: the reference's directory or model; default: the world's SFT model on the world.
+        prompts: anything :func:`finegrain.data.load_rows` accepts with a ``prompt`` column; default: the world's
+            ``data/prompts_test.jsonl``.
+        judge: ``"oracle"``, a reward-model directory, a reward source (``token_rewards(batch)``), or a function
+            ``(prompts, responses) -> scores``; default ``"oracle"`` on the world.
+        tokenizer: the policy tokenizer (default: loaded from the policy's directory).
+        num_samples: responses per prompt from each model.
+        temperature: sampling temperature (0 = greedy; KL and entropy then use temperature 1).
+        top_p: nucleus mass.
+        top_k: top-k (0 = off).
+        max_new_tokens: longest response (default: the world's on the world, else 256).
+        seed: seed of both models' sampling generators.
+        batch_size: responses sampled per batch (prompts per batch = ``batch_size // num_samples``).
+        chunk_rows: rows per scoring forward pass.
+        max_prompts: use only the first prompts.
+        max_prompt_length: longer prompts keep their end.
+        prompts_split: split of ``prompts``.
+        tie_tolerance: ``|Δ|`` up to which a comparison is a tie.
+        output_dir: where ``eval.json`` and ``samples.jsonl`` are written (None: nothing written).
+        world_dir: the built-in world's directory.
+        device: where the models run (None: CUDA when available).
+        dtype: model dtype when loading from directories.
+        trust_remote_code: allow custom model code.
+        policy_name: the policy's name in ``eval.json`` (default: its path).
+        reference_name: the reference's name in ``eval.json`` (default: its path).
+        show_progress: show a progress bar.
+        quiet: do not print the table.
+        models: a :class:`ModelCache` to share loaded models with other calls.
+
+    Returns:
+        The content of ``eval.json`` (docs/run-directory.md); NaN values (a standard error from one prompt) are None.
+    """
+    from tqdm.auto import tqdm
+
+    from finegrain.data.prepared import CompletionData
+    from finegrain.data.tokenize import TokenLimits
+    from finegrain.eval.metrics import win_rate
+    from finegrain.rl.rollout import resolve_special_ids, sample_rollouts, score_rollout
+    from finegrain.world.sft import decode_responses
+
+    dev = resolve_device(device)
+    models = models or ModelCache(dev, dtype=dtype, trust_remote_code=trust_remote_code)
+    on_world = prompts is None
+    judge = judge if judge is not None else ("oracle" if on_world else None)
+    if judge is None:
+        raise ConfigError("on your own prompts, pass a judge (--judge REWARD_MODEL_DIR)")
+    world = None
+    if on_world or (isinstance(judge, str) and judge == "oracle"):
+        from finegrain.world import ensure_world
+
+        world = ensure_world(world_dir)
+    if reference is None:
+        if not on_world:
+            raise ConfigError("on your own prompts, pass the reference model (--reference)")
+        reference = world / "sft"
+
+    if isinstance(policy, torch.nn.Module):
+        if tokenizer is None:
+            raise ConfigError("evaluate_policy: a policy given as a model needs its tokenizer (tokenizer=...)")
+        policy_model = policy.eval()
+    else:
+        policy_model = models.model(policy)
+        tokenizer = tokenizer if tokenizer is not None else models.tokenizer(policy)
+    ref_tokenizer = None
+    if isinstance(reference, torch.nn.Module):
+        ref_model = reference.eval()
+    else:
+        ref_model = models.model(reference)
+        try:
+            ref_tokenizer = models.tokenizer(reference)
+        except ConfigError:  # a directory without a tokenizer: the head sizes are still compared
+            ref_tokenizer = None
+    _same_vocabulary(policy_model, ref_model, tokenizer, ref_tokenizer)
+    judge_fn, judge_name = _make_judge(judge, world=world, tokenizer=tokenizer, device=dev, world_dir=world or world_dir)
+
+    if max_new_tokens is None:
+        if on_world:
+            from finegrain.world import load_world_config
+
+            max_new_tokens = load_world_config(world).max_new_tokens
+        else:
+            max_new_tokens = 256
+    source = str(world / "data" / "prompts_test.jsonl") if on_world else prompts
+    data = CompletionData.from_source(source, tokenizer, split=prompts_split, kind="prompt",
+                                      limits=TokenLimits(max_length=None, max_prompt_length=max_prompt_length),
+                                      max_examples=max_prompts)
+    eos_ids, _ = resolve_special_ids(policy_model, tokenizer)
+    score_temperature = temperature if temperature > 0 else 1.0
+    gen_policy = torch.Generator(device=dev).manual_seed(seed)
+    gen_ref = torch.Generator(device=dev).manual_seed(seed)
+    sampling = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature, top_k=top_k,
+                    top_p=top_p, num_samples=num_samples, tokenizer=tokenizer)
+    pol, ref = _Side(), _Side()
+    raw_prompts: list = []
+    per_batch = max(1, batch_size // num_samples)
+    starts = range(0, len(data), per_batch)
+    for lo in tqdm(starts, desc="eval", disable=not show_progress):
+        idx = list(range(lo, min(lo + per_batch, len(data))))
+        batch = data.collate(idx).to(dev)
+        batch_prompts = [data[i]["prompt"] for i in idx for _ in range(num_samples)]
+        raw_prompts += batch_prompts
+        for side, model, gen in ((pol, policy_model, gen_policy), (ref, ref_model, gen_ref)):
+            roll = sample_rollouts(model, batch.prompt_input_ids, batch.prompt_attention_mask, generator=gen,
+                                   **sampling)
+            is_policy = side is pol
+            scores = score_rollout(model, roll, ref_model=ref_model if is_policy else None, chunk_rows=chunk_rows,
+                                   temperature=score_temperature, with_entropy=True, with_full_kl=is_policy)
+            texts = decode_responses(tokenizer, roll.completion_input_ids, roll.completion_mask)
+            rewards, well_formed = judge_fn(batch_prompts, texts, roll)
+            side.add(roll, scores, texts, rewards, well_formed, eos_ids)
+
+    outcome = win_rate(pol.rewards, ref.rewards, tol=tie_tolerance)
+    p, r = pol.summary(num_samples), ref.summary(num_samples)
+    result: dict[str, Any] = {
+        "policy": policy_name or (str(policy) if not isinstance(policy, torch.nn.Module) else type(policy).__name__),
+        "reference": reference_name or (str(reference) if not isinstance(reference, torch.nn.Module)
+                                        else type(reference).__name__),
+        "judge": judge_name,
+        "prompts": str(source) if isinstance(source, (str, Path)) else type(source).__name__,
+        "num_prompts": len(data),
+        "num_samples": num_samples,
+        "num_responses": len(pol.rewards),
+        "win_rate": outcome.win, "tie_rate": outcome.tie, "loss_rate": outcome.loss,
+        "mean_reward": p["mean_reward"], "mean_reward_stderr": p["mean_reward_stderr"],
+        "ref_mean_reward": r["mean_reward"], "ref_mean_reward_stderr": r["mean_reward_stderr"],
+        "seq_kl": p["seq_kl"], "seq_kl_stderr": p["seq_kl_stderr"], "seq_kl_k1": p["seq_kl_k1"],
+        "entropy": p["entropy"], "ref_entropy": r["entropy"],
+        "distinct_1": p["distinct_1"], "distinct_2": p["distinct_2"],
+        "ref_distinct_1": r["distinct_1"], "ref_distinct_2": r["distinct_2"],
+        "length": p["length"], "ref_length": r["length"],
+        "truncated_rate": p["truncated_rate"], "ref_truncated_rate": r["truncated_rate"],
+    }
+    if "well_formed_rate" in p:
+        result["well_formed_rate"] = p["well_formed_rate"]
+        result["ref_well_formed_rate"] = r["well_formed_rate"]
+    result.update(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed,
+                  tie_tolerance=tie_tolerance)
+    result = {k: _clean(v) for k, v in result.items()}
+
+    if output_dir is not None:
+        _write_outputs(Path(output_dir), result, raw_prompts, pol, ref, num_samples)
+    if not quiet:
+        print(format_eval(result, output_dir))
+    return result
+
+
+def _write_outputs(out: Path, result: dict, prompts: list, pol: _Side, ref: _Side, num_samples: int) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f".eval.json.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
+        os.replace(tmp, out / "eval.json")
+        with (out / "samples.jsonl").open("w") as f:
+            for i, prompt in enumerate(prompts):
+                row = {"prompt": prompt, "sample": i % num_samples, "response": pol.texts[i],
+                       "ref_response": ref.texts[i], "reward": pol.rewards[i], "ref_reward": ref.rewards[i],
+                       "seq_kl": pol.seq_kl[i], "length": pol.length[i], "ref_length": ref.length[i],
+                       "truncated": pol.truncated[i], "ref_truncated": ref.truncated[i]}
+                if pol.well_formed:
+                    row.update(well_formed=pol.well_formed[i], ref_well_formed=ref.well_formed[i])
+                f.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+    except OSError as exc:
+        raise ConfigError(f"cannot write the evaluation to {out}: {exc.strerror or exc}; choose another "
+                          "--output_dir") from None
+
+
+def _f(x, digits: int = 3) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def format_eval(result: dict[str, Any], output_dir: str | Path | None = None) -> str:
+    """The readable table ``finegrain eval`` prints: policy and reference side by side, then the comparison."""
+
+    def pm(mean, se):
+        return _f(mean) + ("" if se is None else f" ± {_f(se)}")
+
+    rows = [("mean reward", pm(result["mean_reward"], result["mean_reward_stderr"]),
+             pm(result["ref_mean_reward"], result["ref_mean_reward_stderr"]))]
+    if "well_formed_rate" in result:
+        rows.append(("well-formed", _pct(result["well_formed_rate"]), _pct(result["ref_well_formed_rate"])))
+    rows += [
+        ("length (tokens)", _f(result["length"], 1), _f(result["ref_length"], 1)),
+        ("entropy (nats/token)", _f(result["entropy"]), _f(result["ref_entropy"])),
+        ("distinct-1", _f(result["distinct_1"]), _f(result["ref_distinct_1"])),
+        ("distinct-2", _f(result["distinct_2"]), _f(result["ref_distinct_2"])),
+        ("no EOS (truncated)", _pct(result["truncated_rate"]), _pct(result["ref_truncated_rate"])),
+    ]
+    width = max(len(a) for a, _, _ in rows) + 2
+    lines = [
+        f"eval of {result['policy']} against {result['reference']}: {result['num_prompts']} prompts x "
+        f"{result['num_samples']} sample(s), judge {result['judge']}",
+        f"  {'':<{width}}{'policy':>18}{'reference':>18}",
+    ]
+    lines += [f"  {a:<{width}}{b:>18}{c:>18}" for a, b, c in rows]
+    lines += [
+        f"  {'seq KL(policy || ref)':<{width}}{pm(result['seq_kl'], result['seq_kl_stderr']):>18}",
+        f"  {'win / tie / loss':<{width}}{_pct(result['win_rate'])} / {_pct(result['tie_rate'])} / "
+        f"{_pct(result['loss_rate'])}",
+    ]
+    if output_dir is not None:
+        lines.append(f"wrote {Path(output_dir) / 'eval.json'} and {Path(output_dir) / 'samples.jsonl'}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ command
+
+
+def run(cfg: EvalConfig) -> dict[str, Any]:
+    """Run ``finegrain eval`` for a parsed config; returns ``{"eval": ..., "token_credit": ...}`` (None if not run)."""
+    dev = resolve_device(cfg.device)
+    models = ModelCache(dev, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    out = Path(cfg.output_dir) if cfg.output_dir else (
+        default_output_dir(cfg.policy) if cfg.policy else Path("runs") / "eval-token-credit")
+    results: dict[str, Any] = {"eval": None, "token_credit": None}
+    if cfg.policy:
+        results["eval"] = evaluate_policy(
+            cfg.policy, cfg.reference, prompts=cfg.prompts, judge=cfg.judge, num_samples=cfg.num_samples,
+            temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens,
+            seed=cfg.seed, batch_size=cfg.batch_size, chunk_rows=cfg.chunk_rows, max_prompts=cfg.max_prompts,
+            max_prompt_length=cfg.max_prompt_length, prompts_split=cfg.prompts_split,
+            tie_tolerance=cfg.tie_tolerance, output_dir=out, world_dir=cfg.world_dir, device=dev,
+            show_progress=not cfg.disable_tqdm, quiet=False, models=models,
+        )
+    if cfg.token_credit:
+        from finegrain.eval.token_credit import evaluate_token_credit_sources
+
+        results["token_credit"] = evaluate_token_credit_sources(
+            cfg.token_credit, data=cfg.credit_data, split=cfg.credit_split, policy=cfg.policy,
+            reference=cfg.reference, world_dir=cfg.world_dir, output_dir=out, max_rows=cfg.max_credit_rows,
+            num_examples=cfg.num_credit_examples, unit=cfg.credit_unit, batch_size=max(1, cfg.chunk_rows),
+            device=dev, models=models,
+        )
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = parse(EvalConfig, list(sys.argv[1:] if argv is None else argv), "finegrain eval",
+                (EvalConfig.__doc__ or "") + "\n\nWith no --prompts, runs on the built-in world: its held-out prompts, "
+                "its SFT model as the reference, its oracle as the judge. Metric definitions: docs/evaluation.md.")
+    run(cfg)
+    return 0
