@@ -1,16 +1,30 @@
-"""Token rewards as pure tensor maths: contrastive prompting (T-REG), implicit DPO/TDPO rewards, and squashing.
+"""Contrastive-prompting token rewards (T-REG): the pure maths, the prompt templates and the reward source.
 
-Every function returns a ``(B, T)`` tensor in the response layout, exactly 0 where the mask is False, and
+The functions (:func:`contrastive_token_rewards`, :func:`implicit_token_rewards`, :func:`squash_to_half`) are pure
+tensor maths: each returns a ``(B, T)`` tensor in the response layout, exactly 0 where the mask is False, and
 **detached**: token rewards are targets (T-REG regularises towards them, PPO adds them to returns), so no gradient
-ever flows into whatever produced them. Building the two templated forward passes of contrastive prompting is the
-job of the reward source that wraps these functions; here only the arithmetic lives.
+ever flows into whatever produced them.
+
+:class:`ContrastiveTemplate` wraps a prompt into the opposite prompts ``P+`` / ``P−`` (control prefix, system
+prompt or draft-revision form), and :class:`ContrastiveRewardSource` runs the two templated forward passes of a
+scorer model and returns :class:`~finegrain.types.TokenRewards`. ``finegrain label contrastive`` and
+``finegrain po --loss treg-* --reg_source contrastive`` use them.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["contrastive_token_rewards", "implicit_token_rewards", "squash_to_half"]
+__all__ = [
+    "CONTRASTIVE_FORMS",
+    "DRAFT_REQUEST",
+    "ContrastiveRewardSource",
+    "ContrastiveTemplate",
+    "contrastive_token_rewards",
+    "implicit_token_rewards",
+    "resolve_template",
+    "squash_to_half",
+]
 
 
 def _zero_masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -95,3 +109,236 @@ def implicit_token_rewards(
     if token_kl is not None:
         rho = rho + token_kl.detach()
     return _zero_masked(beta * rho, mask)
+
+
+# --------------------------------------------------------------------------------------------- the reward source
+# Everything below runs models; it imports torch only at module level (tokenizers and models are duck-typed, and
+# finegrain.data / finegrain.models are imported inside the functions that need them).
+
+CONTRASTIVE_FORMS = ("control", "system", "draft")
+"""Template forms of :class:`ContrastiveTemplate`."""
+
+_DEFAULT_TEXTS = {
+    # The built-in world's control prefixes (finegrain.world.corpus.CONTROL_PREFIX): the world's SFT model was
+    # trained on prompts that start with them, so they are the control prompts it follows.
+    "control": ("please answer well :", "please answer badly :"),
+    # Spec §2.1 (the paper's four dimensions; exact wording not published).
+    "system": (
+        "You always answer helpfully, correctly, coherently and concisely.",
+        "You always answer unhelpfully, incorrectly, incoherently and verbosely.",
+    ),
+    "draft": (
+        "a better answer: more helpful, correct, coherent and concise",
+        "a worse answer: unhelpful, incorrect, incoherent and verbose",
+    ),
+}
+
+DRAFT_REQUEST = (
+    "Below is a user request and a draft answer. Rewrite the draft into {goal}.\n\nRequest: {prompt}\n\nDraft: {draft}"
+)
+"""The user turn of the draft-revision form (spec §2.1); ``{goal}`` is the positive or negative text."""
+
+
+def _messages(prompt) -> list[dict]:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+
+
+def _prompt_as_text(prompt) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    if len(prompt) == 1:
+        return prompt[0]["content"]
+    return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
+class ContrastiveTemplate:
+    """How a prompt ``x`` is wrapped into the opposite prompts ``P+(x)`` and ``P−(x)`` (T-REG, spec §2.1).
+
+    Forms (``positive`` / ``negative`` replace the form's default texts):
+
+    * ``control``: ``"{positive} {x}"`` / ``"{negative} {x}"``, a plain-text prefix; the defaults are the built-in
+      world's control prefixes ("please answer well :" / "please answer badly :"), so on the world this is
+      :func:`finegrain.world.corpus.control_prompts`. A conversational prompt gets the prefix on its last user turn.
+    * ``system``: a system turn ``positive`` / ``negative`` before the conversation, rendered by the tokenizer's
+      chat template (an existing system turn keeps its text after ours).
+    * ``draft``: one user turn :data:`DRAFT_REQUEST` asking to rewrite the response ``y`` itself (the draft) into
+      a better / worse answer, rendered by the chat template.
+
+    The response is then scored as the assistant turn that follows ``P±(x)``: its token ids are appended unchanged
+    to the tokenized template, so every reward lines up with one response token.
+
+    Args:
+        form: one of :data:`CONTRASTIVE_FORMS`.
+        positive: text of the positive instruction (None: the form's default).
+        negative: text of the negative instruction (None: the form's default).
+    """
+
+    def __init__(self, form: str = "draft", positive: str | None = None, negative: str | None = None):
+        if form not in CONTRASTIVE_FORMS:
+            raise ValueError(f"contrastive template form must be one of {', '.join(CONTRASTIVE_FORMS)}; got {form!r}")
+        default_pos, default_neg = _DEFAULT_TEXTS[form]
+        self.form = form
+        self.positive = default_pos if positive is None else positive
+        self.negative = default_neg if negative is None else negative
+        if not self.positive.strip() or not self.negative.strip() or self.positive == self.negative:
+            raise ValueError("contrastive template: the positive and negative texts must be non-empty and differ")
+
+    def __repr__(self) -> str:
+        return f"ContrastiveTemplate(form={self.form!r}, positive={self.positive!r}, negative={self.negative!r})"
+
+    def wrap(self, prompt, response: str | None = None) -> tuple:
+        """``(P+(x), P−(x))``, each a string or a list of messages as :func:`finegrain.data.tokenize_prompt` takes.
+
+        Args:
+            prompt: the prompt ``x`` (a string or a list of ``{"role", "content"}`` messages).
+            response: the response text ``y`` (needed by the ``draft`` form only).
+
+        Returns:
+            The two wrapped prompts.
+        """
+        return self._wrap(prompt, response, self.positive), self._wrap(prompt, response, self.negative)
+
+    def _wrap(self, prompt, response: str | None, text: str):
+        if self.form == "control":
+            if isinstance(prompt, str):
+                return f"{text} {prompt}"
+            msgs = _messages(prompt)
+            users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
+            if not users:
+                return [{"role": "user", "content": text}] + msgs
+            msgs[users[-1]]["content"] = f"{text} {msgs[users[-1]]['content']}"
+            return msgs
+        if self.form == "system":
+            msgs = _messages(prompt)
+            if msgs and msgs[0]["role"] == "system":
+                msgs[0]["content"] = f"{text}\n\n{msgs[0]['content']}"
+                return msgs
+            return [{"role": "system", "content": text}] + msgs
+        if response is None:
+            raise ValueError("the draft form of contrastive prompting needs the response text (the draft)")
+        content = DRAFT_REQUEST.format(goal=text, prompt=_prompt_as_text(prompt), draft=response)
+        return [{"role": "user", "content": content}]
+
+    def token_ids(self, tokenizer, prompt, response: str | None = None) -> tuple[list[int], list[int]]:
+        """Token ids of ``P+(x)`` and ``P−(x)`` (tokenized as the data layer tokenizes prompts)."""
+        from finegrain.data.tokenize import tokenize_prompt
+
+        plus, minus = self.wrap(prompt, response)
+        return tokenize_prompt(tokenizer, plus), tokenize_prompt(tokenizer, minus)
+
+
+def _head_logps(model, batch, chunk_size: int) -> torch.Tensor:
+    """``(N, T)`` token log-probs of ``batch``'s responses under ``model`` (no gradient, chunked head)."""
+    from finegrain.models.forward import hidden_states, predicting_states
+    from finegrain.ops.chunked import completion_stats
+
+    unwrapped = getattr(model, "module", model)
+    head = unwrapped.get_output_embeddings()
+    cap = getattr(getattr(unwrapped, "config", None), "final_logit_softcapping", None)
+    h = predicting_states(hidden_states(model, batch), batch)
+    stats = completion_stats(h, head.weight, batch.completion_input_ids, batch.completion_mask,
+                             policy_bias=getattr(head, "bias", None), compute_kl=False, chunk_size=chunk_size,
+                             logit_softcap=cap)
+    return stats.token_logps
+
+
+class ContrastiveRewardSource:
+    """Contrastive-prompting token rewards (T-REG; spec §2.1, §6) as a :class:`~finegrain.rewards.RewardSource`.
+
+    For each row, the scorer (normally the frozen reference ``π_ref``) reads the same response tokens after
+    ``P+(x)`` and after ``P−(x)``, and
+
+    ``r̂_t = σ(log π_ref(y_t | P+(x), y_<t) − log π_ref(y_t | P−(x), y_<t)) − ½``
+
+    (:func:`contrastive_token_rewards`). Inputs are built by concatenating the template's token ids with the batch's
+    own response ids (never by re-tokenizing the joined text), so ``values[i, t]`` belongs to
+    ``batch.completion_input_ids[i, t]``. Both templated copies of the batch go through one forward pass.
+
+    Args:
+        model: the scorer, a causal LM (already built; nothing is loaded here).
+        tokenizer: its tokenizer (renders and tokenizes the templates).
+        template: a :class:`ContrastiveTemplate`.
+        context: optional zero-argument callable returning a context manager to run the scorer in (e.g. a LoRA
+            policy's ``disable_adapter``, which makes the policy its own reference).
+        chunk_size: response positions per chunk of the output projection.
+        autocast: optional zero-argument callable returning the autocast context of a mixed-precision run.
+    """
+
+    name = "contrastive"
+
+    def __init__(self, model, tokenizer, template: ContrastiveTemplate, *, context=None, chunk_size: int = 1024,
+                 autocast=None):
+        self.model, self.tokenizer, self.template = model, tokenizer, template
+        self.context, self.chunk_size, self.autocast = context, chunk_size, autocast
+
+    def _texts(self, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
+        return [self.tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True) for row, m in zip(ids, mask)]
+
+    @torch.no_grad()
+    def token_rewards(self, batch, prompts=None, responses=None):
+        """Rewards for the ``N`` rows of ``batch`` (a :class:`~finegrain.types.CompletionBatch`).
+
+        Args:
+            batch: rows in the shared layout; only the response block is used from it.
+            prompts: the ``N`` raw prompts (strings or message lists). None decodes the batch's prompt block, which
+                is exact for plain-text prompts; pass the raw prompts for chat-templated data.
+            responses: the ``N`` response texts, used by the ``draft`` form only (None: decoded from the ids).
+
+        Returns:
+            :class:`~finegrain.types.TokenRewards` with ``values (N, T)`` in ``(−½, ½)`` (0 where the mask is False),
+            ``mask = completion_mask`` and ``meta`` holding ``logp_plus`` / ``logp_minus`` ``(N, T)``.
+        """
+        import contextlib
+
+        from finegrain.data.collate import collate_completions
+        from finegrain.types import CompletionBatch, TokenRewards
+
+        ids, mask = batch.completion_input_ids, batch.completion_mask.to(torch.bool)
+        n = ids.shape[0]
+        if prompts is None:
+            prompts = self._texts(batch.prompt_input_ids, batch.prompt_attention_mask)
+        if responses is None and self.template.form == "draft":
+            responses = self._texts(ids, mask)
+        if len(prompts) != n or (responses is not None and len(responses) != n):
+            raise ValueError(f"contrastive rewards: {len(prompts)} prompts for {n} rows")
+        plus, minus = zip(*(self.template.token_ids(self.tokenizer, p, None if responses is None else responses[i])
+                            for i, p in enumerate(prompts)))
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        pad = pad if pad is not None else self.tokenizer.eos_token_id
+        prompt_block = collate_completions(
+            [{"prompt_input_ids": list(p), "completion_input_ids": []} for p in plus + minus], pad
+        )
+        both = CompletionBatch(
+            prompt_input_ids=prompt_block.prompt_input_ids.to(ids.device),
+            prompt_attention_mask=prompt_block.prompt_attention_mask.to(ids.device),
+            completion_input_ids=torch.cat([ids, ids]),  # the same response ids under both prompts
+            completion_mask=torch.cat([mask, mask]),
+        )
+        enter = self.context or contextlib.nullcontext
+        cast = self.autocast or contextlib.nullcontext
+        with enter(), cast():
+            logps = _head_logps(self.model, both, self.chunk_size).float()
+        logp_plus, logp_minus = logps[:n], logps[n:]
+        return TokenRewards(
+            values=contrastive_token_rewards(logp_plus, logp_minus, mask),
+            mask=mask,
+            meta={"logp_plus": logp_plus, "logp_minus": logp_minus},
+        )
+
+
+def resolve_template(form: str, positive: str | None = None, negative: str | None = None, *,
+                     on_world: bool) -> ContrastiveTemplate:
+    """The template a command uses: ``form="auto"`` is ``control`` on the built-in world, ``draft`` elsewhere.
+
+    Args:
+        form: ``"auto"`` or one of :data:`CONTRASTIVE_FORMS`.
+        positive: positive text, or None for the form's default.
+        negative: negative text, or None for the form's default.
+        on_world: whether the scorer is the built-in world's model (which follows the world's control prefixes).
+
+    Returns:
+        A :class:`ContrastiveTemplate`.
+    """
+    if form == "auto":
+        form = "control" if on_world else "draft"
+    return ContrastiveTemplate(form, positive, negative)

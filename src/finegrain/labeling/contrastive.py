@@ -1,0 +1,198 @@
+"""``finegrain label contrastive``: T-REG's self-generated token rewards, computed once and stored with the pairs.
+
+For every preference pair, the scorer model (the reference policy of the later preference training) reads the
+chosen and the rejected response after two opposite prompts ``P+(x)`` and ``P−(x)`` and gives each response token
+
+``r̂_t = σ(log π_ref(y_t | P+(x), y_<t) − log π_ref(y_t | P−(x), y_<t)) − ½  ∈ (−½, ½)``
+
+(Zhou et al., ACL 2025; spec §2.1). The templates (:class:`~finegrain.rewards.contrastive.ContrastiveTemplate`):
+``control`` (a plain prefix; on the built-in world its "please answer well :" / "please answer badly :" prompts,
+the default there), ``system`` (a system turn through the tokenizer's chat template) and ``draft`` (a request to
+rewrite the response itself into a better / worse answer; the default for other models). The template's token ids
+are concatenated with the response's own token ids, so the rewards line up 1:1 with the response tokens.
+
+Output: a JSONL file with every input row unchanged plus ``chosen_token_rewards`` and ``rejected_token_rewards``,
+one number per response token as :mod:`finegrain.data.tokenize` tokenizes it alone, EOS included. A response
+cut by ``max_length`` gets rewards on its kept tokens and 0 on the rest (counted and reported), so the lists
+always have the full length. ``finegrain po --loss treg-dpo --reg_source external --dataset_name OUT`` trains on it.
+
+    finegrain label contrastive --output_file runs/labels/pairs_train.contrastive.jsonl        # on the world
+    finegrain label contrastive --model_name_or_path my-sft --dataset_name pairs.jsonl --template system \\
+        --output_file pairs.contrastive.jsonl
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from finegrain.config import option, parse
+from finegrain.errors import ConfigError
+
+__all__ = ["ContrastiveLabelConfig", "label_pairs", "main", "run_contrastive"]
+
+
+@dataclasses.dataclass
+class ContrastiveLabelConfig:
+    """Token rewards by contrastive prompting (T-REG), stored as data-set columns."""
+
+    model_name_or_path: str | None = option(None, "the scorer (the reference policy); default: the built-in world's SFT model")
+    tokenizer_name_or_path: str | None = option(None, "tokenizer; default: the model's")
+    dataset_name: str | None = option(None, "preference pairs (hub id, .jsonl/.json/.parquet/.csv); default: the world's pairs_train")
+    dataset_split: str = option("train", "split of dataset_name")
+    output_file: str | None = option(None, "JSONL to write; default: <dataset stem>.contrastive.jsonl in runs/label-contrastive/")
+    overwrite: bool = option(False, "replace output_file if it exists")
+    template: Literal["auto", "control", "system", "draft"] = option(
+        "auto", "form of the opposite prompts: control prefix, system turn, or draft revision; auto: control on "
+        "the world, draft otherwise")
+    positive: str | None = option(None, "text of the positive instruction (default: the template's own)")
+    negative: str | None = option(None, "text of the negative instruction (default: the template's own)")
+    batch_size: int = option(16, "pairs per forward pass")
+    max_length: int = option(512, "maximum prompt + response tokens (as in training); the template adds its own")
+    max_prompt_length: int = option(256, "maximum prompt tokens; longer prompts keep their end")
+    max_samples: int | None = option(None, "label only the first N rows")
+    skip_invalid_rows: bool = option(False, "skip bad rows (counted and logged) instead of stopping")
+    chunk_size: int = option(1024, "response positions per chunk of the output projection")
+    device: str | None = option(None, "torch device; default: cuda when available, else cpu")
+    world_dir: str | None = option(None, "where the built-in world lives; default: the cache directory")
+    trust_remote_code: bool = option(False, "allow models/tokenizers with custom code from the hub")
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_length", "max_prompt_length", "chunk_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"option '{name}' must be positive, got {getattr(self, name)}")
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError(f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length "
+                              f"({self.max_length})")
+        if self.tokenizer_name_or_path and not self.model_name_or_path:
+            raise ConfigError("--tokenizer_name_or_path needs --model_name_or_path")
+        if self.model_name_or_path and not self.dataset_name:
+            raise ConfigError("--model_name_or_path given without --dataset_name: say which pairs to label")
+
+
+def label_pairs(source, data, *, batch_size: int, full_lengths: list[tuple[int, int]] | None = None,
+                show_progress: bool = False) -> list[tuple[list[float], list[float]]]:
+    """Contrastive token rewards of every pair of ``data``.
+
+    Args:
+        source: a :class:`~finegrain.rewards.contrastive.ContrastiveRewardSource`.
+        data: a :class:`~finegrain.data.PreferenceData` (its examples keep the raw prompt and response texts).
+        batch_size: pairs per forward pass.
+        full_lengths: per pair, the untruncated ``(chosen, rejected)`` token counts; rewards of cut tokens are 0.
+        show_progress: show a progress bar.
+
+    Returns:
+        Per pair ``(chosen_token_rewards, rejected_token_rewards)``, one float per response token.
+    """
+    from tqdm.auto import tqdm
+
+    device = next(source.model.parameters()).device
+    out: list[tuple[list[float], list[float]]] = []
+    for lo in tqdm(range(0, len(data), batch_size), desc="contrastive rewards", disable=not show_progress):
+        idx = list(range(lo, min(lo + batch_size, len(data))))
+        batch = data.collate(idx).to(device)
+        exs = [data[i] for i in idx]
+        prompts = [ex["prompt"] for ex in exs] * 2
+        responses = [ex["chosen_text"] for ex in exs] + [ex["rejected_text"] for ex in exs]
+        values = source.token_rewards(batch, prompts=prompts, responses=responses).values.cpu()
+        b = len(idx)
+        for k, ex in enumerate(exs):
+            pair = []
+            for row, field in ((k, "chosen"), (b + k, "rejected")):
+                n = len(ex[f"{field}_input_ids"])
+                vals = values[row, :n].tolist()
+                if full_lengths is not None:
+                    vals += [0.0] * (full_lengths[lo + k][0 if field == "chosen" else 1] - n)
+                pair.append(vals)
+            out.append((pair[0], pair[1]))
+    return out
+
+
+def _device(cfg: ContrastiveLabelConfig) -> torch.device:
+    if cfg.device:
+        return torch.device(cfg.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run_contrastive(cfg: ContrastiveLabelConfig) -> Path:
+    """Label the pairs of ``cfg`` and write the output JSONL; returns its path."""
+    from finegrain.data.loading import load_rows
+    from finegrain.data.prepared import PreferenceData
+    from finegrain.data.tokenize import TokenLimits, tokenize_response
+    from finegrain.models.build import freeze
+    from finegrain.models.loading import load_causal_lm, load_tokenizer
+    from finegrain.rewards.contrastive import ContrastiveRewardSource, resolve_template
+
+    on_world = cfg.model_name_or_path is None
+    if on_world:
+        from finegrain.world import ensure_world
+
+        world = ensure_world(cfg.world_dir)
+        model_path, tok_path = str(world / "sft"), str(world / "sft")
+        dataset = cfg.dataset_name or str(world / "data" / "pairs_train.jsonl")
+    else:
+        model_path, tok_path = cfg.model_name_or_path, cfg.tokenizer_name_or_path or cfg.model_name_or_path
+        dataset = cfg.dataset_name
+    out = Path(cfg.output_file) if cfg.output_file else (
+        Path("runs/label-contrastive") / f"{Path(str(dataset)).stem or 'pairs'}.contrastive.jsonl")
+    if out.exists() and not cfg.overwrite:
+        raise ConfigError(f"{out} exists; pass --overwrite to replace it or choose another --output_file")
+    try:
+        template = resolve_template(cfg.template, cfg.positive, cfg.negative, on_world=on_world)
+    except ValueError as exc:
+        raise ConfigError(f"--template/--positive/--negative: {exc}") from None
+
+    tokenizer = load_tokenizer(tok_path, trust_remote_code=cfg.trust_remote_code)
+    model = freeze(load_causal_lm(model_path, trust_remote_code=cfg.trust_remote_code)).to(_device(cfg))
+    rows = load_rows(dataset, cfg.dataset_split)
+    if cfg.max_samples is not None:
+        rows = rows.head(cfg.max_samples)
+    limits = TokenLimits(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+    data = PreferenceData.from_source(rows, tokenizer, limits=limits, skip_invalid=cfg.skip_invalid_rows)
+    if data.kind != "preference":
+        raise ConfigError(f"{rows.source}: contrastive labels are for preference pairs (prompt, chosen, rejected); "
+                          f"these rows are of kind '{data.kind}'")
+    full, cut = [], 0
+    for ex in data:
+        lengths = []
+        for field in ("chosen", "rejected"):
+            n = len(ex[f"{field}_input_ids"])
+            if ex.get(f"{field}_truncated"):
+                n = len(tokenize_response(tokenizer, ex[f"{field}_text"])[0])
+                cut += 1
+            lengths.append(n)
+        full.append((lengths[0], lengths[1]))
+    source = ContrastiveRewardSource(model, tokenizer, template, chunk_size=cfg.chunk_size)
+    rewards = label_pairs(source, data, batch_size=cfg.batch_size, full_lengths=full, show_progress=True)
+
+    raw = {}
+    for i, row in enumerate(rows):
+        raw[rows.locate(i)] = row
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    with tmp.open("w") as f:
+        for ex, (chosen, rejected) in zip(data, rewards):
+            row = dict(raw[(ex["source"], ex["row"])])
+            row["chosen_token_rewards"] = chosen
+            row["rejected_token_rewards"] = rejected
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, out)
+    note = f"; {cut} responses were cut by max_length (their cut tokens have reward 0)" if cut else ""
+    skipped = sum(data.skipped.values())
+    print(f"contrastive rewards of {len(data)} pairs ({template.form} template) written to {out}"
+          f"{f'; {skipped} rows skipped' if skipped else ''}{note}", file=sys.stderr)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse(ContrastiveLabelConfig, argv, "finegrain label contrastive",
+                (ContrastiveLabelConfig.__doc__ or "") + "\n\nWith no model and no data set, labels the built-in "
+                "world's training pairs with the world's SFT model and its control prompts.")
+    run_contrastive(cfg)
+    return 0

@@ -1,0 +1,649 @@
+"""``finegrain po``: offline preference optimisation — DPO, SimPO, TDPO1/TDPO2, T-REG (DPO-REG, SimPO-REG).
+
+One explicit accelerate loop for every pairwise loss. The loss is resolved once from the registry
+(:func:`finegrain.losses.get_preference_loss_spec`), and each step computes only what that loss declares:
+
+    for each optimizer step:
+        for each micro-batch of this process (B pairs = 2B rows, chosen rows first):
+            reference (no grad): hidden states of the frozen copy, or of the LoRA policy with its adapter
+                disabled, unless the loss is reference-free or reference log-probs were precomputed
+            policy: ONE forward of all 2B rows -> final hidden states
+            LM head in chunks (ops.chunked.completion_stats): policy token log-probs, reference token log-probs
+                and, for TDPO, the forward KL(π_ref ‖ π_θ) over the whole vocabulary at every response position
+            T-REG token rewards: a data column, contrastive prompting with the reference, or the policy's own
+                detached implicit rewards squashed to (-1/2, 1/2)
+            loss = Σ_pairs loss / (pairs in the global batch)
+        clip, check finiteness, step; log; evaluate on held-out pairs; checkpoint
+
+Normalising by the global number of pairs (known on every process) gives the same update for any number of
+processes and accumulation steps. ``precompute_ref_log_probs`` runs the reference once over the data, keeps the
+per-token log-probs (so DPO and T-REG both work; sequence sums derive from them) and, for T-REG with contrastive
+rewards, the rewards too; both are cached in the run directory (``ref_cache/``), so a resumed run does not
+recompute them. TDPO refuses it: its KL needs the reference's full distribution at every position.
+
+Metrics: ``loss``, ``rewards/{chosen,rejected,margins,accuracies}`` (the loss's implicit rewards; accuracy counts
+``chosen > rejected``, ties as wrong, as TRL does), ``logps/{chosen,rejected}`` (summed policy log-probs),
+``kl/{chosen,rejected,margin}`` (TDPO, un-scaled sequential KLs), ``treg/weight`` (T-REG's ``w``); the same names
+with ``split="eval"`` on held-out pairs.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from finegrain.config import TrainConfig, option, parse
+from finegrain.errors import ConfigError
+from finegrain.losses import (
+    PreferenceLossOutput,
+    dpo_loss,
+    get_preference_loss_spec,
+    simpo_loss,
+    tdpo_loss,
+    treg_loss,
+)
+from finegrain.models.forward import hidden_states, predicting_states
+from finegrain.ops import masked_sum
+from finegrain.ops.chunked import completion_stats
+from finegrain.trainers import loop
+
+LOSSES = ("dpo", "simpo", "tdpo1", "tdpo2", "treg-dpo", "treg-simpo")
+DEFAULT_BETA = {"dpo": 0.1, "tdpo1": 0.1, "tdpo2": 0.1, "treg-dpo": 0.1, "simpo": 2.0, "treg-simpo": 2.0}
+DEFAULT_ALPHA = 0.5
+SIMPO_GAMMA_RATIO = 0.5  # γ = 0.5 β by default: SimPO's recommended γ/β lies in 0.3-0.5 (Meng et al. 2024)
+
+
+@dataclasses.dataclass
+class POConfig(TrainConfig):
+    """Offline preference optimisation on pairs: DPO, SimPO, TDPO1/TDPO2, T-REG (DPO-REG, SimPO-REG)."""
+
+    loss: Literal["dpo", "simpo", "tdpo1", "tdpo2", "treg-dpo", "treg-simpo"] = option("dpo", "the preference loss")
+    beta: float | None = option(None, "β; default 0.1 for dpo/tdpo1/tdpo2/treg-dpo, 2.0 for simpo/treg-simpo")
+    alpha: float | None = option(None, "tdpo2: weight α of the KL difference (default 0.5); treg-*: weight of the "
+                                       "token regulariser (default 0.5)")
+    gamma: float | None = option(None, "simpo/treg-simpo: target reward margin γ (default 0.5·β)")
+    label_smoothing: float = option(0.0, "dpo only: conservative-DPO label smoothing ε in [0, 0.5)")
+    reg_source: Literal["contrastive", "dpo_implicit", "external"] = option(
+        "contrastive", "treg-*: token rewards from contrastive prompting with the reference (the data column when "
+        "present, else computed), the policy's own implicit DPO rewards, or a data column (external)")
+    weighting: Literal["dpo_grad", "static"] = option("dpo_grad", "treg-*: sequence weight w = σ(−margin) or w = 1")
+    token_reduction: Literal["sum", "mean"] | None = option(
+        None, "treg-*: sum or mean of the token regulariser over a response; default: sum for dpo, mean for simpo")
+    token_rewards_column: str = option("token_rewards", "treg-*: the columns chosen_<name> / rejected_<name> hold "
+                                                        "per-token rewards in (−½, ½)")
+    contrastive_template: Literal["auto", "control", "system", "draft"] = option(
+        "auto", "treg-* with reg_source contrastive: the opposite prompts (auto: control on the world, else draft)")
+    contrastive_positive: str | None = option(None, "positive instruction text (default: the template's)")
+    contrastive_negative: str | None = option(None, "negative instruction text (default: the template's)")
+    ref_model_name_or_path: str | None = option(None, "reference model; default: the policy's starting weights "
+                                                      "(with --use_peft: the policy with its adapter disabled)")
+    precompute_ref_log_probs: bool = option(False, "run the reference once over the data and cache its per-token "
+                                                   "log-probs (not for TDPO, which needs full distributions)")
+    chunk_size: int = option(1024, "response positions per chunk of the LM-head projection (memory vs speed)")
+    learning_rate: float = option(5e-6, "peak learning rate")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        spec = get_preference_loss_spec(self.loss)
+        treg, simpo = spec.needs_token_rewards, spec.length_normalized
+        tdpo = spec.needs_ref_distribution
+        if self.beta is None:
+            self.beta = DEFAULT_BETA[self.loss]
+        if not self.beta > 0:
+            raise ConfigError(f"beta must be positive, got {self.beta}")
+        if self.alpha is None:
+            self.alpha = DEFAULT_ALPHA if (treg or self.loss == "tdpo2") else None
+        elif not (treg or self.loss == "tdpo2"):
+            raise ConfigError(f"--alpha is used by tdpo2 and treg-* only; drop it for --loss {self.loss}")
+        elif self.alpha < 0:
+            raise ConfigError(f"alpha must be >= 0, got {self.alpha}")
+        if self.gamma is None:
+            self.gamma = SIMPO_GAMMA_RATIO * self.beta if simpo else None
+        elif not simpo:
+            raise ConfigError(f"--gamma is SimPO's margin; drop it for --loss {self.loss}")
+        if self.label_smoothing and self.loss != "dpo":
+            raise ConfigError(f"--label_smoothing is conservative DPO; it does not apply to --loss {self.loss}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"label_smoothing must lie in [0, 0.5), got {self.label_smoothing}")
+        treg_only = dict(reg_source="contrastive", weighting="dpo_grad", token_reduction=None,
+                         token_rewards_column="token_rewards", contrastive_template="auto",
+                         contrastive_positive=None, contrastive_negative=None)
+        if not treg:
+            changed = [k for k, v in treg_only.items() if getattr(self, k) != v]
+            if changed:
+                raise ConfigError(f"--{changed[0]} is a T-REG option; use --loss treg-dpo or treg-simpo, or drop it")
+        if not self.token_rewards_column.strip():
+            raise ConfigError("token_rewards_column must name a column")
+        if self.precompute_ref_log_probs and tdpo:
+            raise ConfigError(f"--precompute_ref_log_probs cannot serve --loss {self.loss}: TDPO's per-token KL needs "
+                              "the reference's full distribution at every position, which is not cached; drop the flag")
+        if not needs_reference_model(self) and (self.precompute_ref_log_probs or self.ref_model_name_or_path):
+            flag = "--precompute_ref_log_probs" if self.precompute_ref_log_probs else "--ref_model_name_or_path"
+            raise ConfigError(f"--loss {self.loss}{' with --reg_source ' + self.reg_source if treg else ''} uses no "
+                              f"reference model; drop {flag}")
+        if self.chunk_size <= 0:
+            raise ConfigError(f"chunk_size must be positive, got {self.chunk_size}")
+
+
+def needs_reference_model(cfg: POConfig) -> bool:
+    """Whether a run of ``cfg`` may need the reference at all (log-probs, KL or contrastive rewards)."""
+    spec = get_preference_loss_spec(cfg.loss)
+    return spec.needs_reference or (spec.needs_token_rewards and cfg.reg_source in ("dpo_implicit", "contrastive"))
+
+
+# ----------------------------------------------------------------------------------------------- what a step needs
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What each batch of one data set needs, derived once from the loss spec, the config and the data.
+
+    Fields:
+        ref_logps: per-token reference log-probs (``live`` from the reference model, or a cached column).
+        ref_kl: TDPO's per-position forward KL (always live).
+        token_rewards: ``None``, ``"column"`` (``batch.extras["token_rewards"]``), ``"contrastive"`` (computed
+            with the reference per batch), ``"dpo_implicit"`` or ``"zeros"`` (evaluation data without the column).
+    """
+
+    ref_logps: bool
+    ref_kl: bool
+    token_rewards: str | None
+
+    @property
+    def reference_model(self) -> bool:
+        return self.ref_kl or self.token_rewards == "contrastive"
+
+
+def make_plan(cfg: POConfig, data, *, eval_split: bool = False) -> Plan:
+    spec = get_preference_loss_spec(cfg.loss)
+    has_column = bool(len(data)) and "chosen_token_rewards" in data[0]
+    rewards = None
+    if spec.needs_token_rewards:
+        if cfg.reg_source == "dpo_implicit":
+            rewards = "dpo_implicit"
+        elif has_column:
+            rewards = "column"
+        elif cfg.reg_source == "contrastive":
+            rewards = "contrastive"
+        elif eval_split:
+            rewards = "zeros"
+        else:
+            raise ConfigError(
+                f"--reg_source external reads per-token rewards from the columns chosen_{cfg.token_rewards_column} / "
+                f"rejected_{cfg.token_rewards_column}, which {data.source} lacks; write them with `finegrain label "
+                "contrastive` (or another labeller) and pass that file as --dataset_name")
+    ref_logps = spec.needs_reference or rewards == "dpo_implicit"
+    return Plan(ref_logps=ref_logps, ref_kl=spec.needs_ref_distribution, token_rewards=rewards)
+
+
+@dataclasses.dataclass
+class PreferenceStats:
+    """Per-token inputs of a preference loss for ``2B`` rows (chosen ``[0, B)``, rejected ``[B, 2B)``), ``(2B, T)``."""
+
+    token_logps: torch.Tensor
+    mask: torch.Tensor
+    ref_token_logps: torch.Tensor | None = None
+    token_kl: torch.Tensor | None = None
+    token_rewards: torch.Tensor | None = None
+
+
+def _halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    b = x.shape[0] // 2
+    return x[:b], x[b:]
+
+
+def make_loss(cfg: POConfig) -> Callable[[PreferenceStats], PreferenceLossOutput]:
+    """The configured loss as one function of :class:`PreferenceStats`, resolved once (no per-step dispatch)."""
+    beta, alpha, gamma = cfg.beta, cfg.alpha, cfg.gamma
+
+    def sums(x, s):
+        return _halves(masked_sum(x, s.mask, dim=-1))
+
+    if cfg.loss == "dpo":
+        def loss(s):
+            return dpo_loss(*sums(s.token_logps, s), *sums(s.ref_token_logps, s), beta, cfg.label_smoothing)
+    elif cfg.loss == "simpo":
+        def loss(s):
+            return simpo_loss(*sums(s.token_logps, s), *_halves(s.mask.sum(-1)), beta, gamma)
+    elif cfg.loss in ("tdpo1", "tdpo2"):
+        def loss(s):
+            margins = sums(s.token_logps - s.ref_token_logps, s)
+            return tdpo_loss(*margins, *sums(s.token_kl, s), beta, alpha if alpha is not None else 0.5, cfg.loss)
+    else:
+        base = cfg.loss.split("-")[1]
+
+        def loss(s):
+            (pw, pl), (mw, ml), (rw, rl) = _halves(s.token_logps), _halves(s.mask), _halves(s.token_rewards)
+            ref_w, ref_l = _halves(s.ref_token_logps) if s.ref_token_logps is not None else (None, None)
+            return treg_loss(pw, ref_w, pl, ref_l, rw, rl, mw, ml, beta, alpha, base=base, gamma=gamma or 0.0,
+                             token_reduction=cfg.token_reduction, weighting=cfg.weighting)
+    return loss
+
+
+def pair_metrics(out: PreferenceLossOutput, stats: PreferenceStats) -> dict[str, torch.Tensor]:
+    """Per-pair metric values ``(B,)`` (detached), named as in STYLE.md; the logged value is their mean."""
+    chosen, rejected = _halves(masked_sum(stats.token_logps.detach(), stats.mask, dim=-1))
+    margins = out.chosen_rewards - out.rejected_rewards
+    metrics = {"loss": out.losses.detach(), "rewards/chosen": out.chosen_rewards,
+               "rewards/rejected": out.rejected_rewards, "rewards/margins": margins,
+               "rewards/accuracies": (margins > 0).float(), "logps/chosen": chosen, "logps/rejected": rejected}
+    for key in ("kl/chosen", "kl/rejected", "kl/margin"):
+        if key in out.extras:
+            metrics[key] = out.extras[key]
+    if "weights" in out.extras:
+        metrics["treg/weight"] = out.extras["weights"]
+    return {k: v.detach().float() for k, v in metrics.items()}
+
+
+# ----------------------------------------------------------------------------------------------- the reference
+
+
+class Reference:
+    """The reference policy: a frozen model, or the (LoRA) policy run inside ``context`` (its adapter disabled).
+
+    ``hidden(batch)`` gives the predicting states ``(N, T, H)`` without gradient; ``weight`` / ``bias`` its LM
+    head (None when it shares the policy's frozen head, the LoRA case).
+    """
+
+    def __init__(self, model=None, *, policy=None, context=None, autocast=None):
+        self.model, self.policy, self.context = model, policy, context
+        self.autocast = autocast or contextlib.nullcontext
+        self.weight = self.bias = None
+        if model is not None:
+            head = model.get_output_embeddings()
+            self.weight, self.bias = head.weight, getattr(head, "bias", None)
+
+    @property
+    def scorer(self):
+        return self.model if self.model is not None else self.policy
+
+    def enter(self):
+        return self.context() if self.model is None else contextlib.nullcontext()
+
+    @torch.no_grad()
+    def hidden(self, batch) -> torch.Tensor:
+        with self.enter(), self.autocast():
+            return predicting_states(hidden_states(self.scorer, batch), batch)
+
+
+def _head(model):
+    unwrapped = getattr(model, "module", model)
+    head = unwrapped.get_output_embeddings()
+    cap = getattr(getattr(unwrapped, "config", None), "final_logit_softcapping", None)
+    return head.weight, getattr(head, "bias", None), cap
+
+
+def batch_stats(model, reference: Reference | None, batch, plan: Plan, cfg: POConfig, data=None,
+                contrastive=None) -> PreferenceStats:
+    """Everything the loss needs for one :class:`~finegrain.types.PreferenceBatch`, in one policy forward."""
+    mask = batch.completion_mask.to(torch.bool)
+    cached = batch.extras.get("ref_token_logps")
+    ref_h = None
+    if (plan.ref_logps and cached is None) or plan.ref_kl:
+        ref_h = reference.hidden(batch)  # before the policy forward: its activations are freed first
+    w, b, cap = _head(model)
+    h = predicting_states(hidden_states(model, batch), batch)
+    chunked = completion_stats(
+        h, w, batch.completion_input_ids, mask, policy_bias=b, ref_hidden=ref_h,
+        ref_weight=reference.weight if ref_h is not None else None,
+        ref_bias=reference.bias if ref_h is not None else None,
+        compute_kl=plan.ref_kl, chunk_size=cfg.chunk_size, logit_softcap=cap)
+    out = PreferenceStats(token_logps=chunked.token_logps, mask=mask, token_kl=chunked.token_kl,
+                          ref_token_logps=chunked.ref_token_logps if ref_h is not None else cached)
+    if plan.token_rewards == "column":
+        out.token_rewards = batch.extras["token_rewards"]
+    elif plan.token_rewards == "contrastive":
+        idx = batch.extras["index"].tolist()
+        out.token_rewards = contrastive.token_rewards(
+            batch, prompts=[data[i]["prompt"] for i in idx],
+            responses=[data[i]["chosen_text"] for i in idx[: len(idx) // 2]]
+            + [data[i]["rejected_text"] for i in idx[len(idx) // 2:]]).values
+    elif plan.token_rewards == "dpo_implicit":
+        from finegrain.rewards.contrastive import implicit_token_rewards, squash_to_half
+
+        out.token_rewards = squash_to_half(implicit_token_rewards(out.token_logps, out.ref_token_logps, mask, cfg.beta))
+    elif plan.token_rewards == "zeros":
+        out.token_rewards = torch.zeros_like(out.token_logps)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- precomputation
+
+
+def _fingerprint(cfg: POConfig, data, plan: Plan, template) -> str:
+    digest = hashlib.sha256()
+    keys = ("ref_model_name_or_path", "model_name_or_path", "world_dir", "max_length", "max_prompt_length")
+    digest.update(json.dumps({k: getattr(cfg, k) for k in keys} | {"plan": dataclasses.asdict(plan),
+                                                                     "template": repr(template)}).encode())
+    for ex in data:
+        for key in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"):
+            digest.update(array.array("q", ex[key]).tobytes())
+    return digest.hexdigest()
+
+
+def _pack(rows: list[list[float]]) -> dict[str, torch.Tensor]:
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    flat = torch.tensor([v for r in rows for v in r], dtype=torch.float32)
+    return {"lengths": lengths, "values": flat}
+
+
+def _unpack(blob: dict[str, torch.Tensor]) -> list[array.array]:
+    out, start = [], 0
+    values = blob["values"].numpy()
+    for n in blob["lengths"].tolist():
+        out.append(array.array("f", values[start : start + n].tobytes()))
+        start += n
+    return out
+
+
+@torch.no_grad()
+def precompute_reference(data, reference: Reference, plan: Plan, cfg: POConfig, acc, cache: Path,
+                         contrastive=None, template=None, run=None) -> Plan:
+    """Attach cached reference per-token log-probs (and contrastive rewards) to every pair of ``data``.
+
+    One pass of the reference over ``data`` (split over processes), unless ``cache`` holds the result for the same
+    reference, data and settings. Afterwards batches carry ``extras["ref_token_logps"]`` (and ``token_rewards``),
+    and the returned plan needs no reference model for them.
+    """
+    fields = (["ref_token_logps"] if plan.ref_logps else []) + (
+        ["token_rewards"] if plan.token_rewards == "contrastive" else [])
+    if not fields:
+        return plan
+    fp = _fingerprint(cfg, data, plan, template)
+    blob = torch.load(cache, weights_only=True) if cache.is_file() else None
+    if blob is None or blob.get("fingerprint") != fp:
+        rows = {f"{side}_{name}": [None] * len(data) for side in ("chosen", "rejected") for name in fields}
+        rank, world = acc.process_index, acc.num_processes
+        mine = list(range(len(data)))[rank::world]
+        bs = cfg.per_device_eval_batch_size
+        for lo in range(0, len(mine), bs):
+            idx = mine[lo : lo + bs]
+            batch = data.collate(idx).to(acc.device)
+            values = {}
+            if plan.ref_logps:
+                h = reference.hidden(batch)
+                w, b, cap = _head(reference.scorer)
+                values["ref_token_logps"] = completion_stats(
+                    h, reference.weight if reference.weight is not None else w, batch.completion_input_ids,
+                    batch.completion_mask, policy_bias=reference.bias if reference.weight is not None else b,
+                    compute_kl=False, chunk_size=cfg.chunk_size, logit_softcap=cap).token_logps
+            if "token_rewards" in fields:
+                values["token_rewards"] = contrastive.token_rewards(
+                    batch, prompts=[data[i]["prompt"] for i in idx] * 2,
+                    responses=[data[i]["chosen_text"] for i in idx] + [data[i]["rejected_text"] for i in idx]).values
+            for name, v in values.items():
+                v = v.float().cpu()
+                for k, i in enumerate(idx):
+                    for side, row in (("chosen", k), ("rejected", len(idx) + k)):
+                        n = len(data[i][f"{side}_input_ids"])
+                        rows[f"{side}_{name}"][i] = v[row, :n].tolist()
+        if world > 1:
+            from accelerate.utils import gather_object
+
+            for col in rows.values():
+                parts = gather_object([[(i, col[i]) for i in mine]])
+                for part in parts:
+                    for i, vals in part:
+                        col[i] = vals
+        blob = {"fingerprint": fp, **{key: _pack(col) for key, col in rows.items()}}
+        if acc.is_main_process:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(cache.name + ".tmp")
+            torch.save(blob, tmp)
+            tmp.replace(cache)
+        if run is not None:
+            run.print(f"reference computed for {len(data)} pairs of {data.source}; cached in {cache}")
+    elif run is not None:
+        run.print(f"reference values of {data.source} read from {cache}")
+    for key in blob:
+        if key == "fingerprint":
+            continue
+        for ex, vals in zip(data.examples, _unpack(blob[key])):
+            ex[key] = vals
+    return dataclasses.replace(plan, token_rewards="column" if "token_rewards" in fields else plan.token_rewards)
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+
+def _accumulate(total: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor]) -> None:
+    for k, v in metrics.items():
+        total[k] = total.get(k, 0.0) + v.sum().double()
+
+
+def _reduce(total: dict[str, torch.Tensor], count: int, acc) -> dict[str, float]:
+    keys = sorted(total)
+    values = torch.stack([torch.as_tensor(total[k], dtype=torch.float64, device=acc.device) for k in keys])
+    if acc.num_processes > 1:
+        values = acc.reduce(values, reduction="sum")
+    return {k: (v / max(count, 1)).item() for k, v in zip(keys, values)}
+
+
+@torch.no_grad()
+def evaluate(model, data, plan: Plan, loss_fn, reference, cfg: POConfig, acc, contrastive=None) -> dict[str, float]:
+    """Mean of every pair metric over ``data`` (all processes share the work)."""
+    model.eval()
+    total: dict[str, torch.Tensor] = {}
+    indices = list(range(len(data)))[acc.process_index :: acc.num_processes]
+    for lo in range(0, len(indices), cfg.per_device_eval_batch_size):
+        batch = data.collate(indices[lo : lo + cfg.per_device_eval_batch_size]).to(acc.device)
+        stats = batch_stats(model, reference, batch, plan, cfg, data, contrastive)
+        _accumulate(total, pair_metrics(loss_fn(stats), stats))
+    model.train()
+    return _reduce(total, len(data), acc)
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+def _template(cfg: POConfig):
+    from finegrain.rewards.contrastive import resolve_template
+
+    try:
+        return resolve_template(cfg.contrastive_template, cfg.contrastive_positive, cfg.contrastive_negative,
+                                on_world=cfg.model_name_or_path is None)
+    except ValueError as exc:
+        raise ConfigError(f"--contrastive_template/positive/negative: {exc}") from None
+
+
+def train(cfg: POConfig, model, tokenizer, train_data, eval_data=None, *, ref_model=None) -> Path:
+    """Run preference optimisation and return the run directory (``final/`` holds the model).
+
+    Args:
+        cfg: the config.
+        model: the policy at its starting weights (it is trained in place).
+        tokenizer: its tokenizer (saved with checkpoints; renders contrastive templates).
+        train_data: a :class:`~finegrain.data.PreferenceData`.
+        eval_data: held-out pairs, or None.
+        ref_model: the reference model; None: ``cfg.ref_model_name_or_path``, else a frozen copy of ``model`` as
+            given (or, with ``use_peft``, the policy with its adapter disabled).
+    """
+    from finegrain.models.build import apply_lora, disable_dropout, freeze
+
+    acc = loop.make_accelerator(cfg)
+    run = loop.Run(cfg, "po", cfg.loss, acc)
+    loss_fn = make_loss(cfg)
+    train_plan = make_plan(cfg, train_data)
+    eval_plan = make_plan(cfg, eval_data, eval_split=True) if eval_data is not None else None
+    plans = [p for p in (train_plan, eval_plan) if p is not None]
+    live = any(p.reference_model or p.ref_logps for p in plans)
+    if cfg.disable_dropout:
+        disable_dropout(model)
+    if ref_model is None and live and cfg.ref_model_name_or_path:
+        from finegrain.models.loading import load_causal_lm
+
+        ref_model = load_causal_lm(cfg.ref_model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    if ref_model is None and live and not cfg.use_peft:
+        ref_model = copy.deepcopy(model)  # the starting weights, before any update
+    if ref_model is not None:
+        disable_dropout(ref_model)
+        ref_model = freeze(ref_model).to(acc.device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if cfg.use_peft:
+        model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+    world = acc.num_processes
+    global_pairs = cfg.per_device_train_batch_size * world * cfg.gradient_accumulation_steps
+    total_steps = loop.num_training_steps(cfg, len(train_data), global_pairs)
+    optimizer = loop.make_optimizer(cfg, model.parameters())
+    scheduler = loop.make_scheduler(cfg, optimizer, total_steps)
+    model, optimizer = acc.prepare(model, optimizer)
+    unwrapped = acc.unwrap_model(model)
+    reference = None
+    if live:
+        reference = (Reference(ref_model, autocast=acc.autocast) if ref_model is not None
+                     else Reference(policy=model, context=unwrapped.disable_adapter, autocast=acc.autocast))
+    template = contrastive = None
+    if any(p.token_rewards == "contrastive" for p in plans):
+        from finegrain.rewards.contrastive import ContrastiveRewardSource
+
+        template = _template(cfg)
+        contrastive = ContrastiveRewardSource(reference.scorer, tokenizer, template, context=reference.enter,
+                                              chunk_size=cfg.chunk_size, autocast=acc.autocast)
+    if cfg.precompute_ref_log_probs:
+        train_plan = precompute_reference(train_data, reference, train_plan, cfg, acc,
+                                          run.dir / "ref_cache" / "train.pt", contrastive, template, run)
+        if eval_plan is not None:
+            eval_plan = precompute_reference(eval_data, reference, eval_plan, cfg, acc,
+                                             run.dir / "ref_cache" / "eval.pt", contrastive, template, run)
+        if not any(p.reference_model for p in (train_plan, eval_plan) if p is not None):
+            reference = contrastive = ref_model = None  # everything is cached: free the reference copy
+    state = loop.RunState()
+    if run.resume_from is not None:
+        state = run.load_checkpoint(run.resume_from, model, optimizer, scheduler)
+        run.print(f"resumed from {run.resume_from} at step {state.step}")
+
+    from finegrain.data.sampler import batch_indices
+
+    model.train()
+    bar = run.progress(total_steps, state.step, f"po {cfg.loss}")
+    status = "completed"
+
+    def run_eval():
+        return evaluate(model, eval_data, eval_plan, loss_fn, reference, cfg, acc, contrastive)
+
+    with run.catch_interrupts():
+        while state.step < total_steps:
+            epoch_batches = batch_indices(len(train_data), global_pairs, cfg.seed, state.epoch)
+            if state.batch_in_epoch >= len(epoch_batches):
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                continue
+            indices = epoch_batches[state.batch_in_epoch]
+            run.record_batch(state, indices)  # --record_consumed: proves resumes repeat and skip nothing
+            total: dict[str, torch.Tensor] = {}
+            for k, mb in enumerate(loop.micro_batches(indices, cfg, acc.process_index, world)):
+                batch = train_data.collate(mb).to(acc.device)
+                sync = k == cfg.gradient_accumulation_steps - 1
+                with acc.no_sync(model) if not sync else contextlib.nullcontext():
+                    stats = batch_stats(model, reference, batch, train_plan, cfg, train_data, contrastive)
+                    out = loss_fn(stats)
+                    # DDP averages gradients over processes; multiplying by their number keeps the global mean
+                    acc.backward(out.losses.sum() * world / global_pairs)
+                _accumulate(total, pair_metrics(out, stats))
+            metrics = _reduce(total, len(indices), acc)
+            stats_step = loop.optimizer_step(run, state, model, optimizer, scheduler,
+                                             torch.tensor(metrics["loss"], device=acc.device))
+            state.step += 1
+            state.batch_in_epoch += 1
+            state.samples += len(indices)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['rewards/accuracies']:.2f}")
+            # a skipped (non-finite) step is always logged, so metrics.jsonl shows every one
+            if state.step % cfg.logging_steps == 0 or state.step == total_steps or stats_step["skipped"]:
+                run.log({**metrics, **stats_step, "epoch": state.epoch + state.batch_in_epoch / len(epoch_batches)},
+                        state)
+            if eval_data is not None and cfg.eval_steps and state.step % cfg.eval_steps == 0:
+                run.log(run_eval(), state, split="eval")
+            if cfg.save_steps and state.step % cfg.save_steps == 0:
+                run.save_checkpoint(state, model, optimizer, scheduler, tokenizer)
+            if run.interrupted():
+                run.save_checkpoint(state, model, optimizer, scheduler, tokenizer)
+                status = "interrupted"
+                break
+    bar.close()
+    if status == "completed":
+        if eval_data is not None and not (cfg.eval_steps and state.step % cfg.eval_steps == 0):
+            run.log(run_eval(), state, split="eval")
+        run.save_final(model, tokenizer)
+    # prints the summary line; run.json records the resolved β, α, γ
+    run.close(status, steps=state.step, skipped_steps=state.nonfinite_total, beta=cfg.beta, alpha=cfg.alpha,
+              gamma=cfg.gamma)
+    if status == "interrupted":
+        raise KeyboardInterrupt
+    return run.dir
+
+
+# ----------------------------------------------------------------------------------------------- inputs and CLI
+
+
+def _preference_data(source, tokenizer, cfg: POConfig, *, split: str | None, max_examples: int | None,
+                     skip_invalid: bool = False):
+    from finegrain.data.loading import Rows, load_rows
+    from finegrain.data.prepared import PreferenceData
+    from finegrain.data.tokenize import TokenLimits
+
+    limits = TokenLimits(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+    rows = load_rows(source, split)
+    column = cfg.token_rewards_column
+    if column != "token_rewards":
+        names = [f"chosen_{column}", f"rejected_{column}"]
+        if any(n in rows.column_names for n in names):
+            def renamed(row):
+                return {(k.replace(f"_{column}", "_token_rewards") if k in names else k): v for k, v in row.items()}
+
+            rows = Rows([(name, [renamed(dict(r)) for r in part]) for name, part in rows.parts], rows.source)
+    return PreferenceData.from_source(rows, tokenizer, limits=limits,
+                                      skip_invalid=cfg.skip_invalid_rows or skip_invalid, max_examples=max_examples)
+
+
+def load_inputs(cfg: POConfig):
+    """Policy, tokenizer and pairs for ``cfg``: the user's, or the built-in world's (its SFT model on its pairs).
+
+    ``--dataset_name`` without ``--model_name_or_path`` trains the world's SFT model on world-format pairs (e.g.
+    the output of ``finegrain label contrastive``); held-out pairs then default to the world's test pairs.
+    """
+    from finegrain.models.loading import load_causal_lm, load_tokenizer
+
+    if cfg.model_name_or_path is None:
+        from finegrain.world import ensure_world
+
+        world = ensure_world(cfg.world_dir)
+        tokenizer = load_tokenizer(str(world / "sft"))
+        model = load_causal_lm(str(world / "sft"))
+        train_src = cfg.dataset_name or str(world / "data" / "pairs_train.jsonl")
+        eval_src = cfg.eval_dataset_name or str(world / "data" / "pairs_test.jsonl")
+    else:
+        if cfg.dataset_name is None:
+            raise ConfigError("--model_name_or_path given without --dataset_name: say which preference pairs to use")
+        tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path,
+                                   trust_remote_code=cfg.trust_remote_code)
+        model = load_causal_lm(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+        train_src, eval_src = cfg.dataset_name, cfg.eval_dataset_name
+    # The world's pairs are samples of its SFT model, which may end a response at once: such an empty response is
+    # skipped (counted and logged) there, while user data keep the strict default.
+    on_world = cfg.model_name_or_path is None
+    train_data = _preference_data(train_src, tokenizer, cfg, split=cfg.dataset_split, max_examples=cfg.max_train_samples,
+                                  skip_invalid=on_world and cfg.dataset_name is None)
+    eval_data = None
+    if eval_src is not None:
+        split = None if on_world and cfg.eval_dataset_name is None else cfg.eval_split  # the world's file: one split
+        eval_data = _preference_data(eval_src, tokenizer, cfg, split=split, max_examples=cfg.max_eval_samples,
+                                     skip_invalid=on_world and cfg.eval_dataset_name is None)
+    return model, tokenizer, train_data, eval_data
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse(POConfig, argv, "finegrain po", (POConfig.__doc__ or "") + "\n\nWith no model and no data set, "
+                "trains the built-in world's SFT model on the world's preference pairs (held-out: its test pairs).")
+    model, tokenizer, train_data, eval_data = load_inputs(cfg)
+    train(cfg, model, tokenizer, train_data, eval_data)
+    return 0
