@@ -98,8 +98,8 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
             out = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"option '{name}' must be a number, got {value!r}") from None
-        if math.isnan(out):
-            raise ConfigError(f"option '{name}' must be a number, got NaN")
+        if not math.isfinite(out):
+            raise ConfigError(f"option '{name}' must be a finite number, got {out}")
         return out
     if base is str:
         if isinstance(value, (dict, list)):
@@ -144,6 +144,8 @@ def build(cls: type[C], values: dict[str, Any], source: str = "options") -> C:
     aliases = {a: f.name for f in known.values() for a in f.metadata.get("aliases", ())}
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"option names in {source} must be strings; got {key!r} (quote it or fix the indentation)")
         name = key.replace("-", "_")
         name = aliases.get(name, name)
         if name not in known:
@@ -166,16 +168,29 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {p} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except RecursionError:
+        raise ConfigError(f"config file {p} is nested too deeply to be a config") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {p} cannot be read: {exc.strerror or exc}") from None
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a mapping of option: value, got {type(data).__name__}")
     env = data.pop("env", None) or {}
     if not isinstance(env, dict):
-        raise ConfigError(f"config file {p}: 'env' must be a mapping of variable: value")
+        raise ConfigError(f"config file {p}: option 'env' must be a mapping of variable: value")
     for k, v in env.items():
-        os.environ[str(k)] = str(v)
+        if not isinstance(k, str) or not k or "=" in k or "\0" in k or not isinstance(v, (str, int, float, bool)) \
+                or "\0" in str(v):
+            raise ConfigError(f"config file {p}: option 'env' has an invalid entry {k!r}: {v!r} (names are strings "
+                              "without '=' or NUL, values are scalars)")
+    for k, v in env.items():
+        os.environ[k] = str(v)
     return data
 
 
@@ -205,8 +220,15 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         parser.add_argument(*names, **kwargs)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line raises :class:`ConfigError` (one clear line) instead of exiting with usage."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise ConfigError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
 def make_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=prog, description=description, usage="%(prog)s [--config YAML] [--option VALUE ...]",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -218,7 +240,15 @@ def make_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPars
 def parse(cls: type[C], argv: list[str] | None, prog: str, description: str = "") -> C:
     """Parse ``argv`` into ``cls``: defaults, then ``--config`` YAML, then flags."""
     parser = make_parser(cls, prog, description or (cls.__doc__ or ""))
-    ns = vars(parser.parse_args(argv))
+    ns, unknown = parser.parse_known_args(argv)
+    ns = vars(ns)
+    if unknown:
+        flags = [u for u in unknown if u.startswith("-")]
+        known = [f.name for f in config_fields(cls)]
+        if flags:
+            name = flags[0].lstrip("-").split("=")[0].replace("-", "_")
+            raise ConfigError(f"unknown option '{flags[0]}'{_suggest(name, known)} (see {prog} --help)")
+        raise ConfigError(f"unexpected argument {unknown[0]!r}: options are given as --name value (see {prog} --help)")
     config_path = ns.pop("config", None)
     values: dict[str, Any] = load_yaml(config_path) if config_path else {}
     values.update(ns)
@@ -293,7 +323,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = option(1, "micro-steps per optimizer step")
     num_train_epochs: float = option(1.0, "epochs over the training data (used when max_steps < 0)")
     max_steps: int = option(-1, "optimizer steps; -1: derived from num_train_epochs")
-    seed: int = option(0, "random seed (data order, initialisation, sampling)")
+    seed: int = option(0, "random seed (data order, initialisation, sampling); 0 <= seed < 2**32")
     bf16: bool = option(False, "bfloat16 mixed precision")
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
     disable_dropout: bool = option(True, "turn dropout off in every model (as preference-optimisation recipes do)")
@@ -311,6 +341,7 @@ class TrainConfig:
     report_to: list[str] = option(default_factory=list, help="extra trackers: tensorboard, wandb (metrics.jsonl is always written)")
     max_nonfinite_steps: int = option(5, "stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)")
     disable_tqdm: bool = option(False, "hide progress bars")
+    record_consumed: bool = option(False, "write each step's example indices to RUN_DIR/consumed.jsonl (shows that a resumed run repeats and skips nothing)")
 
     def __post_init__(self) -> None:
         positive = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
@@ -325,6 +356,8 @@ class TrainConfig:
             )
         if self.max_steps == 0 or (self.max_steps < 0 and self.num_train_epochs <= 0):
             raise ConfigError("nothing to train: set --max_steps > 0 or --num_train_epochs > 0")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"option 'seed' must be in [0, 2**32), got {self.seed}")
         if self.learning_rate < 0:
             raise ConfigError(f"learning_rate must be >= 0, got {self.learning_rate}")
         if not 0.0 <= self.warmup_ratio < 1.0:

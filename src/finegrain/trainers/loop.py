@@ -5,7 +5,18 @@ Nothing here owns the loop itself; each trainer file reads top to bottom and cal
 Checkpoints (``RUN_DIR/checkpoints/step-000042/``) hold the trainable weights as safetensors, the optimizer and
 scheduler state, the RNG states and the data position (:class:`RunState`). They are written to a temporary
 directory and renamed into place, so a run killed while writing leaves the previous checkpoint intact; a failed
-write (full disk, read-only directory) raises an error that says so and removes the partial copy.
+write (full disk, read-only directory) raises an error that says so and removes the partial copy. Every process
+learns of a failed write, so none is left waiting for the others.
+
+Resuming truncates ``metrics.jsonl`` (and ``consumed.jsonl``) to the checkpoint's step, so lines written after the
+checkpoint by the killed run are not repeated. With ``--record_consumed`` each optimizer step's global batch of
+example indices is appended to ``consumed.jsonl`` (:meth:`Run.record_batch`): the resume tests read it to show that
+no example was repeated or skipped.
+
+Two environment variables exist for fault-injection tests only (documented in docs/reliability.md):
+``FINEGRAIN_TEST_STEP_SLEEP`` (seconds to sleep after each optimizer step, so a test can kill a run at a known
+point) and ``FINEGRAIN_TEST_CHECKPOINT_PAUSE`` (seconds to sleep between writing a checkpoint's temporary
+directory and renaming it into place, so a test can kill a run in the middle of a write).
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ import random
 import shutil
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +45,16 @@ from finegrain.errors import ConfigError, FinegrainError, NonFiniteError
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
+CONSUMED_FILE = "consumed.jsonl"
+STEP_SLEEP_ENV = "FINEGRAIN_TEST_STEP_SLEEP"
+CHECKPOINT_PAUSE_ENV = "FINEGRAIN_TEST_CHECKPOINT_PAUSE"
+
+
+def _env_seconds(name: str) -> float:
+    try:
+        return max(0.0, float(os.environ.get(name, "0") or 0))
+    except ValueError:
+        return 0.0
 
 
 # ----------------------------------------------------------------------------------------------- run state
@@ -93,11 +115,13 @@ class Run:
         self.cfg, self.command, self.method, self.accelerator = cfg, command, method, accelerator
         self.dir = Path(cfg.output_dir or f"runs/{command}-{method}")
         self.is_main = accelerator.is_main_process
+        _check_process_count(accelerator)
         self.resume_from = self._resolve_resume()
         if self.is_main:
             self._prepare_dir()
         accelerator.wait_for_everyone()
         self._metrics = (self.dir / "metrics.jsonl").open("a") if self.is_main else None
+        self._consumed = (self.dir / CONSUMED_FILE).open("a") if self.is_main and _record_consumed(cfg) else None
         self._trackers = bool(cfg.report_to)
         if self._trackers:
             try:
@@ -107,6 +131,10 @@ class Run:
                 self.print(f"warning: trackers {cfg.report_to} unavailable ({exc}); metrics.jsonl is still written")
         self._interrupted = False
         self._old_sigint = None
+        self._last_saved_step: int | None = None
+        self._last: dict[str, dict[str, Any]] = {}
+        self._started = time.monotonic()
+        self._closed = False
 
     # -- set-up ------------------------------------------------------------------------------------------
 
@@ -134,26 +162,40 @@ class Run:
                     "or choose another --output_dir"
                 )
             shutil.rmtree(self.dir / CHECKPOINTS)
-            for name in ("metrics.jsonl", "final"):
+            for name in ("metrics.jsonl", CONSUMED_FILE, "final"):
                 p = self.dir / name
                 if p.is_dir():
                     shutil.rmtree(p)
                 elif p.exists():
                     p.unlink()
-        if self.resume_from is None and (self.dir / "metrics.jsonl").exists():
-            (self.dir / "metrics.jsonl").unlink()
         try:
+            if self.resume_from is None:
+                for name in ("metrics.jsonl", CONSUMED_FILE):
+                    if (self.dir / name).exists():
+                        (self.dir / name).unlink()
+            else:
+                # lines written after the checkpoint by the stopped run would be repeated by this one
+                step = RunState.from_json(json.loads((self.resume_from / STATE_FILE).read_text())).step
+                for name in ("metrics.jsonl", CONSUMED_FILE):
+                    _truncate_jsonl(self.dir / name, step)
+            # temporary copies left by a run killed while writing a checkpoint
+            for tmp in (self.dir / CHECKPOINTS).glob(".tmp-*") if (self.dir / CHECKPOINTS).is_dir() else []:
+                shutil.rmtree(tmp, ignore_errors=True)
             self.dir.mkdir(parents=True, exist_ok=True)
             dump_yaml(self.cfg, self.dir / "config.yaml")
+            self.write_status("running")
         except OSError as exc:
             raise FinegrainError(f"cannot write the run directory {self.dir}: {exc.strerror or exc}") from None
-        self.write_status("running")
 
     def write_status(self, status: str, **extra: Any) -> None:
+        """Update ``run.json`` (main process): command, method, status, start and finish times, and ``extra``."""
         if not self.is_main:
             return
         path = self.dir / "run.json"
-        info = json.loads(path.read_text()) if path.exists() else {}
+        try:
+            info = json.loads(path.read_text()) if path.exists() else {}
+        except (OSError, ValueError):
+            info = {}
         info.update(command=self.command, method=self.method, status=status, finegrain_version=__version__)
         info.setdefault("started", _now())
         info["finished"] = _now() if status != "running" else None
@@ -169,11 +211,23 @@ class Run:
     def log(self, metrics: dict[str, float], state: RunState, split: str = "train") -> None:
         """Append one line to metrics.jsonl (main process) and forward to trackers."""
         clean = {k: _scalar(v) for k, v in metrics.items()}
+        self._last[split] = clean
         if self._metrics is not None:
             self._metrics.write(json.dumps({"step": state.step, "samples": state.samples, "split": split, **clean}) + "\n")
             self._metrics.flush()
         if self._trackers:
             self.accelerator.log({f"{split}/{k}": v for k, v in clean.items()}, step=state.step)
+
+    def record_batch(self, state: RunState, indices: list[int]) -> None:
+        """Append the example indices of the global batch of step ``state.step + 1`` to ``consumed.jsonl``.
+
+        Only with ``--record_consumed`` (or ``FINEGRAIN_RECORD_CONSUMED=1``); a no-op otherwise. Call it once per
+        optimizer step, before the step, with the whole global batch (the same list on every process).
+        """
+        if self._consumed is not None:
+            self._consumed.write(json.dumps({"step": state.step + 1, "epoch": state.epoch,
+                                             "indices": [int(i) for i in indices]}) + "\n")
+            self._consumed.flush()
 
     def progress(self, total: int, initial: int, desc: str):
         from tqdm.auto import tqdm
@@ -185,7 +239,11 @@ class Run:
 
     @contextlib.contextmanager
     def catch_interrupts(self) -> Iterator[None]:
-        """Turn Ctrl-C (SIGINT) and SIGTERM into a flag checked at the end of each step."""
+        """Turn Ctrl-C (SIGINT) and SIGTERM into a flag checked at the end of each step.
+
+        An exception that escapes the block (other than the second Ctrl-C, which means "stop now") marks the run
+        ``failed`` in run.json, with the error's message, before it propagates.
+        """
 
         def handler(signum, frame):  # noqa: ARG001
             if self._interrupted:  # a second Ctrl-C stops at once
@@ -199,9 +257,21 @@ class Run:
                 old[sig] = signal.signal(sig, handler)
         try:
             yield
+        except KeyboardInterrupt:
+            self._safe_close("interrupted")
+            raise
+        except Exception as exc:
+            self._safe_close("failed", error=f"{type(exc).__name__}: {exc}")
+            raise
         finally:
             for sig, h in old.items():
                 signal.signal(sig, h)
+
+    def _safe_close(self, status: str, **extra: Any) -> None:
+        if self._closed:
+            return
+        with contextlib.suppress(Exception):  # the original error matters more than a second one here
+            self.close(status, **extra)
 
     def interrupted(self) -> bool:
         """Whether any process was interrupted (agreed across processes)."""
@@ -214,13 +284,21 @@ class Run:
 
     def save_checkpoint(self, state: RunState, model, optimizer, scheduler, tokenizer=None,
                         extra_models: dict[str, Any] | None = None) -> Path | None:
-        """Write a resumable checkpoint atomically and prune old ones. Returns its path (main process)."""
+        """Write a resumable checkpoint atomically and prune old ones. Returns its path (main process).
+
+        Layout: ``model/`` (and one folder per extra model) in Hugging Face format (safetensors; a LoRA run
+        stores its adapter), ``optim.pt`` (optimizer + scheduler), ``rng.pt``, ``trainer_state.json``. The copy is
+        written to ``checkpoints/.tmp-step-N-PID`` and renamed to ``checkpoints/step-N`` only when complete. A
+        second call for the same step (an interrupt right after a scheduled save) returns the existing one.
+        """
         acc = self.accelerator
         acc.wait_for_everyone()
         final = self.dir / CHECKPOINTS / f"step-{state.step:06d}"
+        if self._last_saved_step == state.step:
+            return final if self.is_main else None
         models = {"model": model, **(extra_models or {})}
         state_dicts = {name: acc.get_state_dict(m) for name, m in models.items()}
-        path = None
+        error = ""
         if self.is_main:
             tmp = self.dir / CHECKPOINTS / f".tmp-{final.name}-{os.getpid()}"
             try:
@@ -234,22 +312,26 @@ class Run:
                 torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
                 torch.save(_rng_state(), tmp / "rng.pt")
                 _atomic_write_text(tmp / STATE_FILE, json.dumps(state.to_json(), indent=2))
-                if final.exists():
-                    shutil.rmtree(final)
-                os.replace(tmp, final)
-            except OSError as exc:
+                pause = _env_seconds(CHECKPOINT_PAUSE_ENV)
+                if pause:
+                    time.sleep(pause)
+                _replace_dir(tmp, final)
+            except _WRITE_ERRORS as exc:
                 shutil.rmtree(tmp, ignore_errors=True)
-                previous = checkpoint_dirs(self.dir)
-                keep = f"; the previous checkpoint {previous[-1]} is intact" if previous else ""
-                raise FinegrainError(
-                    f"could not write checkpoint {final}: {exc.strerror or exc}{keep}. Free disk space or fix the "
-                    "directory's permissions, then resume with --resume_from_checkpoint latest"
-                ) from None
-            for old in checkpoint_dirs(self.dir)[: -self.cfg.save_total_limit] if self.cfg.save_total_limit > 0 else []:
-                shutil.rmtree(old, ignore_errors=True)
-            path = final
-        acc.wait_for_everyone()
-        return path
+                error = _describe_write_error(exc)
+            if not error:
+                limit = self.cfg.save_total_limit
+                for old in checkpoint_dirs(self.dir)[:-limit] if limit > 0 else []:
+                    shutil.rmtree(old, ignore_errors=True)
+        if _any_process(acc, bool(error)):
+            previous = checkpoint_dirs(self.dir) if self.is_main else []
+            keep = f"; the previous checkpoint {previous[-1]} is intact" if previous else ""
+            raise FinegrainError(
+                f"could not write checkpoint {final}: {error or 'the main process failed to write it'}{keep}. Free "
+                "disk space or fix the output directory's permissions, then resume with --resume_from_checkpoint latest"
+            )
+        self._last_saved_step = state.step
+        return final if self.is_main else None
 
     def load_checkpoint(self, path: Path, model, optimizer, scheduler, extra_models: dict[str, Any] | None = None) -> RunState:
         """Restore weights, optimizer, scheduler, RNG and the data position from ``path``."""
@@ -268,35 +350,202 @@ class Run:
         optimizer.load_state_dict(blob["optimizer"])
         scheduler.load_state_dict(blob["scheduler"])
         _set_rng_state(torch.load(path / "rng.pt", map_location="cpu", weights_only=True))
-        return RunState.from_json(json.loads((path / STATE_FILE).read_text()))
+        state = RunState.from_json(json.loads((path / STATE_FILE).read_text()))
+        self._last_saved_step = state.step
+        return state
 
     def save_final(self, model, tokenizer=None, name: str = "final") -> Path:
-        """Save the trained model in Hugging Face format (safetensors) under ``RUN_DIR/final``."""
+        """Save the trained model in Hugging Face format (safetensors) under ``RUN_DIR/final``.
+
+        A LoRA (peft) model is saved twice: merged into its base weights in ``final/`` (loads with
+        ``AutoModelForCausalLM.from_pretrained``) and as the adapter alone in ``final/adapter/`` (loads with
+        ``peft.PeftModel.from_pretrained`` on top of the base model). The merge is computed from the gathered state
+        dict, so it works the same under FSDP or ZeRO-3, and it leaves the training model untouched.
+        """
         acc = self.accelerator
         acc.wait_for_everyone()
         state_dict = acc.get_state_dict(model)
         out = self.dir / name
+        error = ""
         if self.is_main:
             tmp = self.dir / f".tmp-{name}-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            acc.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-            shutil.rmtree(out, ignore_errors=True)
-            os.replace(tmp, out)
-        acc.wait_for_everyone()
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)
+                unwrapped = acc.unwrap_model(model)
+                if _is_peft(unwrapped):
+                    unwrapped.save_pretrained(tmp / "adapter", state_dict=state_dict, safe_serialization=True)
+                    merged = merged_lora_state_dict(unwrapped, state_dict)
+                    unwrapped.get_base_model().save_pretrained(tmp, state_dict=merged, safe_serialization=True)
+                else:
+                    unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp)
+                _replace_dir(tmp, out)
+            except _WRITE_ERRORS as exc:
+                shutil.rmtree(tmp, ignore_errors=True)
+                error = _describe_write_error(exc)
+        if _any_process(acc, bool(error)):
+            raise FinegrainError(f"could not write the final model to {out}: {error or 'the main process failed'}. "
+                                 "Free disk space or fix permissions; the last checkpoint is in " + str(self.dir / CHECKPOINTS))
         return out
 
+    def _summary_line(self, status: str, extra: dict[str, Any]) -> str:
+        """``finegrain sft (sft) completed | 30 steps | train loss 1.2 | eval loss 1.3, ppl 3.7 | 12.0 s | run directory ...``"""
+        parts = [f"finegrain {self.command} ({self.method}) {status}"]
+        if "steps" in extra:
+            parts.append(f"{extra['steps']} steps")
+        for split in ("train", "eval"):
+            last = self._last.get(split, {})
+            shown = [f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float) and k in _SUMMARY_KEYS]
+            if shown:
+                parts.append(f"{split} " + ", ".join(shown))
+        if extra.get("skipped_steps"):
+            parts.append(f"{extra['skipped_steps']} skipped (non-finite)")
+        parts.append(f"{time.monotonic() - self._started:.1f} s")
+        parts.append(f"run directory {self.dir}")
+        return " | ".join(parts)
+
     def close(self, status: str, **extra: Any) -> None:
-        self.write_status(status, **extra)
-        if self._metrics is not None:
-            self._metrics.close()
-            self._metrics = None
+        """Write the final status (and ``extra``, plus a ``summary`` of the last metrics) to run.json, close the
+        metrics files and trackers, and print one summary line."""
+        if self._closed:
+            return
+        self._closed = True
+        line = self._summary_line(status, extra)
+        self.write_status(status, **extra, summary={s: m for s, m in self._last.items()})
+        for f in (self._metrics, self._consumed):
+            if f is not None:
+                f.close()
+        self._metrics = self._consumed = None
         if self._trackers:
             self.accelerator.end_training()
+        self.print(line)
+
+
+_SUMMARY_KEYS = ("loss", "ppl", "accuracy", "rewards/accuracies", "rewards/margins", "reward", "rewards/raw", "kl",
+                 "win_rate", "auroc")
+
+try:  # safetensors raises its own exception type for I/O errors (e.g. ENOSPC)
+    from safetensors import SafetensorError as _SafetensorError
+except ImportError:  # pragma: no cover
+    _SafetensorError = OSError
+# torch.save reports a failed write as RuntimeError ("PytorchStreamWriter failed writing file ...")
+_WRITE_ERRORS = (OSError, RuntimeError, _SafetensorError)
+
+
+def _describe_write_error(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    return str(exc) or type(exc).__name__
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move the complete directory ``tmp`` to ``final``; an existing ``final`` is moved aside first, then removed."""
+    if final.exists():
+        aside = final.with_name(f".old-{final.name}-{os.getpid()}")
+        os.replace(final, aside)
+        os.replace(tmp, final)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def _any_process(acc, flag: bool) -> bool:
+    """Whether ``flag`` is true on any process (every process gets the same answer)."""
+    if acc.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=acc.device)
+    return bool(acc.reduce(t, reduction="sum").item() > 0)
+
+
+def _truncate_jsonl(path: Path, step: int) -> None:
+    """Keep only the lines of ``path`` whose ``step`` is at most ``step`` (and drop a torn last line)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and int(row.get("step", 0)) <= step:
+            kept.append(line)
+    _atomic_write_text(path, "".join(x + "\n" for x in kept))
+
+
+def _record_consumed(cfg: TrainConfig) -> bool:
+    return bool(getattr(cfg, "record_consumed", False)) or os.environ.get("FINEGRAIN_RECORD_CONSUMED", "") in ("1", "true")
+
+
+def _check_process_count(acc) -> None:
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1 and acc.num_processes != launched:
+        raise ConfigError(
+            f"{launched} processes were launched but the accelerator sees {acc.num_processes}; every process would "
+            "train alone and write the same files. On a machine without GPUs launch with "
+            "`finegrain <command> --accelerate_config multi_gpu --num_processes N` (which selects the CPU backend) "
+            "or set ACCELERATE_USE_CPU=1"
+        )
+
+
+def _is_peft(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def merged_lora_state_dict(peft_model, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The base model's state dict with every LoRA update merged in: ``W' = W + s · B A``.
+
+    ``s`` is the layer's scaling (``lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA); layers that store ``W``
+    transposed (GPT-2's ``Conv1D``, ``fan_in_fan_out``) get ``(B A)ᵀ``. ``modules_to_save`` copies replace their
+    originals. Keys lose peft's ``base_model.model.`` prefix, so the result loads into the plain model.
+
+    Args:
+        peft_model: the (unwrapped) ``peft.PeftModel``; read for adapter names, scalings and layouts only.
+        state_dict: its full state dict (``accelerator.get_state_dict``), on any device.
+
+    Returns:
+        ``{name: tensor}`` in the base model's own names, same dtypes as the base weights.
+    """
+    adapter = getattr(peft_model, "active_adapter", "default")
+    adapter = adapter[0] if isinstance(adapter, (list, tuple)) else adapter
+    prefix = "base_model.model."
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if ".lora_" in key or ".original_module." in key or ".lora_magnitude_vector" in key:
+            continue
+        name = key[len(prefix):] if key.startswith(prefix) else key
+        if f".modules_to_save.{adapter}." in name:
+            out[name.replace(f".modules_to_save.{adapter}.", ".")] = value
+            continue
+        if ".modules_to_save." in name:
+            continue
+        if ".base_layer." in key:
+            module_key = key.split(".base_layer.")[0]
+            name = name.replace(".base_layer.", ".")
+            a_key, b_key = f"{module_key}.lora_A.{adapter}.weight", f"{module_key}.lora_B.{adapter}.weight"
+            if key.endswith(".base_layer.weight") and a_key in state_dict:
+                module = peft_model.get_submodule(module_key[len(prefix):] if module_key.startswith(prefix) else module_key)
+                a, b = state_dict[a_key].float(), state_dict[b_key].float()
+                delta = (b.to(a.device) @ a) * float(module.scaling[adapter])
+                if getattr(module, "fan_in_fan_out", False):
+                    delta = delta.T
+                value = (value.float() + delta.to(value.device)).to(value.dtype)
+        out.setdefault(name, value)
+    return out
 
 
 def _load_state_dict(model, weights: dict[str, torch.Tensor], where: Path) -> None:
+    if _is_peft(model):  # a LoRA checkpoint holds the adapter only (peft's names, without the adapter name)
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, weights)
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        missing = [k for k in trainable if k in set(result.missing_keys)]
+        if missing or result.unexpected_keys:
+            raise ConfigError(f"checkpoint {where} does not match the LoRA model: missing {missing[:5]}, "
+                              f"unexpected {list(result.unexpected_keys)[:5]}")
+        return
     own = model.state_dict()
     # tied weights are stored once by save_pretrained
     missing = [k for k in own if k not in weights and not _is_tied(model, k)]
@@ -354,17 +603,32 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def make_accelerator(cfg: TrainConfig):
-    """An ``accelerate.Accelerator`` for ``cfg`` (mixed precision, trackers); the loop accumulates gradients itself."""
+    """An ``accelerate.Accelerator`` for ``cfg`` (mixed precision, trackers); the loop accumulates gradients itself.
+
+    Several processes launched on a machine without a GPU (``finegrain <command> --accelerate_config multi_gpu
+    --num_processes 2`` or ``torchrun``) get accelerate's CPU backend (gloo): accelerate otherwise treats each of
+    them as a lone single process.
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     acc = Accelerator(
+        cpu=_cpu_only_multiprocess(),
         mixed_precision="bf16" if cfg.bf16 else "no",
         log_with=cfg.report_to or None,
-        project_dir=cfg.output_dir,
+        project_dir=cfg.output_dir or f"runs/{type(cfg).__name__}",
     )
     set_seed(cfg.seed)
     return acc
+
+
+def _cpu_only_multiprocess() -> bool:
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return False
+    has_xpu = hasattr(torch, "xpu") and torch.xpu.is_available()
+    return not (torch.cuda.is_available() or has_xpu)
 
 
 def num_training_steps(cfg: TrainConfig, num_examples: int, global_batch_size: int) -> int:
@@ -415,14 +679,28 @@ def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_ste
 def optimizer_step(run: Run, state: RunState, model, optimizer, scheduler, loss: torch.Tensor) -> dict[str, float]:
     """Clip, check finiteness, step. A non-finite loss or gradient skips the step (counted); too many in a row stop.
 
-    Returns ``{"grad_norm": ..., "skipped": 0/1}``.
+    A skipped step leaves the weights, the optimizer's moments and the learning-rate schedule untouched and
+    discards the step's gradients. After ``--max_nonfinite_steps`` consecutive skips a
+    :class:`~finegrain.errors.NonFiniteError` says what to change. The check agrees across processes: the loss
+    flag is reduced and the clipped norm is already global.
+
+    Returns ``{"grad_norm", "skipped" (0/1), "nonfinite_total", "learning_rate"}``.
     """
-    acc = run.accelerator
     params = [p for p in model.parameters() if p.requires_grad]
+    stats = _guarded_step(run, state, params, optimizer, scheduler, loss)
+    pause = _env_seconds(STEP_SLEEP_ENV)
+    if pause:  # fault-injection tests only: lets a test stop the run at a known step
+        time.sleep(pause)
+    return stats
+
+
+def _guarded_step(run: Run, state: RunState, params, optimizer, scheduler, loss: torch.Tensor) -> dict[str, float]:
+    acc = run.accelerator
     if run.cfg.max_grad_norm > 0:
         norm = acc.clip_grad_norm_(params, run.cfg.max_grad_norm)
     else:
-        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        norms = [p.grad.norm() for p in params if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
     norm = torch.as_tensor(norm, dtype=torch.float32)
     loss_ok = torch.isfinite(loss.detach().float()).all().to(acc.device).float().reshape(1)
     if acc.num_processes > 1:
@@ -446,7 +724,7 @@ def optimizer_step(run: Run, state: RunState, model, optimizer, scheduler, loss:
             )
     optimizer.zero_grad(set_to_none=True)
     return {"grad_norm": float(norm) if finite else float("nan"), "skipped": 0.0 if finite else 1.0,
-            "learning_rate": scheduler.get_last_lr()[0]}
+            "nonfinite_total": float(state.nonfinite_total), "learning_rate": scheduler.get_last_lr()[0]}
 
 
 def micro_batches(indices: list[int], cfg: TrainConfig, rank: int, num_processes: int) -> list[list[int]]:

@@ -108,6 +108,7 @@ def train(cfg: SFTConfig, model, tokenizer, train_data, eval_data=None, *, metho
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                 continue
             indices = epoch_batches[state.batch_in_epoch]
+            run.record_batch(state, indices)  # --record_consumed: proves resumes repeat and skip nothing
             global_tokens = sum(len(train_data[i]["completion_input_ids"]) for i in indices)
             loss_sum = torch.zeros((), device=acc.device)
             for k, mb in enumerate(loop.micro_batches(indices, cfg, acc.process_index, world)):
@@ -125,7 +126,8 @@ def train(cfg: SFTConfig, model, tokenizer, train_data, eval_data=None, *, metho
             state.samples += len(indices)
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
-            if state.step % cfg.logging_steps == 0 or state.step == total_steps:
+            # a skipped (non-finite) step is always logged, so metrics.jsonl shows every one
+            if state.step % cfg.logging_steps == 0 or state.step == total_steps or stats["skipped"]:
                 run.log({"loss": loss, **stats, "epoch": state.epoch + state.batch_in_epoch / len(epoch_batches)}, state)
             if eval_data is not None and cfg.eval_steps and state.step % cfg.eval_steps == 0:
                 run.log(evaluate(model, eval_data, cfg, acc), state, split="eval")
@@ -140,8 +142,7 @@ def train(cfg: SFTConfig, model, tokenizer, train_data, eval_data=None, *, metho
         if eval_data is not None:
             run.log(evaluate(model, eval_data, cfg, acc), state, split="eval")
         run.save_final(model, tokenizer)
-    run.close(status, steps=state.step, skipped_steps=state.nonfinite_total)
-    run.print(f"sft {status} after {state.step} steps; run directory {run.dir}")
+    run.close(status, steps=state.step, skipped_steps=state.nonfinite_total)  # prints the summary line
     if status == "interrupted":
         raise KeyboardInterrupt
     return run.dir
