@@ -57,10 +57,14 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         print(f"finegrain: unknown command '{name}'{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
     from finegrain.errors import FinegrainError
 
     try:
+        from finegrain.cli import launch
+
+        if name in launch.LAUNCHABLE and launch.wants_launch(rest):  # --accelerate_config / --num_processes: re-run under `accelerate launch`
+            return launch.relaunch(name, rest)
+        module = importlib.import_module(COMMANDS[name][0])
         result = module.main(rest)
     except FinegrainError as exc:
         if os.environ.get("FINEGRAIN_DEBUG"):

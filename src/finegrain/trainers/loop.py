@@ -619,7 +619,25 @@ def make_accelerator(cfg: TrainConfig):
         project_dir=cfg.output_dir or f"runs/{type(cfg).__name__}",
     )
     set_seed(cfg.seed)
+    _configure_deepspeed(acc, cfg)
     return acc
+
+
+def _configure_deepspeed(acc, cfg: TrainConfig) -> None:
+    """Under DeepSpeed the engine clips and steps inside ``backward``: give it our clipping norm, and refuse
+    gradient accumulation, whose loss scaling DeepSpeed would apply on top of the loop's own normalisation."""
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type != DistributedType.DEEPSPEED:
+        return
+    if cfg.gradient_accumulation_steps > 1:
+        raise ConfigError(
+            "--gradient_accumulation_steps > 1 is not supported with the DeepSpeed presets (DeepSpeed would scale the "
+            "loss a second time); raise --per_device_train_batch_size or --num_processes, or use the fsdp2 preset"
+        )
+    ds = acc.state.deepspeed_plugin.deepspeed_config
+    ds["gradient_accumulation_steps"] = 1
+    ds["gradient_clipping"] = cfg.max_grad_norm
 
 
 def _cpu_only_multiprocess() -> bool:
@@ -698,6 +716,8 @@ def _guarded_step(run: Run, state: RunState, params, optimizer, scheduler, loss:
     acc = run.accelerator
     if run.cfg.max_grad_norm > 0:
         norm = acc.clip_grad_norm_(params, run.cfg.max_grad_norm)
+        if norm is None:  # DeepSpeed clips inside its engine and may not report the norm
+            norm = torch.zeros(())
     else:
         norms = [p.grad.norm() for p in params if p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
