@@ -571,6 +571,8 @@ def _scalar(v: Any) -> Any:
         v = v.detach().float().mean().item()
     if isinstance(v, (np.floating, np.integer)):
         v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None  # metrics.jsonl stays strict JSON: a skipped step's NaN norm is logged as null
     return v
 
 

@@ -1,0 +1,236 @@
+"""Test harness shared by tests/scale and tests/reliability: tiny models and data, CLI runs, run-directory readers.
+
+* :func:`tiny_model_dir` saves a tiny random causal LM of a given architecture (Llama, Qwen2, GPT-2, Mistral) with a
+  word-level tokenizer (optionally with a chat template) so that ``--model_name_or_path DIR`` loads it like a hub model;
+  :func:`write_sft_rows` writes prompt/completion (or conversational ``messages``) rows it can learn.
+* :func:`cli` runs ``finegrain <command> ...`` as a subprocess, on 1 process or on N CPU processes through our own
+  launcher (``--accelerate_config multi_gpu --num_processes N``, gloo backend).
+* :data:`TRAINERS` lists the training commands whose module exists, so every test parametrised over it covers a
+  trainer as soon as it lands; :func:`world_args` gives each the generic options that run it on the built-in world.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+PYTHON = sys.executable
+ALL_TRAINERS = ("sft", "po", "rm", "ppo")
+TRAINERS = tuple(c for c in ALL_TRAINERS if importlib.util.find_spec(f"finegrain.trainers.{c}") is not None)
+
+# per-command options that keep a world run to seconds (added as the trainers land)
+FAST_OPTIONS: dict[str, list[str]] = {
+    "sft": [],
+    "po": [],
+    "rm": [],
+    "ppo": [],
+}
+
+WORDS = ["what", "color", "is", "the", "sky", "grass", "sun", "snow", "sea", "blue", "green", "yellow", "white",
+         "it", "a", "and", "very", "bright", "today", "?", ".", "user", "assistant", "say", "tell", "me"]
+SPECIALS = ["[PAD]", "[BOS]", "[EOS]", "[UNK]", "<|user|>", "<|assistant|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}{% if m['role'] == 'assistant' %} [EOS]{% endif %}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+FACTS = {"sky": "blue", "grass": "green", "sun": "yellow", "snow": "white", "sea": "blue"}
+
+
+# ----------------------------------------------------------------------------------------------- tiny models
+
+
+def word_tokenizer(chat_template: str | None = None):
+    """A word-level fast tokenizer over :data:`WORDS` (BOS prepended, EOS/PAD/UNK), optionally with a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", 1)])
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[BOS]", eos_token="[EOS]", pad_token="[PAD]",
+                                  unk_token="[UNK]", additional_special_tokens=["<|user|>", "<|assistant|>"])
+    out.chat_template = chat_template
+    return out
+
+
+def tiny_config(arch: str, vocab_size: int, *, hidden: int = 32, layers: int = 2, heads: int = 4):
+    """A transformers config of ``arch`` (llama, qwen2, gpt2, mistral) small enough to train in seconds on CPU."""
+    import transformers as tf
+
+    ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=heads // 2, max_position_embeddings=128, **ids)
+    if arch == "llama":
+        return tf.LlamaConfig(**common, tie_word_embeddings=True)
+    if arch == "qwen2":
+        return tf.Qwen2Config(**common, tie_word_embeddings=False)
+    if arch == "mistral":
+        return tf.MistralConfig(**common, sliding_window=None, tie_word_embeddings=False)
+    if arch == "gpt2":
+        return tf.GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=128,
+                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids)
+    raise ValueError(arch)
+
+
+ARCHITECTURES = ("llama", "qwen2", "gpt2", "mistral")
+
+
+def tiny_model_dir(path: Path, arch: str = "llama", *, chat: bool = False, seed: int = 0) -> Path:
+    """Save a tiny random ``arch`` model and its tokenizer under ``path`` (loadable with from_pretrained)."""
+    from finegrain.models.build import causal_lm_from_config
+
+    tok = word_tokenizer(CHAT_TEMPLATE if chat else None)
+    model = causal_lm_from_config(tiny_config(arch, len(tok)), seed=seed)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path
+
+
+def sft_rows(n: int, *, chat: bool = False) -> list[dict]:
+    """``n`` rows: "what color is the X ?" -> "the X is C ." (conversational ``messages`` when ``chat``)."""
+    things = sorted(FACTS)
+    rows = []
+    for i in range(n):
+        x = things[i % len(things)]
+        extra = " very" if (i // len(things)) % 2 else ""
+        prompt, completion = f"what color is the {x} ?", f"the {x} is{extra} {FACTS[x]} ."
+        if chat:
+            rows.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]})
+        else:
+            rows.append({"prompt": prompt, "completion": completion})
+    return rows
+
+
+def write_sft_rows(path: Path, n: int = 64, *, chat: bool = False) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in sft_rows(n, chat=chat)))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- CLI runs
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
+               PYTHONUNBUFFERED="1")
+    env.pop("FINEGRAIN_DEBUG", None)
+    env.update(extra)
+    return env
+
+
+def cli_command(command: str, args: list[str], processes: int = 1) -> list[str]:
+    launch = ["--accelerate_config", "multi_gpu", "--num_processes", str(processes)] if processes > 1 else []
+    return [PYTHON, "-m", "finegrain.cli.main", command, *args, *launch]
+
+
+def cli(command: str, args: list[str], processes: int = 1, timeout: float = 300, env: dict[str, str] | None = None,
+        check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``finegrain <command> args`` to the end; on failure (with ``check``) raise with its output."""
+    proc = subprocess.run(cli_command(command, args, processes), capture_output=True, text=True, timeout=timeout,
+                          env=env or cli_env())
+    if check and proc.returncode != 0:
+        raise AssertionError(f"finegrain {command} exited {proc.returncode}\n--- stderr ---\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def start(command: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start ``finegrain <command> args`` (one process) without waiting."""
+    return subprocess.Popen(cli_command(command, args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env or cli_env())
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 240, what: str = "") -> None:
+    """Poll ``predicate()`` until true; fail if ``proc`` ends first or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before {what}\n{err[-4000:]}")
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def kill(proc: subprocess.Popen, sig: int = signal.SIGKILL, timeout: float = 120) -> tuple[int, str]:
+    """Send ``sig`` and wait; returns (exit status, stderr)."""
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err
+
+
+def world_args(command: str, world: Path, out: Path, *, steps: int, batch: int, accumulation: int = 1,
+               lr: float = 1e-3, seed: int = 0, extra: list[str] = ()) -> list[str]:
+    """Options that run ``command`` on the built-in world at ``world`` for a few steps, logging every step."""
+    return ["--world_dir", str(world), "--output_dir", str(out), "--max_steps", str(steps),
+            "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", str(accumulation),
+            "--learning_rate", str(lr), "--seed", str(seed), "--logging_steps", "1", "--disable_tqdm",
+            "--max_train_samples", "256", "--max_eval_samples", "8", "--record_consumed",
+            *FAST_OPTIONS.get(command, []), *extra]
+
+
+def model_args(model_dir: Path, data: Path, out: Path, *, steps: int, batch: int, accumulation: int = 1,
+               lr: float = 1e-3, seed: int = 0, extra: list[str] = ()) -> list[str]:
+    """Options that run a command on a tiny model directory and a data file."""
+    return ["--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--output_dir", str(out),
+            "--max_steps", str(steps), "--per_device_train_batch_size", str(batch),
+            "--gradient_accumulation_steps", str(accumulation), "--learning_rate", str(lr), "--seed", str(seed),
+            "--logging_steps", "1", "--disable_tqdm", "--max_length", "64", "--max_prompt_length", "32",
+            "--record_consumed", *extra]
+
+
+# ----------------------------------------------------------------------------------------------- run readers
+
+
+def metrics(run_dir: Path, split: str = "train") -> list[dict]:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in metrics(run_dir)]
+
+
+def consumed(run_dir: Path) -> list[list[int]]:
+    """Example indices of every optimizer step, in step order (``--record_consumed``); asserts steps are 1..n."""
+    rows = [json.loads(x) for x in (Path(run_dir) / "consumed.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)), "consumed.jsonl steps are not 1..n"
+    return [r["indices"] for r in rows]
+
+
+def weights(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every safetensors file directly in ``directory`` (a model folder)."""
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        out.update(load_file(f))
+    assert out, f"no safetensors in {directory}"
+    return out
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))[:5]
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def relative_update_error(w0: dict, w1: dict, w2: dict) -> float:
+    """``‖w2 − w1‖ / ‖w1 − w0‖`` over all tensors: how far run 2 lands from run 1, relative to run 1's update."""
+    num = sum(((w2[k].double() - w1[k].double()) ** 2).sum() for k in w1)
+    den = sum(((w1[k].double() - w0[k].double()) ** 2).sum() for k in w1)
+    return float((num / den).sqrt())
+
+
+def bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
