@@ -49,6 +49,12 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def _show(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters so that an error message stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _coerce(name: str, value: Any, tp: Any) -> Any:
     """Convert ``value`` (from YAML or a flag string) to the field type ``tp``, or raise ConfigError."""
     base, optional = _unwrap_optional(tp)
@@ -60,7 +66,7 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
     if origin is Literal:
         choices = get_args(base)
         if value not in choices:
-            raise ConfigError(f"option '{name}' must be one of {', '.join(map(str, choices))}; got {value!r}")
+            raise ConfigError(f"option '{name}' must be one of {', '.join(map(str, choices))}; got {_show(value)}")
         return value
     if origin in (list, tuple):
         (item_tp,) = get_args(base)[:1] or (str,)
@@ -71,7 +77,7 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         return [_coerce(name, v, item_tp) for v in value]
     if origin is dict or base is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"option '{name}' must be a mapping, got {value!r}")
+            raise ConfigError(f"option '{name}' must be a mapping, got {_show(value)}")
         return dict(value)
     if base is bool:
         if isinstance(value, bool):
@@ -80,30 +86,32 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
             return True
         if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
             return False
-        raise ConfigError(f"option '{name}' must be true or false, got {value!r}")
+        raise ConfigError(f"option '{name}' must be true or false, got {_show(value)}")
     if base is int:
         if isinstance(value, bool):
-            raise ConfigError(f"option '{name}' must be an integer, got {value!r}")
+            raise ConfigError(f"option '{name}' must be an integer, got {_show(value)}")
         try:
             out = int(value) if not isinstance(value, float) or value.is_integer() else None
         except (TypeError, ValueError):
             out = None
         if out is None:
-            raise ConfigError(f"option '{name}' must be an integer, got {value!r}")
+            raise ConfigError(f"option '{name}' must be an integer, got {_show(value)}")
         return out
     if base is float:
         if isinstance(value, bool):
-            raise ConfigError(f"option '{name}' must be a number, got {value!r}")
+            raise ConfigError(f"option '{name}' must be a number, got {_show(value)}")
         try:
             out = float(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"option '{name}' must be a number, got {value!r}") from None
+            raise ConfigError(f"option '{name}' must be a number, got {_show(value)}") from None
         if not math.isfinite(out):
             raise ConfigError(f"option '{name}' must be a finite number, got {out}")
         return out
     if base is str:
         if isinstance(value, (dict, list)):
-            raise ConfigError(f"option '{name}' must be a string, got {value!r}")
+            raise ConfigError(f"option '{name}' must be a string, got {_show(value)}")
+        if "\0" in str(value):
+            raise ConfigError(f"option '{name}' contains a NUL character")
         return str(value)
     return value
 
@@ -145,11 +153,11 @@ def build(cls: type[C], values: dict[str, Any], source: str = "options") -> C:
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
         if not isinstance(key, str):
-            raise ConfigError(f"option names in {source} must be strings; got {key!r} (quote it or fix the indentation)")
+            raise ConfigError(f"option names in {source} must be strings; got {_show(key)} (quote it or fix the indentation)")
         name = key.replace("-", "_")
         name = aliases.get(name, name)
         if name not in known:
-            raise ConfigError(f"unknown option '{key}' in {source}{_suggest(name, list(known))}")
+            raise ConfigError(f"unknown option {_show(key)} in {source}{_suggest(name, list(known))}")
         kwargs[name] = _coerce(name, value, hints[name])
     missing = [n for n, f in known.items() if n not in kwargs and _default_of(f) is _MISSING]
     if missing:
@@ -187,7 +195,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     for k, v in env.items():
         if not isinstance(k, str) or not k or "=" in k or "\0" in k or not isinstance(v, (str, int, float, bool)) \
                 or "\0" in str(v):
-            raise ConfigError(f"config file {p}: option 'env' has an invalid entry {k!r}: {v!r} (names are strings "
+            raise ConfigError(f"config file {p}: option 'env' has an invalid entry {_show(k)}: {_show(v)} (names are strings "
                               "without '=' or NUL, values are scalars)")
     for k, v in env.items():
         os.environ[k] = str(v)
@@ -247,8 +255,8 @@ def parse(cls: type[C], argv: list[str] | None, prog: str, description: str = ""
         known = [f.name for f in config_fields(cls)]
         if flags:
             name = flags[0].lstrip("-").split("=")[0].replace("-", "_")
-            raise ConfigError(f"unknown option '{flags[0]}'{_suggest(name, known)} (see {prog} --help)")
-        raise ConfigError(f"unexpected argument {unknown[0]!r}: options are given as --name value (see {prog} --help)")
+            raise ConfigError(f"unknown option {_show(flags[0])}{_suggest(name, known)} (see {prog} --help)")
+        raise ConfigError(f"unexpected argument {_show(unknown[0])}: options are given as --name value (see {prog} --help)")
     config_path = ns.pop("config", None)
     values: dict[str, Any] = load_yaml(config_path) if config_path else {}
     values.update(ns)
@@ -366,6 +374,6 @@ class TrainConfig:
             raise ConfigError("--resume_from_checkpoint and --overwrite_output_dir contradict each other: drop one")
         for tracker in self.report_to:
             if tracker not in ("tensorboard", "wandb"):
-                raise ConfigError(f"report_to: unknown tracker {tracker!r}; choose tensorboard and/or wandb")
+                raise ConfigError(f"report_to: unknown tracker {_show(tracker)}; choose tensorboard and/or wandb")
         if self.tokenizer_name_or_path and not self.model_name_or_path:
             raise ConfigError("--tokenizer_name_or_path needs --model_name_or_path (the world's model has its own tokenizer)")
