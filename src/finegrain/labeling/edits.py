@@ -1,0 +1,240 @@
+"""``finegrain label edits``: token labels from minimal-edit revisions (TLCR spec 3.1; minimal-edit token RM 4.2).
+
+Reads revision rows ``{prompt, rejected, revised[, chosen]}`` (the output of ``finegrain label revise``, or the
+built-in world's ``data/revisions.jsonl``), aligns each rejected response with its revision by a unit-cost
+Levenshtein alignment (:func:`finegrain.data.alignment.label_revisions`: rapidfuzz editops, labels projected onto
+the tokenizer's tokens through character offsets), and writes a data set of **token supervision rows**, two per
+pair, that :class:`finegrain.data.CompletionData` and ``finegrain rm --level discriminator|token`` load as they are:
+
+```json
+{"prompt": "...", "response": "<rejected>", "labels": [0, -1, 0, ...], "side": "rejected", "pair": 17}
+{"prompt": "...", "response": "<revised>",  "labels": [0, 1, 0, ...],  "side": "revised",  "pair": 17}
+```
+
+* ``labels`` (``--format labels``, default): one integer per response token of ``--tokenizer_name_or_path``, the
+  response tokenized alone without special tokens (EOS not included; the data layer gives it no label): -1 on
+  tokens of the rejected response that the revision deleted or substituted, +1 on tokens of the revision that it
+  added or substituted, 0 elsewhere. They are valid for that tokenizer only.
+* ``spans`` (``--format spans``): the same labels as character spans ``[{"start", "end", "label"}]`` of the
+  response (one span per run of equally labelled tokens), which any tokenizer can read; with ``--unit word`` they
+  do not depend on the tokenizer at all.
+
+``side`` and ``pair`` (the row's 0-based position in the input split) say where a row came from; the data layer
+ignores them. Pairs whose alignment finds no edit carry no signal and are left out (``--keep_identical`` keeps
+them, all 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any, Literal
+
+from finegrain.config import option, parse
+from finegrain.errors import ConfigError
+
+__all__ = ["EditsConfig", "EditsSummary", "label_rows", "main", "run_edits", "spans_from_labels"]
+
+logger = logging.getLogger(__name__)
+
+_DESCRIPTION = """Token labels from {prompt, rejected, revised} rows by edit alignment (TLCR, minimal-edit token RM).
+
+Writes JSON Lines of token supervision rows {prompt, response, labels | spans, side, pair}, two per pair: -1 on
+rejected tokens that the revision deleted or substituted, +1 on revision tokens it added or substituted, 0 on
+unchanged tokens. With no data set, labels the built-in world's revisions with the world's tokenizer.
+
+examples:
+  finegrain label edits --output_file world_edits.jsonl
+  finegrain label edits --dataset_name revisions.jsonl --tokenizer_name_or_path Qwen/Qwen2.5-0.5B \\
+      --output_file edits.jsonl
+  finegrain label edits --dataset_name revisions.jsonl --format spans --output_file edit_spans.jsonl
+"""
+
+
+@dataclasses.dataclass
+class EditsConfig:
+    """Token labels from revisions by token-level edit alignment."""
+
+    output_file: str = option(help="JSONL file of token supervision rows to write")
+    dataset_name: str | None = option(None, "hub id, local file or directory of revision rows (prompt, rejected, "
+                                      "revised, optionally chosen); default: the built-in world's revisions")
+    dataset_split: str = option("train", "split of dataset_name")
+    world_dir: str | None = option(None, "the built-in world's directory (default: the cache directory; built on "
+                                   "first use)")
+    tokenizer_name_or_path: str | None = option(None, "the tokenizer whose tokens get the labels (a fast tokenizer); "
+                                                "default: the world's tokenizer when no data set is given")
+    trust_remote_code: bool = option(False, "allow a tokenizer with custom code from the hub")
+    unit: Literal["word", "token", "char"] = option("word", "alignment unit: word (words and punctuation; a changed "
+                                                    "word marks all its tokens), token (the tokens themselves, as the "
+                                                    "TLCR code), char")
+    format: Literal["labels", "spans"] = option("labels", "labels: one integer per token of this tokenizer; spans: "
+                                                "character spans that any tokenizer can read")
+    sides: Literal["both", "rejected", "revised"] = option("both", "which responses of each pair to write")
+    keep_identical: bool = option(False, "also write pairs whose alignment finds no edit (all labels 0)")
+    limit: int | None = option(None, "use only the first N input rows")
+    skip_invalid_rows: bool = option(False, "skip bad input rows (counted and logged) instead of stopping")
+    overwrite_output: bool = option(False, "replace output_file if it exists")
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit <= 0:
+            raise ConfigError(f"option 'limit' must be positive (or unset for all rows), got {self.limit}")
+        if self.dataset_name is not None and self.tokenizer_name_or_path is None:
+            raise ConfigError("--dataset_name needs --tokenizer_name_or_path: labels belong to one tokenizer's tokens "
+                              "(or use --format spans --unit word for tokenizer-free labels, still with a tokenizer "
+                              "to find the words' spans)")
+
+
+@dataclasses.dataclass
+class EditsSummary:
+    """What :func:`run_edits` did."""
+
+    pairs: int = 0
+    written_rows: int = 0
+    identical: int = 0
+    skipped: int = 0
+    negative_tokens: int = 0
+    positive_tokens: int = 0
+    neutral_tokens: int = 0
+    output_file: str = ""
+
+    def __str__(self) -> str:
+        left = f", {self.identical} without any edit (left out)" if self.identical else ""
+        skipped = f", {self.skipped} invalid rows skipped" if self.skipped else ""
+        return (f"{self.pairs} pairs labelled -> {self.written_rows} rows{left}{skipped}; tokens: "
+                f"{self.negative_tokens} negative, {self.positive_tokens} positive, {self.neutral_tokens} neutral "
+                f"-> {self.output_file}")
+
+
+def spans_from_labels(labels: list[int], offsets: list[tuple[int, int]]) -> list[dict[str, int]]:
+    """Character spans of runs of equally labelled tokens: ``[{"start", "end", "label"}]``, sorted, disjoint.
+
+    Tokens with empty offsets are skipped; a run covers ``[start of its first token, end of its last)``.
+
+    Example:
+        >>> spans_from_labels([0, -1, -1, 0], [(0, 2), (3, 5), (6, 9), (10, 11)])
+        [{'start': 0, 'end': 2, 'label': 0}, {'start': 3, 'end': 9, 'label': -1}, {'start': 10, 'end': 11, 'label': 0}]
+    """
+    spans: list[dict[str, int]] = []
+    for label, (s, e) in zip(labels, offsets):
+        if s >= e:
+            continue
+        if spans and spans[-1]["label"] == label:
+            spans[-1]["end"] = e
+        else:
+            spans.append({"start": s, "end": e, "label": int(label)})
+    return spans
+
+
+def label_rows(rows: list[dict], tokenizer: Any, *, unit: str = "word", fmt: str = "labels", sides: str = "both",
+               keep_identical: bool = False, summary: EditsSummary | None = None) -> list[dict]:
+    """Token supervision rows from validated revision rows (see the module docstring).
+
+    Args:
+        rows: normalised revision rows (:func:`finegrain.data.schema.validate_rows` with kind ``revision``).
+        tokenizer: a Hugging Face fast tokenizer.
+        unit: the alignment unit (``word``, ``token``, ``char``).
+        fmt: ``labels`` or ``spans``.
+        sides: ``both``, ``rejected`` or ``revised``.
+        keep_identical: keep pairs without any edit.
+        summary: counts are added to it when given.
+
+    Returns:
+        Output rows, two per kept pair (one with ``sides`` other than ``both``).
+    """
+    from finegrain.data.alignment import label_revisions
+
+    summary = summary if summary is not None else EditsSummary()
+    labelled = label_revisions(tokenizer, [r["rejected"] for r in rows], [r["revised"] for r in rows], unit=unit)
+    out = []
+    for r, lab in zip(rows, labelled):
+        if lab.identical and not keep_identical:
+            summary.identical += 1
+            continue
+        summary.pairs += 1
+        pair = r["row"] if r.get("row") is not None else len(out)
+        for side, text, labels, offsets in (("rejected", r["rejected"], lab.rejected_labels, lab.rejected_offsets),
+                                            ("revised", r["revised"], lab.revised_labels, lab.revised_offsets)):
+            if sides not in ("both", side):
+                continue
+            row = {"prompt": r["prompt"], "response": text}
+            if fmt == "labels":
+                row["labels"] = [int(x) for x in labels]
+            else:
+                row["spans"] = spans_from_labels(labels, offsets)
+            row.update(side=side, pair=pair)
+            out.append(row)
+            counts = Counter(labels)
+            summary.negative_tokens += counts[-1]
+            summary.positive_tokens += counts[1]
+            summary.neutral_tokens += counts[0]
+    summary.written_rows += len(out)
+    return out
+
+
+def _inputs(cfg: EditsConfig) -> tuple[Any, Any]:
+    from finegrain.models.loading import load_tokenizer
+
+    if cfg.dataset_name is None:
+        from finegrain.world import ensure_world
+
+        world = ensure_world(cfg.world_dir)
+        source = str(world / "data" / "revisions.jsonl")
+        tok_path = cfg.tokenizer_name_or_path or str(world / "sft")
+    else:
+        source, tok_path = cfg.dataset_name, cfg.tokenizer_name_or_path
+    return source, load_tokenizer(tok_path, trust_remote_code=cfg.trust_remote_code)
+
+
+def run_edits(cfg: EditsConfig) -> EditsSummary:
+    """Label the revisions of ``cfg`` and write ``cfg.output_file`` (atomically: a reader never sees half of it).
+
+    Returns:
+        The :class:`EditsSummary`.
+
+    Raises:
+        ConfigError: the output exists (without ``overwrite_output``), or a tokenizer without offsets.
+        DataError: a bad input row (unless ``skip_invalid_rows``).
+    """
+    from finegrain.data.loading import Rows, load_rows
+    from finegrain.data.schema import validate_rows
+
+    out_path = Path(cfg.output_file)
+    if out_path.exists() and not cfg.overwrite_output:
+        raise ConfigError(f"{out_path} exists; pass --overwrite_output to replace it or choose another --output_file")
+    source, tokenizer = _inputs(cfg)
+    rows = load_rows(source, cfg.dataset_split)
+    if cfg.limit is not None:
+        rows = rows.head(cfg.limit)
+    # The chosen response plays no part in edit labels: drop it, so that a bad or empty one is not an error.
+    rows = Rows([(name, [{k: v for k, v in r.items() if k != "chosen"} for r in data]) for name, data in rows.parts],
+                rows.source)
+    skipped: Counter = Counter()
+    # The world's revisions hold a few empty ones (a whole malformed response deleted): skipped, counted.
+    skip = cfg.skip_invalid_rows or cfg.dataset_name is None
+    valid = validate_rows(rows, "revision", skip_invalid=skip, skipped=skipped)
+    summary = EditsSummary(skipped=sum(skipped.values()), output_file=str(out_path))
+    out = label_rows(valid, tokenizer, unit=cfg.unit, fmt=cfg.format, sides=cfg.sides,
+                     keep_identical=cfg.keep_identical, summary=summary)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    try:
+        with tmp.open("w") as f:
+            for row in out:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``finegrain label edits [--config file.yaml] [--option value ...]``."""
+    cfg = parse(EditsConfig, argv, prog="finegrain label edits", description=_DESCRIPTION)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print(run_edits(cfg), file=sys.stdout)
+    return 0

@@ -1,0 +1,516 @@
+"""Reward sources backed by trained reward models: sequence RM, sentence RM, token RM, TLCR discriminator.
+
+Each source wraps a :class:`finegrain.models.reward_model.RewardModel` and the *policy's* tokenizer and returns
+:class:`finegrain.types.TokenRewards` in the policy's response layout (spec 6):
+
+========================  =====================================================================================
+source                    ``values[b, t]``
+========================  =====================================================================================
+:class:`SequenceRMSource`  the score ``r(x, y)`` on the last valid response token, 0 elsewhere
+                           (:func:`~finegrain.rewards.placement.place_on_last_token`)
+:class:`SentenceRMSource`  ``a_j s_j`` on the last token of response sentence ``j`` (spec 5.4; the prompt term
+                           ``a_0 s_0`` is dropped), or spread uniformly over the sentence's tokens (``spread=True``)
+:class:`TokenRMSource`     ``r_φ(x, y_≤t)``
+:class:`DiscriminatorSource`  ``2·P(+ | x, y_≤t) − 1`` (compatibility flags of the model: double softmax, lag)
+========================  =====================================================================================
+
+``seq_reward`` is left None: every reward is already in ``values`` (a consumer such as
+:func:`finegrain.rl.rewards.dense_rewards` would add ``seq_reward`` a second time); the model's sequence scores are
+in ``meta["scores"]``. ``SequenceRMSource(seq_reward=True)`` returns zero values and the score as ``seq_reward``
+instead.
+
+**Tokenizers.** When the reward model's tokenizer has the policy's vocabulary the policy's token ids are scored as
+they are. Otherwise every row is decoded to text (special tokens dropped), re-tokenised with the reward model's
+tokenizer, scored, and the rewards are mapped back onto the policy's tokens through character offsets
+(:func:`map_token_values`); the policy's offsets come from decoding prefixes (:func:`decode_with_offsets`), never
+from re-tokenising. Sentence sources always go through the text, since the splitter needs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from finegrain.errors import ConfigError, DataError
+from finegrain.rewards.base import check_finite
+from finegrain.rewards.placement import place_at_span_ends, place_on_last_token, spread_over_spans
+from finegrain.types import CompletionBatch, TokenRewards
+
+__all__ = [
+    "DiscriminatorSource",
+    "RewardModelSource",
+    "SentenceRMSource",
+    "SequenceRMSource",
+    "TokenRMSource",
+    "decode_with_offsets",
+    "make_reward_source",
+    "map_token_values",
+    "same_vocabulary",
+    "sentence_token_groups",
+]
+
+
+# ------------------------------------------------------------------------------------------- pure mapping maths
+
+
+def decode_with_offsets(tokenizer: Any, ids: Sequence[int]) -> tuple[str, list[tuple[int, int]]]:
+    """Decode token ids to text and give each token its character span in that text.
+
+    ``text = decode(ids)`` with special tokens dropped; token ``t`` covers ``[e_{t−1}, e_t)`` where ``e_t`` is the
+    length of the longest common prefix of ``decode(ids[:t+1])`` and ``text``, made non-decreasing. Decoding
+    prefixes (not single tokens) keeps spaces and multi-byte characters right: a token that ends inside a UTF-8
+    character decodes to ``�``, which is not a prefix of the text, so that token gets an empty span and the next
+    one covers the character. Special tokens (EOS, padding) get empty spans.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        ids: ``n`` token ids.
+
+    Returns:
+        ``(text, offsets)`` with ``n`` ``(start, end)`` pairs.
+
+    Example:
+        >>> from finegrain.world.tokenizer import build_tokenizer
+        >>> tok = build_tokenizer()
+        >>> decode_with_offsets(tok, tok("it is hot .", add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+        ('it is hot .', [(0, 2), (2, 5), (5, 9), (9, 11), (11, 11)])
+    """
+    ids = [int(i) for i in ids]
+    if not ids:
+        return "", []
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    prefixes = tokenizer.batch_decode([ids[: t + 1] for t in range(len(ids))], skip_special_tokens=True)
+    offsets, end = [], 0
+    for p in prefixes:
+        n = min(len(p), len(text))
+        k = 0
+        if p[:n] == text[:n]:
+            k = n
+        else:  # common prefix by bisection-free scan (rare: partial characters, decoder clean-up)
+            while k < n and p[k] == text[k]:
+                k += 1
+        start, end = end, max(end, k)
+        offsets.append((start, end))
+    return text, offsets
+
+
+def map_token_values(
+    values: Any,
+    src_offsets: Any,
+    dst_offsets: Any,
+    *,
+    reduce: str = "sum",
+    end_index: int | None = None,
+) -> np.ndarray:
+    """Move per-token values from one tokenization of a text to another, through character offsets.
+
+    Each source token goes to the destination token at which it has been fully read: the first destination token
+    whose end is at or after the source token's end (``searchsorted`` on the destination ends). A source token with
+    an empty span at or after the end of the text (EOS, other trailing special tokens) goes to the destination
+    token ``end_index`` (the last valid one: EOS when the destination has it). ``reduce="sum"`` adds the values
+    that land on the same token (additive rewards: the total is preserved), ``"mean"`` averages them (bounded
+    scores such as ``2·P(+) − 1``); a destination token that receives nothing gets 0.
+
+    Args:
+        values: ``(n,)`` values on the source tokens.
+        src_offsets: ``(n, 2)`` source token spans.
+        dst_offsets: ``(m, 2)`` destination token spans in the same text, non-decreasing ends.
+        reduce: ``"sum"`` or ``"mean"``.
+        end_index: the destination index for trailing empty source tokens (default ``m − 1``).
+
+    Returns:
+        ``(m,)`` float64.
+
+    Example:
+        >>> map_token_values([1.0, 2.0, 4.0], [(0, 2), (2, 5), (5, 5)], [(0, 5), (5, 5)])
+        array([3., 4.])
+    """
+    if reduce not in ("sum", "mean"):
+        raise ConfigError(f"map_token_values: reduce must be 'sum' or 'mean', got {reduce!r}")
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    src = np.asarray(src_offsets, dtype=np.int64).reshape(-1, 2)
+    dst = np.asarray(dst_offsets, dtype=np.int64).reshape(-1, 2)
+    if len(v) != len(src):
+        raise DataError(f"{len(v)} values for {len(src)} source tokens")
+    m = len(dst)
+    out = np.zeros(m, dtype=np.float64)
+    if m == 0 or len(v) == 0:
+        return out
+    text_end = int(max(dst[:, 1].max(), src[:, 1].max()))
+    last = m - 1 if end_index is None else int(end_index)
+    target = np.searchsorted(dst[:, 1], src[:, 1], side="left")
+    trailing = (src[:, 0] == src[:, 1]) & (src[:, 1] >= text_end)
+    target = np.where(trailing, last, np.minimum(target, last))
+    np.add.at(out, target, v)
+    if reduce == "mean":
+        counts = np.bincount(target, minlength=m).astype(np.float64)
+        out = out / np.maximum(counts, 1.0)
+    return out
+
+
+def sentence_token_groups(
+    spans: Sequence[tuple[int, int]], groups: Sequence[int], dst_offsets: Any
+) -> tuple[list[int], list[int]]:
+    """Where the sentence terms of one row go on the destination tokens: group ends, and every token's group.
+
+    Boundary ``k`` closes the sentence spans ``groups[k−1]+1 .. groups[k]`` (see
+    :class:`finegrain.models.reward_model.SentenceExample`). A destination token belongs to the group of the first
+    sentence span it overlaps (:func:`finegrain.data.segmentation.token_sentence_ids`); tokens in no sentence (EOS,
+    whitespace) belong to none.
+
+    Args:
+        spans: ``S`` sentence character spans of the text.
+        groups: ``K`` last-span indices, increasing, the last one ``S − 1``.
+        dst_offsets: ``(m, 2)`` destination token spans.
+
+    Returns:
+        ``(group_ends, token_groups)``: ``K`` indices of each group's last destination token (-1: no token), for
+        :func:`~finegrain.rewards.placement.place_at_span_ends`; ``m`` group ids in ``[-1, K)``, for
+        :func:`~finegrain.rewards.placement.spread_over_spans`.
+
+    Example:
+        >>> sentence_token_groups([(0, 5), (6, 9), (10, 12)], [0, 2], [(0, 2), (2, 5), (5, 9), (9, 12), (12, 12)])
+        ([1, 3], [0, 0, 1, 1, -1])
+    """
+    from finegrain.data.segmentation import token_sentence_ids
+
+    m = len(dst_offsets)
+    if not len(groups) or not spans:
+        return [-1] * len(groups), [-1] * m
+    sid = np.asarray(token_sentence_ids(spans, dst_offsets), dtype=np.int64)
+    g_of_span = np.minimum(np.searchsorted(np.asarray(groups, dtype=np.int64), np.arange(len(spans)), side="left"),
+                           len(groups) - 1)
+    token_groups = np.where(sid >= 0, g_of_span[np.maximum(sid, 0)], -1)
+    ends = np.full(len(groups), -1, dtype=np.int64)
+    has = token_groups >= 0
+    ends[token_groups[has]] = np.flatnonzero(has)  # in token order: the last token of each group wins
+    return ends.tolist(), token_groups.tolist()
+
+
+def same_vocabulary(a: Any, b: Any) -> bool:
+    """Whether two tokenizers map every token to the same id (then token ids can be shared as they are)."""
+    if a is b:
+        return True
+    try:
+        return len(a) == len(b) and a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
+    except Exception:  # a tokenizer without get_vocab
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------- sources
+
+
+class _Row:
+    """One row of a policy batch, in the policy's and in the reward model's tokenization."""
+
+    __slots__ = ("prompt_ids", "response_ids", "text", "policy_offsets", "rm_prompt", "rm_response", "rm_offsets",
+                 "end_index")
+
+
+class RewardModelSource:
+    """Common part of the reward-model sources: row extraction, re-tokenisation, running the model in chunks.
+
+    Args:
+        model: a :class:`~finegrain.models.reward_model.RewardModel` (its ``.tokenizer`` is the RM's tokenizer).
+        policy_tokenizer: the tokenizer of the batches to score.
+        name: the source's name in logs and errors (default: the level's name, e.g. ``"token_rm"``).
+        batch_size: rows per reward-model forward pass (None: the whole batch at once).
+        max_length: most prompt + response tokens per row for the reward model (default: the backbone's
+            ``max_position_embeddings``); a longer row keeps the end of its prompt, then the start of its
+            response, and tokens cut off get reward 0.
+    """
+
+    default_name = "rm"
+
+    def __init__(self, model, policy_tokenizer, *, name: str | None = None, batch_size: int | None = None,
+                 max_length: int | None = None):
+        self.model = model
+        self.policy_tokenizer = policy_tokenizer
+        self.name = name or self.default_name
+        self.batch_size = batch_size
+        config = getattr(getattr(model, "backbone", None), "config", None)
+        self.max_length = max_length or getattr(config, "max_position_embeddings", None)
+        self.same_tokenizer = same_vocabulary(model.tokenizer, policy_tokenizer)
+
+    # -- to be specialised ----------------------------------------------------------------------------------
+
+    needs_text = False
+
+    def _score_same(self, batch: CompletionBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(values (N, T), scores (N,))`` on the policy's own ids."""
+        raise NotImplementedError
+
+    def _score_rows(self, rows: list[_Row], T: int) -> tuple[np.ndarray, np.ndarray, dict]:
+        """``(values (N, T), scores (N,), meta)`` for rows that go through the text."""
+        raise NotImplementedError
+
+    # -- the contract -------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def token_rewards(self, batch: CompletionBatch) -> TokenRewards:
+        """Rewards for the ``N`` rows of ``batch`` in its response layout (see the module docstring)."""
+        mask = batch.completion_mask.to(torch.bool)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            if self.same_tokenizer and not self.needs_text:
+                values, scores, meta = *self._score_same(batch), {}
+                values, scores = values.float().cpu(), scores.float().cpu()
+            else:
+                rows = self._rows(batch)
+                v, s, meta = self._score_rows(rows, mask.shape[1])
+                values, scores = torch.from_numpy(v).float(), torch.from_numpy(s).float()
+        finally:
+            self.model.train(was_training)
+        device = batch.completion_input_ids.device
+        values = torch.where(mask.cpu(), values, torch.zeros(()))
+        out = self._finish(values.to(device), mask, scores.to(device), meta)
+        return check_finite(out, self.name)
+
+    def _finish(self, values: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor, meta: dict) -> TokenRewards:
+        return TokenRewards(values=values, mask=mask, seq_reward=None, meta={"scores": scores, **meta})
+
+    # -- shared machinery -----------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _chunks(self, n: int) -> list[range]:
+        size = self.batch_size or max(n, 1)
+        return [range(lo, min(n, lo + size)) for lo in range(0, n, size)]
+
+    def _rows(self, batch: CompletionBatch) -> list[_Row]:
+        """Decode every row; re-tokenise it with the reward model's tokenizer unless the vocabularies agree."""
+        from finegrain.data.tokenize import tokenize_prompt, tokenize_response
+
+        ptok, rtok = self.policy_tokenizer, self.model.tokenizer
+        eos = ptok.eos_token_id
+        rows = []
+        for i in range(batch.num_rows):
+            r = _Row()
+            r.prompt_ids = batch.prompt_input_ids[i][batch.prompt_attention_mask[i].bool()].tolist()
+            r.response_ids = batch.completion_input_ids[i][batch.completion_mask[i].bool()].tolist()
+            r.text, r.policy_offsets = decode_with_offsets(ptok, r.response_ids)
+            r.end_index = len(r.response_ids) - 1
+            if self.same_tokenizer:
+                r.rm_prompt, r.rm_response, r.rm_offsets = r.prompt_ids, r.response_ids, r.policy_offsets
+            else:
+                ends_with_eos = bool(r.response_ids) and r.response_ids[-1] == eos
+                prompt_text = ptok.decode(r.prompt_ids, skip_special_tokens=True)
+                try:
+                    r.rm_prompt = tokenize_prompt(rtok, prompt_text)
+                except Exception as err:
+                    raise DataError(f"cannot tokenize the prompt for the reward model: {err}", row=i) from None
+                if not r.rm_prompt:
+                    raise DataError("the prompt has no token in the reward model's tokenizer (and it has no BOS)",
+                                    row=i, field="prompt")
+                ids, offs, _ = tokenize_response(rtok, r.text, add_eos=ends_with_eos)
+                r.rm_response, r.rm_offsets = ids, [tuple(o) for o in offs]
+            self._fit(r)
+            rows.append(r)
+        return rows
+
+    def _fit(self, r: _Row) -> None:
+        """Cut a row to ``max_length`` reward-model tokens: the prompt's end, then the response's start."""
+        limit = self.max_length
+        if not limit or len(r.rm_prompt) + len(r.rm_response) <= limit:
+            return
+        keep_prompt = max(1, min(len(r.rm_prompt), limit - len(r.rm_response)))
+        r.rm_prompt = r.rm_prompt[len(r.rm_prompt) - keep_prompt :]
+        keep = max(0, limit - len(r.rm_prompt))
+        r.rm_response, r.rm_offsets = r.rm_response[:keep], r.rm_offsets[:keep]
+
+    def _rm_batch(self, rows: list[_Row]) -> CompletionBatch:
+        from finegrain.data.collate import collate_completions, pad_token_id
+
+        examples = [{"prompt_input_ids": r.rm_prompt, "completion_input_ids": r.rm_response} for r in rows]
+        return collate_completions(examples, pad_token_id(self.model.tokenizer)).to(self.device)
+
+    def _token_level_rows(self, rows: list[_Row], T: int, reduce: str) -> tuple[np.ndarray, np.ndarray, dict]:
+        """Token RM / discriminator through the text: score in RM tokens, map onto the policy's tokens."""
+        values = np.zeros((len(rows), T))
+        scores = np.zeros(len(rows))
+        for chunk in self._chunks(len(rows)):
+            part = [rows[i] for i in chunk]
+            rm_batch = self._rm_batch(part)
+            rm_values = self.model.token_values(rm_batch).float().cpu().numpy()
+            for k, (i, r) in enumerate(zip(chunk, part)):
+                n = len(r.rm_response)
+                mapped = map_token_values(rm_values[k, :n], r.rm_offsets[:n], r.policy_offsets, reduce=reduce,
+                                          end_index=r.end_index)
+                values[i, : len(mapped)] = mapped
+                scores[i] = rm_values[k, :n].sum()
+        return values, scores, {}
+
+
+class SequenceRMSource(RewardModelSource):
+    """A sequence reward model's score on the last valid response token (the RLHF baseline).
+
+    Args:
+        seq_reward: return zero ``values`` and the score as ``seq_reward`` (for consumers that place it themselves).
+        **kwargs: see :class:`RewardModelSource`.
+    """
+
+    default_name = "sequence_rm"
+
+    def __init__(self, model, policy_tokenizer, *, seq_reward: bool = False, **kwargs):
+        super().__init__(model, policy_tokenizer, **kwargs)
+        self.as_seq_reward = seq_reward
+
+    def _score_same(self, batch):
+        scores = torch.cat([self.model.score(_take(batch, c).to(self.device)).float().cpu()
+                            for c in self._chunks(batch.num_rows)])
+        return torch.zeros(batch.completion_mask.shape), scores
+
+    def _score_rows(self, rows, T):
+        scores = np.zeros(len(rows))
+        for chunk in self._chunks(len(rows)):
+            scores[list(chunk)] = self.model.score(self._rm_batch([rows[i] for i in chunk])).float().cpu().numpy()
+        return np.zeros((len(rows), T)), scores, {}
+
+    def _finish(self, values, mask, scores, meta):
+        if self.as_seq_reward:
+            return TokenRewards(values=torch.zeros_like(values), mask=mask, seq_reward=scores,
+                                meta={"scores": scores, **meta})
+        placed = place_on_last_token(scores.to(values.dtype), mask)
+        return TokenRewards(values=placed, mask=mask, seq_reward=None, meta={"scores": scores, **meta})
+
+
+class TokenRMSource(RewardModelSource):
+    """Token-level reward model values ``r_φ(x, y_≤t)`` (Xu et al., ACL 2024; spec 4.3).
+
+    Args:
+        reduce: how values of several reward-model tokens landing on one policy token combine (``"sum"``: the
+            additive choice, the sequence score is preserved; ``"mean"``).
+        **kwargs: see :class:`RewardModelSource`.
+    """
+
+    default_name = "token_rm"
+
+    def __init__(self, model, policy_tokenizer, *, reduce: str = "sum", **kwargs):
+        super().__init__(model, policy_tokenizer, **kwargs)
+        self.reduce = reduce
+
+    def _score_same(self, batch):
+        parts = [self.model.token_values(_take(batch, c).to(self.device)).float().cpu()
+                 for c in self._chunks(batch.num_rows)]
+        values = torch.cat(parts) if parts else torch.zeros(batch.completion_mask.shape)
+        return values, values.sum(dim=1)
+
+    def _score_rows(self, rows, T):
+        return self._token_level_rows(rows, T, self.reduce)
+
+
+class DiscriminatorSource(TokenRMSource):
+    """TLCR discriminator rewards ``2·P(+) − 1`` (Yoon et al. 2024; spec 3.3); ``reduce`` defaults to ``"mean"``
+    so a mapped reward stays in ``[−1, 1]``."""
+
+    default_name = "discriminator"
+
+    def __init__(self, model, policy_tokenizer, *, reduce: str = "mean", **kwargs):
+        super().__init__(model, policy_tokenizer, reduce=reduce, **kwargs)
+
+
+class SentenceRMSource(RewardModelSource):
+    """Sentence-level reward model terms (SRM, Qiu et al. 2025; spec 5.4).
+
+    Every response is split into sentences by the model's splitter; the term ``a_j s_j`` of sentence ``j >= 1``
+    goes on the policy token that ends the sentence (or is spread uniformly over its tokens, ``spread=True``, the
+    spec 6 option); the prompt term ``a_0 s_0`` is dropped, so ``values`` sum to ``R − a_0 s_0``.
+
+    Args:
+        spread: spread each term over its sentence's tokens instead of placing it on the last one.
+        **kwargs: see :class:`RewardModelSource`.
+
+    ``meta``: ``scores`` (``R``), ``prompt_terms`` (``a_0 s_0``), ``num_sentences`` (response boundaries per row).
+    """
+
+    default_name = "sentence_rm"
+    needs_text = True
+
+    def __init__(self, model, policy_tokenizer, *, spread: bool = False, **kwargs):
+        super().__init__(model, policy_tokenizer, **kwargs)
+        self.spread = spread
+
+    def _score_rows(self, rows, T):
+        from finegrain.models.reward_model import collate_sentence_examples
+
+        N = len(rows)
+        values = torch.zeros(N, T, dtype=torch.float64)
+        scores, prompt_terms, counts = np.zeros(N), np.zeros(N), np.zeros(N, dtype=np.int64)
+        pad = self.model.tokenizer.pad_token_id
+        pad = self.model.tokenizer.eos_token_id if pad is None else pad
+        for chunk in self._chunks(N):
+            part = [rows[i] for i in chunk]
+            examples = [self.model.prepare(r.rm_prompt, r.rm_response, r.text, r.rm_offsets) for r in part]
+            out = self.model(collate_sentence_examples(examples, pad).to(self.device))
+            terms = out.terms.double().cpu()
+            K = max(1, max(len(ex.boundaries) for ex in examples))
+            span_values = torch.zeros(len(part), K, dtype=torch.float64)
+            ends = torch.full((len(part), K), -1, dtype=torch.long)
+            token_groups = torch.full((len(part), T), -1, dtype=torch.long)
+            for k, (r, ex) in enumerate(zip(part, examples)):
+                n = len(ex.boundaries)
+                span_values[k, :n] = terms[k, 1 : n + 1]
+                g_ends, t_groups = sentence_token_groups(ex.spans, ex.groups, r.policy_offsets)
+                ends[k, :n] = torch.as_tensor(g_ends, dtype=torch.long)
+                token_groups[k, : len(t_groups)] = torch.as_tensor(t_groups, dtype=torch.long)
+            part_mask = torch.zeros(len(part), T, dtype=torch.bool)
+            for k, r in enumerate(part):
+                part_mask[k, : len(r.response_ids)] = True
+            if self.spread:
+                placed = spread_over_spans(span_values, token_groups, part_mask)
+            else:  # a group with no policy token (e.g. cut off) has nowhere to go: drop its term
+                placed = place_at_span_ends(torch.where(ends >= 0, span_values, 0.0), ends, part_mask)
+            values[list(chunk)] = placed
+            scores[list(chunk)] = out.score.double().cpu().numpy()
+            prompt_terms[list(chunk)] = terms[:, 0].numpy()
+            counts[list(chunk)] = [len(ex.boundaries) for ex in examples]
+        meta = {"prompt_terms": torch.from_numpy(prompt_terms).float(), "num_sentences": torch.from_numpy(counts)}
+        return values.numpy(), scores, meta
+
+
+def _take(batch: CompletionBatch, rows: range) -> CompletionBatch:
+    """Rows ``rows`` of a batch (every tensor field and per-row/per-token extra)."""
+    sl = slice(rows.start, rows.stop)
+    return CompletionBatch(
+        prompt_input_ids=batch.prompt_input_ids[sl], prompt_attention_mask=batch.prompt_attention_mask[sl],
+        completion_input_ids=batch.completion_input_ids[sl], completion_mask=batch.completion_mask[sl],
+        extras={k: v[sl] for k, v in batch.extras.items()},
+    )
+
+
+_SOURCES = {
+    "sequence": SequenceRMSource,
+    "sentence": SentenceRMSource,
+    "token": TokenRMSource,
+    "discriminator": DiscriminatorSource,
+}
+
+
+def make_reward_source(model, policy_tokenizer, **options: Any) -> RewardModelSource:
+    """The source for a reward model of any level.
+
+    Args:
+        model: a :class:`~finegrain.models.reward_model.RewardModel`.
+        policy_tokenizer: the tokenizer of the batches to score.
+        **options: the source's options (``spread`` for the sentence level, ``reduce`` for token levels,
+            ``seq_reward`` for the sequence level; ``name``, ``batch_size``, ``max_length`` for all).
+
+    Returns:
+        The source.
+
+    Raises:
+        ConfigError: an option the level does not take.
+    """
+    cls = _SOURCES.get(getattr(model, "level", None))
+    if cls is None:
+        raise ConfigError(f"{type(model).__name__} is not a finegrain reward model")
+    try:
+        return cls(model, policy_tokenizer, **options)
+    except TypeError as err:
+        raise ConfigError(f"{cls.__name__}: {err}") from None

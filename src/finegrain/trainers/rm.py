@@ -1,0 +1,682 @@
+"""``finegrain rm --level {sequence, sentence, token, discriminator}``: train a reward model at one granularity.
+
+==============  ===========================================  ====================================================
+level           data                                         loss per example (pair or row)
+==============  ===========================================  ====================================================
+sequence        pairs ``{prompt, chosen, rejected}``         Bradley–Terry ``−log σ(r_w − r_l)``
+sentence        pairs                                        Bradley–Terry on ``R = Σ_j a_j s_j`` (spec 5.2)
+token           revisions ``{prompt, rejected, revised}``     A: ``−log σ(Σ_A r − Σ_D r) + seq_weight·BT(S_w, S_l)``;
+                (edit labels computed on the fly); B also    B: token classification (spec 4.2)
+                takes token rows ``{prompt, response,
+                labels}`` (``finegrain label edits``)
+discriminator   revisions or token rows                      TLCR soft cross-entropy ``L_pos + L_neg`` (spec 3.2)
+==============  ===========================================  ====================================================
+
+With no model and no data set the built-in world is used: the backbone starts from the world's SFT model, pairs
+are ``data/pairs_train.jsonl`` (held out: ``pairs_test.jsonl``), revisions ``data/revisions.jsonl`` (held out:
+revisions of the test pairs by the world's reviser), and token credit ``data/credit_test.jsonl``.
+
+The loop is explicit (the structure of :mod:`finegrain.trainers.sft`): each optimizer step takes one global batch
+of examples, splits it into this process's micro-batches, and back-propagates ``Σ loss / global_batch_size`` (times
+the number of processes, which DDP averages away), so any process count and accumulation give the same update.
+Every ``eval_steps`` (and at the end) the main process evaluates: pairwise ``accuracy`` / ``margin`` on held-out
+pairs (per ``subset`` when the rows have one, RewardBench style), token-credit ``auroc`` / ``precision_at_k`` of
+the model's token rewards (as :mod:`finegrain.rewards.models` produces them) against ground truth, and for the
+token levels the held-out edit metrics ``edit_accuracy`` / ``edit_auroc`` and the objective as ``loss``. The
+final model goes to ``RUN_DIR/final`` (:func:`finegrain.models.reward_model.load_reward_model` reads it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from finegrain.config import TrainConfig, option, parse
+from finegrain.errors import ConfigError, DataError
+from finegrain.trainers import loop
+
+__all__ = ["LEVELS", "RMConfig", "RMData", "build_model", "credit_items", "evaluate", "load_inputs", "main",
+           "pair_examples", "revision_examples", "score_credit", "token_examples", "train"]
+
+logger = logging.getLogger(__name__)
+
+LEVELS = ("sequence", "sentence", "token", "discriminator")
+
+
+@dataclasses.dataclass
+class RMConfig(TrainConfig):
+    """Reward models: sequence (Bradley-Terry), sentence (SRM), token (minimal edits), discriminator (TLCR)."""
+
+    level: Literal["sequence", "sentence", "token", "discriminator"] = option("sequence", "granularity of the reward model")
+    credit_dataset_name: str | None = option(None, "token-credit ground truth for the AUROC: world credit rows {prompt, "
+                                             "response, words, credit}, token rows {prompt, response, labels|spans} or "
+                                             "revision rows (edit labels); default on the world: data/credit_test.jsonl")
+    eval_revisions_name: str | None = option(None, "held-out revision rows for the token levels' edit metrics; default "
+                                             "on the world: revisions of its test pairs by its reviser")
+    max_credit_samples: int | None = option(256, "use only the first N token-credit rows")
+    label_unit: Literal["word", "token", "char"] = option("word", "alignment unit of edit labels computed from revisions")
+    center_rewards_coefficient: float = option(0.0, "Bradley-Terry reward centering c·(r_w + r_l)^2 (sequence, sentence)")
+    # sentence
+    boundary_mode: Literal["insert", "mark"] = option("insert", "sentence boundaries: insert <END> tokens (embedding "
+                                                      "resized) or mark the last token of each sentence")
+    splitter: Literal["rule", "sat"] = option("rule", "sentence splitter: rule based, or wtpsplit SaT (model on disk)")
+    sat_model: str = option("sat-3l", "SaT model name in the local Hugging Face cache, or a directory")
+    reward_embed_dim: int = option(128, "SRM query/key size d")
+    max_sentences: int = option(100, "most sentence boundaries per response (RoPE range; e_0 counts); more are merged")
+    weighted_sum: bool = option(True, "SRM attention aggregation (false: the plain-sum ablation)")
+    srm_l2_coef: float = option(0.0, "SRM penalty λ·(R_w^2 + R_l^2)")
+    spread: bool = option(True, "token-credit evaluation of the sentence RM: spread a_j·s_j over the sentence's tokens "
+                          "(false: on its last token)")
+    # token
+    objective: Literal["edit_bt", "token_cls"] = option("edit_bt", "token RM objective: A edit_bt (edit-focused BT + "
+                                                        "sequence BT) or B token_cls (token classification)")
+    seq_weight: float = option(1.0, "token RM objective A: weight of the sequence Bradley-Terry term")
+    seq_pairs: Literal["chosen", "revised"] = option("chosen", "token RM objective A: the sequence term compares the "
+                                                     "rejected response with the original chosen one (revised where "
+                                                     "a row has none) or with the revision")
+    cls_loss: Literal["mse", "ce"] = option("mse", "token RM objective B: MSE on the scalar reward or 3-way cross-entropy")
+    # discriminator
+    hard_labels: bool = option(False, "TLCR: hard-label cross-entropy on changed tokens only (default: soft targets)")
+    double_softmax: bool = option(False, "TLCR compatibility: the official code's second softmax in the reward")
+    lag: int = option(0, "TLCR compatibility: credit token t-lag's score to token t (official code: 1)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.reward_embed_dim <= 0 or self.reward_embed_dim % 2:
+            raise ConfigError(f"reward_embed_dim must be a positive even number (RoPE), got {self.reward_embed_dim}")
+        if self.max_sentences < 2:
+            raise ConfigError(f"max_sentences must be >= 2 (the prompt boundary and one sentence), got {self.max_sentences}")
+        if self.lag < 0:
+            raise ConfigError(f"lag must be >= 0, got {self.lag}")
+        for name in ("seq_weight", "center_rewards_coefficient", "srm_l2_coef"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass
+class RMData:
+    """Everything a run needs: model, tokenizer, training examples and the evaluation sets.
+
+    Fields:
+        kind: ``pairs``, ``revisions`` or ``tokens`` (what ``train`` holds).
+        train: tokenized examples; eval_pairs / eval_revisions / credit: evaluation sets or None.
+    """
+
+    model: Any
+    tokenizer: Any
+    kind: str
+    train: list[dict]
+    eval_pairs: list[dict] | None = None
+    eval_revisions: list[dict] | None = None
+    credit: list[dict] | None = None
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+
+def _limits(cfg: RMConfig):
+    from finegrain.data.tokenize import TokenLimits
+
+    return TokenLimits(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+
+
+def _blank_chosen_as_missing(rows):
+    """Revision rows: an empty ``chosen`` counts as missing (it is optional per row), so the pair is kept."""
+    from finegrain.data.loading import Rows, load_rows
+
+    rows = load_rows(rows) if not isinstance(rows, Rows) else rows
+
+    def clean(r: dict) -> dict:
+        c = r.get("chosen")
+        return {**r, "chosen": None} if isinstance(c, str) and not c.strip() else r
+
+    return Rows([(name, [clean(dict(r)) for r in data]) for name, data in rows.parts], rows.source)
+
+
+def pair_examples(source: Any, tokenizer, cfg: RMConfig, *, split: str, limit: int | None, skip: bool) -> list[dict]:
+    """Tokenized preference pairs (``prompt_input_ids``, ``chosen_*``, ``rejected_*``, ``subset``...)."""
+    from finegrain.data.prepared import PreferenceData
+
+    data = PreferenceData.from_source(source, tokenizer, split=split, kind="preference", limits=_limits(cfg),
+                                      skip_invalid=skip, max_examples=limit)
+    return list(data.examples)
+
+
+def revision_examples(source: Any, tokenizer, cfg: RMConfig, *, split: str, limit: int | None,
+                      skip: bool) -> list[dict]:
+    """Tokenized revision rows with edit labels ``rejected_labels`` (−1/0) and ``revised_labels`` (0/+1) per token.
+
+    Labels come from :func:`finegrain.data.alignment.edit_token_labels` on the tokens' offsets; EOS gets
+    :data:`~finegrain.data.tokenize.IGNORE_INDEX`. Pairs whose alignment finds no edit carry no signal and are
+    dropped (counted in the log).
+    """
+    from finegrain.data.alignment import edit_token_labels
+    from finegrain.data.loading import load_rows
+    from finegrain.data.schema import validate_rows
+    from finegrain.data.tokenize import IGNORE_INDEX, tokenize_rows
+
+    rows = load_rows(source, split)
+    if limit is not None:
+        rows = rows.head(limit)
+    skipped: Counter = Counter()
+    valid = validate_rows(_blank_chosen_as_missing(rows), "revision", skip_invalid=skip, skipped=skipped)
+    examples = tokenize_rows(valid, tokenizer, "revision", _limits(cfg), skip_invalid=skip, skipped=skipped)
+    out, identical = [], 0
+    for ex in examples:
+        n_rej, n_rev = _text_tokens(ex, "rejected"), _text_tokens(ex, "revised")
+        lab = edit_token_labels(ex["rejected_text"], ex["revised_text"], ex["rejected_offsets"][:n_rej],
+                                ex["revised_offsets"][:n_rev], unit=cfg.label_unit,
+                                rejected_ids=ex["rejected_input_ids"][:n_rej], revised_ids=ex["revised_input_ids"][:n_rev])
+        if lab.identical:
+            identical += 1
+            continue
+        pad = [IGNORE_INDEX]
+        ex["rejected_labels"] = lab.rejected_labels + pad * (len(ex["rejected_input_ids"]) - n_rej)
+        ex["revised_labels"] = lab.revised_labels + pad * (len(ex["revised_input_ids"]) - n_rev)
+        out.append(ex)
+    if identical:
+        logger.warning("%s: %d revisions without any edit left out (no token signal)", rows.source, identical)
+    if not out:
+        raise DataError("no revision with an edit left to train on", source=rows.source)
+    return out
+
+
+def _text_tokens(ex: dict, field: str) -> int:
+    """Tokens of the text itself: all but an appended EOS (empty offsets at the end of the text)."""
+    ids, offs, text = ex[f"{field}_input_ids"], ex[f"{field}_offsets"], ex[f"{field}_text"]
+    if ids and tuple(offs[-1]) == (len(text), len(text)):
+        return len(ids) - 1
+    return len(ids)
+
+
+def token_examples(source: Any, tokenizer, cfg: RMConfig, *, split: str, limit: int | None, skip: bool) -> list[dict]:
+    """Tokenized token-supervision rows (``completion_input_ids``, ``token_labels`` with −100 on unlabelled tokens)."""
+    from finegrain.data.prepared import CompletionData
+
+    data = CompletionData.from_source(source, tokenizer, split=split, kind="token", limits=_limits(cfg),
+                                      skip_invalid=skip, max_examples=limit)
+    for ex in data.examples:
+        bad = [v for v in ex["token_labels"] if v not in (-1, 0, 1, -100)]
+        if bad:
+            raise DataError(f"token labels must be -1, 0 or +1 for reward models, got {bad[0]!r}", source=ex["source"],
+                            row=ex["row"], field="labels")
+    return list(data.examples)
+
+
+def credit_items(source: Any, tokenizer, cfg: RMConfig, *, limit: int | None, skip: bool) -> list[dict]:
+    """Ground-truth token credit, one item per response: ``prompt_input_ids``, ``completion_input_ids``,
+    ``offsets`` and either ``credit`` per word with the words' ``spans`` (world credit rows) or ``credit`` per token
+    (token rows: their labels; revision rows: edit labels, one item per side)."""
+    from finegrain.data.loading import load_rows
+    from finegrain.data.tokenize import tokenize_prompt, tokenize_response
+
+    rows = load_rows(source)
+    if limit is not None:
+        rows = rows.head(limit)
+    cols = set(rows.column_names)
+    items = []
+    if {"prompt", "response", "words", "credit"} <= cols:
+        for i, r in enumerate(rows):
+            text, words, credit = r["response"], r["words"], r["credit"]
+            spans, pos = [], 0
+            for w in words:
+                start = text.find(w, pos)
+                if start < 0 or len(words) != len(credit):
+                    raise DataError("words and credit must list the response's words in order", source=rows.source,
+                                    row=i, field="words")
+                spans.append((start, start + len(w)))
+                pos = start + len(w)
+            ids, offs, _ = tokenize_response(tokenizer, text)
+            prompt = tokenize_prompt(tokenizer, r["prompt"])
+            keep = max(1, cfg.max_length - len(prompt))
+            items.append({"prompt_input_ids": prompt, "completion_input_ids": ids[:keep], "offsets": offs[:keep],
+                          "credit": [float(c) for c in credit], "spans": spans})
+        return items
+    if {"rejected", "revised"} <= cols:
+        for ex in revision_examples(source, tokenizer, cfg, split=None, limit=limit, skip=skip):
+            for side in ("rejected", "revised"):
+                items.append({"prompt_input_ids": ex["prompt_input_ids"],
+                              "completion_input_ids": ex[f"{side}_input_ids"], "offsets": ex[f"{side}_offsets"],
+                              "credit": [0.0 if v == -100 else float(v) for v in ex[f"{side}_labels"]]})
+        return items
+    for ex in token_examples(source, tokenizer, cfg, split=None, limit=limit, skip=skip):
+        items.append({"prompt_input_ids": ex["prompt_input_ids"], "completion_input_ids": ex["completion_input_ids"],
+                      "offsets": ex["completion_offsets"],
+                      "credit": [0.0 if v == -100 else float(v) for v in ex["token_labels"]]})
+    return items
+
+
+def score_credit(source, items: list[dict], pad_token_id: int, *, reduce: str = "sum",
+                 batch_size: int = 16) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Run a reward source on credit items; return per-item scores and credit in the same units (words or tokens).
+
+    Token rewards are mapped onto words through character offsets (:func:`finegrain.rewards.models.map_token_values`
+    with ``reduce``) when the credit is per word.
+    """
+    from finegrain.data.collate import collate_completions
+    from finegrain.rewards.models import map_token_values
+
+    scores, credit = [], []
+    for lo in range(0, len(items), batch_size):
+        part = items[lo : lo + batch_size]
+        batch = collate_completions([{"prompt_input_ids": it["prompt_input_ids"],
+                                      "completion_input_ids": it["completion_input_ids"]} for it in part], pad_token_id)
+        values = source.token_rewards(batch).values.double().cpu().numpy()
+        for it, v in zip(part, values):
+            n = len(it["completion_input_ids"])
+            if "spans" in it:
+                s = map_token_values(v[:n], it["offsets"], it["spans"], reduce=reduce, end_index=len(it["spans"]) - 1)
+            else:
+                s = v[:n]
+            scores.append(s)
+            credit.append(np.asarray(it["credit"][: len(s)], dtype=np.float64))
+    return scores, credit
+
+
+def prepare_sentences(model, examples: list[dict], fields: tuple[str, ...]) -> None:
+    """Add the sentence RM's prepared rows (``{field}_srm``) to tokenized examples, in place."""
+    for ex in examples:
+        for f in fields:
+            prefix = "completion" if f == "completion" else f
+            ex[f"{f}_srm"] = model.prepare(ex["prompt_input_ids"], ex[f"{prefix}_input_ids"], ex[f"{prefix}_text"],
+                                           ex[f"{prefix}_offsets"])
+
+
+# ----------------------------------------------------------------------------------------------- forward / loss
+
+
+def _pad_id(tokenizer) -> int:
+    from finegrain.data.collate import pad_token_id
+
+    return pad_token_id(tokenizer)
+
+
+def collate_pairs(model, examples: list[dict], pad_id: int):
+    """Chosen rows ``[0, B)`` then rejected rows ``[B, 2B)`` for the sequence / sentence / token models."""
+    from finegrain.data.collate import collate_preferences
+    from finegrain.models.reward_model import collate_sentence_examples
+
+    if model.level == "sentence":
+        return collate_sentence_examples([ex["chosen_srm"] for ex in examples] +
+                                         [ex["rejected_srm"] for ex in examples], pad_id)
+    keep = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+    return collate_preferences([{k: ex[k] for k in keep} for ex in examples], pad_id)
+
+
+def pair_losses(model, cfg: RMConfig, examples: list[dict], pad_id: int, device) -> tuple[torch.Tensor, dict]:
+    """Bradley–Terry losses ``(B,)`` of a batch of pairs, and detached per-pair statistics."""
+    from finegrain.losses.bt import bradley_terry_loss
+
+    batch = collate_pairs(_unwrap(model), examples, pad_id).to(device)
+    B = len(examples)
+    out = model(batch)
+    scale = None
+    if model_level(model) == "sentence":
+        scores = out.score
+        if not cfg.weighted_sum:  # the SRM plain-sum ablation scales the logit by 1 / max(N_w, N_l)
+            scale = 1.0 / torch.maximum(out.num_boundaries[:B], out.num_boundaries[B:]).to(scores.dtype)
+    elif model_level(model) == "sequence":
+        scores = out
+    else:  # token levels: S(y) = Σ_t r_t from the same forward pass
+        scores = _unwrap(model).token_values(batch, out).sum(dim=1)
+    margin = torch.tensor([ex["margin"] for ex in examples], device=device) if "margin" in examples[0] else None
+    bt = bradley_terry_loss(scores[:B], scores[B:], margin=margin, logit_scale=scale,
+                            center_coef=cfg.center_rewards_coefficient, l2_coef=cfg.srm_l2_coef)
+    return bt.losses, {"accuracy": bt.accuracies, "margin": bt.margins}
+
+
+def revision_forward(model, cfg: RMConfig, examples: list[dict], pad_id: int, device) -> tuple[torch.Tensor, dict]:
+    """Token RM / discriminator objective ``(B,)`` on revision pairs, plus the token rewards and labels."""
+    from finegrain.data.collate import collate_completions
+    from finegrain.losses.token_cls import minimal_edit_loss, tlcr_sequence_loss
+
+    B = len(examples)
+    rows = [{"prompt_input_ids": ex["prompt_input_ids"], "completion_input_ids": ex[f"{side}_input_ids"],
+             "token_labels": ex[f"{side}_labels"]} for side in ("revised", "rejected") for ex in examples]
+    with_chosen = [i for i, ex in enumerate(examples) if cfg.seq_pairs == "chosen" and ex.get("chosen_input_ids")]
+    use_chosen = model_level(model) == "token" and cfg.objective == "edit_bt" and cfg.seq_weight > 0 and with_chosen
+    if use_chosen:
+        rows += [{"prompt_input_ids": examples[i]["prompt_input_ids"],
+                  "completion_input_ids": examples[i]["chosen_input_ids"],
+                  "token_labels": [0] * len(examples[i]["chosen_input_ids"])} for i in with_chosen]
+    batch = collate_completions(rows, pad_id).to(device)
+    labels = batch.extras["token_labels"]
+    mask = batch.completion_mask & (labels != -100)
+    labels = torch.where(mask, labels, torch.zeros_like(labels))  # unlabelled tokens (EOS, padding) are neutral
+    out = model(batch)
+    core = _unwrap(model)
+    if model_level(model) == "discriminator":
+        pos = tlcr_sequence_loss(out[:B], labels[:B], mask[:B], hard=cfg.hard_labels)
+        neg = tlcr_sequence_loss(out[B : 2 * B], labels[B : 2 * B], mask[B : 2 * B], hard=cfg.hard_labels)
+        losses, values = pos + neg, core.token_values(batch, out)
+    else:
+        values = core.token_values(batch, out)
+        full = batch.completion_mask
+        chosen_scores = None
+        if cfg.objective == "edit_bt":
+            chosen_scores = values[:B].sum(dim=1)
+            if use_chosen:
+                idx = torch.as_tensor(with_chosen, device=device)
+                chosen_scores = chosen_scores.index_copy(0, idx, values[2 * B :].sum(dim=1))
+        use = full if cfg.objective == "edit_bt" else mask  # A sums over the whole response, B averages labelled tokens
+        res = minimal_edit_loss(out[:B], labels[:B], use[:B], out[B : 2 * B], labels[B : 2 * B], use[B : 2 * B],
+                                objective=cfg.objective, chosen_scores=chosen_scores, seq_weight=cfg.seq_weight,
+                                cls_loss=cfg.cls_loss)
+        losses = res.losses
+    stats = {"values": values[: 2 * B].detach(), "labels": labels[: 2 * B], "mask": mask[: 2 * B]}
+    return losses, stats
+
+
+def token_row_losses(model, cfg: RMConfig, examples: list[dict], pad_id: int, device) -> tuple[torch.Tensor, dict]:
+    """Per-row losses ``(N,)`` on token rows (labels given): TLCR cross-entropy or objective B."""
+    from finegrain.data.collate import collate_completions
+    from finegrain.losses.token_cls import tlcr_sequence_loss
+    from finegrain.ops.masked import masked_mean
+
+    batch = collate_completions([{k: ex[k] for k in ("prompt_input_ids", "completion_input_ids", "token_labels")}
+                                 for ex in examples], pad_id).to(device)
+    labels = batch.extras["token_labels"]
+    mask = batch.completion_mask & (labels != -100)
+    labels = torch.where(mask, labels, torch.zeros_like(labels))  # unlabelled tokens (EOS, padding) are neutral
+    out = model(batch)
+    core = _unwrap(model)
+    if model_level(model) == "discriminator":
+        losses = tlcr_sequence_loss(out, labels, mask, hard=cfg.hard_labels)
+    elif cfg.cls_loss == "ce":  # classes (−1, 0, +1) at indices (0, 1, 2)
+        logp = torch.log_softmax(out.float(), dim=-1).gather(-1, (labels + 1).unsqueeze(-1)).squeeze(-1)
+        losses = masked_mean(-logp, mask, dim=-1)
+    else:
+        losses = masked_mean((out - labels.to(out.dtype)) ** 2, mask, dim=-1)
+    return losses, {"values": core.token_values(batch, out).detach(), "labels": labels, "mask": mask}
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)  # DDP
+
+
+def model_level(model) -> str:
+    return _unwrap(model).level
+
+
+def example_losses(model, cfg: RMConfig, kind: str, examples: list[dict], pad_id: int, device):
+    """Per-example losses and statistics of one micro-batch, for the data kind of the run."""
+    if kind == "pairs":
+        return pair_losses(model, cfg, examples, pad_id, device)
+    if kind == "revisions":
+        return revision_forward(model, cfg, examples, pad_id, device)
+    return token_row_losses(model, cfg, examples, pad_id, device)
+
+
+def _edit_accuracy(stats: dict) -> torch.Tensor:
+    """Sign accuracy of the token rewards on changed tokens (spec 4.2): ``r > 0`` on +1 tokens, ``r < 0`` on −1."""
+    on = stats["mask"] & (stats["labels"] != 0)
+    right = (torch.sign(stats["values"]) == stats["labels"].to(stats["values"].dtype)) & on
+    return right.sum().float() / on.sum().clamp(min=1).float()
+
+
+# ------------------------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model, cfg: RMConfig, data: RMData, device) -> dict[str, float]:
+    """Held-out metrics (main process; see the module docstring)."""
+    from finegrain.eval.metrics import evaluate_token_credit
+    from finegrain.rewards.models import make_reward_source
+
+    core = _unwrap(model)
+    core.eval()
+    pad_id = _pad_id(data.tokenizer)
+    bs = cfg.per_device_eval_batch_size
+    metrics: dict[str, float] = {}
+    if data.eval_pairs:
+        acc, margins, losses, subsets = [], [], [], []
+        for lo in range(0, len(data.eval_pairs), bs):
+            part = data.eval_pairs[lo : lo + bs]
+            loss, stats = pair_losses(core, cfg, part, pad_id, device)
+            acc += stats["accuracy"].tolist()
+            margins += stats["margin"].tolist()
+            losses += loss.tolist()
+            subsets += [ex.get("subset") for ex in part]
+        metrics.update(accuracy=float(np.mean(acc)), margin=float(np.mean(margins)))
+        metrics["bt_loss" if core.level in ("token", "discriminator") else "loss"] = float(np.mean(losses))
+        for name in sorted({s for s in subsets if s is not None}):
+            metrics[f"accuracy/{name}"] = float(np.mean([a for a, s in zip(acc, subsets) if s == name]))
+    if data.eval_revisions and core.level in ("token", "discriminator"):
+        losses, scores, credit, right, on = [], [], [], 0.0, 0
+        for lo in range(0, len(data.eval_revisions), bs):
+            loss, stats = revision_forward(core, cfg, data.eval_revisions[lo : lo + bs], pad_id, device)
+            losses += loss.tolist()
+            n_on = int((stats["mask"] & (stats["labels"] != 0)).sum())
+            right += float(_edit_accuracy(stats)) * n_on
+            on += n_on
+            for v, y, m in zip(stats["values"].double().cpu().numpy(), stats["labels"].cpu().numpy(),
+                               stats["mask"].cpu().numpy()):
+                scores.append(v[m])
+                credit.append(y[m].astype(np.float64))
+        metrics.update(loss=float(np.mean(losses)), edit_accuracy=right / max(on, 1),
+                       edit_auroc=evaluate_token_credit(scores, credit).auroc)
+    if data.credit and core.level != "sequence":
+        options = {"spread": cfg.spread} if core.level == "sentence" else {}
+        source = make_reward_source(core, core.tokenizer, batch_size=bs, **options)
+        reduce = "sum" if core.level == "token" else "mean"
+        scores, credit = score_credit(source, data.credit, pad_id, reduce=reduce, batch_size=bs)
+        res = evaluate_token_credit(scores, credit)
+        metrics.update(auroc=res.auroc, precision_at_k=res.precision_at_k)
+    core.train()
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------------------- train
+
+
+def train(cfg: RMConfig, data: RMData) -> Path:
+    """Train the reward model of ``data`` and return the run directory (``final/`` holds the model)."""
+    from finegrain.data.sampler import batch_indices
+    from finegrain.models.reward_model import save_reward_model
+
+    acc = loop.make_accelerator(cfg)
+    model, tokenizer, kind = data.model, data.tokenizer, data.kind
+    method = f"{cfg.level}-rm" if cfg.level != "discriminator" else "tlcr-discriminator"
+    run = loop.Run(cfg, "rm", method, acc)
+    world = acc.num_processes
+    global_batch = cfg.per_device_train_batch_size * world * cfg.gradient_accumulation_steps
+    total_steps = loop.num_training_steps(cfg, len(data.train), global_batch)
+    optimizer = loop.make_optimizer(cfg, model.parameters())
+    scheduler = loop.make_scheduler(cfg, optimizer, total_steps)
+    model, optimizer = acc.prepare(model, optimizer)
+    state = loop.RunState()
+    if run.resume_from is not None:
+        state = run.load_checkpoint(run.resume_from, model, optimizer, scheduler)
+        run.print(f"resumed from {run.resume_from} at step {state.step}")
+    pad_id = _pad_id(tokenizer)
+    model.train()
+    bar = run.progress(total_steps, state.step, f"rm {cfg.level}")
+    status = "completed"
+    with run.catch_interrupts():
+        while state.step < total_steps:
+            epoch_batches = batch_indices(len(data.train), global_batch, cfg.seed, state.epoch)
+            if state.batch_in_epoch >= len(epoch_batches):
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                continue
+            indices = epoch_batches[state.batch_in_epoch]
+            sums = torch.zeros(3, device=acc.device)  # loss, accuracy, margin (sums over examples)
+            for k, mb in enumerate(loop.micro_batches(indices, cfg, acc.process_index, world)):
+                if not mb:
+                    continue
+                sync = k == cfg.gradient_accumulation_steps - 1
+                with acc.no_sync(model) if not sync else contextlib.nullcontext():
+                    losses, stats = example_losses(model, cfg, kind, [data.train[i] for i in mb], pad_id, acc.device)
+                    # DDP averages gradients over processes; multiplying by their number keeps the global mean
+                    acc.backward(losses.sum() * world / len(indices))
+                sums[0] += losses.detach().sum()
+                if "accuracy" in stats:
+                    sums[1] += stats["accuracy"].sum()
+                    sums[2] += stats["margin"].sum()
+                else:
+                    sums[1] += _edit_accuracy(stats) * len(mb)
+            if world > 1:
+                sums = acc.reduce(sums, reduction="sum")
+            loss = sums[0] / len(indices)
+            step_stats = loop.optimizer_step(run, state, model, optimizer, scheduler, loss)
+            state.step += 1
+            state.batch_in_epoch += 1
+            state.samples += len(indices)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if state.step % cfg.logging_steps == 0 or state.step == total_steps:
+                logged = {"loss": loss, "accuracy" if kind == "pairs" else "edit_accuracy": sums[1] / len(indices)}
+                if kind == "pairs":
+                    logged["margin"] = sums[2] / len(indices)
+                epoch = state.epoch + state.batch_in_epoch / len(epoch_batches)
+                run.log({**logged, **step_stats, "epoch": epoch}, state)
+            if cfg.eval_steps and state.step % cfg.eval_steps == 0 and state.step < total_steps:
+                _evaluate_and_log(run, model, cfg, data, state)
+            if cfg.save_steps and state.step % cfg.save_steps == 0:
+                run.save_checkpoint(state, model, optimizer, scheduler, tokenizer)
+            if run.interrupted():
+                run.save_checkpoint(state, model, optimizer, scheduler, tokenizer)
+                status = "interrupted"
+                break
+    bar.close()
+    if status == "completed":
+        _evaluate_and_log(run, model, cfg, data, state)
+        full = acc.get_state_dict(model) if world > 1 else None
+        if run.is_main:
+            save_reward_model(acc.unwrap_model(model), run.dir / "final", state_dict=full,
+                              extra={"trained_with": {"level": cfg.level, "steps": state.step, "kind": kind}})
+        acc.wait_for_everyone()
+    run.close(status, steps=state.step, skipped_steps=state.nonfinite_total)
+    run.print(f"rm {cfg.level} {status} after {state.step} steps; run directory {run.dir}")
+    if status == "interrupted":
+        raise KeyboardInterrupt
+    return run.dir
+
+
+def _evaluate_and_log(run, model, cfg: RMConfig, data: RMData, state) -> None:
+    if not (data.eval_pairs or data.eval_revisions or data.credit):
+        return
+    if run.is_main:
+        metrics = evaluate(model, cfg, data, run.accelerator.device)
+        run.log(metrics, state, split="eval")
+        run.print(f"step {state.step} eval: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    run.accelerator.wait_for_everyone()
+
+
+# ---------------------------------------------------------------------------------------------------- inputs
+
+
+def build_model(cfg: RMConfig, backbone, tokenizer):
+    """A fresh reward model of ``cfg.level`` on ``backbone`` (dropout off, LoRA and checkpointing as configured)."""
+    from finegrain.models.build import apply_lora, disable_dropout
+    from finegrain.models.reward_model import build_reward_model, input_embedding_name, make_splitter
+
+    if cfg.disable_dropout:
+        disable_dropout(backbone)
+    splitter = make_splitter({"name": "sat", "model": cfg.sat_model} if cfg.splitter == "sat" else {"name": "rule"})
+    model = build_reward_model(
+        cfg.level, backbone, tokenizer, num_outputs=3 if cfg.objective == "token_cls" and cfg.cls_loss == "ce" else 1,
+        embed_dim=cfg.reward_embed_dim, max_sentences=cfg.max_sentences, weighted_sum=cfg.weighted_sum,
+        boundary_mode=cfg.boundary_mode, splitter=splitter, double_softmax=cfg.double_softmax, lag=cfg.lag,
+        seed=cfg.seed,
+    )
+    if cfg.gradient_checkpointing:
+        model.backbone.gradient_checkpointing_enable()
+    if cfg.use_peft:
+        # the inserted <END> token has a fresh embedding row: the embedding must train too
+        save = [input_embedding_name(model.backbone)] if cfg.level == "sentence" and cfg.boundary_mode == "insert" else None
+        model.backbone = apply_lora(model.backbone, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
+                                    cfg.lora_target_modules, modules_to_save=save)
+    return model
+
+
+def world_eval_revisions(world: Path) -> list[dict]:
+    """Revisions of the world's held-out pairs by its reviser (the held-out edit set of the token levels)."""
+    from finegrain.world import load_world_config
+    from finegrain.world.build import make_revisions, read_jsonl
+
+    wcfg = load_world_config(world)
+    pairs = [p for p in read_jsonl(world / "data" / "pairs_test.jsonl") if p["rejected"].strip()]
+    rows = make_revisions(pairs, wcfg.rules, wcfg.revision_max_edits, wcfg.seed + 7)
+    return [r for r in rows if r["revised"].strip()]
+
+
+def load_inputs(cfg: RMConfig) -> RMData:
+    """Model, tokenizer and data for ``cfg``: the user's, or the built-in world's (see the module docstring)."""
+    from finegrain.models.loading import load_causal_lm, load_tokenizer
+
+    on_world = cfg.model_name_or_path is None
+    if on_world:
+        if cfg.dataset_name is not None:
+            raise ConfigError("--dataset_name given without --model_name_or_path: the world's model only knows the "
+                              "world's words; pass the backbone to train")
+        from finegrain.world import ensure_world
+
+        world = ensure_world(cfg.world_dir)
+        tokenizer = load_tokenizer(str(world / "sft"))
+        backbone = load_causal_lm(str(world / "sft"))
+        name = "revisions" if cfg.level in ("token", "discriminator") else "pairs_train"
+        train_src, eval_src = str(world / "data" / f"{name}.jsonl"), str(world / "data" / "pairs_test.jsonl")
+        credit_src = cfg.credit_dataset_name or str(world / "data" / "credit_test.jsonl")
+        revisions_src = cfg.eval_revisions_name or (world_eval_revisions(world) if name == "revisions" else None)
+    else:
+        if cfg.dataset_name is None:
+            raise ConfigError("--model_name_or_path given without --dataset_name: say which data to train on")
+        tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path,
+                                   trust_remote_code=cfg.trust_remote_code)
+        backbone = load_causal_lm(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+        train_src, eval_src = cfg.dataset_name, cfg.eval_dataset_name
+        credit_src, revisions_src = cfg.credit_dataset_name, cfg.eval_revisions_name
+    model = build_model(cfg, backbone, tokenizer)  # before tokenizing: insert mode adds <END> to the tokenizer
+    skip = cfg.skip_invalid_rows or on_world  # the world's data hold a few empty responses: skipped, counted
+    kind = _train_kind(cfg, train_src)
+    load = {"pairs": pair_examples, "revisions": revision_examples, "tokens": token_examples}[kind]
+    train_ex = load(train_src, tokenizer, cfg, split=None if on_world else cfg.dataset_split, limit=cfg.max_train_samples, skip=skip)
+    eval_pairs = None
+    if eval_src is not None:
+        split = None if on_world else cfg.eval_split  # a world file is a single split
+        eval_pairs = pair_examples(eval_src, tokenizer, cfg, split=split, limit=cfg.max_eval_samples, skip=skip)
+    eval_revs = None
+    if revisions_src is not None and cfg.level in ("token", "discriminator"):
+        eval_revs = revision_examples(revisions_src, tokenizer, cfg, split=None, limit=cfg.max_eval_samples, skip=skip)
+    credit = None
+    if credit_src is not None and cfg.level != "sequence":
+        credit = credit_items(credit_src, tokenizer, cfg, limit=cfg.max_credit_samples, skip=skip)
+    if cfg.level == "sentence":
+        prepare_sentences(model, train_ex, ("chosen", "rejected"))
+        prepare_sentences(model, eval_pairs or [], ("chosen", "rejected"))
+    return RMData(model, tokenizer, kind, train_ex, eval_pairs, eval_revs, credit)
+
+
+def _train_kind(cfg: RMConfig, source: Any) -> str:
+    """``pairs`` for sequence/sentence; ``revisions`` or ``tokens`` (by the columns) for the token levels."""
+    if cfg.level in ("sequence", "sentence"):
+        return "pairs"
+    from finegrain.data.loading import load_rows
+    from finegrain.data.schema import detect_kind
+
+    found = detect_kind(load_rows(source, cfg.dataset_split).column_names)
+    if found == "revision":
+        return "revisions"
+    if found == "token":
+        if cfg.level == "token" and cfg.objective == "edit_bt":
+            raise ConfigError("--objective edit_bt needs revision rows {prompt, rejected, revised} (it pairs each "
+                              "rejected response with its revision); token rows need --objective token_cls")
+        return "tokens"
+    raise ConfigError(f"--level {cfg.level} trains on revision rows {{prompt, rejected, revised}} or token rows "
+                      f"{{prompt, response, labels|spans}}; the data set has rows of kind '{found}'")
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse(RMConfig, argv, "finegrain rm", RMConfig.__doc__ + "\n\nWith no model and no data set, trains on the "
+                "built-in world, starting from its SFT model.")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    train(cfg, load_inputs(cfg))
+    return 0
+
