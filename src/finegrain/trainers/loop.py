@@ -525,7 +525,7 @@ def merged_lora_state_dict(peft_model, state_dict: dict[str, torch.Tensor]) -> d
             name = name.replace(".base_layer.", ".")
             a_key, b_key = f"{module_key}.lora_A.{adapter}.weight", f"{module_key}.lora_B.{adapter}.weight"
             if key.endswith(".base_layer.weight") and a_key in state_dict:
-                module = peft_model.get_submodule(module_key[len(prefix):] if module_key.startswith(prefix) else module_key)
+                module = peft_model.get_submodule(module_key)
                 a, b = state_dict[a_key].float(), state_dict[b_key].float()
                 delta = (b.to(a.device) @ a) * float(module.scaling[adapter])
                 if getattr(module, "fan_in_fan_out", False):
