@@ -1,0 +1,807 @@
+"""``finegrain ppo``: online RL with dense per-token rewards -- PPO (GAE + critic), REINFORCE or RLOO.
+
+Any reward source gives a dense ``(B, T)`` reward (spec section 6): the world's oracle (``--reward oracle``, or its
+per-word ground-truth credit with ``oracle:credit``), a user's function (``--reward python:module:function``) or
+a saved reward-model directory (sequence, sentence, token RM or TLCR discriminator); several sources mix with
+``--reward_scales``. One step of the loop is one rollout batch:
+
+    1. generate   the policy (eval mode) samples num_samples responses to each of rollout_batch_size prompts
+                  with the KV cache (rl.rollout.sample_rollouts)
+    2. score      policy and reference log-probs of the samples (PPO's old log-probs), entropy, the
+                  full-vocabulary KL when asked (rl.rollout.score_rollout); critic values; each source's rewards
+    3. reward     R_t = clip(norm(Σ_s c_s·r^s_t)) − c_KL·KL_t                       (rl.rewards.dense_rewards)
+    4. advantage  GAE with the critic | REINFORCE return-to-go | RLOO, then optional whitening (rl.advantages)
+    5. train      ppo_epochs passes over num_mini_batches shuffled minibatches: clipped policy loss (+ clipped
+                  value loss), one optimizer step per minibatch, micro-batches of per_device_train_batch_size rows
+                  accumulated with weights that make the result the loss of the whole minibatch
+    log, evaluate on held-out prompts, checkpoint
+
+The reference is a frozen copy of the initial policy, or -- with ``--use_peft`` -- the policy itself with its LoRA
+adapter disabled (no second copy). The critic is a value head on a separate copy of the policy's transformer
+body (``--critic separate``, default) or on the policy's own hidden states (``--critic shared``, trained with
+``vf_coef``·value loss in the policy's objective). On world prompts the oracle's reward and well-formedness of
+every rollout batch are logged (``oracle/*``) whatever the training reward, so curves of true reward against
+samples exist for any source.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from finegrain.config import TrainConfig, option, parse
+from finegrain.errors import ConfigError
+from finegrain.models.forward import hidden_states, model_inputs, output_head, predicting_states
+from finegrain.trainers import loop
+from finegrain.types import CompletionBatch, TokenRewards
+
+ORACLE_REWARDS = {"oracle": False, "oracle:sequence": False, "oracle:credit": True}
+"""``--reward`` names of the world's oracle -> whether the reward is its dense per-word credit."""
+
+
+@dataclasses.dataclass
+class PPOConfig(TrainConfig):
+    """Online RL (PPO with GAE and a critic, REINFORCE or RLOO) with dense per-token rewards from any source."""
+
+    reward: list[str] = option(
+        default_factory=lambda: ["oracle"],
+        help="reward source(s): 'oracle' (the world's oracle score on the last token), 'oracle:credit' (its per-word "
+        "credit on every token), 'python:module:function' (a function of prompts and responses), or a saved "
+        "reward-model directory")
+    reward_scales: list[float] = option(default_factory=list, help="one scale per --reward source (default 1 each)")
+    kl_coef: float = option(0.05, "c_KL: weight of the per-token KL penalty in the reward")
+    kl_estimator: Literal["k1", "k2", "k3", "full"] = option(
+        "k1", "KL term per token: k1 = log-ratio, k2 = log-ratio²/2, k3 = e^-ρ - 1 + ρ, full = KL over the vocabulary")
+    reward_clip: float | None = option(None, "clip every token's task reward to [-c, c] after normalisation (TLCR: 5)")
+    reward_normalization: Literal["none", "batch", "running"] = option(
+        "none", "normalise sequence returns by the batch's or running mean and std")
+    estimator: Literal["gae", "reinforce", "rloo"] = option(
+        "gae", "advantages: GAE with a critic, REINFORCE return-to-go (SRM), or RLOO (needs num_samples >= 2)")
+    gamma: float = option(1.0, "discount γ")
+    lam: float = option(0.95, "GAE λ")
+    whiten_advantages: bool = option(True, "normalise advantages over the rollout batch")
+    clip_eps: float = option(0.2, "PPO ratio clip ε")
+    value_clip_eps: float | None = option(0.2, "value clip ε_v (none: unclipped value loss)")
+    vf_coef: float = option(0.1, "weight of the value loss (in the policy's objective with --critic shared)")
+    entropy_coef: float = option(0.0, "entropy bonus coefficient")
+    loss_reduction: Literal["token", "sequence"] = option(
+        "token", "mean over all tokens of a minibatch, or mean over responses of each response's token mean")
+    ppo_epochs: int = option(4, "passes over each rollout batch")
+    num_mini_batches: int = option(1, "optimizer steps per pass over a rollout batch")
+    rollout_batch_size: int = option(32, "prompts per rollout batch (over all processes)")
+    num_samples: int = option(1, "responses per prompt (RLOO needs >= 2)")
+    temperature: float = option(1.0, "sampling temperature (> 0); log-probs are taken at this temperature")
+    top_p: float = option(1.0, "nucleus sampling mass (1: off)")
+    top_k: int = option(0, "keep the k most likely tokens (0: off)")
+    max_new_tokens: int = option(64, "longest sampled response")
+    critic: Literal["separate", "shared"] = option(
+        "separate", "value head on a separate critic initialised from the policy, or on the policy's own backbone")
+    critic_learning_rate: float | None = option(None, "critic (or value head) learning rate; default: learning_rate")
+    lag: int = option(0, "TLCR compat: credit a token's reward to the action `lag` positions later (official code: 1)")
+    eval_sampling: Literal["greedy", "sample"] = option("greedy", "how responses to held-out prompts are decoded")
+    score_chunk_rows: int = option(32, "rows per forward pass when scoring rollouts")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.reward:
+            raise ConfigError("--reward needs at least one source (e.g. 'oracle' on the built-in world)")
+        if self.reward_scales and len(self.reward_scales) != len(self.reward):
+            raise ConfigError(f"--reward_scales has {len(self.reward_scales)} values for {len(self.reward)} --reward "
+                              "sources; give one scale per source")
+        if self.estimator == "rloo" and self.num_samples < 2:
+            raise ConfigError("--estimator rloo needs --num_samples >= 2 (the other samples of a prompt are the baseline)")
+        if self.gradient_accumulation_steps != 1:
+            raise ConfigError("ppo accumulates micro-batches of --per_device_train_batch_size rows within each minibatch; "
+                              "set the minibatch with --num_mini_batches and leave --gradient_accumulation_steps at 1")
+        for name in ("ppo_epochs", "num_mini_batches", "rollout_batch_size", "num_samples", "max_new_tokens",
+                     "score_chunk_rows"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"option '{name}' must be >= 1, got {getattr(self, name)}")
+        if (self.rollout_batch_size * self.num_samples) % self.num_mini_batches:
+            raise ConfigError(f"rollout_batch_size x num_samples ({self.rollout_batch_size * self.num_samples}) must be a "
+                              f"multiple of num_mini_batches ({self.num_mini_batches})")
+        if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.lam <= 1.0:
+            raise ConfigError(f"gamma and lam must lie in [0, 1], got {self.gamma} and {self.lam}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0 (PPO needs the sampling distribution), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0 or self.top_k < 0:
+            raise ConfigError(f"top_p must be in (0, 1] and top_k >= 0, got {self.top_p} and {self.top_k}")
+        for name in ("kl_coef", "clip_eps", "vf_coef", "entropy_coef", "lag"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"option '{name}' must be >= 0, got {getattr(self, name)}")
+        if self.clip_eps == 0:
+            raise ConfigError("clip_eps must be > 0")
+        for name in ("reward_clip", "value_clip_eps", "critic_learning_rate"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"option '{name}' must be > 0 or none, got {getattr(self, name)}")
+        if self.max_new_tokens > self.max_length - self.max_prompt_length:
+            raise ConfigError(f"max_new_tokens ({self.max_new_tokens}) exceeds max_length - max_prompt_length "
+                              f"({self.max_length - self.max_prompt_length}); raise --max_length or lower one of them")
+        if self.lag and any(ORACLE_REWARDS.get(r) is False for r in self.reward):
+            raise ConfigError("--lag shifts token rewards one position later, which drops a score on the last token; "
+                              "use it with token-level sources only (TLCR's discriminator), not with --reward oracle")
+
+    @property
+    def scales(self) -> list[float]:
+        return list(self.reward_scales) or [1.0] * len(self.reward)
+
+
+# ----------------------------------------------------------------------------------------------- reward sources
+
+
+def build_reward_sources(cfg: PPOConfig, tokenizer, device, world_dir=None) -> dict[str, tuple[Any, float]]:
+    """The sources named by ``--reward`` with their scales: name -> (source, scale); names are made unique."""
+    from finegrain.rewards.rule import FunctionRewardSource, OracleRewardSource
+
+    out: dict[str, tuple[Any, float]] = {}
+    for spec, scale in zip(cfg.reward, cfg.scales):
+        if spec in ORACLE_REWARDS:
+            rules = _world_rules(world_dir)
+            source = OracleRewardSource(tokenizer, dense=ORACLE_REWARDS[spec], rules=rules)
+        elif spec.startswith("python:"):
+            source = FunctionRewardSource.from_spec(spec, tokenizer)
+        else:
+            source = _load_saved_source(spec, tokenizer, device, world_dir)
+        name, k = source.name, 2
+        while name in out:
+            name, k = f"{source.name}_{k}", k + 1
+        out[name] = (source, scale)
+    return out
+
+
+def _world_rules(world_dir):
+    if world_dir is None:
+        return None
+    from finegrain.world import load_world_config
+
+    return load_world_config(world_dir).rules
+
+
+def _load_saved_source(path: str, tokenizer, device, world_dir):
+    if not Path(path).is_dir():
+        raise ConfigError(f"--reward {path!r}: not 'oracle', 'oracle:credit', 'python:module:function' or a reward-model "
+                          "directory")
+    try:
+        from finegrain.rewards.registry import load_reward_source
+    except ImportError as exc:
+        raise ConfigError(f"--reward {path}: loading saved reward models needs finegrain.rewards.registry, which this "
+                          f"installation lacks ({exc}); use 'oracle' or 'python:module:function' meanwhile") from None
+    return load_reward_source(path, policy_tokenizer=tokenizer, device=device, world_dir=world_dir)
+
+
+def _source_rewards(source, batch: CompletionBatch, prompts: list) -> TokenRewards:
+    from finegrain.rewards.rule import accepts_prompts
+
+    return source.token_rewards(batch, prompts=prompts) if accepts_prompts(source) else source.token_rewards(batch)
+
+
+def lag_rewards(rewards: TokenRewards, lag: int) -> TokenRewards:
+    """TLCR's one-position lag (spec 3.4, [QUIRK]): ``values'[t] = values[t − lag]`` (0 for ``t < lag``), masked.
+
+    The reward of token ``y_k`` is then credited to the action that produced ``y_{k+lag}``; values pushed past
+    the end of a response are dropped, as in the official code. ``lag=0`` returns ``rewards`` unchanged.
+    """
+    if lag == 0:
+        return rewards
+    shifted = torch.zeros_like(rewards.values)
+    shifted[:, lag:] = rewards.values[:, :-lag]
+    mask = rewards.mask.to(torch.bool)
+    return TokenRewards(values=torch.where(mask, shifted, torch.zeros_like(shifted)), mask=rewards.mask,
+                        seq_reward=rewards.seq_reward, meta=rewards.meta)
+
+
+def world_prompt_texts(prompts) -> list[str] | None:
+    """The prompts as text if every one names a topic of the built-in world (so the oracle can judge), else None."""
+    from finegrain.rewards.rule import prompt_as_text
+    from finegrain.world.oracle import prompt_topic
+
+    try:
+        texts = [prompt_as_text(p) for p in prompts]
+        for t in texts:
+            prompt_topic(t)
+    except ValueError:
+        return None
+    return texts
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+
+class ValueModel(nn.Module):
+    """The separate critic: ``V(s_i) = w·h_i + b`` on a transformer body's final hidden states.
+
+    Args:
+        body: a transformer body without LM head (e.g. ``policy.get_decoder()``), optionally LoRA-wrapped.
+        hidden_size: ``H``.
+
+    Shapes: ``forward(input_ids (N, L), attention_mask (N, L), position_ids (N, L)) -> (N, L)``. The head starts
+    at zero, so the first advantages are the returns themselves.
+    """
+
+    def __init__(self, body: nn.Module, hidden_size: int):
+        super().__init__()
+        from finegrain.models.heads import ScalarHead
+
+        self.body = body
+        self.head = ScalarHead(hidden_size)
+        nn.init.zeros_(self.head.proj.weight)
+        nn.init.zeros_(self.head.proj.bias)
+
+    def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        out = self.body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        use_cache=False, return_dict=True)
+        return self.head(out.last_hidden_state)
+
+
+class _CheckpointView(nn.Module):
+    """What a checkpoint stores of the critic (or the shared value head): all of its state, or only its
+    trainable parameters (a LoRA critic: the adapter and the head).
+
+    ``Run.save_checkpoint`` saves ``state_dict()`` through ``save_pretrained`` and ``Run.load_checkpoint``
+    matches keys with ``state_dict()`` before ``load_state_dict``; the critic is no Hugging Face model, so this
+    view provides the three methods (safetensors, one file).
+    """
+
+    def __init__(self, module: nn.Module, trainable_only: bool):
+        super().__init__()
+        self.inner = module
+        self.trainable_only = trainable_only
+
+    def state_dict(self, *args, **kwargs):  # noqa: ARG002
+        if self.trainable_only:
+            return {k: p.detach() for k, p in self.inner.named_parameters() if p.requires_grad}
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # noqa: ARG002
+        return self.inner.load_state_dict(state_dict, strict=not self.trainable_only and strict)
+
+    def save_pretrained(self, path, state_dict=None, safe_serialization: bool = True):  # noqa: ARG002
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        sd = self.state_dict() if state_dict is None else state_dict
+        save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(path / "model.safetensors"))
+
+
+class _Bundle:
+    """Several optimizers (or schedulers) saved and restored as one, for ``Run.save_checkpoint``."""
+
+    def __init__(self, **parts):
+        self.parts = {k: v for k, v in parts.items() if v is not None}
+
+    def state_dict(self) -> dict:
+        return {k: v.state_dict() for k, v in self.parts.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in self.parts.items():
+            v.load_state_dict(state[k])
+
+
+def make_reference(cfg: PPOConfig, policy: nn.Module):
+    """``(ref_model, ref_context)`` for :func:`finegrain.rl.rollout.score_rollout`.
+
+    With LoRA the reference is the policy with its adapter disabled: ``(None, policy.disable_adapter)``.
+    Otherwise a frozen copy of the policy as it is now: ``(copy, None)``.
+    """
+    if cfg.use_peft:
+        if not hasattr(policy, "disable_adapter"):
+            raise ConfigError("use_peft is on but the policy has no LoRA adapter to disable")
+        return None, policy.disable_adapter
+    from finegrain.models.build import freeze
+
+    return freeze(copy.deepcopy(policy)), None
+
+
+def _hidden_size(model: nn.Module) -> int:
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text.hidden_size)
+
+
+def make_critic(cfg: PPOConfig, policy: nn.Module) -> nn.Module | None:
+    """The critic of ``--critic separate`` (a :class:`ValueModel` on a copy of the policy's body), the value head
+    of ``--critic shared`` (a ``ScalarHead``), or None when the estimator needs no values. Call before LoRA."""
+    if cfg.estimator != "gae":
+        return None
+    if cfg.critic == "shared":
+        from finegrain.models.heads import ScalarHead
+
+        head = ScalarHead(_hidden_size(policy))
+        nn.init.zeros_(head.proj.weight)
+        nn.init.zeros_(head.proj.bias)
+        return head
+    from finegrain.models.forward import decoder
+
+    critic = ValueModel(copy.deepcopy(decoder(policy)), _hidden_size(policy))
+    if cfg.use_peft:
+        from finegrain.models.build import apply_lora
+
+        critic.body = apply_lora(critic.body, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
+                                 task_type="FEATURE_EXTRACTION")
+    return critic
+
+
+# ----------------------------------------------------------------------------------------------- per-row pieces
+
+
+def take_rows(batch: CompletionBatch, rows: torch.Tensor) -> tuple[CompletionBatch, int]:
+    """Rows of ``batch`` without the prompt columns that are padding in all of them and without the response
+    columns after their longest response. Returns the sub-batch and its response width ``T'``; per-token tensors
+    of the rows are ``x[rows, :T']``."""
+    attn = batch.prompt_attention_mask[rows]
+    mask = batch.completion_mask[rows].to(torch.bool)
+    first = int(attn.to(torch.bool).any(dim=0).long().argmax())
+    width = int(mask.any(dim=0).nonzero().max()) + 1 if bool(mask.any()) else 1
+    sub = CompletionBatch(prompt_input_ids=batch.prompt_input_ids[rows, first:], prompt_attention_mask=attn[:, first:],
+                          completion_input_ids=batch.completion_input_ids[rows, :width], completion_mask=mask[:, :width])
+    return sub, width
+
+
+def critic_values(critic, policy, sub: CompletionBatch, hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """``V(s_t)`` at the predicting state of every response token of ``sub``: ``(N, T)``.
+
+    A :class:`ValueModel` reads its own body; a shared head reads the policy's predicting states (``hidden``
+    when the caller already has them)."""
+    if isinstance(getattr(critic, "module", critic), ValueModel):
+        ids, attn, pos = model_inputs(sub)
+        p, t = sub.prompt_input_ids.shape[1], sub.completion_input_ids.shape[1]
+        return critic(ids, attn, pos)[:, p - 1 : p - 1 + t].float()
+    if hidden is None:
+        hidden = predicting_states(hidden_states(policy, sub), sub)
+    return critic(hidden).float()
+
+
+@torch.no_grad()
+def rollout_values(critic, policy, batch: CompletionBatch, chunk_rows: int) -> torch.Tensor:
+    """Critic values of a whole rollout batch, ``chunk_rows`` rows per forward; 0 outside the response mask."""
+    n, t = batch.completion_input_ids.shape
+    out = torch.zeros(n, t, device=batch.completion_input_ids.device)
+    for start in range(0, n, chunk_rows):
+        rows = torch.arange(start, min(start + chunk_rows, n), device=out.device)
+        sub, width = take_rows(batch, rows)
+        out[rows, :width] = critic_values(critic, policy, sub)
+    return torch.where(batch.completion_mask.to(torch.bool), out, torch.zeros((), device=out.device))
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, acc) -> torch.Tensor:
+    """``(x − mean) / sqrt(var + 1e-8)`` over the valid tokens of every process (unbiased variance, as
+    :func:`finegrain.ops.masked_whiten`, which it equals on one process); 0 outside ``mask``."""
+    from finegrain.rl.advantages import whiten_advantages
+
+    if acc.num_processes == 1:
+        return whiten_advantages(x, mask)
+    m = mask.to(torch.bool)
+    xs = torch.where(m, x, torch.zeros_like(x)).double()
+    stats = acc.reduce(torch.stack([m.sum().double(), xs.sum(), xs.square().sum()]), reduction="sum")
+    count, total, squares = stats.tolist()
+    mean = total / max(count, 1.0)
+    var = (squares - count * mean * mean) / max(count - 1.0, 1.0)
+    return torch.where(m, (x - mean) / math.sqrt(var + 1e-8), torch.zeros_like(x))
+
+
+def compute_advantages(cfg: PPOConfig, penalized: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None,
+                       acc) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(advantages, returns)`` of the estimator (returns: the value targets, GAE only; else None)."""
+    from finegrain.ops.masked import masked_sum
+    from finegrain.rl.advantages import discounted_returns, gae_advantages, rloo_advantages
+
+    returns = None
+    if cfg.estimator == "gae":
+        advantages, returns = gae_advantages(penalized, values, mask, cfg.gamma, cfg.lam)
+    elif cfg.estimator == "reinforce":
+        advantages = discounted_returns(penalized, mask, cfg.gamma)
+    else:
+        advantages = rloo_advantages(masked_sum(penalized, mask, dim=-1), cfg.num_samples, mask)
+    if cfg.whiten_advantages:
+        advantages = whiten(advantages, mask, acc)
+    return advantages, returns
+
+
+# ----------------------------------------------------------------------------------------------- the update
+
+
+def _row_weight(mask: torch.Tensor, reduction: str) -> torch.Tensor:
+    """What one micro-batch contributes to its minibatch's mean: valid tokens, or responses."""
+    mask = mask.to(torch.bool)
+    return (mask.sum() if reduction == "token" else mask.any(dim=1).sum()).float()
+
+
+def ppo_update(cfg: PPOConfig, run, state, models: dict, roll: CompletionBatch, data: dict[str, torch.Tensor]):
+    """``ppo_epochs`` passes over shuffled minibatches of the rollout; one optimizer step per minibatch.
+
+    The loss of a minibatch is its token mean (or response mean) over every process: each micro-batch's mean is
+    weighted by its share of the minibatch's tokens (responses), times the number of processes because DDP
+    averages gradients. Returns the mean of the per-minibatch statistics.
+    """
+    from finegrain.losses.ppo import entropy_bonus, ppo_policy_loss, ppo_value_loss
+    from finegrain.ops.logprobs import token_entropy, token_logps
+
+    acc, world = run.accelerator, run.accelerator.num_processes
+    policy, critic = models["policy"], models["critic"]
+    shared = critic is not None and not isinstance(acc.unwrap_model(critic), ValueModel)
+    head = output_head(acc.unwrap_model(policy))
+    n = roll.num_rows
+    stats: dict[str, list[float]] = defaultdict(list)
+    for _ in range(cfg.ppo_epochs):
+        for mb in torch.randperm(n).chunk(cfg.num_mini_batches):
+            micro = mb.split(cfg.per_device_train_batch_size)
+            denom = sum(_row_weight(roll.completion_mask[r], cfg.loss_reduction) for r in micro)
+            if world > 1:
+                denom = acc.reduce(denom.to(acc.device), reduction="sum")
+            sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=acc.device))
+            for k, rows in enumerate(micro):
+                rows = rows.to(acc.device)
+                sub, width = take_rows(roll, rows)
+                mask = sub.completion_mask
+                part = {key: value[rows, :width] for key, value in data.items()}
+                w = _row_weight(mask, cfg.loss_reduction) * world / denom
+                sync = k == len(micro) - 1
+                ctx = contextlib.ExitStack()
+                if not sync and world > 1:
+                    for m in (policy, critic):
+                        if m is not None:
+                            ctx.enter_context(acc.no_sync(m))
+                with ctx:
+                    h = predicting_states(hidden_states(policy, sub), sub)
+                    logits = head(h)
+                    if cfg.temperature != 1.0:
+                        logits = logits / cfg.temperature
+                    logps = token_logps(logits, sub.completion_input_ids, mask)
+                    pl = ppo_policy_loss(logps, part["old_logps"], part["advantages"], mask, cfg.clip_eps,
+                                         cfg.loss_reduction)
+                    loss = pl.loss
+                    if cfg.entropy_coef:
+                        loss = loss - cfg.entropy_coef * entropy_bonus(token_entropy(logits), mask, cfg.loss_reduction)
+                    if critic is not None:
+                        values = critic_values(critic, policy, sub, hidden=h if shared else None)
+                        vl = ppo_value_loss(values, part["old_values"], part["returns"], mask, cfg.value_clip_eps,
+                                            cfg.loss_reduction)
+                        loss = loss + cfg.vf_coef * vl.loss
+                        sums["value/loss"] += vl.loss.detach() * w
+                        sums["value/clipfrac"] += vl.clipfrac * w
+                    acc.backward(loss * w)
+                sums["policy/loss"] += pl.loss.detach() * w
+                sums["policy/clipfrac"] += pl.clipfrac * w
+                sums["policy/approx_kl"] += pl.approx_kl * w
+            total = sum(sums.values()) if sums else torch.zeros((), device=acc.device)
+            step = loop.optimizer_step(run, state, models["trainable"], models["optimizer"], models["scheduler"],
+                                       total)
+            if models.get("critic_optimizer") is not None:
+                loop.optimizer_step(run, state, critic, models["critic_optimizer"], models["critic_scheduler"], total)
+            for key, value in sums.items():
+                stats[key].append(float(acc.reduce(value, reduction="sum") / world if world > 1 else value))
+            stats["grad_norm"].append(step["grad_norm"])
+            stats["skipped"].append(step["skipped"])
+            stats["learning_rate"] = [step["learning_rate"]]
+    return {k: sum(v) / len(v) for k, v in stats.items()}
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _prompt_batches(data, indices: list[int], size: int):
+    for lo in range(0, len(indices), size):
+        chunk = indices[lo : lo + size]
+        yield chunk, data.collate(chunk)
+
+
+@torch.no_grad()
+def evaluate(cfg: PPOConfig, policy, ref_model, ref_context, tokenizer, data, sources, acc, step: int,
+             world_prompts: bool) -> dict[str, float]:
+    """Responses to held-out prompts (greedy, or sampled with a generator seeded by ``seed`` and ``step``, so
+    the training RNG is untouched); their oracle reward on world prompts, the sources' raw reward, and the KL to
+    the reference summed over each response, ``Σ_t KL(π_θ(·|s_t) ‖ π_ref(·|s_t))`` over the full vocabulary."""
+    from finegrain.ops.masked import masked_sum
+    from finegrain.rewards.rule import OracleRewardSource
+    from finegrain.rl.rewards import dense_rewards
+    from finegrain.rl.rollout import sample_rollouts, score_rollout
+
+    policy.eval()
+    rank, world = acc.process_index, acc.num_processes
+    indices = list(range(len(data)))[rank::world]
+    greedy = cfg.eval_sampling == "greedy"
+    gen = None if greedy else torch.Generator(device=acc.device).manual_seed(cfg.seed * 1_000_003 + step)
+    oracle = OracleRewardSource(tokenizer, rules=_world_rules(cfg.world_dir)) if world_prompts else None
+    keys = ["count", "kl", "length", "raw"] + (["oracle", "well_formed"] if oracle else [])
+    sums = torch.zeros(len(keys), dtype=torch.float64, device=acc.device)
+    for chunk, batch in _prompt_batches(data, indices, cfg.per_device_eval_batch_size):
+        batch = batch.to(acc.device)
+        roll = sample_rollouts(policy, batch.prompt_input_ids, batch.prompt_attention_mask,
+                               max_new_tokens=cfg.max_new_tokens, do_sample=not greedy, temperature=cfg.temperature,
+                               top_k=cfg.top_k, top_p=cfg.top_p, tokenizer=tokenizer, generator=gen)
+        prompts = [data[i]["prompt"] for i in chunk]
+        mask = roll.completion_mask
+        scored = score_rollout(policy, roll, ref_model=ref_model, ref_context=ref_context,
+                               chunk_rows=cfg.score_chunk_rows, temperature=cfg.temperature, with_full_kl=True)
+        rewards = {name: _source_rewards(src, roll, prompts) for name, (src, _) in sources.items()}
+        raw = dense_rewards(rewards, mask, scales={k: s for k, (_, s) in sources.items()})["raw"]
+        row = [float(len(chunk)), float(masked_sum(scored["full_kl"], mask, dim=-1).sum()),
+               float(mask.sum()), float(masked_sum(raw, mask, dim=-1).sum())]
+        if oracle is not None:
+            judged = oracle.token_rewards(roll, prompts=prompts).meta
+            row += [float(judged["score"].sum()), float(judged["well_formed"].float().sum())]
+        sums += torch.tensor(row, dtype=torch.float64, device=acc.device)
+    if world > 1:
+        sums = acc.reduce(sums, reduction="sum")
+    mean = dict(zip(keys, (sums / sums[0].clamp(min=1)).tolist()))
+    out = {"objective/kl": mean["kl"], "response/length": mean["length"], "rewards/raw": mean["raw"]}
+    if oracle is not None:
+        out.update({"oracle/reward": mean["oracle"], "oracle/well_formed": mean["well_formed"]})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- the loop
+
+
+def _num_steps(cfg: PPOConfig, num_prompts: int) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    per_epoch = num_prompts // cfg.rollout_batch_size
+    if per_epoch == 0:
+        raise ConfigError(f"the prompt set has {num_prompts} rows, fewer than one rollout batch "
+                          f"(--rollout_batch_size {cfg.rollout_batch_size}); lower it or add prompts")
+    return max(1, math.ceil(per_epoch * cfg.num_train_epochs))
+
+
+def train(cfg: PPOConfig, policy, tokenizer, prompts, eval_prompts=None, *, sources=None, method: str | None = None) -> Path:
+    """Run online RL and return the run directory (``final/`` holds the policy).
+
+    Args:
+        cfg: the config.
+        policy: a causal LM (the initial policy; also the reference).
+        tokenizer: its tokenizer.
+        prompts: a :class:`finegrain.data.prepared.CompletionData` of prompt rows.
+        eval_prompts: held-out prompt rows, or None.
+        sources: name -> (reward source, scale); default :func:`build_reward_sources` of ``cfg``.
+        method: the method name in run.json (default: the estimator).
+    """
+    from finegrain.data.sampler import batch_indices, shard_batch
+    from finegrain.ops.kl import kl_k1, kl_penalty
+    from finegrain.ops.masked import masked_mean, masked_sum
+    from finegrain.rewards.rule import OracleRewardSource
+    from finegrain.rl.rewards import RunningMoments, dense_rewards, reward_metrics
+    from finegrain.rl.rollout import sample_rollouts, score_rollout
+
+    acc = loop.make_accelerator(cfg)
+    run = loop.Run(cfg, "ppo", method or cfg.estimator, acc)
+    world, device = acc.num_processes, acc.device
+    if cfg.rollout_batch_size % world:
+        raise ConfigError(f"rollout_batch_size ({cfg.rollout_batch_size}) must be a multiple of the {world} processes")
+    if cfg.disable_dropout:
+        from finegrain.models.build import disable_dropout
+
+        disable_dropout(policy)
+    critic = make_critic(cfg, policy)
+    if cfg.use_peft:
+        from finegrain.models.build import apply_lora
+
+        policy = apply_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+    policy.to(device)
+    ref_model, ref_context = make_reference(cfg, policy)
+    sources = sources if sources is not None else build_reward_sources(cfg, tokenizer, device, cfg.world_dir)
+    scales = {name: scale for name, (_, scale) in sources.items()}
+    world_prompts = world_prompt_texts([ex["prompt"] for ex in prompts]) is not None
+    oracle = OracleRewardSource(tokenizer, rules=_world_rules(cfg.world_dir)) if world_prompts else None
+    if any(isinstance(s, OracleRewardSource) for s, _ in sources.values()) and not world_prompts:
+        raise ConfigError("--reward oracle judges the built-in world's prompts only, and these prompts are not all world "
+                          "prompts; choose another --reward")
+
+    total_steps = _num_steps(cfg, len(prompts))
+    updates = total_steps * cfg.ppo_epochs * cfg.num_mini_batches
+    optimizer = loop.make_optimizer(cfg, policy.parameters())
+    critic_optimizer = critic_scheduler = None
+    critic_lr = cfg.critic_learning_rate or cfg.learning_rate
+    if isinstance(critic, ValueModel):
+        critic_optimizer = loop.make_optimizer(dataclasses.replace(cfg, learning_rate=critic_lr), critic.parameters())
+        critic_scheduler = loop.make_scheduler(cfg, critic_optimizer, updates)
+    elif critic is not None:  # the shared value head joins the policy's optimizer with its own learning rate
+        optimizer.add_param_group({"params": list(critic.parameters()), "lr": critic_lr, "weight_decay": 0.0})
+    scheduler = loop.make_scheduler(cfg, optimizer, updates)
+    policy, optimizer = acc.prepare(policy, optimizer)
+    if critic is not None:
+        critic = acc.prepare(critic)
+    if critic_optimizer is not None:
+        critic_optimizer = acc.prepare(critic_optimizer)
+    policy_u, critic_u = acc.unwrap_model(policy), acc.unwrap_model(critic) if critic is not None else None
+    models = {"policy": policy, "critic": critic, "optimizer": optimizer, "scheduler": scheduler,
+              "critic_optimizer": critic_optimizer, "critic_scheduler": critic_scheduler,
+              "trainable": nn.ModuleList([policy] + ([critic] if critic is not None and critic_optimizer is None else []))}
+    extra = {"critic": _CheckpointView(critic_u, trainable_only=cfg.use_peft and critic_optimizer is not None)} \
+        if critic is not None else {}
+    optimizers = _Bundle(policy=optimizer, critic=critic_optimizer)
+    schedulers = _Bundle(policy=scheduler, critic=critic_scheduler)
+    running = RunningMoments()
+    state = loop.RunState()
+    if run.resume_from is not None:
+        state = run.load_checkpoint(run.resume_from, policy, optimizers, schedulers, extra_models=extra)
+        running.load_state_dict(state.extra.get("running_reward", running.state_dict()))
+        run.print(f"resumed from {run.resume_from} at step {state.step}")
+
+    gather = acc.gather if world > 1 else None
+    normalize = None if cfg.reward_normalization == "none" else cfg.reward_normalization
+    bar = run.progress(total_steps, state.step, f"ppo ({cfg.estimator})")
+    status = "completed"
+    with run.catch_interrupts():
+        while state.step < total_steps:
+            epoch_batches = batch_indices(len(prompts), cfg.rollout_batch_size, cfg.seed, state.epoch)
+            if state.batch_in_epoch >= len(epoch_batches):
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                continue
+            run.record_batch(state, epoch_batches[state.batch_in_epoch])  # --record_consumed
+            local = shard_batch(epoch_batches[state.batch_in_epoch], world, acc.process_index)
+            row_prompts = [prompts[i]["prompt"] for i in local for _ in range(cfg.num_samples)]
+
+            # 1. generate
+            t0 = time.perf_counter()
+            policy_u.eval()
+            batch = prompts.collate(local).to(device)
+            roll = sample_rollouts(policy_u, batch.prompt_input_ids, batch.prompt_attention_mask,
+                                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                                   top_p=cfg.top_p, num_samples=cfg.num_samples, tokenizer=tokenizer)
+            mask = roll.completion_mask
+            _sync(device)
+            t1 = time.perf_counter()
+
+            # 2. score: old and reference log-probs, values, rewards, advantages
+            scored = score_rollout(policy_u, roll, ref_model=ref_model, ref_context=ref_context,
+                                   chunk_rows=cfg.score_chunk_rows, temperature=cfg.temperature, with_entropy=True,
+                                   with_full_kl=cfg.kl_estimator == "full")
+            old_values = rollout_values(critic_u, policy_u, roll, cfg.score_chunk_rows) if critic is not None else None
+            token_rewards = {name: lag_rewards(_source_rewards(src, roll, row_prompts), cfg.lag)
+                             for name, (src, _) in sources.items()}
+            kl = kl_penalty(scored["token_logps"], scored["ref_token_logps"], cfg.kl_estimator, mask,
+                            full_kl=scored.get("full_kl"))
+            rewards = dense_rewards(token_rewards, mask, scales=scales, kl=kl, kl_coef=cfg.kl_coef,
+                                    clip=cfg.reward_clip, normalize=normalize, running=running, gather=gather)
+            advantages, returns = compute_advantages(cfg, rewards["penalized"], mask, old_values, acc)
+            _sync(device)
+            t2 = time.perf_counter()
+
+            # 3. train
+            policy.train()
+            if critic is not None:
+                critic.train()
+            data = {"old_logps": scored["token_logps"], "advantages": advantages}
+            if critic is not None:
+                data.update(old_values=old_values, returns=returns)
+            update = ppo_update(cfg, run, state, models, roll, data)
+            _sync(device)
+            t3 = time.perf_counter()
+
+            state.step += 1
+            state.batch_in_epoch += 1
+            state.samples += cfg.rollout_batch_size * cfg.num_samples
+            state.extra["running_reward"] = running.state_dict()
+            metrics = {
+                **reward_metrics(rewards, mask),
+                "objective/kl": masked_sum(kl_k1(scored["token_logps"], scored["ref_token_logps"]), mask, dim=-1).mean(),
+                "policy/entropy": masked_mean(scored["entropy"], mask),
+                **update,
+                "response/length": mask.sum(dim=1).float().mean(),
+                "response/truncated": roll.extras["truncated"].float().mean(),
+                "time/generate": t1 - t0, "time/score": t2 - t1, "time/train": t3 - t2,
+            }
+            if oracle is not None:
+                judged = oracle.token_rewards(roll, prompts=row_prompts).meta
+                metrics.update({"oracle/reward": judged["score"].mean(), "oracle/well_formed":
+                                judged["well_formed"].float().mean()})
+            metrics = _mean_over_processes(metrics, acc)
+            bar.update(1)
+            shown = metrics.get("oracle/reward", metrics["rewards/raw"])
+            bar.set_postfix(reward=f"{shown:.3f}", kl=f"{metrics['objective/kl']:.3f}")
+            # a step with a skipped (non-finite) update is always logged
+            if state.step % cfg.logging_steps == 0 or state.step == total_steps or metrics["skipped"]:
+                run.log(metrics, state)
+            if eval_prompts is not None and cfg.eval_steps and state.step % cfg.eval_steps == 0:
+                run.log(evaluate(cfg, policy_u, ref_model, ref_context, tokenizer, eval_prompts, sources, acc,
+                                 state.step, world_prompts), state, split="eval")
+            stop = run.interrupted()
+            if (cfg.save_steps and state.step % cfg.save_steps == 0) or stop:
+                run.save_checkpoint(state, policy, optimizers, schedulers, tokenizer, extra_models=extra)
+            if stop:
+                status = "interrupted"
+                break
+    bar.close()
+    if status == "completed":
+        if eval_prompts is not None and not (cfg.eval_steps and state.step % cfg.eval_steps == 0):
+            run.log(evaluate(cfg, policy_u, ref_model, ref_context, tokenizer, eval_prompts, sources, acc, state.step,
+                             world_prompts), state, split="eval")
+        _save_final(run, policy, tokenizer)
+    run.close(status, steps=state.step, samples=state.samples, skipped_steps=state.nonfinite_total)
+    if status == "interrupted":
+        raise KeyboardInterrupt
+    return run.dir
+
+
+def _save_final(run, policy, tokenizer) -> None:
+    """``run.save_final``; a LoRA policy is merged here first (``final/``) and its adapter saved to
+    ``final/adapter/``, because ``loop.merged_lora_state_dict`` looks LoRA layers up on the ``PeftModel`` itself,
+    which fails for Llama-style models (their ``model.`` prefix resolves to the wrapped causal LM)."""
+    unwrapped = run.accelerator.unwrap_model(policy)
+    if not hasattr(unwrapped, "peft_config"):
+        run.save_final(policy, tokenizer)
+        return
+    merged = copy.deepcopy(unwrapped).merge_and_unload()
+    out = run.save_final(merged, tokenizer)
+    if run.is_main:
+        unwrapped.save_pretrained(out / "adapter", safe_serialization=True)
+    run.accelerator.wait_for_everyone()
+
+
+def _mean_over_processes(metrics: dict[str, Any], acc) -> dict[str, float]:
+    values = torch.tensor([float(v) for v in metrics.values()], dtype=torch.float64, device=acc.device)
+    if acc.num_processes > 1:
+        values = acc.reduce(values, reduction="mean")
+    return dict(zip(metrics, values.tolist()))
+
+
+# ----------------------------------------------------------------------------------------------- inputs and CLI
+
+
+def load_inputs(cfg: PPOConfig):
+    """Policy, tokenizer, training prompts and held-out prompts for ``cfg``.
+
+    With no model: the built-in world's SFT model, its RL prompts (``data/prompts_rl.jsonl``, unless
+    ``--dataset_name`` names others) and its test prompts (``data/prompts_test.jsonl``). Any data set with a
+    ``prompt`` column serves as prompts (other columns are ignored).
+    """
+    from finegrain.data.prepared import CompletionData
+    from finegrain.data.tokenize import TokenLimits
+    from finegrain.models.loading import load_causal_lm, load_tokenizer
+
+    limits = TokenLimits(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+    if cfg.model_name_or_path is None:
+        from finegrain.world import ensure_world
+
+        world = ensure_world(cfg.world_dir)
+        if cfg.world_dir is None:
+            cfg.world_dir = str(world)
+        tokenizer = load_tokenizer(str(world / "sft"))
+        policy = load_causal_lm(str(world / "sft"))
+        train_src = cfg.dataset_name or str(world / "data" / "prompts_rl.jsonl")
+        eval_src = cfg.eval_dataset_name or (None if cfg.dataset_name else str(world / "data" / "prompts_test.jsonl"))
+    else:
+        if cfg.dataset_name is None:
+            raise ConfigError("--model_name_or_path given without --dataset_name: say which prompts to train on")
+        tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path,
+                                   trust_remote_code=cfg.trust_remote_code)
+        policy = load_causal_lm(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+        train_src, eval_src = cfg.dataset_name, cfg.eval_dataset_name
+    prompts = CompletionData.from_source(train_src, tokenizer, split=_split(train_src, cfg.dataset_split), kind="prompt",
+                                         limits=limits, skip_invalid=cfg.skip_invalid_rows,
+                                         max_examples=cfg.max_train_samples)
+    eval_prompts = None
+    if eval_src is not None:
+        eval_prompts = CompletionData.from_source(eval_src, tokenizer, split=_split(eval_src, cfg.eval_split),
+                                                  kind="prompt", limits=limits, skip_invalid=cfg.skip_invalid_rows,
+                                                  max_examples=cfg.max_eval_samples)
+    return policy, tokenizer, prompts, eval_prompts
+
+
+def _split(source: str, split: str) -> str | None:
+    return None if Path(source).is_file() else split  # a single file has only one split
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse(PPOConfig, argv, "finegrain ppo", PPOConfig.__doc__ + "\n\nWith no model and no data set, trains the "
+                "built-in world's SFT model on its RL prompts with the world's oracle as the reward.")
+    policy, tokenizer, prompts, eval_prompts = load_inputs(cfg)
+    train(cfg, policy, tokenizer, prompts, eval_prompts)
+    return 0
