@@ -129,6 +129,11 @@ class Run:
             except Exception as exc:  # tracker packages are optional: say so, keep metrics.jsonl
                 self._trackers = False
                 self.print(f"warning: trackers {cfg.report_to} unavailable ({exc}); metrics.jsonl is still written")
+            active = {getattr(t, "name", "") for t in accelerator.trackers}
+            missing = [t for t in cfg.report_to if t not in active]
+            if missing and self.is_main:  # accelerate drops trackers whose package is missing without a word
+                self.print(f"warning: trackers {', '.join(missing)} not available (pip install "
+                           f"'finegrain[{','.join(missing)}]'); metrics.jsonl is still written")
         self._interrupted = False
         self._old_sigint = None
         self._last_saved_step: int | None = None
