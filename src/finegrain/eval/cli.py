@@ -527,14 +527,25 @@ def _write_outputs(out: Path, result: dict, prompts: list, pol: _Side, ref: _Sid
             for i, prompt in enumerate(prompts):
                 row = {"prompt": prompt, "sample": i % num_samples, "response": pol.texts[i],
                        "ref_response": ref.texts[i], "reward": pol.rewards[i], "ref_reward": ref.rewards[i],
-                       "seq_kl": pol.seq_kl[i], "length": pol.length[i], "ref_length": ref.length[i],
+                       "seq_kl": pol.seq_kl[i], "entropy": pol.entropy[i], "length": pol.length[i],
+                       "ref_length": ref.length[i],
                        "truncated": pol.truncated[i], "ref_truncated": ref.truncated[i]}
                 if pol.well_formed:
                     row.update(well_formed=pol.well_formed[i], ref_well_formed=ref.well_formed[i])
                 f.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+        mark_eval_dir(out)
     except OSError as exc:
         raise ConfigError(f"cannot write the evaluation to {out}: {exc.strerror or exc}; choose another "
                           "--output_dir") from None
+
+
+def mark_eval_dir(out: Path) -> None:
+    """Write ``run.json`` (command ``eval``) into an evaluation-only directory; a run's own run.json is kept."""
+    if not (out / "run.json").exists():
+        from finegrain import __version__
+
+        (out / "run.json").write_text(json.dumps({"command": "eval", "method": "eval", "status": "completed",
+                                                  "finegrain_version": __version__}, indent=2))
 
 
 def _f(x, digits: int = 3) -> str:

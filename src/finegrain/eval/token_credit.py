@@ -634,7 +634,7 @@ def evaluate_token_credit_sources(
     Returns:
         The content of ``token_credit.json`` (see :func:`score_token_credit`) plus ``data``.
     """
-    from finegrain.eval.cli import ModelCache, resolve_device
+    from finegrain.eval.cli import ModelCache, mark_eval_dir, resolve_device
 
     dev = resolve_device(device)
     on_world = data is None
@@ -665,6 +665,7 @@ def evaluate_token_credit_sources(
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "token_credit.json").write_text(json.dumps(result, indent=1, allow_nan=False))
+        mark_eval_dir(out)
     if not quiet:
         print(format_token_credit(result, None if output_dir is None else Path(output_dir) / "token_credit.json"))
     return result
