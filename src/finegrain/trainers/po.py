@@ -229,6 +229,17 @@ def make_loss(cfg: POConfig) -> Callable[[PreferenceStats], PreferenceLossOutput
     return loss
 
 
+BASE_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+                "logps/rejected")
+
+
+def metric_names(cfg: POConfig) -> tuple[str, ...]:
+    """The metrics a run of ``cfg`` logs (see :func:`pair_metrics`)."""
+    spec = get_preference_loss_spec(cfg.loss)
+    extra = ("kl/chosen", "kl/rejected", "kl/margin") if spec.needs_ref_distribution else ()
+    return BASE_METRICS + extra + (("treg/weight",) if spec.needs_token_rewards else ())
+
+
 def pair_metrics(out: PreferenceLossOutput, stats: PreferenceStats) -> dict[str, torch.Tensor]:
     """Per-pair metric values ``(B,)`` (detached), named as in STYLE.md; the logged value is their mean."""
     chosen, rejected = _halves(masked_sum(stats.token_logps.detach(), stats.mask, dim=-1))
@@ -420,9 +431,10 @@ def _accumulate(total: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor]
         total[k] = total.get(k, 0.0) + v.sum().double()
 
 
-def _reduce(total: dict[str, torch.Tensor], count: int, acc) -> dict[str, float]:
-    keys = sorted(total)
-    values = torch.stack([torch.as_tensor(total[k], dtype=torch.float64, device=acc.device) for k in keys])
+def _reduce(total: dict[str, torch.Tensor], count: int, acc, names: tuple[str, ...]) -> dict[str, float]:
+    # every process reduces the same keys, also one that had no pairs (a short evaluation split)
+    keys = sorted(names)
+    values = torch.stack([torch.as_tensor(total.get(k, 0.0), dtype=torch.float64, device=acc.device) for k in keys])
     if acc.num_processes > 1:
         values = acc.reduce(values, reduction="sum")
     return {k: (v / max(count, 1)).item() for k, v in zip(keys, values)}
@@ -439,7 +451,7 @@ def evaluate(model, data, plan: Plan, loss_fn, reference, cfg: POConfig, acc, co
         stats = batch_stats(model, reference, batch, plan, cfg, data, contrastive)
         _accumulate(total, pair_metrics(loss_fn(stats), stats))
     model.train()
-    return _reduce(total, len(data), acc)
+    return _reduce(total, len(data), acc, metric_names(cfg))
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -471,7 +483,7 @@ def train(cfg: POConfig, model, tokenizer, train_data, eval_data=None, *, ref_mo
 
     acc = loop.make_accelerator(cfg)
     run = loop.Run(cfg, "po", cfg.loss, acc)
-    loss_fn = make_loss(cfg)
+    loss_fn, names = make_loss(cfg), metric_names(cfg)
     train_plan = make_plan(cfg, train_data)
     eval_plan = make_plan(cfg, eval_data, eval_split=True) if eval_data is not None else None
     plans = [p for p in (train_plan, eval_plan) if p is not None]
@@ -549,7 +561,7 @@ def train(cfg: POConfig, model, tokenizer, train_data, eval_data=None, *, ref_mo
                     # DDP averages gradients over processes; multiplying by their number keeps the global mean
                     acc.backward(out.losses.sum() * world / global_pairs)
                 _accumulate(total, pair_metrics(out, stats))
-            metrics = _reduce(total, len(indices), acc)
+            metrics = _reduce(total, len(indices), acc, names)
             stats_step = loop.optimizer_step(run, state, model, optimizer, scheduler,
                                              torch.tensor(metrics["loss"], device=acc.device))
             state.step += 1

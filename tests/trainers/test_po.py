@@ -1,0 +1,225 @@
+"""``finegrain po``: smoke runs of every loss on the tiny world, the reference paths, precomputation and resume."""
+
+import copy
+import json
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from finegrain.config import parse
+from finegrain.errors import ConfigError
+from finegrain.trainers import po
+
+pytestmark = pytest.mark.smoke
+
+
+def _cfg(tiny_world, out, *extra):
+    args = ["--world_dir", str(tiny_world), "--output_dir", str(out), "--per_device_train_batch_size", "4",
+            "--per_device_eval_batch_size", "16", "--max_eval_samples", "16", "--logging_steps", "1",
+            "--disable_tqdm", "--learning_rate", "1e-3", "--lr_scheduler_type", "constant"]
+    return parse(po.POConfig, args + list(extra), "finegrain po")
+
+
+def _rows(run_dir, split="train"):
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["split"] == split]
+
+
+def _fake_acc():
+    return types.SimpleNamespace(process_index=0, num_processes=1, device=torch.device("cpu"), is_main_process=True)
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+def test_config_defaults_and_contradictions():
+    assert parse(po.POConfig, [], "po").beta == 0.1
+    simpo = parse(po.POConfig, ["--loss", "simpo"], "po")
+    assert (simpo.beta, simpo.gamma, simpo.alpha) == (2.0, 1.0, None)
+    assert parse(po.POConfig, ["--loss", "tdpo2"], "po").alpha == 0.5
+    assert parse(po.POConfig, ["--loss", "treg-dpo", "--alpha", "0.25"], "po").alpha == 0.25
+    bad = {
+        "alpha is used by tdpo2": ["--loss", "dpo", "--alpha", "0.5"],
+        "SimPO's margin": ["--loss", "tdpo2", "--gamma", "1"],
+        "conservative DPO": ["--loss", "simpo", "--label_smoothing", "0.1"],
+        "T-REG option": ["--loss", "dpo", "--reg_source", "external"],
+        "full distribution": ["--loss", "tdpo1", "--precompute_ref_log_probs"],
+        "uses no reference": ["--loss", "simpo", "--precompute_ref_log_probs"],
+        "beta must be positive": ["--beta", "0"],
+    }
+    for message, argv in bad.items():
+        with pytest.raises(ConfigError, match=message):
+            parse(po.POConfig, argv, "po")
+    # T-REG on SimPO needs the reference only for reference-based token rewards
+    parse(po.POConfig, ["--loss", "treg-simpo", "--precompute_ref_log_probs"], "po")
+    with pytest.raises(ConfigError, match="uses no reference"):
+        parse(po.POConfig, ["--loss", "treg-simpo", "--reg_source", "external", "--precompute_ref_log_probs"], "po")
+
+
+def _stats(seed=0, b=3, t=5):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(2 * b, t, generator=g) > 0.3
+    mask[:, 0] = True
+    return po.PreferenceStats(
+        token_logps=-torch.rand(2 * b, t, generator=g, dtype=torch.float64) * 3, mask=mask,
+        ref_token_logps=-torch.rand(2 * b, t, generator=g, dtype=torch.float64) * 3,
+        token_kl=torch.rand(2 * b, t, generator=g, dtype=torch.float64),
+        token_rewards=torch.rand(2 * b, t, generator=g, dtype=torch.float64) - 0.5)
+
+
+def test_resolved_losses_match_the_formulas_on_the_batch_layout():
+    """Chosen rows [0, B), rejected rows [B, 2B); sums over masked tokens; formulas of spec §1.2 and §2.2."""
+    s = _stats()
+    b = 3
+
+    def seq(x):
+        return [sum(float(x[i, j]) for j in range(x.shape[1]) if s.mask[i, j]) for i in range(2 * b)]
+
+    pi, ref, kl, r = seq(s.token_logps), seq(s.ref_token_logps), seq(s.token_kl), s.token_rewards
+    n = [int(s.mask[i].sum()) for i in range(2 * b)]
+    def ls(x):
+        return F.logsigmoid(torch.tensor(x, dtype=torch.float64))
+
+    def m(i):  # DPO log-ratio margin of pair i
+        return (pi[i] - ref[i]) - (pi[b + i] - ref[b + i])
+
+    for name, want in {
+        "dpo": [-ls(0.1 * m(i)) for i in range(b)],
+        "simpo": [-ls(2.0 * (pi[i] / n[i] - pi[b + i] / n[b + i]) - 1.0) for i in range(b)],
+        "tdpo1": [-ls(0.1 * (m(i) - (kl[b + i] - kl[i]))) for i in range(b)],
+        "tdpo2": [-ls(0.1 * (m(i) - 0.5 * (kl[b + i] - kl[i]))) for i in range(b)],
+    }.items():
+        got = po.make_loss(parse(po.POConfig, ["--loss", name], "po"))(s).losses
+        torch.testing.assert_close(got, torch.stack(want).to(got.dtype), atol=1e-12, rtol=0)
+    # T-REG (DPO base, sum reduction): L_DPO + α w (−β Σ r̂ ℓ^θ over both responses), w = σ(Z_l − Z_w)
+    got = po.make_loss(parse(po.POConfig, ["--loss", "treg-dpo", "--alpha", "0.3"], "po"))(s)
+    for i in range(b):
+        zw, zl = 0.1 * (pi[i] - ref[i]), 0.1 * (pi[b + i] - ref[b + i])
+        w = torch.sigmoid(torch.tensor(zl - zw, dtype=torch.float64))
+        reg = sum(-0.1 * float(r[row, j] * s.token_logps[row, j]) for row in (i, b + i) for j in range(5) if s.mask[row, j])
+        want = -ls(zw - zl) + 0.3 * w * reg
+        torch.testing.assert_close(got.losses[i], want.to(got.losses.dtype), atol=1e-12, rtol=0)
+        torch.testing.assert_close(got.extras["weights"][i], w.to(got.losses.dtype), atol=1e-12, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ smoke runs
+
+
+@pytest.mark.parametrize("loss,extra,keys", [
+    ("dpo", [], []),
+    ("simpo", [], []),
+    ("tdpo1", [], ["kl/chosen", "kl/rejected", "kl/margin"]),
+    ("tdpo2", [], ["kl/chosen", "kl/rejected", "kl/margin"]),
+    ("treg-dpo", [], ["treg/weight"]),  # contrastive rewards computed with the reference per batch
+    ("treg-simpo", ["--reg_source", "dpo_implicit"], ["treg/weight"]),
+])
+def test_every_loss_runs_and_writes_checkpoints_and_the_model(tiny_world, tmp_path, loss, extra, keys):
+    cfg = _cfg(tiny_world, tmp_path / "run", "--loss", loss, "--max_steps", "3", "--save_steps", "3",
+               "--eval_steps", "2", *extra)
+    model, tok, train_data, eval_data = po.load_inputs(cfg)
+    run = po.train(cfg, model, tok, train_data, eval_data)
+    rows = _rows(run)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    base = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+            "logps/rejected"]
+    for r in rows + _rows(run, "eval"):
+        for k in base + keys:
+            assert k in r and r[k] == r[k] and abs(r[k]) < 1e6, (k, r)
+    assert [r["step"] for r in _rows(run, "eval")] == [2, 3]
+    assert (run / "checkpoints" / "step-000003" / "trainer_state.json").is_file()
+    assert (run / "final" / "model.safetensors").is_file()
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "completed" and info["method"] == loss and info["beta"] == cfg.beta
+
+
+def test_dpo_raises_heldout_pair_accuracy(tiny_world, tmp_path):
+    cfg = _cfg(tiny_world, tmp_path / "run", "--max_steps", "40", "--per_device_train_batch_size", "16",
+               "--beta", "0.5", "--learning_rate", "3e-4", "--max_eval_samples", "80", "--logging_steps", "10")
+    model, tok, train_data, eval_data = po.load_inputs(cfg)
+    ref = po.Reference(copy.deepcopy(model).eval())
+    before = po.evaluate(model, eval_data, po.make_plan(cfg, eval_data, eval_split=True), po.make_loss(cfg), ref, cfg,
+                         _fake_acc())
+    run = po.train(cfg, model, tok, train_data, eval_data)
+    after = _rows(run, "eval")[-1]
+    assert before["rewards/accuracies"] == 0.0  # policy == reference: every implicit reward is 0, a tie
+    assert after["rewards/accuracies"] > 0.6 and after["loss"] < before["loss"] - 0.01
+
+
+# ------------------------------------------------------------------------------------------------ reference paths
+
+
+def test_lora_reference_is_the_frozen_base(tiny_world, tmp_path):
+    """The policy with its adapter disabled gives the base model's reference log-probs (no second copy)."""
+    from finegrain.models.build import apply_lora
+
+    cfg = _cfg(tiny_world, tmp_path / "run", "--loss", "tdpo2", "--max_train_samples", "8")
+    model, _, data, _ = po.load_inputs(cfg)
+    base = copy.deepcopy(model).eval()
+    policy = apply_lora(model, 4, 8, 0.0, ["all-linear"]).eval()
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)  # a trained-looking adapter, so the policy differs from its base
+    batch = data.collate(list(range(8)))
+    plan = po.make_plan(cfg, data)
+    lora = po.batch_stats(policy, po.Reference(policy=policy, context=policy.disable_adapter), batch, plan, cfg)
+    frozen = po.batch_stats(policy, po.Reference(base), batch, plan, cfg)
+    torch.testing.assert_close(lora.ref_token_logps, frozen.ref_token_logps, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lora.token_kl, frozen.token_kl, atol=1e-5, rtol=1e-5)
+    assert (lora.token_kl[batch.completion_mask] > 1e-6).all()  # the adapter does change the policy
+
+
+def test_lora_run_trains_and_resumes(tiny_world, tmp_path):
+    out = tmp_path / "run"
+    args = ["--use_peft", "--lora_r", "4", "--save_steps", "2", "--eval_steps", "0"]
+    cfg = _cfg(tiny_world, out, *args, "--max_steps", "2")
+    po.train(cfg, *po.load_inputs(cfg)[:3])
+    cfg = _cfg(tiny_world, out, *args, "--max_steps", "3", "--resume_from_checkpoint", "latest")
+    run = po.train(cfg, *po.load_inputs(cfg)[:3])
+    assert [r["step"] for r in _rows(run)] == [1, 2, 3]
+    assert (run / "final" / "adapter").is_dir()
+
+
+@pytest.mark.parametrize("loss", ["dpo", "treg-dpo"])
+def test_precomputed_reference_gives_the_same_loss_as_live(tiny_world, tmp_path, loss):
+    live = _cfg(tiny_world, tmp_path / "live", "--loss", loss, "--max_steps", "3", "--eval_steps", "3")
+    pre = _cfg(tiny_world, tmp_path / "pre", "--loss", loss, "--max_steps", "3", "--eval_steps", "3",
+               "--precompute_ref_log_probs")
+    runs = [po.train(c, *po.load_inputs(c)) for c in (live, pre)]
+    for split in ("train", "eval"):
+        a, b = (_rows(r, split) for r in runs)
+        assert len(a) == len(b) > 0
+        for ra, rb in zip(a, b):
+            for k in ("loss", "rewards/margins", "logps/chosen"):
+                assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-5), (split, k)
+    assert (runs[1] / "ref_cache" / "train.pt").is_file() and (runs[1] / "ref_cache" / "eval.pt").is_file()
+
+
+def test_resume_reads_the_reference_cache_and_continues_at_the_right_step(tiny_world, tmp_path, monkeypatch):
+    out, full = tmp_path / "run", tmp_path / "full"
+    common = ["--save_steps", "2", "--eval_steps", "0", "--precompute_ref_log_probs"]
+    ref_cfg = _cfg(tiny_world, full, *common, "--max_steps", "4")
+    reference_run = po.train(ref_cfg, *po.load_inputs(ref_cfg))
+    first = _cfg(tiny_world, out, *common, "--max_steps", "2")
+    po.train(first, *po.load_inputs(first))
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("the reference was run again on resume")
+
+    monkeypatch.setattr(po.Reference, "hidden", no_reference)
+    second = _cfg(tiny_world, out, *common, "--max_steps", "4", "--resume_from_checkpoint", "latest")
+    run = po.train(second, *po.load_inputs(second))
+    rows, want = _rows(run), _rows(reference_run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for got, expected in zip(rows[2:], want[2:]):  # steps 3 and 4 continue the uninterrupted run exactly
+        assert got["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+        assert got["samples"] == expected["samples"]
+    assert json.loads((run / "run.json").read_text())["steps"] == 4
+
+
+def test_external_token_rewards_must_exist(tiny_world, tmp_path):
+    cfg = _cfg(tiny_world, tmp_path / "run", "--loss", "treg-dpo", "--reg_source", "external", "--max_steps", "1")
+    model, tok, train_data, eval_data = po.load_inputs(cfg)
+    with pytest.raises(ConfigError, match="finegrain label contrastive"):
+        po.train(cfg, model, tok, train_data, eval_data)
