@@ -252,6 +252,7 @@ def test_transient_nan_in_sft_is_logged_and_training_goes_on(tiny, tmp_path, mon
     assert info["status"] == "completed" and info["skipped_steps"] == 2
 
 
+@pytest.mark.slow  # a subprocess: the CLI's exit code and message
 def test_nan_weights_stop_the_cli_with_a_clear_message(tmp_path):
     from safetensors.torch import load_file, save_file
 
