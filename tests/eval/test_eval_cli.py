@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from finegrain.errors import ConfigError
-from finegrain.eval.cli import EvalConfig, default_output_dir, evaluate_policy, main
+from finegrain.eval.cli import EvalConfig, ModelCache, default_output_dir, evaluate_policy, main
 from finegrain.models.loading import load_causal_lm, load_tokenizer
 from finegrain.types import TokenRewards
 
@@ -54,11 +54,16 @@ def read_samples(out):
     return [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
 
 
-def test_identical_models_tie_everywhere_with_zero_kl(tiny_world, sft, tmp_path):
+def test_identical_models_tie_everywhere_with_zero_kl(tiny_world, sft, perturbed, tmp_path):
     """The same model as policy and reference, sampled with the same seed, draws the same responses: every
     comparison is a tie (win 0, tie 1, loss 0 exactly), the full-vocabulary KL is exactly 0 (same logits), and
-    every per-model statistic is equal. A separately loaded copy of the weights gives the same."""
-    res = evaluate_policy(sft, sft, world_dir=tiny_world, max_prompts=8, output_dir=tmp_path / "same")
+    every per-model statistic is equal. So does a separately loaded copy of the weights, and so does a reference
+    side reused from a shared ModelCache (sampled during the evaluation of another policy)."""
+    cache = ModelCache(torch.device("cpu"))
+    other = evaluate_policy(perturbed, sft, world_dir=tiny_world, max_prompts=8, models=cache)
+    assert len(cache.reference_samples) == 1
+    res = evaluate_policy(sft, sft, world_dir=tiny_world, max_prompts=8, output_dir=tmp_path / "same", models=cache)
+    assert len(cache.reference_samples) == 1 and res["ref_mean_reward"] == other["ref_mean_reward"]
     assert (res["win_rate"], res["tie_rate"], res["loss_rate"]) == (0.0, 1.0, 0.0)
     assert res["seq_kl"] == 0.0 and res["seq_kl_k1"] == 0.0
     for key in ("mean_reward", "entropy", "distinct_1", "distinct_2", "length", "well_formed_rate"):

@@ -127,6 +127,7 @@ class ModelCache:
         self.device, self.dtype, self.trust_remote_code = device, dtype, trust_remote_code
         self._models: dict[str, Any] = {}
         self._tokenizers: dict[str, Any] = {}
+        self.reference_samples: dict[tuple, Any] = {}  # evaluate_policy's reference side, by settings
 
     @staticmethod
     def _key(path: str | Path) -> str:
@@ -398,7 +399,8 @@ def evaluate_policy(
         reference_name: the reference's name in ``eval.json`` (default: its path).
         show_progress: show a progress bar.
         quiet: do not print the table.
-        models: a :class:`ModelCache` to share loaded models with other calls.
+        models: a :class:`ModelCache` to share with other calls: loaded models, and the reference's samples and
+            scores (reused when the reference directory, prompts, judge and sampling settings are the same).
 
     Returns:
         The content of ``eval.json`` (docs/run-directory.md); NaN values (a standard error from one prompt) are None.
@@ -458,29 +460,41 @@ def evaluate_policy(
                                       limits=TokenLimits(max_length=None, max_prompt_length=max_prompt_length),
                                       max_examples=max_prompts)
     eos_ids, _ = resolve_special_ids(policy_model, tokenizer)
-    score_temperature = temperature if temperature > 0 else 1.0
-    gen_policy = torch.Generator(device=dev).manual_seed(seed)
-    gen_ref = torch.Generator(device=dev).manual_seed(seed)
     sampling = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature, top_k=top_k,
                     top_p=top_p, num_samples=num_samples, tokenizer=tokenizer)
-    pol, ref = _Side(), _Side()
-    raw_prompts: list = []
     per_batch = max(1, batch_size // num_samples)
-    starts = range(0, len(data), per_batch)
-    for lo in tqdm(starts, desc="eval", disable=not show_progress):
-        idx = list(range(lo, min(lo + per_batch, len(data))))
-        batch = data.collate(idx).to(dev)
-        batch_prompts = [data[i]["prompt"] for i in idx for _ in range(num_samples)]
-        raw_prompts += batch_prompts
-        for side, model, gen in ((pol, policy_model, gen_policy), (ref, ref_model, gen_ref)):
+    raw_prompts = [data[i]["prompt"] for i in range(len(data)) for _ in range(num_samples)]
+
+    def sample_side(model, label: str, with_kl: bool) -> _Side:
+        """Sample and score one model on every prompt; its generator is seeded alike for both models."""
+        side, gen = _Side(), torch.Generator(device=dev).manual_seed(seed)
+        for lo in tqdm(range(0, len(data), per_batch), desc=f"eval {label}", disable=not show_progress):
+            idx = list(range(lo, min(lo + per_batch, len(data))))
+            batch = data.collate(idx).to(dev)
             roll = sample_rollouts(model, batch.prompt_input_ids, batch.prompt_attention_mask, generator=gen,
                                    **sampling)
-            is_policy = side is pol
-            scores = score_rollout(model, roll, ref_model=ref_model if is_policy else None, chunk_rows=chunk_rows,
-                                   temperature=score_temperature, with_entropy=True, with_full_kl=is_policy)
+            scores = score_rollout(model, roll, ref_model=ref_model if with_kl else None, chunk_rows=chunk_rows,
+                                   temperature=temperature if temperature > 0 else 1.0, with_entropy=True,
+                                   with_full_kl=with_kl)
             texts = decode_responses(tokenizer, roll.completion_input_ids, roll.completion_mask)
-            rewards, well_formed = judge_fn(batch_prompts, texts, roll)
+            rewards, well_formed = judge_fn(raw_prompts[lo * num_samples : (lo + len(idx)) * num_samples], texts,
+                                            roll)
             side.add(roll, scores, texts, rewards, well_formed, eos_ids)
+        return side
+
+    pol = sample_side(policy_model, "policy", with_kl=True)
+    # The reference's samples and scores depend only on the reference, the prompts, the judge and the sampling
+    # settings: a shared ModelCache keeps them, so evaluating several policies against one reference samples it once.
+    ref_key = None
+    if not isinstance(reference, torch.nn.Module) and isinstance(judge, (str, Path)):
+        ref_key = (ModelCache._key(reference), str(source), prompts_split, max_prompts, max_prompt_length, judge_name,
+                   str(world) if world else None, num_samples, temperature, top_p, top_k, max_new_tokens, seed,
+                   per_batch, chunk_rows, str(dev))
+    ref = models.reference_samples.get(ref_key) if ref_key else None
+    if ref is None:
+        ref = sample_side(ref_model, "reference", with_kl=False)
+        if ref_key:
+            models.reference_samples[ref_key] = ref
 
     outcome = win_rate(pol.rewards, ref.rewards, tol=tie_tolerance)
     p, r = pol.summary(num_samples), ref.summary(num_samples)
