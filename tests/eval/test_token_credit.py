@@ -153,8 +153,11 @@ def _response_logps(model, prompt_ids, response_ids):
 def test_oracle_credit_on_the_world_is_perfect(tiny_world):
     from finegrain.world.oracle import judge
 
-    res = evaluate_token_credit_sources(["oracle-credit"], world_dir=tiny_world, max_rows=40, quiet=True)
-    assert res["auroc"]["oracle-credit"] == 1.0 and res["precision_at_k"]["oracle-credit"] == 1.0
+    res = evaluate_token_credit_sources(["oracle-credit", "oracle_credit"], world_dir=tiny_world, max_rows=40,
+                                        quiet=True)
+    # oracle_credit is the reward-source registry's oracle (credit on the token that ends each word): the same here.
+    assert res["auroc"] == {"oracle-credit": 1.0, "oracle_credit": 1.0}
+    assert res["precision_at_k"] == {"oracle-credit": 1.0, "oracle_credit": 1.0}
     assert res["n_pos"] > 0 and res["n_neg"] > 0 and res["num_responses"] == 40
     for ex in res["examples"]:  # world tokenizer: token i is word i, then the EOS
         j = judge(ex["prompt"], " ".join(ex["tokens"][:-1]))

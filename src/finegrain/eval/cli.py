@@ -240,13 +240,15 @@ def _make_judge(judge, *, world: Path | None, tokenizer, device, world_dir) -> t
     if isinstance(judge, str) and judge == "oracle":
         return _oracle_judge(world), "oracle"
     if isinstance(judge, (str, Path)):
-        if not Path(judge).is_dir():
-            raise ConfigError(f"--judge {judge}: not 'oracle' and not a reward-model directory")
         try:
-            from finegrain.rewards.registry import load_reward_source
+            from finegrain.rewards.registry import load_reward_source, registered_sources
         except ImportError:
+            load_reward_source, registered_sources = None, list
+        if not Path(judge).is_dir() and str(judge) not in registered_sources():
+            raise ConfigError(f"--judge {judge}: not 'oracle', a reward-model directory or a registered reward source")
+        if load_reward_source is None:
             raise ConfigError(f"--judge {judge}: reward-model directories are loaded by finegrain.rewards.registry, "
-                              "which this installation lacks") from None
+                              "which this installation lacks")
         source = load_reward_source(str(judge), policy_tokenizer=tokenizer, device=device, world_dir=world_dir)
         return _source_judge(source), str(judge)
     if callable(getattr(judge, "token_rewards", None)):

@@ -374,6 +374,24 @@ def _run_info(policy_dir: Path) -> tuple[str | None, float | None]:
     return method, beta
 
 
+def _registered_names() -> list[str]:
+    """Names the reward-source registry knows (none when the registry is not installed)."""
+    try:
+        from finegrain.rewards.registry import registered_sources
+    except ImportError:
+        return []
+    return registered_sources()
+
+
+def _source_label(spec: str, source: Any) -> str:
+    """A reward model's row label: its run's directory name (``runs/rm-token/final`` -> ``rm-token``), else the
+    source's own name."""
+    path = Path(spec)
+    if path.is_dir():
+        return (path.parent.name if path.name == "final" else path.name) or str(getattr(source, "name", spec))
+    return str(getattr(source, "name", None) or spec)
+
+
 def _split_name(spec: str) -> tuple[str | None, str]:
     """``NAME=SPEC`` -> ``(NAME, SPEC)``; a spec without ``=`` (or a path that exists) has no name."""
     if "=" in spec and not Path(spec).exists():
@@ -454,7 +472,7 @@ def resolve_credit_sources(
             kind = "tdpo" if method and method.lower().startswith("tdpo") else "dpo"
             scorer = _implicit_scorer(f"implicit_{method}" if method else "implicit", load_model(target),
                                       load_model(reference), beta, kind, chunk_rows)
-        elif Path(spec).is_dir():
+        elif Path(spec).is_dir() or spec in _registered_names():
             try:
                 from finegrain.rewards.registry import load_reward_source
             except ImportError:
@@ -463,11 +481,11 @@ def resolve_credit_sources(
                     "installation lacks"
                 ) from None
             source = load_reward_source(spec, policy_tokenizer=tokenizer, device=device, world_dir=world_dir)
-            scorer = _from_reward_source(getattr(source, "name", None) or Path(spec).name, source)
+            scorer = _from_reward_source(_source_label(spec, source), source)
         else:
             raise ConfigError(
-                f"unknown token-credit source {spec!r}: use oracle-credit, contrastive, implicit, implicit:<policy_dir> "
-                "or a reward-model directory (optionally NAME=SPEC)"
+                f"unknown token-credit source {spec!r}: use oracle-credit, contrastive, implicit, implicit:<policy_dir>, "
+                "a reward-model directory or a registered reward source (optionally NAME=SPEC)"
             )
         scorer.name = _unique(name or scorer.name, out)
         out[scorer.name] = scorer
