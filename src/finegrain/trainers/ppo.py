@@ -55,8 +55,8 @@ class PPOConfig(TrainConfig):
     reward: list[str] = option(
         default_factory=lambda: ["oracle"],
         help="reward source(s): 'oracle' (the world's oracle score on the last token), 'oracle:credit' (its per-word "
-        "credit on every token), 'python:module:function' (a function of prompts and responses), or a saved "
-        "reward-model directory")
+        "credit on every token), 'python:module:function' (a function of prompts and responses), a saved "
+        "reward-model directory (`finegrain rm`'s run or final/), or a name registered with the reward registry")
     reward_scales: list[float] = option(default_factory=list, help="one scale per --reward source (default 1 each)")
     kl_coef: float = option(0.05, "c_KL: weight of the per-token KL penalty in the reward")
     kl_estimator: Literal["k1", "k2", "k3", "full"] = option(
@@ -166,16 +166,17 @@ def _world_rules(world_dir):
     return load_world_config(world_dir).rules
 
 
-def _load_saved_source(path: str, tokenizer, device, world_dir):
-    if not Path(path).is_dir():
-        raise ConfigError(f"--reward {path!r}: not 'oracle', 'oracle:credit', 'python:module:function' or a reward-model "
-                          "directory")
+def _load_saved_source(spec: str, tokenizer, device, world_dir):
+    """A reward-model directory (``finegrain rm``'s run or ``final/``) or a registered name, via the registry."""
     try:
         from finegrain.rewards.registry import load_reward_source
     except ImportError as exc:
-        raise ConfigError(f"--reward {path}: loading saved reward models needs finegrain.rewards.registry, which this "
+        if not Path(spec).is_dir():
+            raise ConfigError(f"--reward {spec!r}: not 'oracle', 'oracle:credit', 'python:module:function' or a "
+                              "reward-model directory") from None
+        raise ConfigError(f"--reward {spec}: loading saved reward models needs finegrain.rewards.registry, which this "
                           f"installation lacks ({exc}); use 'oracle' or 'python:module:function' meanwhile") from None
-    return load_reward_source(path, policy_tokenizer=tokenizer, device=device, world_dir=world_dir)
+    return load_reward_source(spec, policy_tokenizer=tokenizer, device=device, world_dir=world_dir)
 
 
 def _source_rewards(source, batch: CompletionBatch, prompts: list) -> TokenRewards:
@@ -723,26 +724,11 @@ def train(cfg: PPOConfig, policy, tokenizer, prompts, eval_prompts=None, *, sour
         if eval_prompts is not None and not (cfg.eval_steps and state.step % cfg.eval_steps == 0):
             run.log(evaluate(cfg, policy_u, ref_model, ref_context, tokenizer, eval_prompts, sources, acc, state.step,
                              world_prompts), state, split="eval")
-        _save_final(run, policy, tokenizer)
+        run.save_final(policy, tokenizer)  # a LoRA policy: merged in final/, the adapter in final/adapter/
     run.close(status, steps=state.step, samples=state.samples, skipped_steps=state.nonfinite_total)
     if status == "interrupted":
         raise KeyboardInterrupt
     return run.dir
-
-
-def _save_final(run, policy, tokenizer) -> None:
-    """``run.save_final``; a LoRA policy is merged here first (``final/``) and its adapter saved to
-    ``final/adapter/``, because ``loop.merged_lora_state_dict`` looks LoRA layers up on the ``PeftModel`` itself,
-    which fails for Llama-style models (their ``model.`` prefix resolves to the wrapped causal LM)."""
-    unwrapped = run.accelerator.unwrap_model(policy)
-    if not hasattr(unwrapped, "peft_config"):
-        run.save_final(policy, tokenizer)
-        return
-    merged = copy.deepcopy(unwrapped).merge_and_unload()
-    out = run.save_final(merged, tokenizer)
-    if run.is_main:
-        unwrapped.save_pretrained(out / "adapter", safe_serialization=True)
-    run.accelerator.wait_for_everyone()
 
 
 def _mean_over_processes(metrics: dict[str, Any], acc) -> dict[str, float]:
