@@ -180,9 +180,9 @@ def test_command_line_writes_into_the_policy_run_directory(tiny_world, sft, tmp_
     run = tmp_path / "runs" / "dpo"
     shutil.copytree(sft, run / "final")
     (run / "run.json").write_text(json.dumps({"command": "po", "method": "dpo", "status": "completed"}))
-    assert default_output_dir(run / "final") == run
-    assert default_output_dir(sft) .name == "eval-sft"
-    code = main(["--policy", str(run / "final"), "--reference", str(sft), "--world_dir", str(tiny_world),
+    assert default_output_dir(run / "final") == default_output_dir(run) == run
+    assert default_output_dir(sft).name == "eval-sft"
+    code = main(["--policy", str(run), "--reference", str(sft), "--world_dir", str(tiny_world),  # RUN means RUN/final
                  "--max_prompts", "4", "--disable_tqdm"])
     assert code == 0
     table = capsys.readouterr().out
@@ -201,6 +201,10 @@ def test_config_errors(tiny_world, tmp_path):
         EvalConfig(policy="x", top_p=0.0)
     with pytest.raises(ConfigError, match="num_samples"):
         EvalConfig(policy="x", num_samples=0)
+    (tmp_path / "rm").mkdir()
+    (tmp_path / "rm" / "finegrain_reward.json").write_text("{}")
+    with pytest.raises(ConfigError, match="is a reward model"):
+        evaluate_policy(tmp_path / "rm", world_dir=tiny_world)
 
 
 def test_reference_with_another_vocabulary_is_refused(tiny_world, sft):

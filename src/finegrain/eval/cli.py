@@ -48,7 +48,7 @@ class EvalConfig:
     """Evaluate a policy against its reference (win rate, reward, KL, entropy, diversity) and/or score token reward
     sources against ground-truth credit."""
 
-    policy: str | None = option(None, "model directory to evaluate (e.g. RUN/final); needed unless only --token_credit is given")
+    policy: str | None = option(None, "model directory to evaluate (RUN/final, or a run directory RUN); needed unless only --token_credit is given")
     reference: str | None = option(None, "reference model directory; default: the built-in world's SFT model (required with --prompts)")
     prompts: str | None = option(None, "held-out prompts (file, directory or hub id with a prompt column); default: the world's data/prompts_test.jsonl")
     prompts_split: str | None = option(None, "split of --prompts (default: the only or the train split)")
@@ -154,10 +154,18 @@ class ModelCache:
         return self._tokenizers[key]
 
 
+def model_dir(path: str | Path) -> str:
+    """A model directory from a run directory: ``RUN`` -> ``RUN/final`` when RUN holds no model of its own."""
+    p = Path(path)
+    if p.is_dir() and not (p / "config.json").is_file() and (p / "final" / "config.json").is_file():
+        return str(p / "final")
+    return str(path)
+
+
 def default_output_dir(policy: str | Path) -> Path:
     """``RUN`` for a policy at ``RUN/final`` (a run directory: it has run.json or metrics.jsonl), else
     ``runs/eval-<policy directory name>``."""
-    p = Path(policy)
+    p = Path(model_dir(policy))
     if p.name == "final" and ((p.parent / "run.json").is_file() or (p.parent / "metrics.jsonl").is_file()):
         return p.parent
     return Path("runs") / f"eval-{p.resolve().name if p.exists() else p.name}"
@@ -431,6 +439,13 @@ def evaluate_policy(
             raise ConfigError("on your own prompts, pass the reference model (--reference)")
         reference = world / "sft"
 
+    policy = policy if isinstance(policy, torch.nn.Module) else model_dir(policy)
+    if reference is not None and not isinstance(reference, torch.nn.Module):
+        reference = model_dir(reference)
+    for role, path in (("policy", policy), ("reference", reference)):
+        if not isinstance(path, torch.nn.Module) and (Path(path) / "finegrain_reward.json").is_file():
+            raise ConfigError(f"--{role} {path} is a reward model (finegrain_reward.json), not a language model; "
+                              "reward models go to --judge or --token_credit")
     if isinstance(policy, torch.nn.Module):
         if tokenizer is None:
             raise ConfigError("evaluate_policy: a policy given as a model needs its tokenizer (tokenizer=...)")

@@ -442,6 +442,8 @@ def resolve_credit_sources(
     Raises:
         ConfigError: an unknown spec, a missing directory, or a source that needs a model nobody named.
     """
+    from finegrain.eval.cli import model_dir
+
     items = list(specs.items()) if isinstance(specs, Mapping) else [(None, s) for s in specs]
     out: dict[str, _Scorer] = {}
     for given_name, spec in items:
@@ -458,6 +460,7 @@ def resolve_credit_sources(
             scorer = _contrastive_scorer("contrastive", load_model(reference), tokenizer, on_world, chunk_rows)
         elif spec == "implicit" or spec.startswith("implicit:"):
             target = spec.partition(":")[2] or policy
+            target = model_dir(target) if target else target
             if not target:
                 raise ConfigError("the 'implicit' source needs a policy: pass --policy or write implicit:<policy_dir>")
             if reference is None:
