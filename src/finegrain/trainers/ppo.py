@@ -634,6 +634,10 @@ def train(cfg: PPOConfig, policy, tokenizer, prompts, eval_prompts=None, *, sour
         state = run.load_checkpoint(run.resume_from, policy, optimizers, schedulers, extra_models=extra)
         running.load_state_dict(state.extra.get("running_reward", running.state_dict()))
         run.print(f"resumed from {run.resume_from} at step {state.step}")
+    else:
+        from accelerate.utils import set_seed
+
+        set_seed(cfg.seed)  # the same seed samples the same first rollout whatever the set-up consumed (e.g. sources)
 
     gather = acc.gather if world > 1 else None
     normalize = None if cfg.reward_normalization == "none" else cfg.reward_normalization
