@@ -332,6 +332,77 @@ def make_critic(cfg: PPOConfig, policy: nn.Module) -> nn.Module | None:
     return critic
 
 
+@dataclasses.dataclass
+class Models:
+    """The models and optimizers of a run (built by :func:`setup_models`).
+
+    ``policy`` and ``critic`` are prepared by accelerate (DDP-wrapped when distributed); ``policy_u`` / ``critic_u``
+    are the modules themselves (sampling and scoring run on them, outside DDP). The shared value head has no
+    optimizer of its own: it is in ``optimizer`` with ``critic_learning_rate``, and ``trainable`` lists it beside
+    the policy for gradient clipping.
+    """
+
+    policy: nn.Module
+    critic: nn.Module | None
+    ref_model: nn.Module | None
+    ref_context: Any
+    optimizer: Any
+    scheduler: Any
+    critic_optimizer: Any = None
+    critic_scheduler: Any = None
+    policy_u: nn.Module = None
+    critic_u: nn.Module | None = None
+    trainable: nn.Module = None
+    saved_extra: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def optimizers(self) -> _Bundle:
+        return _Bundle(policy=self.optimizer, critic=self.critic_optimizer)
+
+    @property
+    def schedulers(self) -> _Bundle:
+        return _Bundle(policy=self.scheduler, critic=self.critic_scheduler)
+
+
+def setup_models(cfg: PPOConfig, policy: nn.Module, acc, updates: int) -> Models:
+    """Dropout off, critic (copied before LoRA), LoRA, reference, optimizers and schedulers over ``updates``
+    optimizer steps, all prepared by ``acc``."""
+    if cfg.disable_dropout:
+        from finegrain.models.build import disable_dropout
+
+        disable_dropout(policy)
+    critic = make_critic(cfg, policy)
+    if cfg.use_peft:
+        from finegrain.models.build import apply_lora
+
+        policy = apply_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+    policy.to(acc.device)
+    ref_model, ref_context = make_reference(cfg, policy)
+    optimizer = loop.make_optimizer(cfg, policy.parameters())
+    critic_optimizer = critic_scheduler = None
+    critic_lr = cfg.critic_learning_rate or cfg.learning_rate
+    if isinstance(critic, ValueModel):
+        critic_optimizer = loop.make_optimizer(dataclasses.replace(cfg, learning_rate=critic_lr), critic.parameters())
+        critic_scheduler = loop.make_scheduler(cfg, critic_optimizer, updates)
+    elif critic is not None:  # the shared value head joins the policy's optimizer with its own learning rate
+        optimizer.add_param_group({"params": list(critic.parameters()), "lr": critic_lr, "weight_decay": 0.0})
+    scheduler = loop.make_scheduler(cfg, optimizer, updates)
+    policy, optimizer = acc.prepare(policy, optimizer)
+    if critic is not None:
+        critic = acc.prepare(critic)
+    if critic_optimizer is not None:
+        critic_optimizer = acc.prepare(critic_optimizer)
+    m = Models(policy, critic, ref_model, ref_context, optimizer, scheduler, critic_optimizer, critic_scheduler)
+    m.policy_u = acc.unwrap_model(policy)
+    m.critic_u = acc.unwrap_model(critic) if critic is not None else None
+    m.trainable = nn.ModuleList([policy] + ([critic] if critic is not None and critic_optimizer is None else []))
+    if critic is not None:  # a LoRA critic stores its adapter and head only
+        m.saved_extra = {"critic": _CheckpointView(m.critic_u, trainable_only=cfg.use_peft and critic_optimizer is not None)}
+    return m
+
+
 # ----------------------------------------------------------------------------------------------- per-row pieces
 
 
@@ -417,7 +488,7 @@ def _row_weight(mask: torch.Tensor, reduction: str) -> torch.Tensor:
     return (mask.sum() if reduction == "token" else mask.any(dim=1).sum()).float()
 
 
-def ppo_update(cfg: PPOConfig, run, state, models: dict, roll: CompletionBatch, data: dict[str, torch.Tensor]):
+def ppo_update(cfg: PPOConfig, run, state, m: Models, roll: CompletionBatch, data: dict[str, torch.Tensor]):
     """``ppo_epochs`` passes over shuffled minibatches of the rollout; one optimizer step per minibatch.
 
     The loss of a minibatch is its token mean (or response mean) over every process: each micro-batch's mean is
@@ -428,8 +499,8 @@ def ppo_update(cfg: PPOConfig, run, state, models: dict, roll: CompletionBatch, 
     from finegrain.ops.logprobs import token_entropy, token_logps
 
     acc, world = run.accelerator, run.accelerator.num_processes
-    policy, critic = models["policy"], models["critic"]
-    shared = critic is not None and not isinstance(acc.unwrap_model(critic), ValueModel)
+    policy, critic = m.policy, m.critic
+    shared = critic is not None and m.critic_optimizer is None
     head = output_head(acc.unwrap_model(policy))
     n = roll.num_rows
     stats: dict[str, list[float]] = defaultdict(list)
@@ -475,10 +546,9 @@ def ppo_update(cfg: PPOConfig, run, state, models: dict, roll: CompletionBatch, 
                 sums["policy/clipfrac"] += pl.clipfrac * w
                 sums["policy/approx_kl"] += pl.approx_kl * w
             total = sum(sums.values()) if sums else torch.zeros((), device=acc.device)
-            step = loop.optimizer_step(run, state, models["trainable"], models["optimizer"], models["scheduler"],
-                                       total)
-            if models.get("critic_optimizer") is not None:
-                loop.optimizer_step(run, state, critic, models["critic_optimizer"], models["critic_scheduler"], total)
+            step = loop.optimizer_step(run, state, m.trainable, m.optimizer, m.scheduler, total)
+            if m.critic_optimizer is not None:
+                loop.optimizer_step(run, state, critic, m.critic_optimizer, m.critic_scheduler, total)
             for key, value in sums.items():
                 stats[key].append(float(acc.reduce(value, reduction="sum") / world if world > 1 else value))
             stats["grad_norm"].append(step["grad_norm"])
@@ -502,8 +572,7 @@ def _prompt_batches(data, indices: list[int], size: int):
 
 
 @torch.no_grad()
-def evaluate(cfg: PPOConfig, policy, ref_model, ref_context, tokenizer, data, sources, acc, step: int,
-             world_prompts: bool) -> dict[str, float]:
+def evaluate(cfg: PPOConfig, m: Models, tokenizer, data, sources, acc, step: int, world_prompts: bool) -> dict[str, float]:
     """Responses to held-out prompts (greedy, or sampled with a generator seeded by ``seed`` and ``step``, so
     the training RNG is untouched); their oracle reward on world prompts, the sources' raw reward, and the KL to
     the reference summed over each response, ``Σ_t KL(π_θ(·|s_t) ‖ π_ref(·|s_t))`` over the full vocabulary."""
@@ -512,6 +581,7 @@ def evaluate(cfg: PPOConfig, policy, ref_model, ref_context, tokenizer, data, so
     from finegrain.rl.rewards import dense_rewards
     from finegrain.rl.rollout import sample_rollouts, score_rollout
 
+    policy = m.policy_u
     policy.eval()
     rank, world = acc.process_index, acc.num_processes
     indices = list(range(len(data)))[rank::world]
@@ -527,7 +597,7 @@ def evaluate(cfg: PPOConfig, policy, ref_model, ref_context, tokenizer, data, so
                                top_k=cfg.top_k, top_p=cfg.top_p, tokenizer=tokenizer, generator=gen)
         prompts = [data[i]["prompt"] for i in chunk]
         mask = roll.completion_mask
-        scored = score_rollout(policy, roll, ref_model=ref_model, ref_context=ref_context,
+        scored = score_rollout(policy, roll, ref_model=m.ref_model, ref_context=m.ref_context,
                                chunk_rows=cfg.score_chunk_rows, temperature=cfg.temperature, with_full_kl=True)
         rewards = {name: _source_rewards(src, roll, prompts) for name, (src, _) in sources.items()}
         raw = dense_rewards(rewards, mask, scales={k: s for k, (_, s) in sources.items()})["raw"]
@@ -583,19 +653,8 @@ def train(cfg: PPOConfig, policy, tokenizer, prompts, eval_prompts=None, *, sour
     world, device = acc.num_processes, acc.device
     if cfg.rollout_batch_size % world:
         raise ConfigError(f"rollout_batch_size ({cfg.rollout_batch_size}) must be a multiple of the {world} processes")
-    if cfg.disable_dropout:
-        from finegrain.models.build import disable_dropout
-
-        disable_dropout(policy)
-    critic = make_critic(cfg, policy)
-    if cfg.use_peft:
-        from finegrain.models.build import apply_lora
-
-        policy = apply_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
-    if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
-    policy.to(device)
-    ref_model, ref_context = make_reference(cfg, policy)
+    total_steps = _num_steps(cfg, len(prompts))
+    m = setup_models(cfg, policy, acc, updates=total_steps * cfg.ppo_epochs * cfg.num_mini_batches)
     sources = sources if sources is not None else build_reward_sources(cfg, tokenizer, device, cfg.world_dir)
     scales = {name: scale for name, (_, scale) in sources.items()}
     world_prompts = world_prompt_texts([ex["prompt"] for ex in prompts]) is not None
@@ -603,35 +662,10 @@ def train(cfg: PPOConfig, policy, tokenizer, prompts, eval_prompts=None, *, sour
     if any(isinstance(s, OracleRewardSource) for s, _ in sources.values()) and not world_prompts:
         raise ConfigError("--reward oracle judges the built-in world's prompts only, and these prompts are not all world "
                           "prompts; choose another --reward")
-
-    total_steps = _num_steps(cfg, len(prompts))
-    updates = total_steps * cfg.ppo_epochs * cfg.num_mini_batches
-    optimizer = loop.make_optimizer(cfg, policy.parameters())
-    critic_optimizer = critic_scheduler = None
-    critic_lr = cfg.critic_learning_rate or cfg.learning_rate
-    if isinstance(critic, ValueModel):
-        critic_optimizer = loop.make_optimizer(dataclasses.replace(cfg, learning_rate=critic_lr), critic.parameters())
-        critic_scheduler = loop.make_scheduler(cfg, critic_optimizer, updates)
-    elif critic is not None:  # the shared value head joins the policy's optimizer with its own learning rate
-        optimizer.add_param_group({"params": list(critic.parameters()), "lr": critic_lr, "weight_decay": 0.0})
-    scheduler = loop.make_scheduler(cfg, optimizer, updates)
-    policy, optimizer = acc.prepare(policy, optimizer)
-    if critic is not None:
-        critic = acc.prepare(critic)
-    if critic_optimizer is not None:
-        critic_optimizer = acc.prepare(critic_optimizer)
-    policy_u, critic_u = acc.unwrap_model(policy), acc.unwrap_model(critic) if critic is not None else None
-    models = {"policy": policy, "critic": critic, "optimizer": optimizer, "scheduler": scheduler,
-              "critic_optimizer": critic_optimizer, "critic_scheduler": critic_scheduler,
-              "trainable": nn.ModuleList([policy] + ([critic] if critic is not None and critic_optimizer is None else []))}
-    extra = {"critic": _CheckpointView(critic_u, trainable_only=cfg.use_peft and critic_optimizer is not None)} \
-        if critic is not None else {}
-    optimizers = _Bundle(policy=optimizer, critic=critic_optimizer)
-    schedulers = _Bundle(policy=scheduler, critic=critic_scheduler)
     running = RunningMoments()
     state = loop.RunState()
     if run.resume_from is not None:
-        state = run.load_checkpoint(run.resume_from, policy, optimizers, schedulers, extra_models=extra)
+        state = run.load_checkpoint(run.resume_from, m.policy, m.optimizers, m.schedulers, extra_models=m.saved_extra)
         running.load_state_dict(state.extra.get("running_reward", running.state_dict()))
         run.print(f"resumed from {run.resume_from} at step {state.step}")
     else:
@@ -655,9 +689,9 @@ def train(cfg: PPOConfig, policy, tokenizer, prompts, eval_prompts=None, *, sour
 
             # 1. generate
             t0 = time.perf_counter()
-            policy_u.eval()
+            m.policy_u.eval()
             batch = prompts.collate(local).to(device)
-            roll = sample_rollouts(policy_u, batch.prompt_input_ids, batch.prompt_attention_mask,
+            roll = sample_rollouts(m.policy_u, batch.prompt_input_ids, batch.prompt_attention_mask,
                                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                                    top_p=cfg.top_p, num_samples=cfg.num_samples, tokenizer=tokenizer)
             mask = roll.completion_mask
@@ -665,10 +699,10 @@ def train(cfg: PPOConfig, policy, tokenizer, prompts, eval_prompts=None, *, sour
             t1 = time.perf_counter()
 
             # 2. score: old and reference log-probs, values, rewards, advantages
-            scored = score_rollout(policy_u, roll, ref_model=ref_model, ref_context=ref_context,
+            scored = score_rollout(m.policy_u, roll, ref_model=m.ref_model, ref_context=m.ref_context,
                                    chunk_rows=cfg.score_chunk_rows, temperature=cfg.temperature, with_entropy=True,
                                    with_full_kl=cfg.kl_estimator == "full")
-            old_values = rollout_values(critic_u, policy_u, roll, cfg.score_chunk_rows) if critic is not None else None
+            old_values = rollout_values(m.critic_u, m.policy_u, roll, cfg.score_chunk_rows) if m.critic is not None else None
             token_rewards = {name: lag_rewards(_source_rewards(src, roll, row_prompts), cfg.lag)
                              for name, (src, _) in sources.items()}
             kl = kl_penalty(scored["token_logps"], scored["ref_token_logps"], cfg.kl_estimator, mask,
@@ -680,13 +714,13 @@ def train(cfg: PPOConfig, policy, tokenizer, prompts, eval_prompts=None, *, sour
             t2 = time.perf_counter()
 
             # 3. train
-            policy.train()
-            if critic is not None:
-                critic.train()
+            m.policy.train()
+            if m.critic is not None:
+                m.critic.train()
             data = {"old_logps": scored["token_logps"], "advantages": advantages}
-            if critic is not None:
+            if m.critic is not None:
                 data.update(old_values=old_values, returns=returns)
-            update = ppo_update(cfg, run, state, models, roll, data)
+            update = ppo_update(cfg, run, state, m, roll, data)
             _sync(device)
             t3 = time.perf_counter()
 
@@ -715,20 +749,20 @@ def train(cfg: PPOConfig, policy, tokenizer, prompts, eval_prompts=None, *, sour
             if state.step % cfg.logging_steps == 0 or state.step == total_steps or metrics["skipped"]:
                 run.log(metrics, state)
             if eval_prompts is not None and cfg.eval_steps and state.step % cfg.eval_steps == 0:
-                run.log(evaluate(cfg, policy_u, ref_model, ref_context, tokenizer, eval_prompts, sources, acc,
-                                 state.step, world_prompts), state, split="eval")
+                run.log(evaluate(cfg, m, tokenizer, eval_prompts, sources, acc, state.step, world_prompts), state,
+                        split="eval")
             stop = run.interrupted()
             if (cfg.save_steps and state.step % cfg.save_steps == 0) or stop:
-                run.save_checkpoint(state, policy, optimizers, schedulers, tokenizer, extra_models=extra)
+                run.save_checkpoint(state, m.policy, m.optimizers, m.schedulers, tokenizer, extra_models=m.saved_extra)
             if stop:
                 status = "interrupted"
                 break
     bar.close()
     if status == "completed":
         if eval_prompts is not None and not (cfg.eval_steps and state.step % cfg.eval_steps == 0):
-            run.log(evaluate(cfg, policy_u, ref_model, ref_context, tokenizer, eval_prompts, sources, acc, state.step,
-                             world_prompts), state, split="eval")
-        run.save_final(policy, tokenizer)  # a LoRA policy: merged in final/, the adapter in final/adapter/
+            run.log(evaluate(cfg, m, tokenizer, eval_prompts, sources, acc, state.step, world_prompts), state,
+                    split="eval")
+        run.save_final(m.policy, tokenizer)  # a LoRA policy: merged in final/, the adapter in final/adapter/
     run.close(status, steps=state.step, samples=state.samples, skipped_steps=state.nonfinite_total)
     if status == "interrupted":
         raise KeyboardInterrupt
