@@ -334,6 +334,60 @@ def _clean(value):
     return value
 
 
+def _load_models(policy, reference, tokenizer, models: ModelCache) -> tuple:
+    """``(policy, reference, policy_model, ref_model, tokenizer)``: directories resolved (``RUN`` -> ``RUN/final``)
+    and loaded once through ``models``; loaded models are used as given. The two must share a vocabulary."""
+    if not isinstance(policy, torch.nn.Module):
+        policy = model_dir(policy)
+    if not isinstance(reference, torch.nn.Module):
+        reference = model_dir(reference)
+    for role, path in (("policy", policy), ("reference", reference)):
+        if not isinstance(path, torch.nn.Module) and (Path(path) / "finegrain_reward.json").is_file():
+            raise ConfigError(f"--{role} {path} is a reward model (finegrain_reward.json), not a language model; "
+                              "reward models go to --judge or --token_credit")
+    if isinstance(policy, torch.nn.Module):
+        if tokenizer is None:
+            raise ConfigError("evaluate_policy: a policy given as a model needs its tokenizer (tokenizer=...)")
+        policy_model = policy.eval()
+    else:
+        policy_model = models.model(policy)
+        tokenizer = tokenizer if tokenizer is not None else models.tokenizer(policy)
+    ref_tokenizer = None
+    if isinstance(reference, torch.nn.Module):
+        ref_model = reference.eval()
+    else:
+        ref_model = models.model(reference)
+        try:
+            ref_tokenizer = models.tokenizer(reference)
+        except ConfigError:  # a directory without a tokenizer: the head sizes are still compared
+            ref_tokenizer = None
+    _same_vocabulary(policy_model, ref_model, tokenizer, ref_tokenizer)
+    return policy, reference, policy_model, ref_model, tokenizer
+
+
+def _comparison(pol: _Side, ref: _Side, num_samples: int, tie_tolerance: float) -> dict[str, Any]:
+    """The metric keys of eval.json from the two sides' per-response results."""
+    from finegrain.eval.metrics import win_rate
+
+    outcome = win_rate(pol.rewards, ref.rewards, tol=tie_tolerance)
+    p, r = pol.summary(num_samples), ref.summary(num_samples)
+    out = {
+        "num_responses": len(pol.rewards),
+        "win_rate": outcome.win, "tie_rate": outcome.tie, "loss_rate": outcome.loss,
+        "mean_reward": p["mean_reward"], "mean_reward_stderr": p["mean_reward_stderr"],
+        "ref_mean_reward": r["mean_reward"], "ref_mean_reward_stderr": r["mean_reward_stderr"],
+        "seq_kl": p["seq_kl"], "seq_kl_stderr": p["seq_kl_stderr"], "seq_kl_k1": p["seq_kl_k1"],
+        "entropy": p["entropy"], "ref_entropy": r["entropy"],
+        "distinct_1": p["distinct_1"], "distinct_2": p["distinct_2"],
+        "ref_distinct_1": r["distinct_1"], "ref_distinct_2": r["distinct_2"],
+        "length": p["length"], "ref_length": r["length"],
+        "truncated_rate": p["truncated_rate"], "ref_truncated_rate": r["truncated_rate"],
+    }
+    if "well_formed_rate" in p:
+        out.update(well_formed_rate=p["well_formed_rate"], ref_well_formed_rate=r["well_formed_rate"])
+    return out
+
+
 def evaluate_policy(
     policy: str | Path | torch.nn.Module,
     reference: str | Path | torch.nn.Module | None = None,
@@ -419,7 +473,6 @@ def evaluate_policy(
 
     from finegrain.data.prepared import CompletionData
     from finegrain.data.tokenize import TokenLimits
-    from finegrain.eval.metrics import win_rate
     from finegrain.rl.rollout import resolve_special_ids, sample_rollouts, score_rollout
     from finegrain.world.sft import decode_responses
 
@@ -439,30 +492,7 @@ def evaluate_policy(
             raise ConfigError("on your own prompts, pass the reference model (--reference)")
         reference = world / "sft"
 
-    policy = policy if isinstance(policy, torch.nn.Module) else model_dir(policy)
-    if reference is not None and not isinstance(reference, torch.nn.Module):
-        reference = model_dir(reference)
-    for role, path in (("policy", policy), ("reference", reference)):
-        if not isinstance(path, torch.nn.Module) and (Path(path) / "finegrain_reward.json").is_file():
-            raise ConfigError(f"--{role} {path} is a reward model (finegrain_reward.json), not a language model; "
-                              "reward models go to --judge or --token_credit")
-    if isinstance(policy, torch.nn.Module):
-        if tokenizer is None:
-            raise ConfigError("evaluate_policy: a policy given as a model needs its tokenizer (tokenizer=...)")
-        policy_model = policy.eval()
-    else:
-        policy_model = models.model(policy)
-        tokenizer = tokenizer if tokenizer is not None else models.tokenizer(policy)
-    ref_tokenizer = None
-    if isinstance(reference, torch.nn.Module):
-        ref_model = reference.eval()
-    else:
-        ref_model = models.model(reference)
-        try:
-            ref_tokenizer = models.tokenizer(reference)
-        except ConfigError:  # a directory without a tokenizer: the head sizes are still compared
-            ref_tokenizer = None
-    _same_vocabulary(policy_model, ref_model, tokenizer, ref_tokenizer)
+    policy, reference, policy_model, ref_model, tokenizer = _load_models(policy, reference, tokenizer, models)
     judge_fn, judge_name = _make_judge(judge, world=world, tokenizer=tokenizer, device=dev, world_dir=world or world_dir)
 
     if max_new_tokens is None:
@@ -503,7 +533,7 @@ def evaluate_policy(
     # The reference's samples and scores depend only on the reference, the prompts, the judge and the sampling
     # settings: a shared ModelCache keeps them, so evaluating several policies against one reference samples it once.
     ref_key = None
-    if not isinstance(reference, torch.nn.Module) and isinstance(judge, (str, Path)):
+    if not isinstance(reference, torch.nn.Module) and isinstance(judge, (str, Path)) and isinstance(source, (str, Path)):
         ref_key = (ModelCache._key(reference), str(source), prompts_split, max_prompts, max_prompt_length, judge_name,
                    str(world) if world else None, num_samples, temperature, top_p, top_k, max_new_tokens, seed,
                    per_batch, chunk_rows, str(dev))
@@ -513,8 +543,6 @@ def evaluate_policy(
         if ref_key:
             models.reference_samples[ref_key] = ref
 
-    outcome = win_rate(pol.rewards, ref.rewards, tol=tie_tolerance)
-    p, r = pol.summary(num_samples), ref.summary(num_samples)
     result: dict[str, Any] = {
         "policy": policy_name or (str(policy) if not isinstance(policy, torch.nn.Module) else type(policy).__name__),
         "reference": reference_name or (str(reference) if not isinstance(reference, torch.nn.Module)
@@ -523,20 +551,8 @@ def evaluate_policy(
         "prompts": str(source) if isinstance(source, (str, Path)) else type(source).__name__,
         "num_prompts": len(data),
         "num_samples": num_samples,
-        "num_responses": len(pol.rewards),
-        "win_rate": outcome.win, "tie_rate": outcome.tie, "loss_rate": outcome.loss,
-        "mean_reward": p["mean_reward"], "mean_reward_stderr": p["mean_reward_stderr"],
-        "ref_mean_reward": r["mean_reward"], "ref_mean_reward_stderr": r["mean_reward_stderr"],
-        "seq_kl": p["seq_kl"], "seq_kl_stderr": p["seq_kl_stderr"], "seq_kl_k1": p["seq_kl_k1"],
-        "entropy": p["entropy"], "ref_entropy": r["entropy"],
-        "distinct_1": p["distinct_1"], "distinct_2": p["distinct_2"],
-        "ref_distinct_1": r["distinct_1"], "ref_distinct_2": r["distinct_2"],
-        "length": p["length"], "ref_length": r["length"],
-        "truncated_rate": p["truncated_rate"], "ref_truncated_rate": r["truncated_rate"],
+        **_comparison(pol, ref, num_samples, tie_tolerance),
     }
-    if "well_formed_rate" in p:
-        result["well_formed_rate"] = p["well_formed_rate"]
-        result["ref_well_formed_rate"] = r["well_formed_rate"]
     result.update(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed,
                   tie_tolerance=tie_tolerance)
     result = {k: _clean(v) for k, v in result.items()}
