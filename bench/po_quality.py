@@ -17,13 +17,14 @@ Methods (names as in the results):
 * ``treg``: ``--loss treg-dpo`` with contrastive-prompting token rewards from the SFT model and the world's
   control prompts (``--reg_source contrastive``), ``treg_alpha`` for α.
 
-Outputs: ``bench/results/po_quality.json`` (every run and checkpoint, and per method the mean and standard
-deviation over seeds of the final checkpoint) and ``bench/results/po_quality.png`` (reward vs KL: one path per
-run, final points marked, SFT at the origin).
+Outputs: ``bench/results/po_quality.json`` (every run and checkpoint; per method the mean and standard deviation
+over seeds of the final checkpoint, and of the reward where each run's path first reaches a KL of 0.25, 0.5, 1,
+1.5 and 2) and ``bench/results/po_quality.png`` (reward vs KL: one path per run, final points marked, SFT at the
+origin). ``--replot JSON`` summarises and plots an earlier JSON again without training.
 
 Usage:
 
-    .venv/bin/python bench/po_quality.py                     # 3 seeds, the defaults below
+    .venv/bin/python bench/po_quality.py                     # 3 seeds, the defaults below (~14 min on 2 cores)
     .venv/bin/python bench/po_quality.py --seeds 0 --methods dpo tdpo2 --steps 60   # a quick look
 
 ``run(args) -> dict`` is the entry point for ``finegrain bench``.
@@ -50,19 +51,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
     p.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=120, help="optimizer steps per run (the budget)")
+    p.add_argument("--steps", type=int, default=150, help="optimizer steps per run (the budget; ~2.4 epochs)")
     p.add_argument("--batch", type=int, default=32, help="pairs per step")
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--alpha", type=float, default=0.5, help="TDPO2's α")
-    p.add_argument("--treg-alpha", type=float, default=0.5, help="T-REG's α")
-    p.add_argument("--checkpoints", type=int, default=3, help="evaluated checkpoints per run (the last is the end)")
-    p.add_argument("--prompts", type=int, default=300, help="held-out prompts (the world's prompts_test)")
+    p.add_argument("--treg-alpha", type=float, default=0.1, help="T-REG's α (the best of the paper's grid 0.1, 0.25, 0.5 on this world)")
+    p.add_argument("--checkpoints", type=int, default=5, help="evaluated checkpoints per run (the last is the end)")
+    p.add_argument("--prompts", type=int, default=200, help="held-out prompts (the world's prompts_test)")
     p.add_argument("--samples", type=int, default=2, help="responses per prompt")
     p.add_argument("--world-dir", default=None)
     p.add_argument("--out", default=str(RESULTS / "po_quality"), help="output path without extension")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
+    p.add_argument("--replot", default=None, help="summarise and plot an earlier results JSON instead of training")
     return p.parse_args(argv)
 
 
@@ -124,6 +126,35 @@ def train_run(method: str, seed: int, args, out: Path) -> Path:
 
 def _mean_std(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+KL_GRID = (0.25, 0.5, 1.0, 1.5, 2.0)
+
+
+def reward_at_kl(path: list[tuple[float, float]], kl: float) -> float | None:
+    """Reward where a run's path (KL, reward), from the SFT point on, first reaches ``kl`` (linear in between).
+
+    None when the run never gets that far from the reference within its budget.
+    """
+    for (k0, r0), (k1, r1) in zip(path, path[1:]):
+        if k0 <= kl <= k1 and k1 > k0:
+            return r0 + (r1 - r0) * (kl - k0) / (k1 - k0)
+    return None
+
+
+def summarise(results: dict) -> None:
+    """Per method: mean ± std over seeds of the final checkpoint, and of the reward at each KL of ``KL_GRID``."""
+    sft = results["sft"]["reward"]["mean"]
+    for method, runs in results["runs"].items():
+        finals = [r["checkpoints"][-1] for r in runs]
+        summary = {k: _mean_std([f[k] for f in finals]) for k in ("reward", "well_formed", "kl", "length")}
+        at = {}
+        for kl in KL_GRID:
+            values = [reward_at_kl([(0.0, sft)] + [(c["kl"], c["reward"]) for c in r["checkpoints"]], kl) for r in runs]
+            reached = [v for v in values if v is not None]
+            at[str(kl)] = {**_mean_std(reached), "runs": len(reached)} if reached else {"runs": 0}
+        summary["reward_at_kl"] = at
+        results["final"][method] = summary
 
 
 def plot(results: dict, path: Path) -> None:
@@ -195,9 +226,7 @@ def run(args: argparse.Namespace | None = None) -> dict:
                 last = checkpoints[-1]
                 print(f"{method} seed {seed}: reward {last['reward']:.3f}, well-formed {last['well_formed']:.3f}, "
                       f"KL {last['kl']:.3f} ({time.time() - t1:.0f} s)", file=sys.stderr, flush=True)
-            finals = [r["checkpoints"][-1] for r in results["runs"][method]]
-            results["final"][method] = {k: _mean_std([f[k] for f in finals]) for k in ("reward", "well_formed", "kl",
-                                                                                      "length")}
+    summarise(results)
     results["seconds"] = round(time.time() - t0, 1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -207,12 +236,26 @@ def run(args: argparse.Namespace | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    results = run(parse_args(argv))
+    args = parse_args(argv)
+    if args.replot:  # summarise and plot the runs of an earlier JSON again, without training
+        results = json.loads(Path(args.replot).read_text())
+        summarise(results)
+        out = Path(args.out)
+        out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+        plot(results, out.with_suffix(".png"))
+    else:
+        results = run(args)
     print(f"{'method':<8} {'reward':>15} {'well-formed':>15} {'KL':>15}")
     rows = [("sft", results["sft"])] + list(results["final"].items())
     for name, r in rows:
         cells = [f"{r[k]['mean']:.3f} ± {r[k]['std']:.3f}" for k in ("reward", "well_formed", "kl")]
         print(f"{name:<8} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15}")
+    print(f"reward where the runs first reach a KL (mean ± std over the runs that reach it, of {len(results['settings']['seeds'])}):")
+    print(f"{'method':<8} " + " ".join(f"{'KL ' + str(k):>17}" for k in KL_GRID))
+    for name, r in results["final"].items():
+        cells = [f"{a['mean']:.3f} ± {a['std']:.3f} ({a['runs']})" if a["runs"] else "not reached"
+                 for a in (r["reward_at_kl"][str(k)] for k in KL_GRID)]
+        print(f"{name:<8} " + " ".join(f"{c:>17}" for c in cells))
     print(f"({results['seconds']} s; mean ± standard deviation over seeds {results['settings']['seeds']})")
     return 0
 
