@@ -149,6 +149,8 @@ def label_rows(rows: list[dict], tokenizer: Any, *, unit: str = "word", fmt: str
     from finegrain.data.alignment import label_revisions
 
     summary = summary if summary is not None else EditsSummary()
+    if not rows:
+        return []
     labelled = label_revisions(tokenizer, [r["rejected"] for r in rows], [r["revised"] for r in rows], unit=unit)
     out = []
     for r, lab in zip(rows, labelled):

@@ -424,6 +424,8 @@ class SentenceRMSource(RewardModelSource):
 
     Args:
         spread: spread each term over its sentence's tokens instead of placing it on the last one.
+        prompt_term: add ``a_0 s_0`` to the first sentence's term, so that ``values`` sum to the score ``R`` (for
+            judging responses by the sum of their rewards); off by default, as in the SRM code.
         **kwargs: see :class:`RewardModelSource`.
 
     ``meta``: ``scores`` (``R``), ``prompt_terms`` (``a_0 s_0``), ``num_sentences`` (response boundaries per row).
@@ -432,9 +434,9 @@ class SentenceRMSource(RewardModelSource):
     default_name = "sentence_rm"
     needs_text = True
 
-    def __init__(self, model, policy_tokenizer, *, spread: bool = False, **kwargs):
+    def __init__(self, model, policy_tokenizer, *, spread: bool = False, prompt_term: bool = False, **kwargs):
         super().__init__(model, policy_tokenizer, **kwargs)
-        self.spread = spread
+        self.spread, self.prompt_term = spread, prompt_term
 
     def _score_rows(self, rows, T):
         from finegrain.models.reward_model import collate_sentence_examples
@@ -456,6 +458,8 @@ class SentenceRMSource(RewardModelSource):
             for k, (r, ex) in enumerate(zip(part, examples)):
                 n = len(ex.boundaries)
                 span_values[k, :n] = terms[k, 1 : n + 1]
+                if self.prompt_term and n:
+                    span_values[k, 0] += terms[k, 0]
                 g_ends, t_groups = sentence_token_groups(ex.spans, ex.groups, r.policy_offsets)
                 ends[k, :n] = torch.as_tensor(g_ends, dtype=torch.long)
                 token_groups[k, : len(t_groups)] = torch.as_tensor(t_groups, dtype=torch.long)

@@ -5,8 +5,9 @@
 * a directory saved by :func:`finegrain.models.reward_model.save_reward_model` (``finegrain rm``'s ``final/``),
   or a run directory of ``finegrain rm`` (its ``final/`` is used): the source of that model's level
   (:mod:`finegrain.rewards.models`);
-* a registered name. Built in: ``"oracle"``, the built-in world's oracle (the score on the last token, or with
-  ``dense=True`` the ground-truth credit of every word on the token that ends it). Other modules add theirs with
+* a registered name. Built in: ``"oracle"`` and ``"oracle_credit"``, the built-in world's oracle
+  (:class:`finegrain.rewards.rule.OracleRewardSource`: the score on the last token, or the ground-truth credit of
+  every word on the token that ends it; the rules of ``world_dir`` when given). Other modules add theirs with
   :func:`register_reward_source`.
 
 Options go to the model loader (``dtype``, ``double_softmax``, ``lag``, ``trust_remote_code``) or to the source
@@ -23,10 +24,9 @@ from typing import Any
 import torch
 
 from finegrain.errors import ConfigError
-from finegrain.rewards.base import RewardSource, check_finite
-from finegrain.types import CompletionBatch, TokenRewards
+from finegrain.rewards.base import RewardSource
 
-__all__ = ["OracleSource", "load_reward_source", "register_reward_source", "registered_sources"]
+__all__ = ["load_reward_source", "register_reward_source", "registered_sources"]
 
 _MODEL_OPTIONS = ("dtype", "double_softmax", "lag", "trust_remote_code", "splitter")
 
@@ -69,7 +69,7 @@ def load_reward_source(
         policy_tokenizer: the tokenizer of the batches the source will score (its rewards come back in that
             tokenization).
         device: where the reward model runs (default CPU).
-        world_dir: the built-in world's directory, for sources that need it (``"oracle"``).
+        world_dir: the built-in world's directory, for sources that need it (the oracle's rules).
         **options: see the module docstring.
 
     Returns:
@@ -100,61 +100,22 @@ def load_reward_source(
 # ------------------------------------------------------------------------------------------------- the oracle
 
 
-class OracleSource:
-    """The built-in world's oracle as a reward source (ground truth; for baselines and checks).
+def _oracle_factory(dense: bool) -> SourceFactory:
+    """The world's oracle (:class:`finegrain.rewards.rule.OracleRewardSource`) under a registered name."""
 
-    Each row is decoded with the policy tokenizer (special tokens dropped) and judged by
-    :func:`finegrain.world.oracle.judge`. ``dense=False``: the score on the last valid token. ``dense=True``: the
-    credit of every word on the policy token that ends the word (the credits sum to the score).
+    def make(*, policy_tokenizer: Any, device: Any = None, world_dir: Any = None, **options: Any) -> RewardSource:
+        del device  # the oracle reads text on the CPU
+        from finegrain.rewards.rule import OracleRewardSource
+        from finegrain.world import is_built, load_world_config
 
-    Args:
-        policy_tokenizer: the tokenizer of the batches.
-        rules: the world's :class:`~finegrain.world.oracle.OracleRules`.
-        dense: per-word credit instead of the score on the last token.
-        name: the source's name.
-    """
+        rules = load_world_config(world_dir).rules if world_dir and is_built(world_dir) else None
+        try:
+            return OracleRewardSource(policy_tokenizer, dense=dense, rules=rules, **options)
+        except TypeError as err:
+            raise ConfigError(f"reward source 'oracle': {err}") from None
 
-    def __init__(self, policy_tokenizer: Any, rules: Any, *, dense: bool = False, name: str = "oracle"):
-        self.policy_tokenizer, self.rules, self.dense, self.name = policy_tokenizer, rules, dense, name
-
-    def token_rewards(self, batch: CompletionBatch) -> TokenRewards:
-        import re
-
-        from finegrain.rewards.models import decode_with_offsets, map_token_values
-        from finegrain.rewards.placement import place_on_last_token
-        from finegrain.world.oracle import judge
-
-        tok = self.policy_tokenizer
-        mask = batch.completion_mask.to(torch.bool)
-        values = torch.zeros(mask.shape, dtype=torch.float32)
-        scores = torch.zeros(batch.num_rows, dtype=torch.float32)
-        for i in range(batch.num_rows):
-            prompt = tok.decode(batch.prompt_input_ids[i][batch.prompt_attention_mask[i].bool()].tolist(),
-                                skip_special_tokens=True)
-            ids = batch.completion_input_ids[i][mask[i]].tolist()
-            text, offsets = decode_with_offsets(tok, ids)
-            j = judge(prompt, text, self.rules)
-            scores[i] = j.score
-            if self.dense and ids:
-                words = [m.span() for m in re.finditer(r"\S+", text)]
-                # word -> the policy token that ends it: map the words' credit as "source tokens"
-                mapped = map_token_values(j.credit, words, offsets, reduce="sum", end_index=len(ids) - 1)
-                values[i, : len(ids)] = torch.from_numpy(mapped).float()
-        device = batch.completion_input_ids.device
-        if not self.dense:
-            values = place_on_last_token(scores, mask.cpu())
-        out = TokenRewards(values=values.to(device), mask=mask, meta={"scores": scores.to(device)})
-        return check_finite(out, self.name)
+    return make
 
 
-def _oracle(*, policy_tokenizer: Any, device: Any = None, world_dir: Any = None, dense: bool = False,
-            name: str = "oracle") -> OracleSource:
-    del device  # the oracle runs on the CPU
-    from finegrain.world import is_built, load_world_config
-    from finegrain.world.config import WorldConfig
-
-    rules = load_world_config(world_dir).rules if world_dir and is_built(world_dir) else WorldConfig().rules
-    return OracleSource(policy_tokenizer, rules, dense=dense, name=name)
-
-
-register_reward_source("oracle", _oracle)
+register_reward_source("oracle", _oracle_factory(dense=False))
+register_reward_source("oracle_credit", _oracle_factory(dense=True))

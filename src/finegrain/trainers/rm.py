@@ -66,7 +66,10 @@ class RMConfig(TrainConfig):
     # sentence
     boundary_mode: Literal["insert", "mark"] = option("insert", "sentence boundaries: insert <END> tokens (embedding "
                                                       "resized) or mark the last token of each sentence")
-    splitter: Literal["rule", "sat"] = option("rule", "sentence splitter: rule based, or wtpsplit SaT (model on disk)")
+    splitter: Literal["rule", "punct", "sat"] | None = option(None, "sentence splitter: rule (abbreviation and case "
+                                                             "rules), punct (every terminator), sat (wtpsplit SaT, "
+                                                             "model on disk); default: punct on the built-in world "
+                                                             "(lowercase text), else rule")
     sat_model: str = option("sat-3l", "SaT model name in the local Hugging Face cache, or a directory")
     reward_embed_dim: int = option(128, "SRM query/key size d")
     max_sentences: int = option(100, "most sentence boundaries per response (RoPE range; e_0 counts); more are merged")
@@ -572,14 +575,18 @@ def _evaluate_and_log(run, model, cfg: RMConfig, data: RMData, state) -> None:
 # ---------------------------------------------------------------------------------------------------- inputs
 
 
-def build_model(cfg: RMConfig, backbone, tokenizer):
-    """A fresh reward model of ``cfg.level`` on ``backbone`` (dropout off, LoRA and checkpointing as configured)."""
+def build_model(cfg: RMConfig, backbone, tokenizer, *, splitter: str | None = None):
+    """A fresh reward model of ``cfg.level`` on ``backbone`` (dropout off, LoRA and checkpointing as configured).
+
+    ``splitter`` names the sentence splitter when ``cfg.splitter`` is not set (default ``rule``).
+    """
     from finegrain.models.build import apply_lora, disable_dropout
     from finegrain.models.reward_model import build_reward_model, input_embedding_name, make_splitter
 
     if cfg.disable_dropout:
         disable_dropout(backbone)
-    splitter = make_splitter({"name": "sat", "model": cfg.sat_model} if cfg.splitter == "sat" else {"name": "rule"})
+    name = cfg.splitter or splitter or "rule"
+    splitter = make_splitter({"name": "sat", "model": cfg.sat_model} if name == "sat" else {"name": name})
     model = build_reward_model(
         cfg.level, backbone, tokenizer, num_outputs=3 if cfg.objective == "token_cls" and cfg.cls_loss == "ce" else 1,
         embed_dim=cfg.reward_embed_dim, max_sentences=cfg.max_sentences, weighted_sum=cfg.weighted_sum,
@@ -633,7 +640,8 @@ def load_inputs(cfg: RMConfig) -> RMData:
         backbone = load_causal_lm(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
         train_src, eval_src = cfg.dataset_name, cfg.eval_dataset_name
         credit_src, revisions_src = cfg.credit_dataset_name, cfg.eval_revisions_name
-    model = build_model(cfg, backbone, tokenizer)  # before tokenizing: insert mode adds <END> to the tokenizer
+    # before tokenizing: insert mode adds <END> to the tokenizer
+    model = build_model(cfg, backbone, tokenizer, splitter="punct" if on_world else "rule")
     skip = cfg.skip_invalid_rows or on_world  # the world's data hold a few empty responses: skipped, counted
     kind = _train_kind(cfg, train_src)
     load = {"pairs": pair_examples, "revisions": revision_examples, "tokens": token_examples}[kind]
