@@ -25,6 +25,9 @@ Metrics: ``loss``, ``rewards/{chosen,rejected,margins,accuracies}`` (the loss's 
 ``chosen > rejected``, ties as wrong, as TRL does), ``logps/{chosen,rejected}`` (summed policy log-probs),
 ``kl/{chosen,rejected,margin}`` (TDPO, un-scaled sequential KLs), ``treg/weight`` (T-REG's ``w``); the same names
 with ``split="eval"`` on held-out pairs.
+
+The file is longer than the ~600 lines of the style guide because the reference precomputation and its cache live
+next to the loop that consumes them, as one family's trainer.
 """
 
 from __future__ import annotations
@@ -164,6 +167,15 @@ class Plan:
 
 
 def make_plan(cfg: POConfig, data, *, eval_split: bool = False) -> Plan:
+    """The :class:`Plan` of ``data`` (a :class:`~finegrain.data.PreferenceData`) under ``cfg``.
+
+    Token rewards come from the data's ``chosen_/rejected_token_rewards`` columns when present (except for
+    ``dpo_implicit``); held-out data without them score ``r̂ = 0`` for ``reg_source=external``; training data without
+    them are an error for ``external``.
+
+    Raises:
+        ConfigError: ``reg_source=external`` on training data without the columns (says how to make them).
+    """
     spec = get_preference_loss_spec(cfg.loss)
     has_column = bool(len(data)) and "chosen_token_rewards" in data[0]
     rewards = None
@@ -295,7 +307,27 @@ def _head(model):
 
 def batch_stats(model, reference: Reference | None, batch, plan: Plan, cfg: POConfig, data=None,
                 contrastive=None) -> PreferenceStats:
-    """Everything the loss needs for one :class:`~finegrain.types.PreferenceBatch`, in one policy forward."""
+    """Everything the loss needs for one :class:`~finegrain.types.PreferenceBatch`, in one policy forward.
+
+    The reference (when the plan needs it live) reads the batch first, under ``no_grad``; then the policy reads all
+    ``2B`` rows once, and :func:`~finegrain.ops.chunked.completion_stats` applies both LM heads to the response
+    positions in chunks: policy token log-probs (with gradient), reference token log-probs and, for TDPO, the
+    forward KL over the vocabulary. Cached reference log-probs (``batch.extras["ref_token_logps"]``) replace the
+    reference pass.
+
+    Args:
+        model: the policy (possibly wrapped by DDP / PEFT).
+        reference: the :class:`Reference`, or None when nothing needs it.
+        batch: a :class:`~finegrain.types.PreferenceBatch` on the model's device.
+        plan: what to compute (:func:`make_plan`).
+        cfg: the config (β, chunk size).
+        data: the batch's data set (raw prompts and response texts for contrastive rewards).
+        contrastive: the :class:`~finegrain.rewards.contrastive.ContrastiveRewardSource` for
+            ``plan.token_rewards == "contrastive"``.
+
+    Returns:
+        :class:`PreferenceStats`, every tensor ``(2B, T)``.
+    """
     mask = batch.completion_mask.to(torch.bool)
     cached = batch.extras.get("ref_token_logps")
     ref_h = None
@@ -467,6 +499,23 @@ def _template(cfg: POConfig):
         raise ConfigError(f"--contrastive_template/positive/negative: {exc}") from None
 
 
+def _frozen_reference(cfg: POConfig, model, ref_model, device):
+    """The frozen reference model: the one given, ``ref_model_name_or_path``, or a copy of the policy's starting
+    weights; None for a LoRA policy, whose reference is itself with the adapter disabled (no second copy)."""
+    from finegrain.models.build import disable_dropout, freeze
+
+    if ref_model is None and cfg.ref_model_name_or_path:
+        from finegrain.models.loading import load_causal_lm
+
+        ref_model = load_causal_lm(cfg.ref_model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    if ref_model is None and not cfg.use_peft:
+        ref_model = copy.deepcopy(model)  # the starting weights, before any update
+    if ref_model is None:
+        return None
+    disable_dropout(ref_model)
+    return freeze(ref_model).to(device)
+
+
 def train(cfg: POConfig, model, tokenizer, train_data, eval_data=None, *, ref_model=None) -> Path:
     """Run preference optimisation and return the run directory (``final/`` holds the model).
 
@@ -479,7 +528,7 @@ def train(cfg: POConfig, model, tokenizer, train_data, eval_data=None, *, ref_mo
         ref_model: the reference model; None: ``cfg.ref_model_name_or_path``, else a frozen copy of ``model`` as
             given (or, with ``use_peft``, the policy with its adapter disabled).
     """
-    from finegrain.models.build import apply_lora, disable_dropout, freeze
+    from finegrain.models.build import apply_lora, disable_dropout
 
     acc = loop.make_accelerator(cfg)
     run = loop.Run(cfg, "po", cfg.loss, acc)
@@ -490,15 +539,7 @@ def train(cfg: POConfig, model, tokenizer, train_data, eval_data=None, *, ref_mo
     live = any(p.reference_model or p.ref_logps for p in plans)
     if cfg.disable_dropout:
         disable_dropout(model)
-    if ref_model is None and live and cfg.ref_model_name_or_path:
-        from finegrain.models.loading import load_causal_lm
-
-        ref_model = load_causal_lm(cfg.ref_model_name_or_path, trust_remote_code=cfg.trust_remote_code)
-    if ref_model is None and live and not cfg.use_peft:
-        ref_model = copy.deepcopy(model)  # the starting weights, before any update
-    if ref_model is not None:
-        disable_dropout(ref_model)
-        ref_model = freeze(ref_model).to(acc.device)
+    ref_model = _frozen_reference(cfg, model, ref_model, acc.device) if live else None
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if cfg.use_peft:
@@ -510,11 +551,10 @@ def train(cfg: POConfig, model, tokenizer, train_data, eval_data=None, *, ref_mo
     scheduler = loop.make_scheduler(cfg, optimizer, total_steps)
     model, optimizer = acc.prepare(model, optimizer)
     unwrapped = acc.unwrap_model(model)
-    reference = None
+    reference = template = contrastive = None
     if live:
         reference = (Reference(ref_model, autocast=acc.autocast) if ref_model is not None
                      else Reference(policy=model, context=unwrapped.disable_adapter, autocast=acc.autocast))
-    template = contrastive = None
     if any(p.token_rewards == "contrastive" for p in plans):
         from finegrain.rewards.contrastive import ContrastiveRewardSource
 
