@@ -223,3 +223,28 @@ def test_external_token_rewards_must_exist(tiny_world, tmp_path):
     model, tok, train_data, eval_data = po.load_inputs(cfg)
     with pytest.raises(ConfigError, match="finegrain label contrastive"):
         po.train(cfg, model, tok, train_data, eval_data)
+
+
+def test_token_rewards_from_a_named_column(tiny_world, tmp_path):
+    """--token_rewards_column NAME reads chosen_NAME / rejected_NAME, one value per response token (EOS optional)."""
+    from finegrain.data.tokenize import tokenize_response
+    from finegrain.models.loading import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_world / "sft"))
+    rows = [{"prompt": "describe the river .", "chosen": "it flows gently .", "rejected": "it is dry ."},
+            {"prompt": "tell me about the fox .", "chosen": "it runs .", "rejected": "maybe , it sleeps badly ."}]
+    for r in rows:
+        for side in ("chosen", "rejected"):
+            n = len(tokenize_response(tok, r[side])[0]) - 1  # without EOS: EOS then gets 0
+            r[f"{side}_tlcr"] = [round(0.1 * (k + 1) * (1 if side == "chosen" else -1), 3) for k in range(n)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _cfg(tiny_world, tmp_path / "run", "--loss", "treg-dpo", "--reg_source", "external",
+               "--token_rewards_column", "tlcr", "--dataset_name", str(path))
+    _, _, data, _ = po.load_inputs(cfg)
+    assert po.make_plan(cfg, data).token_rewards == "column"
+    batch = data.collate([0, 1])
+    want = torch.tensor(rows[1]["rejected_tlcr"] + [0.0])
+    torch.testing.assert_close(batch.extras["token_rewards"][3, : len(want)], want)
+    with pytest.raises(ConfigError, match="T-REG option"):
+        _cfg(tiny_world, tmp_path / "x", "--token_rewards_column", "tlcr")
