@@ -22,7 +22,8 @@ reference (``objective/kl``, the k1 sum over the response), so each seed gives c
 the policy is evaluated on held-out prompts (sampled responses: oracle reward, full-vocabulary KL). Summaries per
 condition (mean ± standard error over seeds): the mean oracle reward over the whole budget (area under the
 curve / samples), samples until the smoothed curve first reaches ``--threshold``, the final training reward and KL,
-and the held-out evaluation.
+and the held-out evaluation; beside them the final response length and the final training reward (the source's
+own raw reward), which show when a policy exploits its reward model.
 
 Runs are subprocesses (``python -m finegrain ...``), ``--workers`` at a time, each with ``--threads`` torch threads.
 
@@ -34,6 +35,7 @@ Usage:
     .venv/bin/python bench/ppo_quality.py                                  # all conditions, 3 seeds
     .venv/bin/python bench/ppo_quality.py --conditions oracle oracle_credit --seeds 0 --steps 20   # a quick look
     .venv/bin/python bench/ppo_quality.py --rm-dir runs/rms --reuse-rms    # keep trained reward models
+    .venv/bin/python bench/ppo_quality.py --replot bench/results/ppo_quality.json
 
 ``run(args) -> dict`` is the entry point for ``finegrain bench``.
 """
@@ -44,6 +46,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -80,10 +83,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rm-dir", default=None, help="where reward models are trained (default: a temporary directory)")
     p.add_argument("--reuse-rms", action="store_true", help="use completed reward-model runs found in --rm-dir")
     p.add_argument("--runs-dir", default=None, help="keep the PPO run directories here (default: temporary)")
+    p.add_argument("--ppo-args", default="", help="extra `finegrain ppo` options for every run, e.g. '--kl_coef 0.3'")
     p.add_argument("--workers", type=int, default=2, help="runs at a time")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--world-dir", default=None)
     p.add_argument("--out", default=str(RESULTS / "ppo_quality"), help="output path without extension")
+    p.add_argument("--replot", default=None, help="redraw the PNG and reprint the summary of this results JSON, no runs")
     return p.parse_args(argv)
 
 
@@ -137,7 +142,7 @@ def _ppo_argv(args, world: Path, reward: str, seed: int, out: Path) -> list[str]
             "--lr_scheduler_type", "constant", "--kl_coef", str(args.kl_coef), "--estimator", args.estimator,
             "--reward_normalization", args.normalization, "--ppo_epochs", str(args.ppo_epochs),
             "--per_device_train_batch_size", str(args.micro_batch), "--max_eval_samples", str(args.eval_prompts),
-            "--eval_sampling", "sample"]
+            "--eval_sampling", "sample", *shlex.split(args.ppo_args)]
 
 
 def _read_run(run_dir: Path) -> dict:
@@ -145,7 +150,8 @@ def _read_run(run_dir: Path) -> dict:
     train = [r for r in rows if r["split"] == "train"]
     evals = [r for r in rows if r["split"] == "eval"]
     curve = {k: [r.get(k) for r in train] for k in ("samples", "oracle/reward", "oracle/well_formed", "objective/kl",
-                                                     "rewards/raw", "time/generate", "time/score", "time/train")}
+                                                     "rewards/raw", "response/length", "time/generate", "time/score",
+                                                     "time/train")}
     return {"curve": curve, "eval": evals[-1] if evals else {}}
 
 
@@ -182,6 +188,8 @@ def summarise(args, runs: dict[str, dict[int, dict]]) -> dict[str, dict]:
             "final_oracle_reward": _mean_se([statistics.fmean(r["curve"]["oracle/reward"][-k:]) for r in per_seed]),
             "final_well_formed": _mean_se([statistics.fmean(r["curve"]["oracle/well_formed"][-k:]) for r in per_seed]),
             "final_kl": _mean_se([statistics.fmean(r["curve"]["objective/kl"][-k:]) for r in per_seed]),
+            "final_training_reward": _mean_se([statistics.fmean(r["curve"]["rewards/raw"][-k:]) for r in per_seed]),
+            "final_length": _mean_se([statistics.fmean(r["curve"]["response/length"][-k:]) for r in per_seed]),
             "eval_oracle_reward": _mean_se([r["eval"].get("oracle/reward") for r in per_seed]),
             "eval_well_formed": _mean_se([r["eval"].get("oracle/well_formed") for r in per_seed]),
             "eval_kl": _mean_se([r["eval"].get("objective/kl") for r in per_seed]),
@@ -223,13 +231,19 @@ def plot(results: dict, path: Path) -> None:
     fig.suptitle(f"finegrain ppo on the built-in world: {s['estimator']}, lr {s['lr']}, KL coef {s['kl_coef']}, "
                  f"{len(s['seeds'])} seeds (mean ± s.e.)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
 def run(args: argparse.Namespace | None = None) -> dict:
     """Train the reward models, run every condition and seed, summarise, write JSON + PNG; returns the results."""
     args = args or parse_args([])
+    if args.replot:
+        results = json.loads(Path(args.replot).read_text())
+        results["runs"] = {c: {int(k): v for k, v in seeds.items()} for c, seeds in results["runs"].items()}
+        plot(results, Path(args.replot).with_suffix(".png"))
+        _print_summary(results)
+        return results
     from finegrain.world import ensure_world
 
     start = time.perf_counter()
@@ -296,7 +310,7 @@ def _print_summary(results: dict) -> None:
         shown = {k: round(v, 3) for k, v in info["eval"].items() if k in ("accuracy", "auroc", "edit_auroc")}
         print(f"  reward model {level}: held-out {shown}")
     print(f"  {'condition':<15}{'budget mean':>16}{'final reward':>16}{'final KL':>14}{'eval reward':>16}"
-          f"{'samples to thr.':>20}")
+          f"{'samples to thr.':>20}{'length':>14}{'its reward':>14}")
     def f(st, key):
         m, e = st[key]
         return f"{m:.3f}±{e:.3f}"
@@ -306,7 +320,8 @@ def _print_summary(results: dict) -> None:
         reached = thr["mean_of_reached"]
         shown = f"{reached:.0f} ({thr['reached']})" if reached is not None else f"never ({thr['reached']})"
         print(f"  {cond:<15}{f(st, 'budget_mean_oracle_reward'):>16}{f(st, 'final_oracle_reward'):>16}"
-              f"{f(st, 'final_kl'):>14}{f(st, 'eval_oracle_reward'):>16}{shown:>20}")
+              f"{f(st, 'final_kl'):>14}{f(st, 'eval_oracle_reward'):>16}{shown:>20}{f(st, 'final_length'):>14}"
+              f"{f(st, 'final_training_reward'):>14}")
     for note in results["notes"]:
         print(f"  note: {note}")
     print(f"  total {results['seconds']['total']:.0f} s (reward models {results['seconds']['reward_models']:.0f} s)")

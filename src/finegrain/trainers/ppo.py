@@ -22,6 +22,10 @@ body (``--critic separate``, default) or on the policy's own hidden states (``--
 ``vf_coef``·value loss in the policy's objective). On world prompts the oracle's reward and well-formedness of
 every rollout batch are logged (``oracle/*``) whatever the training reward, so curves of true reward against
 samples exist for any source.
+
+The file holds the config with its checks, the critic, the update and the evaluation beside the loop, so that the
+whole method reads in one place; that makes it longer than the ~600 lines STYLE.md aims for. docs/methods/ppo.md
+lists the papers, keys, metrics and deviations.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from finegrain.models.forward import hidden_states, model_inputs, output_head, p
 from finegrain.trainers import loop
 from finegrain.types import CompletionBatch, TokenRewards
 
-ORACLE_REWARDS = {"oracle": False, "oracle:sequence": False, "oracle:credit": True}
+ORACLE_REWARDS = {"oracle": False, "oracle:sequence": False, "oracle:credit": True, "oracle_credit": True}
 """``--reward`` names of the world's oracle -> whether the reward is its dense per-word credit."""
 
 
