@@ -110,3 +110,26 @@ def test_config_errors():
         parse(RMConfig, ["--reward_embed_dim", "7"], "finegrain rm")
     with pytest.raises(ConfigError, match="level"):
         parse(RMConfig, ["--level", "paragraph"], "finegrain rm")
+
+
+def test_lora_sentence_rm_with_inserted_tokens_checkpoints_resumes_and_saves_merged(tiny_world, tmp_path):
+    """LoRA backbone + <END> insertion: the embedding trains too (modules_to_save), the flat checkpoint holds every
+    tensor of the PEFT model, resume restores it, and final/ is a plain (merged) model."""
+    args = ["--use_peft", "--lora_r", "4", "--lora_alpha", "8", "--save_steps", "2"]
+    first = _cfg(tiny_world, tmp_path, "sentence", "--max_steps", "2", *args)
+    data = load_inputs(first)
+    trainable = [n for n, p in data.model.named_parameters() if p.requires_grad]
+    assert any("lora_" in n for n in trainable) and any("modules_to_save" in n for n in trainable)
+    assert any(n.startswith("head.") for n in trainable)
+    train(first, data)
+    again = _cfg(tiny_world, tmp_path, "sentence", "--max_steps", "3", "--resume_from_checkpoint", "latest", *args)
+    data = load_inputs(again)
+    run = train(again, data)
+    assert [r["step"] for r in _metrics(run, "train")] == [1, 2, 3]
+    info = json.loads((run / "final" / "finegrain_reward.json").read_text())
+    assert info["peft_merged"] is True and info["boundary_mode"] == "insert"
+    loaded = load_reward_model(run / "final")
+    batch = collate_pairs(data.model, data.eval_pairs[:4], data.tokenizer.pad_token_id)
+    data.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.score(batch), data.model.score(batch), atol=1e-5, rtol=1e-5)
