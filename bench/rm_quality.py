@@ -1,8 +1,9 @@
 """Reward-model quality on the built-in world, over several seeds: pairwise accuracy and token-credit AUROC.
 
 For every seed, ``finegrain rm`` trains the four reward models from the world's SFT model (sequence and sentence
-RMs on ``pairs_train``; token RM and TLCR discriminator on ``revisions`` with edit labels computed on the fly) with
-the same budget, and their final evaluation is read back from ``metrics.jsonl``:
+RMs on ``pairs_train``, 300 steps of 16 pairs, about 2.4 epochs, past which they overfit the 1,989 pairs; token RM
+and TLCR discriminator on ``revisions`` with edit labels computed on the fly, 1,000 steps of 16 pairs), AdamW at
+learning rate 1e-3 with a cosine schedule, and their final evaluation is read back from ``metrics.jsonl``:
 
 * ``accuracy``: held-out pairwise accuracy on ``pairs_test`` (the score of the sequence / sentence RM, ``Σ_t r_t``
   of the token levels). The test labels are the world's Bradley-Terry-noised preferences, so the oracle itself
@@ -10,6 +11,10 @@ the same budget, and their final evaluation is read back from ``metrics.jsonl``:
 * ``auroc``: token-credit AUROC against the world's ground-truth credit (``credit_test.jsonl``: positive-credit vs
   negative-credit words, neutral words left out) of the token RM, the discriminator (``2·P(+) − 1``) and the
   sentence RM spread over its sentences' tokens;
+
+besides the defaults (sentence RM with inserted ``<END>`` tokens, discriminator with soft targets) two variants are
+trained too: ``sentence_mark`` (boundaries marked, no inserted tokens) and ``discriminator_hard`` (hard labels on
+changed tokens only);
 * ``edit_auroc`` / ``edit_accuracy`` of the token levels on held-out revisions (the world's reviser on the test
   pairs): how well they learned what they were trained on.
 
@@ -18,13 +23,15 @@ Token sources that need no reward-model training are scored on the same credit r
 SFT model; deterministic, one value) and the implicit DPO rewards ``β ρ_t`` of a policy trained by
 ``finegrain po --loss dpo`` for each seed (:class:`finegrain.rewards.implicit.ImplicitRewardSource`; left out with
 a TODO line when that module is missing). Targets: token RM and discriminator AUROC >= 0.9; sentence RM accuracy >=
-sequence RM accuracy. Results (mean, sample standard deviation, min, max and every seed's value) go to
+sequence RM accuracy. ``edit_label_lookup_auroc`` scores the credit words by per-(word, topic) statistics of the
+training revisions' edit labels, no model (:func:`edit_label_lookup_auroc`): how much the labels themselves say about
+the credit. Results (mean, sample standard deviation, min, max and every seed's value) go to
 ``bench/results/rm_quality.json``.
 
 Usage:
 
     .venv/bin/python bench/rm_quality.py                         # 3 seeds, about 15 minutes on 2 cores
-    .venv/bin/python bench/rm_quality.py --seeds 0 --steps 50    # a quick look
+    .venv/bin/python bench/rm_quality.py --seeds 0 --pair_steps 50 --edit_steps 50    # a quick look
 """
 
 from __future__ import annotations
@@ -42,6 +49,15 @@ import torch
 HERE = Path(__file__).resolve().parent
 LEVELS = ("sequence", "sentence", "token", "discriminator")
 TARGETS = {"token_auroc": 0.9, "discriminator_auroc": 0.9}
+VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "sequence": ("sequence", ()),
+    "sentence": ("sentence", ()),  # insert mode (<END> tokens), the SRM training layout
+    "sentence_mark": ("sentence", ("--boundary_mode", "mark")),
+    "token": ("token", ()),  # objective A
+    "discriminator": ("discriminator", ()),  # soft targets (TLCR default)
+    "discriminator_hard": ("discriminator", ("--hard_labels",)),
+}
+"""Reward models trained per seed: name -> (level, extra ``finegrain rm`` flags)."""
 
 
 def _summary(values: list[float]) -> dict:
@@ -59,12 +75,12 @@ def _final_eval(run_dir: Path) -> dict:
 
 
 def train_rm(level: str, seed: int, out: Path, *, world: Path, steps: int, batch: int, lr: float,
-             extra: list[str]) -> dict:
+             extra: list[str], name: str | None = None) -> dict:
     """Train one reward model with ``finegrain rm`` and return its final evaluation."""
     from finegrain.config import parse
     from finegrain.trainers.rm import RMConfig, load_inputs, train
 
-    args = ["--level", level, "--world_dir", str(world), "--output_dir", str(out / f"{level}-{seed}"),
+    args = ["--level", level, "--world_dir", str(world), "--output_dir", str(out / f"{name or level}-{seed}"),
             "--overwrite_output_dir", "--seed", str(seed), "--max_steps", str(steps),
             "--per_device_train_batch_size", str(batch), "--per_device_eval_batch_size", "64",
             "--learning_rate", str(lr), "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.05",
@@ -120,11 +136,45 @@ def implicit_auroc(world: Path, seed: int, out: Path, *, steps: int, batch: int,
     return credit_auroc(ImplicitRewardSource(policy, beta, ref_model=sft), _credit(world, tok), tok.pad_token_id)
 
 
-def run(*, seeds=(0, 1, 2), steps: int = 200, batch: int = 16, lr: float = 3e-3, levels=LEVELS,
+def edit_label_lookup_auroc(world: Path) -> dict:
+    """What the edit labels can say about credit: AUROC of per-(word, topic) label statistics, no model.
+
+    Every (word, prompt topic) of the training revisions counts how often it was labelled +1 (added or substituted
+    in a revision), -1 (deleted or substituted in a rejected response) and how often it occurred; each credit word is
+    then scored by ``(n_+ − n_−) / (n + 1)`` (what soft targets estimate) or ``(n_+ + ½) / (n_+ + n_− + 1)`` (what hard
+    labels estimate). A context-free lookup of the labels, it shows how far the revisions' labels agree with the
+    world's credit.
+    """
+    from collections import Counter
+
+    from finegrain.data.alignment import edit_tags
+    from finegrain.eval.metrics import evaluate_token_credit
+    from finegrain.world.build import read_jsonl
+    from finegrain.world.oracle import prompt_topic
+
+    pos, neg, seen = Counter(), Counter(), Counter()
+    for r in read_jsonl(world / "data" / "revisions.jsonl"):
+        rejected, revised, topic = r["rejected"].split(), r["revised"].split(), prompt_topic(r["prompt"])
+        tags_l, tags_e = edit_tags(rejected, revised)
+        for words, tags, counter in ((rejected, tags_l, neg), (revised, tags_e, pos)):
+            for w, tag in zip(words, tags):
+                seen[w, topic] += 1
+                counter[w, topic] += tag != "U"
+    rows = read_jsonl(world / "data" / "credit_test.jsonl")
+
+    def score(f) -> float:
+        scores = [[f((w, prompt_topic(r["prompt"]))) for w in r["words"]] for r in rows]
+        return evaluate_token_credit(scores, [r["credit"] for r in rows]).auroc
+
+    return {"soft": round(score(lambda k: (pos[k] - neg[k]) / (seen[k] + 1)), 4),
+            "hard": round(score(lambda k: (pos[k] + 0.5) / (pos[k] + neg[k] + 1)), 4)}
+
+
+def run(*, seeds=(0, 1, 2), pair_steps: int = 300, edit_steps: int = 1000, batch: int = 16, lr: float = 1e-3,
+        variants=tuple(VARIANTS),
         world_dir: str | None = None, work_dir: str | None = None, threads: int | None = None,
         contrastive: bool = True, implicit: bool = True, dpo_steps: int = 100, dpo_batch: int = 32,
-        dpo_lr: float = 1e-4, beta: float = 0.1, discriminator_args: tuple[str, ...] = (),
-        token_args: tuple[str, ...] = ()) -> dict:
+        dpo_lr: float = 1e-4, beta: float = 0.1) -> dict:
     """Train and evaluate; return the results dictionary (see the module docstring)."""
     from finegrain.world import ensure_world
 
@@ -134,19 +184,20 @@ def run(*, seeds=(0, 1, 2), steps: int = 200, batch: int = 16, lr: float = 3e-3,
     start = time.time()
     tmp = tempfile.TemporaryDirectory(prefix="rm_quality-") if work_dir is None else None
     out = Path(work_dir or tmp.name)
-    extra = {"discriminator": list(discriminator_args), "token": list(token_args)}
-    per_seed: dict[str, list[dict]] = {level: [] for level in levels}
+    per_seed: dict[str, list[dict]] = {name: [] for name in variants}
     notes: list[str] = []
     implicit_values: list[float] = []
     try:
         for seed in seeds:
-            for level in levels:
+            for name in variants:
+                level, extra = VARIANTS[name]
                 t0 = time.time()
-                metrics = train_rm(level, seed, out, world=world, steps=steps, batch=batch, lr=lr,
-                                   extra=extra.get(level, []))
+                steps = pair_steps if level in ("sequence", "sentence") else edit_steps
+                metrics = train_rm(level, seed, out, world=world, steps=steps, batch=batch, lr=lr, extra=list(extra),
+                                   name=name)
                 metrics["seconds"] = round(time.time() - t0, 1)
-                per_seed[level].append(metrics)
-                print(f"seed {seed} {level}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                per_seed[name].append(metrics)
+                print(f"seed {seed} {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                                                             if isinstance(v, float) and k != "samples"),
                       file=sys.stderr, flush=True)
             if implicit:
@@ -161,28 +212,30 @@ def run(*, seeds=(0, 1, 2), steps: int = 200, batch: int = 16, lr: float = 3e-3,
                                                           lr=dpo_lr, beta=beta))
                     print(f"seed {seed} implicit DPO auroc {implicit_values[-1]:.4f}", file=sys.stderr, flush=True)
         result: dict = {
-            "settings": {"seeds": list(seeds), "steps": steps, "batch_pairs": batch, "learning_rate": lr,
+            "settings": {"seeds": list(seeds), "steps": {"sequence, sentence": pair_steps, "token, discriminator":
+                                                         edit_steps}, "batch_pairs": batch, "learning_rate": lr,
                          "scheduler": "cosine, 5% warm-up", "world_dir": str(world), "threads": torch.get_num_threads(),
-                         "discriminator_args": list(discriminator_args), "token_args": list(token_args),
+                         "variants": {n: [VARIANTS[n][0], *VARIANTS[n][1]] for n in variants},
                          "dpo": {"steps": dpo_steps, "batch_pairs": dpo_batch, "learning_rate": dpo_lr, "beta": beta}},
             "pair_label_agreement": json.loads((world / "world.json").read_text()).get("pair_label_agreement"),
             "accuracy": {}, "auroc": {}, "edit_auroc": {}, "edit_accuracy": {}, "seconds": {},
         }
-        for level, rows in per_seed.items():
-            result["accuracy"][level] = _summary([r.get("accuracy") for r in rows])
-            result["seconds"][level] = _summary([r["seconds"] for r in rows])
-            if level != "sequence":
-                result["auroc"][level if level != "sentence" else "sentence_spread"] = \
-                    _summary([r.get("auroc") for r in rows])
+        for name, rows in per_seed.items():
+            level = VARIANTS[name][0]
+            result["accuracy"][name] = _summary([r.get("accuracy") for r in rows])
+            result["seconds"][name] = _summary([r["seconds"] for r in rows])
+            if level != "sequence":  # the sentence RM's token credit: a_j s_j spread over the sentence
+                result["auroc"][name] = _summary([r.get("auroc") for r in rows])
             if level in ("token", "discriminator"):
-                result["edit_auroc"][level] = _summary([r.get("edit_auroc") for r in rows])
-                result["edit_accuracy"][level] = _summary([r.get("edit_accuracy") for r in rows])
+                result["edit_auroc"][name] = _summary([r.get("edit_auroc") for r in rows])
+                result["edit_accuracy"][name] = _summary([r.get("edit_accuracy") for r in rows])
         if contrastive:
             value = contrastive_auroc(world)
             result["auroc"]["contrastive"] = _summary([value])
             result["auroc"]["contrastive"]["note"] = "deterministic (frozen SFT model), one value"
         if implicit_values:
             result["auroc"]["implicit_dpo"] = _summary(implicit_values)
+        result["edit_label_lookup_auroc"] = edit_label_lookup_auroc(world)
         result["notes"] = notes
         acc = result["accuracy"]
         checks = {}
@@ -190,10 +243,11 @@ def run(*, seeds=(0, 1, 2), steps: int = 200, batch: int = 16, lr: float = 3e-3,
             if level in result["auroc"]:
                 checks[name] = {"target": f">= {TARGETS[name]}", "mean": result["auroc"][level]["mean"],
                                 "met": result["auroc"][level]["mean"] >= TARGETS[name]}
-        if "sentence" in acc and "sequence" in acc:
-            checks["sentence_vs_sequence_accuracy"] = {
-                "target": "sentence >= sequence", "sentence": acc["sentence"]["mean"], "sequence": acc["sequence"]["mean"],
-                "met": acc["sentence"]["mean"] >= acc["sequence"]["mean"]}
+        for name in ("sentence", "sentence_mark"):
+            if name in acc and "sequence" in acc:
+                checks[f"{name}_vs_sequence_accuracy"] = {
+                    "target": f"{name} >= sequence", name: acc[name]["mean"], "sequence": acc["sequence"]["mean"],
+                    "met": acc[name]["mean"] >= acc["sequence"]["mean"]}
         result["targets"] = checks
         result["total_seconds"] = round(time.time() - start, 1)
         return result
@@ -205,24 +259,22 @@ def run(*, seeds=(0, 1, 2), steps: int = 200, batch: int = 16, lr: float = 3e-3,
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--pair_steps", type=int, default=300, help="steps of the sequence and sentence RMs (16 pairs each)")
+    p.add_argument("--edit_steps", type=int, default=1000, help="steps of the token RM and the discriminator")
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--levels", nargs="+", default=list(LEVELS), choices=LEVELS)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--world_dir", default=None)
     p.add_argument("--work_dir", default=None, help="keep the run directories here (default: a temporary directory)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no_contrastive", action="store_true")
     p.add_argument("--no_implicit", action="store_true")
     p.add_argument("--dpo_steps", type=int, default=100)
-    p.add_argument("--discriminator_args", default="", help="extra finegrain rm flags for the discriminator")
-    p.add_argument("--token_args", default="", help="extra finegrain rm flags for the token RM")
     p.add_argument("--out", default=str(HERE / "results" / "rm_quality.json"))
     args = p.parse_args()
-    result = run(seeds=tuple(args.seeds), steps=args.steps, batch=args.batch, lr=args.lr, levels=tuple(args.levels),
+    result = run(seeds=tuple(args.seeds), pair_steps=args.pair_steps, edit_steps=args.edit_steps, batch=args.batch, lr=args.lr, variants=tuple(args.variants),
                  world_dir=args.world_dir, work_dir=args.work_dir, threads=args.threads,
-                 contrastive=not args.no_contrastive, implicit=not args.no_implicit, dpo_steps=args.dpo_steps,
-                 discriminator_args=tuple(args.discriminator_args.split()), token_args=tuple(args.token_args.split()))
+                 contrastive=not args.no_contrastive, implicit=not args.no_implicit, dpo_steps=args.dpo_steps)
     text = json.dumps(result, indent=2)
     print(text)
     for note in result["notes"]:

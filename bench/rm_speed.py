@@ -1,7 +1,8 @@
 """Sentence-RM cost: forward + backward time per batch of the sentence RM against the sequence RM, same backbone.
 
 Both reward models share one randomly initialised Llama backbone (built from a config, nothing downloaded) and
-score the same preference batch (``pairs`` pairs of world-style responses with ``sentences`` sentences each); the
+score the same preference batch (``pairs`` pairs of world-style responses of ``sentences`` sentences of about
+``sentence_tokens`` tokens each); the
 timed step is ``model(batch)`` -> Bradley-Terry loss -> ``backward()``, with gradients cleared outside the timer.
 The models run interleaved (sequence, sentence-mark, sentence-insert, in a rotating order) for ``repeats`` rounds
 after ``warmup`` untimed rounds, and the medians are compared in the same process, so machine noise hits all of them
@@ -19,7 +20,7 @@ bench/edit_labels.py (imported, not duplicated) on N synthetic pairs.
 Usage:
 
     .venv/bin/python bench/rm_speed.py                       # prints JSON, writes bench/results/rm_speed.json
-    .venv/bin/python bench/rm_speed.py --hidden_size 512 --layers 8 --pairs 8 --sentences 12
+    .venv/bin/python bench/rm_speed.py --sentence_tokens 20 --out bench/results/rm_speed_long.json
 """
 
 from __future__ import annotations
@@ -37,26 +38,21 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 
-def _responses(rng: random.Random, n: int, sentences: int) -> list[str]:
-    from finegrain.world.lexicon import ADJECTIVES, ADVERBS, VERBS
+def _responses(rng: random.Random, n: int, sentences: int, sentence_tokens: int) -> list[str]:
+    """World-style responses: ``sentences`` sentences "it is a and b and ... ." of about ``sentence_tokens`` tokens."""
+    from finegrain.world.lexicon import ADJECTIVES
 
-    out = []
-    for _ in range(n):
-        parts = []
-        for _ in range(sentences):
-            if rng.random() < 0.5:
-                parts.append(f"it is {rng.choice(ADJECTIVES)} and {rng.choice(ADJECTIVES)} .")
-            else:
-                parts.append(f"it {rng.choice(VERBS)} {rng.choice(ADVERBS)} .")
-        out.append(" ".join(parts))
-    return out
+    k = max(1, (sentence_tokens - 2) // 2)  # "it is" + k adjectives joined by "and" + "." = 2k + 2 tokens
+    return [" ".join("it is " + " and ".join(rng.choices(ADJECTIVES, k=k)) + " ." for _ in range(sentences))
+            for _ in range(n)]
 
 
-def _examples(tok, rng, pairs: int, sentences: int) -> list[dict]:
+def _examples(tok, rng, pairs: int, sentences: int, sentence_tokens: int) -> list[dict]:
     from finegrain.data.tokenize import tokenize_prompt, tokenize_response
 
     rows = []
-    for chosen, rejected in zip(_responses(rng, pairs, sentences), _responses(rng, pairs, sentences)):
+    for chosen, rejected in zip(_responses(rng, pairs, sentences, sentence_tokens),
+                                _responses(rng, pairs, sentences, sentence_tokens)):
         row = {"prompt_input_ids": tokenize_prompt(tok, "describe the river .")}
         for name, text in (("chosen", chosen), ("rejected", rejected)):
             ids, offs, _ = tokenize_response(tok, text)
@@ -78,7 +74,7 @@ def _step(model, batch, B: int) -> float:
 
 
 def run(*, hidden_size: int = 256, layers: int = 4, heads: int = 4, pairs: int = 8, sentences: int = 8,
-        embed_dim: int = 128, repeats: int = 40, warmup: int = 5, seed: int = 0, threads: int | None = None,
+        sentence_tokens: int = 6, embed_dim: int = 128, repeats: int = 40, warmup: int = 5, seed: int = 0, threads: int | None = None,
         edit_pairs: int = 0) -> dict:
     """Measure and return the timings (milliseconds, medians) and the ratios to the sequence RM."""
     from finegrain.data.collate import collate_preferences
@@ -108,7 +104,7 @@ def run(*, hidden_size: int = 256, layers: int = 4, heads: int = 4, pairs: int =
     }
     for m in models.values():
         m.train()
-    examples = _examples(tok, rng, pairs, sentences)
+    examples = _examples(tok, rng, pairs, sentences, sentence_tokens)
     pad = tok.pad_token_id
     batches = {"sequence": collate_preferences(
         [{k: ex[k] for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")} for ex in examples], pad)}
@@ -135,7 +131,8 @@ def run(*, hidden_size: int = 256, layers: int = 4, heads: int = 4, pairs: int =
     ins = batches["sentence_insert"]
     result = {
         "device": "cpu", "threads": torch.get_num_threads(), "hidden_size": hidden_size, "layers": layers,
-        "pairs": pairs, "rows": 2 * pairs, "sentences": sentences, "repeats": repeats,
+        "pairs": pairs, "rows": 2 * pairs, "sentences": sentences, "sentence_tokens": sentence_tokens,
+        "repeats": repeats,
         "sequence_length": seq_tokens,
         "insert_sequence_length": ins.completion_input_ids.shape[1] + ins.prompt_input_ids.shape[1],
         "median_ms": {n: round(v, 2) for n, v in med.items()},
@@ -178,6 +175,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--sentences", type=int, default=8)
+    parser.add_argument("--sentence_tokens", type=int, default=6, help="tokens per sentence (the world's are 4-8)")
     parser.add_argument("--embed_dim", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
@@ -187,7 +185,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(HERE / "results" / "rm_speed.json"))
     args = parser.parse_args()
     result = run(hidden_size=args.hidden_size, layers=args.layers, heads=args.heads, pairs=args.pairs,
-                 sentences=args.sentences, embed_dim=args.embed_dim, repeats=args.repeats, warmup=args.warmup,
+                 sentences=args.sentences, sentence_tokens=args.sentence_tokens, embed_dim=args.embed_dim, repeats=args.repeats, warmup=args.warmup,
                  seed=args.seed, threads=args.threads, edit_pairs=args.edit_pairs)
     text = json.dumps(result, indent=2)
     print(text)

@@ -1,12 +1,17 @@
-"""``finegrain demo``: the whole pipeline on the built-in world, small budgets, one report.
+"""``finegrain demo``: the whole pipeline on the built-in world, with small budgets, ending in one HTML report.
 
-Stages (each with its own progress bar; each skipped when its result already exists in the demo directory, so a rerun
-after an interruption continues where it stopped):
+Every stage is the command a user would type (printed before it runs), called in this process:
 
-1. build the world (tokenizer, SFT base model, data sets)
-2. show samples of the SFT model with their oracle scores
+1. ``finegrain world build``             the world: tokenizer, SFT base model, pairs, revisions, credit truth
+2. ``finegrain rm --level ...``          sequence, sentence and token reward models and the TLCR discriminator
+3. ``finegrain po --loss ...``           DPO, TDPO2 and T-REG from the SFT model on the world's pairs
+4. ``finegrain ppo --reward <token RM>`` PPO with dense token rewards from the token reward model
+5. ``finegrain eval``                    each policy against the SFT model, judged by the world's oracle
+6. ``finegrain eval --token_credit``     which tokens each reward source credits, against the world's truth
+7. ``finegrain report``                  one self-contained HTML file
 
-The demo prints a summary table and the path of its report.
+A stage whose run directory already holds a completed run is skipped, so rerunning the demo after an interruption
+continues where it stopped (``--fresh`` starts over). The demo ends with a summary table and the report's path.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,50 +29,157 @@ from finegrain.config import add_arguments, build, option
 
 @dataclasses.dataclass
 class DemoConfig:
-    """The end-to-end demo on the built-in world."""
+    """The end-to-end demo on the built-in world (about 10 minutes on 2 CPU cores)."""
 
     output_dir: str = option("runs/demo", "where the demo writes its world, runs and report")
     seed: int = option(0, "seed of the world and every run")
-    samples: int = option(6, "SFT samples to show with their oracle scores")
+    scale: float = option(1.0, "multiply every training budget (steps) by this factor; 0.2 gives a quick look")
     fresh: bool = option(False, "ignore results of a previous demo in output_dir and redo every stage")
+    eval_prompts: int = option(200, "held-out prompts per policy evaluation")
+
+
+RM_LEVELS = ("sequence", "sentence", "token", "discriminator")
+PO_LOSSES = {"dpo": [], "tdpo2": ["--alpha", "0.5"], "treg-dpo": ["--alpha", "0.1"]}
+
+
+def _steps(n: int, scale: float) -> str:
+    return str(max(2, round(n * scale)))
+
+
+def _completed(run_dir: Path) -> bool:
+    info = run_dir / "run.json"
+    return info.is_file() and json.loads(info.read_text()).get("status") == "completed" and (run_dir / "final").is_dir()
+
+
+def _run_stage(title: str, command: str, argv: list[str], run_dir: Path) -> float:
+    """Run ``finegrain <command> argv`` in this process unless ``run_dir`` already holds a completed run."""
+    import importlib
+
+    from finegrain.cli.main import COMMANDS
+
+    if _completed(run_dir):
+        print(f"  {title}: done earlier ({run_dir})", flush=True)
+        return 0.0
+    print(f"  {title}: finegrain {command} {' '.join(argv)}", flush=True)
+    t = time.time()
+    importlib.import_module(COMMANDS[command][0]).main([*argv, "--overwrite_output_dir"])
+    return time.time() - t
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths))  # noqa: E731
+
+    def line(r):
+        return "  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip()
+
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def _last_eval(run_dir: Path) -> dict:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    evals = [r for r in rows if r.get("split") == "eval"]
+    return evals[-1] if evals else {}
 
 
 def run_demo(cfg: DemoConfig) -> dict:
     from finegrain.world import ensure_world, format_summary
-    from finegrain.world.build import read_jsonl
     from finegrain.world.config import WorldConfig
-    from finegrain.world.oracle import judge
 
     t0 = time.time()
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    world_dir = out / "world"
-    if cfg.fresh and world_dir.exists():
-        import shutil
+    if cfg.fresh and out.exists():
+        shutil.rmtree(out)
+    runs = out / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    common = ["--seed", str(cfg.seed), "--disable_tqdm", "false"]
 
-        shutil.rmtree(world_dir)
-    print("stage 1/2: the built-in world", flush=True)
-    world = ensure_world(world_dir, WorldConfig(seed=cfg.seed))
-    summary = json.loads((world / "world.json").read_text())
-    print(format_summary(summary), flush=True)
+    print("[1/7] the built-in world", flush=True)
+    t = time.time()
+    world = ensure_world(out / "world", WorldConfig(seed=cfg.seed))
+    timings["world"] = time.time() - t
+    print(format_summary(json.loads((world / "world.json").read_text())), flush=True)
+    wd = ["--world_dir", str(world)]
 
-    print("\nstage 2/2: samples of the SFT model, judged by the oracle", flush=True)
-    rows = read_jsonl(world / "data" / "credit_test.jsonl")[: cfg.samples]
-    table = []
-    for r in rows:
-        j = judge(r["prompt"], r["response"])
-        table.append([r["prompt"], r["response"], f"{j.score:+.2f}", "yes" if j.well_formed else "no"])
-    print(_table(table, ["prompt", "SFT response", "oracle", "well-formed"]))
-    result = {"world": str(world), "seconds": round(time.time() - t0, 1), "sft": summary["sft"]}
-    (out / "demo.json").write_text(json.dumps(result, indent=2))
-    print(f"\ndemo finished in {result['seconds']} s; results in {out}")
-    return result
+    print("\n[2/7] reward models", flush=True)
+    for level in RM_LEVELS:
+        argv = ["--level", level, *wd, "--output_dir", str(runs / f"rm-{level}"), *common,
+                "--max_steps", _steps(150, cfg.scale), "--per_device_train_batch_size", "32",
+                "--learning_rate", "1e-3", "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.05",
+                "--logging_steps", "10", "--max_eval_samples", "300", "--max_credit_samples", "300"]
+        timings[f"rm-{level}"] = _run_stage(f"{level} reward model", "rm", argv, runs / f"rm-{level}")
+
+    print("\n[3/7] offline preference optimisation", flush=True)
+    for loss, extra in PO_LOSSES.items():
+        argv = ["--loss", loss, *extra, *wd, "--output_dir", str(runs / f"po-{loss}"), *common,
+                "--max_steps", _steps(120, cfg.scale), "--per_device_train_batch_size", "32",
+                "--learning_rate", "1e-4", "--beta", "0.1", "--lr_scheduler_type", "constant", "--warmup_steps", "10",
+                "--logging_steps", "10", "--eval_steps", "40", "--max_eval_samples", "128"]
+        timings[f"po-{loss}"] = _run_stage(loss, "po", argv, runs / f"po-{loss}")
+
+    print("\n[4/7] PPO with dense token rewards", flush=True)
+    argv = ["--reward", str(runs / "rm-token" / "final"), *wd, "--output_dir", str(runs / "ppo-token-rm"), *common,
+            "--max_steps", _steps(30, cfg.scale), "--rollout_batch_size", "32", "--learning_rate", "3e-4",
+            "--kl_coef", "0.1", "--reward_normalization", "batch", "--per_device_train_batch_size", "16",
+            "--logging_steps", "5", "--max_new_tokens", "32", "--max_length", "96", "--max_prompt_length", "32"]
+    timings["ppo-token-rm"] = _run_stage("PPO, token RM reward", "ppo", argv, runs / "ppo-token-rm")
+
+    print("\n[5/7] evaluation against the SFT model, judged by the oracle", flush=True)
+    from finegrain.eval.cli import ModelCache, evaluate_policy, resolve_device
+
+    cache = ModelCache(resolve_device(None))
+    policies = [f"po-{loss}" for loss in PO_LOSSES] + ["ppo-token-rm"]
+    results: dict[str, dict] = {}
+    t = time.time()
+    for name in policies:
+        results[name] = evaluate_policy(
+            runs / name / "final", world / "sft", prompts=str(world / "data" / "prompts_test.jsonl"), judge="oracle",
+            world_dir=str(world), max_prompts=cfg.eval_prompts, seed=cfg.seed, output_dir=runs / name, models=cache,
+        )
+    timings["eval"] = time.time() - t
+
+    print("\n[6/7] token credit of every reward source against the world's ground truth", flush=True)
+    from finegrain.eval.token_credit import evaluate_token_credit_sources
+
+    t = time.time()
+    sources = ["truth=oracle-credit", "contrastive", f"implicit-tdpo2=implicit:{runs / 'po-tdpo2'}"] + [
+        f"{level}-rm={runs / f'rm-{level}' / 'final'}" for level in RM_LEVELS]
+    credit = evaluate_token_credit_sources(sources, world_dir=str(world), output_dir=out / "token-credit",
+                                           max_rows=300, models=cache)
+    timings["token-credit"] = time.time() - t
+
+    print("\n[7/7] report", flush=True)
+    from finegrain.report import build_report
+
+    run_dirs = [runs / f"rm-{lv}" for lv in RM_LEVELS] + [runs / p for p in policies] + [out / "token-credit"]
+    report = build_report(run_dirs, out / "report.html", title="finegrain demo on the built-in world")
+
+    ref = next(iter(results.values()))
+    rows = [["SFT (reference)", f"{ref['ref_mean_reward']:+.3f}", "-", "0", f"{ref.get('ref_well_formed_rate', float('nan')):.2f}"]]
+    for name in policies:
+        r = results[name]
+        rows.append([name, f"{r['mean_reward']:+.3f}", f"{r['win_rate']:.2f}", f"{r['seq_kl']:.2f}",
+                     f"{r.get('well_formed_rate', float('nan')):.2f}"])
+    auroc = credit.get("auroc", {})
+    rm_rows = []
+    for level in RM_LEVELS:
+        ev = _last_eval(runs / f"rm-{level}")
+        acc = ev.get("accuracy", ev.get("pair_accuracy"))
+        a = auroc.get(f"{level}-rm")
+        rm_rows.append([f"{level} RM", f"{acc:.3f}" if isinstance(acc, float) else "-", f"{a:.3f}" if a is not None else "-"])
+    for name in ("contrastive", "implicit-tdpo2"):
+        a = auroc.get(name)
+        rm_rows.append([name, "-", f"{a:.3f}" if a is not None else "-"])
+    total = time.time() - t0
+    print("\npolicies (oracle reward of samples on held-out prompts; win rate and KL against the SFT model)")
+    print(_table(rows, ["policy", "oracle reward", "win rate", "seq KL", "well-formed"]))
+    print("\nreward sources (held-out pair accuracy; token-credit AUROC against the world's truth)")
+    print(_table(rm_rows, ["source", "pair accuracy", "token AUROC"]))
+    summary = {"seconds": round(total, 1), "timings": {k: round(v, 1) for k, v in timings.items()},
+               "policies": results, "token_credit_auroc": auroc, "report": str(report)}
+    (out / "demo.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(f"\ndemo finished in {total / 60:.1f} min; report: {report}")
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:

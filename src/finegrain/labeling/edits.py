@@ -19,7 +19,7 @@ pair, that :class:`finegrain.data.CompletionData` and ``finegrain rm --level dis
   response (one span per run of equally labelled tokens), which any tokenizer can read; with ``--unit word`` they
   do not depend on the tokenizer at all.
 
-``side`` and ``pair`` (the row's 0-based position in the input split) say where a row came from; the data layer
+``side`` and ``pair`` (the pair's 0-based row in its input file) say where a row came from; the data layer
 ignores them. Pairs whose alignment finds no edit carry no signal and are left out (``--keep_identical`` keeps
 them, all 0).
 """

@@ -71,7 +71,7 @@ def make_revisions(pairs: list[dict[str, Any]], rules: OracleRules, max_edits: i
     rng = random.Random(f"revisions-{seed}")
     out = []
     for p in pairs:
-        revised = revise(p["prompt"], p["rejected"], max_edits=rng.randint(1, max_edits), rules=rules)
+        revised = revise(p["prompt"], p["rejected"], max_edits=rng.randint(1, max_edits), rules=rules, rng=rng)
         if revised is not None:
             out.append({"prompt": p["prompt"], "rejected": p["rejected"], "revised": revised, "chosen": p["chosen"]})
     return out

@@ -2,7 +2,8 @@
 
 One edit is the smallest change that fixes one fault:
 
-* substitute one adjective / verb / adverb with the best word of the same kind not yet used in the response;
+* substitute one adjective / verb / adverb with a good word of the same kind not yet used in the response (the best
+  one, or a random good one when a random generator is given);
 * substitute a wrong topic noun with the prompt's topic;
 * delete a hedge together with its comma;
 * delete a malformed sentence, or a sentence beyond the length limit.
@@ -13,6 +14,8 @@ LLM annotator plays for real data (TLCR, minimal-edit token reward models).
 """
 
 from __future__ import annotations
+
+import random
 
 from finegrain.world.grammar import (
     ROLE_ADJ,
@@ -29,7 +32,8 @@ from finegrain.world.oracle import DEFAULT_RULES, OracleRules, judge, prompt_top
 _POOLS = {ROLE_ADJ: ADJECTIVES, ROLE_VERB: VERBS, ROLE_ADV: ADVERBS}
 
 
-def _candidates(words: list[str], topic: str, rules: OracleRules) -> list[tuple[int, list[str]]]:
+def _candidates(words: list[str], topic: str, rules: OracleRules, rng: random.Random | None
+                ) -> list[tuple[int, list[str]]]:
     """(number of words changed, edited words) for every single minimal edit."""
     out: list[tuple[int, list[str]]] = []
     used = set(words)
@@ -42,7 +46,10 @@ def _candidates(words: list[str], topic: str, rules: OracleRules) -> list[tuple[
             i = a + j
             if role in _POOLS:
                 unused = [w for w in _POOLS[role] if w not in used]
-                if unused:
+                good = [w for w in unused if word_value(w, topic) > 0]
+                if rng is not None and good:
+                    out.append((1, words[:i] + [rng.choice(good)] + words[i + 1 :]))
+                elif unused:
                     best = max(unused, key=lambda w: word_value(w, topic))
                     out.append((1, words[:i] + [best] + words[i + 1 :]))
             elif role == ROLE_TOPIC and words[i] != topic:
@@ -52,15 +59,21 @@ def _candidates(words: list[str], topic: str, rules: OracleRules) -> list[tuple[
     return out
 
 
-def revise(prompt: str, response: str, max_edits: int = 1, rules: OracleRules = DEFAULT_RULES) -> str | None:
-    """Return a minimally edited ``response`` with a higher score, or None when no edit raises it."""
+def revise(prompt: str, response: str, max_edits: int = 1, rules: OracleRules = DEFAULT_RULES,
+           rng: random.Random | None = None) -> str | None:
+    """Return a minimally edited ``response`` with a higher score, or None when no edit raises it.
+
+    Without ``rng`` a substituted word is the best unused word of its kind (deterministic); with ``rng`` it is drawn
+    among the unused words of its kind that are good for the topic, so that revisions show many good words rather
+    than the same best one.
+    """
     topic = prompt_topic(prompt)
     words = split_words(response)
     current = judge(prompt, response, rules).score
     edited = False
     for _ in range(max_edits):
         best: tuple[float, int, int, list[str]] | None = None
-        for order, (changed, cand) in enumerate(_candidates(words, topic, rules)):
+        for order, (changed, cand) in enumerate(_candidates(words, topic, rules, rng)):
             gain = judge(prompt, " ".join(cand), rules).score - current
             key = (gain, -changed, -order)
             if gain > 1e-9 and (best is None or key > best[:3]):
