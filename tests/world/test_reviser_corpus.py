@@ -66,3 +66,47 @@ def test_fidelity_controls_perception_of_topic_words():
             assert exact.value(w, topic) == accuracy(w, topic)
             # at fidelity 0 the perceived value of a descriptive word is the same for every topic
             assert blind.value(w, topic) == blind.value(w, TOPICS[0])
+
+
+def test_random_reviser_draws_varied_good_words_and_still_raises_the_score():
+    """With a generator, a substitution picks any good unused word of its kind (not always the single best one)."""
+    from finegrain.world.lexicon import word_value
+
+    chosen = set()
+    for seed in range(40):
+        revised = revise(P, "it is hot .", max_edits=1, rng=random.Random(seed))
+        word = split_words(revised)[2]
+        assert word_value(word, "winter") > 0 and judge(P, revised).score > judge(P, "it is hot .").score
+        chosen.add(word)
+    assert len(chosen) > 1
+    assert revise(P, "it is hot .", max_edits=1, rng=random.Random(3)) == revise(
+        P, "it is hot .", max_edits=1, rng=random.Random(3))
+
+
+def test_make_revisions_sides():
+    from finegrain.world.build import make_revisions
+    from finegrain.world.oracle import DEFAULT_RULES
+
+    pairs = [{"prompt": P, "chosen": "it is cold . maybe , it is white .", "rejected": "it is hot ."}]
+    one = make_revisions(pairs, DEFAULT_RULES, max_edits=2, seed=0, sides="rejected")
+    both = make_revisions(pairs, DEFAULT_RULES, max_edits=2, seed=0, sides="both")
+    assert [r["rejected"] for r in one] == ["it is hot ."]
+    assert [r["rejected"] for r in both] == ["it is hot .", pairs[0]["chosen"]]
+    for row in both:
+        assert row["chosen"] == pairs[0]["chosen"]
+        assert judge(P, row["revised"]).score > judge(P, row["rejected"]).score
+
+
+def test_a_world_of_another_format_is_not_built(tmp_path):
+    import json
+
+    from finegrain.world import is_built
+    from finegrain.world.config import WORLD_FORMAT
+
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "config.json").write_text("{}")
+    for fmt, expected in ((WORLD_FORMAT, True), (WORLD_FORMAT - 1, False)):
+        (tmp_path / "world.json").write_text(json.dumps({"format": fmt}))
+        assert is_built(tmp_path) is expected
+    (tmp_path / "world.json").write_text("{not json")
+    assert is_built(tmp_path) is False

@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from finegrain.world.config import WorldConfig
+from finegrain.world.config import WORLD_FORMAT, WorldConfig
 from finegrain.world.oracle import OracleRules, judge, prompt_topic
 
 __all__ = ["OracleRules", "WorldConfig", "default_world_dir", "ensure_world", "judge", "load_world_config",
@@ -26,7 +26,14 @@ def default_world_dir(cfg: WorldConfig | None = None) -> Path:
 
 
 def is_built(world_dir: str | Path) -> bool:
-    return (Path(world_dir) / "world.json").is_file() and (Path(world_dir) / "sft" / "config.json").is_file()
+    """True when ``world_dir`` holds a complete world of the current :data:`WORLD_FORMAT`."""
+    info = Path(world_dir) / "world.json"
+    if not (info.is_file() and (Path(world_dir) / "sft" / "config.json").is_file()):
+        return False
+    try:
+        return json.loads(info.read_text()).get("format") == WORLD_FORMAT
+    except (OSError, ValueError):
+        return False
 
 
 def ensure_world(world_dir: str | Path | None = None, cfg: WorldConfig | None = None, *, quiet: bool = False) -> Path:
@@ -42,7 +49,8 @@ def ensure_world(world_dir: str | Path | None = None, cfg: WorldConfig | None = 
                 from finegrain.world.build import build_world
 
                 if not quiet:
-                    print(f"building the built-in world in {path} (once; about a minute on 2 cores)", flush=True)
+                    stale = " (it holds an older version)" if (path / "world.json").is_file() else ""
+                    print(f"building the built-in world in {path}{stale} (once; about a minute on 2 cores)", flush=True)
                 summary = build_world(path, cfg or WorldConfig(), show_progress=not quiet)
                 if not quiet:
                     print(format_summary(summary), flush=True)

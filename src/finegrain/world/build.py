@@ -25,12 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from finegrain.world.config import WorldConfig
+from finegrain.world.config import WORLD_FORMAT, WorldConfig
 from finegrain.world.corpus import Perception, Sampler, eval_prompts, sft_corpus
 from finegrain.world.oracle import OracleRules, judge
 from finegrain.world.reviser import revise
-
-WORLD_FORMAT = 1
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -66,14 +64,21 @@ def make_pairs(prompts: list[str], samples: list[tuple[str, str]], rules: Oracle
     return pairs
 
 
-def make_revisions(pairs: list[dict[str, Any]], rules: OracleRules, max_edits: int, seed: int) -> list[dict[str, Any]]:
-    """Minimal edits of each pair's rejected response (1..max_edits edits); pairs with nothing to fix are left out."""
+def make_revisions(pairs: list[dict[str, Any]], rules: OracleRules, max_edits: int, seed: int,
+                   sides: str = "both") -> list[dict[str, Any]]:
+    """Minimal edits (1..max_edits, drawn per row) of each pair's rejected response, and of its chosen one too when
+    ``sides == "both"``; responses with nothing to fix are left out.
+
+    Every row is ``{prompt, rejected, revised, chosen}``: ``rejected`` is the response before revision (the pair's
+    chosen response for a chosen-side row) and ``chosen`` the pair's chosen response.
+    """
     rng = random.Random(f"revisions-{seed}")
     out = []
     for p in pairs:
-        revised = revise(p["prompt"], p["rejected"], max_edits=rng.randint(1, max_edits), rules=rules, rng=rng)
-        if revised is not None:
-            out.append({"prompt": p["prompt"], "rejected": p["rejected"], "revised": revised, "chosen": p["chosen"]})
+        for side in ("rejected", "chosen") if sides == "both" else ("rejected",):
+            revised = revise(p["prompt"], p[side], max_edits=rng.randint(1, max_edits), rules=rules, rng=rng)
+            if revised is not None:
+                out.append({"prompt": p["prompt"], "rejected": p[side], "revised": revised, "chosen": p["chosen"]})
     return out
 
 
@@ -127,7 +132,7 @@ def build_world(out_dir: str | Path, cfg: WorldConfig | None = None, *, show_pro
     train_samples, test_samples = sampled[: len(train_prompts)], sampled[len(train_prompts):]
     pairs_train = make_pairs(train_prompts, train_samples, rules, cfg.bt_temperature, cfg.seed)
     pairs_test = make_pairs(test_prompts, test_samples, rules, cfg.bt_temperature, cfg.seed + 1)
-    revisions = make_revisions(pairs_train, rules, cfg.revision_max_edits, cfg.seed)
+    revisions = make_revisions(pairs_train, rules, cfg.revision_max_edits, cfg.seed, cfg.revision_sides)
     credit = credit_rows([p for p in test_prompts for _ in range(2)], [s for pair in test_samples for s in pair], rules)
     write_jsonl(data / "pairs_train.jsonl", pairs_train)
     write_jsonl(data / "pairs_test.jsonl", pairs_test)

@@ -13,6 +13,10 @@ from finegrain.world.oracle import OracleRules
 DIFFICULTY = {"easy": (1.0, 0.0), "default": (0.4, 1.0), "hard": (0.15, 1.0)}
 
 
+WORLD_FORMAT = 2
+"""Version of the world directory's contents; a directory built with another version is rebuilt on use."""
+
+
 @dataclasses.dataclass
 class WorldConfig:
     """The built-in world: rules, difficulty, base-model size and data-set sizes."""
@@ -41,12 +45,17 @@ class WorldConfig:
     rl_prompts: int = option(2000, "prompts for online RL")
     max_new_tokens: int = option(40, "longest sampled response")
     temperature: float = option(1.0, "sampling temperature of the pairs")
-    revision_max_edits: int = option(2, "edits the reviser may make to a rejected response")
+    revision_max_edits: int = option(4, "most edits the reviser makes to one response (each row draws 1..this many)")
+    revision_sides: str = option("both", "responses the reviser edits: rejected (of each training pair) or both")
 
     def __post_init__(self) -> None:
         f = self.fidelity
         if not 0.0 <= f <= 1.0:
             raise ConfigError(f"control_fidelity must be in [0, 1], got {f}")
+        if self.revision_sides not in ("rejected", "both"):
+            raise ConfigError(f"revision_sides must be 'rejected' or 'both', got {self.revision_sides!r}")
+        if self.revision_max_edits < 1:
+            raise ConfigError(f"revision_max_edits must be >= 1, got {self.revision_max_edits}")
         if self.misperception_scale < 0:
             raise ConfigError(f"misperception must be >= 0, got {self.misperception_scale}")
         if self.bt_temperature <= 0:
