@@ -82,7 +82,7 @@ def _last_eval(run_dir: Path) -> dict:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    from finegrain.world import ensure_world, format_summary
+    from finegrain.world import ensure_world, format_summary, is_built
     from finegrain.world.config import WorldConfig
 
     t0 = time.time()
@@ -96,9 +96,11 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     print("[1/7] the built-in world", flush=True)
     t = time.time()
-    world = ensure_world(out / "world", WorldConfig(seed=cfg.seed))
+    built_before = is_built(out / "world")
+    world = ensure_world(out / "world", WorldConfig(seed=cfg.seed))  # prints its summary when it builds
     timings["world"] = time.time() - t
-    print(format_summary(json.loads((world / "world.json").read_text())), flush=True)
+    if built_before:
+        print(format_summary(json.loads((world / "world.json").read_text())), flush=True)
     wd = ["--world_dir", str(world)]
 
     print("\n[2/7] reward models", flush=True)

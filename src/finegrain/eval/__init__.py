@@ -1,4 +1,9 @@
-"""Evaluation: metric functions (``finegrain.eval.metrics``) behind ``finegrain eval`` and the report."""
+"""Evaluation: metric functions (``finegrain.eval.metrics``) behind ``finegrain eval`` and the report.
+
+:func:`evaluate_policy` (sample from a policy and its reference, judge both) and
+:func:`evaluate_token_credit_sources` (token credit of reward sources against the world's truth) are imported on first
+use.
+"""
 
 from finegrain.eval.metrics import (
     TokenCreditResult,
@@ -15,7 +20,19 @@ from finegrain.eval.metrics import (
     win_rate,
 )
 
+_LAZY = {"evaluate_policy": "finegrain.eval.cli", "evaluate_token_credit_sources": "finegrain.eval.token_credit"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'finegrain.eval' has no attribute {name!r}")
+
+
 __all__ = [
+    *_LAZY,
     "TokenCreditResult",
     "WinRate",
     "auroc",

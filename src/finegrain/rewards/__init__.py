@@ -1,7 +1,9 @@
 """Reward sources and the placement of scores on response tokens (imports torch only).
 
 Every source returns a :class:`finegrain.types.TokenRewards`; the placement functions put scalar and span scores
-on the right tokens of the ``(B, T)`` response layout.
+on the right tokens of the ``(B, T)`` response layout. The sources themselves (contrastive prompting, implicit DPO
+rewards, reward models, the world's oracle, a Python function) and :func:`load_reward_source` are imported on first
+use, so that ``import finegrain.rewards`` stays light.
 """
 
 from finegrain.rewards.base import RewardSource, check_finite
@@ -12,7 +14,34 @@ from finegrain.rewards.placement import (
     spread_over_spans,
 )
 
+_LAZY = {
+    "ContrastiveRewardSource": "finegrain.rewards.contrastive",
+    "ContrastiveTemplate": "finegrain.rewards.contrastive",
+    "contrastive_token_rewards": "finegrain.rewards.contrastive",
+    "implicit_token_rewards": "finegrain.rewards.contrastive",
+    "ImplicitRewardSource": "finegrain.rewards.implicit",
+    "RewardModelSource": "finegrain.rewards.models",
+    "SequenceRMSource": "finegrain.rewards.models",
+    "SentenceRMSource": "finegrain.rewards.models",
+    "TokenRMSource": "finegrain.rewards.models",
+    "DiscriminatorSource": "finegrain.rewards.models",
+    "OracleRewardSource": "finegrain.rewards.rule",
+    "FunctionRewardSource": "finegrain.rewards.rule",
+    "load_reward_source": "finegrain.rewards.registry",
+    "register_reward_source": "finegrain.rewards.registry",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'finegrain.rewards' has no attribute {name!r}")
+
+
 __all__ = [
+    *_LAZY,
     "RewardSource",
     "check_finite",
     "last_token_index",
