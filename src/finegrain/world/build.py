@@ -47,7 +47,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def make_pairs(prompts: list[str], samples: list[tuple[str, str]], rules: OracleRules, bt_temperature: float,
                seed: int) -> list[dict[str, Any]]:
-    """Label two samples per prompt with Bradley-Terry noise; identical samples make no pair."""
+    """Label two samples per prompt with Bradley-Terry noise; identical samples and empty samples make no pair."""
     rng = random.Random(f"pairs-{seed}")
     pairs = []
     for prompt, (a, b) in zip(prompts, samples):
@@ -59,6 +59,8 @@ def make_pairs(prompts: list[str], samples: list[tuple[str, str]], rules: Oracle
             chosen, rejected, sc, sr = a, b, sa, sb
         else:
             chosen, rejected, sc, sr = b, a, sb, sa
+        if not a.strip() or not b.strip():  # an empty sample is no response; dropped after the draw, so the
+            continue  # labels of the other pairs do not depend on it
         pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
                       "chosen_score": sc, "rejected_score": sr})
     return pairs
@@ -67,7 +69,7 @@ def make_pairs(prompts: list[str], samples: list[tuple[str, str]], rules: Oracle
 def make_revisions(pairs: list[dict[str, Any]], rules: OracleRules, max_edits: int, seed: int,
                    sides: str = "both") -> list[dict[str, Any]]:
     """Minimal edits (1..max_edits, drawn per row) of each pair's rejected response, and of its chosen one too when
-    ``sides == "both"``; responses with nothing to fix are left out.
+    ``sides == "both"``; responses with nothing to fix, or whose only fix deletes them entirely, are left out.
 
     Every row is ``{prompt, rejected, revised, chosen}``: ``rejected`` is the response before revision (the pair's
     chosen response for a chosen-side row) and ``chosen`` the pair's chosen response.
@@ -77,7 +79,7 @@ def make_revisions(pairs: list[dict[str, Any]], rules: OracleRules, max_edits: i
     for p in pairs:
         for side in ("rejected", "chosen") if sides == "both" else ("rejected",):
             revised = revise(p["prompt"], p[side], max_edits=rng.randint(1, max_edits), rules=rules, rng=rng)
-            if revised is not None:
+            if revised is not None and revised.strip():  # deleting a whole response is no revision to learn from
                 out.append({"prompt": p["prompt"], "rejected": p[side], "revised": revised, "chosen": p["chosen"]})
     return out
 
