@@ -1,0 +1,219 @@
+"""``finegrain bench``: run speed and memory benchmarks, print their ratios as one table, write one JSON per benchmark.
+
+Every benchmark compares configurations measured side by side in the same run (interleaved timings, or fresh
+processes for memory peaks), so its ratios hold on a loaded machine where absolute times do not. Nothing is judged
+against a fixed threshold: the table shows the ratios and the absolute figures behind them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import difflib
+import importlib
+import inspect
+import io
+import math
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from finegrain.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    summary: str
+    issue: str
+
+    @property
+    def module(self) -> str:
+        return f"finegrain.bench.{self.name}"
+
+
+BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
+    Benchmark("po_vs_trl", "step time of finegrain po (DPO, TDPO2, precomputed reference) vs TRL's DPOTrainer",
+              "issue 3"),
+    Benchmark("tdpo_memory", "peak memory of TDPO's chunked full-vocabulary KL vs full logits of both models",
+              "issue 3"),
+    Benchmark("lora_memory", "peak memory of DPO: LoRA with the adapter-disabled reference vs a reference copy",
+              "issue 7"),
+    Benchmark("rollout_throughput", "rollout tokens/s of finegrain's sampler vs transformers generate", "issue 5"),
+    Benchmark("rm_speed", "sentence-RM forward + backward time vs the sequence RM on the same backbone", "issue 4"),
+    Benchmark("edit_labels", "edit-label throughput vs the tokenization it needs", "issue 4"),
+    Benchmark("ppo_breakdown", "a PPO step's time by phase (generate, score, train), sampler vs generate",
+              "issue 5"),
+)}
+
+# Long quality runs (10+ minutes each on 2 cores): listed for reference, run as scripts.
+QUALITY = {
+    "po_quality": ("oracle reward, well-formed rate and KL of SFT, DPO, TDPO1/2, T-REG on the world (3 seeds)",
+                   "OMP_NUM_THREADS=1 .venv/bin/python bench/po_quality.py --threads 1"),
+    "rm_quality": ("pair accuracy and token-credit AUROC of the four reward models on the world (3 seeds)",
+                   ".venv/bin/python bench/rm_quality.py"),
+    "ppo_quality": ("PPO with sequence / sentence / token rewards at one sample budget on the world (3 seeds)",
+                    ".venv/bin/python bench/ppo_quality.py"),
+}
+
+
+DESCRIPTION = ("Run speed and memory benchmarks; print their ratios, each measured side by side in one run, as one "
+               "table; write one JSON result per benchmark.")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line through the CLI's FinegrainError path, not argparse's exit(2)
+        raise ConfigError(f"{message} (see finegrain bench --help)")
+
+
+def _epilog() -> str:
+    lines = ["benchmarks (default: all of them):"]
+    lines += [f"  {b.name:<19} {b.summary} [{b.issue}]" for b in BENCHMARKS.values()]
+    lines += ["", "quality benchmarks (10+ minutes each; not run by finegrain bench, run them as scripts):"]
+    lines += [f"  {name:<19} {summary}\n  {'':<19} {cmd}" for name, (summary, cmd) in QUALITY.items()]
+    lines += ["", "Results: OUT/NAME.json (NAME-cuda.json on CUDA); OUT defaults to bench/results, or bench/results/quick",
+              "with --quick. The scripts under bench/ run the same code with every size as an option."]
+    return "\n".join(lines)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="finegrain bench", description=DESCRIPTION,
+                epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("names", nargs="*", metavar="NAME", help="benchmarks to run (default: all; listed below)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, all benchmarks in about 1-2 minutes on 2 cores (a "
+                   "smoke run: ratios at these sizes say little about real sizes)")
+    p.add_argument("--out", default=None, help="directory for the JSON results (default: bench/results, or "
+                   "bench/results/quick with --quick)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when a CUDA device is "
+                   "visible (the GPU path: bf16, SDPA, a ~1B Llama, tokens/s and MFU), else cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for every benchmark (default: each "
+                   "benchmark's own; on a shared 2-core machine 1 is steadier)")
+    return p
+
+
+def _selection(names: list[str]) -> list[str]:
+    if not names:
+        return list(BENCHMARKS)
+    out = []
+    for name in names:
+        if name in QUALITY:
+            raise ConfigError(f"'{name}' is a quality benchmark (10+ minutes); run it as a script: {QUALITY[name][1]}")
+        if name not in BENCHMARKS:
+            close = difflib.get_close_matches(name, list(BENCHMARKS), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown benchmark '{name}'{hint} (choose from {', '.join(BENCHMARKS)})")
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def benchmark_kwargs(module, *, quick: bool, device: str, threads: int | None) -> dict:
+    """The keyword arguments ``finegrain bench`` passes to ``module.run``: the module's quick / GPU sizes, the
+    device and the thread count where ``run`` takes them."""
+    params = inspect.signature(module.run).parameters
+    kwargs: dict = {}
+    if device == "cuda":
+        kwargs.update(getattr(module, "GPU_QUICK" if quick else "GPU", {}))
+    elif quick:
+        kwargs.update(getattr(module, "QUICK", {}))
+    if "device" in params:
+        kwargs["device"] = device
+    if threads is not None and "threads" in params:
+        kwargs["threads"] = threads
+    return kwargs
+
+
+def _command(name: str, args: argparse.Namespace, device: str) -> str:
+    parts = ["finegrain", "bench", name] + (["--quick"] if args.quick else []) + ["--device", device]
+    if args.threads is not None:
+        parts += ["--threads", str(args.threads)]
+    return shlex.join(parts)
+
+
+@contextlib.contextmanager
+def _quiet_libraries():
+    """No download/progress bars from transformers and datasets while benchmarks run (restored afterwards)."""
+    restore = []
+    try:
+        from transformers.utils import logging as hf_logging
+
+        if hf_logging.is_progress_bar_enabled():
+            hf_logging.disable_progress_bar()
+            restore.append(hf_logging.enable_progress_bar)
+    except ImportError:
+        pass
+    try:
+        import datasets
+
+        if datasets.is_progress_bar_enabled():
+            datasets.disable_progress_bars()
+            restore.append(datasets.enable_progress_bars)
+    except (ImportError, AttributeError):
+        pass
+    try:
+        yield
+    finally:
+        for fn in restore:
+            fn()
+
+
+def run_one(name: str, args: argparse.Namespace, device: str) -> dict:
+    """Run one benchmark; its own output is captured. Returns its result, or ``{"benchmark", "error"}``."""
+    import torch
+
+    from finegrain import __version__
+    from finegrain.bench.measure import machine
+
+    module = importlib.import_module(BENCHMARKS[name].module)
+    kwargs = benchmark_kwargs(module, quick=args.quick, device=device, threads=args.threads)
+    threads = torch.get_num_threads()
+    log = io.StringIO()
+    start = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(log), _quiet_libraries():
+            result = module.run(**kwargs)
+    except Exception as exc:  # one failing benchmark must not lose the others' results
+        tail = "\n".join(log.getvalue().strip().splitlines()[-5:])
+        result = {"benchmark": name, "error": f"{type(exc).__name__}: {exc}" + (f"\n{tail}" if tail else "")}
+    finally:
+        seconds = time.perf_counter() - start
+        info = machine(device)
+        torch.set_num_threads(threads)  # a benchmark's thread setting must not leak into the next one
+    bad = {k: v for k, v in result.get("ratios", {}).items() if not (isinstance(v, float) and math.isfinite(v) and v > 0)}
+    if bad:
+        result.setdefault("notes", []).append(f"ratios that are not finite and positive: {bad}")
+    return dict(result, command=_command(name, args, device), quick=args.quick, seconds=seconds, machine=info,
+                finegrain=__version__, date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                kwargs=kwargs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    names = _selection(args.names)
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    from finegrain.bench.measure import resolve_device
+    from finegrain.bench.table import format_table, write_json
+
+    try:
+        device = resolve_device(args.device)
+    except RuntimeError:
+        raise ConfigError("--device cuda: no CUDA device is visible to torch; use --device cpu") from None
+    out = Path(args.out) if args.out else Path("bench") / "results" / ("quick" if args.quick else "")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a directory")
+    print(f"finegrain bench: {len(names)} benchmark(s) on {device}{' (quick sizes)' if args.quick else ''}; "
+          f"results in {out}/", file=sys.stderr, flush=True)
+    results = []
+    for i, name in enumerate(names, 1):
+        print(f"[{i}/{len(names)}] {name} ...", file=sys.stderr, flush=True)
+        result = run_one(name, args, device)
+        path = write_json(result, out / (f"{name}.json" if device == "cpu" else f"{name}-{device}.json"))
+        status = "failed: " + result["error"].splitlines()[0] if "error" in result else "done"
+        print(f"[{i}/{len(names)}] {name} {status} in {result['seconds']:.1f} s -> {path}", file=sys.stderr, flush=True)
+        results.append(result)
+    print(format_table(results))
+    return 1 if any("error" in r for r in results) else 0

@@ -1,0 +1,175 @@
+"""How the benchmarks measure: peak memory of a block of work, device synchronisation for timers, workers in fresh
+processes, and a description of the machine.
+
+Peak memory of a block:
+
+* CPU: the process's resident-set high-water mark (``VmHWM``) is reset to the current resident size through
+  ``/proc/self/clear_refs`` (Linux >= 4.0) before the block, and the peak extra memory is ``VmHWM - VmRSS`` read
+  before it. It counts every page the process touched (allocator slack included), not only tensors. Where
+  ``clear_refs`` cannot be written the high-water mark of the whole process (``ru_maxrss``) is used instead, an
+  upper bound if anything earlier peaked higher; the result says which method was used.
+* CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus the memory allocated before the
+  block (tensors only; the caching allocator's reserve is not counted).
+
+Each variant of a memory benchmark runs in its own fresh process, so that memory freed by one variant and kept by
+the allocator cannot hide the next one's peak.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+
+import torch
+
+
+def _status_kib(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            match = re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M)
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+def _reset_rss_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current VmRSS
+        return True
+    except OSError:
+        return False
+
+
+class PeakMemory:
+    """Peak extra memory of the work done between :meth:`start` and :meth:`read` on ``device``.
+
+    ``read()`` may be called several times (e.g. after every optimizer step); each call returns the peak since
+    ``start()`` in MiB. ``method`` names how it was measured.
+    """
+
+    def __init__(self, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.method = ""
+        self.before_mib = 0.0
+
+    def start(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.before_mib = torch.cuda.memory_allocated(self.device) / 2**20
+            self.method = "torch.cuda.max_memory_allocated minus the allocation before the block"
+            return self
+        rss = _status_kib("VmRSS")
+        if rss is not None and _reset_rss_peak():
+            self.method = "peak resident set size (VmHWM after clear_refs) minus VmRSS before the block"
+            self.before_mib = rss / 1024
+        else:
+            self.method = "ru_maxrss of the process minus the resident size before the block (upper bound)"
+            self.before_mib = (rss if rss is not None else 0) / 1024
+        return self
+
+    def read(self) -> float:
+        """Peak extra MiB since :meth:`start`."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) / 2**20 - self.before_mib
+        hwm = _status_kib("VmHWM") if self.method.startswith("peak resident") else None
+        if hwm is None:
+            hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        return hwm / 1024 - self.before_mib
+
+
+def sync(device: str | torch.device) -> None:
+    """Wait for queued device work, so that a wall-clock timer measures it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_worker(module: str, options: dict, *, timeout: float | None = None) -> dict:
+    """Run ``python -m module --worker JSON`` in a fresh process; return the JSON object of its last stdout line.
+
+    The worker inherits this process's environment; a failure raises ``RuntimeError`` with the tail of its stderr.
+    """
+    cmd = [sys.executable, "-m", module, "--worker", json.dumps(options)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        raise RuntimeError(f"{module} worker failed (exit {proc.returncode}):\n{tail}")
+    lines = [line for line in proc.stdout.strip().splitlines() if line.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"{module} worker printed no result; stderr:\n{proc.stderr[-2000:]}")
+    return json.loads(lines[-1])
+
+
+def resolve_device(device: str | None) -> str:
+    """``"cuda"`` when asked for or (``None``) when a CUDA device is visible, else ``"cpu"``."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("no CUDA device is visible to torch")
+    return device
+
+
+def machine(device: str = "cpu") -> dict:
+    """The machine a result was measured on (CPU, cores this process may use, torch threads, GPU name)."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    out = {
+        "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "usable_cores": usable,
+        "torch_threads": torch.get_num_threads(), "device": device,
+    }
+    try:
+        out["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    if device == "cuda" and torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name()
+        out["cuda"] = torch.version.cuda
+    return out
+
+
+def reset_accelerate() -> None:
+    """Forget accelerate's process-wide state, so that the next ``Accelerator`` (ours or a ``transformers``
+    ``Trainer``'s) is set up afresh with its own device and precision (accelerate refuses a change otherwise)."""
+    try:
+        from accelerate.state import AcceleratorState, GradientState
+    except ImportError:
+        return
+    if hasattr(AcceleratorState, "_reset_state"):
+        AcceleratorState._reset_state(reset_partial_state=True)
+    if hasattr(GradientState, "_reset_state"):
+        GradientState._reset_state()
+
+
+class use_device:
+    """Within this block, trainers that place themselves through accelerate run on ``device``: ``"cpu"`` sets
+    ``ACCELERATE_USE_CPU`` (a CUDA device may be visible), ``"cuda"`` leaves accelerate's choice. The variable is
+    restored on exit."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self._saved: str | None = None
+
+    def __enter__(self):
+        self._saved = os.environ.get("ACCELERATE_USE_CPU")
+        if self.device == "cpu":
+            os.environ["ACCELERATE_USE_CPU"] = "true"
+        return self
+
+    def __exit__(self, *exc):
+        if self._saved is None:
+            os.environ.pop("ACCELERATE_USE_CPU", None)
+        else:
+            os.environ["ACCELERATE_USE_CPU"] = self._saved
+        return False

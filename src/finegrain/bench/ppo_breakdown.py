@@ -1,0 +1,182 @@
+"""Where a PPO step's time goes (generation, scoring, training), and rollout throughput on the PPO policy's shape.
+
+Part 1 runs ``finegrain ppo`` (:func:`finegrain.trainers.ppo.train`, oracle reward on the built-in world's prompts)
+for a few steps and reads the per-phase times it logs for every step (``time/generate``: sampling with the KV
+cache; ``time/score``: policy/reference log-probs, critic values, rewards and advantages; ``time/train``: the PPO
+epochs over minibatches). The first ``warmup`` steps are discarded; the result gives the median seconds per phase
+and each phase's share of their sum (the ratios). The policy is either
+
+* ``random`` (the default here): a randomly initialised Llama with the world's tokenizer (by default the world SFT
+  model's shape: 2 layers, hidden 128), trained on world prompts generated on the spot; it needs no built world,
+  rarely emits EOS, so every response runs to ``max_new_tokens``, as long generations do in practice; or
+* ``world``: the built-in world's SFT model (``~15``-token responses), which needs the built world.
+
+Part 2 (``throughput_repeats`` > 0) runs :mod:`finegrain.bench.rollout_throughput` on a random Llama of the PPO
+policy's shape with the rollout batch (``rollout_batch_size x num_samples`` rows, ``max_new_tokens``).
+
+Usage::
+
+    finegrain bench ppo_breakdown
+    .venv/bin/python bench/ppo_breakdown.py --steps 8 --throughput-repeats 5        # the world's SFT model
+    .venv/bin/python bench/ppo_breakdown.py --hidden 256 --layers 4                 # a bigger random policy
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+PHASES = ("generate", "score", "train")
+QUICK = dict(steps=3, warmup=1, rollout_batch_size=8, max_new_tokens=16, ppo_epochs=2, micro_batch=8,
+             throughput_repeats=2)
+GPU = dict(hidden=2048, layers=8, heads=16, rollout_batch_size=64, max_new_tokens=128, micro_batch=16, bf16=True)
+GPU_QUICK = dict(GPU, steps=4, warmup=1, throughput_repeats=2)
+
+
+def _random_policy_inputs(root: Path, hidden: int, layers: int, heads: int, prompts: int, seed: int) -> tuple[str, str]:
+    """A random Llama with the world tokenizer saved to ``root/model``, and ``prompts`` world prompts."""
+    from finegrain.bench.synthetic import write_jsonl
+    from finegrain.models.build import causal_lm_from_config, tiny_llama_config
+    from finegrain.world.corpus import eval_prompts
+    from finegrain.world.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    config = tiny_llama_config(len(tok), hidden_size=hidden, num_layers=layers, num_heads=heads,
+                               max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model_dir = root / "model"
+    causal_lm_from_config(config, seed=seed).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    data = write_jsonl([{"prompt": p} for p in eval_prompts(prompts, seed)], root / "prompts.jsonl")
+    return str(model_dir), str(data)
+
+
+def step_breakdown(s: dict) -> dict:
+    """Run PPO for ``steps`` steps and summarise the per-phase times it logged."""
+    from finegrain.bench.measure import reset_accelerate, use_device
+    from finegrain.config import parse
+    from finegrain.trainers.ppo import PPOConfig, load_inputs, train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = ["--output_dir", str(Path(tmp) / "run"), "--disable_tqdm", "--logging_steps", "1",
+                "--max_steps", str(s["steps"]), "--estimator", s["estimator"], "--critic", s["critic"],
+                "--reward", s["reward"], "--rollout_batch_size", str(s["rollout_batch_size"]),
+                "--num_samples", str(s["num_samples"]), "--max_new_tokens", str(s["max_new_tokens"]),
+                "--ppo_epochs", str(s["ppo_epochs"]), "--num_mini_batches", str(s["num_mini_batches"]),
+                "--per_device_train_batch_size", str(s["micro_batch"]), "--kl_estimator", s["kl_estimator"],
+                "--learning_rate", "1e-4", "--lr_scheduler_type", "constant", "--max_eval_samples", "1",
+                "--seed", str(s["seed"])]
+        if s["bf16"]:
+            argv += ["--bf16"]
+        if s["policy"] == "world":
+            from finegrain.world import ensure_world
+
+            argv += ["--world_dir", str(ensure_world(s["world_dir"]))]
+        else:
+            prompts = max(64, s["rollout_batch_size"] * (s["steps"] + 1))
+            model_dir, data = _random_policy_inputs(Path(tmp), s["hidden"], s["layers"], s["heads"], prompts, s["seed"])
+            argv += ["--model_name_or_path", model_dir, "--dataset_name", data]
+        cfg = parse(PPOConfig, argv, "finegrain ppo")
+        reset_accelerate()
+        with use_device(s["device"]):
+            policy, tokenizer, prompts, _ = load_inputs(cfg)
+            c = policy.config
+            shape = {"hidden": c.hidden_size, "layers": c.num_hidden_layers, "heads": c.num_attention_heads,
+                     "vocab": c.vocab_size}
+            run_dir = train(cfg, policy, tokenizer, prompts, None)
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["split"] == "train"][s["warmup"]:]
+    if not rows:
+        raise ValueError(f"steps={s['steps']} leaves no step after warmup={s['warmup']}")
+    seconds = {p: statistics.median(r[f"time/{p}"] for r in rows) for p in PHASES}
+    total = sum(seconds.values())
+    return {"model": shape, "policy": s["policy"], "steps_measured": len(rows), "seconds": seconds,
+            "step_seconds": total, "share": {p: seconds[p] / total for p in PHASES},
+            "response_length": statistics.median(r["response/length"] for r in rows)}
+
+
+def run(*, policy: str = "random", hidden: int = 128, layers: int = 2, heads: int = 4, steps: int = 8,
+        warmup: int = 2, estimator: str = "gae", critic: str = "separate", reward: str = "oracle",
+        rollout_batch_size: int = 32, num_samples: int = 1, max_new_tokens: int = 40, ppo_epochs: int = 4,
+        num_mini_batches: int = 1, micro_batch: int = 8, kl_estimator: str = "k1", throughput_repeats: int = 5,
+        world_dir: str | None = None, threads: int | None = 1, device: str = "cpu", bf16: bool = False,
+        seed: int = 0) -> dict:
+    """Both measurements; returns the result dict (``ratios``: each phase's share of a step; the sampler ratio)."""
+    from finegrain.bench import rollout_throughput
+
+    if policy not in ("random", "world"):
+        raise ValueError(f"policy must be 'random' or 'world', got {policy!r}")
+    if steps <= warmup:
+        raise ValueError(f"steps ({steps}) must exceed warmup ({warmup})")
+    if threads:
+        torch.set_num_threads(threads)
+    s = dict(policy=policy, hidden=hidden, layers=layers, heads=heads, steps=steps, warmup=warmup,
+             estimator=estimator, critic=critic, reward=reward, rollout_batch_size=rollout_batch_size,
+             num_samples=num_samples, max_new_tokens=max_new_tokens, ppo_epochs=ppo_epochs,
+             num_mini_batches=num_mini_batches, micro_batch=micro_batch, kl_estimator=kl_estimator,
+             throughput_repeats=throughput_repeats, world_dir=world_dir, device=device, bf16=bf16, seed=seed)
+    step = step_breakdown(s)
+    ratios = {f"{p}/step": step["share"][p] for p in PHASES}
+    meaning = {f"{p}/step": f"share of a PPO step's time spent in {p} (median per phase / sum of the medians)"
+               for p in PHASES}
+    figures = {f"{p}_s": {"value": step["seconds"][p], "unit": "s", "note": "median per step"} for p in PHASES}
+    figures["step_s"] = {"value": step["step_seconds"], "unit": "s"}
+    figures["response_length"] = {"value": step["response_length"], "unit": "tokens", "note": "median per step"}
+    result = {"benchmark": "ppo_breakdown", "settings": dict(s, threads=torch.get_num_threads()), "step": step}
+    if throughput_repeats > 0:
+        m = step["model"]
+        t = rollout_throughput.run(hidden=m["hidden"], layers=m["layers"], heads=m["heads"], vocab=max(m["vocab"], 8),
+                                   batch=rollout_batch_size * num_samples, new_tokens=max_new_tokens, min_prompt=4,
+                                   max_prompt=12, repeats=throughput_repeats, device=device,
+                                   dtype="bfloat16" if bf16 else "float32")
+        result["rollout_throughput"] = t
+        ratios["sampler/generate_tok_s"] = t["ratios"]["finegrain/transformers_tok_s"]
+        meaning["sampler/generate_tok_s"] = ("rollout tokens/s on the PPO policy's shape and batch: finegrain's "
+                                             "sampler / transformers generate")
+        for k in ("finegrain_tok_s", "transformers_tok_s", "identical_samples"):
+            figures[k] = t["figures"][k]
+    return dict(result, ratios=ratios, meaning=meaning, figures=figures)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=8, help="PPO steps (rollout batches)")
+    p.add_argument("--warmup", type=int, default=2, help="first steps left out of the medians")
+    p.add_argument("--estimator", default="gae", choices=("gae", "reinforce", "rloo"))
+    p.add_argument("--critic", default="separate", choices=("separate", "shared"))
+    p.add_argument("--reward", default="oracle")
+    p.add_argument("--rollout-batch-size", type=int, default=32)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--ppo-epochs", type=int, default=4)
+    p.add_argument("--num-mini-batches", type=int, default=1)
+    p.add_argument("--micro-batch", type=int, default=8, help="per_device_train_batch_size")
+    p.add_argument("--kl-estimator", default="k1", choices=("k1", "k2", "k3", "full"))
+    p.add_argument("--hidden", type=int, default=0, help="random policy of this hidden size (0: the world's SFT model)")
+    p.add_argument("--layers", type=int, default=4, help="layers of the random policy")
+    p.add_argument("--heads", type=int, default=4, help="attention heads of the random policy")
+    p.add_argument("--throughput-repeats", type=int, default=5, help="rollout throughput repetitions (0: skip)")
+    p.add_argument("--world-dir", default=None)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--json", default=None, help="also write the results to this file")
+    a = p.parse_args(argv)
+    from finegrain.bench.table import print_result
+
+    kwargs = {k: v for k, v in vars(a).items() if k != "json"}
+    kwargs["policy"] = "world" if a.hidden == 0 else "random"
+    kwargs["hidden"] = a.hidden or 128
+    kwargs["threads"] = a.threads or None
+    print_result(run(**kwargs), a.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Rollout throughput: finegrain's sampler (:func:`finegrain.rl.rollout.sample_rollouts`) vs ``model.generate``.
+
+Both decode the same left-padded prompts with the same randomly initialised Llama, the same sampling settings and,
+for each repetition, the same seed of the global RNG (finegrain's warpers follow ``transformers``', so the two
+normally sample identical tokens; the result says in how many repetitions they did). Throughput counts only
+generated tokens up to and including each row's first EOS, or up to ``new_tokens`` when no EOS came. The two
+measurements are interleaved (alternating which goes first) after one untimed warm-up of each, and repeated; the
+ratio finegrain / transformers is the median of the per-repetition ratios (robust to load from other processes),
+reported beside the best/best and median/median ratios.
+
+On CUDA (the GPU path: bf16, SDPA attention, by default the ~1B Llama of :data:`finegrain.bench.synthetic.LLAMA_1B`)
+the result also gives each sampler's model-FLOPs utilisation (prefill of the prompts plus one cached forward per
+counted token, :mod:`finegrain.bench.flops`). Decoding a batch is limited by memory bandwidth, not arithmetic, so
+its MFU is low by nature; it is reported to compare the two samplers, not to judge the device.
+
+Usage (defaults: hidden 256, 4 layers, vocab 4096, batch 32, prompts of 8-32 tokens, 64 new tokens)::
+
+    finegrain bench rollout_throughput
+    .venv/bin/python bench/rollout_throughput.py --repeats 3 --new-tokens 16     # a quick run
+    .venv/bin/python bench/rollout_throughput.py --device cuda --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+from finegrain.bench.synthetic import BOS, EOS, LLAMA_1B, PAD
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUICK = dict(hidden=64, layers=2, heads=2, vocab=512, batch=8, new_tokens=16, repeats=3)
+GPU = dict(LLAMA_1B.as_dict(), batch=64, min_prompt=64, max_prompt=128, new_tokens=256, repeats=5, dtype="bfloat16")
+GPU_QUICK = dict(GPU, new_tokens=64, repeats=3)
+
+
+def build(shape, *, batch: int, min_prompt: int, max_prompt: int, new_tokens: int, seed: int, device: str, dtype: str):
+    """A random Llama of ``shape`` (eval mode, SDPA attention) and ``batch`` left-padded random prompts."""
+    from finegrain.bench.synthetic import build_model
+
+    model = build_model(shape, max_prompt + new_tokens + 8, seed=seed, attn_implementation="sdpa")
+    model = model.to(device=device, dtype=DTYPES[dtype]).eval()
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(min_prompt, max_prompt + 1, (batch,), generator=g)
+    width = int(lengths.max())
+    ids = torch.full((batch, width), PAD, dtype=torch.long)
+    attn = torch.zeros(batch, width, dtype=torch.long)
+    for i, n in enumerate(lengths.tolist()):
+        ids[i, width - n] = BOS
+        ids[i, width - n + 1:] = torch.randint(3, shape.vocab, (n - 1,), generator=g)
+        attn[i, width - n:] = 1
+    return model, ids.to(device), attn.to(device)
+
+
+def counted_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` generated tokens per row up to and including its first EOS (all of them when there is none)."""
+    is_eos = (tokens == EOS).long()
+    return ((is_eos.cumsum(1) - is_eos) == 0).sum(1)
+
+
+def _finegrain(model, ids, attn, s):
+    from finegrain.rl.rollout import sample_rollouts
+
+    batch = sample_rollouts(model, ids, attn, max_new_tokens=s["new_tokens"], do_sample=True,
+                            temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"], eos_token_id=EOS,
+                            pad_token_id=PAD)
+    return batch.completion_input_ids
+
+
+@torch.no_grad()
+def _transformers(model, ids, attn, s):
+    out = model.generate(ids, attention_mask=attn, max_new_tokens=s["new_tokens"], do_sample=True,
+                         temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"], eos_token_id=EOS,
+                         pad_token_id=PAD)
+    return out[:, ids.shape[1]:]
+
+
+RUNNERS = {"finegrain": _finegrain, "transformers": _transformers}
+
+
+def _timed(fn, model, ids, attn, s, seed):
+    from finegrain.bench.measure import sync
+
+    torch.manual_seed(seed)
+    sync(s["device"])
+    start = time.perf_counter()
+    tokens = fn(model, ids, attn, s)
+    sync(s["device"])
+    return time.perf_counter() - start, tokens
+
+
+def _decode_flops(model, attn: torch.Tensor, counts: torch.Tensor) -> float:
+    """Model FLOPs of prefilling every prompt and generating ``counts[i]`` tokens after prompt ``i``."""
+    from finegrain.bench.flops import model_flops
+
+    mf = model_flops(model)
+    total = 0.0
+    for p, k in zip(attn.sum(1).tolist(), counts.tolist()):
+        total += mf.forward(p, 1) + sum(mf.decode(p + j) for j in range(k))
+    return total
+
+
+def run(*, hidden: int = 256, layers: int = 4, heads: int = 4, kv_heads: int | None = None,
+        intermediate: int | None = None, vocab: int = 4096, tie_embeddings: bool = True, batch: int = 32,
+        min_prompt: int = 8, max_prompt: int = 32, new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0,
+        top_p: float = 1.0, repeats: int = 7, seed: int = 0, device: str = "cpu", dtype: str = "float32",
+        threads: int | None = None) -> dict:
+    """Measure both samplers interleaved; returns the result dict (``ratios``: finegrain / transformers tokens/s)."""
+    from finegrain.bench.flops import mfu, peak_bf16_flops
+    from finegrain.bench.synthetic import LlamaShape
+
+    if repeats < 1 or not 1 <= min_prompt <= max_prompt or new_tokens < 1:
+        raise ValueError("need repeats >= 1, 1 <= min_prompt <= max_prompt and new_tokens >= 1")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if threads:
+        torch.set_num_threads(threads)
+    shape = LlamaShape(hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, intermediate=intermediate,
+                       vocab=vocab, tie_embeddings=tie_embeddings)
+    s = dict(batch=batch, min_prompt=min_prompt, max_prompt=max_prompt, new_tokens=new_tokens,
+             temperature=temperature, top_k=top_k, top_p=top_p, repeats=repeats, seed=seed, device=device, dtype=dtype)
+    model, ids, attn = build(shape, batch=batch, min_prompt=min_prompt, max_prompt=max_prompt, new_tokens=new_tokens,
+                             seed=seed, device=device, dtype=dtype)
+    for fn in RUNNERS.values():  # warm-up: allocator, kernels, lazy imports
+        _timed(fn, model, ids, attn, s, seed)
+    rates: dict[str, list[float]] = {n: [] for n in RUNNERS}
+    seconds: dict[str, list[float]] = {n: [] for n in RUNNERS}
+    flops: dict[str, list[float]] = {n: [] for n in RUNNERS}
+    identical = 0
+    for rep in range(repeats):
+        order = list(RUNNERS) if rep % 2 == 0 else list(reversed(RUNNERS))
+        tokens = {}
+        for name in order:
+            sec, toks = _timed(RUNNERS[name], model, ids, attn, s, seed + 1 + rep)
+            counts = counted_tokens(toks).cpu()
+            tokens[name] = toks
+            rates[name].append(int(counts.sum()) / sec)
+            seconds[name].append(sec)
+            if device == "cuda":
+                flops[name].append(_decode_flops(model, attn.cpu(), counts))
+        a, b = tokens["finegrain"], tokens["transformers"]
+        identical += bool(a.shape[1] <= b.shape[1] and torch.equal(a, b[:, :a.shape[1]])
+                          and (b[:, a.shape[1]:] == PAD).all())
+    pair = [f / t for f, t in zip(rates["finegrain"], rates["transformers"])]
+    med = {n: statistics.median(v) for n, v in rates.items()}
+    best = {n: max(v) for n, v in rates.items()}
+    figures = {f"{n}_tok_s": {"value": med[n], "unit": "tok/s", "note": "median over repetitions"} for n in RUNNERS}
+    figures["identical_samples"] = {"value": identical / repeats, "unit": "%",
+                                    "note": "repetitions in which both samplers drew the same tokens"}
+    notes = []
+    if device == "cuda":
+        peak = peak_bf16_flops(torch.cuda.get_device_name())
+        if peak is None:
+            notes.append(f"MFU omitted: no peak bf16 FLOP/s known for {torch.cuda.get_device_name()!r}")
+        else:
+            for n in RUNNERS:
+                value = statistics.median(mfu(f, t, peak[1]) for f, t in zip(flops[n], seconds[n]))
+                figures[f"{n}_mfu"] = {"value": value, "unit": "%",
+                                       "note": f"of {peak[0]} dense bf16 peak (decoding is memory-bound)"}
+    return {
+        "benchmark": "rollout_throughput", "settings": dict(shape.as_dict(), **s, threads=torch.get_num_threads()),
+        "ratios": {"finegrain/transformers_tok_s": statistics.median(pair)},
+        "meaning": {"finegrain/transformers_tok_s": "rollout tokens/s: finegrain's KV-cache sampler / transformers "
+                                                    "generate (median of per-repetition ratios)"},
+        "figures": figures, "best_ratio": best["finegrain"] / best["transformers"],
+        "median_ratio": med["finegrain"] / med["transformers"], "pair_ratios": pair, "tok_s": rates,
+        "identical": identical, "notes": notes,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for name, default in (("hidden", 256), ("layers", 4), ("heads", 4), ("vocab", 4096), ("batch", 32),
+                          ("min-prompt", 8), ("max-prompt", 32), ("new-tokens", 64), ("top-k", 0), ("repeats", 7),
+                          ("seed", 0), ("threads", 0)):
+        p.add_argument(f"--{name}", f"--{name.replace('-', '_')}", type=int, default=default)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", "--top_p", type=float, default=1.0)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--json", default=None, help="also write the result to this file")
+    a = p.parse_args(argv)
+    from finegrain.bench.table import print_result
+
+    kwargs = {k: v for k, v in vars(a).items() if k != "json"}
+    kwargs["threads"] = kwargs["threads"] or None
+    print_result(run(**kwargs), a.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
