@@ -35,6 +35,7 @@ import torch
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 QUICK = dict(rows=4, seq_len=256, vocab=8000, hidden=128, chunk_size=256)
 GPU = dict(rows=4, seq_len=2048, vocab=128256, hidden=2048, chunk_size=2048, dtype="bfloat16")
+GPU_QUICK = dict(GPU, seq_len=512, vocab=32000, chunk_size=512)
 VARIANTS = ("chunked", "naive")
 
 
