@@ -1,8 +1,10 @@
 """Killed, interrupted and half-written runs resume with nothing lost and nothing repeated (subprocess runs).
 
-Each case is compared with one uninterrupted run of the same command and options: the resumed run's final weights
-must equal it bitwise (CPU, one thread), its logged losses must be identical, and ``consumed.jsonl``
-(``--record_consumed``: the example indices of every optimizer step) must list the same batches, each step once.
+Each case runs for every training command (sft, po, rm, ppo) and is compared with one uninterrupted run of the same
+command and options: the resumed run's final weights, and every model of its last checkpoint (ppo's critic too), must
+equal it bitwise (CPU, one thread), every logged metric but the wall-clock timings must be identical (training and
+evaluation), and ``consumed.jsonl`` (``--record_consumed``: the example indices of every optimizer step; ppo: the
+prompts of every rollout batch) must list the same batches, each step once.
 
 * SIGKILL after a checkpoint: the run dies mid-way; ``--resume_from_checkpoint latest`` continues from the newest
   complete checkpoint.
@@ -10,8 +12,9 @@ must equal it bitwise (CPU, one thread), its logged losses must be identical, an
   directory and the rename): the previous checkpoint is intact and is the one resumed.
 * SIGINT (Ctrl-C): the run writes a checkpoint, marks run.json ``interrupted`` and exits with 130.
 
-The killed runs sleep after each step (``FINEGRAIN_TEST_STEP_SLEEP``) only so that the signal lands at a known
-point; the sleep changes no numbers.
+The killed runs sleep after each optimizer step (``FINEGRAIN_TEST_STEP_SLEEP``) only so that the signal lands at a
+known point; the sleep changes no numbers. ppo takes 8 optimizer steps per rollout batch here (2 minibatches x 2 epochs,
+policy and critic), so it sleeps less per optimizer step.
 """
 
 from __future__ import annotations
@@ -30,14 +33,7 @@ from finegrain.trainers.loop import checkpoint_dirs  # noqa: E402
 
 pytestmark = pytest.mark.slow
 STEPS, SAVE_EVERY = 8, 2
-COVERED = {"sft"}  # commands whose resume runs are verified; the others xfail (non-strict) until added
-
-
-def _commands():
-    for command in R.TRAINERS:
-        marks = [] if command in COVERED else [pytest.mark.xfail(reason=f"{command}: resume coverage not yet "
-                                                                 "verified (add it to COVERED)", strict=False)]
-        yield pytest.param(command, marks=marks, id=command)
+STEP_SLEEP = {"ppo": "0.05"}  # seconds after each optimizer step; default 0.4
 
 
 def _args(command, world, out, extra=()):
@@ -62,20 +58,28 @@ def references(tiny_world, tmp_path_factory):
 def _assert_nothing_lost(resumed: Path, reference: Path) -> None:
     assert json.loads((resumed / "run.json").read_text())["status"] == "completed"
     assert R.bitwise_equal(R.weights(resumed / "final"), R.weights(reference / "final")), "final weights differ"
+    last, expected_last = checkpoint_dirs(resumed)[-1], checkpoint_dirs(reference)[-1]
+    assert last.name == expected_last.name == f"step-{STEPS:06d}"
+    models = sorted(d.name for d in expected_last.iterdir() if d.is_dir())
+    assert models == sorted(d.name for d in last.iterdir() if d.is_dir())
+    for name in models:  # the policy, and ppo's critic
+        assert R.bitwise_equal(R.weights(last / name), R.weights(expected_last / name)), f"checkpoint {name} differs"
     assert R.losses(resumed) == R.losses(reference), "the logged losses differ"
+    assert R.logged(resumed) == R.logged(reference), "a logged training metric differs"
+    assert R.logged(resumed, "eval") == R.logged(reference, "eval"), "a logged evaluation metric differs"
     batches, expected = R.consumed(resumed), R.consumed(reference)
     assert batches == expected, "a batch was repeated, skipped or changed"
     assert len(batches) == STEPS
 
 
-def _slow_env(**extra):
-    return R.cli_env(FINEGRAIN_TEST_STEP_SLEEP="0.4", **extra)
+def _slow_env(command, **extra):
+    return R.cli_env(FINEGRAIN_TEST_STEP_SLEEP=STEP_SLEEP.get(command, "0.4"), **extra)
 
 
-@pytest.mark.parametrize("command", list(_commands()))
+@pytest.mark.parametrize("command", R.TRAINERS)
 def test_sigkill_after_a_checkpoint_resumes_exactly(command, tiny_world, tmp_path, references):
     out = tmp_path / "run"
-    proc = R.start(command, _args(command, tiny_world, out), env=_slow_env())
+    proc = R.start(command, _args(command, tiny_world, out), env=_slow_env(command))
     R.wait_for(lambda: any(d.name == "step-000004" for d in checkpoint_dirs(out)), proc, what="checkpoint 4")
     rc, _ = R.kill(proc, signal.SIGKILL)
     assert rc == -signal.SIGKILL
@@ -85,10 +89,11 @@ def test_sigkill_after_a_checkpoint_resumes_exactly(command, tiny_world, tmp_pat
     _assert_nothing_lost(out, references(command))
 
 
-@pytest.mark.parametrize("command", list(_commands()))
+@pytest.mark.parametrize("command", R.TRAINERS)
 def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(command, tiny_world, tmp_path, references):
     out = tmp_path / "run"
-    proc = R.start(command, _args(command, tiny_world, out), env=_slow_env(FINEGRAIN_TEST_CHECKPOINT_PAUSE="3"))
+    proc = R.start(command, _args(command, tiny_world, out),
+                   env=_slow_env(command, FINEGRAIN_TEST_CHECKPOINT_PAUSE="3"))
 
     def writing_step_4():
         return any((t / "trainer_state.json").exists() for t in (out / "checkpoints").glob(".tmp-step-000004-*"))
@@ -102,10 +107,10 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(command, tiny_
     _assert_nothing_lost(out, references(command))
 
 
-@pytest.mark.parametrize("command", list(_commands()))
+@pytest.mark.parametrize("command", R.TRAINERS)
 def test_sigint_checkpoints_exits_130_and_resumes_exactly(command, tiny_world, tmp_path, references):
     out = tmp_path / "run"
-    proc = R.start(command, _args(command, tiny_world, out), env=_slow_env())
+    proc = R.start(command, _args(command, tiny_world, out), env=_slow_env(command))
     R.wait_for(lambda: (out / "metrics.jsonl").exists() and len(R.metrics(out)) >= 3, proc, what="3 logged steps")
     rc, err = R.kill(proc, signal.SIGINT)
     assert rc == 130, err[-2000:]

@@ -5,13 +5,20 @@
   :func:`write_sft_rows` writes prompt/completion (or conversational ``messages``) rows it can learn.
 * :func:`cli` runs ``finegrain <command> ...`` as a subprocess, on 1 process or on N CPU processes through our own
   launcher (``--accelerate_config multi_gpu --num_processes N``, gloo backend).
-* :data:`TRAINERS` lists the training commands whose module exists, so every test parametrised over it covers a
-  trainer as soon as it lands; :func:`world_args` gives each the generic options that run it on the built-in world.
+* :data:`TRAINERS` lists the training commands; :func:`world_args` gives each the generic options that run it on
+  the built-in world.
+
+A global batch of ``batch x processes x accumulation`` examples means, per command:
+
+* sft, po, rm: ``--per_device_train_batch_size batch --gradient_accumulation_steps accumulation`` (rows, pairs).
+* ppo: ``--rollout_batch_size batch x processes x accumulation`` prompts. ppo accumulates inside each of its
+  ``--num_mini_batches`` (:data:`PPO_MINI_BATCHES`) minibatches, so its micro-batch is
+  ``--per_device_train_batch_size batch / PPO_MINI_BATCHES`` rows, and ``--generation_batch_size``
+  (:data:`PPO_GENERATION_BATCH`) fixes the sampling groups so that any process count samples the same responses.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -23,16 +30,20 @@ from pathlib import Path
 import torch
 
 PYTHON = sys.executable
-ALL_TRAINERS = ("sft", "po", "rm", "ppo")
-TRAINERS = tuple(c for c in ALL_TRAINERS if importlib.util.find_spec(f"finegrain.trainers.{c}") is not None)
+TRAINERS = ("sft", "po", "rm", "ppo")
 
-# per-command options that keep a world run to seconds (added as the trainers land)
+PPO_MINI_BATCHES = 2  # optimizer steps per rollout batch and ppo epoch
+PPO_GENERATION_BATCH = 4  # prompts per sampling group; divides every process's share of the rollouts used here
+
+# per-command options that keep a world run to seconds
 FAST_OPTIONS: dict[str, list[str]] = {
     "sft": [],
     "po": [],
     "rm": [],
-    "ppo": [],
+    "ppo": ["--ppo_epochs", "2", "--num_mini_batches", str(PPO_MINI_BATCHES), "--max_new_tokens", "24"],
 }
+# the metric each command's loss is logged as
+LOSS_KEY = {"ppo": "policy/loss"}
 
 WORDS = ["what", "color", "is", "the", "sky", "grass", "sun", "snow", "sea", "blue", "green", "yellow", "white",
          "it", "a", "and", "very", "bright", "today", "?", ".", "user", "assistant", "say", "tell", "me"]
@@ -170,11 +181,20 @@ def kill(proc: subprocess.Popen, sig: int = signal.SIGKILL, timeout: float = 120
     return proc.returncode, err
 
 
+def batch_args(command: str, batch: int, accumulation: int = 1, processes: int = 1) -> list[str]:
+    """The options that make a global batch of ``batch x processes x accumulation`` examples (module docstring)."""
+    if command == "ppo":
+        assert batch % PPO_MINI_BATCHES == 0, "ppo: the per-process batch must split into the minibatches"
+        return ["--rollout_batch_size", str(batch * processes * accumulation), "--generation_batch_size",
+                str(PPO_GENERATION_BATCH), "--per_device_train_batch_size", str(batch // PPO_MINI_BATCHES)]
+    return ["--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", str(accumulation)]
+
+
 def world_args(command: str, world: Path, out: Path, *, steps: int, batch: int, accumulation: int = 1,
-               lr: float = 1e-3, seed: int = 0, extra: list[str] = ()) -> list[str]:
+               processes: int = 1, lr: float = 1e-3, seed: int = 0, extra: list[str] = ()) -> list[str]:
     """Options that run ``command`` on the built-in world at ``world`` for a few steps, logging every step."""
     return ["--world_dir", str(world), "--output_dir", str(out), "--max_steps", str(steps),
-            "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", str(accumulation),
+            *batch_args(command, batch, accumulation, processes),
             "--learning_rate", str(lr), "--seed", str(seed), "--logging_steps", "1", "--disable_tqdm",
             "--max_train_samples", "256", "--max_eval_samples", "8", "--record_consumed",
             *FAST_OPTIONS.get(command, []), *extra]
@@ -199,7 +219,14 @@ def metrics(run_dir: Path, split: str = "train") -> list[dict]:
 
 
 def losses(run_dir: Path) -> list[float]:
-    return [r["loss"] for r in metrics(run_dir)]
+    """The training loss of every logged step (the metric named by :data:`LOSS_KEY` for the run's command)."""
+    command = json.loads((Path(run_dir) / "run.json").read_text())["command"]
+    return [r[LOSS_KEY.get(command, "loss")] for r in metrics(run_dir)]
+
+
+def logged(run_dir: Path, split: str = "train") -> list[dict]:
+    """Every logged metric row of ``split`` without the wall-clock timings (``time/*``), which differ by run."""
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in metrics(run_dir, split)]
 
 
 def consumed(run_dir: Path) -> list[list[int]]:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import math
 import time
 from collections import defaultdict
@@ -83,6 +84,10 @@ class PPOConfig(TrainConfig):
     num_mini_batches: int = option(1, "optimizer steps per pass over a rollout batch")
     rollout_batch_size: int = option(32, "prompts per rollout batch (over all processes)")
     num_samples: int = option(1, "responses per prompt (RLOO needs >= 2)")
+    generation_batch_size: int | None = option(
+        None, "prompts per sampling call (default: all of a process's prompts at once); each call draws from its own "
+        "random stream, seeded by --seed and its place in the data, so runs with the same value sample the same "
+        "responses on any number of processes and after a resume")
     temperature: float = option(1.0, "sampling temperature (> 0); log-probs are taken at this temperature")
     top_p: float = option(1.0, "nucleus sampling mass (1: off)")
     top_k: int = option(0, "keep the k most likely tokens (0: off)")
@@ -113,6 +118,14 @@ class PPOConfig(TrainConfig):
         if (self.rollout_batch_size * self.num_samples) % self.num_mini_batches:
             raise ConfigError(f"rollout_batch_size x num_samples ({self.rollout_batch_size * self.num_samples}) must be a "
                               f"multiple of num_mini_batches ({self.num_mini_batches})")
+        if self.generation_batch_size is not None:
+            if self.generation_batch_size < 1 or self.rollout_batch_size % self.generation_batch_size:
+                raise ConfigError(f"generation_batch_size ({self.generation_batch_size}) must divide rollout_batch_size "
+                                  f"({self.rollout_batch_size})")
+            if (self.generation_batch_size * self.num_samples) % self.num_mini_batches:
+                raise ConfigError(f"generation_batch_size x num_samples ({self.generation_batch_size * self.num_samples}) "
+                                  f"must be a multiple of num_mini_batches ({self.num_mini_batches}): every minibatch "
+                                  "takes the same share of each sampling group")
         if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.lam <= 1.0:
             raise ConfigError(f"gamma and lam must lie in [0, 1], got {self.gamma} and {self.lam}")
         if self.temperature <= 0:
@@ -407,6 +420,110 @@ def setup_models(cfg: PPOConfig, policy: nn.Module, acc, updates: int) -> Models
     return m
 
 
+# ----------------------------------------------------------------------------------------------- random streams
+
+
+def stream_seed(*parts: int | str) -> int:
+    """A 63-bit seed for the random stream named by ``parts`` (the run's seed, a purpose, a place in the data).
+
+    Rollout sampling and minibatch shuffles draw from streams named by their place in the run, never from the
+    global RNG: a resumed run, and a run on another number of processes, draw the same numbers for the same rows.
+    """
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutPlace:
+    """Where this process's share of one rollout batch sits in the run; it names the batch's random streams.
+
+    Fields:
+        seed: the run's ``--seed``.
+        epoch, batch: the data position of the rollout batch (``RunState.epoch``, ``RunState.batch_in_epoch``).
+        group_size: prompts per sampling group (``--generation_batch_size``, default this process's share).
+        first_group: the rollout-batch index of this process's first group (groups are numbered over all
+            processes, in rank order).
+    """
+
+    seed: int
+    epoch: int
+    batch: int
+    group_size: int
+    first_group: int
+
+    def generator(self, purpose: str, *more: int, device="cpu") -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(stream_seed(self.seed, purpose, self.epoch, self.batch, *more))
+
+
+def _cat_padded(parts: list[torch.Tensor], width: int, value, left: bool = False) -> torch.Tensor:
+    """Concatenate ``(n_i, w_i)`` tensors along rows after padding each to ``width`` columns with ``value``."""
+    out = []
+    for x in parts:
+        fill = torch.full((x.shape[0], width - x.shape[1]), value, dtype=x.dtype, device=x.device)
+        out.append(torch.cat([fill, x] if left else [x, fill], dim=1))
+    return torch.cat(out, dim=0)
+
+
+def concat_rollouts(parts: list[CompletionBatch], pad_id: int) -> CompletionBatch:
+    """Stack rollout batches: prompts left-padded and responses right-padded to common widths (pad id, mask 0).
+
+    Per-row extras ``(n,)`` are concatenated; per-token extras ``(n, T)`` are right-padded with zeros."""
+    if len(parts) == 1:
+        return parts[0]
+    p = max(b.prompt_input_ids.shape[1] for b in parts)
+    t = max(b.completion_input_ids.shape[1] for b in parts)
+    extras = {}
+    for key, first in parts[0].extras.items():
+        values = [b.extras[key] for b in parts]
+        extras[key] = torch.cat(values) if first.dim() == 1 else _cat_padded(values, t, 0)
+    return CompletionBatch(
+        prompt_input_ids=_cat_padded([b.prompt_input_ids for b in parts], p, pad_id, left=True),
+        prompt_attention_mask=_cat_padded([b.prompt_attention_mask for b in parts], p, 0, left=True),
+        completion_input_ids=_cat_padded([b.completion_input_ids for b in parts], t, pad_id),
+        completion_mask=_cat_padded([b.completion_mask for b in parts], t, False),
+        extras=extras)
+
+
+def sample_groups(cfg: PPOConfig, policy, prompts, local: list[int], place: RolloutPlace, tokenizer,
+                  device) -> CompletionBatch:
+    """``cfg.num_samples`` responses to each prompt of ``local`` (this process's share of a rollout batch).
+
+    The prompts are sampled ``place.group_size`` at a time; group ``g`` of the rollout batch is collated on its
+    own and draws from the stream ``(seed, "sample", epoch, batch, g)``. Its responses therefore depend neither on
+    the other groups, nor on the process that holds it, nor on what was sampled before: a resumed run, and a run
+    on any number of processes with the same ``--generation_batch_size``, sample the same tokens (up to weights
+    that differ in their last bits). Rows are prompt-major, as :func:`finegrain.rl.rollout.sample_rollouts` gives.
+    """
+    from finegrain.rl.rollout import resolve_special_ids, sample_rollouts
+
+    parts = []
+    for k, lo in enumerate(range(0, len(local), place.group_size)):
+        batch = prompts.collate(local[lo : lo + place.group_size]).to(device)
+        parts.append(sample_rollouts(policy, batch.prompt_input_ids, batch.prompt_attention_mask,
+                                     max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                                     top_p=cfg.top_p, num_samples=cfg.num_samples, tokenizer=tokenizer,
+                                     generator=place.generator("sample", place.first_group + k, device=device)))
+    return concat_rollouts(parts, resolve_special_ids(policy, tokenizer)[1])
+
+
+def minibatch_rows(num_rows: int, place: RolloutPlace, cfg: PPOConfig, ppo_epoch: int) -> list[torch.Tensor]:
+    """The local rows of each minibatch of one pass (``ppo_epoch``) over the rollout.
+
+    Every sampling group's ``group_size · num_samples`` rows are shuffled with the group's own stream
+    ``(seed, "shuffle", epoch, batch, ppo_epoch, g)``, and minibatch ``j`` takes the ``j``-th ``1/num_mini_batches``
+    of every group. As each process holds whole groups, a minibatch is the same set of rows whatever the number of
+    processes, and every process holds the same number of its rows.
+    """
+    unit = place.group_size * cfg.num_samples
+    chunks: list[list[torch.Tensor]] = [[] for _ in range(cfg.num_mini_batches)]
+    for k in range(num_rows // unit):
+        gen = place.generator("shuffle", ppo_epoch, place.first_group + k)
+        perm = torch.randperm(unit, generator=gen) + k * unit
+        for j, part in enumerate(perm.chunk(cfg.num_mini_batches)):
+            chunks[j].append(part)
+    return [torch.cat(c) for c in chunks]
+
+
 # ----------------------------------------------------------------------------------------------- per-row pieces
 
 
@@ -492,8 +609,10 @@ def _row_weight(mask: torch.Tensor, reduction: str) -> torch.Tensor:
     return (mask.sum() if reduction == "token" else mask.any(dim=1).sum()).float()
 
 
-def ppo_update(cfg: PPOConfig, run, state, m: Models, roll: CompletionBatch, data: dict[str, torch.Tensor]):
-    """``ppo_epochs`` passes over shuffled minibatches of the rollout; one optimizer step per minibatch.
+def ppo_update(cfg: PPOConfig, run, state, m: Models, roll: CompletionBatch, data: dict[str, torch.Tensor],
+               place: RolloutPlace):
+    """``ppo_epochs`` passes over shuffled minibatches of the rollout (:func:`minibatch_rows`); one optimizer step
+    per minibatch.
 
     The loss of a minibatch is its token mean (or response mean) over every process: each micro-batch's mean is
     weighted by its share of the minibatch's tokens (responses), times the number of processes because DDP
@@ -508,8 +627,8 @@ def ppo_update(cfg: PPOConfig, run, state, m: Models, roll: CompletionBatch, dat
     head = output_head(acc.unwrap_model(policy))
     n = roll.num_rows
     stats: dict[str, list[float]] = defaultdict(list)
-    for _ in range(cfg.ppo_epochs):
-        for mb in torch.randperm(n).chunk(cfg.num_mini_batches):
+    for ppo_epoch in range(cfg.ppo_epochs):
+        for mb in minibatch_rows(n, place, cfg, ppo_epoch):
             micro = mb.split(cfg.per_device_train_batch_size)
             denom = sum(_row_weight(roll.completion_mask[r], cfg.loss_reduction) for r in micro)
             if world > 1:
@@ -524,9 +643,9 @@ def ppo_update(cfg: PPOConfig, run, state, m: Models, roll: CompletionBatch, dat
                 sync = k == len(micro) - 1
                 ctx = contextlib.ExitStack()
                 if not sync and world > 1:
-                    for m in (policy, critic):
-                        if m is not None:
-                            ctx.enter_context(acc.no_sync(m))
+                    for module in (policy, critic):
+                        if module is not None:
+                            ctx.enter_context(acc.no_sync(module))
                 with ctx:
                     h = predicting_states(hidden_states(policy, sub), sub)
                     logits = head(h)
@@ -647,16 +766,24 @@ def train(cfg: PPOConfig, policy, tokenizer, prompts, eval_prompts=None, *, sour
     """
     from finegrain.data.sampler import batch_indices, shard_batch
     from finegrain.ops.kl import kl_k1, kl_penalty
-    from finegrain.ops.masked import masked_mean, masked_sum
+    from finegrain.ops.masked import masked_sum
     from finegrain.rewards.rule import OracleRewardSource
     from finegrain.rl.rewards import RunningMoments, dense_rewards, reward_metrics
-    from finegrain.rl.rollout import sample_rollouts, score_rollout
+    from finegrain.rl.rollout import score_rollout
 
     acc = loop.make_accelerator(cfg)
     run = loop.Run(cfg, "ppo", method or cfg.estimator, acc)
     world, device = acc.num_processes, acc.device
     if cfg.rollout_batch_size % world:
         raise ConfigError(f"rollout_batch_size ({cfg.rollout_batch_size}) must be a multiple of the {world} processes")
+    group_size = cfg.generation_batch_size or cfg.rollout_batch_size // world
+    if (cfg.rollout_batch_size // world) % group_size:
+        raise ConfigError(f"generation_batch_size ({group_size}) must divide each process's share of the rollout batch "
+                          f"(rollout_batch_size / processes = {cfg.rollout_batch_size // world})")
+    if (group_size * cfg.num_samples) % cfg.num_mini_batches:
+        raise ConfigError(f"each process samples {group_size * cfg.num_samples} rows per group, which do not split into "
+                          f"num_mini_batches ({cfg.num_mini_batches}) equal parts; set --generation_batch_size or "
+                          "change --num_mini_batches")
     total_steps = _num_steps(cfg, len(prompts))
     m = setup_models(cfg, policy, acc, updates=total_steps * cfg.ppo_epochs * cfg.num_mini_batches)
     sources = sources if sources is not None else build_reward_sources(cfg, tokenizer, device, cfg.world_dir)
@@ -690,14 +817,13 @@ def train(cfg: PPOConfig, policy, tokenizer, prompts, eval_prompts=None, *, sour
             run.record_batch(state, epoch_batches[state.batch_in_epoch])  # --record_consumed
             local = shard_batch(epoch_batches[state.batch_in_epoch], world, acc.process_index)
             row_prompts = [prompts[i]["prompt"] for i in local for _ in range(cfg.num_samples)]
+            place = RolloutPlace(cfg.seed, state.epoch, state.batch_in_epoch, group_size,
+                                 acc.process_index * len(local) // group_size)
 
             # 1. generate
             t0 = time.perf_counter()
             m.policy_u.eval()
-            batch = prompts.collate(local).to(device)
-            roll = sample_rollouts(m.policy_u, batch.prompt_input_ids, batch.prompt_attention_mask,
-                                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                                   top_p=cfg.top_p, num_samples=cfg.num_samples, tokenizer=tokenizer)
+            roll = sample_groups(cfg, m.policy_u, prompts, local, place, tokenizer, device)
             mask = roll.completion_mask
             _sync(device)
             t1 = time.perf_counter()
@@ -724,7 +850,7 @@ def train(cfg: PPOConfig, policy, tokenizer, prompts, eval_prompts=None, *, sour
             data = {"old_logps": scored["token_logps"], "advantages": advantages}
             if m.critic is not None:
                 data.update(old_values=old_values, returns=returns)
-            update = ppo_update(cfg, run, state, m, roll, data)
+            update = ppo_update(cfg, run, state, m, roll, data, place)
             _sync(device)
             t3 = time.perf_counter()
 
@@ -735,7 +861,7 @@ def train(cfg: PPOConfig, policy, tokenizer, prompts, eval_prompts=None, *, sour
             metrics = {
                 **reward_metrics(rewards, mask),
                 "objective/kl": masked_sum(kl_k1(scored["token_logps"], scored["ref_token_logps"]), mask, dim=-1).mean(),
-                "policy/entropy": masked_mean(scored["entropy"], mask),
+                "policy/entropy": _token_mean(scored["entropy"], mask, acc),
                 **update,
                 "response/length": mask.sum(dim=1).float().mean(),
                 "response/truncated": roll.extras["truncated"].float().mean(),
@@ -771,6 +897,17 @@ def train(cfg: PPOConfig, policy, tokenizer, prompts, eval_prompts=None, *, sour
     if status == "interrupted":
         raise KeyboardInterrupt
     return run.dir
+
+
+def _token_mean(x: torch.Tensor, mask: torch.Tensor, acc) -> torch.Tensor:
+    """This process's share of the token mean over every process: ``Σ_local x · P / Σ_all tokens``, so that the
+    mean over processes (:func:`_mean_over_processes`) is the token mean of the whole rollout batch."""
+    from finegrain.ops.masked import masked_sum
+
+    tokens = mask.sum().float()
+    if acc.num_processes > 1:
+        tokens = acc.reduce(tokens.to(acc.device), reduction="sum")
+    return masked_sum(x, mask) * acc.num_processes / tokens.clamp(min=1)
 
 
 def _mean_over_processes(metrics: dict[str, Any], acc) -> dict[str, float]:

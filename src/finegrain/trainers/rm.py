@@ -509,6 +509,7 @@ def train(cfg: RMConfig, data: RMData) -> Path:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                 continue
             indices = epoch_batches[state.batch_in_epoch]
+            run.record_batch(state, indices)  # --record_consumed: proves resumes repeat and skip nothing
             sums = torch.zeros(3, device=acc.device)  # loss, accuracy, margin (sums over examples)
             for k, mb in enumerate(loop.micro_batches(indices, cfg, acc.process_index, world)):
                 if not mb:
@@ -533,7 +534,8 @@ def train(cfg: RMConfig, data: RMData) -> Path:
             state.samples += len(indices)
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
-            if state.step % cfg.logging_steps == 0 or state.step == total_steps:
+            # a skipped (non-finite) step is always logged, so metrics.jsonl shows every one
+            if state.step % cfg.logging_steps == 0 or state.step == total_steps or step_stats["skipped"]:
                 logged = {"loss": loss, "accuracy" if kind == "pairs" else "edit_accuracy": sums[1] / len(indices)}
                 if kind == "pairs":
                     logged["margin"] = sums[2] / len(indices)
@@ -555,8 +557,7 @@ def train(cfg: RMConfig, data: RMData) -> Path:
             save_reward_model(acc.unwrap_model(model), run.dir / "final", state_dict=full,
                               extra={"trained_with": {"level": cfg.level, "steps": state.step, "kind": kind}})
         acc.wait_for_everyone()
-    run.close(status, steps=state.step, skipped_steps=state.nonfinite_total)
-    run.print(f"rm {cfg.level} {status} after {state.step} steps; run directory {run.dir}")
+    run.close(status, steps=state.step, skipped_steps=state.nonfinite_total)  # prints the summary line
     if status == "interrupted":
         raise KeyboardInterrupt
     return run.dir
