@@ -1,8 +1,11 @@
 """Test harness shared by tests/scale and tests/reliability: tiny models and data, CLI runs, run-directory readers.
 
 * :func:`tiny_model_dir` saves a tiny random causal LM of a given architecture (Llama, Qwen2, GPT-2, Mistral) with a
-  word-level tokenizer (optionally with a chat template) so that ``--model_name_or_path DIR`` loads it like a hub model;
-  :func:`write_sft_rows` writes prompt/completion (or conversational ``messages``) rows it can learn.
+  tokenizer (optionally with a chat template) so that ``--model_name_or_path DIR`` loads it like a hub model:
+  word-level for Llama, GPT-2 and Mistral, byte-level BPE without BOS for Qwen2 (transformers loads the tokenizer of
+  every ``qwen2`` directory as ``Qwen2Tokenizer``, which rebuilds a byte-level BPE from the saved vocabulary and
+  merges, whatever the saved tokenizer was). :func:`write_sft_rows`, :func:`preference_rows` and
+  :func:`prompt_rows` write rows it can learn (conversational when asked); :func:`color_reward` scores responses.
 * :func:`cli` runs ``finegrain <command> ...`` as a subprocess, on 1 process or on N CPU processes through our own
   launcher (``--accelerate_config multi_gpu --num_processes N``, gloo backend).
 * :data:`TRAINERS` lists the training commands; :func:`world_args` gives each the generic options that run it on
@@ -73,6 +76,28 @@ def word_tokenizer(chat_template: str | None = None):
     return out
 
 
+def byte_level_tokenizer(chat_template: str | None = None):
+    """A byte-level BPE tokenizer (Qwen2's pre-tokenizer) whose merges make every word of :data:`WORDS` one token
+    (``Ġword`` after a space); no BOS is added, as with Qwen2's own tokenizer."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    corpus = [" ".join(WORDS)] * 2 + WORDS + [" " + w for w in WORDS]
+    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="[EOS]", pad_token="[PAD]", unk_token="[UNK]",
+                                  additional_special_tokens=["[BOS]", "<|user|>", "<|assistant|>"])
+    out.chat_template = chat_template
+    return out
+
+
 def tiny_config(arch: str, vocab_size: int, *, hidden: int = 32, layers: int = 2, heads: int = 4):
     """A transformers config of ``arch`` (llama, qwen2, gpt2, mistral) small enough to train in seconds on CPU."""
     import transformers as tf
@@ -99,7 +124,8 @@ def tiny_model_dir(path: Path, arch: str = "llama", *, chat: bool = False, seed:
     """Save a tiny random ``arch`` model and its tokenizer under ``path`` (loadable with from_pretrained)."""
     from finegrain.models.build import causal_lm_from_config
 
-    tok = word_tokenizer(CHAT_TEMPLATE if chat else None)
+    make = byte_level_tokenizer if arch == "qwen2" else word_tokenizer
+    tok = make(CHAT_TEMPLATE if chat else None)
     model = causal_lm_from_config(tiny_config(arch, len(tok)), seed=seed)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
@@ -123,8 +149,48 @@ def sft_rows(n: int, *, chat: bool = False) -> list[dict]:
 
 
 def write_sft_rows(path: Path, n: int = 64, *, chat: bool = False) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in sft_rows(n, chat=chat)))
+    return write_rows(path, sft_rows(n, chat=chat))
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def _wrong_color(thing: str, i: int) -> str:
+    colors = sorted(set(FACTS.values()) - {FACTS[thing]})
+    return colors[i % len(colors)]
+
+
+def preference_rows(n: int, *, chat: bool = False) -> list[dict]:
+    """``n`` pairs: "what color is the X ?" -> chosen "the X is C .", rejected "W X ?" with a wrong colour W: easy to
+    tell apart, so a tiny random model learns them in a few steps (conversational messages when ``chat``)."""
+    things = sorted(FACTS)
+    rows = []
+    for i in range(n):
+        x = things[i % len(things)]
+        prompt, chosen, rejected = (f"what color is the {x} ?", f"the {x} is {FACTS[x]} .",
+                                     f"{_wrong_color(x, i)} {x} ?")
+        if chat:
+            rows.append({"prompt": [{"role": "user", "content": prompt}],
+                         "chosen": [{"role": "assistant", "content": chosen}],
+                         "rejected": [{"role": "assistant", "content": rejected}]})
+        else:
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+def prompt_rows(n: int, *, chat: bool = False) -> list[dict]:
+    """``n`` prompts "what color is the X ?" (conversational when ``chat``) for RL."""
+    rows = [{"prompt": r["prompt"]} for r in preference_rows(n, chat=chat)]
+    return rows
+
+
+def brevity_reward(prompts: list, responses: list[str]) -> list[float]:  # noqa: ARG001
+    """A rule reward (``--reward python:_runs:brevity_reward``): minus the response's length in characters / 40.
+
+    A tiny random model improves on it within a few PPO steps whatever its tokenizer, by ending responses sooner."""
+    return [-len(r) / 40 for r in responses]
 
 
 # ----------------------------------------------------------------------------------------------- CLI runs
@@ -236,12 +302,12 @@ def consumed(run_dir: Path) -> list[list[int]]:
     return [r["indices"] for r in rows]
 
 
-def weights(directory: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of every safetensors file directly in ``directory`` (a model folder)."""
+def weights(directory: Path, pattern: str = "*.safetensors") -> dict[str, torch.Tensor]:
+    """Every tensor of every safetensors file directly in ``directory`` (a model folder) whose name matches."""
     from safetensors.torch import load_file
 
     out: dict[str, torch.Tensor] = {}
-    for f in sorted(Path(directory).glob("*.safetensors")):
+    for f in sorted(Path(directory).glob(pattern)):
         out.update(load_file(f))
     assert out, f"no safetensors in {directory}"
     return out
