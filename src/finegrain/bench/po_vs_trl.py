@@ -15,7 +15,8 @@ The runs are interleaved round by round (every configuration once per round), so
 every configuration alike. Per-step times are the gaps between the ends of consecutive optimizer steps (a trainer
 callback for TRL, a wrapper of ``loop.optimizer_step`` for finegrain; on CUDA after a device synchronisation); the
 first ``warmup`` steps of every run are discarded and the median over all rounds is reported, with the ratios
-``finegrain-dpo / trl-dpo``, ``finegrain-tdpo2 / finegrain-dpo`` and ``finegrain-dpo-precomputed / finegrain-dpo``.
+``finegrain-dpo / trl-dpo``, ``finegrain-tdpo2 / finegrain-dpo`` and ``finegrain-dpo-precomputed / finegrain-dpo``
+(and, in ``round_ratios`` and the notes, the same ratios round by round, whose spread shows the load's effect).
 
 On CUDA (the GPU path: bf16 mixed precision, SDPA attention, by default the ~1B Llama of
 :data:`finegrain.bench.synthetic.LLAMA_1B`) every configuration also reports tokens per second (prompt + response
@@ -199,6 +200,7 @@ def run(*, hidden: int = 256, layers: int = 4, heads: int = 4, kv_heads: int | N
     s = dict(prompt_len=prompt_len, response_len=response_len, pairs=pairs, batch=batch, steps=steps, warmup=warmup,
              rounds=rounds, lr=lr, beta=beta, device=device, bf16=bf16)
     times: dict[str, list[float]] = {c: [] for c in configs}
+    round_medians: dict[str, list[float]] = {c: [] for c in configs}
     with tempfile.TemporaryDirectory(dir=workdir) as tmp, use_device(device):
         root = Path(tmp)
         model_dir, data = preference_inputs(root, shape, prompt_len=prompt_len, response_len=response_len, pairs=pairs)
@@ -213,12 +215,17 @@ def run(*, hidden: int = 256, layers: int = 4, heads: int = 4, kv_heads: int | N
                 shutil.rmtree(out, ignore_errors=True)  # a 1B model's final save would fill the disk
                 kept = gaps[max(0, warmup - 1):]  # gaps start after step 1; drop the warm-up steps
                 times[name] += kept
+                round_medians[name].append(statistics.median(kept))
                 print(f"  po_vs_trl round {r + 1}/{rounds} {name:<27} median {statistics.median(kept):.3f} s/step",
                       file=sys.stderr, flush=True)
         median = {k: statistics.median(v) for k, v in times.items() if v}
         throughput, more = _throughput(s, model_dir, data, median)
     notes += more
     ratios = {k: median[a] / median[b] for k, (a, b, _) in RATIOS.items() if a in median and b in median}
+    # the same ratio within each round: its spread shows how much the machine's load moved it
+    round_ratios = {k: [x / y for x, y in zip(round_medians[RATIOS[k][0]], round_medians[RATIOS[k][1]])] for k in ratios}
+    if rounds > 1:
+        notes += [f"{k} round by round: " + ", ".join(f"{v:.3f}" for v in r) for k, r in round_ratios.items()]
     figures = {f"{k}_s_per_step": {"value": v, "unit": "s"} for k, v in median.items()}
     for k, t in throughput.items():
         if isinstance(t, dict) and device == "cuda":
@@ -228,7 +235,7 @@ def run(*, hidden: int = 256, layers: int = 4, heads: int = 4, kv_heads: int | N
     settings = dict(shape.as_dict(), **s, configs=configs, threads=torch.get_num_threads())
     return {"benchmark": "po_vs_trl", "settings": settings, "ratios": ratios,
             "meaning": {k: RATIOS[k][2] for k in ratios}, "figures": figures, "median_step_s": median,
-            "step_s": times, "throughput": throughput, "notes": notes}
+            "step_s": times, "round_ratios": round_ratios, "throughput": throughput, "notes": notes}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -64,7 +64,15 @@ def write_json(result: dict, path: str | Path) -> Path:
 
 
 def print_result(result: dict, json_path: str | Path | None = None) -> None:
-    """Print one result's table (for the scripts under bench/) and optionally write it as JSON."""
-    print(format_table([result]))
+    """For the scripts under bench/: write one result as JSON (with the command line and the machine) when asked,
+    then print its table."""
     if json_path:
+        import shlex
+        import sys
+
+        from finegrain.bench.measure import machine
+
+        device = result.get("settings", {}).get("device", "cpu")
+        result = dict(result, command=shlex.join(["python", *sys.argv]), machine=machine(device))
         print(f"wrote {write_json(result, json_path)}")
+    print(format_table([result]))
