@@ -38,7 +38,10 @@ class DemoConfig:
     eval_prompts: int = option(200, "held-out prompts per policy evaluation")
 
 
-RM_LEVELS = ("sequence", "sentence", "token", "discriminator")
+RM_STEPS = {"sequence": 300, "sentence": 300, "token": 1000, "discriminator": 1000}
+"""Training steps (16 pairs each) per reward-model level: the pair-trained levels overfit the world's ~2,000 pairs
+past ~2.5 epochs; the edit-trained levels need more steps to learn the value of many words (bench/rm_quality.py)."""
+RM_LEVELS = tuple(RM_STEPS)
 PO_LOSSES = {"dpo": [], "tdpo2": ["--alpha", "0.5"], "treg-dpo": ["--alpha", "0.1"]}
 
 
@@ -106,7 +109,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     print("\n[2/7] reward models", flush=True)
     for level in RM_LEVELS:
         argv = ["--level", level, *wd, "--output_dir", str(runs / f"rm-{level}"), *common,
-                "--max_steps", _steps(150, cfg.scale), "--per_device_train_batch_size", "32",
+                "--max_steps", _steps(RM_STEPS[level], cfg.scale), "--per_device_train_batch_size", "16",
                 "--learning_rate", "1e-3", "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.05",
                 "--logging_steps", "10", "--max_eval_samples", "300", "--max_credit_samples", "300"]
         timings[f"rm-{level}"] = _run_stage(f"{level} reward model", "rm", argv, runs / f"rm-{level}")
