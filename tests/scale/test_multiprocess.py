@@ -44,6 +44,18 @@ SAME_SAMPLES = {"ppo": ("rewards/raw", "response/length", "oracle/reward")}  # m
 OPTIONS = {"rm": ["--center_rewards_coefficient", "0.01"]}  # see the module docstring
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # the in-process runs: tiny models run far faster on one thread than on two oversubscribed ones (the launched
+    # runs get OMP_NUM_THREADS=1 from _runs.cli_env)
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _assert_same_run(ref: Path, other: Path, w0: dict, label: str, command: str = "sft") -> float:
     la, lb = R.losses(ref), R.losses(other)
     assert len(la) == len(lb) > 0
@@ -99,3 +111,51 @@ def test_two_processes_and_accumulation_match_one_process(command, tiny_world, t
         assert run["status"] == "completed"
         _assert_same_run(ref, out, w0, f"{command}: {processes} processes x batch {batch} x accumulation {accumulation}",
                          command)
+
+
+@pytest.mark.smoke
+def test_ppo_samples_and_minibatches_do_not_depend_on_the_process_count(tmp_path):
+    """In one process, without launching: ppo's rollout of 8 prompts (2 samples each, sampling groups of 2 prompts)
+    and its minibatches are the same whether one process holds all the prompts or two hold 4 each."""
+    import torch
+
+    from finegrain.config import parse
+    from finegrain.data.prepared import CompletionData
+    from finegrain.data.tokenize import TokenLimits
+    from finegrain.models.loading import load_causal_lm, load_tokenizer
+    from finegrain.trainers.ppo import PPOConfig, RolloutPlace, minibatch_rows, sample_groups
+
+    model_dir = R.tiny_model_dir(tmp_path / "model", "llama")
+    data = R.write_rows(tmp_path / "prompts.jsonl", R.prompt_rows(8))
+    tok, model = load_tokenizer(str(model_dir)), load_causal_lm(str(model_dir)).eval()
+    prompts = CompletionData.from_source(str(data), tok, split=None, kind="prompt",
+                                         limits=TokenLimits(max_length=64, max_prompt_length=32))
+    cfg = parse(PPOConfig, ["--rollout_batch_size", "8", "--generation_batch_size", "2", "--num_samples", "2",
+                            "--num_mini_batches", "2", "--max_new_tokens", "12", "--max_length", "64",
+                            "--max_prompt_length", "32", "--seed", "3"], "finegrain ppo")
+    order = [5, 2, 7, 0, 1, 6, 3, 4]  # a global rollout batch
+
+    def place(rank, processes, streams=True):
+        return RolloutPlace(cfg.seed, 0, 1, 2, rank * (8 // processes) // 2, streams)
+
+    def rows(batch):  # each sampled response, without padding
+        return [ids[m].tolist() for ids, m in zip(batch.completion_input_ids, batch.completion_mask.bool())]
+
+    one = sample_groups(cfg, model, prompts, order, place(0, 1), tok, "cpu")
+    two = [sample_groups(cfg, model, prompts, order[4 * r : 4 * r + 4], place(r, 2), tok, "cpu") for r in (0, 1)]
+    assert rows(one) == rows(two[0]) + rows(two[1])
+    assert len(set(map(tuple, rows(one)))) > 4  # really sampled: the responses differ
+    for ppo_epoch in (0, 1):
+        whole = minibatch_rows(16, place(0, 1), cfg, ppo_epoch)
+        shards = [minibatch_rows(8, place(r, 2), cfg, ppo_epoch) for r in (0, 1)]
+        for j, mb in enumerate(whole):
+            split = torch.cat([shards[0][j], shards[1][j] + 8])
+            assert sorted(mb.tolist()) == sorted(split.tolist())  # the same rows in minibatch j
+            assert len(shards[0][j]) == len(shards[1][j]) == 4
+    # the check can fail: from the global RNG (no --generation_batch_size) each process draws the same numbers for
+    # different prompts, so the second process's responses are not the single process's
+    torch.manual_seed(0)
+    alone = sample_groups(cfg, model, prompts, order, place(0, 1, streams=False), tok, "cpu")
+    torch.manual_seed(0)
+    second = sample_groups(cfg, model, prompts, order[4:], place(1, 2, streams=False), tok, "cpu")
+    assert rows(second) != rows(alone)[8:]

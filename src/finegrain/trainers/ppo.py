@@ -85,9 +85,9 @@ class PPOConfig(TrainConfig):
     rollout_batch_size: int = option(32, "prompts per rollout batch (over all processes)")
     num_samples: int = option(1, "responses per prompt (RLOO needs >= 2)")
     generation_batch_size: int | None = option(
-        None, "prompts per sampling call (default: all of a process's prompts at once); each call draws from its own "
-        "random stream, seeded by --seed and its place in the data, so runs with the same value sample the same "
-        "responses on any number of processes and after a resume")
+        None, "prompts per sampling call, each drawing from its own random stream named by --seed and its place in the "
+        "data, so that runs with the same value sample the same responses on any number of processes (default: all "
+        "of a process's prompts in one call, from the global RNG)")
     temperature: float = option(1.0, "sampling temperature (> 0); log-probs are taken at this temperature")
     top_p: float = option(1.0, "nucleus sampling mass (1: off)")
     top_k: int = option(0, "keep the k most likely tokens (0: off)")
@@ -426,8 +426,8 @@ def setup_models(cfg: PPOConfig, policy: nn.Module, acc, updates: int) -> Models
 def stream_seed(*parts: int | str) -> int:
     """A 63-bit seed for the random stream named by ``parts`` (the run's seed, a purpose, a place in the data).
 
-    Rollout sampling and minibatch shuffles draw from streams named by their place in the run, never from the
-    global RNG: a resumed run, and a run on another number of processes, draw the same numbers for the same rows.
+    With ``--generation_batch_size`` rollout sampling and minibatch shuffles draw from streams named by their place in
+    the run, not from the global RNG: a run on another number of processes draws the same numbers for the same rows.
     """
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
@@ -443,6 +443,8 @@ class RolloutPlace:
         group_size: prompts per sampling group (``--generation_batch_size``, default this process's share).
         first_group: the rollout-batch index of this process's first group (groups are numbered over all
             processes, in rank order).
+        streams: draw from named streams (``--generation_batch_size`` given); False: the global RNG, which every
+            checkpoint saves and restores.
     """
 
     seed: int
@@ -450,8 +452,12 @@ class RolloutPlace:
     batch: int
     group_size: int
     first_group: int
+    streams: bool = True
 
-    def generator(self, purpose: str, *more: int, device="cpu") -> torch.Generator:
+    def generator(self, purpose: str, *more: int, device="cpu") -> torch.Generator | None:
+        """The stream ``(seed, purpose, epoch, batch, *more)``, or None (the global RNG) without ``streams``."""
+        if not self.streams:
+            return None
         return torch.Generator(device=device).manual_seed(stream_seed(self.seed, purpose, self.epoch, self.batch, *more))
 
 
@@ -488,11 +494,11 @@ def sample_groups(cfg: PPOConfig, policy, prompts, local: list[int], place: Roll
                   device) -> CompletionBatch:
     """``cfg.num_samples`` responses to each prompt of ``local`` (this process's share of a rollout batch).
 
-    The prompts are sampled ``place.group_size`` at a time; group ``g`` of the rollout batch is collated on its
-    own and draws from the stream ``(seed, "sample", epoch, batch, g)``. Its responses therefore depend neither on
-    the other groups, nor on the process that holds it, nor on what was sampled before: a resumed run, and a run
-    on any number of processes with the same ``--generation_batch_size``, sample the same tokens (up to weights
-    that differ in their last bits). Rows are prompt-major, as :func:`finegrain.rl.rollout.sample_rollouts` gives.
+    The prompts are sampled ``place.group_size`` at a time; with ``place.streams`` group ``g`` of the rollout batch
+    is collated on its own and draws from the stream ``(seed, "sample", epoch, batch, g)``. Its responses therefore
+    depend neither on the other groups, nor on the process that holds it, nor on what was sampled before: runs on
+    any number of processes with the same ``--generation_batch_size`` sample the same tokens (up to weights that
+    differ in their last bits). Rows are prompt-major, as :func:`finegrain.rl.rollout.sample_rollouts` gives.
     """
     from finegrain.rl.rollout import resolve_special_ids, sample_rollouts
 
@@ -509,10 +515,10 @@ def sample_groups(cfg: PPOConfig, policy, prompts, local: list[int], place: Roll
 def minibatch_rows(num_rows: int, place: RolloutPlace, cfg: PPOConfig, ppo_epoch: int) -> list[torch.Tensor]:
     """The local rows of each minibatch of one pass (``ppo_epoch``) over the rollout.
 
-    Every sampling group's ``group_size · num_samples`` rows are shuffled with the group's own stream
-    ``(seed, "shuffle", epoch, batch, ppo_epoch, g)``, and minibatch ``j`` takes the ``j``-th ``1/num_mini_batches``
-    of every group. As each process holds whole groups, a minibatch is the same set of rows whatever the number of
-    processes, and every process holds the same number of its rows.
+    Every sampling group's ``group_size · num_samples`` rows are shuffled (with the group's own stream
+    ``(seed, "shuffle", epoch, batch, ppo_epoch, g)`` when ``place.streams``, else the global RNG), and minibatch
+    ``j`` takes the ``j``-th ``1/num_mini_batches`` of every group. As each process holds whole groups, a minibatch
+    is the same set of rows whatever the number of processes, and every process holds the same number of its rows.
     """
     unit = place.group_size * cfg.num_samples
     chunks: list[list[torch.Tensor]] = [[] for _ in range(cfg.num_mini_batches)]
@@ -818,7 +824,7 @@ def train(cfg: PPOConfig, policy, tokenizer, prompts, eval_prompts=None, *, sour
             local = shard_batch(epoch_batches[state.batch_in_epoch], world, acc.process_index)
             row_prompts = [prompts[i]["prompt"] for i in local for _ in range(cfg.num_samples)]
             place = RolloutPlace(cfg.seed, state.epoch, state.batch_in_epoch, group_size,
-                                 acc.process_index * len(local) // group_size)
+                                 acc.process_index * len(local) // group_size, cfg.generation_batch_size is not None)
 
             # 1. generate
             t0 = time.perf_counter()
