@@ -133,3 +133,16 @@ def test_every_benchmark_quick(tmp_path):
     assert lora["figures"]["lora_loss_difference"]["value"] < 1e-5  # both LoRA references compute the same loss
     tdpo = json.loads((tmp_path / "tdpo_memory.json").read_text())
     assert tdpo["figures"]["worst_relative_difference"]["value"] < 1e-4  # chunked == naive
+
+
+def test_benchmarks_doc_covers_every_benchmark():
+    """docs/benchmarks.md has a section and a command for every benchmark, and names no benchmark that is gone."""
+    import re
+
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "..", "docs", "benchmarks.md")).read()
+    for name in cli.BENCHMARKS:
+        assert f"## {name}" in doc and f"finegrain bench {name}" in doc, name
+    named = set(re.findall(r"finegrain bench ([a-z_]+)", doc))
+    assert named <= set(cli.BENCHMARKS), named - set(cli.BENCHMARKS)
+    for script in set(re.findall(r"bench/([a-z_]+)\.py", doc)):
+        assert os.path.exists(os.path.join(os.path.dirname(__file__), "..", "..", "bench", f"{script}.py")), script

@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 
 QUICK = dict(hidden_size=64, layers=2, pairs=4, sentences=4, repeats=6, warmup=1)
-GPU = dict(hidden_size=2048, layers=8, heads=16, pairs=16, sentences=16, sentence_tokens=20, repeats=20, warmup=3)
+GPU = dict(hidden_size=2048, layers=8, heads=16, pairs=16, sentences=16, sentence_tokens=20, repeats=20, warmup=3,
+           bf16=True)
 GPU_QUICK = dict(GPU, repeats=5, warmup=2)
 MODELS = ("sequence", "sentence_mark", "sentence_insert")
 
