@@ -27,7 +27,7 @@ Usage:
     .venv/bin/python bench/po_quality.py                     # 3 seeds, the defaults below (~14 min on 2 cores)
     .venv/bin/python bench/po_quality.py --seeds 0 --methods dpo tdpo2 --steps 60   # a quick look
 
-``run(args) -> dict`` is the entry point for ``finegrain bench``.
+``run(args) -> dict`` runs it from Python (``finegrain bench`` lists this script but does not run it: it takes 10+ minutes).
 """
 
 from __future__ import annotations

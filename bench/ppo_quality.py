@@ -37,7 +37,7 @@ Usage:
     .venv/bin/python bench/ppo_quality.py --rm-dir runs/rms --reuse-rms    # keep trained reward models
     .venv/bin/python bench/ppo_quality.py --replot bench/results/ppo_quality.json
 
-``run(args) -> dict`` is the entry point for ``finegrain bench``.
+``run(args) -> dict`` runs it from Python (``finegrain bench`` lists this script but does not run it: it takes 10+ minutes).
 """
 
 from __future__ import annotations
