@@ -4,7 +4,9 @@ Each case runs for every training command (sft, po, rm, ppo) and is compared wit
 command and options: the resumed run's final weights, and every model of its last checkpoint (ppo's critic too), must
 equal it bitwise (CPU, one thread), every logged metric but the wall-clock timings must be identical (training and
 evaluation), and ``consumed.jsonl`` (``--record_consumed``: the example indices of every optimizer step; ppo: the
-prompts of every rollout batch) must list the same batches, each step once.
+prompts of every rollout batch) must list the same batches, each step once. The SIGKILL-after-a-checkpoint case also
+runs the sentence-level reward model (``rm --level sentence``), whose set-up draws random numbers (the embedding row of
+its inserted ``<END>`` token).
 
 * SIGKILL after a checkpoint: the run dies mid-way; ``--resume_from_checkpoint latest`` continues from the newest
   complete checkpoint.
@@ -34,23 +36,30 @@ from finegrain.trainers.loop import checkpoint_dirs  # noqa: E402
 pytestmark = pytest.mark.slow
 STEPS, SAVE_EVERY = 8, 2
 STEP_SLEEP = {"ppo": "0.05"}  # seconds after each optimizer step; default 0.4
+VARIANTS = {"rm-sentence": ("rm", ["--level", "sentence"])}  # case -> (command, options)
 
 
-def _args(command, world, out, extra=()):
-    return R.world_args(command, world, out, steps=STEPS, batch=8, extra=["--save_steps", str(SAVE_EVERY), *extra])
+def _command(case: str) -> str:
+    return VARIANTS.get(case, (case, []))[0]
+
+
+def _args(case, world, out, extra=()):
+    command, options = VARIANTS.get(case, (case, []))
+    return R.world_args(command, world, out, steps=STEPS, batch=8,
+                        extra=["--save_steps", str(SAVE_EVERY), *options, *extra])
 
 
 @pytest.fixture(scope="module")
 def references(tiny_world, tmp_path_factory):
-    """One uninterrupted run per command, shared by the cases below."""
+    """One uninterrupted run per case, shared by the tests below."""
     cache: dict[str, Path] = {}
 
-    def get(command: str) -> Path:
-        if command not in cache:
-            out = tmp_path_factory.mktemp(f"reference-{command}") / "run"
-            R.cli(command, _args(command, tiny_world, out))
-            cache[command] = out
-        return cache[command]
+    def get(case: str) -> Path:
+        if case not in cache:
+            out = tmp_path_factory.mktemp(f"reference-{case}") / "run"
+            R.cli(_command(case), _args(case, tiny_world, out))
+            cache[case] = out
+        return cache[case]
 
     return get
 
@@ -76,17 +85,18 @@ def _slow_env(command, **extra):
     return R.cli_env(FINEGRAIN_TEST_STEP_SLEEP=STEP_SLEEP.get(command, "0.4"), **extra)
 
 
-@pytest.mark.parametrize("command", R.TRAINERS)
-def test_sigkill_after_a_checkpoint_resumes_exactly(command, tiny_world, tmp_path, references):
+@pytest.mark.parametrize("case", [*R.TRAINERS, *VARIANTS])
+def test_sigkill_after_a_checkpoint_resumes_exactly(case, tiny_world, tmp_path, references):
+    command = _command(case)
     out = tmp_path / "run"
-    proc = R.start(command, _args(command, tiny_world, out), env=_slow_env(command))
+    proc = R.start(command, _args(case, tiny_world, out), env=_slow_env(command))
     R.wait_for(lambda: any(d.name == "step-000004" for d in checkpoint_dirs(out)), proc, what="checkpoint 4")
     rc, _ = R.kill(proc, signal.SIGKILL)
     assert rc == -signal.SIGKILL
     assert not (out / "final").exists()
     assert json.loads((out / "run.json").read_text())["status"] == "running"  # a killed run cannot say more
-    R.cli(command, _args(command, tiny_world, out, ["--resume_from_checkpoint", "latest"]))
-    _assert_nothing_lost(out, references(command))
+    R.cli(command, _args(case, tiny_world, out, ["--resume_from_checkpoint", "latest"]))
+    _assert_nothing_lost(out, references(case))
 
 
 @pytest.mark.parametrize("command", R.TRAINERS)

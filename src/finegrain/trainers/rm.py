@@ -579,7 +579,10 @@ def _evaluate_and_log(run, model, cfg: RMConfig, data: RMData, state) -> None:
 def build_model(cfg: RMConfig, backbone, tokenizer, *, splitter: str | None = None):
     """A fresh reward model of ``cfg.level`` on ``backbone`` (dropout off, LoRA and checkpointing as configured).
 
-    ``splitter`` names the sentence splitter when ``cfg.splitter`` is not set (default ``rule``).
+    ``splitter`` names the sentence splitter when ``cfg.splitter`` is not set (default ``rule``). Every random
+    draw of the set-up (the inserted ``<END>`` token's embedding row, the head, LoRA's initial ``A``) comes from
+    ``cfg.seed``, so one seed gives one model in every process and run: torch seeds its global RNG at random when
+    it starts, and this runs before the training loop seeds it.
     """
     from finegrain.models.build import apply_lora, disable_dropout
     from finegrain.models.reward_model import build_reward_model, input_embedding_name, make_splitter
@@ -588,19 +591,21 @@ def build_model(cfg: RMConfig, backbone, tokenizer, *, splitter: str | None = No
         disable_dropout(backbone)
     name = cfg.splitter or splitter or "rule"
     splitter = make_splitter({"name": "sat", "model": cfg.sat_model} if name == "sat" else {"name": name})
-    model = build_reward_model(
-        cfg.level, backbone, tokenizer, num_outputs=3 if cfg.objective == "token_cls" and cfg.cls_loss == "ce" else 1,
-        embed_dim=cfg.reward_embed_dim, max_sentences=cfg.max_sentences, weighted_sum=cfg.weighted_sum,
-        boundary_mode=cfg.boundary_mode, splitter=splitter, double_softmax=cfg.double_softmax, lag=cfg.lag,
-        seed=cfg.seed,
-    )
-    if cfg.gradient_checkpointing:
-        model.backbone.gradient_checkpointing_enable()
-    if cfg.use_peft:
-        # the inserted <END> token has a fresh embedding row: the embedding must train too
-        save = [input_embedding_name(model.backbone)] if cfg.level == "sentence" and cfg.boundary_mode == "insert" else None
-        model.backbone = apply_lora(model.backbone, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
-                                    cfg.lora_target_modules, modules_to_save=save)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = build_reward_model(
+            cfg.level, backbone, tokenizer, num_outputs=3 if cfg.objective == "token_cls" and cfg.cls_loss == "ce" else 1,
+            embed_dim=cfg.reward_embed_dim, max_sentences=cfg.max_sentences, weighted_sum=cfg.weighted_sum,
+            boundary_mode=cfg.boundary_mode, splitter=splitter, double_softmax=cfg.double_softmax, lag=cfg.lag,
+            seed=cfg.seed,
+        )
+        if cfg.gradient_checkpointing:
+            model.backbone.gradient_checkpointing_enable()
+        if cfg.use_peft:
+            # the inserted <END> token has a fresh embedding row: the embedding must train too
+            save = [input_embedding_name(model.backbone)] if cfg.level == "sentence" and cfg.boundary_mode == "insert" else None
+            model.backbone = apply_lora(model.backbone, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
+                                        cfg.lora_target_modules, modules_to_save=save)
     return model
 
 
