@@ -8,7 +8,7 @@ Disk faults are injected while the *second* checkpoint is written (the first one
 * a real read-only directory: ``checkpoints/`` bind-mounted read-only after the first checkpoint (same needs).
 
 Numerical faults: a non-finite loss/gradient skips the step (weights, optimizer moments and the schedule untouched),
-is logged (``skipped``, ``nonfinite_total``), and ``--max_nonfinite_steps`` consecutive skips stop the run with a
+is logged (``skipped``, ``nonfinite_total``; in sft and rm runs here), and ``--max_nonfinite_steps`` consecutive skips stop the run with a
 message that says what to change; a model with NaN weights stops with that message through the CLI (exit 1).
 """
 
@@ -248,6 +248,30 @@ def test_transient_nan_in_sft_is_logged_and_training_goes_on(tiny, tmp_path, mon
     assert [r["skipped"] for r in rows] == [1.0, 1.0, 0.0]
     assert [r["nonfinite_total"] for r in rows] == [1.0, 2.0, 2.0]
     assert rows[0]["loss"] is None and rows[0]["grad_norm"] is None  # strict JSON: null, not NaN
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "completed" and info["skipped_steps"] == 2
+
+
+def test_transient_nan_in_rm_is_logged_and_training_goes_on(tiny, tmp_path, monkeypatch):
+    """The reward-model trainer too: a poisoned loss on the 2nd and 3rd of 5 steps is skipped and logged."""
+    from finegrain.trainers import rm
+
+    real = rm.example_losses
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        losses, stats = real(*args, **kwargs)
+        return (losses * float("nan"), stats) if calls["n"] in (2, 3) else (losses, stats)
+
+    monkeypatch.setattr(rm, "example_losses", poisoned)
+    model, _ = tiny
+    data = R.write_rows(tmp_path / "pairs.jsonl", R.preference_rows(16))
+    out = tmp_path / "run"
+    rm.main(R.model_args(model, data, out, steps=5, batch=4, extra=["--logging_steps", "10"]))
+    rows = R.metrics(out)
+    assert [r["step"] for r in rows] == [2, 3, 5]
+    assert [r["skipped"] for r in rows] == [1.0, 1.0, 0.0] and rows[0]["loss"] is None
     info = json.loads((out / "run.json").read_text())
     assert info["status"] == "completed" and info["skipped_steps"] == 2
 

@@ -109,8 +109,9 @@ def test_two_processes_and_accumulation_match_one_process(command, tiny_world, t
                                     processes=processes, extra=extra), processes=processes)
         run = json.loads((out / "run.json").read_text())
         assert run["status"] == "completed"
-        _assert_same_run(ref, out, w0, f"{command}: {processes} processes x batch {batch} x accumulation {accumulation}",
-                         command)
+        label = f"{command}: {processes} processes x batch {batch} x accumulation {accumulation}"
+        err = _assert_same_run(ref, out, w0, label, command)
+        print(f"{label}: relative update error {err:.1e}")  # shown with -s; quoted in docs/scaling.md
 
 
 @pytest.mark.smoke

@@ -6,14 +6,15 @@ a saved reward-model directory (sequence, sentence, token RM or TLCR discriminat
 ``--reward_scales``. One step of the loop is one rollout batch:
 
     1. generate   the policy (eval mode) samples num_samples responses to each of rollout_batch_size prompts
-                  with the KV cache (rl.rollout.sample_rollouts)
+                  with the KV cache (rl.rollout.sample_rollouts), generation_batch_size prompts per call
     2. score      policy and reference log-probs of the samples (PPO's old log-probs), entropy, the
                   full-vocabulary KL when asked (rl.rollout.score_rollout); critic values; each source's rewards
     3. reward     R_t = clip(norm(Σ_s c_s·r^s_t)) − c_KL·KL_t                       (rl.rewards.dense_rewards)
     4. advantage  GAE with the critic | REINFORCE return-to-go | RLOO, then optional whitening (rl.advantages)
-    5. train      ppo_epochs passes over num_mini_batches shuffled minibatches: clipped policy loss (+ clipped
-                  value loss), one optimizer step per minibatch, micro-batches of per_device_train_batch_size rows
-                  accumulated with weights that make the result the loss of the whole minibatch
+    5. train      ppo_epochs passes over num_mini_batches shuffled minibatches, each an equal share of every
+                  sampling group: clipped policy loss (+ clipped value loss), one optimizer step per minibatch,
+                  micro-batches of per_device_train_batch_size rows accumulated with weights that make the
+                  result the loss of the whole minibatch
     log, evaluate on held-out prompts, checkpoint
 
 The reference is a frozen copy of the initial policy, or -- with ``--use_peft`` -- the policy itself with its LoRA
@@ -22,6 +23,13 @@ body (``--critic separate``, default) or on the policy's own hidden states (``--
 ``vf_coef``·value loss in the policy's objective). On world prompts the oracle's reward and well-formedness of
 every rollout batch are logged (``oracle/*``) whatever the training reward, so curves of true reward against
 samples exist for any source.
+
+Processes: each takes a contiguous share of the rollout batch's prompts; losses are normalised over all of them
+and whitening and reward normalisation reduce across them. With ``--generation_batch_size`` every sampling group
+and every minibatch shuffle draws from its own random stream, named by the seed and its place in the data
+(:class:`RolloutPlace`), so the same global batch samples the same responses and takes the same update on any
+number of processes (tests/scale/test_multiprocess.py); without it they draw from the global RNG, as a
+checkpoint restores it.
 
 The file holds the config with its checks, the critic, the update and the evaluation beside the loop, so that the
 whole method reads in one place; that makes it longer than the ~600 lines STYLE.md aims for. docs/methods/ppo.md
