@@ -116,7 +116,7 @@ def run(*, rows: int = 4, seq_len: int = 1024, vocab: int = 32000, hidden: int =
         for variant in VARIANTS:
             out = str(Path(tmp) / f"{variant}.pt")
             results[variant] = run_worker("finegrain.bench.tdpo_memory", {**settings, "variant": variant, "out": out})
-            tensors[variant] = torch.load(out)
+            tensors[variant] = torch.load(out, weights_only=True)
     diffs = {}
     for key in ("token_logps", "ref_token_logps", "token_kl", "loss", "grad_hidden", "grad_weight"):
         a, b = tensors["chunked"][key].double(), tensors["naive"][key].double()
