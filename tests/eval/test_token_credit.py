@@ -236,3 +236,25 @@ def test_command_line_token_credit_only(tiny_world, tmp_path, capsys):
     data = json.loads((out / "token_credit.json").read_text())
     assert data["auroc"] == {"oracle-credit": 1.0, "zero": 0.5} and len(data["examples"]) == 2
     assert not (out / "eval.json").exists()
+
+
+def test_a_sentence_reward_model_is_judged_with_its_terms_spread_over_each_sentence(tiny_world, tmp_path):
+    """A sentence RM's source puts each term on the sentence's last token (for PPO); the credit evaluation spreads it
+    over the sentence, so every word of a sentence gets the same non-zero value."""
+    from finegrain.models.reward_model import build_reward_model, save_reward_model
+
+    tok = load_tokenizer(str(tiny_world / "sft"))
+    model = build_reward_model("sentence", load_causal_lm(str(tiny_world / "sft")), tok, seed=0, embed_dim=16)
+    save_reward_model(model, tmp_path / "srm")
+    res = evaluate_token_credit_sources([f"srm={tmp_path / 'srm'}"], world_dir=tiny_world, max_rows=8, quiet=True)
+    checked = 0
+    for ex in res["examples"]:
+        words, values = ex["tokens"][:-1], ex["sources"]["srm"][:-1]
+        start = 0
+        for end, w in enumerate(words):
+            if w == "." and end > start:
+                sentence = values[start : end + 1]
+                assert all(v == pytest.approx(sentence[0], abs=1e-6) for v in sentence) and sentence[0] != 0.0
+                checked += 1
+                start = end + 1
+    assert checked > 0

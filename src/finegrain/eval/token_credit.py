@@ -484,6 +484,10 @@ def resolve_credit_sources(
                     "installation lacks"
                 ) from None
             source = load_reward_source(spec, policy_tokenizer=tokenizer, device=device, world_dir=world_dir)
+            if getattr(source, "spread", True) is False:
+                # a sentence RM places each sentence's term on its last token (right for PPO); credit is judged per
+                # word, so here each term is spread over its sentence's tokens, as finegrain rm's own evaluation does
+                source.spread = True
             scorer = _from_reward_source(_source_label(spec, source), source)
         else:
             raise ConfigError(
