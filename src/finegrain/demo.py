@@ -117,7 +117,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     print("\n[3/7] offline preference optimisation", flush=True)
     for loss, extra in PO_LOSSES.items():
         argv = ["--loss", loss, *extra, *wd, "--output_dir", str(runs / f"po-{loss}"), *common,
-                "--max_steps", _steps(150, cfg.scale), "--per_device_train_batch_size", "32",
+                "--max_steps", _steps(120, cfg.scale), "--per_device_train_batch_size", "32",
                 "--learning_rate", "1e-4", "--beta", "0.1", "--lr_scheduler_type", "constant", "--warmup_steps", "10",
                 "--logging_steps", "10", "--eval_steps", "40", "--max_eval_samples", "128"]
         timings[f"po-{loss}"] = _run_stage(loss, "po", argv, runs / f"po-{loss}")
@@ -125,7 +125,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     print("\n[4/7] PPO with dense token rewards", flush=True)
     argv = ["--reward", str(runs / "rm-token" / "final"), *wd, "--output_dir", str(runs / "ppo-token-rm"), *common,
             "--max_steps", _steps(40, cfg.scale), "--rollout_batch_size", "32", "--learning_rate", "3e-4",
-            "--kl_coef", "0.1", "--reward_normalization", "batch", "--per_device_train_batch_size", "16",
+            "--kl_coef", "0.3", "--reward_normalization", "batch", "--per_device_train_batch_size", "16",
             "--logging_steps", "5", "--max_new_tokens", "32", "--max_length", "96", "--max_prompt_length", "32"]
     timings["ppo-token-rm"] = _run_stage("PPO, token RM reward", "ppo", argv, runs / "ppo-token-rm")
 
