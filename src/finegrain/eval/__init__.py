@@ -19,16 +19,12 @@ from finegrain.eval.metrics import (
     sequential_kl,
     win_rate,
 )
+from finegrain.lazy import lazy_attributes
 
 _LAZY = {"evaluate_policy": "finegrain.eval.cli", "evaluate_token_credit_sources": "finegrain.eval.token_credit"}
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'finegrain.eval' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = [

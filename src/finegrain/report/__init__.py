@@ -6,7 +6,7 @@ import torch and matplotlib.
 
 from __future__ import annotations
 
-import importlib
+from finegrain.lazy import lazy_attributes
 
 __all__ = ["RunDirError", "build_report", "render_heatmap", "token_color"]
 
@@ -18,10 +18,7 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str):
-    if name in _WHERE:
-        return getattr(importlib.import_module(_WHERE[name]), name)
-    raise AttributeError(f"module 'finegrain.report' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _WHERE)
 
 
 def __dir__() -> list[str]:

@@ -6,6 +6,7 @@ rewards, reward models, the world's oracle, a Python function) and :func:`load_r
 use, so that ``import finegrain.rewards`` stays light.
 """
 
+from finegrain.lazy import lazy_attributes
 from finegrain.rewards.base import RewardSource, check_finite
 from finegrain.rewards.placement import (
     last_token_index,
@@ -32,12 +33,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'finegrain.rewards' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = [
