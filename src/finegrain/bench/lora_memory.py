@@ -36,7 +36,6 @@ import argparse
 import copy
 import dataclasses
 import gc
-import json
 import statistics
 import sys
 import tempfile
@@ -157,9 +156,10 @@ def run(*, hidden: int = 768, layers: int = 8, heads: int = 12, kv_heads: int | 
 
 
 def main(argv: list[str] | None = None) -> int:
+    from finegrain.bench.measure import serve_worker
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--worker"]:
-        print(json.dumps(worker(json.loads(argv[1]))))
+    if serve_worker(argv, worker):
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for name, default in (("hidden", 768), ("layers", 8), ("heads", 12), ("vocab", 8000), ("prompt-len", 32),

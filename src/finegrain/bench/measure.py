@@ -107,6 +107,15 @@ def run_worker(module: str, options: dict, *, timeout: float | None = None) -> d
     return json.loads(lines[-1])
 
 
+def serve_worker(argv: list[str], worker) -> bool:
+    """The worker side of :func:`run_worker`: when ``argv`` is ``--worker JSON``, print ``worker(options)`` as one JSON
+    line and return True (the caller then exits); otherwise return False."""
+    if argv[:1] != ["--worker"]:
+        return False
+    print(json.dumps(worker(json.loads(argv[1]))))
+    return True
+
+
 def resolve_device(device: str | None) -> str:
     """``"cuda"`` when asked for or (``None``) when a CUDA device is visible, else ``"cpu"``."""
     if device is None:

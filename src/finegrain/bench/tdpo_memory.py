@@ -24,7 +24,6 @@ Usage (defaults: N = 4 sequences of T = 1024 tokens, V = 32000, H = 256, float32
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -137,9 +136,10 @@ def run(*, rows: int = 4, seq_len: int = 1024, vocab: int = 32000, hidden: int =
 
 
 def main(argv: list[str] | None = None) -> int:
+    from finegrain.bench.measure import serve_worker
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--worker"]:
-        print(json.dumps(worker(json.loads(argv[1]))))
+    if serve_worker(argv, worker):
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=4, help="sequences N (chosen rows, then rejected rows; even)")
