@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 PYTHON = sys.executable
@@ -59,6 +60,16 @@ FACTS = {"sky": "blue", "grass": "green", "sun": "yellow", "snow": "white", "sea
 
 
 # ----------------------------------------------------------------------------------------------- tiny models
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Run the in-process tiny models on one torch thread: far faster than two oversubscribed ones on a shared
+    2-core machine (launched runs get OMP_NUM_THREADS=1 from :func:`cli_env`). Autouse in the modules that import it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def word_tokenizer(chat_template: str | None = None):

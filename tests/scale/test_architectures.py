@@ -26,17 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _runs as R  # noqa: E402
+from _runs import one_torch_thread  # noqa: E402,F401 (autouse fixture)
 
 pytestmark = pytest.mark.smoke
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models run far faster on one thread than on two oversubscribed ones (a shared 2-core machine)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _sft(model_dir: Path, tmp: Path, out: Path, chat: bool, extra=()) -> Path:

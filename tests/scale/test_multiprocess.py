@@ -36,24 +36,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _runs as R  # noqa: E402
+from _runs import one_torch_thread  # noqa: E402,F401 (autouse fixture)
 
 LOSS_RTOL = 1e-5
 UPDATE_RTOL = 1e-3
 LOSS_SCALE = {"ppo": 1.0}  # losses compared against this scale rather than their own size (module docstring)
 SAME_SAMPLES = {"ppo": ("rewards/raw", "response/length", "oracle/reward")}  # metrics of what a step sampled
 OPTIONS = {"rm": ["--center_rewards_coefficient", "0.01"]}  # see the module docstring
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the in-process runs: tiny models run far faster on one thread than on two oversubscribed ones (the launched
-    # runs get OMP_NUM_THREADS=1 from _runs.cli_env)
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _assert_same_run(ref: Path, other: Path, w0: dict, label: str, command: str = "sft") -> float:
