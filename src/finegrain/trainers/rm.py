@@ -616,8 +616,7 @@ def world_eval_revisions(world: Path) -> list[dict]:
 
     wcfg = load_world_config(world)
     pairs = [p for p in read_jsonl(world / "data" / "pairs_test.jsonl") if p["rejected"].strip()]
-    rows = make_revisions(pairs, wcfg.rules, wcfg.revision_max_edits, wcfg.seed + 7)
-    return [r for r in rows if r["revised"].strip()]
+    return make_revisions(pairs, wcfg.rules, wcfg.revision_max_edits, wcfg.seed + 7)  # no empty revisions
 
 
 def load_inputs(cfg: RMConfig) -> RMData:
