@@ -131,6 +131,21 @@ def _accepts(model: nn.Module, name: str) -> bool:
         return False
 
 
+def _cache_argument(model: nn.Module) -> str:
+    """The name under which the model's forward takes its KV cache.
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns and goes in 5.40); earlier 5.x
+    releases know only ``past_key_values``. Asking the signature keeps one code path for both.
+    """
+    return "cache" if _accepts(model, "cache") else "past_key_values"
+
+
+def _output_cache(out: Any) -> Any:
+    """The KV cache a forward returned (``out.cache`` from transformers 5.24, ``out.past_key_values`` before)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 def _check_prompts(prompt_input_ids: torch.Tensor, prompt_attention_mask: torch.Tensor) -> torch.Tensor:
     if prompt_input_ids.dim() != 2 or prompt_input_ids.shape != prompt_attention_mask.shape:
         raise ValueError(
@@ -216,6 +231,7 @@ def sample_rollouts(
     positions = (attn.long().cumsum(dim=1) - 1).clamp(min=0)
     next_position = attn.sum(dim=1, keepdim=True)
     extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    cache_arg = _cache_argument(model)
 
     out = model(
         input_ids=prompt_input_ids, attention_mask=attention[:, :p], position_ids=positions, use_cache=True, **extra
@@ -240,8 +256,8 @@ def sample_rollouts(
             input_ids=token[:, None],
             attention_mask=attention[:, : p + step + 1],
             position_ids=next_position + step,
-            past_key_values=out.past_key_values,
             use_cache=True,
+            **{cache_arg: _output_cache(out)},
         )
     del out
 
