@@ -1,7 +1,8 @@
 """The one place that reads models and tokenizers from disk or the hub.
 
 ``trust_remote_code`` is off unless the caller asks; weights are read as safetensors where the checkpoint
-has them. Errors name the path and say what to check.
+has them. Errors name the path and say what to check. A path ending in ``.gguf`` is converted once into a plain
+model directory in the cache (:mod:`finegrain.models.gguf`) and loaded from there.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
     """Load a tokenizer; give it a pad token (its EOS) when it has none, as causal-LM training needs one."""
     from transformers import AutoTokenizer
 
+    name_or_path = _gguf_to_dir(name_or_path)  # issue 13: a .gguf file loads from its converted directory
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -42,6 +44,7 @@ def load_causal_lm(name_or_path: str, *, trust_remote_code: bool = False, dtype:
     """Load an ``AutoModelForCausalLM`` (float32 by default on CPU)."""
     from transformers import AutoModelForCausalLM
 
+    name_or_path = _gguf_to_dir(name_or_path)  # issue 13: a .gguf file loads from its converted directory
     kwargs = {"trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = _dtype(dtype)
@@ -62,3 +65,12 @@ def save_pretrained(model, tokenizer, path: str | Path) -> Path:
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return path
+
+
+# --- GGUF input (issue 13) ---------------------------------------------------------------------------------------
+def _gguf_to_dir(name_or_path: str) -> str:
+    """``name_or_path`` itself, or for a ``.gguf`` file its converted directory (converted on first use by
+    :func:`finegrain.models.gguf.ensure_converted`)."""
+    from finegrain.models.gguf import ensure_converted
+
+    return ensure_converted(name_or_path)
