@@ -314,7 +314,7 @@ class TrainConfig:
     trust_remote_code: bool = option(False, "allow models/tokenizers with custom code from the hub (off unless you ask)")
     # run directory
     output_dir: str | None = option(None, "run directory; default: runs/<command>-<method>")
-    overwrite_output_dir: bool = option(False, "start afresh even if output_dir holds checkpoints of another run")
+    overwrite_output_dir: bool = option(False, "start afresh even if output_dir holds another run (its checkpoints, final model, metrics and run.json are deleted); without it such a directory is refused")
     resume_from_checkpoint: str | None = option(None, "checkpoint directory to resume from, or 'latest' for the newest in output_dir")
     # optimisation
     learning_rate: float = option(1e-5, "peak learning rate")
@@ -344,7 +344,7 @@ class TrainConfig:
     # logging, evaluation, checkpoints
     logging_steps: int = option(10, "log training metrics every N optimizer steps")
     eval_steps: int = option(0, "evaluate every N optimizer steps (0: only at the end)")
-    save_steps: int = option(0, "write a resumable checkpoint every N optimizer steps (0: only at the end)")
+    save_steps: int = option(0, "write a resumable checkpoint every N optimizer steps (0: none, except one on Ctrl-C or SIGTERM; the final model is saved at the end either way, but a killed run then has nothing to resume from)")
     save_total_limit: int = option(2, "keep only the newest N checkpoints")
     report_to: list[str] = option(default_factory=list, help="extra trackers: tensorboard, wandb (metrics.jsonl is always written)")
     max_nonfinite_steps: int = option(5, "stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)")

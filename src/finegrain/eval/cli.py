@@ -35,6 +35,7 @@ import torch
 
 from finegrain.config import option, parse
 from finegrain.errors import ConfigError, DataError, NonFiniteError
+from finegrain.models.loading import model_dir, refuse_reward_model
 
 __all__ = ["EvalConfig", "ModelCache", "default_output_dir", "evaluate_policy", "format_eval", "main",
            "resolve_device"]
@@ -152,14 +153,6 @@ class ModelCache:
 
             self._tokenizers[key] = load_tokenizer(str(path), trust_remote_code=self.trust_remote_code)
         return self._tokenizers[key]
-
-
-def model_dir(path: str | Path) -> str:
-    """A model directory from a run directory: ``RUN`` -> ``RUN/final`` when RUN holds no model of its own."""
-    p = Path(path)
-    if p.is_dir() and not (p / "config.json").is_file() and (p / "final" / "config.json").is_file():
-        return str(p / "final")
-    return str(path)
 
 
 def default_output_dir(policy: str | Path) -> Path:
@@ -342,9 +335,8 @@ def _load_models(policy, reference, tokenizer, models: ModelCache) -> tuple:
     if not isinstance(reference, torch.nn.Module):
         reference = model_dir(reference)
     for role, path in (("policy", policy), ("reference", reference)):
-        if not isinstance(path, torch.nn.Module) and (Path(path) / "finegrain_reward.json").is_file():
-            raise ConfigError(f"--{role} {path} is a reward model (finegrain_reward.json), not a language model; "
-                              "reward models go to --judge or --token_credit")
+        if not isinstance(path, torch.nn.Module):
+            refuse_reward_model(path, f"--{role}")
     if isinstance(policy, torch.nn.Module):
         if tokenizer is None:
             raise ConfigError("evaluate_policy: a policy given as a model needs its tokenizer (tokenizer=...)")

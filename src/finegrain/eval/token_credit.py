@@ -442,7 +442,7 @@ def resolve_credit_sources(
     Raises:
         ConfigError: an unknown spec, a missing directory, or a source that needs a model nobody named.
     """
-    from finegrain.eval.cli import model_dir
+    from finegrain.models.loading import model_dir
 
     items = list(specs.items()) if isinstance(specs, Mapping) else [(None, s) for s in specs]
     out: dict[str, _Scorer] = {}

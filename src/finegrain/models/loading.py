@@ -24,10 +24,12 @@ def _dtype(name: str | None):
 
 
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
-    """Load a tokenizer; give it a pad token (its EOS) when it has none, as causal-LM training needs one."""
+    """Load a tokenizer (a run directory: its ``final/``'s); give it a pad token (its EOS) when it has none, as
+    causal-LM training needs one."""
     from transformers import AutoTokenizer
 
     name_or_path = _gguf_to_dir(name_or_path)  # issue 13: a .gguf file loads from its converted directory
+    name_or_path = model_dir(name_or_path)
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -39,12 +41,47 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
     return tok
 
 
+REWARD_MODEL_FILE = "finegrain_reward.json"
+"""The file that marks a directory saved by ``finegrain rm`` (:mod:`finegrain.models.reward_model`)."""
+
+
+def model_dir(path: str | Path) -> str:
+    """A model directory from a run directory: ``RUN`` -> ``RUN/final`` when RUN holds no model of its own."""
+    p = Path(path)
+    if p.is_dir() and not (p / "config.json").is_file() and (p / "final" / "config.json").is_file():
+        return str(p / "final")
+    return str(path)
+
+
+def refuse_reward_model(path: str | Path, role: str = "--model_name_or_path") -> None:
+    """Raise :class:`ConfigError` when ``path`` (or its ``final/``) is a reward model saved by ``finegrain rm``.
+
+    A reward model's directory also holds a causal LM (its backbone), so it would load as a policy without a word
+    and train or sample from the wrong weights.
+    """
+    for candidate in (Path(path), Path(path) / "final"):
+        marker = candidate / REWARD_MODEL_FILE
+        if marker.is_file():
+            raise ConfigError(
+                f"{role} {path} is a reward model ({marker} gives it away), not a language model to train or sample; "
+                "reward models go to `finegrain ppo --reward`, `finegrain eval --judge` or `--token_credit`"
+            )
+
+
 def load_causal_lm(name_or_path: str, *, trust_remote_code: bool = False, dtype: str | None = None,
-                   attn_implementation: str | None = None):
-    """Load an ``AutoModelForCausalLM`` (float32 by default on CPU)."""
+                   attn_implementation: str | None = None, role: str = "--model_name_or_path",
+                   allow_reward_model: bool = False):
+    """Load an ``AutoModelForCausalLM`` (float32 by default on CPU).
+
+    A run directory loads its ``final/`` model. A reward-model directory is refused (naming ``role``, the option it
+    came from) unless ``allow_reward_model`` (the reward-model loader reading its own backbone).
+    """
     from transformers import AutoModelForCausalLM
 
     name_or_path = _gguf_to_dir(name_or_path)  # issue 13: a .gguf file loads from its converted directory
+    if not allow_reward_model:
+        refuse_reward_model(name_or_path, role)
+    name_or_path = model_dir(name_or_path)
     kwargs = {"trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = _dtype(dtype)

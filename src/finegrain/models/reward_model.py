@@ -61,6 +61,7 @@ from finegrain.data.segmentation import (
 from finegrain.errors import ConfigError, DataError
 from finegrain.models.forward import hidden_states, reading_states
 from finegrain.models.heads import ScalarHead, SentenceRewardHead, SentenceRewardOutput, TwoClassHead
+from finegrain.models.loading import REWARD_MODEL_FILE
 from finegrain.rewards.placement import last_token_index
 from finegrain.types import CompletionBatch
 
@@ -86,7 +87,7 @@ __all__ = [
 
 LEVELS: tuple[str, ...] = ("sequence", "sentence", "token", "discriminator")
 BOUNDARY_MODES: tuple[str, ...] = ("insert", "mark")
-CONFIG_FILE = "finegrain_reward.json"
+CONFIG_FILE = REWARD_MODEL_FILE
 HEAD_FILE = "reward_head.safetensors"
 FLAT_FILE = "reward_model.safetensors"
 END_TOKEN = "<END>"
@@ -707,7 +708,7 @@ def load_reward_model(path: str | Path, *, device: str | torch.device | None = N
     if level not in _CLASSES:
         raise ConfigError(f"{path}: unknown reward-model level {level!r}")
     tokenizer = load_tokenizer(str(path), trust_remote_code=trust_remote_code)
-    backbone = load_causal_lm(str(path), trust_remote_code=trust_remote_code, dtype=dtype)
+    backbone = load_causal_lm(str(path), trust_remote_code=trust_remote_code, dtype=dtype, allow_reward_model=True)
     head = _make_head(level, info["head"]).float()
     try:
         head.load_state_dict(load_file(str(path / HEAD_FILE)))

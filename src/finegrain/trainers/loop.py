@@ -92,6 +92,47 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _step_of(checkpoint: Path) -> int:
+    try:
+        return int(checkpoint.name.split("-")[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """What makes checkpoint ``path`` unusable (naming the file), or None when every file of it reads.
+
+    Checked without loading the tensors: ``trainer_state.json`` parses, ``optim.pt`` and ``rng.pt`` are complete
+    zip archives (what ``torch.save`` writes), every ``*.safetensors`` file's header covers the whole file (a
+    truncated one fails here), and the policy's folder ``model/`` has weights.
+    """
+    import zipfile
+
+    from safetensors import safe_open
+
+    path = Path(path)
+    state = path / STATE_FILE
+    try:
+        RunState.from_json(json.loads(state.read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        return f"{state} is unreadable ({exc})"
+    for name in ("optim.pt", "rng.pt"):
+        f = path / name
+        if not f.is_file():
+            return f"{f} is missing"
+        if not zipfile.is_zipfile(f):
+            return f"{f} is truncated or corrupt"
+    if not any((path / "model").glob("*.safetensors")):
+        return f"{path / 'model'} has no weights (*.safetensors)"
+    for f in sorted(path.glob("*/*.safetensors")):
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except Exception as exc:  # SafetensorError, OSError: the message says which
+            return f"{f} is truncated or corrupt ({exc})"
+    return None
+
+
 def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
     root = Path(output_dir) / CHECKPOINTS
@@ -116,7 +157,10 @@ class Run:
         self.dir = Path(cfg.output_dir or f"runs/{command}-{method}")
         self.is_main = accelerator.is_main_process
         _check_process_count(accelerator)
+        # Everything is validated before anything in the run directory is written: a refused run leaves an
+        # existing directory byte-for-byte as it was.
         self.resume_from = self._resolve_resume()
+        self._check_existing_run()
         if self.is_main:
             self._prepare_dir()
         accelerator.wait_for_everyone()
@@ -151,23 +195,47 @@ class Run:
             found = checkpoint_dirs(self.dir)
             if not found:
                 raise ConfigError(f"--resume_from_checkpoint latest: no checkpoint in {self.dir / CHECKPOINTS}")
-            return found[-1]
-        path = Path(target)
-        if not (path / STATE_FILE).is_file():
-            raise ConfigError(f"--resume_from_checkpoint {target}: not a finegrain checkpoint (no {STATE_FILE})")
+            path = found[-1]
+        else:
+            path = Path(target)
+            if not (path / STATE_FILE).is_file():
+                raise ConfigError(f"--resume_from_checkpoint {target}: not a finegrain checkpoint (no {STATE_FILE})")
+        problem = checkpoint_problem(path)
+        if problem:
+            older = [d for d in checkpoint_dirs(path.parent.parent) if _step_of(d) < _step_of(path)
+                     and checkpoint_problem(d) is None]
+            hint = (f"the older checkpoint {older[-1]} is complete: resume from it with --resume_from_checkpoint "
+                    f"{older[-1]}" if older else "no older complete checkpoint exists; start afresh with "
+                    "--overwrite_output_dir")
+            raise ConfigError(f"cannot resume from {path}: {problem}; {hint}")
         return path
 
-    def _prepare_dir(self) -> None:
+    def _check_existing_run(self) -> None:
+        """Refuse to start a new run over one that exists, unless ``--overwrite_output_dir`` (or resuming it)."""
+        if self.resume_from is not None or self.cfg.overwrite_output_dir:
+            return
         existing = checkpoint_dirs(self.dir)
-        if existing and self.resume_from is None:
-            if not self.cfg.overwrite_output_dir:
-                raise ConfigError(
-                    f"{self.dir} already holds checkpoints of a run (latest {existing[-1].name}); pass "
-                    "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to start afresh, "
-                    "or choose another --output_dir"
-                )
-            shutil.rmtree(self.dir / CHECKPOINTS)
-            for name in ("metrics.jsonl", CONSUMED_FILE, "final"):
+        if existing:
+            raise ConfigError(
+                f"{self.dir} already holds checkpoints of a run (latest {existing[-1].name}); pass "
+                "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to start afresh, "
+                "or choose another --output_dir"
+            )
+        found = [name for name in ("run.json", "final", "metrics.jsonl") if (self.dir / name).exists()]
+        if found:
+            try:
+                status = json.loads((self.dir / "run.json").read_text()).get("status", "unknown")
+            except (OSError, ValueError, AttributeError):
+                status = "unknown"
+            raise ConfigError(
+                f"{self.dir} already holds a run (status {status}: {', '.join(found)}); pass --overwrite_output_dir "
+                "to replace it, or choose another --output_dir"
+            )
+
+    def _prepare_dir(self) -> None:
+        if self.resume_from is None and self.cfg.overwrite_output_dir:
+            shutil.rmtree(self.dir / CHECKPOINTS, ignore_errors=True)
+            for name in ("metrics.jsonl", CONSUMED_FILE, "final", "run.json"):
                 p = self.dir / name
                 if p.is_dir():
                     shutil.rmtree(p)

@@ -531,10 +531,10 @@ def train(cfg: POConfig, model, tokenizer, train_data, eval_data=None, *, ref_mo
     from finegrain.models.build import apply_lora, disable_dropout
 
     acc = loop.make_accelerator(cfg)
-    run = loop.Run(cfg, "po", cfg.loss, acc)
     loss_fn, names = make_loss(cfg), metric_names(cfg)
     train_plan = make_plan(cfg, train_data)
     eval_plan = make_plan(cfg, eval_data, eval_split=True) if eval_data is not None else None
+    run = loop.Run(cfg, "po", cfg.loss, acc)  # after the plans are validated: nothing is written before
     plans = [p for p in (train_plan, eval_plan) if p is not None]
     live = any(p.reference_model or p.ref_logps for p in plans)
     if cfg.disable_dropout:

@@ -786,7 +786,6 @@ def train(cfg: PPOConfig, policy, tokenizer, prompts, eval_prompts=None, *, sour
     from finegrain.rl.rollout import score_rollout
 
     acc = loop.make_accelerator(cfg)
-    run = loop.Run(cfg, "ppo", method or cfg.estimator, acc)
     world, device = acc.num_processes, acc.device
     if cfg.rollout_batch_size % world:
         raise ConfigError(f"rollout_batch_size ({cfg.rollout_batch_size}) must be a multiple of the {world} processes")
@@ -807,6 +806,7 @@ def train(cfg: PPOConfig, policy, tokenizer, prompts, eval_prompts=None, *, sour
     if any(isinstance(s, OracleRewardSource) for s, _ in sources.values()) and not world_prompts:
         raise ConfigError("--reward oracle judges the built-in world's prompts only, and these prompts are not all world "
                           "prompts; choose another --reward")
+    run = loop.Run(cfg, "ppo", method or cfg.estimator, acc)  # after every input is validated: nothing written before
     running = RunningMoments()
     state = loop.RunState()
     if run.resume_from is not None:
