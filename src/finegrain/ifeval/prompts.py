@@ -85,7 +85,9 @@ TOPICS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("volunteering", "volunteer", ("help", "community", "people")),
     ("the seasons", "season", ("summer", "winter", "weather")),
 )
-"""48 topics; a topic's forbidden-word candidates never contain its keyword (the two instructions cannot conflict)."""
+"""48 topics. No forbidden-word candidate matches inside its topic's keyword as a whole word (IFEval's
+``\\bword\\b`` test), so the keyword can always be written without breaking the forbidden-words instruction
+("farmer" may be forbidden where "farm" is required)."""
 
 REQUESTS: tuple[str, ...] = (
     "Write a short blog post about {topic}.",
