@@ -138,6 +138,15 @@ def test_build_runs_every_stage_and_skips_finished_ones(tiny_dir, tmp_path, monk
     assert result["n"] == 4 and 0.0 <= result["prompt_strict"] <= result["prompt_loose"] <= 1.0
     assert result["kl"] is None and set(result["per_instruction"]) >= {WORDS, KEY}
     assert len(read_jsonl(task / "samples/train.jsonl")) == 6
+    # every data file is an ordinary finegrain / TRL data set of its kind
+    from finegrain.data import load_rows, validate_rows
+
+    for rel, kind in (("prompts/train.jsonl", "prompt"), ("data/pairs.jsonl", "preference"),
+                      ("data/revisions.jsonl", "revision"), ("data/edit_labels.jsonl", "token"),
+                      ("data/truth_test.jsonl", "token")):
+        if read_jsonl(task / rel):
+            rows = load_rows(str(task / rel))
+            assert validate_rows(rows, kind) and validate_rows(rows, None) is not None, rel
     capsys.readouterr()
     assert cli.main(["build", *argv]) == 0
     assert capsys.readouterr().out.count("exists: skipped") == 8  # prompts (2 files) + the 6 stages after them

@@ -207,15 +207,18 @@ def stage_revise(cfg: IFEvalConfig) -> None:
 
 
 def stage_labels(cfg: IFEvalConfig) -> None:
-    from finegrain.labeling import main as label_main
+    # Through the `finegrain` command itself (its stable interface), exactly as a user would run it.
+    from finegrain.cli.main import main as finegrain_main
 
     paths = _paths(cfg)
     if _done(paths.edit_labels):
         return
     if not paths.revisions.is_file():
         raise ConfigError(f"{paths.revisions} does not exist: run `finegrain ifeval revise` first")
-    label_main(["edits", "--dataset_name", str(paths.revisions), "--tokenizer_name_or_path", str(_start_model(cfg)),
-                "--output_file", str(paths.edit_labels)])
+    argv = ["label", "edits", "--dataset_name", str(paths.revisions), "--tokenizer_name_or_path",
+            str(_start_model(cfg)), "--output_file", str(paths.edit_labels)]
+    if finegrain_main(argv) != 0:
+        raise ConfigError(f"`finegrain {' '.join(argv)}` failed (its message is above)")
 
 
 def _eval_name(cfg: IFEvalConfig, start: Path) -> tuple[str, Path, bool]:
