@@ -109,10 +109,18 @@ def resolve_dtype(cfg: IFEvalConfig) -> str:
     return "bfloat16" if native else "float32"
 
 
-def _settings(cfg: IFEvalConfig) -> dict:
-    keys = ("seed", "num_train_prompts", "num_test_prompts", "num_test_topics", "num_samples", "temperature", "top_p",
-            "max_new_tokens", "batch_size")
-    return {**{k: getattr(cfg, k) for k in keys}, "dtype": resolve_dtype(cfg)}
+_PROMPT_SETTINGS = ("seed", "num_train_prompts", "num_test_prompts", "num_test_topics")
+_SAMPLE_SETTINGS = ("num_samples", "temperature", "top_p", "max_new_tokens", "batch_size")
+
+
+def _settings(cfg: IFEvalConfig, stage: str) -> dict:
+    """The settings a stage's output depends on (recorded in task.json): the prompts' for every stage, plus the
+    start model's sampling settings for the stages built on its train samples (eval records its own in eval.json;
+    truth reads the start model's eval samples)."""
+    out = {k: getattr(cfg, k) for k in _PROMPT_SETTINGS}
+    if stage in ("sample", "pairs", "revise", "labels", "build"):
+        out.update({k: getattr(cfg, k) for k in _SAMPLE_SETTINGS}, dtype=resolve_dtype(cfg))
+    return out
 
 
 def _start_model(cfg: IFEvalConfig) -> Path:
@@ -348,7 +356,7 @@ def run_stage(stage: str, cfg: IFEvalConfig) -> None:
 
     require_checkers()
     if stage not in ("model", "speed"):
-        check_task_settings(_paths(cfg), _settings(cfg))
+        check_task_settings(_paths(cfg), _settings(cfg, stage))
     for name in (STAGES if stage == "build" else (stage,)):
         start = time.perf_counter()
         print(f"[ifeval {name}]", flush=True)

@@ -82,22 +82,23 @@ class TaskPaths:
 
 
 def check_task_settings(paths: TaskPaths, settings: dict[str, Any]) -> None:
-    """Write ``task.json`` on first use; later, refuse settings that differ from the ones the data were made with.
+    """Record the settings the task's data are made with in ``task.json``; refuse a setting that differs from the
+    recorded one (settings not recorded yet are added).
 
     Raises:
         ConfigError: naming each differing setting and what to do.
     """
-    if paths.settings.is_file():
-        old = json.loads(paths.settings.read_text())
-        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-        if diff:
-            detail = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
-            raise ConfigError(f"the task directory {paths.root} was built with other settings ({detail}); use those "
-                              "settings, another --task_dir, or delete the directory")
+    old = json.loads(paths.settings.read_text()) if paths.settings.is_file() else {}
+    diff = {k: (old[k], v) for k, v in settings.items() if k in old and old[k] != v}
+    if diff:
+        detail = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+        raise ConfigError(f"the task directory {paths.root} was built with other settings ({detail}); use those "
+                          "settings, another --task_dir, or delete the directory")
+    if all(k in old for k in settings):
         return
     paths.root.mkdir(parents=True, exist_ok=True)
     tmp = paths.settings.with_name(".task.json.tmp")
-    tmp.write_text(json.dumps(settings, indent=2) + "\n")
+    tmp.write_text(json.dumps({**old, **settings}, indent=2) + "\n")
     tmp.replace(paths.settings)
 
 
