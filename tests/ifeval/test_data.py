@@ -157,6 +157,9 @@ def test_build_runs_every_stage_and_skips_finished_ones(tiny_dir, tmp_path, monk
     assert cli.main(["eval", *argv, "--policy", str(tiny_dir), "--reference", str(tiny_dir), "--name", "same"]) == 0
     same = json.loads((task / "eval/same/eval.json").read_text())
     assert same["kl"] is not None and abs(same["kl"]) < 1e-4 and same["prompt_strict"] == result["prompt_strict"]
+    # an evaluation under the same name but other settings is refused, not silently reused
+    with pytest.raises(ConfigError, match="n: 4 there, 2 now"):
+        cli.main(["eval", *argv, "--name", "same", "--max_eval_prompts", "2"])
 
 
 def test_model_is_found_or_fetched_offline_and_checked(tmp_path, monkeypatch):

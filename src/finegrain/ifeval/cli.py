@@ -245,10 +245,17 @@ def stage_eval(cfg: IFEvalConfig) -> dict:
     start_dir = _start_model(cfg)
     name, policy_dir, is_start = _eval_name(cfg, start_dir)
     out_dir = paths.eval_dir(name)
-    if (out_dir / "eval.json").is_file():
-        print(f"  {out_dir / 'eval.json'} exists: skipped")
-        return json.loads((out_dir / "eval.json").read_text())
     rows = load_rows_checked(paths.prompts("test"), "prompts")[: cfg.max_eval_prompts]
+    if (out_dir / "eval.json").is_file():
+        old = json.loads((out_dir / "eval.json").read_text())
+        asked = {"n": len(rows), "max_new_tokens": cfg.max_new_tokens, "dtype": resolve_dtype(cfg)}
+        differ = {k: (old.get(k), v) for k, v in asked.items() if old.get(k) != v}
+        if differ:
+            detail = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items())
+            raise ConfigError(f"{out_dir / 'eval.json'} holds an evaluation with other settings ({detail}); pass "
+                              "--name to keep both, or delete that directory")
+        print(f"  {out_dir / 'eval.json'} exists: skipped")
+        return old
     model, tok = _load(policy_dir, cfg)
     reference = None
     ref_path = None
