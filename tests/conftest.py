@@ -36,10 +36,24 @@ TINY_WORLD = dict(
 
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
-    """A small but complete world directory (see finegrain.world.build for its layout)."""
-    from finegrain.world.build import build_world
+    """A small but complete world directory (see finegrain.world.build for its layout).
+
+    Built once per test session. With ``FINEGRAIN_TEST_WORLD=DIR`` (a developer's option; CI leaves it unset) it is
+    built into DIR once and reused by later sessions while its format and settings stay the same.
+    """
+    from finegrain.world import ensure_world, is_built, load_world_config
     from finegrain.world.config import WorldConfig
 
+    cfg = WorldConfig(**TINY_WORLD)
+    cached = os.environ.get("FINEGRAIN_TEST_WORLD")
+    if cached:
+        if is_built(cached) and load_world_config(cached) != cfg:
+            import shutil
+
+            shutil.rmtree(cached)  # built with other settings: rebuild
+        return ensure_world(cached, cfg, quiet=True)
+    from finegrain.world.build import build_world
+
     path = tmp_path_factory.mktemp("world")
-    build_world(path, WorldConfig(**TINY_WORLD), show_progress=False)
+    build_world(path, cfg, show_progress=False)
     return path

@@ -310,7 +310,6 @@ class TrainConfig:
     skip_invalid_rows: bool = option(False, "skip bad rows (counted and logged) instead of stopping with an error")
     max_length: int = option(512, "maximum prompt + response tokens; longer responses are cut from the right")
     max_prompt_length: int = option(256, "maximum prompt tokens; longer prompts keep their end")
-    world_dir: str | None = option(None, "where the built-in world lives (built on first use); default: the cache directory")
     trust_remote_code: bool = option(False, "allow models/tokenizers with custom code from the hub (off unless you ask)")
     # run directory
     output_dir: str | None = option(None, "run directory; default: runs/<command>-<method>")

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from finegrain.config import add_arguments, build, option
+from finegrain.world.app import world_control_template
 
 
 @dataclasses.dataclass
@@ -60,12 +61,13 @@ def _run_stage(title: str, command: str, argv: list[str], run_dir: Path) -> floa
 
     from finegrain.cli.main import COMMANDS
 
+    module, _, function = COMMANDS[command][0].partition(":")
     if _completed(run_dir):
         print(f"  {title}: done earlier ({run_dir})", flush=True)
         return 0.0
     print(f"  {title}: finegrain {command} {' '.join(argv)}", flush=True)
     t = time.time()
-    importlib.import_module(COMMANDS[command][0]).main([*argv, "--overwrite_output_dir"])
+    getattr(importlib.import_module(module), function)([*argv, "--overwrite_output_dir"])
     return time.time() - t
 
 
@@ -130,8 +132,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     timings["ppo-token-rm"] = _run_stage("PPO, token RM reward", "ppo", argv, runs / "ppo-token-rm")
 
     print("\n[5/7] evaluation against the SFT model, judged by the oracle", flush=True)
-    from finegrain.eval.cli import ModelCache, evaluate_policy, resolve_device
+    from finegrain.eval.cli import evaluate_policy
+    from finegrain.models.loading import ModelCache, resolve_device
+    from finegrain.world.app import register
 
+    register(world)  # the world's oracle as a reward source, with this world's rules
     cache = ModelCache(resolve_device(None))
     policies = [f"po-{loss}" for loss in PO_LOSSES] + ["ppo-token-rm"]
     results: dict[str, dict] = {}
@@ -139,7 +144,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     for name in policies:
         results[name] = evaluate_policy(
             runs / name / "final", world / "sft", prompts=str(world / "data" / "prompts_test.jsonl"), judge="oracle",
-            world_dir=str(world), max_prompts=cfg.eval_prompts, seed=cfg.seed, output_dir=runs / name, models=cache,
+            max_prompts=cfg.eval_prompts, seed=cfg.seed, output_dir=runs / name, models=cache,
         )
     timings["eval"] = time.time() - t
 
@@ -149,8 +154,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     t = time.time()
     sources = ["truth=oracle-credit", "contrastive", f"implicit-tdpo2=implicit:{runs / 'po-tdpo2'}"] + [
         f"{level}-rm={runs / f'rm-{level}' / 'final'}" for level in RM_LEVELS]
-    credit = evaluate_token_credit_sources(sources, world_dir=str(world), output_dir=out / "token-credit",
-                                           max_rows=300, models=cache)
+    credit = evaluate_token_credit_sources(sources, data=str(world / "data" / "credit_test.jsonl"),
+                                           reference=str(world / "sft"), output_dir=out / "token-credit",
+                                           max_rows=300, models=cache, contrastive_template=world_control_template())
     timings["token-credit"] = time.time() - t
 
     print("\n[7/7] report", flush=True)

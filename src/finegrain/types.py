@@ -47,6 +47,11 @@ class CompletionBatch(_Batch):
         completion_mask: ``(N, T)`` bool, True on real response tokens (EOS included).
         extras: per-token or per-row tensors carried along, e.g. ``token_rewards (N, T)``,
             ``token_labels (N, T)``, ``ref_token_logps (N, T)``.
+        prompts: the ``N`` prompts as the data set gave them (a string or a list of chat messages), or None.
+            Reward sources that read text (rule rewards, contrastive templates) use them; without them they decode
+            the prompt block, which is exact only for plain-text prompts.
+        responses: the ``N`` response texts, or None (sources then decode the response block). Set once by whoever
+            built the batch, so several text-reading sources do not decode it again.
     """
 
     prompt_input_ids: torch.Tensor
@@ -54,6 +59,8 @@ class CompletionBatch(_Batch):
     completion_input_ids: torch.Tensor
     completion_mask: torch.Tensor
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    prompts: list[Any] | None = None
+    responses: list[str] | None = None
 
     @property
     def num_rows(self) -> int:

@@ -157,11 +157,12 @@ def test_unknown_extension(tmp_path):
     assert e.value.source == str(p)
 
 
-def test_single_file_has_only_train(tmp_path):
+def test_a_single_file_is_the_whole_data_set_whatever_the_split(tmp_path):
+    """A single file has no splits: --eval_split test (the default) on an eval file reads the file, not an error
+    after the models were loaded."""
     p = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
     assert len(load_rows(p, split="train")) == 2
-    with pytest.raises(DataError, match="only the 'train' split"):
-        load_rows(p, split="test")
+    assert len(load_rows(p, split="test")) == 2 and len(load_rows(p)) == 2
 
 
 def test_directory_splits_by_file_name(tmp_path):

@@ -9,10 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from finegrain.cli.commands import eval_command as main
 from finegrain.errors import ConfigError
-from finegrain.eval.cli import EvalConfig, ModelCache, default_output_dir, evaluate_policy, main
-from finegrain.models.loading import load_causal_lm, load_tokenizer
+from finegrain.eval.cli import EvalConfig, default_output_dir, evaluate_policy
+from finegrain.models.loading import ModelCache, load_causal_lm, load_tokenizer
 from finegrain.types import TokenRewards
+from finegrain.world.app import eval_settings
 
 # The keys of docs/run-directory.md's eval.json, with their types (None allowed for a standard error).
 EVAL_KEYS = {
@@ -60,9 +62,9 @@ def test_identical_models_tie_everywhere_with_zero_kl(tiny_world, sft, perturbed
     every per-model statistic is equal. So does a separately loaded copy of the weights, and so does a reference
     side reused from a shared ModelCache (sampled during the evaluation of another policy)."""
     cache = ModelCache(torch.device("cpu"))
-    other = evaluate_policy(perturbed, sft, world_dir=tiny_world, max_prompts=8, models=cache)
+    other = evaluate_policy(perturbed, sft, **eval_settings(tiny_world), max_prompts=8, models=cache)
     assert len(cache.reference_samples) == 1
-    res = evaluate_policy(sft, sft, world_dir=tiny_world, max_prompts=8, output_dir=tmp_path / "same", models=cache)
+    res = evaluate_policy(sft, sft, **eval_settings(tiny_world), max_prompts=8, output_dir=tmp_path / "same", models=cache)
     assert len(cache.reference_samples) == 1 and res["ref_mean_reward"] == other["ref_mean_reward"]
     assert (res["win_rate"], res["tie_rate"], res["loss_rate"]) == (0.0, 1.0, 0.0)
     assert res["seq_kl"] == 0.0 and res["seq_kl_k1"] == 0.0
@@ -72,7 +74,7 @@ def test_identical_models_tie_everywhere_with_zero_kl(tiny_world, sft, perturbed
     assert all(r["response"] == r["ref_response"] and r["reward"] == r["ref_reward"] for r in rows)
 
     tok = load_tokenizer(str(sft))
-    copy = evaluate_policy(load_causal_lm(str(sft)), load_causal_lm(str(sft)), tokenizer=tok, world_dir=tiny_world,
+    copy = evaluate_policy(load_causal_lm(str(sft)), load_causal_lm(str(sft)), tokenizer=tok, **eval_settings(tiny_world),
                            max_prompts=8)
     assert (copy["tie_rate"], copy["seq_kl"]) == (1.0, 0.0)
     assert copy["mean_reward"] == res["mean_reward"]
@@ -80,7 +82,7 @@ def test_identical_models_tie_everywhere_with_zero_kl(tiny_world, sft, perturbed
 
 def test_eval_json_and_samples_format(tiny_world, sft, perturbed, tmp_path):
     out = tmp_path / "run"
-    res = evaluate_policy(perturbed, sft, world_dir=tiny_world, max_prompts=10, num_samples=2, batch_size=8,
+    res = evaluate_policy(perturbed, sft, **eval_settings(tiny_world), max_prompts=10, num_samples=2, batch_size=8,
                           output_dir=out)
     data = json.loads((out / "eval.json").read_text())
     assert data == res
@@ -118,7 +120,7 @@ def test_kl_and_entropy_match_a_naive_forward(tiny_world, sft, perturbed, tmp_pa
     from finegrain.data.tokenize import tokenize_prompt, tokenize_response
 
     out = tmp_path / "kl"
-    evaluate_policy(perturbed, sft, world_dir=tiny_world, max_prompts=6, output_dir=out)
+    evaluate_policy(perturbed, sft, **eval_settings(tiny_world), max_prompts=6, output_dir=out)
     tok = load_tokenizer(str(sft))
     policy, reference = load_causal_lm(str(perturbed)).double(), load_causal_lm(str(sft)).double()
     checked = 0
@@ -146,7 +148,7 @@ def test_function_judge_and_reward_source_judge(tiny_world, sft, perturbed, tmp_
         assert len(prompts) == len(responses) and all(isinstance(p, str) for p in prompts)
         return [len(r.split()) for r in responses]
 
-    res = evaluate_policy(perturbed, sft, judge=words, world_dir=tiny_world, max_prompts=6, output_dir=tmp_path / "f")
+    res = evaluate_policy(perturbed, sft, **eval_settings(tiny_world, judge=words), max_prompts=6, output_dir=tmp_path / "f")
     assert res["judge"] == "words" and "well_formed_rate" not in res
     rows = read_samples(tmp_path / "f")
     assert all(r["reward"] == len(r["response"].split()) and r["ref_reward"] == len(r["ref_response"].split())
@@ -159,7 +161,7 @@ def test_function_judge_and_reward_source_judge(tiny_world, sft, perturbed, tmp_
             mask = batch.completion_mask.bool()
             return TokenRewards(values=mask.float(), mask=mask)
 
-    res = evaluate_policy(perturbed, sft, judge=Ones(), world_dir=tiny_world, max_prompts=6,
+    res = evaluate_policy(perturbed, sft, **eval_settings(tiny_world, judge=Ones()), max_prompts=6,
                           output_dir=tmp_path / "s")
     assert res["judge"] == "ones"
     rows = read_samples(tmp_path / "s")
@@ -168,12 +170,14 @@ def test_function_judge_and_reward_source_judge(tiny_world, sft, perturbed, tmp_
 
 
 def test_judge_errors(tiny_world, sft):
-    with pytest.raises(ValueError, match="returned 1 scores"):
-        evaluate_policy(sft, sft, judge=lambda p, r: [0.0], world_dir=tiny_world, max_prompts=2)
+    with pytest.raises(ValueError, match="returned 1 items for 2 responses"):
+        evaluate_policy(sft, sft, **eval_settings(tiny_world, judge=lambda p, r: [0.0]), max_prompts=2)
     with pytest.raises(FloatingPointError, match="non-finite"):
-        evaluate_policy(sft, sft, judge=lambda p, r: [math.nan] * len(r), world_dir=tiny_world, max_prompts=2)
-    with pytest.raises(ConfigError, match="not 'oracle'"):
-        evaluate_policy(sft, sft, judge="no/such/dir", world_dir=tiny_world, max_prompts=2)
+        evaluate_policy(sft, sft, **eval_settings(tiny_world, judge=lambda p, r: [math.nan] * len(r)), max_prompts=2)
+    with pytest.raises(ConfigError, match="no such directory"):
+        evaluate_policy(sft, sft, **eval_settings(tiny_world, judge="no/such/dir"), max_prompts=2)
+    with pytest.raises(ConfigError, match="unknown kind 'oracel'.*oracle"):  # the message lists the spec forms
+        evaluate_policy(sft, sft, **eval_settings(tiny_world, judge="oracel"), max_prompts=2)
 
 
 def test_command_line_writes_into_the_policy_run_directory(tiny_world, sft, tmp_path, capsys):
@@ -192,7 +196,7 @@ def test_command_line_writes_into_the_policy_run_directory(tiny_world, sft, tmp_
     assert json.loads((run / "run.json").read_text())["method"] == "dpo"  # the run's own run.json is kept
 
 
-def test_config_errors(tiny_world, tmp_path):
+def test_config_errors(tiny_world, sft, tmp_path):
     with pytest.raises(ConfigError, match="nothing to evaluate"):
         EvalConfig()
     with pytest.raises(ConfigError, match="--reference"):
@@ -204,7 +208,7 @@ def test_config_errors(tiny_world, tmp_path):
     (tmp_path / "rm").mkdir()
     (tmp_path / "rm" / "finegrain_reward.json").write_text("{}")
     with pytest.raises(ConfigError, match="is a reward model"):
-        evaluate_policy(tmp_path / "rm", world_dir=tiny_world)
+        evaluate_policy(tmp_path / "rm", sft, **eval_settings(tiny_world))
 
 
 def test_reference_with_another_vocabulary_is_refused(tiny_world, sft):
@@ -212,4 +216,4 @@ def test_reference_with_another_vocabulary_is_refused(tiny_world, sft):
 
     other = causal_lm_from_config(tiny_llama_config(50, hidden_size=16, num_layers=1, num_heads=2))
     with pytest.raises(ConfigError, match="different vocabularies"):
-        evaluate_policy(sft, other, world_dir=tiny_world, max_prompts=2)
+        evaluate_policy(sft, other, **eval_settings(tiny_world), max_prompts=2)

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from finegrain.cli.commands import eval_command as main
 from finegrain.errors import ConfigError, DataError
-from finegrain.eval.cli import main
 from finegrain.eval.token_credit import (
     evaluate_token_credit_sources,
     load_credit_examples,
@@ -20,6 +20,7 @@ from finegrain.eval.token_credit import (
 )
 from finegrain.models.loading import load_causal_lm, load_tokenizer
 from finegrain.types import TokenRewards
+from finegrain.world.app import credit_settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
 from _tiny_tokenizers import bpe_tokenizer, word_tokenizer  # noqa: E402
@@ -153,7 +154,7 @@ def _response_logps(model, prompt_ids, response_ids):
 def test_oracle_credit_on_the_world_is_perfect(tiny_world):
     from finegrain.world.oracle import judge
 
-    res = evaluate_token_credit_sources(["oracle-credit", "oracle_credit"], world_dir=tiny_world, max_rows=40,
+    res = evaluate_token_credit_sources(["oracle-credit", "oracle_credit"], **credit_settings(tiny_world), max_rows=40,
                                         quiet=True)
     # oracle_credit is the reward-source registry's oracle (credit on the token that ends each word): the same here.
     assert res["auroc"] == {"oracle-credit": 1.0, "oracle_credit": 1.0}
@@ -164,13 +165,10 @@ def test_oracle_credit_on_the_world_is_perfect(tiny_world):
         assert ex["tokens"][:-1] == j.words and ex["sources"]["truth"] == j.credit + [0.0]
 
 
-@pytest.mark.parametrize("shared", [True, False], ids=["reward-source", "fallback"])
-def test_implicit_rewards_match_a_naive_forward(tiny_world, dpo_run, shared, monkeypatch):
+def test_implicit_rewards_match_a_naive_forward(tiny_world, dpo_run):
     """implicit:RUN/final gives beta (log pi(y_t) - log pi_ref(y_t)) per token with beta from RUN/config.yaml and
-    the name from RUN/run.json, through the shared ImplicitRewardSource or the fallback (two forwards)."""
-    if not shared:
-        monkeypatch.setitem(sys.modules, "finegrain.rewards.implicit", None)
-    res = evaluate_token_credit_sources([f"implicit:{dpo_run / 'final'}"], world_dir=tiny_world, max_rows=6,
+    the name from RUN/run.json."""
+    res = evaluate_token_credit_sources([f"implicit:{dpo_run / 'final'}"], **credit_settings(tiny_world), max_rows=6,
                                         num_examples=3, quiet=True)
     assert list(res["auroc"]) == ["implicit_dpo"]
     policy, ref = load_causal_lm(str(dpo_run / "final")), load_causal_lm(str(tiny_world / "sft"))
@@ -186,22 +184,18 @@ def test_implicit_rewards_match_a_naive_forward(tiny_world, dpo_run, shared, mon
 
 def test_implicit_rewards_of_the_reference_itself_are_zero(tiny_world):
     """Policy = reference: every implicit reward is exactly 0, all tokens tie, AUROC 1/2."""
-    res = evaluate_token_credit_sources([f"self=implicit:{tiny_world / 'sft'}"], world_dir=tiny_world, max_rows=10,
+    res = evaluate_token_credit_sources([f"self=implicit:{tiny_world / 'sft'}"], **credit_settings(tiny_world), max_rows=10,
                                         quiet=True)
     assert res["auroc"] == {"self": 0.5}
     assert all(v == 0.0 for ex in res["examples"] for v in ex["sources"]["self"])
 
 
-@pytest.mark.parametrize("shared", [True, False], ids=["reward-source", "fallback"])
-def test_contrastive_rewards_match_a_naive_forward(tiny_world, shared, monkeypatch):
+def test_contrastive_rewards_match_a_naive_forward(tiny_world):
     """contrastive: sigma(log pi_ref(y_t | P+) - log pi_ref(y_t | P-)) - 1/2 with the world's control prompts."""
-    import finegrain.rewards.contrastive as contrastive
     from finegrain.data.tokenize import tokenize_prompt
     from finegrain.world.corpus import control_prompts
 
-    if not shared:
-        monkeypatch.delattr(contrastive, "ContrastiveRewardSource", raising=False)
-    res = evaluate_token_credit_sources(["contrastive"], world_dir=tiny_world, max_rows=6, num_examples=3,
+    res = evaluate_token_credit_sources(["contrastive"], **credit_settings(tiny_world), max_rows=6, num_examples=3,
                                         quiet=True)
     ref, tok = load_causal_lm(str(tiny_world / "sft")), load_tokenizer(str(tiny_world / "sft"))
     for ex in res["examples"]:
@@ -213,17 +207,16 @@ def test_contrastive_rewards_match_a_naive_forward(tiny_world, shared, monkeypat
     assert 0.0 <= res["auroc"]["contrastive"] <= 1.0
 
 
-def test_source_spec_errors(tiny_world, tmp_path, monkeypatch):
-    with pytest.raises(ConfigError, match="unknown token-credit source"):
-        evaluate_token_credit_sources(["no-such-source"], world_dir=tiny_world, max_rows=2, quiet=True)
+def test_source_spec_errors(tiny_world, tmp_path):
+    with pytest.raises(ConfigError, match="unknown kind 'no-such-source'"):
+        evaluate_token_credit_sources(["no-such-source"], **credit_settings(tiny_world), max_rows=2, quiet=True)
     with pytest.raises(ConfigError, match="needs a policy"):
-        evaluate_token_credit_sources(["implicit"], world_dir=tiny_world, max_rows=2, quiet=True)
+        evaluate_token_credit_sources(["implicit"], **credit_settings(tiny_world), max_rows=2, quiet=True)
     with pytest.raises(ConfigError, match="reference"):
         evaluate_token_credit_sources(["contrastive"], data=HAND_ROWS, tokenizer=WORD, quiet=True)
-    monkeypatch.setitem(sys.modules, "finegrain.rewards.registry", None)
     (tmp_path / "rm").mkdir()
-    with pytest.raises(ConfigError, match="registry"):
-        evaluate_token_credit_sources([str(tmp_path / "rm")], world_dir=tiny_world, max_rows=2, quiet=True)
+    with pytest.raises(ConfigError, match="no finegrain_reward.json"):
+        evaluate_token_credit_sources([str(tmp_path / "rm")], **credit_settings(tiny_world), max_rows=2, quiet=True)
 
 
 def test_command_line_token_credit_only(tiny_world, tmp_path, capsys):
@@ -246,7 +239,7 @@ def test_a_sentence_reward_model_is_judged_with_its_terms_spread_over_each_sente
     tok = load_tokenizer(str(tiny_world / "sft"))
     model = build_reward_model("sentence", load_causal_lm(str(tiny_world / "sft")), tok, seed=0, embed_dim=16)
     save_reward_model(model, tmp_path / "srm")
-    res = evaluate_token_credit_sources([f"srm={tmp_path / 'srm'}"], world_dir=tiny_world, max_rows=8, quiet=True)
+    res = evaluate_token_credit_sources([f"srm={tmp_path / 'srm'}"], **credit_settings(tiny_world), max_rows=8, quiet=True)
     checked = 0
     for ex in res["examples"]:
         words, values = ex["tokens"][:-1], ex["sources"]["srm"][:-1]

@@ -5,13 +5,20 @@ import json
 import pytest
 import torch
 
+from finegrain.cli.commands import command_config
 from finegrain.data.prepared import PreferenceData
 from finegrain.data.tokenize import tokenize_prompt, tokenize_response
 from finegrain.errors import ConfigError
 from finegrain.labeling.contrastive import ContrastiveLabelConfig, run_contrastive
 from finegrain.models.loading import load_causal_lm, load_tokenizer
 from finegrain.rewards.contrastive import ContrastiveRewardSource, ContrastiveTemplate
+from finegrain.world.app import world_control_template
 from finegrain.world.corpus import control_prompts
+
+
+def _on_world(world, *args):
+    """``finegrain label contrastive --world_dir WORLD ARGS`` as its parsed config (the world fills model and data)."""
+    return command_config("label contrastive", ContrastiveLabelConfig, ["--world_dir", str(world), *map(str, args)])
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +46,9 @@ def test_rewards_equal_a_naive_per_token_computation(scorer, tiny_world, form):
     template = ContrastiveTemplate(form)
     batch = data.collate(list(range(len(data))))
     b = len(data)
-    prompts = [ex["prompt"] for ex in data] * 2
-    texts = [ex["chosen_text"] for ex in data] + [ex["rejected_text"] for ex in data]
-    got = ContrastiveRewardSource(model, tok, template, chunk_size=7).token_rewards(batch, prompts, texts)
+    assert batch.prompts == [ex["prompt"] for ex in data] * 2  # the batch carries the raw prompts and texts
+    assert batch.responses == [ex["chosen_text"] for ex in data] + [ex["rejected_text"] for ex in data]
+    got = ContrastiveRewardSource(model, tok, template, chunk_size=7).token_rewards(batch)
     assert torch.equal(got.mask, batch.completion_mask)
     for row in range(2 * b):
         ex, side = data[row % b], ("chosen", "rejected")[row // b]
@@ -55,9 +62,15 @@ def test_rewards_equal_a_naive_per_token_computation(scorer, tiny_world, form):
 def test_templates(scorer):
     _, tok = scorer
     prompt = "describe the river ."
-    assert ContrastiveTemplate("control").wrap(prompt) == control_prompts(prompt)
-    plus, minus = ContrastiveTemplate("control").token_ids(tok, prompt)
+    assert world_control_template().wrap(prompt) == control_prompts(prompt)
+    plus, minus = world_control_template().token_ids(tok, prompt)
     assert plus == tokenize_prompt(tok, control_prompts(prompt)[0]) and plus != minus
+    # a placeholder anywhere in the instruction (not only a prefix), on a plain and on a conversational prompt
+    inside = ContrastiveTemplate("control", "how do I make {prompt} well", "how do I make {prompt} badly")
+    assert inside.wrap("bread") == ("how do I make bread well", "how do I make bread badly")
+    chat, _ = inside.wrap([{"role": "system", "content": "s"}, {"role": "user", "content": "bread"}])
+    assert chat == [{"role": "system", "content": "s"}, {"role": "user", "content": "how do I make bread well"}]
+    assert ContrastiveTemplate("control", "good:", "bad:").wrap("x") == ("good: x", "bad: x")  # no placeholder: a prefix
     system, _ = ContrastiveTemplate("system", "be good", "be bad").wrap([{"role": "user", "content": prompt}])
     assert system[0] == {"role": "system", "content": "be good"}
     draft, _ = ContrastiveTemplate("draft").wrap(prompt, "it flows .")
@@ -71,8 +84,8 @@ def test_templates(scorer):
 def test_label_command_writes_columns_that_load_and_align(scorer, tiny_world, tmp_path):
     model, tok = scorer
     out = tmp_path / "pairs.contrastive.jsonl"
-    cfg = ContrastiveLabelConfig(world_dir=str(tiny_world), dataset_name=str(tiny_world / "data" / "pairs_test.jsonl"),
-                                 output_file=str(out), max_samples=12, skip_invalid_rows=True, batch_size=5)
+    cfg = _on_world(tiny_world, "--dataset_name", tiny_world / "data" / "pairs_test.jsonl", "--output_file", out,
+                    "--max_samples", 12, "--skip_invalid_rows", "--batch_size", 5)
     run_contrastive(cfg)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows and all("chosen_score" in r for r in rows)  # input columns are kept
@@ -85,7 +98,7 @@ def test_label_command_writes_columns_that_load_and_align(scorer, tiny_world, tm
     assert torch.allclose(batch.extras["token_rewards"][0, : len(rows[0]["chosen_token_rewards"])],
                           torch.tensor(rows[0]["chosen_token_rewards"]))
     # the stored values are the reward source's, pair by pair
-    src = ContrastiveRewardSource(model, tok, ContrastiveTemplate("control"))
+    src = ContrastiveRewardSource(model, tok, world_control_template())
     want = src.token_rewards(batch).values  # prompts decoded from the batch: exact for the world's plain prompts
     torch.testing.assert_close(batch.extras["token_rewards"], want * batch.completion_mask, atol=1e-6, rtol=0)
     with pytest.raises(ConfigError, match="overwrite"):
@@ -94,8 +107,8 @@ def test_label_command_writes_columns_that_load_and_align(scorer, tiny_world, tm
 
 def test_cut_responses_get_zero_rewards_on_the_cut_tokens(tiny_world, tmp_path):
     out = tmp_path / "cut.jsonl"
-    run_contrastive(ContrastiveLabelConfig(world_dir=str(tiny_world), output_file=str(out), max_samples=8,
-                                           skip_invalid_rows=True, max_length=12, max_prompt_length=8))
+    run_contrastive(_on_world(tiny_world, "--output_file", out, "--max_samples", 8, "--skip_invalid_rows",
+                              "--max_length", 12, "--max_prompt_length", 8))
     tok = load_tokenizer(str(tiny_world / "sft"))
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     cut = 0
@@ -113,16 +126,14 @@ def test_cut_responses_get_zero_rewards_on_the_cut_tokens(tiny_world, tmp_path):
 
 @pytest.mark.smoke
 def test_po_trains_on_the_labelled_file(tiny_world, tmp_path):
-    from finegrain.config import parse
     from finegrain.trainers import po
 
     out = tmp_path / "labelled.jsonl"
-    run_contrastive(ContrastiveLabelConfig(world_dir=str(tiny_world), output_file=str(out), max_samples=16,
-                                           skip_invalid_rows=True))
-    cfg = parse(po.POConfig, ["--world_dir", str(tiny_world), "--dataset_name", str(out), "--loss", "treg-dpo",
-                              "--reg_source", "external", "--max_steps", "2", "--per_device_train_batch_size", "4",
-                              "--max_eval_samples", "8", "--output_dir", str(tmp_path / "run"), "--disable_tqdm"],
-                "po")
+    run_contrastive(_on_world(tiny_world, "--output_file", out, "--max_samples", 16, "--skip_invalid_rows"))
+    cfg = command_config("po", po.POConfig, ["--world_dir", str(tiny_world), "--dataset_name", str(out), "--loss",
+                                             "treg-dpo", "--reg_source", "external", "--max_steps", "2",
+                                             "--per_device_train_batch_size", "4", "--max_eval_samples", "8",
+                                             "--output_dir", str(tmp_path / "run"), "--disable_tqdm"])
     model, tok, train_data, eval_data = po.load_inputs(cfg)
     assert po.make_plan(cfg, train_data).token_rewards == "column"
     assert po.make_plan(cfg, eval_data, eval_split=True).token_rewards == "zeros"  # the world's test pairs lack it

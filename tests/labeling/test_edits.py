@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 
 import finegrain.labeling.edits as edits
+from finegrain.cli.commands import command_config
+from finegrain.cli.commands import label as label_main
 from finegrain.config import build
 from finegrain.data.prepared import CompletionData
 from finegrain.data.schema import validate_rows
 from finegrain.data.tokenize import IGNORE_INDEX
 from finegrain.errors import ConfigError, DataError
-from finegrain.labeling import main as label_main
 from finegrain.labeling.edits import EditsConfig, label_rows, run_edits, spans_from_labels
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
@@ -95,7 +96,7 @@ def test_command_line_on_the_world(tiny_world, tmp_path):
     assert all(len(r["labels"]) == len(r["response"].split()) for r in rows)  # world tokens are words
     assert any(-1 in r["labels"] for r in rows) and any(1 in r["labels"] for r in rows)
     with pytest.raises(ConfigError, match="overwrite_output"):
-        run_edits(build(EditsConfig, {"world_dir": str(tiny_world), "output_file": str(out)}))
+        run_edits(command_config("label edits", EditsConfig, ["--world_dir", str(tiny_world), "--output_file", str(out)]))
 
 
 def test_errors(tmp_path):

@@ -28,8 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scale"))
 import _runs as R  # noqa: E402
 
+from finegrain.cli import commands  # noqa: E402
 from finegrain.errors import FinegrainError, NonFiniteError  # noqa: E402
-from finegrain.trainers import loop, sft  # noqa: E402
+from finegrain.trainers import loop, rm, sft  # noqa: E402
 
 pytestmark = pytest.mark.smoke
 
@@ -42,7 +43,7 @@ def tiny(tmp_path_factory):
 
 def _train(tiny, out, steps=3, extra=()):
     model, data = tiny
-    return sft.main(R.model_args(model, data, out, steps=steps, batch=4, extra=["--save_steps", "1", *extra]))
+    return commands.sft(R.model_args(model, data, out, steps=steps, batch=4, extra=["--save_steps", "1", *extra]))
 
 
 def _fail_on_second_checkpoint(monkeypatch, fault):
@@ -242,7 +243,7 @@ def test_transient_nan_in_sft_is_logged_and_training_goes_on(tiny, tmp_path, mon
     monkeypatch.setattr(sft, "hidden_states", poisoned)
     out = tmp_path / "run"
     model, data = tiny
-    sft.main(R.model_args(model, data, out, steps=5, batch=4, extra=["--logging_steps", "10"]))
+    commands.sft(R.model_args(model, data, out, steps=5, batch=4, extra=["--logging_steps", "10"]))
     rows = R.metrics(out)
     assert [r["step"] for r in rows] == [2, 3, 5]  # skipped steps are always logged, and the last one
     assert [r["skipped"] for r in rows] == [1.0, 1.0, 0.0]
@@ -254,7 +255,6 @@ def test_transient_nan_in_sft_is_logged_and_training_goes_on(tiny, tmp_path, mon
 
 def test_transient_nan_in_rm_is_logged_and_training_goes_on(tiny, tmp_path, monkeypatch):
     """The reward-model trainer too: a poisoned loss on the 2nd and 3rd of 5 steps is skipped and logged."""
-    from finegrain.trainers import rm
 
     real = rm.example_losses
     calls = {"n": 0}
@@ -268,7 +268,7 @@ def test_transient_nan_in_rm_is_logged_and_training_goes_on(tiny, tmp_path, monk
     model, _ = tiny
     data = R.write_rows(tmp_path / "pairs.jsonl", R.preference_rows(16))
     out = tmp_path / "run"
-    rm.main(R.model_args(model, data, out, steps=5, batch=4, extra=["--logging_steps", "10"]))
+    commands.rm(R.model_args(model, data, out, steps=5, batch=4, extra=["--logging_steps", "10"]))
     rows = R.metrics(out)
     assert [r["step"] for r in rows] == [2, 3, 5]
     assert [r["skipped"] for r in rows] == [1.0, 1.0, 0.0] and rows[0]["loss"] is None

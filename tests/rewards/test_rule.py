@@ -1,5 +1,6 @@
 """Rule reward sources: the world's oracle (sequence score and per-word credit) and user functions."""
 
+import dataclasses
 import math
 import textwrap
 
@@ -10,14 +11,9 @@ from transformers import PreTrainedTokenizerFast
 
 from finegrain.errors import ConfigError, DataError, NonFiniteError
 from finegrain.rewards import RewardSource
-from finegrain.rewards.rule import (
-    FunctionRewardSource,
-    OracleRewardSource,
-    accepts_prompts,
-    load_function,
-    word_end_tokens,
-)
+from finegrain.rewards.rule import FunctionRewardSource, load_function, word_end_tokens
 from finegrain.types import CompletionBatch
+from finegrain.world.sources import OracleRewardSource
 from finegrain.world.tokenizer import build_tokenizer
 
 
@@ -53,7 +49,7 @@ def test_oracle_sequence_score_on_the_last_token(tok):
     expected[0, 8], expected[1, 2] = 0.5, -1.0
     assert torch.equal(out.values, expected)
     assert out.meta["score"].tolist() == [0.5, -1.0]
-    assert out.meta["well_formed"].tolist() == [True, False]
+    assert out.meta["metrics"]["well_formed"].tolist() == [True, False]
     assert out.meta["responses"] == RESPONSES
     assert torch.equal(out.mask, batch.completion_mask)
     assert isinstance(src, RewardSource) and src.name == "oracle"
@@ -79,15 +75,14 @@ def test_oracle_uses_given_prompts_and_conversations(tok):
     batch = batch_of(tok, ["describe the castle ."], ["it is dry ."])  # decoded prompt: castle, dry: 0
     src = OracleRewardSource(tok)
     assert src.token_rewards(batch).meta["score"].tolist() == [0.0]
-    given = [[{"role": "user", "content": "describe the river ."}]]  # the caller's prompt wins
-    assert src.token_rewards(batch, prompts=given).meta["score"].tolist() == [-1.0]
-    assert accepts_prompts(src)
+    given = [[{"role": "user", "content": "describe the river ."}]]  # the batch's raw prompt wins
+    assert src.token_rewards(dataclasses.replace(batch, prompts=given)).meta["score"].tolist() == [-1.0]
 
 
 def test_oracle_rejects_prompts_outside_the_world(tok):
     batch = batch_of(tok, ["describe the river ."], ["it flows ."])
     with pytest.raises(DataError, match="'oracle' judges world prompts only"):
-        OracleRewardSource(tok).token_rewards(batch, prompts=["what is two plus two"])
+        OracleRewardSource(tok).token_rewards(dataclasses.replace(batch, prompts=["what is two plus two"]))
 
 
 def _wordpiece_tokenizer():
@@ -148,9 +143,21 @@ def test_function_mixed_rows_and_prompts_passed_through(tok):
         seen["prompts"] = prompts
         return [0.5, [1.0, 1.0]]
 
-    out = FunctionRewardSource(fn, tok).token_rewards(batch_of(tok, PROMPTS, RESPONSES), prompts=["a", "b"])
+    batch = dataclasses.replace(batch_of(tok, PROMPTS, RESPONSES), prompts=["a", "b"], responses=["x", "y z"])
+    out = FunctionRewardSource(fn, tok).token_rewards(batch)
     assert seen["prompts"] == ["a", "b"]
     assert out.values[0].tolist() == [0.0] * 8 + [0.5] and out.values[1].tolist() == [1.0, 1.0] + [0.0] * 7
+
+
+def test_function_metrics_are_reported_per_row(tok):
+    """A function may return {"scores": [...], "metrics": {name: [...]}}: the metrics go to meta["metrics"]."""
+    src = FunctionRewardSource(lambda p, r: {"scores": [1.0, 2.0], "metrics": {"short": [len(x) < 6 for x in r]}}, tok)
+    out = src.token_rewards(batch_of(tok, PROMPTS, RESPONSES))
+    assert out.meta["metrics"]["short"].tolist() == [0.0, 1.0]
+    assert out.values.sum(1).tolist() == [1.0, 2.0]
+    with pytest.raises(DataError, match="metric 'short' has 1 values for 2"):
+        FunctionRewardSource(lambda p, r: {"scores": [1.0, 2.0], "metrics": {"short": [1]}}, tok).token_rewards(
+            batch_of(tok, PROMPTS, RESPONSES))
 
 
 @pytest.mark.parametrize("result, match", [

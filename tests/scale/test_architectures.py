@@ -28,38 +28,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _runs as R  # noqa: E402
 from _runs import one_torch_thread  # noqa: E402,F401 (autouse fixture)
 
+from finegrain.cli import commands  # noqa: E402
+
 pytestmark = pytest.mark.smoke
 
 
 def _sft(model_dir: Path, tmp: Path, out: Path, chat: bool, extra=()) -> Path:
-    from finegrain.trainers import sft
 
     data = R.write_sft_rows(tmp / ("chat.jsonl" if chat else "rows.jsonl"), 32, chat=chat)
-    sft.main(R.model_args(model_dir, data, out, steps=6, batch=8, lr=3e-3, extra=list(extra)))
+    commands.sft(R.model_args(model_dir, data, out, steps=6, batch=8, lr=3e-3, extra=list(extra)))
     return out
 
 
 def _po(model_dir: Path, tmp: Path, out: Path, chat: bool, extra=()) -> Path:
-    from finegrain.trainers import po
 
     data = R.write_rows(tmp / "pairs.jsonl", R.preference_rows(32, chat=chat))
-    po.main(R.model_args(model_dir, data, out, steps=8, batch=8, lr=1e-2, extra=list(extra)))
+    commands.po(R.model_args(model_dir, data, out, steps=8, batch=8, lr=1e-2, extra=list(extra)))
     return out
 
 
 def _rm(model_dir: Path, tmp: Path, out: Path, chat: bool, extra=()) -> Path:
-    from finegrain.trainers import rm
 
     data = R.write_rows(tmp / "pairs.jsonl", R.preference_rows(32, chat=chat))
-    rm.main(R.model_args(model_dir, data, out, steps=8, batch=8, lr=1e-2, extra=list(extra)))
+    commands.rm(R.model_args(model_dir, data, out, steps=8, batch=8, lr=1e-2, extra=list(extra)))
     return out
 
 
 def _ppo(model_dir: Path, tmp: Path, out: Path, chat: bool, extra=()) -> Path:
-    from finegrain.trainers import ppo
 
     data = R.write_rows(tmp / "prompts.jsonl", R.prompt_rows(40, chat=chat))
-    ppo.main(R.model_args(model_dir, data, out, steps=12, batch=8, lr=3e-2, extra=[
+    commands.ppo(R.model_args(model_dir, data, out, steps=12, batch=8, lr=3e-2, extra=[
         "--rollout_batch_size", "16", "--ppo_epochs", "2", "--max_new_tokens", "12", "--kl_coef", "0",
         "--reward", "python:_runs:brevity_reward", *extra]))
     return out
@@ -149,14 +147,13 @@ def test_lora_run_resumes_from_its_adapter_checkpoint(tmp_path):
     # a constant schedule, so that a 3-step run's first steps are the 6-step run's first steps
     lora = ["--use_peft", "--lora_r", "4", "--save_steps", "3", "--lr_scheduler_type", "constant"]
     ref = _sft(model_dir, tmp_path, tmp_path / "ref", chat=False, extra=lora)
-    from finegrain.trainers import sft
 
     data = tmp_path / "rows.jsonl"
     out = tmp_path / "run"
-    sft.main(R.model_args(model_dir, data, out, steps=3, batch=8, lr=3e-3, extra=lora))  # a shorter run...
+    commands.sft(R.model_args(model_dir, data, out, steps=3, batch=8, lr=3e-3, extra=lora))  # a shorter run...
     (out / "final").rename(tmp_path / "unused")
     # ...continued to 6 steps from its step-3 checkpoint gives the uninterrupted 6-step run's adapter
-    sft.main(R.model_args(model_dir, data, out, steps=6, batch=8, lr=3e-3,
+    commands.sft(R.model_args(model_dir, data, out, steps=6, batch=8, lr=3e-3,
                           extra=[*lora, "--resume_from_checkpoint", str(out / "checkpoints" / "step-000003")]))
     assert R.consumed(out) == R.consumed(ref)
     assert R.bitwise_equal(R.weights(out / "final" / "adapter"), R.weights(ref / "final" / "adapter"))

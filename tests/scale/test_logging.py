@@ -12,16 +12,17 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _runs as R  # noqa: E402
 
+from finegrain.cli import commands  # noqa: E402
+
 pytestmark = pytest.mark.smoke
 
 
 def _run(tmp_path, extra):
-    from finegrain.trainers import sft
 
     model = R.tiny_model_dir(tmp_path / "model", "llama")
     data = R.write_sft_rows(tmp_path / "rows.jsonl", 32)
     args = [a for a in R.model_args(model, data, tmp_path / "run", steps=4, batch=8) if a != "--disable_tqdm"]
-    sft.main(args + extra)
+    commands.sft(args + extra)
     return tmp_path / "run"
 
 

@@ -38,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _runs as R  # noqa: E402
 from _runs import one_torch_thread  # noqa: E402,F401 (autouse fixture)
 
+from finegrain.cli import commands  # noqa: E402
+
 LOSS_RTOL = 1e-5
 UPDATE_RTOL = 1e-3
 LOSS_SCALE = {"ppo": 1.0}  # losses compared against this scale rather than their own size (module docstring)
@@ -62,21 +64,20 @@ def _assert_same_run(ref: Path, other: Path, w0: dict, label: str, command: str 
 @pytest.mark.smoke
 def test_sft_accumulation_matches_the_larger_batch(tmp_path):
     """In one process: batch 8 x 1 step == batch 4 x 2 accumulation steps == batch 2 x 4 (tiny Llama, 4 steps)."""
-    from finegrain.trainers import sft
 
     model = R.tiny_model_dir(tmp_path / "model", "llama")
     data = R.write_sft_rows(tmp_path / "rows.jsonl", 64)
     runs = {}
     for b, k in [(8, 1), (4, 2), (2, 4)]:
         runs[(b, k)] = tmp_path / f"b{b}k{k}"
-        sft.main(R.model_args(model, data, runs[(b, k)], steps=4, batch=b, accumulation=k, lr=1e-3))
+        commands.sft(R.model_args(model, data, runs[(b, k)], steps=4, batch=b, accumulation=k, lr=1e-3))
     w0 = R.weights(model)
     assert R.max_abs_diff(w0, R.weights(runs[(8, 1)] / "final")) > 1e-4  # training moved the weights
     for key in [(4, 2), (2, 4)]:
         _assert_same_run(runs[(8, 1)], runs[key], w0, f"batch {key[0]} x accumulation {key[1]}")
     # the comparison can fail: a different global batch gives a different update
     other = tmp_path / "b4k1"
-    sft.main(R.model_args(model, data, other, steps=4, batch=4, accumulation=1, lr=1e-3))
+    commands.sft(R.model_args(model, data, other, steps=4, batch=4, accumulation=1, lr=1e-3))
     assert R.relative_update_error(w0, R.weights(runs[(8, 1)] / "final"), R.weights(other / "final")) > 100 * UPDATE_RTOL
 
 

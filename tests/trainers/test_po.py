@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from finegrain.cli.commands import command_config
 from finegrain.config import parse
 from finegrain.errors import ConfigError
 from finegrain.trainers import po
@@ -19,7 +20,7 @@ def _cfg(tiny_world, out, *extra):
     args = ["--world_dir", str(tiny_world), "--output_dir", str(out), "--per_device_train_batch_size", "4",
             "--per_device_eval_batch_size", "16", "--max_eval_samples", "16", "--logging_steps", "1",
             "--disable_tqdm", "--learning_rate", "1e-3", "--lr_scheduler_type", "constant"]
-    return parse(po.POConfig, args + list(extra), "finegrain po")
+    return command_config("po", po.POConfig, args + list(extra))
 
 
 def _rows(run_dir, split="train"):

@@ -7,8 +7,9 @@ import textwrap
 import pytest
 import torch
 
+from finegrain.cli.commands import command_config
 from finegrain.config import parse
-from finegrain.errors import ConfigError
+from finegrain.errors import ConfigError, DataError
 from finegrain.trainers.ppo import (
     PPOConfig,
     build_reward_sources,
@@ -37,7 +38,7 @@ def _args(world, out, *extra):
 
 
 def _run(world, out, *extra):
-    cfg = parse(PPOConfig, _args(world, out, *extra), "finegrain ppo")
+    cfg = command_config("ppo", PPOConfig, _args(world, out, *extra))
     policy, tok, prompts, eval_prompts = load_inputs(cfg)
     return train(cfg, policy, tok, prompts, eval_prompts)
 
@@ -56,7 +57,6 @@ TRAIN_KEYS = {"rewards/raw", "rewards/kl", "rewards/penalized", "objective/kl", 
     ["--estimator", "rloo"],
     ["--reward_scales", "1", "2"],
     ["--gradient_accumulation_steps", "2"],
-    ["--reward", "oracle", "--lag", "1"],
     ["--max_new_tokens", "300"],
     ["--temperature", "0"],
     ["--rollout_batch_size", "3", "--num_mini_batches", "2"],
@@ -66,6 +66,19 @@ TRAIN_KEYS = {"rewards/raw", "rewards/kl", "rewards/penalized", "objective/kl", 
 def test_config_rejects_contradictions(argv):
     with pytest.raises(ConfigError):
         parse(PPOConfig, argv, "finegrain ppo")
+
+
+def test_lag_is_refused_with_a_sequence_level_source(tiny_world):
+    """--lag pushes a last-token score past the end: refused for the oracle's score, accepted for its credit."""
+    from finegrain.models.loading import load_tokenizer
+    from finegrain.world.app import register
+
+    register(tiny_world)
+    tok = load_tokenizer(str(tiny_world / "sft"))
+    with pytest.raises(ConfigError, match="--lag"):
+        build_reward_sources(parse(PPOConfig, ["--reward", "oracle", "--lag", "1"], "ppo"), tok, "cpu")
+    sources = build_reward_sources(parse(PPOConfig, ["--reward", "oracle:credit", "--lag", "1"], "ppo"), tok, "cpu")
+    assert list(sources) == ["oracle_credit"]
 
 
 def test_config_accepts_a_mix_with_scales():
@@ -137,7 +150,7 @@ def test_lora_reference_is_the_policy_with_its_adapter_disabled(tiny_world, tmp_
     from finegrain.models.loading import load_causal_lm
     from finegrain.rl.rollout import score_rollout
 
-    cfg = parse(PPOConfig, _args(tiny_world, tmp_path / "x", "--use_peft", "--lora_r", 4), "finegrain ppo")
+    cfg = command_config("ppo", PPOConfig, _args(tiny_world, tmp_path / "x", "--use_peft", "--lora_r", 4))
     base = load_causal_lm(str(tiny_world / "sft")).eval()
     policy = apply_lora(load_causal_lm(str(tiny_world / "sft")), 4, 8, 0.0, ["all-linear"]).eval()
     ref_model, ref_context = make_reference(cfg, policy)
@@ -183,13 +196,13 @@ def test_mixed_sources_with_scales(tiny_world, tmp_path, monkeypatch):
 
 
 def test_source_errors(tiny_world, tmp_path):
-    cfg = parse(PPOConfig, _args(tiny_world, tmp_path / "run", "--reward", tmp_path / "missing"), "finegrain ppo")
+    cfg = command_config("ppo", PPOConfig, _args(tiny_world, tmp_path / "run", "--reward", tmp_path / "missing"))
     with pytest.raises(ConfigError, match="missing"):
         build_reward_sources(cfg, None, "cpu")
     try:
         import finegrain.rewards.registry  # noqa: F401
     except ImportError:
-        cfg = parse(PPOConfig, _args(tiny_world, tmp_path / "run", "--reward", tmp_path), "finegrain ppo")
+        cfg = command_config("ppo", PPOConfig, _args(tiny_world, tmp_path / "run", "--reward", tmp_path))
         with pytest.raises(ConfigError, match="finegrain.rewards.registry"):
             build_reward_sources(cfg, None, "cpu")
 
@@ -198,7 +211,7 @@ def test_source_errors(tiny_world, tmp_path):
 def test_oracle_refuses_prompts_outside_the_world(tiny_world, tmp_path):
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"what is {i} plus {i}"}) + "\n" for i in range(8)))
-    with pytest.raises(ConfigError, match="world's prompts only"):
+    with pytest.raises(DataError, match="judges world prompts only"):  # at the first rollout, naming the row
         _run(tiny_world, tmp_path / "run", "--max_steps", 1, "--dataset_name", data)
 
 

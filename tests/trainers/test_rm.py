@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from finegrain.cli.commands import command_config
 from finegrain.config import parse
 from finegrain.errors import ConfigError
 from finegrain.models.reward_model import load_reward_model
@@ -24,7 +25,7 @@ def _cfg(tiny_world, tmp_path, level, *extra):
             "--learning_rate", "3e-3", "--per_device_train_batch_size", "16", "--logging_steps", "1",
             "--max_eval_samples", "48", "--max_credit_samples", "48", "--disable_tqdm", "--seed", "1",
             "--lr_scheduler_type", "constant", "--reward_embed_dim", "16", *extra]
-    return parse(RMConfig, args, "finegrain rm")
+    return command_config("rm", RMConfig, args)
 
 
 def _mean(xs):
@@ -78,7 +79,7 @@ def test_resume_continues_to_the_same_weights(tiny_world, tmp_path):
 
 
 def test_subsets_are_reported_and_token_rows_train_the_discriminator(tiny_world, tmp_path):
-    from finegrain.labeling import main as label_main
+    from finegrain.cli.commands import label as label_main
 
     pairs = [json.loads(line) for line in (tiny_world / "data" / "pairs_test.jsonl").read_text().splitlines()]
     pairs = [p for p in pairs if p["chosen"].strip() and p["rejected"].strip()][:40]

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from finegrain.config import parse
+from finegrain.cli.commands import command_config
 from finegrain.trainers.sft import SFTConfig, load_inputs, train
 
 pytestmark = pytest.mark.smoke
@@ -13,7 +13,7 @@ def _losses(run_dir, split="train"):
 
 
 def test_sft_loss_falls_on_world_text(tiny_world, tmp_path):
-    cfg = parse(SFTConfig, ["--world_dir", str(tiny_world), "--output_dir", str(tmp_path / "run"), "--max_steps", "30",
+    cfg = command_config("sft", SFTConfig, ["--world_dir", str(tiny_world), "--output_dir", str(tmp_path / "run"), "--max_steps", "30",
                             "--learning_rate", "3e-3", "--per_device_train_batch_size", "32", "--logging_steps", "1",
                             "--disable_tqdm", "--save_steps", "15"], "finegrain sft")
     model, tok, data, _ = load_inputs(cfg)
@@ -35,7 +35,7 @@ def test_sft_refuses_to_clobber_a_run_without_resume(tiny_world, tmp_path):
 
     args = ["--world_dir", str(tiny_world), "--output_dir", str(tmp_path / "run"), "--max_steps", "2",
             "--per_device_train_batch_size", "8", "--save_steps", "1", "--disable_tqdm"]
-    cfg = parse(SFTConfig, args, "finegrain sft")
+    cfg = command_config("sft", SFTConfig, args)
     model, tok, data, _ = load_inputs(cfg)
     train(cfg, model, tok, data)
     with pytest.raises(ConfigError, match="resume_from_checkpoint latest"):

@@ -14,18 +14,21 @@ import sys
 from finegrain import __version__
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("finegrain.demo", "the whole pipeline on the built-in world, with a report (start here)"),
-    "world": ("finegrain.world.cli", "build or inspect the built-in synthetic world"),
-    "sft": ("finegrain.trainers.sft", "supervised fine-tuning"),
-    "po": ("finegrain.trainers.po", "offline preference optimisation: dpo, simpo, tdpo1, tdpo2, treg-dpo, treg-simpo"),
-    "rm": ("finegrain.trainers.rm", "reward models: sequence, sentence, token, discriminator"),
-    "label": ("finegrain.labeling", "make token-level supervision: contrastive rewards, edit labels, revisions"),
-    "ppo": ("finegrain.trainers.ppo", "PPO / REINFORCE with dense per-token rewards from any reward source"),
-    "eval": ("finegrain.eval.cli", "sample from a policy and judge it against its reference"),
-    "report": ("finegrain.report.cli", "one self-contained HTML report of run directories"),
-    "bench": ("finegrain.bench", "benchmarks measured side by side (speed and memory ratios)"),
-    "ifeval": ("finegrain.ifeval.cli", "the real-model task: SmolLM2-135M-Instruct, IFEval checkers, exact token truth"),
+    "demo": ("finegrain.demo:main", "the whole pipeline on the built-in world, with a report (start here)"),
+    "world": ("finegrain.world.cli:main", "build or inspect the built-in synthetic world"),
+    "sft": ("finegrain.cli.commands:sft", "supervised fine-tuning"),
+    "po": ("finegrain.cli.commands:po",
+           "offline preference optimisation: dpo, simpo, tdpo1, tdpo2, treg-dpo, treg-simpo"),
+    "rm": ("finegrain.cli.commands:rm", "reward models: sequence, sentence, token, discriminator"),
+    "label": ("finegrain.cli.commands:label", "make token-level supervision: contrastive rewards, edit labels, revisions"),
+    "ppo": ("finegrain.cli.commands:ppo", "PPO / REINFORCE with dense per-token rewards from any reward source"),
+    "eval": ("finegrain.cli.commands:eval_command", "sample from a policy and judge it against its reference"),
+    "report": ("finegrain.report.cli:main", "one self-contained HTML report of run directories"),
+    "bench": ("finegrain.bench:main", "benchmarks measured side by side (speed and memory ratios)"),
+    "ifeval": ("finegrain.ifeval.cli:main",
+               "the real-model task: SmolLM2-135M-Instruct, IFEval checkers, exact token truth"),
 }
+"""Command -> ("module:function" taking argv and returning the exit status, one line of help)."""
 
 
 def _usage() -> str:
@@ -65,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if name in launch.LAUNCHABLE and launch.wants_launch(rest):  # --accelerate_config / --num_processes: re-run under `accelerate launch`
             return launch.relaunch(name, rest)
-        module = importlib.import_module(COMMANDS[name][0])
-        result = module.main(rest)
+        module_name, _, function = COMMANDS[name][0].partition(":")
+        result = getattr(importlib.import_module(module_name), function)(rest)
     except FinegrainError as exc:
         if os.environ.get("FINEGRAIN_DEBUG"):
             raise

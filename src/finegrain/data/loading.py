@@ -137,8 +137,8 @@ def load_rows(
     Args:
         source: a local file or directory (see the module docstring), a hub id (``"org/name"``), a
             ``datasets.Dataset`` / ``DatasetDict``, or a list of dicts.
-        split: the split to read. None means ``"train"`` where splits exist; a single file or a directory without
-            split names is all ``"train"``.
+        split: the split to read. None means ``"train"`` where splits exist; a directory without split names is
+            all ``"train"``; a single file is read whole whatever the split (it is the data set itself).
         name: the hub configuration name (``datasets.load_dataset(source, name)``); hub ids only.
         revision: the hub revision (branch, tag or commit); hub ids only.
         source_name: the name used in error messages for in-memory sources (default ``"<list>"`` or the
@@ -232,8 +232,7 @@ def _from_path(path: Path, split: str | None) -> Rows:
             f"{', '.join(SUFFIXES)} (optionally .gz)",
             source=str(path),
         )
-    if split not in (None, "train"):
-        raise DataError(f"a single file has only the 'train' split, not '{split}'", source=str(path))
+    # A single file is the whole data set: a split option (e.g. the default --eval_split test) does not apply to it.
     return _read_file(path, kind)
 
 

@@ -156,9 +156,13 @@ class PreferenceData(_Prepared):
     kinds = ("preference", "revision")
 
     def collate(self, indices: Sequence[int], pad_to_multiple_of: int | None = None) -> PreferenceBatch:
-        return collate_preferences(
-            [self.examples[i] for i in indices], self.pad_token_id, pad_to_multiple_of=pad_to_multiple_of
-        )
+        """The pairs ``indices`` as one batch, with their raw prompts and response texts (``batch.prompts``,
+        ``batch.responses``: chosen rows first) for reward sources that read text."""
+        exs = [self.examples[i] for i in indices]
+        batch = collate_preferences(exs, self.pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
+        batch.prompts = [ex["prompt"] for ex in exs] * 2
+        batch.responses = [ex["chosen_text"] for ex in exs] + [ex["rejected_text"] for ex in exs]
+        return batch
 
 
 class CompletionData(_Prepared):
@@ -167,6 +171,11 @@ class CompletionData(_Prepared):
     kinds = ("sft", "token", "prompt")
 
     def collate(self, indices: Sequence[int], pad_to_multiple_of: int | None = None) -> CompletionBatch:
-        return collate_completions(
-            [self.examples[i] for i in indices], self.pad_token_id, pad_to_multiple_of=pad_to_multiple_of
-        )
+        """The rows ``indices`` as one batch, with their raw prompts (``batch.prompts``) and, for rows with a
+        response, its text (``batch.responses``)."""
+        exs = [self.examples[i] for i in indices]
+        batch = collate_completions(exs, self.pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
+        batch.prompts = [ex["prompt"] for ex in exs]
+        if self.kind != "prompt":
+            batch.responses = [ex["completion_text"] for ex in exs]
+        return batch

@@ -4,9 +4,10 @@ For every prompt both models sample ``num_samples`` responses with the same samp
 (two generators seeded alike: common random numbers, so a policy identical to its reference samples exactly the
 reference's responses). Then:
 
-* a judge scores every response: the built-in world's oracle, a reward-model directory (through
-  :func:`finegrain.rewards.registry.load_reward_source`; the score is the source's ``seq_reward``, else the sum of
-  its token rewards), or in Python any ``f(prompts, responses) -> scores`` or reward-source object;
+* a judge scores every response: any reward spec (:mod:`finegrain.rewards.registry`: a reward-model directory,
+  ``python:module:function``, a registered kind such as the built-in world's ``oracle``), or in Python any
+  ``f(prompts, responses) -> scores`` or reward-source object; the score is
+  :func:`finegrain.rewards.base.sequence_scores`, and the judge's per-row metrics are averaged too;
 * the policy's ``j``-th response to a prompt is compared with the reference's ``j``-th: win, tie (``|Δ| <=
   tie_tolerance``) or loss (:func:`finegrain.eval.metrics.win_rate`);
 * the policy's own samples give the sequential KL ``Σ_t KL(π(·|s_t) ‖ π_ref(·|s_t))`` (full vocabulary, summed over
@@ -25,19 +26,18 @@ import dataclasses
 import json
 import math
 import os
-import sys
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from finegrain.config import option, parse
-from finegrain.errors import ConfigError, DataError, NonFiniteError
-from finegrain.models.loading import model_dir, refuse_reward_model
+from finegrain.config import option
+from finegrain.errors import ConfigError, NonFiniteError
+from finegrain.eval.token_credit import mark_eval_dir
+from finegrain.models.loading import ModelCache, model_dir, refuse_reward_model, resolve_device
 
-__all__ = ["EvalConfig", "ModelCache", "default_output_dir", "evaluate_policy", "format_eval", "main",
+__all__ = ["EvalConfig", "ModelCache", "default_output_dir", "evaluate_policy", "format_eval", "make_judge", "run",
            "resolve_device"]
 
 
@@ -50,15 +50,16 @@ class EvalConfig:
     sources against ground-truth credit."""
 
     policy: str | None = option(None, "model directory to evaluate (RUN/final, or a run directory RUN); needed unless only --token_credit is given")
-    reference: str | None = option(None, "reference model directory; default: the built-in world's SFT model (required with --prompts)")
-    prompts: str | None = option(None, "held-out prompts (file, directory or hub id with a prompt column); default: the world's data/prompts_test.jsonl")
+    reference: str | None = option(None, "reference model directory (on the built-in world: its SFT model)")
+    tokenizer_name_or_path: str | None = option(None, "the policy tokenizer (default: the policy's, else the reference's); enough to judge token credit of reward models alone")
+    prompts: str | None = option(None, "held-out prompts (file, directory or hub id with a prompt column); with no --prompts: the built-in world's")
     prompts_split: str | None = option(None, "split of --prompts (default: the only or the train split)")
-    judge: str | None = option(None, "'oracle' (the world's) or a reward-model directory; default: oracle on the world")
+    judge: str | None = option(None, "a reward spec that scores each response: a reward-model directory, python:module:function, or a registered kind (on the built-in world: oracle, the default there); see docs/reward-sources.md")
     num_samples: int = option(1, "responses per prompt from each model (the j-th policy response is compared with the j-th reference response)")
     temperature: float = option(1.0, "sampling temperature (0: greedy); KL and entropy are taken at this temperature")
     top_p: float = option(1.0, "nucleus sampling mass (1: off)")
     top_k: int = option(0, "keep the k most likely tokens (0: off)")
-    max_new_tokens: int | None = option(None, "longest response; default: the world's (40) on the world, else 256")
+    max_new_tokens: int | None = option(None, "longest response; default 256 (on the built-in world: its 40)")
     seed: int = option(0, "sampling seed (the same for policy and reference)")
     batch_size: int = option(64, "responses sampled per batch")
     chunk_rows: int = option(8, "rows per forward pass when scoring (logits are at most chunk_rows x T x V); also the batch of token-credit sources")
@@ -66,18 +67,20 @@ class EvalConfig:
     max_prompt_length: int = option(256, "longer prompts keep their end")
     tie_tolerance: float = option(1e-6, "judge scores within this distance count as a tie")
     output_dir: str | None = option(None, "where eval.json, samples.jsonl and token_credit.json go; default: the policy's run directory when the policy is RUN/final, else runs/eval-<name>")
-    world_dir: str | None = option(None, "where the built-in world lives (built on first use); default: the cache directory")
     device: str | None = option(None, "cpu, cuda, cuda:1, ...; default: cuda when available")
     dtype: Literal["float32", "bfloat16", "float16"] | None = option(None, "model dtype (default: float32)")
     trust_remote_code: bool = option(False, "allow models/tokenizers with custom code from the hub")
     disable_tqdm: bool = option(False, "hide the progress bar")
     # token credit
-    token_credit: list[str] = option(default_factory=list, help="token reward sources to score against ground-truth credit: oracle-credit, contrastive, implicit, implicit:<policy_dir>, reward-model directories (NAME=SPEC names one)")
-    credit_data: str | None = option(None, "ground truth: {prompt, response, words, credit}, {prompt, response, labels|spans} or {prompt, rejected, revised} rows; default: the world's data/credit_test.jsonl")
+    token_credit: list[str] = option(default_factory=list, help="token reward sources to score against ground-truth credit: oracle-credit (the truth itself), or any reward spec: contrastive, implicit, implicit:<policy_dir>, a reward-model directory, python:module:function (NAME=SPEC names one)")
+    credit_data: str | None = option(None, "ground truth: {prompt, response, words, credit}, {prompt, response, labels|spans} or {prompt, rejected, revised} rows; with none: the built-in world's credit rows")
     credit_split: str | None = option(None, "split of --credit_data")
     max_credit_rows: int | None = option(None, "use only the first N rows of the credit data")
     num_credit_examples: int = option(8, "responses written to token_credit.json for the report's heatmaps")
     credit_unit: Literal["word", "token", "char"] = option("word", "edit-alignment unit for revision rows")
+    contrastive_template: Literal["auto", "control", "system", "draft"] = option("auto", "the contrastive source's opposite prompts: control (an instruction with {prompt} or a prefix), system (a system turn) or draft (the paper's revision request); auto: draft (on the built-in world: control with its prefixes)")
+    contrastive_positive: str | None = option(None, "positive instruction text (default: the template's)")
+    contrastive_negative: str | None = option(None, "negative instruction text (default: the template's)")
 
     def __post_init__(self) -> None:
         if not self.policy and not self.token_credit:
@@ -100,59 +103,12 @@ class EvalConfig:
             raise ConfigError(f"num_credit_examples must be >= 0, got {self.num_credit_examples}")
         if self.prompts and not self.reference and self.policy:
             raise ConfigError("--prompts given without --reference: on your own prompts, name the reference model")
+        if self.prompts and self.policy and not self.judge:
+            raise ConfigError("--prompts given without --judge: on your own prompts, name a judge (a reward-model "
+                              "directory, python:module:function, ...)")
 
 
 # ------------------------------------------------------------------------------------------------ models
-
-
-def resolve_device(name: str | torch.device | None) -> torch.device:
-    """``name`` as a device; None: ``cuda`` when available, else ``cpu``."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
-
-
-class ModelCache:
-    """Loads each model and tokenizer directory once, on one device, in eval mode (nothing trains here).
-
-    Args:
-        device: where models go.
-        dtype: ``float32`` / ``bfloat16`` / ``float16`` or None (float32).
-        trust_remote_code: allow custom model code.
-    """
-
-    def __init__(self, device: torch.device, dtype: str | None = None, trust_remote_code: bool = False):
-        self.device, self.dtype, self.trust_remote_code = device, dtype, trust_remote_code
-        self._models: dict[str, Any] = {}
-        self._tokenizers: dict[str, Any] = {}
-        self.reference_samples: dict[tuple, Any] = {}  # evaluate_policy's reference side, by settings
-
-    @staticmethod
-    def _key(path: str | Path) -> str:
-        p = Path(path).expanduser()
-        return str(p.resolve()) if p.exists() else str(path)
-
-    def model(self, path: str | Path):
-        """The causal LM at ``path`` (loaded on first use)."""
-        key = self._key(path)
-        if key not in self._models:
-            from finegrain.models.loading import load_causal_lm
-
-            model = load_causal_lm(str(path), trust_remote_code=self.trust_remote_code, dtype=self.dtype)
-            self._models[key] = model.to(self.device).eval()
-        return self._models[key]
-
-    def tokenizer(self, path: str | Path):
-        """The tokenizer at ``path`` (loaded on first use)."""
-        key = self._key(path)
-        if key not in self._tokenizers:
-            from finegrain.models.loading import load_tokenizer
-
-            self._tokenizers[key] = load_tokenizer(str(path), trust_remote_code=self.trust_remote_code)
-        return self._tokenizers[key]
 
 
 def default_output_dir(policy: str | Path) -> Path:
@@ -177,86 +133,34 @@ def _same_vocabulary(policy_model, ref_model, tokenizer, ref_tokenizer) -> None:
 # ------------------------------------------------------------------------------------------------ judges
 
 
-JudgeFn = Callable[[list, list[str], Any], tuple[np.ndarray, "np.ndarray | None"]]
+def make_judge(judge: Any, tokenizer: Any, device: Any):
+    """The judge as a reward source: a reward spec (``finegrain.rewards.registry``: a reward-model directory,
+    ``python:module:function``, a registered kind such as the built-in world's ``oracle``), a reward source, or a
+    function ``(prompts, responses) -> scores``. Its score per response is
+    :func:`finegrain.rewards.base.sequence_scores`; its per-row metrics (e.g. ``well_formed``) are averaged."""
+    from finegrain.rewards.registry import SourceContext, reward_source
+    from finegrain.rewards.rule import FunctionRewardSource
 
-
-def _prompt_text(prompt) -> str:
-    if isinstance(prompt, str):
-        return prompt
-    return " ".join(m["content"] for m in prompt if m.get("role") == "user") or " ".join(m["content"] for m in prompt)
-
-
-def _oracle_judge(world: Path) -> JudgeFn:
-    from finegrain.world import load_world_config
-    from finegrain.world.oracle import judge as oracle
-
-    rules = load_world_config(world).rules
-
-    def fn(prompts, texts, batch):
-        scores, well_formed = [], []
-        for i, (p, t) in enumerate(zip(prompts, texts)):
-            try:
-                j = oracle(_prompt_text(p), t, rules)
-            except ValueError as exc:  # a prompt outside the world
-                raise DataError(f"the world's oracle cannot judge this prompt ({exc}); use --judge with a reward "
-                                "model for prompts that are not the world's", row=i, field="prompt") from None
-            scores.append(j.score)
-            well_formed.append(j.well_formed)
-        return np.asarray(scores, dtype=np.float64), np.asarray(well_formed, dtype=bool)
-
-    return fn
-
-
-def _source_judge(source) -> JudgeFn:
-    from finegrain.ops.masked import masked_sum
-    from finegrain.rewards.base import check_finite
-
-    name = getattr(source, "name", type(source).__name__)
-
-    def fn(prompts, texts, batch):
-        with torch.no_grad():
-            r = check_finite(source.token_rewards(batch), name)
-        score = r.seq_reward if r.seq_reward is not None else masked_sum(r.values, r.mask, dim=-1)
-        return score.detach().to("cpu", torch.float64).numpy(), None
-
-    return fn
-
-
-def _callable_judge(judge: Callable) -> JudgeFn:
-    name = getattr(judge, "__name__", type(judge).__name__)
-
-    def fn(prompts, texts, batch):
-        scores = np.asarray(judge(list(prompts), list(texts)), dtype=np.float64).reshape(-1)
-        if scores.shape != (len(texts),):
-            raise ValueError(f"judge {name} returned {scores.size} scores for {len(texts)} responses")
-        if not np.isfinite(scores).all():
-            raise NonFiniteError(f"judge {name} returned {int((~np.isfinite(scores)).sum())} non-finite score(s)")
-        return scores, None
-
-    return fn
-
-
-def _make_judge(judge, *, world: Path | None, tokenizer, device, world_dir) -> tuple[JudgeFn, str]:
-    """A judge function ``(prompts, texts, batch) -> (scores (N,), well_formed (N,) | None)`` and its name."""
-    if isinstance(judge, str) and judge == "oracle":
-        return _oracle_judge(world), "oracle"
-    if isinstance(judge, (str, Path)):
-        try:
-            from finegrain.rewards.registry import load_reward_source, registered_sources
-        except ImportError:
-            load_reward_source, registered_sources = None, list
-        if not Path(judge).is_dir() and str(judge) not in registered_sources():
-            raise ConfigError(f"--judge {judge}: not 'oracle', a reward-model directory or a registered reward source")
-        if load_reward_source is None:
-            raise ConfigError(f"--judge {judge}: reward-model directories are loaded by finegrain.rewards.registry, "
-                              "which this installation lacks")
-        source = load_reward_source(str(judge), policy_tokenizer=tokenizer, device=device, world_dir=world_dir)
-        return _source_judge(source), str(judge)
-    if callable(getattr(judge, "token_rewards", None)):
-        return _source_judge(judge), str(getattr(judge, "name", type(judge).__name__))
+    if judge is None:
+        raise ConfigError("pass a judge (--judge REWARD_SPEC: a reward-model directory, python:module:function, ...)")
+    if isinstance(judge, (str, Path)) or callable(getattr(judge, "token_rewards", None)):
+        return reward_source(judge if not isinstance(judge, Path) else str(judge),
+                             SourceContext(tokenizer=tokenizer, device=device))
     if callable(judge):
-        return _callable_judge(judge), str(getattr(judge, "__name__", type(judge).__name__))
-    raise ConfigError(f"judge must be 'oracle', a reward-model directory, a reward source or a function; got {judge!r}")
+        return FunctionRewardSource(judge, tokenizer)
+    raise ConfigError(f"a judge is a reward spec, a reward source or a function; got {judge!r}")
+
+
+def _judge_rows(judge, batch) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The judge's score ``(N,)`` and per-row metrics of the rows of ``batch`` (checked for NaN/inf)."""
+    from finegrain.rewards.base import check_finite, row_metrics, sequence_scores
+
+    with torch.no_grad():
+        judged = check_finite(judge.token_rewards(batch), judge.name)
+    scores = sequence_scores(judged).detach().to("cpu", torch.float64).numpy()
+    if not np.isfinite(scores).all():
+        raise NonFiniteError(f"judge {judge.name} returned {int((~np.isfinite(scores)).sum())} non-finite score(s)")
+    return scores, {k: v.detach().to("cpu", torch.float64).numpy() for k, v in row_metrics(judged).items()}
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -269,14 +173,14 @@ class _Side:
     texts: list[str] = dataclasses.field(default_factory=list)
     tokens: list[list[int]] = dataclasses.field(default_factory=list)
     rewards: list[float] = dataclasses.field(default_factory=list)
-    well_formed: list[bool] = dataclasses.field(default_factory=list)
+    metrics: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     entropy: list[float] = dataclasses.field(default_factory=list)
     length: list[int] = dataclasses.field(default_factory=list)
     truncated: list[bool] = dataclasses.field(default_factory=list)
     seq_kl: list[float] = dataclasses.field(default_factory=list)
     seq_kl_k1: list[float] = dataclasses.field(default_factory=list)
 
-    def add(self, roll, scores: dict, texts: list[str], rewards, well_formed, eos_ids: list[int]) -> None:
+    def add(self, roll, scores: dict, texts: list[str], rewards, metrics: dict, eos_ids: list[int]) -> None:
         from finegrain.eval.metrics import response_length, sequential_kl
         from finegrain.ops.masked import masked_mean
 
@@ -286,8 +190,8 @@ class _Side:
         eos = torch.tensor(eos_ids, device=ids.device)
         self.tokens += [row[m & ~torch.isin(row, eos)].tolist() for row, m in zip(ids, mask)]
         self.rewards += [float(r) for r in rewards]
-        if well_formed is not None:
-            self.well_formed += [bool(w) for w in well_formed]
+        for key, values in metrics.items():
+            self.metrics.setdefault(key, []).extend(float(v) for v in values)
         self.entropy += masked_mean(scores["entropy"], mask, dim=-1).tolist()
         self.length += response_length(mask).tolist()
         self.truncated += roll.extras["truncated"].tolist()
@@ -310,8 +214,8 @@ class _Side:
         out["distinct_2"] = distinct_n(self.tokens, 2)
         out["length"] = float(lengths.mean())
         out["truncated_rate"] = float(np.mean(self.truncated))
-        if self.well_formed:
-            out["well_formed_rate"] = float(np.mean(self.well_formed))
+        for key, values in self.metrics.items():  # the judge's per-row metrics, e.g. the oracle's well_formed
+            out[f"{key}_rate"] = float(np.mean(values))
         if self.seq_kl:
             out["seq_kl"], out["seq_kl_stderr"] = mean_and_stderr(per_prompt(self.seq_kl))
             out["seq_kl_k1"] = float(np.mean(self.seq_kl_k1))
@@ -375,16 +279,16 @@ def _comparison(pol: _Side, ref: _Side, num_samples: int, tie_tolerance: float) 
         "length": p["length"], "ref_length": r["length"],
         "truncated_rate": p["truncated_rate"], "ref_truncated_rate": r["truncated_rate"],
     }
-    if "well_formed_rate" in p:
-        out.update(well_formed_rate=p["well_formed_rate"], ref_well_formed_rate=r["well_formed_rate"])
+    for key in pol.metrics:  # the judge's per-row metrics, averaged: <metric>_rate
+        out[f"{key}_rate"], out[f"ref_{key}_rate"] = p[f"{key}_rate"], r[f"{key}_rate"]
     return out
 
 
 def evaluate_policy(
     policy: str | Path | torch.nn.Module,
-    reference: str | Path | torch.nn.Module | None = None,
+    reference: str | Path | torch.nn.Module,
     *,
-    prompts: Any = None,
+    prompts: Any,
     judge: Any = None,
     tokenizer: Any = None,
     num_samples: int = 1,
@@ -400,7 +304,6 @@ def evaluate_policy(
     prompts_split: str | None = None,
     tie_tolerance: float = 1e-6,
     output_dir: str | Path | None = None,
-    world_dir: str | Path | None = None,
     device: str | torch.device | None = None,
     dtype: str | None = None,
     trust_remote_code: bool = False,
@@ -412,9 +315,9 @@ def evaluate_policy(
 ) -> dict[str, Any]:
     """Sample the policy and the reference on the same prompts, judge both, and compute the comparison metrics.
 
-    With ``prompts`` None this runs on the built-in world (its held-out prompts, its SFT model as the default
-    reference, its oracle as the default judge). Definitions of every metric are in docs/evaluation.md; in short,
-    over the ``N·k`` responses (``N`` prompts, ``k = num_samples``):
+    (``finegrain eval`` with no ``--prompts`` fills in the built-in world's prompts, reference and judge.)
+    Definitions of every metric are in docs/evaluation.md; in short, over the ``N·k`` responses (``N`` prompts,
+    ``k = num_samples``):
 
     * ``win_rate`` / ``tie_rate`` / ``loss_rate``: the policy's ``j``-th response to a prompt against the
       reference's ``j``-th, ``Δ = r − r_ref``, tie when ``|Δ| <= tie_tolerance``; the three sum to 1;
@@ -424,21 +327,21 @@ def evaluate_policy(
     * ``entropy``: mean over non-empty responses of the mean per-token entropy of the model on its own samples;
     * ``distinct_1`` / ``distinct_2``: corpus-level distinct n-grams over all n-grams (EOS left out);
     * ``length``: mean tokens per response, EOS included; ``truncated_rate``: share without EOS;
-    * ``well_formed_rate``: the oracle's well-formed share (oracle judge only).
+    * ``<metric>_rate``: the mean of each per-row metric the judge reports (the world's oracle: ``well_formed``).
 
     Args:
         policy: the policy's directory or a loaded causal LM (then pass ``tokenizer``).
-        reference: the reference's directory or model; default: the world's SFT model on the world.
-        prompts: anything :func:`finegrain.data.load_rows` accepts with a ``prompt`` column; default: the world's
-            ``data/prompts_test.jsonl``.
-        judge: ``"oracle"``, a reward-model directory, a reward source (``token_rewards(batch)``), or a function
-            ``(prompts, responses) -> scores``; default ``"oracle"`` on the world.
+        reference: the reference's directory or model.
+        prompts: anything :func:`finegrain.data.load_rows` accepts with a ``prompt`` column.
+        judge: a reward spec (a reward-model directory, ``python:module:function``, a registered kind such as the
+            world's ``oracle``), a reward source (``token_rewards(batch)``), or a function
+            ``(prompts, responses) -> scores`` (:func:`make_judge`).
         tokenizer: the policy tokenizer (default: loaded from the policy's directory).
         num_samples: responses per prompt from each model.
         temperature: sampling temperature (0 = greedy; KL and entropy then use temperature 1).
         top_p: nucleus mass.
         top_k: top-k (0 = off).
-        max_new_tokens: longest response (default: the world's on the world, else 256).
+        max_new_tokens: longest response (default 256).
         seed: seed of both models' sampling generators.
         batch_size: responses sampled per batch (prompts per batch = ``batch_size // num_samples``).
         chunk_rows: rows per scoring forward pass.
@@ -447,7 +350,6 @@ def evaluate_policy(
         prompts_split: split of ``prompts``.
         tie_tolerance: ``|Δ|`` up to which a comparison is a tie.
         output_dir: where ``eval.json`` and ``samples.jsonl`` are written (None: nothing written).
-        world_dir: the built-in world's directory.
         device: where the models run (None: CUDA when available).
         dtype: model dtype when loading from directories.
         trust_remote_code: allow custom model code.
@@ -465,36 +367,18 @@ def evaluate_policy(
 
     from finegrain.data.prepared import CompletionData
     from finegrain.data.tokenize import TokenLimits
+    from finegrain.rewards.base import decode_responses
     from finegrain.rl.rollout import resolve_special_ids, sample_rollouts, score_rollout
-    from finegrain.world.sft import decode_responses
 
     dev = resolve_device(device)
     models = models or ModelCache(dev, dtype=dtype, trust_remote_code=trust_remote_code)
-    on_world = prompts is None
-    judge = judge if judge is not None else ("oracle" if on_world else None)
-    if judge is None:
-        raise ConfigError("on your own prompts, pass a judge (--judge REWARD_MODEL_DIR)")
-    world = None
-    if on_world or (isinstance(judge, str) and judge == "oracle"):
-        from finegrain.world import ensure_world
-
-        world = ensure_world(world_dir)
-    if reference is None:
-        if not on_world:
-            raise ConfigError("on your own prompts, pass the reference model (--reference)")
-        reference = world / "sft"
-
+    if prompts is None or reference is None:
+        raise ConfigError("evaluate_policy needs prompts and a reference model (--prompts, --reference)")
     policy, reference, policy_model, ref_model, tokenizer = _load_models(policy, reference, tokenizer, models)
-    judge_fn, judge_name = _make_judge(judge, world=world, tokenizer=tokenizer, device=dev, world_dir=world or world_dir)
-
-    if max_new_tokens is None:
-        if on_world:
-            from finegrain.world import load_world_config
-
-            max_new_tokens = load_world_config(world).max_new_tokens
-        else:
-            max_new_tokens = 256
-    source = str(world / "data" / "prompts_test.jsonl") if on_world else prompts
+    judge_source = make_judge(judge, tokenizer, dev)
+    judge_name = str(judge) if isinstance(judge, (str, Path)) else judge_source.name
+    max_new_tokens = 256 if max_new_tokens is None else max_new_tokens
+    source = prompts
     data = CompletionData.from_source(source, tokenizer, split=prompts_split, kind="prompt",
                                       limits=TokenLimits(max_length=None, max_prompt_length=max_prompt_length),
                                       max_examples=max_prompts)
@@ -515,10 +399,11 @@ def evaluate_policy(
             scores = score_rollout(model, roll, ref_model=ref_model if with_kl else None, chunk_rows=chunk_rows,
                                    temperature=temperature if temperature > 0 else 1.0, with_entropy=True,
                                    with_full_kl=with_kl)
-            texts = decode_responses(tokenizer, roll.completion_input_ids, roll.completion_mask)
-            rewards, well_formed = judge_fn(raw_prompts[lo * num_samples : (lo + len(idx)) * num_samples], texts,
-                                            roll)
-            side.add(roll, scores, texts, rewards, well_formed, eos_ids)
+            texts = decode_responses(tokenizer, roll)
+            roll.prompts = raw_prompts[lo * num_samples : (lo + len(idx)) * num_samples]
+            roll.responses = texts
+            rewards, metrics = _judge_rows(judge_source, roll)
+            side.add(roll, scores, texts, rewards, metrics, eos_ids)
         return side
 
     pol = sample_side(policy_model, "policy", with_kl=True)
@@ -527,7 +412,7 @@ def evaluate_policy(
     ref_key = None
     if not isinstance(reference, torch.nn.Module) and isinstance(judge, (str, Path)) and isinstance(source, (str, Path)):
         ref_key = (ModelCache._key(reference), str(source), prompts_split, max_prompts, max_prompt_length, judge_name,
-                   str(world) if world else None, num_samples, temperature, top_p, top_k, max_new_tokens, seed,
+                   num_samples, temperature, top_p, top_k, max_new_tokens, seed,
                    per_batch, chunk_rows, str(dev))
     ref = models.reference_samples.get(ref_key) if ref_key else None
     if ref is None:
@@ -569,22 +454,13 @@ def _write_outputs(out: Path, result: dict, prompts: list, pol: _Side, ref: _Sid
                        "seq_kl": pol.seq_kl[i], "entropy": pol.entropy[i], "length": pol.length[i],
                        "ref_length": ref.length[i],
                        "truncated": pol.truncated[i], "ref_truncated": ref.truncated[i]}
-                if pol.well_formed:
-                    row.update(well_formed=pol.well_formed[i], ref_well_formed=ref.well_formed[i])
+                for key in pol.metrics:  # the judge's per-row metrics (the world's oracle: well_formed)
+                    row.update({key: pol.metrics[key][i], f"ref_{key}": ref.metrics[key][i]})
                 f.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
         mark_eval_dir(out)
     except OSError as exc:
         raise ConfigError(f"cannot write the evaluation to {out}: {exc.strerror or exc}; choose another "
                           "--output_dir") from None
-
-
-def mark_eval_dir(out: Path) -> None:
-    """Write ``run.json`` (command ``eval``) into an evaluation-only directory; a run's own run.json is kept."""
-    if not (out / "run.json").exists():
-        from finegrain import __version__
-
-        (out / "run.json").write_text(json.dumps({"command": "eval", "method": "eval", "status": "completed",
-                                                  "finegrain_version": __version__}, indent=2))
 
 
 def _f(x, digits: int = 3) -> str:
@@ -632,6 +508,15 @@ def format_eval(result: dict[str, Any], output_dir: str | Path | None = None) ->
 # ------------------------------------------------------------------------------------------------ command
 
 
+def _template(cfg: EvalConfig):
+    from finegrain.rewards.contrastive import resolve_template
+
+    try:
+        return resolve_template(cfg.contrastive_template, cfg.contrastive_positive, cfg.contrastive_negative)
+    except ValueError as exc:
+        raise ConfigError(f"--contrastive_template/positive/negative: {exc}") from None
+
+
 def run(cfg: EvalConfig) -> dict[str, Any]:
     """Run ``finegrain eval`` for a parsed config; returns ``{"eval": ..., "token_credit": ...}`` (None if not run)."""
     dev = resolve_device(cfg.device)
@@ -645,7 +530,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
             temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens,
             seed=cfg.seed, batch_size=cfg.batch_size, chunk_rows=cfg.chunk_rows, max_prompts=cfg.max_prompts,
             max_prompt_length=cfg.max_prompt_length, prompts_split=cfg.prompts_split,
-            tie_tolerance=cfg.tie_tolerance, output_dir=out, world_dir=cfg.world_dir, device=dev,
+            tie_tolerance=cfg.tie_tolerance, output_dir=out, device=dev,
             show_progress=not cfg.disable_tqdm, quiet=False, models=models,
         )
     if cfg.token_credit:
@@ -653,16 +538,9 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
 
         results["token_credit"] = evaluate_token_credit_sources(
             cfg.token_credit, data=cfg.credit_data, split=cfg.credit_split, policy=cfg.policy,
-            reference=cfg.reference, world_dir=cfg.world_dir, output_dir=out, max_rows=cfg.max_credit_rows,
+            reference=cfg.reference, output_dir=out, max_rows=cfg.max_credit_rows, tokenizer=cfg.tokenizer_name_or_path,
+            contrastive_template=_template(cfg),
             num_examples=cfg.num_credit_examples, unit=cfg.credit_unit, batch_size=max(1, cfg.chunk_rows),
             device=dev, models=models,
         )
     return results
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    cfg = parse(EvalConfig, list(sys.argv[1:] if argv is None else argv), "finegrain eval",
-                (EvalConfig.__doc__ or "") + "\n\nWith no --prompts, runs on the built-in world: its held-out prompts, "
-                "its SFT model as the reference, its oracle as the judge. Metric definitions: docs/evaluation.md.")
-    run(cfg)
-    return 0

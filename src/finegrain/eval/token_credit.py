@@ -22,10 +22,10 @@ Ground truth (one of, by the data set's columns):
 Sources (:func:`resolve_credit_sources`; ``NAME=SPEC`` names a source):
 
 * ``oracle-credit``: the truth itself (a sanity check: AUROC 1);
-* ``contrastive``: contrastive prompting (T-REG) with the reference model;
-* ``implicit`` / ``implicit:<policy_dir>``: the implicit reward ``β (log π − log π_ref)`` per token of a
-  preference-trained policy (``β (ρ_t + K_t)`` for a TDPO run);
-* a reward-model directory, loaded by :func:`finegrain.rewards.registry.load_reward_source`;
+* any reward spec of :mod:`finegrain.rewards.registry`: ``contrastive`` (contrastive prompting with the reference
+  model, T-REG), ``implicit`` / ``implicit:<policy_dir>`` (the implicit reward ``β (log π − log π_ref)`` per token of
+  a preference-trained policy; ``β (ρ_t + K_t)`` for a TDPO run), a reward-model directory,
+  ``python:module:function``, a registered kind;
 * in Python, any object with ``token_rewards(batch) -> TokenRewards``.
 """
 
@@ -33,8 +33,7 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -271,134 +270,15 @@ def load_credit_examples(
 # ------------------------------------------------------------------------------------------------ sources
 
 
-@dataclass
-class _Scorer:
-    """A named source and how to call it on a batch of examples (some sources need the raw prompts)."""
+class TruthSource:
+    """The ground truth itself as a reward source (``oracle-credit``; its AUROC is 1 whenever both classes exist):
+    reads ``batch.extras["truth"]`` ``(N, T)``, which :func:`score_token_credit` puts on every batch."""
 
-    name: str
-    call: Callable[[CompletionBatch, list[CreditExample]], TokenRewards]
+    name = ORACLE_CREDIT
 
-
-def _from_reward_source(name: str, source: Any) -> _Scorer:
-    if not callable(getattr(source, "token_rewards", None)):
-        raise ConfigError(f"token-credit source '{name}' has no token_rewards(batch) method")
-    return _Scorer(name, lambda batch, examples: source.token_rewards(batch))
-
-
-def _oracle_scorer(name: str = ORACLE_CREDIT) -> _Scorer:
-    def call(batch: CompletionBatch, examples: list[CreditExample]) -> TokenRewards:
-        values = torch.zeros(batch.completion_input_ids.shape, dtype=torch.float32)
-        for i, ex in enumerate(examples):
-            values[i, : len(ex.truth)] = torch.tensor(ex.truth, dtype=torch.float32)
+    def token_rewards(self, batch: CompletionBatch) -> TokenRewards:
         mask = batch.completion_mask.to(torch.bool)
-        return TokenRewards(values=values.to(mask.device) * mask, mask=mask)
-
-    return _Scorer(name, call)
-
-
-def _contrastive_scorer(name: str, reference, tokenizer, on_world: bool, chunk_rows: int) -> _Scorer:
-    """Contrastive prompting with the reference: the shared reward source when present, else the pure maths."""
-    try:
-        from finegrain.rewards.contrastive import ContrastiveRewardSource, resolve_template
-    except ImportError:
-        ContrastiveRewardSource = None  # noqa: N806
-    if ContrastiveRewardSource is not None:
-        source = ContrastiveRewardSource(reference, tokenizer, resolve_template("auto", on_world=on_world))
-        return _Scorer(name, lambda batch, examples: source.token_rewards(batch, prompts=[e.prompt for e in examples]))
-    if not on_world:
-        raise ConfigError("contrastive prompting on your own data needs prompt templates "
-                          "(finegrain.rewards.contrastive.ContrastiveRewardSource), which this installation lacks")
-
-    from finegrain.data.collate import collate_completions, pad_token_id
-    from finegrain.data.tokenize import tokenize_prompt
-    from finegrain.rewards.contrastive import contrastive_token_rewards
-    from finegrain.rl.rollout import score_rollout
-    from finegrain.world.corpus import control_prompts
-
-    def call(batch: CompletionBatch, examples: list[CreditExample]) -> TokenRewards:
-        logps = []
-        for sign in (0, 1):  # P+ then P-, each read by the reference before the same response ids
-            prompts = [tokenize_prompt(tokenizer, control_prompts(e.prompt)[sign]) for e in examples]
-            block = collate_completions([{"prompt_input_ids": p, "completion_input_ids": e.input_ids}
-                                         for p, e in zip(prompts, examples)], pad_token_id(tokenizer))
-            logps.append(score_rollout(reference, block.to(batch.completion_input_ids.device),
-                                       chunk_rows=chunk_rows)["token_logps"])
-        mask = batch.completion_mask.to(torch.bool)
-        return TokenRewards(values=contrastive_token_rewards(logps[0], logps[1], mask), mask=mask)
-
-    return _Scorer(name, call)
-
-
-def _implicit_scorer(name: str, policy, reference, beta: float, kind: str, chunk_rows: int) -> _Scorer:
-    """Implicit rewards: the shared reward source when present, else ``β ρ_t`` from two forwards (DPO only)."""
-    try:
-        from finegrain.rewards.implicit import ImplicitRewardSource
-    except ImportError:
-        ImplicitRewardSource = None  # noqa: N806
-    if ImplicitRewardSource is not None:
-        source = ImplicitRewardSource(policy, beta, ref_model=reference, kind=kind)
-        return _Scorer(name, lambda batch, examples: source.token_rewards(batch))
-    if kind != "dpo":
-        raise ConfigError(f"implicit {kind} rewards need finegrain.rewards.implicit, which this installation lacks")
-
-    from finegrain.rewards.contrastive import implicit_token_rewards
-    from finegrain.rl.rollout import score_rollout
-
-    def call(batch: CompletionBatch, examples: list[CreditExample]) -> TokenRewards:
-        s = score_rollout(policy, batch, ref_model=reference, chunk_rows=chunk_rows)
-        mask = batch.completion_mask.to(torch.bool)
-        return TokenRewards(values=implicit_token_rewards(s["token_logps"], s["ref_token_logps"], mask, beta),
-                            mask=mask)
-
-    return _Scorer(name, call)
-
-
-def _run_info(policy_dir: Path) -> tuple[str | None, float | None]:
-    """``(method, beta)`` of the run a policy directory belongs to (``RUN/final`` -> RUN's run.json, config.yaml)."""
-    import yaml
-
-    method = beta = None
-    for run in (policy_dir.parent, policy_dir):
-        if method is None and (run / "run.json").is_file():
-            try:
-                method = json.loads((run / "run.json").read_text()).get("method")
-            except (OSError, ValueError):
-                pass
-        if beta is None and (run / "config.yaml").is_file():
-            try:
-                value = (yaml.safe_load((run / "config.yaml").read_text()) or {}).get("beta")
-            except (OSError, yaml.YAMLError):
-                value = None
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-                beta = float(value)
-    return method, beta
-
-
-def _registered_names() -> list[str]:
-    """Names the reward-source registry knows (none when the registry is not installed)."""
-    try:
-        from finegrain.rewards.registry import registered_sources
-    except ImportError:
-        return []
-    return registered_sources()
-
-
-def _source_label(spec: str, source: Any) -> str:
-    """A reward model's row label: its run's directory name (``runs/rm-token/final`` -> ``rm-token``), else the
-    source's own name."""
-    path = Path(spec)
-    if path.is_dir():
-        return (path.parent.name if path.name == "final" else path.name) or str(getattr(source, "name", spec))
-    return str(getattr(source, "name", None) or spec)
-
-
-def _split_name(spec: str) -> tuple[str | None, str]:
-    """``NAME=SPEC`` -> ``(NAME, SPEC)``; a spec without ``=`` (or a path that exists) has no name."""
-    if "=" in spec and not Path(spec).exists():
-        name, _, rest = spec.partition("=")
-        if name and rest:
-            return name, rest
-    return None, spec
+        return TokenRewards(values=batch.extras["truth"].float() * mask, mask=mask)
 
 
 def _unique(name: str, taken: Mapping[str, Any]) -> str:
@@ -410,92 +290,33 @@ def _unique(name: str, taken: Mapping[str, Any]) -> str:
     return f"{name}#{k}"
 
 
-def resolve_credit_sources(
-    specs: Sequence[Any] | Mapping[str, Any],
-    *,
-    load_model: Callable[[str], Any],
-    tokenizer: Any,
-    policy: str | None = None,
-    reference: str | None = None,
-    on_world: bool = True,
-    world_dir: str | Path | None = None,
-    device: str | torch.device = "cpu",
-    chunk_rows: int = 8,
-) -> dict[str, _Scorer]:
-    """Turn source specs (module docstring) into named scorers.
+def resolve_credit_sources(specs: Sequence[Any] | Mapping[str, Any], context: Any) -> dict[str, Any]:
+    """Turn source specs into named reward sources: ``oracle-credit`` (the truth, :class:`TruthSource`) or any reward
+    spec of :mod:`finegrain.rewards.registry` (``contrastive``, ``implicit[:DIR]``, a reward-model directory,
+    ``python:module:function``, a registered kind; ``NAME=SPEC`` names one), or reward-source objects.
+
+    A sentence RM places each sentence's term on its last token (right for PPO); credit is judged per word, so here
+    each term is spread over its sentence's tokens, as ``finegrain rm``'s own evaluation does.
 
     Args:
-        specs: spec strings (``oracle-credit``, ``contrastive``, ``implicit``, ``implicit:DIR``, a reward-model
-            directory, each optionally ``NAME=SPEC``) or reward-source objects; or a mapping name -> spec / object.
-        load_model: ``path -> causal LM`` on the right device in eval mode (models are shared between sources).
-        tokenizer: the policy tokenizer.
-        policy: the policy directory that bare ``implicit`` refers to.
-        reference: the reference model directory (contrastive prompting, implicit rewards).
-        on_world: whether the models and data are the built-in world's (templates, error messages).
-        world_dir: the world directory, passed to the reward-model registry.
-        device: where reward models run.
-        chunk_rows: rows per forward pass in the fallback implementations.
+        specs: spec strings or reward-source objects; or a mapping name -> spec / object.
+        context: the :class:`~finegrain.rewards.registry.SourceContext` (policy tokenizer, reference, model loader).
 
     Returns:
-        An ordered mapping name -> scorer.
-
-    Raises:
-        ConfigError: an unknown spec, a missing directory, or a source that needs a model nobody named.
+        An ordered mapping name -> source ("truth" is kept for the ground truth's own row).
     """
-    from finegrain.models.loading import model_dir
+    from finegrain.rewards.registry import reward_source, split_name
 
     items = list(specs.items()) if isinstance(specs, Mapping) else [(None, s) for s in specs]
-    out: dict[str, _Scorer] = {}
-    for given_name, spec in items:
-        if not isinstance(spec, str):
-            name = given_name or getattr(spec, "name", None) or type(spec).__name__
-            out[_unique(str(name), out)] = _from_reward_source(str(name), spec)
-            continue
-        name, spec = (given_name, spec) if given_name else _split_name(spec)
-        if spec == ORACLE_CREDIT:
-            scorer = _oracle_scorer()
-        elif spec == "contrastive":
-            if reference is None:
-                raise ConfigError("the contrastive source needs a reference model: pass --reference")
-            scorer = _contrastive_scorer("contrastive", load_model(reference), tokenizer, on_world, chunk_rows)
-        elif spec == "implicit" or spec.startswith("implicit:"):
-            target = spec.partition(":")[2] or policy
-            target = model_dir(target) if target else target
-            if not target:
-                raise ConfigError("the 'implicit' source needs a policy: pass --policy or write implicit:<policy_dir>")
-            if reference is None:
-                raise ConfigError("implicit rewards need the reference model: pass --reference")
-            if not Path(target).is_dir():
-                raise ConfigError(f"implicit:{target}: no such model directory")
-            method, beta = _run_info(Path(target))
-            if beta is None:
-                beta = 1.0
-                print(f"token credit: no beta in the config of {target}; implicit rewards use beta = 1 "
-                      "(AUROC does not depend on it)", file=sys.stderr)
-            kind = "tdpo" if method and method.lower().startswith("tdpo") else "dpo"
-            scorer = _implicit_scorer(f"implicit_{method}" if method else "implicit", load_model(target),
-                                      load_model(reference), beta, kind, chunk_rows)
-        elif Path(spec).is_dir() or spec in _registered_names():
-            try:
-                from finegrain.rewards.registry import load_reward_source
-            except ImportError:
-                raise ConfigError(
-                    f"{spec}: reward-model directories are loaded by finegrain.rewards.registry, which this "
-                    "installation lacks"
-                ) from None
-            source = load_reward_source(spec, policy_tokenizer=tokenizer, device=device, world_dir=world_dir)
-            if getattr(source, "spread", True) is False:
-                # a sentence RM places each sentence's term on its last token (right for PPO); credit is judged per
-                # word, so here each term is spread over its sentence's tokens, as finegrain rm's own evaluation does
-                source.spread = True
-            scorer = _from_reward_source(_source_label(spec, source), source)
-        else:
-            raise ConfigError(
-                f"unknown token-credit source {spec!r}: use oracle-credit, contrastive, implicit, implicit:<policy_dir>, "
-                "a reward-model directory or a registered reward source (optionally NAME=SPEC)"
-            )
-        scorer.name = _unique(name or scorer.name, out)
-        out[scorer.name] = scorer
+    out: dict[str, Any] = {}
+    for given, spec in items:
+        name, body = split_name(spec) if isinstance(spec, str) else (None, spec)
+        name = given or name
+        source = TruthSource() if body == ORACLE_CREDIT else reward_source(body, context)
+        if getattr(source, "spread", True) is False:
+            source.spread = True
+        source.name = _unique(name or str(getattr(source, "name", type(source).__name__)), out)
+        out[source.name] = source
     return out
 
 
@@ -514,23 +335,32 @@ def _token_texts(example: CreditExample, tokenizer: Any) -> list[str]:
     return out
 
 
-def _score_rows(scorer: _Scorer, examples: list[CreditExample], pad_id: int, batch_size: int,
+def _score_rows(source: Any, examples: list[CreditExample], pad_id: int, batch_size: int,
                 device: str | torch.device) -> list[np.ndarray]:
     from finegrain.data.collate import collate_completions
     from finegrain.rewards.base import check_finite
 
+    name = str(getattr(source, "name", type(source).__name__))
+    if not callable(getattr(source, "token_rewards", None)):
+        raise ConfigError(f"token-credit source '{name}' has no token_rewards(batch) method")
     out: list[np.ndarray] = []
     for lo in range(0, len(examples), batch_size):
         chunk = examples[lo : lo + batch_size]
         batch = collate_completions(
             [{"prompt_input_ids": e.prompt_input_ids, "completion_input_ids": e.input_ids} for e in chunk], pad_id
-        ).to(device)
+        )
+        truth = torch.zeros(batch.completion_input_ids.shape, dtype=torch.float32)
+        for i, e in enumerate(chunk):
+            truth[i, : len(e.truth)] = torch.tensor(e.truth, dtype=torch.float32)
+        batch.extras["truth"] = truth
+        batch.prompts, batch.responses = [e.prompt for e in chunk], [e.text for e in chunk]
+        batch = batch.to(device)
         with torch.no_grad():
-            rewards = scorer.call(batch, chunk)
+            rewards = source.token_rewards(batch)
         if tuple(rewards.values.shape) != tuple(batch.completion_input_ids.shape):
-            raise ValueError(f"token-credit source '{scorer.name}' returned values of shape "
+            raise ValueError(f"token-credit source '{name}' returned values of shape "
                              f"{tuple(rewards.values.shape)} for a batch of {tuple(batch.completion_input_ids.shape)}")
-        check_finite(rewards, scorer.name)
+        check_finite(rewards, name)
         values = torch.where(rewards.mask.to(torch.bool), rewards.values, torch.zeros_like(rewards.values))
         values = values.detach().to("cpu", torch.float64).numpy()
         out += [values[i, : len(e.input_ids)].copy() for i, e in enumerate(chunk)]
@@ -567,8 +397,8 @@ def score_token_credit(
     tokens outside a source's mask count as 0.
 
     Args:
-        sources: name -> scorer from :func:`resolve_credit_sources`, or name -> object with
-            ``token_rewards(batch)``.
+        sources: name -> reward source (from :func:`resolve_credit_sources`, or any object with
+            ``token_rewards(batch)``).
         examples: from :func:`load_credit_examples`.
         tokenizer: the policy tokenizer (token texts; pad id).
         batch_size: responses per call of a source.
@@ -585,7 +415,6 @@ def score_token_credit(
 
     if not examples:
         raise DataError("no responses to score for token credit")
-    scorers = {name: s if isinstance(s, _Scorer) else _from_reward_source(name, s) for name, s in sources.items()}
     pad_id = pad_token_id(tokenizer)
     truth = [np.asarray(e.truth, dtype=np.float64) for e in examples]
     picked = _pick_examples(examples, num_examples)
@@ -593,8 +422,8 @@ def score_token_credit(
               "tokens": _token_texts(examples[i], tokenizer), "sources": {"truth": truth[i].tolist()}} for i in picked]
     result: dict[str, Any] = {"examples": shown, "auroc": {}, "precision_at_k": {}, "k": {}}
     counts = None
-    for name, scorer in scorers.items():
-        rows = _score_rows(scorer, examples, pad_id, batch_size, device)
+    for name, source in sources.items():
+        rows = _score_rows(source, examples, pad_id, batch_size, device)
         res = evaluate_token_credit(rows, truth, eps=eps)
         result["auroc"][name] = _finite_or_none(res.auroc)
         result["precision_at_k"][name] = _finite_or_none(res.precision_at_k)
@@ -611,15 +440,23 @@ def score_token_credit(
 # ------------------------------------------------------------------------------------------------ entry point
 
 
+def mark_eval_dir(out: Path) -> None:
+    """Write ``run.json`` (command ``eval``) into an evaluation-only directory; a run's own run.json is kept."""
+    if not (out / "run.json").exists():
+        from finegrain import __version__
+
+        (out / "run.json").write_text(json.dumps({"command": "eval", "method": "eval", "status": "completed",
+                                                  "finegrain_version": __version__}, indent=2))
+
+
 def evaluate_token_credit_sources(
     sources: Sequence[Any] | Mapping[str, Any],
     *,
-    data: Any = None,
+    data: Any,
     split: str | None = None,
     tokenizer: Any = None,
     policy: str | None = None,
     reference: str | None = None,
-    world_dir: str | Path | None = None,
     output_dir: str | Path | None = None,
     max_rows: int | None = None,
     num_examples: int = 8,
@@ -630,21 +467,17 @@ def evaluate_token_credit_sources(
     trust_remote_code: bool = False,
     quiet: bool = False,
     models: Any = None,
+    contrastive_template: Any = None,
 ) -> dict[str, Any]:
     """Token-credit AUROC and precision@k of reward sources; writes ``token_credit.json`` when ``output_dir`` is set.
 
-    With ``data`` None this runs on the built-in world: ground truth from ``<world>/data/credit_test.jsonl``, the
-    world's SFT model as the default reference, its tokenizer as the default policy tokenizer.
-
     Args:
         sources: source specs or objects (see :func:`resolve_credit_sources`).
-        data: the data set with ground truth (module docstring); None: the world's credit_test.jsonl.
+        data: the data set with ground truth (module docstring).
         split: its split.
-        tokenizer: the policy tokenizer (a loaded tokenizer or a path); default: the policy's, else the
-            reference's, else the world's.
+        tokenizer: the policy tokenizer (a loaded tokenizer or a path); default: the policy's, else the reference's.
         policy: the policy directory bare ``implicit`` refers to.
-        reference: the reference model directory; default: the world's SFT model when ``data`` is None.
-        world_dir: where the built-in world lives (built on first use).
+        reference: the reference model directory (``contrastive``, ``implicit``).
         output_dir: where ``token_credit.json`` goes (None: not written).
         max_rows: read only the first rows of ``data``.
         num_examples: responses written for the heatmaps.
@@ -654,36 +487,31 @@ def evaluate_token_credit_sources(
         dtype: model dtype (``float32``, ``bfloat16``, ``float16``; None: as saved / float32).
         trust_remote_code: allow custom model code from the hub.
         quiet: do not print the table.
-        models: a :class:`finegrain.eval.cli.ModelCache` to share loaded models with other calls.
+        models: a :class:`finegrain.models.loading.ModelCache` to share loaded models with other calls.
+        contrastive_template: the :class:`~finegrain.rewards.contrastive.ContrastiveTemplate` of ``contrastive``
+            (None: the draft-revision form).
 
     Returns:
         The content of ``token_credit.json`` (see :func:`score_token_credit`) plus ``data``.
     """
-    from finegrain.eval.cli import ModelCache, mark_eval_dir, resolve_device
+    from finegrain.models.loading import ModelCache, resolve_device
+    from finegrain.rewards.registry import SourceContext
 
     dev = resolve_device(device)
-    on_world = data is None
-    world = None
-    if on_world:
-        from finegrain.world import ensure_world
-
-        world = ensure_world(world_dir)
-        data = str(world / "data" / "credit_test.jsonl")
-        reference = reference or str(world / "sft")
     models = models or ModelCache(dev, dtype=dtype, trust_remote_code=trust_remote_code)
     if tokenizer is None or isinstance(tokenizer, (str, Path)):
         where = tokenizer or policy or reference
         if where is None:
-            raise ConfigError("token credit on your own data needs the policy tokenizer: pass --policy or --reference")
+            raise ConfigError("token credit needs the policy tokenizer: pass --tokenizer_name_or_path, --policy or "
+                              "--reference")
         tokenizer = models.tokenizer(str(where))
     examples = load_credit_examples(data, tokenizer, split=split, max_rows=max_rows, unit=unit)
-    scorers = resolve_credit_sources(
-        sources, load_model=models.model, tokenizer=tokenizer, policy=policy, reference=reference,
-        on_world=on_world, world_dir=world if world is not None else world_dir, device=dev,
-    )
-    if not scorers:
+    context = SourceContext(tokenizer=tokenizer, device=dev, load_model=models.model, reference=reference,
+                            policy=policy, contrastive_template=contrastive_template)
+    resolved = resolve_credit_sources(sources, context)
+    if not resolved:
         raise ConfigError("no token-credit source given")
-    result = score_token_credit(scorers, examples, tokenizer, batch_size=batch_size, device=dev,
+    result = score_token_credit(resolved, examples, tokenizer, batch_size=batch_size, device=dev,
                                 num_examples=num_examples)
     result["data"] = str(data) if isinstance(data, (str, Path)) else type(data).__name__
     if output_dir is not None:

@@ -10,36 +10,18 @@ Sub-commands (each in its own module, imported only when it runs):
 from __future__ import annotations
 
 import difflib
-import importlib
-import importlib.util
 import sys
+from collections.abc import Callable
 
-__all__ = ["SUBCOMMANDS", "available", "main"]
+__all__ = ["SUBCOMMANDS", "dispatch"]
 
-SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "revise": (
-        "finegrain.labeling.revise",
-        "minimal-edit revisions of rejected responses by an LLM (local HF chat model, OpenAI-compatible "
-        "endpoint) or the world's reviser",
-    ),
-    "contrastive": (
-        "finegrain.labeling.contrastive",
-        "per-token rewards by contrastive prompting (T-REG): log-prob differences under opposite prompts",
-    ),
-    "edits": (
-        "finegrain.labeling.edits",
-        "token labels from {prompt, rejected, revised} rows by edit alignment (TLCR, minimal-edit token RM)",
-    ),
+SUBCOMMANDS: dict[str, str] = {
+    "revise": "minimal-edit revisions of rejected responses by an LLM (local HF chat model, OpenAI-compatible "
+              "endpoint) or a registered rule reviser (the built-in world's)",
+    "contrastive": "per-token rewards by contrastive prompting (T-REG): log-prob differences under opposite prompts",
+    "edits": "token labels from {prompt, rejected, revised} rows by edit alignment (TLCR, minimal-edit token RM)",
 }
-"""Sub-command name -> (module with a ``main(argv)``, one line of help)."""
-
-
-def available(name: str) -> bool:
-    """Whether the module of sub-command ``name`` is present in this installation."""
-    try:
-        return importlib.util.find_spec(SUBCOMMANDS[name][0]) is not None
-    except (KeyError, ImportError):
-        return False
+"""Sub-command name -> one line of help (the runners live in :mod:`finegrain.cli.commands`)."""
 
 
 def _usage() -> str:
@@ -49,15 +31,12 @@ def _usage() -> str:
         "",
         "sub-commands:",
     ]
-    for name, (_, doc) in SUBCOMMANDS.items():
-        note = "" if available(name) else " (not available in this version)"
-        lines.append(f"  {name:<12} {doc}{note}")
+    lines += [f"  {name:<12} {doc}" for name, doc in SUBCOMMANDS.items()]
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run ``finegrain label <sub-command> ...``; return the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+def dispatch(argv: list[str], runners: dict[str, Callable[[list[str]], int]]) -> int:
+    """Run ``finegrain label <sub-command> ...`` with ``runners[sub-command]``; return the exit status."""
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
@@ -67,13 +46,4 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         print(f"finegrain label: unknown sub-command '{name}'{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
-    if not available(name):
-        ready = ", ".join(n for n in SUBCOMMANDS if available(n)) or "none"
-        print(
-            f"finegrain label: the sub-command '{name}' is not available in this version of finegrain "
-            f"(available: {ready})\n\n{_usage()}",
-            file=sys.stderr,
-        )
-        return 2
-    module = importlib.import_module(SUBCOMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    return int(runners[name](rest) or 0)

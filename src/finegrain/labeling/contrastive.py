@@ -32,10 +32,10 @@ from typing import Literal
 
 import torch
 
-from finegrain.config import option, parse
+from finegrain.config import option
 from finegrain.errors import ConfigError
 
-__all__ = ["ContrastiveLabelConfig", "label_pairs", "main", "run_contrastive"]
+__all__ = ["ContrastiveLabelConfig", "label_pairs", "run_contrastive"]
 
 
 @dataclasses.dataclass
@@ -49,8 +49,8 @@ class ContrastiveLabelConfig:
     output_file: str | None = option(None, "JSONL to write; default: <dataset stem>.contrastive.jsonl in runs/label-contrastive/")
     overwrite: bool = option(False, "replace output_file if it exists")
     template: Literal["auto", "control", "system", "draft"] = option(
-        "auto", "form of the opposite prompts: control prefix, system turn, or draft revision; auto: control on "
-        "the world, draft otherwise")
+        "auto", "form of the opposite prompts: control (an instruction with {prompt}, or a prefix), system turn, or "
+        "draft revision (the paper's); auto: draft (on the built-in world: control with its prefixes)")
     positive: str | None = option(None, "text of the positive instruction (default: the template's own)")
     negative: str | None = option(None, "text of the negative instruction (default: the template's own)")
     batch_size: int = option(16, "pairs per forward pass")
@@ -60,7 +60,6 @@ class ContrastiveLabelConfig:
     skip_invalid_rows: bool = option(False, "skip bad rows (counted and logged) instead of stopping")
     chunk_size: int = option(1024, "response positions per chunk of the output projection")
     device: str | None = option(None, "torch device; default: cuda when available, else cpu")
-    world_dir: str | None = option(None, "where the built-in world lives; default: the cache directory")
     trust_remote_code: bool = option(False, "allow models/tokenizers with custom code from the hub")
 
     def __post_init__(self) -> None:
@@ -98,9 +97,7 @@ def label_pairs(source, data, *, batch_size: int, full_lengths: list[tuple[int, 
         idx = list(range(lo, min(lo + batch_size, len(data))))
         batch = data.collate(idx).to(device)
         exs = [data[i] for i in idx]
-        prompts = [ex["prompt"] for ex in exs] * 2
-        responses = [ex["chosen_text"] for ex in exs] + [ex["rejected_text"] for ex in exs]
-        values = source.token_rewards(batch, prompts=prompts, responses=responses).values.cpu()
+        values = source.token_rewards(batch).values.cpu()  # the batch carries the raw prompts and texts
         b = len(idx)
         for k, ex in enumerate(exs):
             pair = []
@@ -129,22 +126,17 @@ def run_contrastive(cfg: ContrastiveLabelConfig) -> Path:
     from finegrain.models.loading import load_causal_lm, load_tokenizer
     from finegrain.rewards.contrastive import ContrastiveRewardSource, resolve_template
 
-    on_world = cfg.model_name_or_path is None
-    if on_world:
-        from finegrain.world import ensure_world
-
-        world = ensure_world(cfg.world_dir)
-        model_path, tok_path = str(world / "sft"), str(world / "sft")
-        dataset = cfg.dataset_name or str(world / "data" / "pairs_train.jsonl")
-    else:
-        model_path, tok_path = cfg.model_name_or_path, cfg.tokenizer_name_or_path or cfg.model_name_or_path
-        dataset = cfg.dataset_name
+    if cfg.model_name_or_path is None or cfg.dataset_name is None:
+        raise ConfigError("label contrastive needs --model_name_or_path (the scorer) and --dataset_name (pairs); with "
+                          "neither, it labels the built-in world's pairs")
+    model_path, tok_path = cfg.model_name_or_path, cfg.tokenizer_name_or_path or cfg.model_name_or_path
+    dataset = cfg.dataset_name
     out = Path(cfg.output_file) if cfg.output_file else (
         Path("runs/label-contrastive") / f"{Path(str(dataset)).stem or 'pairs'}.contrastive.jsonl")
     if out.exists() and not cfg.overwrite:
         raise ConfigError(f"{out} exists; pass --overwrite to replace it or choose another --output_file")
     try:
-        template = resolve_template(cfg.template, cfg.positive, cfg.negative, on_world=on_world)
+        template = resolve_template(cfg.template, cfg.positive, cfg.negative)
     except ValueError as exc:
         raise ConfigError(f"--template/--positive/--negative: {exc}") from None
 
@@ -188,11 +180,3 @@ def run_contrastive(cfg: ContrastiveLabelConfig) -> Path:
     print(f"contrastive rewards of {len(data)} pairs ({template.form} template) written to {out}"
           f"{f'; {skipped} rows skipped' if skipped else ''}{note}", file=sys.stderr)
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse(ContrastiveLabelConfig, argv, "finegrain label contrastive",
-                (ContrastiveLabelConfig.__doc__ or "") + "\n\nWith no model and no data set, labels the built-in "
-                "world's training pairs with the world's SFT model and its control prompts.")
-    run_contrastive(cfg)
-    return 0

@@ -30,19 +30,18 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
-from finegrain.config import option, parse
+from finegrain.config import option
 from finegrain.errors import ConfigError
 
-__all__ = ["EditsConfig", "EditsSummary", "label_rows", "main", "run_edits", "spans_from_labels"]
+__all__ = ["EditsConfig", "EditsSummary", "label_rows", "run_edits", "spans_from_labels"]
 
 logger = logging.getLogger(__name__)
 
-_DESCRIPTION = """Token labels from {prompt, rejected, revised} rows by edit alignment (TLCR, minimal-edit token RM).
+DESCRIPTION = """Token labels from {prompt, rejected, revised} rows by edit alignment (TLCR, minimal-edit token RM).
 
 Writes JSON Lines of token supervision rows {prompt, response, labels | spans, side, pair}, two per pair: -1 on
 rejected tokens that the revision deleted or substituted, +1 on revision tokens it added or substituted, 0 on
@@ -64,8 +63,6 @@ class EditsConfig:
     dataset_name: str | None = option(None, "hub id, local file or directory of revision rows (prompt, rejected, "
                                       "revised, optionally chosen); default: the built-in world's revisions")
     dataset_split: str = option("train", "split of dataset_name")
-    world_dir: str | None = option(None, "the built-in world's directory (default: the cache directory; built on "
-                                   "first use)")
     tokenizer_name_or_path: str | None = option(None, "the tokenizer whose tokens get the labels (a fast tokenizer); "
                                                 "default: the world's tokenizer when no data set is given")
     trust_remote_code: bool = option(False, "allow a tokenizer with custom code from the hub")
@@ -181,15 +178,10 @@ def label_rows(rows: list[dict], tokenizer: Any, *, unit: str = "word", fmt: str
 def _inputs(cfg: EditsConfig) -> tuple[Any, Any]:
     from finegrain.models.loading import load_tokenizer
 
-    if cfg.dataset_name is None:
-        from finegrain.world import ensure_world
-
-        world = ensure_world(cfg.world_dir)
-        source = str(world / "data" / "revisions.jsonl")
-        tok_path = cfg.tokenizer_name_or_path or str(world / "sft")
-    else:
-        source, tok_path = cfg.dataset_name, cfg.tokenizer_name_or_path
-    return source, load_tokenizer(tok_path, trust_remote_code=cfg.trust_remote_code)
+    if cfg.dataset_name is None or cfg.tokenizer_name_or_path is None:
+        raise ConfigError("label edits needs --dataset_name (revision rows) and --tokenizer_name_or_path; with neither, "
+                          "it labels the built-in world's revisions")
+    return cfg.dataset_name, load_tokenizer(cfg.tokenizer_name_or_path, trust_remote_code=cfg.trust_remote_code)
 
 
 def run_edits(cfg: EditsConfig) -> EditsSummary:
@@ -232,11 +224,3 @@ def run_edits(cfg: EditsConfig) -> EditsSummary:
     finally:
         tmp.unlink(missing_ok=True)
     return summary
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``finegrain label edits [--config file.yaml] [--option value ...]``."""
-    cfg = parse(EditsConfig, argv, prog="finegrain label edits", description=_DESCRIPTION)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    print(run_edits(cfg), file=sys.stdout)
-    return 0

@@ -33,7 +33,6 @@ import logging
 import os
 import random
 import re
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -41,7 +40,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from finegrain.config import option, parse
+from finegrain.config import option
 from finegrain.errors import ConfigError, DataError, FinegrainError
 
 __all__ = [
@@ -60,7 +59,6 @@ __all__ = [
     "build_messages",
     "conversation_text",
     "load_jobs",
-    "main",
     "make_reviser",
     "parse_revision",
     "run_revise",
@@ -116,7 +114,7 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _ID_COLUMNS = ("id", "idx", "uid")
 
 
-_DESCRIPTION = f"""Minimal-edit revisions of rejected responses, by an LLM or the built-in world's reviser.
+DESCRIPTION = f"""Minimal-edit revisions of rejected responses, by an LLM or the built-in world's reviser.
 
 Each row of the input (prompt, rejected, optionally chosen) is sent to the reviser, which explains and then prints
 the line {MARKER} followed by the rewritten response. Finished rows are appended to --output_file as
@@ -926,12 +924,3 @@ def _revise_into(reviser: Any, todo: list[RevisionJob], out: Path, cfg: ReviseCo
         bar.close()
         if side is not None:
             side.close()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``finegrain label revise [--config file.yaml] [--option value ...]``."""
-    cfg = parse(ReviseConfig, argv, prog="finegrain label revise", description=_DESCRIPTION)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    summary = run_revise(cfg)
-    print(summary, file=sys.stdout)
-    return 0

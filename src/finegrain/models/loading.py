@@ -8,6 +8,7 @@ model directory in the cache (:mod:`finegrain.models.gguf`) and loaded from ther
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -111,3 +112,49 @@ def _gguf_to_dir(name_or_path: str) -> str:
     from finegrain.models.gguf import ensure_converted
 
     return ensure_converted(name_or_path)
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """``name`` as a device; None: ``cuda`` when available, else ``cpu``."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+
+
+class ModelCache:
+    """Loads each model and tokenizer directory once, on one device, in eval mode (nothing trains here).
+
+    Args:
+        device: where models go.
+        dtype: ``float32`` / ``bfloat16`` / ``float16`` or None (float32).
+        trust_remote_code: allow custom model code.
+    """
+
+    def __init__(self, device: torch.device, dtype: str | None = None, trust_remote_code: bool = False):
+        self.device, self.dtype, self.trust_remote_code = device, dtype, trust_remote_code
+        self._models: dict[str, Any] = {}
+        self._tokenizers: dict[str, Any] = {}
+        self.reference_samples: dict[tuple, Any] = {}  # evaluate_policy's reference side, by settings
+
+    @staticmethod
+    def _key(path: str | Path) -> str:
+        p = Path(path).expanduser()
+        return str(p.resolve()) if p.exists() else str(path)
+
+    def model(self, path: str | Path):
+        """The causal LM at ``path`` (loaded on first use)."""
+        key = self._key(path)
+        if key not in self._models:
+            model = load_causal_lm(str(path), trust_remote_code=self.trust_remote_code, dtype=self.dtype)
+            self._models[key] = model.to(self.device).eval()
+        return self._models[key]
+
+    def tokenizer(self, path: str | Path):
+        """The tokenizer at ``path`` (loaded on first use)."""
+        key = self._key(path)
+        if key not in self._tokenizers:
+            self._tokenizers[key] = load_tokenizer(str(path), trust_remote_code=self.trust_remote_code)
+        return self._tokenizers[key]

@@ -2,13 +2,19 @@
 
 The contract (:class:`finegrain.types.TokenRewards`): ``values (B, T)`` aligned with the response tokens of the
 policy's tokenization, exactly 0 where ``mask`` is False, plus an optional sequence score ``seq_reward (B,)``.
-Sequence RMs, sentence RMs, token RMs, TLCR discriminators, contrastive prompting and implicit DPO rewards all
-implement :class:`RewardSource`, so any of them can feed any optimizer (DESIGN.md, spec section 6).
+Sequence RMs, sentence RMs, token RMs, TLCR discriminators, contrastive prompting, implicit DPO rewards, rule
+rewards and applications' own sources all implement :class:`RewardSource`, so any of them can feed any optimizer
+(docs/reward-sources.md).
+
+Sources that read text take it from the batch: :func:`prompt_texts` / :func:`response_texts` give the batch's
+``prompts`` / ``responses`` when whoever built it set them, else decode its token blocks. A source may report
+per-row judgements for evaluation in ``meta`` (:func:`sequence_scores`, :func:`row_metrics`).
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -32,6 +38,86 @@ class RewardSource(Protocol):
     def token_rewards(self, batch: CompletionBatch) -> TokenRewards:
         """Rewards for the ``N`` rows of ``batch``: ``values (N, T)``, ``mask (N, T)``, optional ``seq_reward (N,)``."""
         ...
+
+
+# --------------------------------------------------------------------------------------------- text of a batch
+
+
+def decode_responses(tokenizer: Any, batch: CompletionBatch) -> list[str]:
+    """Response texts of ``batch`` (tokens under ``completion_mask``, special tokens such as EOS dropped, stripped)."""
+    mask = batch.completion_mask.to(torch.bool)
+    return [
+        tokenizer.decode(row[m].tolist(), skip_special_tokens=True).strip()
+        for row, m in zip(batch.completion_input_ids.cpu(), mask.cpu())
+    ]
+
+
+def decode_prompts(tokenizer: Any, batch: CompletionBatch) -> list[str]:
+    """Prompt texts of ``batch`` (real prompt tokens, special tokens and chat-template markers dropped, stripped)."""
+    attn = batch.prompt_attention_mask.to(torch.bool)
+    return [
+        tokenizer.decode(row[m].tolist(), skip_special_tokens=True).strip()
+        for row, m in zip(batch.prompt_input_ids.cpu(), attn.cpu())
+    ]
+
+
+def prompt_texts(batch: CompletionBatch, tokenizer: Any) -> list[Any]:
+    """The ``N`` prompts of ``batch``: ``batch.prompts`` as the data set gave them, else its decoded prompt block."""
+    if batch.prompts is None:
+        return decode_prompts(tokenizer, batch)
+    if len(batch.prompts) != batch.num_rows:
+        raise ValueError(f"batch has {len(batch.prompts)} prompts for {batch.num_rows} rows")
+    return list(batch.prompts)
+
+
+def response_texts(batch: CompletionBatch, tokenizer: Any) -> list[str]:
+    """The ``N`` response texts of ``batch``: ``batch.responses``, else its decoded response block."""
+    if batch.responses is None:
+        return decode_responses(tokenizer, batch)
+    if len(batch.responses) != batch.num_rows:
+        raise ValueError(f"batch has {len(batch.responses)} responses for {batch.num_rows} rows")
+    return list(batch.responses)
+
+
+def prompt_as_text(prompt: Any) -> str:
+    """A prompt as one string: itself, or the content of the last user message of a conversation."""
+    from finegrain.errors import DataError
+
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, Sequence):
+        users = [m.get("content", "") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+        if users:
+            return str(users[-1])
+        if prompt and isinstance(prompt[-1], dict):
+            return str(prompt[-1].get("content", ""))
+    raise DataError(f"cannot read a prompt of type {type(prompt).__name__} as text")
+
+
+# --------------------------------------------------------------------------------------------- judgements
+
+
+def sequence_scores(rewards: TokenRewards) -> torch.Tensor:
+    """One score per row ``(B,)``: ``meta["score"]`` when the source gives one (e.g. a rule judge), else
+    ``seq_reward``, else the sum of ``values`` over the mask. What ``finegrain eval --judge`` compares.
+
+    Example:
+        >>> r = TokenRewards(values=torch.tensor([[1.0, 2.0, 5.0]]), mask=torch.tensor([[True, True, False]]))
+        >>> sequence_scores(r)
+        tensor([3.])
+    """
+    score = rewards.meta.get("score")
+    if score is not None:
+        return torch.as_tensor(score, dtype=torch.float32)
+    if rewards.seq_reward is not None:
+        return rewards.seq_reward.float()
+    return torch.where(rewards.mask.to(torch.bool), rewards.values, torch.zeros_like(rewards.values)).sum(-1).float()
+
+
+def row_metrics(rewards: TokenRewards) -> dict[str, torch.Tensor]:
+    """Per-row judgements a source reports besides its score, ``meta["metrics"]``: name -> ``(B,)`` numbers or
+    booleans (e.g. the world oracle's ``well_formed``, IFEval's ``prompt_strict``). Evaluations average them."""
+    return {k: torch.as_tensor(v).float() for k, v in (rewards.meta.get("metrics") or {}).items()}
 
 
 def _first_bad_row(t: torch.Tensor) -> tuple[int, int]:

@@ -119,9 +119,10 @@ CONTRASTIVE_FORMS = ("control", "system", "draft")
 """Template forms of :class:`ContrastiveTemplate`."""
 
 _DEFAULT_TEXTS = {
-    # The built-in world's control prefixes (finegrain.world.corpus.CONTROL_PREFIX): the world's SFT model was
-    # trained on prompts that start with them, so they are the control prompts it follows.
-    "control": ("please answer well :", "please answer badly :"),
+    # A plain instruction before the prompt; applications give their own (the built-in world: the prefixes its SFT
+    # model was trained on).
+    "control": ("Answer helpfully, correctly, coherently and concisely:",
+                "Answer unhelpfully, incorrectly, incoherently and verbosely:"),
     # Spec §2.1 (the paper's four dimensions; exact wording not published).
     "system": (
         "You always answer helpfully, correctly, coherently and concisely.",
@@ -156,9 +157,10 @@ class ContrastiveTemplate:
 
     Forms (``positive`` / ``negative`` replace the form's default texts):
 
-    * ``control``: ``"{positive} {x}"`` / ``"{negative} {x}"``, a plain-text prefix; the defaults are the built-in
-      world's control prefixes ("please answer well :" / "please answer badly :"), so on the world this is
-      :func:`finegrain.world.corpus.control_prompts`. A conversational prompt gets the prefix on its last user turn.
+    * ``control``: the prompt under an instruction: ``positive`` / ``negative`` with ``{prompt}`` replaced by ``x``
+      (the placeholder may stand anywhere: ``"how do I make {prompt} well"``), or, without a placeholder, a prefix
+      ``"{positive} {x}"``. A conversational prompt gets it on its last user turn. (The built-in world passes the
+      control prefixes its SFT model was trained on.)
     * ``system``: a system turn ``positive`` / ``negative`` before the conversation, rendered by the tokenizer's
       chat template (an existing system turn keeps its text after ours).
     * ``draft``: one user turn :data:`DRAFT_REQUEST` asking to rewrite the response ``y`` itself (the draft) into
@@ -200,13 +202,16 @@ class ContrastiveTemplate:
 
     def _wrap(self, prompt, response: str | None, text: str):
         if self.form == "control":
+            def put(x: str) -> str:
+                return text.replace("{prompt}", x) if "{prompt}" in text else f"{text} {x}" if x else text
+
             if isinstance(prompt, str):
-                return f"{text} {prompt}"
+                return put(prompt)
             msgs = _messages(prompt)
             users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
             if not users:
-                return [{"role": "user", "content": text}] + msgs
-            msgs[users[-1]]["content"] = f"{text} {msgs[users[-1]]['content']}"
+                return [{"role": "user", "content": put("")}] + msgs
+            msgs[users[-1]]["content"] = put(msgs[users[-1]]["content"])
             return msgs
         if self.form == "system":
             msgs = _messages(prompt)
@@ -271,18 +276,13 @@ class ContrastiveRewardSource:
         self.model, self.tokenizer, self.template = model, tokenizer, template
         self.context, self.chunk_size, self.autocast = context, chunk_size, autocast
 
-    def _texts(self, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
-        return [self.tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True) for row, m in zip(ids, mask)]
-
     @torch.no_grad()
-    def token_rewards(self, batch, prompts=None, responses=None):
+    def token_rewards(self, batch):
         """Rewards for the ``N`` rows of ``batch`` (a :class:`~finegrain.types.CompletionBatch`).
 
-        Args:
-            batch: rows in the shared layout; only the response block is used from it.
-            prompts: the ``N`` raw prompts (strings or message lists). None decodes the batch's prompt block, which
-                is exact for plain-text prompts; pass the raw prompts for chat-templated data.
-            responses: the ``N`` response texts, used by the ``draft`` form only (None: decoded from the ids).
+        The raw prompts are ``batch.prompts`` (strings or message lists; None decodes the batch's prompt block, which
+        is exact for plain-text prompts only); the ``draft`` form also reads the response texts (``batch.responses``,
+        else decoded from the ids).
 
         Returns:
             :class:`~finegrain.types.TokenRewards` with ``values (N, T)`` in ``(−½, ½)`` (0 where the mask is False),
@@ -291,16 +291,13 @@ class ContrastiveRewardSource:
         import contextlib
 
         from finegrain.data.collate import collate_completions
+        from finegrain.rewards.base import prompt_texts, response_texts
         from finegrain.types import CompletionBatch, TokenRewards
 
         ids, mask = batch.completion_input_ids, batch.completion_mask.to(torch.bool)
         n = ids.shape[0]
-        if prompts is None:
-            prompts = self._texts(batch.prompt_input_ids, batch.prompt_attention_mask)
-        if responses is None and self.template.form == "draft":
-            responses = self._texts(ids, mask)
-        if len(prompts) != n or (responses is not None and len(responses) != n):
-            raise ValueError(f"contrastive rewards: {len(prompts)} prompts for {n} rows")
+        prompts = prompt_texts(batch, self.tokenizer)
+        responses = response_texts(batch, self.tokenizer) if self.template.form == "draft" else None
         plus, minus = zip(*(self.template.token_ids(self.tokenizer, p, None if responses is None else responses[i])
                             for i, p in enumerate(prompts)))
         pad = getattr(self.tokenizer, "pad_token_id", None)
@@ -326,19 +323,16 @@ class ContrastiveRewardSource:
         )
 
 
-def resolve_template(form: str, positive: str | None = None, negative: str | None = None, *,
-                     on_world: bool) -> ContrastiveTemplate:
-    """The template a command uses: ``form="auto"`` is ``control`` on the built-in world, ``draft`` elsewhere.
+def resolve_template(form: str, positive: str | None = None, negative: str | None = None) -> ContrastiveTemplate:
+    """The template a command uses: ``form="auto"`` is ``draft``, the paper's revision form (the built-in world's
+    command line sets ``control`` with the prefixes its model follows).
 
     Args:
         form: ``"auto"`` or one of :data:`CONTRASTIVE_FORMS`.
         positive: positive text, or None for the form's default.
         negative: negative text, or None for the form's default.
-        on_world: whether the scorer is the built-in world's model (which follows the world's control prefixes).
 
     Returns:
         A :class:`ContrastiveTemplate`.
     """
-    if form == "auto":
-        form = "control" if on_world else "draft"
-    return ContrastiveTemplate(form, positive, negative)
+    return ContrastiveTemplate("draft" if form == "auto" else form, positive, negative)

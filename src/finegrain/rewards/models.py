@@ -348,7 +348,8 @@ class RewardModelSource:
 
 
 class SequenceRMSource(RewardModelSource):
-    """A sequence reward model's score on the last valid response token (the RLHF baseline).
+    """A sequence reward model's score on the last valid response token (the RLHF baseline; ``dense`` is False:
+    its reward is one score per response).
 
     Args:
         seq_reward: return zero ``values`` and the score as ``seq_reward`` (for consumers that place it themselves).
@@ -356,6 +357,7 @@ class SequenceRMSource(RewardModelSource):
     """
 
     default_name = "sequence_rm"
+    dense = False
 
     def __init__(self, model, policy_tokenizer, *, seq_reward: bool = False, **kwargs):
         super().__init__(model, policy_tokenizer, **kwargs)

@@ -1,51 +1,131 @@
-"""Load any reward source by path or name: the one entry point of the PPO trainer and ``finegrain eval``.
+"""One door from a reward spec to a reward source, for every command that takes one.
 
-``load_reward_source(path_or_name, *, policy_tokenizer, device=None, world_dir=None, **options)`` accepts
+``finegrain ppo --reward``, ``ppo --judge``, ``finegrain eval --judge``, ``eval --token_credit`` and ``label
+rewards`` read the same grammar (docs/reward-sources.md)::
 
-* a directory saved by :func:`finegrain.models.reward_model.save_reward_model` (``finegrain rm``'s ``final/``),
-  or a run directory of ``finegrain rm`` (its ``final/`` is used): the source of that model's level
-  (:mod:`finegrain.rewards.models`);
-* a registered name. Built in: ``"oracle"`` and ``"oracle_credit"``, the built-in world's oracle
-  (:class:`finegrain.rewards.rule.OracleRewardSource`: the score on the last token, or the ground-truth credit of
-  every word on the token that ends it; the rules of ``world_dir`` when given). Other modules add theirs with
-  :func:`register_reward_source`.
+    [NAME=]SPEC
+    SPEC := DIR                      a reward model saved by `finegrain rm` (its run directory or final/)
+          | python:MODULE:FUNCTION   a function f(prompts, responses) -> one score or one list of token rewards per row
+          | contrastive              contrastive prompting with the reference model (T-REG, Zhou et al. 2025, eq. 3)
+          | implicit[:POLICY]        implicit token rewards of a DPO / TDPO-trained policy against the reference
+          | KIND[:ARG]               a registered kind; applications add theirs (the built-in world's oracle[:credit])
 
-Options go to the model loader (``dtype``, ``double_softmax``, ``lag``, ``trust_remote_code``) or to the source
-(``spread``, ``reduce``, ``seq_reward``, ``name``, ``batch_size``, ``max_length``); an option nobody takes is a
-:class:`~finegrain.errors.ConfigError`.
+``NAME=`` renames the source in logs and tables. A new kind is one call of :func:`register_reward_source` with a
+factory ``(arg, context) -> RewardSource``; the :class:`SourceContext` carries what sources may need (the policy's
+tokenizer, the device, a model loader, the reference and policy, the contrastive template, options for reward
+models). Nothing here knows an application.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from finegrain.errors import ConfigError
 from finegrain.rewards.base import RewardSource
 
-__all__ = ["load_reward_source", "register_reward_source", "registered_sources"]
+__all__ = [
+    "SourceContext",
+    "describe_reward_specs",
+    "load_reward_source",
+    "register_reward_source",
+    "registered_sources",
+    "reward_source",
+    "reward_sources",
+    "split_name",
+]
 
 _MODEL_OPTIONS = ("dtype", "double_softmax", "lag", "trust_remote_code", "splitter")
 
-SourceFactory = Callable[..., RewardSource]
-_REGISTRY: dict[str, SourceFactory] = {}
+
+@dataclass
+class SourceContext:
+    """What a reward source may need besides its spec.
+
+    Fields:
+        tokenizer: the policy's tokenizer: rewards come back in its tokenization.
+        device: where models run.
+        load_model: ``path -> causal LM`` on ``device`` in eval mode (shared between sources), for specs that name
+            a model directory (``implicit:DIR``); None: such specs are refused.
+        reference: the reference model (an ``nn.Module``) or its directory, for ``contrastive`` and ``implicit``.
+        reference_context: a zero-argument callable returning a context manager under which ``reference`` *is*
+            the reference (a LoRA policy's ``disable_adapter``), or None.
+        policy: the policy directory that a bare ``implicit`` refers to.
+        contrastive_template: the :class:`~finegrain.rewards.contrastive.ContrastiveTemplate` of ``contrastive``
+            (None: the draft-revision form).
+        model_options: options of reward-model directories (``dtype``, ``double_softmax``, ``lag``, ``splitter``,
+            ``trust_remote_code``; ``spread``, ``reduce``, ``seq_reward``, ``batch_size``, ``max_length`` for the
+            source).
+        chunk_size: response positions per chunk of an output projection.
+    """
+
+    tokenizer: Any
+    device: Any = "cpu"
+    load_model: Callable[[str], Any] | None = None
+    reference: Any = None
+    reference_context: Callable[[], Any] | None = None
+    policy: str | None = None
+    contrastive_template: Any = None
+    model_options: dict[str, Any] = field(default_factory=dict)
+    chunk_size: int = 1024
+
+    def model(self, what: Any, role: str) -> Any:
+        """``what`` itself when it is a model, else loaded through :attr:`load_model`."""
+        if what is None:
+            raise ConfigError(f"this reward source needs the {role} model; name it (e.g. --reference)")
+        if not isinstance(what, (str, Path)):
+            return what
+        if self.load_model is None:
+            raise ConfigError(f"this command cannot load the {role} model {what} for a reward source")
+        return self.load_model(str(what))
 
 
-def register_reward_source(name: str, factory: SourceFactory) -> None:
-    """Make ``load_reward_source(name, ...)`` call ``factory(policy_tokenizer=..., device=..., world_dir=...,
-    **options)``; a name registered twice is replaced."""
-    _REGISTRY[name] = factory
+Factory = Callable[[str | None, SourceContext], RewardSource]
+
+
+@dataclass(frozen=True)
+class _Kind:
+    factory: Factory
+    summary: str
+
+
+_REGISTRY: dict[str, _Kind] = {}
+
+
+def register_reward_source(kind: str, factory: Factory, summary: str = "") -> None:
+    """Make ``KIND`` and ``KIND:ARG`` specs call ``factory(arg or None, context)``; a kind registered twice is
+    replaced (an application re-registering with other settings)."""
+    if not kind or ":" in kind or "=" in kind:
+        raise ValueError(f"a reward-source kind is a plain word, got {kind!r}")
+    _REGISTRY[kind] = _Kind(factory, summary)
 
 
 def registered_sources() -> list[str]:
-    """Names :func:`load_reward_source` knows besides paths."""
+    """The registered kinds."""
     return sorted(_REGISTRY)
 
 
-def _model_dir(path: Path) -> Path | None:
+def describe_reward_specs() -> str:
+    """One line per spec form, for ``--help`` texts and error messages."""
+    lines = ["DIR (a finegrain rm run or its final/)"]
+    lines += [f"{kind}{'' if not k.summary else ': ' + k.summary}" for kind, k in sorted(_REGISTRY.items())]
+    return "; ".join(lines)
+
+
+def split_name(spec: str) -> tuple[str | None, str]:
+    """``NAME=SPEC`` -> ``(NAME, SPEC)``; a spec without ``=`` (or a path that exists) has no name."""
+    if "=" in spec and not Path(spec).exists():
+        name, _, rest = spec.partition("=")
+        if name and rest:
+            return name, rest
+    return None, spec
+
+
+def _reward_model_dir(path: Path) -> Path | None:
     from finegrain.models.reward_model import is_reward_model_dir
 
     for candidate in (path, path / "final"):
@@ -54,68 +134,142 @@ def _model_dir(path: Path) -> Path | None:
     return None
 
 
-def load_reward_source(
-    path_or_name: str | Path,
-    *,
-    policy_tokenizer: Any,
-    device: str | torch.device | None = None,
-    world_dir: str | Path | None = None,
-    **options: Any,
-) -> RewardSource:
-    """A :class:`~finegrain.rewards.base.RewardSource` from a saved reward model or a registered name.
+def load_reward_source(path: str | Path, *, policy_tokenizer: Any, device: Any = None, **options: Any) -> RewardSource:
+    """The source of a reward model saved by ``finegrain rm`` (its run directory or ``final/``).
 
-    Args:
-        path_or_name: a reward-model directory, a ``finegrain rm`` run directory, or a registered name.
-        policy_tokenizer: the tokenizer of the batches the source will score (its rewards come back in that
-            tokenization).
-        device: where the reward model runs (default CPU).
-        world_dir: the built-in world's directory, for sources that need it (the oracle's rules).
-        **options: see the module docstring.
-
-    Returns:
-        The source.
-
-    Raises:
-        ConfigError: neither a reward-model directory nor a known name, or an option nobody takes.
+    Options go to the model loader (``dtype``, ``double_softmax``, ``lag``, ``trust_remote_code``, ``splitter``) or
+    to the source (``spread``, ``reduce``, ``seq_reward``, ``name``, ``batch_size``, ``max_length``); an option
+    nobody takes is a :class:`~finegrain.errors.ConfigError`.
     """
     from finegrain.models.reward_model import load_reward_model
     from finegrain.rewards.models import make_reward_source
 
-    key = str(path_or_name)
-    if key in _REGISTRY:
-        return _REGISTRY[key](policy_tokenizer=policy_tokenizer, device=device, world_dir=world_dir, **options)
-    path = Path(key)
-    model_dir = _model_dir(path) if path.is_dir() else None
+    key = str(path)
+    model_dir = _reward_model_dir(Path(key)) if Path(key).is_dir() else None
     if model_dir is None:
-        names = ", ".join(registered_sources()) or "none"
-        what = "a directory without a finegrain reward model (no finegrain_reward.json here or in final/)" \
-            if path.is_dir() else "neither a directory nor a registered reward source"
-        raise ConfigError(f"reward source {key!r} is {what}; give the final/ directory of `finegrain rm` or one of: "
-                          f"{names}")
+        what = ("a directory without a finegrain reward model (no finegrain_reward.json here or in final/)"
+                if Path(key).is_dir() else "not a directory")
+        raise ConfigError(f"reward source {key!r} is {what}; give the final/ directory of `finegrain rm`")
     model_options = {k: options.pop(k) for k in _MODEL_OPTIONS if k in options}
     model = load_reward_model(model_dir, device=device, **model_options)
     return make_reward_source(model, policy_tokenizer, **options)
 
 
-# ------------------------------------------------------------------------------------------------- the oracle
+def _unknown(spec: str, why: str) -> ConfigError:
+    return ConfigError(f"reward source {spec!r}: {why}; a reward spec is one of: {describe_reward_specs()}")
 
 
-def _oracle_factory(dense: bool) -> SourceFactory:
-    """The world's oracle (:class:`finegrain.rewards.rule.OracleRewardSource`) under a registered name."""
+def reward_source(spec: str | Any, context: SourceContext) -> RewardSource:
+    """The :class:`~finegrain.rewards.base.RewardSource` named by ``spec`` (module docstring); an object with a
+    ``token_rewards`` method is returned as it is.
 
-    def make(*, policy_tokenizer: Any, device: Any = None, world_dir: Any = None, **options: Any) -> RewardSource:
-        del device  # the oracle reads text on the CPU
-        from finegrain.rewards.rule import OracleRewardSource
-        from finegrain.world import is_built, load_world_config
+    Raises:
+        ConfigError: an unknown kind, a directory that holds no reward model, or a source that needs a model the
+            context does not have; the message lists the spec forms.
+    """
+    if not isinstance(spec, (str, Path)):
+        if callable(getattr(spec, "token_rewards", None)):
+            return spec
+        raise ConfigError(f"reward source {spec!r} has no token_rewards(batch) method")
+    name, body = split_name(str(spec))
+    path = Path(body)
+    if path.is_dir():
+        source = load_reward_source(path, policy_tokenizer=context.tokenizer, device=context.device,
+                                    **dict(context.model_options))
+        label = path.parent.name if path.name == "final" else path.name
+        source.name = name or label or source.name
+        return source
+    kind, sep, arg = body.partition(":")
+    if kind not in _REGISTRY:
+        looks_like_path = "/" in body or body.startswith(".")
+        raise _unknown(body, "no such directory" if looks_like_path else f"unknown kind {kind!r}")
+    source = _REGISTRY[kind].factory(arg if sep else None, context)
+    if name:
+        source.name = name
+    return source
 
-        rules = load_world_config(world_dir).rules if world_dir and is_built(world_dir) else None
-        try:
-            return OracleRewardSource(policy_tokenizer, dense=dense, rules=rules, **options)
-        except TypeError as err:
-            raise ConfigError(f"reward source 'oracle': {err}") from None
 
-    return make
+def reward_sources(specs: Sequence[Any] | Mapping[str, Any], context: SourceContext) -> dict[str, RewardSource]:
+    """Several sources, by unique name (a repeated name gets ``#2``, ``#3``, ...); a mapping gives the names."""
+    items = list(specs.items()) if isinstance(specs, Mapping) else [(None, s) for s in specs]
+    out: dict[str, RewardSource] = {}
+    for given, spec in items:
+        source = reward_source(spec, context)
+        if given:
+            source.name = given
+        name, k = str(source.name), 2
+        while name in out:
+            name, k = f"{source.name}#{k}", k + 1
+        out[name] = source
+    return out
 
 
-register_reward_source("oracle", _oracle_factory(dense=False))
-register_reward_source("oracle_credit", _oracle_factory(dense=True))
+# ------------------------------------------------------------------------------------------ built-in kinds
+
+
+def _python(arg: str | None, context: SourceContext) -> RewardSource:
+    from finegrain.rewards.rule import FunctionRewardSource
+
+    if not arg:
+        raise ConfigError("reward source 'python:': write it as python:package.module:function")
+    return FunctionRewardSource.from_spec(arg, context.tokenizer)
+
+
+def _contrastive(arg: str | None, context: SourceContext) -> RewardSource:
+    from finegrain.rewards.contrastive import ContrastiveRewardSource, ContrastiveTemplate
+
+    if arg:
+        raise ConfigError("reward source 'contrastive' takes no argument; set the template with the command's "
+                          "--contrastive_* options")
+    template = context.contrastive_template or ContrastiveTemplate("draft")
+    return ContrastiveRewardSource(context.model(context.reference, "reference"), context.tokenizer, template,
+                                   context=context.reference_context, chunk_size=context.chunk_size)
+
+
+def run_info(policy_dir: Path) -> tuple[str | None, float | None]:
+    """``(method, beta)`` of the run a policy directory belongs to (``RUN/final`` -> RUN's run.json, config.yaml)."""
+    import yaml
+
+    method = beta = None
+    for run in (policy_dir.parent, policy_dir):
+        if method is None and (run / "run.json").is_file():
+            try:
+                method = json.loads((run / "run.json").read_text()).get("method")
+            except (OSError, ValueError):
+                pass
+        if beta is None and (run / "config.yaml").is_file():
+            try:
+                value = (yaml.safe_load((run / "config.yaml").read_text()) or {}).get("beta")
+            except (OSError, yaml.YAMLError):
+                value = None
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+                beta = float(value)
+    return method, beta
+
+
+def _implicit(arg: str | None, context: SourceContext) -> RewardSource:
+    from finegrain.models.loading import model_dir
+    from finegrain.rewards.implicit import ImplicitRewardSource
+
+    target = arg or context.policy
+    if not target:
+        raise ConfigError("reward source 'implicit' needs a policy: write implicit:<policy_dir> (or pass --policy)")
+    target = model_dir(target)
+    if not Path(target).is_dir():
+        raise ConfigError(f"implicit:{target}: no such model directory")
+    method, beta = run_info(Path(target))
+    if beta is None:
+        beta = 1.0
+        print(f"implicit rewards: no beta in the config of {target}; using beta = 1 (rankings and AUROC do not "
+              "depend on it)", file=sys.stderr)
+    kind = "tdpo" if method and method.lower().startswith("tdpo") else "dpo"
+    source = ImplicitRewardSource(context.model(target, "policy"), beta,
+                                  ref_model=context.model(context.reference, "reference"), kind=kind,
+                                  chunk_size=context.chunk_size)
+    source.name = f"implicit_{method}" if method else "implicit"
+    return source
+
+
+register_reward_source("python", _python, "python:MODULE:FUNCTION, a function (prompts, responses) -> scores")
+register_reward_source("contrastive", _contrastive, "contrastive prompting with the reference (T-REG)")
+register_reward_source("implicit", _implicit, "implicit[:POLICY_DIR], a DPO/TDPO policy's implicit token rewards")

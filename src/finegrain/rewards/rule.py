@@ -1,90 +1,35 @@
-"""Rule reward sources: the built-in world's oracle and a user's Python function.
+"""Rule reward sources: a user's Python function, and helpers for sources that read text.
 
-Both follow the :class:`finegrain.rewards.base.RewardSource` protocol: ``token_rewards(batch)`` returns a
-:class:`finegrain.types.TokenRewards` in the response layout ``(B, T)`` of the batch (``values`` exactly 0 where
-``completion_mask`` is False), checked for NaN/inf with the source named in the error. They read text, so they
-decode the batch with the *policy's* tokenizer; ``token_rewards(batch, prompts=...)`` takes the prompts as the
-data set gave them (a string or a list of chat messages) when the caller has them, and otherwise decodes the
-prompt block.
+:class:`FunctionRewardSource` follows the :class:`finegrain.rewards.base.RewardSource` protocol:
+``token_rewards(batch)`` returns a :class:`finegrain.types.TokenRewards` in the response layout ``(B, T)`` of the
+batch (``values`` exactly 0 where ``completion_mask`` is False), checked for NaN/inf with the source named in the
+error. It reads text: the batch's ``prompts`` (as the data set gave them: a string or a list of chat messages) and
+``responses`` when set, else its decoded token blocks (:func:`finegrain.rewards.base.prompt_texts`).
 
-* :class:`OracleRewardSource` -- :func:`finegrain.world.oracle.judge` as a reward. ``dense=False``: the
-  response's score on its last valid token (EOS when it has one), the usual sequence-level baseline.
-  ``dense=True``: the ground-truth credit of every word on the token that completes the word (with the world's
-  word-level tokenizer, token ``i`` is word ``i``; EOS gets 0). The credits sum to the score, so both modes
-  give every response the same return ``Σ_t r_t``; only *where* the reward lands differs -- the dense mode is the
-  upper bound of what fine-grained credit can give.
-* :class:`FunctionRewardSource` -- a function ``f(prompts: list, responses: list[str]) -> list``, loaded from
-  ``"module:function"`` with :mod:`importlib` (never ``eval``/``exec``). Each item is a number (a sequence score,
-  placed on the last valid token) or a list of numbers, one per response token of the policy's tokenization,
-  with or without the EOS token (without it, EOS gets 0).
+The function ``f(prompts: list, responses: list[str]) -> list`` is loaded from ``"module:function"`` with
+:mod:`importlib` (never ``eval``/``exec``). Each item is a number (a sequence score, placed on the last valid token)
+or a list of numbers, one per response token of the policy's tokenization, with or without the EOS token (without
+it, EOS gets 0). The function may also return a dict ``{"scores": [...], "metrics": {name: [...]}}``: the metrics
+(one number or boolean per row) are reported by evaluations, as the built-in world's oracle reports well-formedness.
 """
 
 from __future__ import annotations
 
 import importlib
-import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from finegrain.errors import ConfigError, DataError
-from finegrain.rewards.base import check_finite
+from finegrain.rewards.base import check_finite, prompt_texts, response_texts
 from finegrain.rewards.placement import place_on_last_token
 from finegrain.types import CompletionBatch, TokenRewards
 
-__all__ = [
-    "FunctionRewardSource",
-    "OracleRewardSource",
-    "accepts_prompts",
-    "decode_prompts",
-    "decode_responses",
-    "load_function",
-    "prompt_as_text",
-    "word_end_tokens",
-]
+__all__ = ["FunctionRewardSource", "load_function", "word_end_tokens"]
 
 
 # ------------------------------------------------------------------------------------------------ text of a batch
-
-
-def decode_responses(tokenizer: Any, batch: CompletionBatch) -> list[str]:
-    """Response texts of ``batch`` (tokens under ``completion_mask``, special tokens such as EOS dropped, stripped)."""
-    mask = batch.completion_mask.to(torch.bool)
-    return [
-        tokenizer.decode(row[m].tolist(), skip_special_tokens=True).strip()
-        for row, m in zip(batch.completion_input_ids.cpu(), mask.cpu())
-    ]
-
-
-def decode_prompts(tokenizer: Any, batch: CompletionBatch) -> list[str]:
-    """Prompt texts of ``batch`` (real prompt tokens, special tokens and chat-template markers dropped, stripped)."""
-    attn = batch.prompt_attention_mask.to(torch.bool)
-    return [
-        tokenizer.decode(row[m].tolist(), skip_special_tokens=True).strip()
-        for row, m in zip(batch.prompt_input_ids.cpu(), attn.cpu())
-    ]
-
-
-def prompt_as_text(prompt: Any) -> str:
-    """A prompt as one string: itself, or the content of the last user message of a conversation."""
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, Sequence):
-        users = [m.get("content", "") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
-        if users:
-            return str(users[-1])
-        if prompt and isinstance(prompt[-1], dict):
-            return str(prompt[-1].get("content", ""))
-    raise DataError(f"cannot read a prompt of type {type(prompt).__name__} as text")
-
-
-def _row_prompts(tokenizer: Any, batch: CompletionBatch, prompts: Sequence[Any] | None, name: str) -> list[Any]:
-    if prompts is None:
-        return decode_prompts(tokenizer, batch)
-    if len(prompts) != batch.num_rows:
-        raise ValueError(f"reward source '{name}': {len(prompts)} prompts for a batch of {batch.num_rows} rows")
-    return list(prompts)
 
 
 def word_end_tokens(tokenizer: Any, token_ids: Sequence[int], text: str) -> list[int]:
@@ -126,66 +71,6 @@ def word_end_tokens(tokenizer: Any, token_ids: Sequence[int], text: str) -> list
         if k == len(ends):
             break
     return out + [len(ids) - 1] * (len(ends) - k)
-
-
-# ------------------------------------------------------------------------------------------------------- oracle
-
-
-class OracleRewardSource:
-    """The built-in world's oracle as a rule reward (see the module docstring).
-
-    Args:
-        tokenizer: the policy's tokenizer (decodes prompts and responses).
-        dense: False -- the oracle score on the last valid token; True -- each word's ground-truth credit on the
-            token that completes the word.
-        rules: the world's :class:`finegrain.world.oracle.OracleRules` (default: the default world's).
-        name: the source name in metrics and errors (default ``"oracle"`` / ``"oracle_credit"``).
-
-    ``token_rewards(batch, prompts=None)`` returns ``TokenRewards`` with ``meta["score"]`` ``(B,)`` (oracle
-    scores), ``meta["well_formed"]`` ``(B,)`` bool and ``meta["responses"]`` (the decoded texts).
-    """
-
-    def __init__(self, tokenizer: Any, *, dense: bool = False, rules: Any = None, name: str | None = None):
-        from finegrain.world.oracle import DEFAULT_RULES
-
-        self.tokenizer = tokenizer
-        self.dense = dense
-        self.rules = rules or DEFAULT_RULES
-        self.name = name or ("oracle_credit" if dense else "oracle")
-
-    def judge(self, prompts: Sequence[Any], responses: Sequence[str]) -> list:
-        """:func:`finegrain.world.oracle.judge` of each (prompt, response); a prompt without a world topic is an error."""
-        from finegrain.world.oracle import judge
-
-        out = []
-        for i, (p, r) in enumerate(zip(prompts, responses)):
-            try:
-                out.append(judge(prompt_as_text(p), r, self.rules))
-            except ValueError as exc:  # the prompt names no topic: not a world prompt
-                raise DataError(f"reward source '{self.name}' judges world prompts only: {exc}", row=i) from None
-        return out
-
-    def token_rewards(self, batch: CompletionBatch, prompts: Sequence[Any] | None = None) -> TokenRewards:
-        """Oracle rewards of the ``B`` rows of ``batch``: ``values (B, T)``, ``mask = completion_mask``."""
-        mask = batch.completion_mask.to(torch.bool)
-        responses = decode_responses(self.tokenizer, batch)
-        judgements = self.judge(_row_prompts(self.tokenizer, batch, prompts, self.name), responses)
-        scores = torch.tensor([j.score for j in judgements], dtype=torch.float32)
-        if self.dense:
-            values = torch.zeros(mask.shape, dtype=torch.float32)
-            ids = batch.completion_input_ids.cpu()
-            for b, (j, text) in enumerate(zip(judgements, responses)):
-                for word, token in enumerate(word_end_tokens(self.tokenizer, ids[b][mask[b].cpu()].tolist(), text)):
-                    values[b, token] += j.credit[word]
-            values = values.to(mask.device)
-        else:
-            values = place_on_last_token(scores.to(mask.device), mask)
-        meta = {
-            "score": scores.to(mask.device),
-            "well_formed": torch.tensor([j.well_formed for j in judgements], dtype=torch.bool, device=mask.device),
-            "responses": responses,
-        }
-        return check_finite(TokenRewards(values=values, mask=mask, meta=meta), self.name)
 
 
 # ----------------------------------------------------------------------------------------------------- function
@@ -245,13 +130,23 @@ class FunctionRewardSource:
         fn = load_function(spec)
         return cls(fn, tokenizer, name=name or getattr(fn, "__name__", spec.rpartition(":")[2]))
 
-    def token_rewards(self, batch: CompletionBatch, prompts: Sequence[Any] | None = None) -> TokenRewards:
-        """Call the function on the decoded rows of ``batch``; place its scores; check lengths and finiteness."""
+    def token_rewards(self, batch: CompletionBatch) -> TokenRewards:
+        """Call the function on the rows of ``batch``; place its scores; check lengths and finiteness."""
         mask = batch.completion_mask.to(torch.bool)
         n = batch.num_rows
-        responses = decode_responses(self.tokenizer, batch)
-        out = self.fn(_row_prompts(self.tokenizer, batch, prompts, self.name), responses)
+        responses = response_texts(batch, self.tokenizer)
+        out = self.fn(prompt_texts(batch, self.tokenizer), responses)
         where = f"reward function '{self.name}'"
+        metrics = {}
+        if isinstance(out, dict):
+            if "scores" not in out:
+                raise DataError(f"{where} returned a dict without 'scores'")
+            metrics = out.get("metrics") or {}
+            out = out["scores"]
+            for key, vals in metrics.items():
+                if len(vals) != n:
+                    raise DataError(f"{where}: metric {key!r} has {len(vals)} values for {n} responses")
+            metrics = {k: torch.tensor([float(v) for v in vals], dtype=torch.float32) for k, vals in metrics.items()}
         if hasattr(out, "tolist") and not isinstance(out, (list, tuple)):
             out = out.tolist()  # a torch tensor or numpy array
         if not isinstance(out, (list, tuple)):
@@ -285,13 +180,7 @@ class FunctionRewardSource:
         placed = place_on_last_token(scores.to(mask.device), mask)
         values = torch.where(ends.to(mask.device)[:, None], placed, values)
         values = torch.where(mask, values, torch.zeros((), device=mask.device))
-        return check_finite(TokenRewards(values=values, mask=mask, meta={"responses": responses}), self.name)
-
-
-def accepts_prompts(source: Any) -> bool:
-    """Whether ``source.token_rewards`` takes the ``prompts=`` keyword (the rule sources here do)."""
-    try:
-        params = inspect.signature(source.token_rewards).parameters
-    except (TypeError, ValueError):
-        return False
-    return "prompts" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        meta = {"responses": responses}
+        if metrics:
+            meta["metrics"] = {k: v.to(mask.device) for k, v in metrics.items()}
+        return check_finite(TokenRewards(values=values, mask=mask, meta=meta), self.name)

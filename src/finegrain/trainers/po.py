@@ -44,7 +44,7 @@ from typing import Literal
 
 import torch
 
-from finegrain.config import TrainConfig, option, parse
+from finegrain.config import TrainConfig, option
 from finegrain.errors import ConfigError
 from finegrain.losses import (
     PreferenceLossOutput,
@@ -84,7 +84,8 @@ class POConfig(TrainConfig):
     token_rewards_column: str = option("token_rewards", "treg-*: the columns chosen_<name> / rejected_<name> hold "
                                                         "per-token rewards in (−½, ½)")
     contrastive_template: Literal["auto", "control", "system", "draft"] = option(
-        "auto", "treg-* with reg_source contrastive: the opposite prompts (auto: control on the world, else draft)")
+        "auto", "treg-* with reg_source contrastive: the opposite prompts: control (a prefix), system (a system turn) or "
+        "draft (the paper's revision request); auto: draft (on the built-in world: control with its prefixes)")
     contrastive_positive: str | None = option(None, "positive instruction text (default: the template's)")
     contrastive_negative: str | None = option(None, "negative instruction text (default: the template's)")
     ref_model_name_or_path: str | None = option(None, "reference model; default: the policy's starting weights "
@@ -345,11 +346,7 @@ def batch_stats(model, reference: Reference | None, batch, plan: Plan, cfg: POCo
     if plan.token_rewards == "column":
         out.token_rewards = batch.extras["token_rewards"]
     elif plan.token_rewards == "contrastive":
-        idx = batch.extras["index"].tolist()
-        out.token_rewards = contrastive.token_rewards(
-            batch, prompts=[data[i]["prompt"] for i in idx],
-            responses=[data[i]["chosen_text"] for i in idx[: len(idx) // 2]]
-            + [data[i]["rejected_text"] for i in idx[len(idx) // 2:]]).values
+        out.token_rewards = contrastive.token_rewards(batch).values
     elif plan.token_rewards == "dpo_implicit":
         from finegrain.rewards.contrastive import implicit_token_rewards, squash_to_half
 
@@ -364,7 +361,7 @@ def batch_stats(model, reference: Reference | None, batch, plan: Plan, cfg: POCo
 
 def _fingerprint(cfg: POConfig, data, plan: Plan, template) -> str:
     digest = hashlib.sha256()
-    keys = ("ref_model_name_or_path", "model_name_or_path", "world_dir", "max_length", "max_prompt_length")
+    keys = ("ref_model_name_or_path", "model_name_or_path", "max_length", "max_prompt_length")
     digest.update(json.dumps({k: getattr(cfg, k) for k in keys} | {"plan": dataclasses.asdict(plan),
                                                                      "template": repr(template)}).encode())
     for ex in data:
@@ -420,9 +417,7 @@ def precompute_reference(data, reference: Reference, plan: Plan, cfg: POConfig, 
                     batch.completion_mask, policy_bias=reference.bias if reference.weight is not None else b,
                     compute_kl=False, chunk_size=cfg.chunk_size, logit_softcap=cap).token_logps
             if "token_rewards" in fields:
-                values["token_rewards"] = contrastive.token_rewards(
-                    batch, prompts=[data[i]["prompt"] for i in idx] * 2,
-                    responses=[data[i]["chosen_text"] for i in idx] + [data[i]["rejected_text"] for i in idx]).values
+                values["token_rewards"] = contrastive.token_rewards(batch).values
             for name, v in values.items():
                 v = v.float().cpu()
                 for k, i in enumerate(idx):
@@ -493,8 +488,7 @@ def _template(cfg: POConfig):
     from finegrain.rewards.contrastive import resolve_template
 
     try:
-        return resolve_template(cfg.contrastive_template, cfg.contrastive_positive, cfg.contrastive_negative,
-                                on_world=cfg.model_name_or_path is None)
+        return resolve_template(cfg.contrastive_template, cfg.contrastive_positive, cfg.contrastive_negative)
     except ValueError as exc:
         raise ConfigError(f"--contrastive_template/positive/negative: {exc}") from None
 
@@ -637,8 +631,7 @@ def train(cfg: POConfig, model, tokenizer, train_data, eval_data=None, *, ref_mo
 # ----------------------------------------------------------------------------------------------- inputs and CLI
 
 
-def _preference_data(source, tokenizer, cfg: POConfig, *, split: str | None, max_examples: int | None,
-                     skip_invalid: bool = False):
+def _preference_data(source, tokenizer, cfg: POConfig, *, split: str | None, max_examples: int | None):
     from finegrain.data.loading import Rows, load_rows
     from finegrain.data.prepared import PreferenceData
     from finegrain.data.tokenize import TokenLimits
@@ -653,49 +646,25 @@ def _preference_data(source, tokenizer, cfg: POConfig, *, split: str | None, max
                 return {(k.replace(f"_{column}", "_token_rewards") if k in names else k): v for k, v in row.items()}
 
             rows = Rows([(name, [renamed(dict(r)) for r in part]) for name, part in rows.parts], rows.source)
-    return PreferenceData.from_source(rows, tokenizer, limits=limits,
-                                      skip_invalid=cfg.skip_invalid_rows or skip_invalid, max_examples=max_examples)
+    return PreferenceData.from_source(rows, tokenizer, limits=limits, skip_invalid=cfg.skip_invalid_rows,
+                                      max_examples=max_examples)
 
 
 def load_inputs(cfg: POConfig):
-    """Policy, tokenizer and pairs for ``cfg``: the user's, or the built-in world's (its SFT model on its pairs).
-
-    ``--dataset_name`` without ``--model_name_or_path`` trains the world's SFT model on world-format pairs (e.g.
-    the output of ``finegrain label contrastive``); held-out pairs then default to the world's test pairs.
-    """
+    """Policy, tokenizer and pairs for ``cfg`` (``--model_name_or_path``, ``--dataset_name``, optionally
+    ``--eval_dataset_name``; the command line fills them with the built-in world's when no model is named)."""
     from finegrain.models.loading import load_causal_lm, load_tokenizer
 
-    if cfg.model_name_or_path is None:
-        from finegrain.world import ensure_world
-
-        world = ensure_world(cfg.world_dir)
-        tokenizer = load_tokenizer(str(world / "sft"))
-        model = load_causal_lm(str(world / "sft"))
-        train_src = cfg.dataset_name or str(world / "data" / "pairs_train.jsonl")
-        eval_src = cfg.eval_dataset_name or str(world / "data" / "pairs_test.jsonl")
-    else:
-        if cfg.dataset_name is None:
-            raise ConfigError("--model_name_or_path given without --dataset_name: say which preference pairs to use")
-        tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path,
-                                   trust_remote_code=cfg.trust_remote_code)
-        model = load_causal_lm(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
-        train_src, eval_src = cfg.dataset_name, cfg.eval_dataset_name
-    # The world's pairs are samples of its SFT model, which may end a response at once: such an empty response is
-    # skipped (counted and logged) there, while user data keep the strict default.
-    on_world = cfg.model_name_or_path is None
-    train_data = _preference_data(train_src, tokenizer, cfg, split=cfg.dataset_split, max_examples=cfg.max_train_samples,
-                                  skip_invalid=on_world and cfg.dataset_name is None)
+    if cfg.model_name_or_path is None or cfg.dataset_name is None:
+        raise ConfigError("po needs --model_name_or_path and --dataset_name (preference pairs); with neither, "
+                          "`finegrain po` runs on the built-in world")
+    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path,
+                               trust_remote_code=cfg.trust_remote_code)
+    model = load_causal_lm(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    train_data = _preference_data(cfg.dataset_name, tokenizer, cfg, split=cfg.dataset_split,
+                                  max_examples=cfg.max_train_samples)
     eval_data = None
-    if eval_src is not None:
-        split = None if on_world and cfg.eval_dataset_name is None else cfg.eval_split  # the world's file: one split
-        eval_data = _preference_data(eval_src, tokenizer, cfg, split=split, max_examples=cfg.max_eval_samples,
-                                     skip_invalid=on_world and cfg.eval_dataset_name is None)
+    if cfg.eval_dataset_name is not None:
+        eval_data = _preference_data(cfg.eval_dataset_name, tokenizer, cfg, split=cfg.eval_split,
+                                     max_examples=cfg.max_eval_samples)
     return model, tokenizer, train_data, eval_data
-
-
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse(POConfig, argv, "finegrain po", (POConfig.__doc__ or "") + "\n\nWith no model and no data set, "
-                "trains the built-in world's SFT model on the world's preference pairs (held-out: its test pairs).")
-    model, tokenizer, train_data, eval_data = load_inputs(cfg)
-    train(cfg, model, tokenizer, train_data, eval_data)
-    return 0

@@ -1,9 +1,10 @@
 """``finegrain ppo``: online RL with dense per-token rewards -- PPO (GAE + critic), REINFORCE or RLOO.
 
-Any reward source gives a dense ``(B, T)`` reward (spec section 6): the world's oracle (``--reward oracle``, or its
-per-word ground-truth credit with ``oracle:credit``), a user's function (``--reward python:module:function``) or
-a saved reward-model directory (sequence, sentence, token RM or TLCR discriminator); several sources mix with
-``--reward_scales``. One step of the loop is one rollout batch:
+Any reward source gives a dense ``(B, T)`` reward (docs/reward-sources.md): a saved reward-model directory
+(sequence, sentence, token RM or TLCR discriminator), a user's function (``--reward python:module:function``),
+contrastive or implicit rewards, or a kind an application registers (the built-in world's ``oracle`` and its
+per-word ground-truth credit ``oracle:credit``); several sources mix with ``--reward_scales``. One step of the loop
+is one rollout batch:
 
     1. generate   the policy (eval mode) samples num_samples responses to each of rollout_batch_size prompts
                   with the KV cache (rl.rollout.sample_rollouts), generation_batch_size prompts per call
@@ -20,9 +21,9 @@ a saved reward-model directory (sequence, sentence, token RM or TLCR discriminat
 The reference is a frozen copy of the initial policy, or -- with ``--use_peft`` -- the policy itself with its LoRA
 adapter disabled (no second copy). The critic is a value head on a separate copy of the policy's transformer
 body (``--critic separate``, default) or on the policy's own hidden states (``--critic shared``, trained with
-``vf_coef``·value loss in the policy's objective). On world prompts the oracle's reward and well-formedness of
-every rollout batch are logged (``oracle/*``) whatever the training reward, so curves of true reward against
-samples exist for any source.
+``vf_coef``·value loss in the policy's objective). ``--judge SPEC`` names a source that is logged but not trained
+on: its score and per-row metrics of every rollout batch and evaluation (``<name>/reward``, ``<name>/<metric>``;
+on the built-in world the oracle, so curves of true reward against samples exist for any training reward).
 
 Processes: each takes a contiguous share of the rollout batch's prompts; losses are normalised over all of them
 and whitening and reward normalisation reduce across them. With ``--generation_batch_size`` every sampling group
@@ -51,14 +52,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from finegrain.config import TrainConfig, option, parse
+from finegrain.config import TrainConfig, option
 from finegrain.errors import ConfigError
 from finegrain.models.forward import hidden_states, model_inputs, output_head, predicting_states
 from finegrain.trainers import loop
 from finegrain.types import CompletionBatch, TokenRewards
-
-ORACLE_REWARDS = {"oracle": False, "oracle:sequence": False, "oracle:credit": True, "oracle_credit": True}
-"""``--reward`` names of the world's oracle -> whether the reward is its dense per-word credit."""
 
 
 @dataclasses.dataclass
@@ -66,10 +64,13 @@ class PPOConfig(TrainConfig):
     """Online RL (PPO with GAE and a critic, REINFORCE or RLOO) with dense per-token rewards from any source."""
 
     reward: list[str] = option(
-        default_factory=lambda: ["oracle"],
-        help="reward source(s): 'oracle' (the world's oracle score on the last token), 'oracle:credit' (its per-word "
-        "credit on every token), 'python:module:function' (a function of prompts and responses), a saved "
-        "reward-model directory (`finegrain rm`'s run or final/), or a name registered with the reward registry")
+        default_factory=list,
+        help="reward source(s), each a reward spec: a saved reward-model directory (`finegrain rm`'s run or final/), "
+        "'python:module:function' (a function of prompts and responses), 'contrastive', 'implicit:POLICY_DIR', or a "
+        "registered kind (on the built-in world: 'oracle', its score on the last token, or 'oracle:credit', its "
+        "per-word credit; the world's default is oracle); see docs/reward-sources.md")
+    judge: str | None = option(None, "a reward spec logged but not trained on: its score (<name>/reward) and per-row "
+                               "metrics for every rollout batch and evaluation (default on the built-in world: oracle)")
     reward_scales: list[float] = option(default_factory=list, help="one scale per --reward source (default 1 each)")
     kl_coef: float = option(0.05, "c_KL: weight of the per-token KL penalty in the reward")
     kl_estimator: Literal["k1", "k2", "k3", "full"] = option(
@@ -109,8 +110,6 @@ class PPOConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.reward:
-            raise ConfigError("--reward needs at least one source (e.g. 'oracle' on the built-in world)")
         if self.reward_scales and len(self.reward_scales) != len(self.reward):
             raise ConfigError(f"--reward_scales has {len(self.reward_scales)} values for {len(self.reward)} --reward "
                               "sources; give one scale per source")
@@ -151,9 +150,6 @@ class PPOConfig(TrainConfig):
         if self.max_new_tokens > self.max_length - self.max_prompt_length:
             raise ConfigError(f"max_new_tokens ({self.max_new_tokens}) exceeds max_length - max_prompt_length "
                               f"({self.max_length - self.max_prompt_length}); raise --max_length or lower one of them")
-        if self.lag and any(ORACLE_REWARDS.get(r) is False for r in self.reward):
-            raise ConfigError("--lag shifts token rewards one position later, which drops a score on the last token; "
-                              "use it with token-level sources only (TLCR's discriminator), not with --reward oracle")
 
     @property
     def scales(self) -> list[float]:
@@ -163,51 +159,48 @@ class PPOConfig(TrainConfig):
 # ----------------------------------------------------------------------------------------------- reward sources
 
 
-def build_reward_sources(cfg: PPOConfig, tokenizer, device, world_dir=None) -> dict[str, tuple[Any, float]]:
-    """The sources named by ``--reward`` with their scales: name -> (source, scale); names are made unique."""
-    from finegrain.rewards.rule import FunctionRewardSource, OracleRewardSource
+def build_reward_sources(cfg: PPOConfig, tokenizer, device, reference=None,
+                         reference_context=None) -> dict[str, tuple[Any, float]]:
+    """The sources named by ``--reward`` with their scales: name -> (source, scale); names are made unique.
 
-    out: dict[str, tuple[Any, float]] = {}
-    for spec, scale in zip(cfg.reward, cfg.scales):
-        if spec in ORACLE_REWARDS:
-            rules = _world_rules(world_dir)
-            source = OracleRewardSource(tokenizer, dense=ORACLE_REWARDS[spec], rules=rules)
-        elif spec.startswith("python:"):
-            source = FunctionRewardSource.from_spec(spec, tokenizer)
-        else:
-            source = _load_saved_source(spec, tokenizer, device, world_dir)
-        name, k = source.name, 2
-        while name in out:
-            name, k = f"{source.name}_{k}", k + 1
-        out[name] = (source, scale)
-    return out
+    Specs go through the reward registry (:func:`finegrain.rewards.registry.reward_sources`); ``reference`` (or a
+    LoRA policy with ``reference_context``) serves ``contrastive`` and ``implicit``.
+
+    Raises:
+        ConfigError: no ``--reward``, an unknown spec, or ``--lag`` with a source that scores whole responses (the
+            lag would push its last-token score past the end).
+    """
+    from finegrain.rewards.registry import SourceContext, reward_sources
+
+    if not cfg.reward:
+        raise ConfigError("--reward needs at least one reward source (a reward-model directory, "
+                          "python:module:function, ...; on the built-in world the default is oracle)")
+    context = SourceContext(tokenizer=tokenizer, device=device, reference=reference,
+                            reference_context=reference_context)
+    sources = reward_sources(cfg.reward, context)
+    if cfg.lag and any(getattr(s, "dense", True) is False for s in sources.values()):
+        raise ConfigError("--lag shifts token rewards one position later, which drops a score on the last token; use "
+                          "it with token-level sources only (TLCR's discriminator), not with sequence-level rewards")
+    return {name: (source, scale) for (name, source), scale in zip(sources.items(), cfg.scales)}
 
 
-def _world_rules(world_dir):
-    if world_dir is None:
+def build_judge(cfg: PPOConfig, tokenizer, device):
+    """The ``--judge`` source (logged, not trained on), or None."""
+    if cfg.judge is None:
         return None
-    from finegrain.world import load_world_config
+    from finegrain.rewards.registry import SourceContext, reward_source
 
-    return load_world_config(world_dir).rules
-
-
-def _load_saved_source(spec: str, tokenizer, device, world_dir):
-    """A reward-model directory (``finegrain rm``'s run or ``final/``) or a registered name, via the registry."""
-    try:
-        from finegrain.rewards.registry import load_reward_source
-    except ImportError as exc:
-        if not Path(spec).is_dir():
-            raise ConfigError(f"--reward {spec!r}: not 'oracle', 'oracle:credit', 'python:module:function' or a "
-                              "reward-model directory") from None
-        raise ConfigError(f"--reward {spec}: loading saved reward models needs finegrain.rewards.registry, which this "
-                          f"installation lacks ({exc}); use 'oracle' or 'python:module:function' meanwhile") from None
-    return load_reward_source(spec, policy_tokenizer=tokenizer, device=device, world_dir=world_dir)
+    return reward_source(cfg.judge, SourceContext(tokenizer=tokenizer, device=device))
 
 
-def _source_rewards(source, batch: CompletionBatch, prompts: list) -> TokenRewards:
-    from finegrain.rewards.rule import accepts_prompts
+def judge_metrics(judge, batch: CompletionBatch) -> dict[str, torch.Tensor]:
+    """``<name>/reward`` (the judge's score per row) and ``<name>/<metric>`` per row for a rollout batch."""
+    from finegrain.rewards.base import row_metrics, sequence_scores
 
-    return source.token_rewards(batch, prompts=prompts) if accepts_prompts(source) else source.token_rewards(batch)
+    judged = judge.token_rewards(batch)
+    out = {f"{judge.name}/reward": sequence_scores(judged)}
+    out.update({f"{judge.name}/{k}": v for k, v in row_metrics(judged).items()})
+    return out
 
 
 def lag_rewards(rewards: TokenRewards, lag: int) -> TokenRewards:
@@ -223,20 +216,6 @@ def lag_rewards(rewards: TokenRewards, lag: int) -> TokenRewards:
     mask = rewards.mask.to(torch.bool)
     return TokenRewards(values=torch.where(mask, shifted, torch.zeros_like(shifted)), mask=rewards.mask,
                         seq_reward=rewards.seq_reward, meta=rewards.meta)
-
-
-def world_prompt_texts(prompts) -> list[str] | None:
-    """The prompts as text if every one names a topic of the built-in world (so the oracle can judge), else None."""
-    from finegrain.rewards.rule import prompt_as_text
-    from finegrain.world.oracle import prompt_topic
-
-    try:
-        texts = [prompt_as_text(p) for p in prompts]
-        for t in texts:
-            prompt_topic(t)
-    except ValueError:
-        return None
-    return texts
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -490,12 +469,14 @@ def concat_rollouts(parts: list[CompletionBatch], pad_id: int) -> CompletionBatc
     for key, first in parts[0].extras.items():
         values = [b.extras[key] for b in parts]
         extras[key] = torch.cat(values) if first.dim() == 1 else _cat_padded(values, t, 0)
+    texts = {key: None if any(getattr(b, key) is None for b in parts) else [x for b in parts for x in getattr(b, key)]
+             for key in ("prompts", "responses")}
     return CompletionBatch(
         prompt_input_ids=_cat_padded([b.prompt_input_ids for b in parts], p, pad_id, left=True),
         prompt_attention_mask=_cat_padded([b.prompt_attention_mask for b in parts], p, 0, left=True),
         completion_input_ids=_cat_padded([b.completion_input_ids for b in parts], t, pad_id),
         completion_mask=_cat_padded([b.completion_mask for b in parts], t, False),
-        extras=extras)
+        extras=extras, **texts)
 
 
 def sample_groups(cfg: PPOConfig, policy, prompts, local: list[int], place: RolloutPlace, tokenizer,
@@ -508,15 +489,20 @@ def sample_groups(cfg: PPOConfig, policy, prompts, local: list[int], place: Roll
     any number of processes with the same ``--generation_batch_size`` sample the same tokens (up to weights that
     differ in their last bits). Rows are prompt-major, as :func:`finegrain.rl.rollout.sample_rollouts` gives.
     """
+    from finegrain.rewards.base import decode_responses
     from finegrain.rl.rollout import resolve_special_ids, sample_rollouts
 
     parts = []
     for k, lo in enumerate(range(0, len(local), place.group_size)):
         batch = prompts.collate(local[lo : lo + place.group_size]).to(device)
-        parts.append(sample_rollouts(policy, batch.prompt_input_ids, batch.prompt_attention_mask,
-                                     max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                                     top_p=cfg.top_p, num_samples=cfg.num_samples, tokenizer=tokenizer,
-                                     generator=place.generator("sample", place.first_group + k, device=device)))
+        roll = sample_rollouts(policy, batch.prompt_input_ids, batch.prompt_attention_mask,
+                               max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                               top_p=cfg.top_p, num_samples=cfg.num_samples, tokenizer=tokenizer,
+                               generator=place.generator("sample", place.first_group + k, device=device))
+        # the texts every reward source reads: the raw prompts (one per sample) and the responses, decoded once
+        roll.prompts = [p for p in batch.prompts for _ in range(cfg.num_samples)]
+        roll.responses = decode_responses(tokenizer, roll)
+        parts.append(roll)
     return concat_rollouts(parts, resolve_special_ids(policy, tokenizer)[1])
 
 
@@ -709,12 +695,13 @@ def _prompt_batches(data, indices: list[int], size: int):
 
 
 @torch.no_grad()
-def evaluate(cfg: PPOConfig, m: Models, tokenizer, data, sources, acc, step: int, world_prompts: bool) -> dict[str, float]:
+def evaluate(cfg: PPOConfig, m: Models, tokenizer, data, sources, acc, step: int, judge=None) -> dict[str, float]:
     """Responses to held-out prompts (greedy, or sampled with a generator seeded by ``seed`` and ``step``, so
-    the training RNG is untouched); their oracle reward on world prompts, the sources' raw reward, and the KL to
-    the reference summed over each response, ``Σ_t KL(π_θ(·|s_t) ‖ π_ref(·|s_t))`` over the full vocabulary."""
+    the training RNG is untouched); the judge's score and metrics (when there is one), the sources' raw reward,
+    and the KL to the reference summed over each response, ``Σ_t KL(π_θ(·|s_t) ‖ π_ref(·|s_t))`` over the full
+    vocabulary."""
     from finegrain.ops.masked import masked_sum
-    from finegrain.rewards.rule import OracleRewardSource
+    from finegrain.rewards.base import decode_responses
     from finegrain.rl.rewards import dense_rewards
     from finegrain.rl.rollout import sample_rollouts, score_rollout
 
@@ -724,32 +711,38 @@ def evaluate(cfg: PPOConfig, m: Models, tokenizer, data, sources, acc, step: int
     indices = list(range(len(data)))[rank::world]
     greedy = cfg.eval_sampling == "greedy"
     gen = None if greedy else torch.Generator(device=acc.device).manual_seed(cfg.seed * 1_000_003 + step)
-    oracle = OracleRewardSource(tokenizer, rules=_world_rules(cfg.world_dir)) if world_prompts else None
-    keys = ["count", "kl", "length", "raw"] + (["oracle", "well_formed"] if oracle else [])
+    keys = ["count", "kl", "length", "raw"]
     sums = torch.zeros(len(keys), dtype=torch.float64, device=acc.device)
+    judged_sums: dict[str, float] = {}
     for chunk, batch in _prompt_batches(data, indices, cfg.per_device_eval_batch_size):
         batch = batch.to(acc.device)
         roll = sample_rollouts(policy, batch.prompt_input_ids, batch.prompt_attention_mask,
                                max_new_tokens=cfg.max_new_tokens, do_sample=not greedy, temperature=cfg.temperature,
                                top_k=cfg.top_k, top_p=cfg.top_p, tokenizer=tokenizer, generator=gen)
-        prompts = [data[i]["prompt"] for i in chunk]
+        roll.prompts, roll.responses = batch.prompts, decode_responses(tokenizer, roll)
         mask = roll.completion_mask
         scored = score_rollout(policy, roll, ref_model=m.ref_model, ref_context=m.ref_context,
                                chunk_rows=cfg.score_chunk_rows, temperature=cfg.temperature, with_full_kl=True)
-        rewards = {name: _source_rewards(src, roll, prompts) for name, (src, _) in sources.items()}
+        rewards = {name: src.token_rewards(roll) for name, (src, _) in sources.items()}
         raw = dense_rewards(rewards, mask, scales={k: s for k, (_, s) in sources.items()})["raw"]
         row = [float(len(chunk)), float(masked_sum(scored["full_kl"], mask, dim=-1).sum()),
                float(mask.sum()), float(masked_sum(raw, mask, dim=-1).sum())]
-        if oracle is not None:
-            judged = oracle.token_rewards(roll, prompts=prompts).meta
-            row += [float(judged["score"].sum()), float(judged["well_formed"].float().sum())]
         sums += torch.tensor(row, dtype=torch.float64, device=acc.device)
+        if judge is not None:
+            for key, value in judge_metrics(judge, roll).items():
+                judged_sums[key] = judged_sums.get(key, 0.0) + float(value.sum())
+    names = sorted(judged_sums)
+    if judge is not None and world > 1:  # every process reduces the same keys, also one that had no rows
+        from accelerate.utils import gather_object
+
+        names = sorted({k for part in gather_object([names]) for k in part})
+    totals = torch.cat([sums, torch.tensor([judged_sums.get(k, 0.0) for k in names], dtype=torch.float64,
+                                           device=acc.device)])
     if world > 1:
-        sums = acc.reduce(sums, reduction="sum")
-    mean = dict(zip(keys, (sums / sums[0].clamp(min=1)).tolist()))
+        totals = acc.reduce(totals, reduction="sum")
+    mean = dict(zip(keys + names, (totals / totals[0].clamp(min=1)).tolist()))
     out = {"objective/kl": mean["kl"], "response/length": mean["length"], "rewards/raw": mean["raw"]}
-    if oracle is not None:
-        out.update({"oracle/reward": mean["oracle"], "oracle/well_formed": mean["well_formed"]})
+    out.update({k: mean[k] for k in names})
     return out
 
 
@@ -781,7 +774,6 @@ def train(cfg: PPOConfig, policy, tokenizer, prompts, eval_prompts=None, *, sour
     from finegrain.data.sampler import batch_indices, shard_batch
     from finegrain.ops.kl import kl_k1, kl_penalty
     from finegrain.ops.masked import masked_sum
-    from finegrain.rewards.rule import OracleRewardSource
     from finegrain.rl.rewards import RunningMoments, dense_rewards, reward_metrics
     from finegrain.rl.rollout import score_rollout
 
@@ -799,13 +791,11 @@ def train(cfg: PPOConfig, policy, tokenizer, prompts, eval_prompts=None, *, sour
                           "change --num_mini_batches")
     total_steps = _num_steps(cfg, len(prompts))
     m = setup_models(cfg, policy, acc, updates=total_steps * cfg.ppo_epochs * cfg.num_mini_batches)
-    sources = sources if sources is not None else build_reward_sources(cfg, tokenizer, device, cfg.world_dir)
+    if sources is None:
+        sources = build_reward_sources(cfg, tokenizer, device, reference=m.ref_model or m.policy_u,
+                                       reference_context=None if m.ref_model is not None else m.ref_context)
     scales = {name: scale for name, (_, scale) in sources.items()}
-    world_prompts = world_prompt_texts([ex["prompt"] for ex in prompts]) is not None
-    oracle = OracleRewardSource(tokenizer, rules=_world_rules(cfg.world_dir)) if world_prompts else None
-    if any(isinstance(s, OracleRewardSource) for s, _ in sources.values()) and not world_prompts:
-        raise ConfigError("--reward oracle judges the built-in world's prompts only, and these prompts are not all world "
-                          "prompts; choose another --reward")
+    judge = build_judge(cfg, tokenizer, device)
     run = loop.Run(cfg, "ppo", method or cfg.estimator, acc)  # after every input is validated: nothing written before
     running = RunningMoments()
     state = loop.RunState()
@@ -830,7 +820,6 @@ def train(cfg: PPOConfig, policy, tokenizer, prompts, eval_prompts=None, *, sour
                 continue
             run.record_batch(state, epoch_batches[state.batch_in_epoch])  # --record_consumed
             local = shard_batch(epoch_batches[state.batch_in_epoch], world, acc.process_index)
-            row_prompts = [prompts[i]["prompt"] for i in local for _ in range(cfg.num_samples)]
             place = RolloutPlace(cfg.seed, state.epoch, state.batch_in_epoch, group_size,
                                  acc.process_index * len(local) // group_size, cfg.generation_batch_size is not None)
 
@@ -847,8 +836,7 @@ def train(cfg: PPOConfig, policy, tokenizer, prompts, eval_prompts=None, *, sour
                                    chunk_rows=cfg.score_chunk_rows, temperature=cfg.temperature, with_entropy=True,
                                    with_full_kl=cfg.kl_estimator == "full")
             old_values = rollout_values(m.critic_u, m.policy_u, roll, cfg.score_chunk_rows) if m.critic is not None else None
-            token_rewards = {name: lag_rewards(_source_rewards(src, roll, row_prompts), cfg.lag)
-                             for name, (src, _) in sources.items()}
+            token_rewards = {name: lag_rewards(src.token_rewards(roll), cfg.lag) for name, (src, _) in sources.items()}
             kl = kl_penalty(scored["token_logps"], scored["ref_token_logps"], cfg.kl_estimator, mask,
                             full_kl=scored.get("full_kl"))
             rewards = dense_rewards(token_rewards, mask, scales=scales, kl=kl, kl_coef=cfg.kl_coef,
@@ -881,19 +869,17 @@ def train(cfg: PPOConfig, policy, tokenizer, prompts, eval_prompts=None, *, sour
                 "response/truncated": roll.extras["truncated"].float().mean(),
                 "time/generate": t1 - t0, "time/score": t2 - t1, "time/train": t3 - t2,
             }
-            if oracle is not None:
-                judged = oracle.token_rewards(roll, prompts=row_prompts).meta
-                metrics.update({"oracle/reward": judged["score"].mean(), "oracle/well_formed":
-                                judged["well_formed"].float().mean()})
+            if judge is not None:
+                metrics.update({k: v.mean() for k, v in judge_metrics(judge, roll).items()})
             metrics = _mean_over_processes(metrics, acc)
             bar.update(1)
-            shown = metrics.get("oracle/reward", metrics["rewards/raw"])
+            shown = metrics.get(f"{judge.name}/reward", metrics["rewards/raw"]) if judge else metrics["rewards/raw"]
             bar.set_postfix(reward=f"{shown:.3f}", kl=f"{metrics['objective/kl']:.3f}")
             # a step with a skipped (non-finite) update is always logged
             if state.step % cfg.logging_steps == 0 or state.step == total_steps or metrics["skipped"]:
                 run.log(metrics, state)
             if eval_prompts is not None and cfg.eval_steps and state.step % cfg.eval_steps == 0:
-                run.log(evaluate(cfg, m, tokenizer, eval_prompts, sources, acc, state.step, world_prompts), state,
+                run.log(evaluate(cfg, m, tokenizer, eval_prompts, sources, acc, state.step, judge), state,
                         split="eval")
             stop = run.interrupted()
             if (cfg.save_steps and state.step % cfg.save_steps == 0) or stop:
@@ -904,7 +890,7 @@ def train(cfg: PPOConfig, policy, tokenizer, prompts, eval_prompts=None, *, sour
     bar.close()
     if status == "completed":
         if eval_prompts is not None and not (cfg.eval_steps and state.step % cfg.eval_steps == 0):
-            run.log(evaluate(cfg, m, tokenizer, eval_prompts, sources, acc, state.step, world_prompts), state,
+            run.log(evaluate(cfg, m, tokenizer, eval_prompts, sources, acc, state.step, judge), state,
                     split="eval")
         run.save_final(m.policy, tokenizer)  # a LoRA policy: merged in final/, the adapter in final/adapter/
     run.close(status, steps=state.step, samples=state.samples, skipped_steps=state.nonfinite_total)
@@ -935,52 +921,26 @@ def _mean_over_processes(metrics: dict[str, Any], acc) -> dict[str, float]:
 
 
 def load_inputs(cfg: PPOConfig):
-    """Policy, tokenizer, training prompts and held-out prompts for ``cfg``.
-
-    With no model: the built-in world's SFT model, its RL prompts (``data/prompts_rl.jsonl``, unless
-    ``--dataset_name`` names others) and its test prompts (``data/prompts_test.jsonl``). Any data set with a
-    ``prompt`` column serves as prompts (other columns are ignored).
-    """
+    """Policy, tokenizer, training prompts and held-out prompts for ``cfg`` (``--model_name_or_path`` and
+    ``--dataset_name``; the command line fills them with the built-in world's when no model is named). Any data set
+    with a ``prompt`` column serves as prompts (other columns are ignored)."""
     from finegrain.data.prepared import CompletionData
     from finegrain.data.tokenize import TokenLimits
     from finegrain.models.loading import load_causal_lm, load_tokenizer
 
+    if cfg.model_name_or_path is None or cfg.dataset_name is None:
+        raise ConfigError("ppo needs --model_name_or_path and --dataset_name (prompts to train on); with neither, "
+                          "`finegrain ppo` runs on the built-in world")
     limits = TokenLimits(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
-    if cfg.model_name_or_path is None:
-        from finegrain.world import ensure_world
-
-        world = ensure_world(cfg.world_dir)
-        if cfg.world_dir is None:
-            cfg.world_dir = str(world)
-        tokenizer = load_tokenizer(str(world / "sft"))
-        policy = load_causal_lm(str(world / "sft"))
-        train_src = cfg.dataset_name or str(world / "data" / "prompts_rl.jsonl")
-        eval_src = cfg.eval_dataset_name or (None if cfg.dataset_name else str(world / "data" / "prompts_test.jsonl"))
-    else:
-        if cfg.dataset_name is None:
-            raise ConfigError("--model_name_or_path given without --dataset_name: say which prompts to train on")
-        tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path,
-                                   trust_remote_code=cfg.trust_remote_code)
-        policy = load_causal_lm(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
-        train_src, eval_src = cfg.dataset_name, cfg.eval_dataset_name
-    prompts = CompletionData.from_source(train_src, tokenizer, split=_split(train_src, cfg.dataset_split), kind="prompt",
+    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path,
+                               trust_remote_code=cfg.trust_remote_code)
+    policy = load_causal_lm(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    prompts = CompletionData.from_source(cfg.dataset_name, tokenizer, split=cfg.dataset_split, kind="prompt",
                                          limits=limits, skip_invalid=cfg.skip_invalid_rows,
                                          max_examples=cfg.max_train_samples)
     eval_prompts = None
-    if eval_src is not None:
-        eval_prompts = CompletionData.from_source(eval_src, tokenizer, split=_split(eval_src, cfg.eval_split),
+    if cfg.eval_dataset_name is not None:
+        eval_prompts = CompletionData.from_source(cfg.eval_dataset_name, tokenizer, split=cfg.eval_split,
                                                   kind="prompt", limits=limits, skip_invalid=cfg.skip_invalid_rows,
                                                   max_examples=cfg.max_eval_samples)
     return policy, tokenizer, prompts, eval_prompts
-
-
-def _split(source: str, split: str) -> str | None:
-    return None if Path(source).is_file() else split  # a single file has only one split
-
-
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse(PPOConfig, argv, "finegrain ppo", PPOConfig.__doc__ + "\n\nWith no model and no data set, trains the "
-                "built-in world's SFT model on its RL prompts with the world's oracle as the reward.")
-    policy, tokenizer, prompts, eval_prompts = load_inputs(cfg)
-    train(cfg, policy, tokenizer, prompts, eval_prompts)
-    return 0

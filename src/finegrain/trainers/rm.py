@@ -38,11 +38,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from finegrain.config import TrainConfig, option, parse
+from finegrain.config import TrainConfig, option
 from finegrain.errors import ConfigError, DataError
 from finegrain.trainers import loop
 
-__all__ = ["LEVELS", "RMConfig", "RMData", "build_model", "credit_items", "evaluate", "load_inputs", "main",
+__all__ = ["LEVELS", "RMConfig", "RMData", "build_model", "credit_items", "evaluate", "load_inputs",
            "pair_examples", "revision_examples", "score_credit", "token_examples", "train"]
 
 logger = logging.getLogger(__name__)
@@ -609,58 +609,34 @@ def build_model(cfg: RMConfig, backbone, tokenizer, *, splitter: str | None = No
     return model
 
 
-def world_eval_revisions(world: Path) -> list[dict]:
-    """Revisions of the world's held-out pairs by its reviser (the held-out edit set of the token levels)."""
-    from finegrain.world import load_world_config
-    from finegrain.world.build import make_revisions, read_jsonl
-
-    wcfg = load_world_config(world)
-    pairs = [p for p in read_jsonl(world / "data" / "pairs_test.jsonl") if p["rejected"].strip()]
-    return make_revisions(pairs, wcfg.rules, wcfg.revision_max_edits, wcfg.seed + 7)  # no empty revisions
-
-
 def load_inputs(cfg: RMConfig) -> RMData:
-    """Model, tokenizer and data for ``cfg``: the user's, or the built-in world's (see the module docstring)."""
+    """Model, tokenizer and data for ``cfg`` (``--model_name_or_path`` as the backbone, ``--dataset_name`` and the
+    evaluation sets; the command line fills them with the built-in world's when no model is named)."""
     from finegrain.models.loading import load_causal_lm, load_tokenizer
 
-    on_world = cfg.model_name_or_path is None
-    if on_world:
-        if cfg.dataset_name is not None:
-            raise ConfigError("--dataset_name given without --model_name_or_path: the world's model only knows the "
-                              "world's words; pass the backbone to train")
-        from finegrain.world import ensure_world
-
-        world = ensure_world(cfg.world_dir)
-        tokenizer = load_tokenizer(str(world / "sft"))
-        backbone = load_causal_lm(str(world / "sft"))
-        name = "revisions" if cfg.level in ("token", "discriminator") else "pairs_train"
-        train_src, eval_src = str(world / "data" / f"{name}.jsonl"), str(world / "data" / "pairs_test.jsonl")
-        credit_src = cfg.credit_dataset_name or str(world / "data" / "credit_test.jsonl")
-        revisions_src = cfg.eval_revisions_name or (world_eval_revisions(world) if name == "revisions" else None)
-    else:
-        if cfg.dataset_name is None:
-            raise ConfigError("--model_name_or_path given without --dataset_name: say which data to train on")
-        tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path,
-                                   trust_remote_code=cfg.trust_remote_code)
-        backbone = load_causal_lm(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
-        train_src, eval_src = cfg.dataset_name, cfg.eval_dataset_name
-        credit_src, revisions_src = cfg.credit_dataset_name, cfg.eval_revisions_name
+    if cfg.model_name_or_path is None or cfg.dataset_name is None:
+        raise ConfigError("rm needs --model_name_or_path (the backbone) and --dataset_name (pairs, or revisions for the "
+                          "token levels); with neither, `finegrain rm` trains on the built-in world")
+    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path,
+                               trust_remote_code=cfg.trust_remote_code)
+    backbone = load_causal_lm(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
     # before tokenizing: insert mode adds <END> to the tokenizer
-    model = build_model(cfg, backbone, tokenizer, splitter="punct" if on_world else "rule")
-    skip = cfg.skip_invalid_rows or on_world  # the world's data hold a few empty responses: skipped, counted
-    kind = _train_kind(cfg, train_src)
+    model = build_model(cfg, backbone, tokenizer)
+    skip = cfg.skip_invalid_rows
+    kind = _train_kind(cfg, cfg.dataset_name)
     load = {"pairs": pair_examples, "revisions": revision_examples, "tokens": token_examples}[kind]
-    train_ex = load(train_src, tokenizer, cfg, split=None if on_world else cfg.dataset_split, limit=cfg.max_train_samples, skip=skip)
+    train_ex = load(cfg.dataset_name, tokenizer, cfg, split=cfg.dataset_split, limit=cfg.max_train_samples, skip=skip)
     eval_pairs = None
-    if eval_src is not None:
-        split = None if on_world else cfg.eval_split  # a world file is a single split
-        eval_pairs = pair_examples(eval_src, tokenizer, cfg, split=split, limit=cfg.max_eval_samples, skip=skip)
+    if cfg.eval_dataset_name is not None:
+        eval_pairs = pair_examples(cfg.eval_dataset_name, tokenizer, cfg, split=cfg.eval_split,
+                                   limit=cfg.max_eval_samples, skip=skip)
     eval_revs = None
-    if revisions_src is not None and cfg.level in ("token", "discriminator"):
-        eval_revs = revision_examples(revisions_src, tokenizer, cfg, split=None, limit=cfg.max_eval_samples, skip=skip)
+    if cfg.eval_revisions_name is not None and cfg.level in ("token", "discriminator"):
+        eval_revs = revision_examples(cfg.eval_revisions_name, tokenizer, cfg, split=None, limit=cfg.max_eval_samples,
+                                      skip=skip)
     credit = None
-    if credit_src is not None and cfg.level != "sequence":
-        credit = credit_items(credit_src, tokenizer, cfg, limit=cfg.max_credit_samples, skip=skip)
+    if cfg.credit_dataset_name is not None and cfg.level != "sequence":
+        credit = credit_items(cfg.credit_dataset_name, tokenizer, cfg, limit=cfg.max_credit_samples, skip=skip)
     if cfg.level == "sentence":
         prepare_sentences(model, train_ex, ("chosen", "rejected"))
         prepare_sentences(model, eval_pairs or [], ("chosen", "rejected"))
@@ -684,12 +660,3 @@ def _train_kind(cfg: RMConfig, source: Any) -> str:
         return "tokens"
     raise ConfigError(f"--level {cfg.level} trains on revision rows {{prompt, rejected, revised}} or token rows "
                       f"{{prompt, response, labels|spans}}; the data set has rows of kind '{found}'")
-
-
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse(RMConfig, argv, "finegrain rm", RMConfig.__doc__ + "\n\nWith no model and no data set, trains on the "
-                "built-in world, starting from its SFT model.")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    train(cfg, load_inputs(cfg))
-    return 0
-

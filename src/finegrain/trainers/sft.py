@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from finegrain.config import TrainConfig, option, parse
+from finegrain.config import TrainConfig, option
 from finegrain.errors import ConfigError
 from finegrain.models.forward import hidden_states, predicting_states
 from finegrain.trainers import loop
@@ -149,40 +149,24 @@ def train(cfg: SFTConfig, model, tokenizer, train_data, eval_data=None, *, metho
 
 
 def load_inputs(cfg: SFTConfig):
-    """Model, tokenizer and data for ``cfg``: the user's, or the built-in world's (a fresh base model on its corpus)."""
+    """Model, tokenizer and data for ``cfg`` (``--model_name_or_path`` and ``--dataset_name``; the command line fills
+    them with the built-in world's when no model is named)."""
     from finegrain.data.prepared import CompletionData
     from finegrain.data.tokenize import TokenLimits
     from finegrain.models.loading import load_causal_lm, load_tokenizer
 
+    if cfg.model_name_or_path is None or cfg.dataset_name is None:
+        raise ConfigError("sft needs --model_name_or_path and --dataset_name (the data to fine-tune on); with neither, "
+                          "`finegrain sft` trains the built-in world's base model")
     limits = TokenLimits(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
-    if cfg.model_name_or_path is None:
-        if cfg.dataset_name is not None:
-            raise ConfigError("--dataset_name given without --model_name_or_path: the world's model only knows the "
-                              "world's words; pass the model to fine-tune")
-        from finegrain.world import ensure_world, world_base_model
-
-        world = ensure_world(cfg.world_dir)
-        tokenizer = load_tokenizer(str(world / "sft"))
-        model = world_base_model(world, tokenizer)
-        train_src, eval_src = str(world / "data" / "sft.jsonl"), None
-    else:
-        tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
-        model = load_causal_lm(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
-        if cfg.dataset_name is None:
-            raise ConfigError("--model_name_or_path given without --dataset_name: say which data to fine-tune on")
-        train_src, eval_src = cfg.dataset_name, cfg.eval_dataset_name
-    train_data = CompletionData.from_source(train_src, tokenizer, split=cfg.dataset_split, kind=None, limits=limits,
-                                            skip_invalid=cfg.skip_invalid_rows, max_examples=cfg.max_train_samples)
+    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path,
+                               trust_remote_code=cfg.trust_remote_code)
+    model = load_causal_lm(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    train_data = CompletionData.from_source(cfg.dataset_name, tokenizer, split=cfg.dataset_split, kind=None,
+                                            limits=limits, skip_invalid=cfg.skip_invalid_rows,
+                                            max_examples=cfg.max_train_samples)
     eval_data = None
-    if eval_src is not None:
-        eval_data = CompletionData.from_source(eval_src, tokenizer, split=cfg.eval_split, limits=limits,
+    if cfg.eval_dataset_name is not None:
+        eval_data = CompletionData.from_source(cfg.eval_dataset_name, tokenizer, split=cfg.eval_split, limits=limits,
                                                skip_invalid=cfg.skip_invalid_rows, max_examples=cfg.max_eval_samples)
     return model, tokenizer, train_data, eval_data
-
-
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse(SFTConfig, argv, "finegrain sft", SFTConfig.__doc__ + "\n\nWith no model and no data set, trains the "
-                "built-in world's base model from scratch on the world's corpus.")
-    model, tokenizer, train_data, eval_data = load_inputs(cfg)
-    train(cfg, model, tokenizer, train_data, eval_data)
-    return 0

@@ -1,0 +1,271 @@
+"""The built-in world as an application on top of the library.
+
+The library's commands know nothing of the world. The command line (:mod:`finegrain.cli.commands`) gives every
+command the world's one option, ``--world_dir`` (:class:`WorldOptions`), registers the world's reward sources for
+that world (:func:`register`: ``oracle``, ``oracle:credit``; its rule reviser for ``label revise``), and, when the
+user names no model (or no prompts, for ``eval``), fills in the world's model, data and settings
+(:func:`prepare`), as if the user had typed them:
+
+=============  ====================================================================================================
+command        filled in when the user named no model
+=============  ====================================================================================================
+sft            a freshly initialised base model (``<world>/base``) on the world's SFT corpus
+po             the world's SFT model on its preference pairs (held-out: its test pairs); T-REG's contrastive
+               template: the control prefixes the SFT model was trained to follow
+rm             the SFT model as backbone, its pairs (or revisions for the token levels), its credit rows, revisions
+               of its test pairs; the punctuation sentence splitter (the world's text is lowercase)
+ppo            the SFT model on its RL prompts, reward ``oracle``, judge ``oracle``
+eval           its test prompts, its SFT model as reference, judge ``oracle``, its response length; token credit
+               against its credit rows
+label          contrastive: the SFT model on its pairs; edits: its revisions with its tokenizer; revise: its
+               rule reviser
+=============  ====================================================================================================
+
+World data hold a few empty samples of the SFT model: runs on them skip invalid rows (counted and logged).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+from finegrain.config import option
+from finegrain.errors import ConfigError
+
+__all__ = ["WorldOptions", "base_model_dir", "credit_settings", "eval_settings", "prepare", "register", "with_world_options",
+           "world_control_template"]
+
+
+@dataclasses.dataclass
+class WorldOptions:
+    """The world's option, added to every command's config by the command line."""
+
+    world_dir: str | None = option(None, "where the built-in world lives (built on first use when a command runs on "
+                                         "it); default: $FINEGRAIN_HOME/world-<seed>-<difficulty>")
+
+
+@functools.cache
+def with_world_options(cls: type) -> type:
+    """``cls`` with :class:`WorldOptions`' field added (last in ``--help``); the checks of ``cls`` still run."""
+    return dataclasses.dataclass(type(cls.__name__, (WorldOptions, cls), {"__doc__": cls.__doc__,
+                                                                           "__module__": cls.__module__}))
+
+
+def register(world_dir: str | Path | None = None) -> None:
+    """Register the world's reward sources (and its reviser) for the world at ``world_dir``."""
+    from finegrain.world import sources
+
+    sources.register(world_dir)
+    try:
+        from finegrain.world.reviser import register_reviser_backend
+    except ImportError:  # the reviser backend registry is not part of this installation
+        return
+    register_reviser_backend(world_dir)
+
+
+def base_model_dir(world: Path) -> Path:
+    """``<world>/base``: the world's base architecture freshly initialised (the world's seed) with its tokenizer;
+    written once, atomically, so ``finegrain sft`` on the world starts from a model directory like any other."""
+    out = world / "base"
+    if (out / "config.json").is_file():
+        return out
+    from finegrain.models.loading import load_tokenizer, save_pretrained
+    from finegrain.world import world_base_model
+
+    tokenizer = load_tokenizer(str(world / "sft"))
+    tmp = world / f".tmp-base-{os.getpid()}"
+    save_pretrained(world_base_model(world, tokenizer), tokenizer, tmp)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process wrote it first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _world(cfg: Any) -> Path:
+    from finegrain.world import ensure_world
+
+    world = ensure_world(getattr(cfg, "world_dir", None))
+    cfg.world_dir = str(world)
+    return world
+
+
+def _data(world: Path, name: str) -> str:
+    return str(world / "data" / f"{name}.jsonl")
+
+
+def _no_data_without_model(command: str, cfg: Any) -> None:
+    if cfg.dataset_name is not None:
+        raise ConfigError(f"--dataset_name given without --model_name_or_path: the world's model only knows the "
+                          f"world's words; pass the model for `finegrain {command}` to train")
+
+
+def _sft(cfg: Any) -> None:
+    _no_data_without_model("sft", cfg)
+    world = _world(cfg)
+    cfg.model_name_or_path = str(base_model_dir(world))
+    cfg.dataset_name = _data(world, "sft")
+
+
+def _po(cfg: Any) -> None:
+    world = _world(cfg)
+    cfg.model_name_or_path = str(world / "sft")
+    if cfg.dataset_name is None:
+        cfg.dataset_name = _data(world, "pairs_train")
+    if cfg.eval_dataset_name is None:
+        cfg.eval_dataset_name = _data(world, "pairs_test")
+    cfg.skip_invalid_rows = True
+    if cfg.loss.startswith("treg"):
+        _control_template(cfg, "contrastive_template", "contrastive_positive", "contrastive_negative")
+
+
+def eval_revisions_file(world: Path) -> str:
+    """``<world>/data/revisions_test.jsonl``: revisions of the held-out pairs by the world's reviser (the held-out
+    edit set of the token-level reward models), written once."""
+    path = world / "data" / "revisions_test.jsonl"
+    if not path.is_file():
+        import json
+
+        from finegrain.world import load_world_config
+        from finegrain.world.build import make_revisions, read_jsonl
+
+        wcfg = load_world_config(world)
+        pairs = [p for p in read_jsonl(world / "data" / "pairs_test.jsonl") if p["rejected"].strip()]
+        rows = make_revisions(pairs, wcfg.rules, wcfg.revision_max_edits, wcfg.seed + 7)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, path)
+    return str(path)
+
+
+def _rm(cfg: Any) -> None:
+    _no_data_without_model("rm", cfg)
+    world = _world(cfg)
+    token_level = cfg.level in ("token", "discriminator")
+    cfg.model_name_or_path = str(world / "sft")
+    cfg.dataset_name = _data(world, "revisions" if token_level else "pairs_train")
+    if cfg.eval_dataset_name is None:
+        cfg.eval_dataset_name = _data(world, "pairs_test")
+    if cfg.credit_dataset_name is None:
+        cfg.credit_dataset_name = _data(world, "credit_test")
+    if cfg.eval_revisions_name is None and token_level:
+        cfg.eval_revisions_name = eval_revisions_file(world)
+    if cfg.splitter is None:
+        cfg.splitter = "punct"  # the world's text is lowercase: every terminator ends a sentence
+    cfg.skip_invalid_rows = True
+
+
+def _ppo(cfg: Any) -> None:
+    world = _world(cfg)
+    cfg.model_name_or_path = str(world / "sft")
+    own_prompts = cfg.dataset_name is not None
+    if not own_prompts:
+        cfg.dataset_name = _data(world, "prompts_rl")
+        if cfg.eval_dataset_name is None:
+            cfg.eval_dataset_name = _data(world, "prompts_test")
+        if cfg.judge is None:
+            cfg.judge = "oracle"
+    if not cfg.reward:
+        cfg.reward = ["oracle"]
+
+
+def _eval(cfg: Any) -> None:
+    from finegrain.world import load_world_config
+
+    world = None
+    if cfg.policy and cfg.prompts is None:
+        world = _world(cfg)
+        cfg.prompts = _data(world, "prompts_test")
+        cfg.reference = cfg.reference or str(world / "sft")
+        cfg.judge = cfg.judge or "oracle"
+        if cfg.max_new_tokens is None:
+            cfg.max_new_tokens = load_world_config(world).max_new_tokens
+    if cfg.token_credit and cfg.credit_data is None:
+        world = world or _world(cfg)
+        cfg.credit_data = _data(world, "credit_test")
+        cfg.reference = cfg.reference or str(world / "sft")
+        _control_template(cfg, "contrastive_template", "contrastive_positive", "contrastive_negative")
+
+
+def world_control_template():
+    """Contrastive prompting on the world: the control prefixes its SFT model was trained to follow."""
+    from finegrain.rewards.contrastive import ContrastiveTemplate
+    from finegrain.world.corpus import CONTROL_PREFIX
+
+    return ContrastiveTemplate("control", CONTROL_PREFIX["good"], CONTROL_PREFIX["bad"])
+
+
+def _control_template(cfg: Any, form: str, positive: str, negative: str) -> None:
+    """Set the config's contrastive template fields to the world's control prefixes when left at ``auto``."""
+    if getattr(cfg, form) == "auto":
+        template = world_control_template()
+        setattr(cfg, form, "control")
+        setattr(cfg, positive, getattr(cfg, positive) or template.positive)
+        setattr(cfg, negative, getattr(cfg, negative) or template.negative)
+
+
+def eval_settings(world_dir: str | Path | None = None, **overrides: Any) -> dict[str, Any]:
+    """Keyword arguments of :func:`finegrain.eval.cli.evaluate_policy` that evaluate on the world (its held-out
+    prompts, judge ``oracle`` with its rules, its response length), for Python callers; ``overrides`` win."""
+    from finegrain.world import ensure_world, load_world_config
+
+    world = ensure_world(world_dir)
+    register(world)
+    settings = {"prompts": _data(world, "prompts_test"), "judge": "oracle",
+                "max_new_tokens": load_world_config(world).max_new_tokens}
+    return {**settings, **overrides}
+
+
+def credit_settings(world_dir: str | Path | None = None, **overrides: Any) -> dict[str, Any]:
+    """Keyword arguments of :func:`finegrain.eval.token_credit.evaluate_token_credit_sources` that score token
+    credit on the world (its credit rows, its SFT model as the reference, its control template for ``contrastive``)
+    for Python callers; ``overrides`` win."""
+    from finegrain.world import ensure_world
+
+    world = ensure_world(world_dir)
+    register(world)
+    settings = {"data": _data(world, "credit_test"), "reference": str(world / "sft"),
+                "contrastive_template": world_control_template()}
+    return {**settings, **overrides}
+
+
+def _label_contrastive(cfg: Any) -> None:
+    world = _world(cfg)
+    cfg.model_name_or_path = str(world / "sft")
+    if cfg.dataset_name is None:
+        cfg.dataset_name = _data(world, "pairs_train")
+    _control_template(cfg, "template", "positive", "negative")
+
+
+def _label_edits(cfg: Any) -> None:
+    world = _world(cfg)
+    cfg.dataset_name = _data(world, "revisions")
+    cfg.tokenizer_name_or_path = cfg.tokenizer_name_or_path or str(world / "sft")
+
+
+_FILL = {
+    "sft": (lambda c: c.model_name_or_path is None, _sft),
+    "po": (lambda c: c.model_name_or_path is None, _po),
+    "rm": (lambda c: c.model_name_or_path is None, _rm),
+    "ppo": (lambda c: c.model_name_or_path is None, _ppo),
+    "eval": (lambda c: (c.policy and c.prompts is None) or (c.token_credit and c.credit_data is None), _eval),
+    "label contrastive": (lambda c: c.model_name_or_path is None, _label_contrastive),
+    "label edits": (lambda c: c.dataset_name is None, _label_edits),
+}
+
+
+def prepare(command: str, cfg: Any) -> bool:
+    """Register the world's sources for ``cfg.world_dir`` and, when the user named no model (no prompts for
+    ``eval``), fill in the world's inputs (module docstring). Returns whether the run is on the world."""
+    register(getattr(cfg, "world_dir", None))
+    claims, fill = _FILL.get(command, (lambda c: False, None))
+    if not claims(cfg):
+        return False
+    fill(cfg)
+    register(cfg.world_dir)  # now that the world is built, with its own rules
+    return True
