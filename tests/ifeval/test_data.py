@@ -16,7 +16,7 @@ import torch
 
 pytest.importorskip("if_verifiable", reason="needs finegrain[ifeval] (if-verifiable, Python >= 3.11)")
 
-from finegrain.errors import ConfigError  # noqa: E402
+from finegrain.errors import ConfigError, DataError  # noqa: E402
 from finegrain.ifeval import model as ifeval_model  # noqa: E402
 from finegrain.ifeval.data import make_pairs, make_revisions, make_truth, pair_key  # noqa: E402
 from finegrain.ifeval.sampling import SampleSettings, read_jsonl, sample_rows  # noqa: E402
@@ -101,6 +101,13 @@ def test_revisions_fix_the_rejected_responses_token_local_violations():
     rows, counts = make_revisions(pairs, prompts)
     assert counts == {"revisions": 1, "no_violation": 1, "unfixable": 0}
     assert rows[0]["revised"][0]["content"] == "hot red lava" and rows[0]["fixed"] == [LOWER, NO_COMMA]
+    with pytest.raises(DataError, match=r"file pairs\.jsonl, row 0, field 'key'"):
+        make_revisions([{"key": 99, "rejected": "x"}], prompts, source="pairs.jsonl")
+    with pytest.raises(DataError, match=r"file s\.jsonl, row 0, field 'responses'"):
+        make_truth([{"key": 1, "prompt": "p", "instruction_id_list": [NO_COMMA], "kwargs": [{}]}], None,
+                   source="s.jsonl")
+    with pytest.raises(DataError, match=r"file s\.jsonl, row 0, field 'responses'"):
+        make_pairs([{"key": 1}], source="s.jsonl")
 
 
 def test_truth_rows_are_read_by_the_token_credit_loader():

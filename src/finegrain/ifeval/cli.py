@@ -208,7 +208,7 @@ def stage_revise(cfg: IFEvalConfig) -> None:
     if _done(paths.revisions):
         return
     prompts = {r["key"]: r for r in load_rows_checked(paths.prompts("train"), "prompts")}
-    rows, counts = make_revisions(load_rows_checked(paths.pairs, "pairs"), prompts)
+    rows, counts = make_revisions(load_rows_checked(paths.pairs, "pairs"), prompts, source=str(paths.pairs))
     write_jsonl(paths.revisions, rows)
     print(f"  {counts['revisions']} revisions ({counts['no_violation']} rejected responses without a token-local "
           f"violation, {counts['unfixable']} unfixable) -> {paths.revisions}")
@@ -306,7 +306,7 @@ def stage_truth(cfg: IFEvalConfig) -> None:
         return
     samples_path = paths.eval_dir("start") / "samples.jsonl"
     samples = load_rows_checked(samples_path, "eval")
-    rows, counts = make_truth(samples, load_tokenizer(str(_start_model(cfg))))
+    rows, counts = make_truth(samples, load_tokenizer(str(_start_model(cfg))), source=str(samples_path))
     write_jsonl(paths.truth, rows)
     print(f"  {counts['rows']} responses with token truth ({counts['negative_tokens']} violating, "
           f"{counts['positive_tokens']} clean, {counts['neutral_tokens']} neutral tokens) -> {paths.truth}")

@@ -164,7 +164,8 @@ def _content(messages: Any) -> str:
     return messages if isinstance(messages, str) else messages[-1]["content"]
 
 
-def make_revisions(pairs: Sequence[dict], prompts_by_key: dict[Any, dict]) -> tuple[list[dict], dict[str, int]]:
+def make_revisions(pairs: Sequence[dict], prompts_by_key: dict[Any, dict], *,
+                   source: str | None = None) -> tuple[list[dict], dict[str, int]]:
     """``{prompt, rejected, revised}`` rows: each pair's rejected response and its minimal rule-based fix.
 
     Returns:
@@ -172,10 +173,16 @@ def make_revisions(pairs: Sequence[dict], prompts_by_key: dict[Any, dict]) -> tu
         violations); counts of ``revisions``, ``no_violation`` (nothing to fix) and ``unfixable``.
     """
     rows, counts = [], {"revisions": 0, "no_violation": 0, "unfixable": 0}
-    for pair in pairs:
+    for i, pair in enumerate(pairs):
+        if pair.get("key") not in prompts_by_key:
+            raise DataError(f"key {pair.get('key')!r} is not a prompt of this task", source=source, row=i, field="key")
         prompt_row = prompts_by_key[pair["key"]]
         ids, kwargs = prompt_row["instruction_id_list"], prompt_row["kwargs"]
-        rejected = _content(pair["rejected"])
+        try:
+            rejected = _content(pair["rejected"])
+        except (KeyError, IndexError, TypeError):
+            raise DataError("rejected must be a string or a list of messages", source=source, row=i,
+                            field="rejected") from None
         found = violations(rejected, ids, kwargs)
         if not found:
             counts["no_violation"] += 1
@@ -197,7 +204,7 @@ def make_revisions(pairs: Sequence[dict], prompts_by_key: dict[Any, dict]) -> tu
 # ------------------------------------------------------------------------------------------------------- truth
 
 
-def make_truth(samples: Sequence[dict], tokenizer) -> tuple[list[dict], dict[str, int]]:
+def make_truth(samples: Sequence[dict], tokenizer, *, source: str | None = None) -> tuple[list[dict], dict[str, int]]:
     """Token truth rows ``{prompt, response, labels, violations, key}`` for every non-empty response to a prompt
     with a token-local instruction (:func:`finegrain.ifeval.truth.token_truth`).
 
@@ -209,11 +216,17 @@ def make_truth(samples: Sequence[dict], tokenizer) -> tuple[list[dict], dict[str
     from finegrain.data import tokenize_response
 
     rows, counts = [], {"rows": 0, "negative_tokens": 0, "positive_tokens": 0, "neutral_tokens": 0}
-    for sample in samples:
+    for row, sample in enumerate(samples):
+        for field in ("prompt", "instruction_id_list", "kwargs", "responses", "key"):
+            if field not in sample:
+                raise DataError(f"missing field '{field}'", source=source, row=row, field=field)
         ids, kwargs = sample["instruction_id_list"], sample["kwargs"]
         if not any(i in TOKEN_LOCAL for i in ids):
             continue
         for response in sample["responses"]:
+            if not isinstance(response, str):
+                raise DataError(f"a response is {type(response).__name__}, not a string", source=source, row=row,
+                                field="responses")
             if not response.strip():
                 continue
             found = violations(response, ids, kwargs)

@@ -117,11 +117,17 @@ def sample_rows(model, tokenizer, rows: Sequence[dict], settings: SampleSettings
     from tqdm.auto import tqdm
 
     from finegrain.data import tokenize_prompt
+    from finegrain.errors import DataError
     from finegrain.rl import resolve_special_ids, sample_rollouts, score_rollout
 
     out_path = Path(out_path)
     if out_path.is_file():
         return read_jsonl(out_path)
+    for i, r in enumerate(rows):
+        for field in ("key", "prompt"):
+            if field not in r:
+                raise DataError(f"missing field '{field}'", source=str(r.get("source", "prompt rows")), row=i,
+                                field=field)
     partial = out_path.with_name(out_path.name + ".partial")
     done: dict[Any, dict] = {}
     if partial.is_file():
