@@ -62,7 +62,7 @@ from finegrain.errors import ConfigError, DataError
 from finegrain.models.forward import hidden_states, reading_states
 from finegrain.models.heads import ScalarHead, SentenceRewardHead, SentenceRewardOutput, TwoClassHead
 from finegrain.models.loading import REWARD_MODEL_FILE
-from finegrain.rewards.placement import last_token_index
+from finegrain.ops.masked import last_token_index
 from finegrain.types import CompletionBatch
 
 __all__ = [

@@ -81,3 +81,21 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(mask.to(torch.bool), whitened, torch.zeros_like(whitened))
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last True position of each row, -1 for an all-False row.
+
+    Args:
+        mask: ``(B, T)`` bool (or 0/1) response mask.
+
+    Returns:
+        ``(B,)`` long.
+
+    Example:
+        >>> last_token_index(torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 1]]))
+        tensor([ 1, -1,  2])
+    """
+    mask = mask.to(torch.bool)
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return torch.where(mask, positions, torch.full_like(positions, -1)).max(dim=1).values

@@ -16,24 +16,7 @@ from __future__ import annotations
 import torch
 
 from finegrain.errors import DataError
-
-
-def last_token_index(mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last True position of each row, -1 for an all-False row.
-
-    Args:
-        mask: ``(B, T)`` bool (or 0/1) response mask.
-
-    Returns:
-        ``(B,)`` long.
-
-    Example:
-        >>> last_token_index(torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 1]]))
-        tensor([ 1, -1,  2])
-    """
-    mask = mask.to(torch.bool)
-    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-    return torch.where(mask, positions, torch.full_like(positions, -1)).max(dim=1).values
+from finegrain.ops.masked import last_token_index
 
 
 def place_on_last_token(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
