@@ -215,18 +215,18 @@ def stage_revise(cfg: IFEvalConfig) -> None:
 
 
 def stage_labels(cfg: IFEvalConfig) -> None:
-    # Through the `finegrain` command itself (its stable interface), exactly as a user would run it.
-    from finegrain.cli.main import main as finegrain_main
+    # What `finegrain label edits` runs (finegrain.labeling.edits), called directly: an application may import
+    # the library, never the cli above it.
+    from finegrain.labeling.edits import EditsConfig, run_edits
 
     paths = _paths(cfg)
     if _done(paths.edit_labels):
         return
     if not paths.revisions.is_file():
         raise ConfigError(f"{paths.revisions} does not exist: run `finegrain ifeval revise` first")
-    argv = ["label", "edits", "--dataset_name", str(paths.revisions), "--tokenizer_name_or_path",
-            str(_start_model(cfg)), "--output_file", str(paths.edit_labels)]
-    if finegrain_main(argv) != 0:
-        raise ConfigError(f"`finegrain {' '.join(argv)}` failed (its message is above)")
+    summary = run_edits(EditsConfig(output_file=str(paths.edit_labels), dataset_name=str(paths.revisions),
+                                    tokenizer_name_or_path=str(_start_model(cfg))))
+    print(f"  {summary}")
 
 
 def _eval_name(cfg: IFEvalConfig, start: Path) -> tuple[str, Path, bool]:
