@@ -114,7 +114,8 @@ def test_ppo_samples_and_minibatches_do_not_depend_on_the_process_count(tmp_path
     from finegrain.data.prepared import CompletionData
     from finegrain.data.tokenize import TokenLimits
     from finegrain.models.loading import load_causal_lm, load_tokenizer
-    from finegrain.trainers.ppo import PPOConfig, RolloutPlace, minibatch_rows, sample_groups
+    from finegrain.rl.streams import RolloutPlace, minibatch_rows, sample_groups
+    from finegrain.trainers.ppo import PPOConfig
 
     model_dir = R.tiny_model_dir(tmp_path / "model", "llama")
     data = R.write_rows(tmp_path / "prompts.jsonl", R.prompt_rows(8))
@@ -132,13 +133,15 @@ def test_ppo_samples_and_minibatches_do_not_depend_on_the_process_count(tmp_path
     def rows(batch):  # each sampled response, without padding
         return [ids[m].tolist() for ids, m in zip(batch.completion_input_ids, batch.completion_mask.bool())]
 
-    one = sample_groups(cfg, model, prompts, order, place(0, 1), tok, "cpu")
-    two = [sample_groups(cfg, model, prompts, order[4 * r : 4 * r + 4], place(r, 2), tok, "cpu") for r in (0, 1)]
+    sampling = dict(num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
+    one = sample_groups(model, prompts, order, place(0, 1), tok, "cpu", **sampling)
+    two = [sample_groups(model, prompts, order[4 * r : 4 * r + 4], place(r, 2), tok, "cpu", **sampling)
+           for r in (0, 1)]
     assert rows(one) == rows(two[0]) + rows(two[1])
     assert len(set(map(tuple, rows(one)))) > 4  # really sampled: the responses differ
     for ppo_epoch in (0, 1):
-        whole = minibatch_rows(16, place(0, 1), cfg, ppo_epoch)
-        shards = [minibatch_rows(8, place(r, 2), cfg, ppo_epoch) for r in (0, 1)]
+        whole = minibatch_rows(16, place(0, 1), cfg.num_samples, cfg.num_mini_batches, ppo_epoch)
+        shards = [minibatch_rows(8, place(r, 2), cfg.num_samples, cfg.num_mini_batches, ppo_epoch) for r in (0, 1)]
         for j, mb in enumerate(whole):
             split = torch.cat([shards[0][j], shards[1][j] + 8])
             assert sorted(mb.tolist()) == sorted(split.tolist())  # the same rows in minibatch j
@@ -146,7 +149,7 @@ def test_ppo_samples_and_minibatches_do_not_depend_on_the_process_count(tmp_path
     # the check can fail: from the global RNG (no --generation_batch_size) each process draws the same numbers for
     # different prompts, so the second process's responses are not the single process's
     torch.manual_seed(0)
-    alone = sample_groups(cfg, model, prompts, order, place(0, 1, streams=False), tok, "cpu")
+    alone = sample_groups(model, prompts, order, place(0, 1, streams=False), tok, "cpu", **sampling)
     torch.manual_seed(0)
-    second = sample_groups(cfg, model, prompts, order[4:], place(1, 2, streams=False), tok, "cpu")
+    second = sample_groups(model, prompts, order[4:], place(1, 2, streams=False), tok, "cpu", **sampling)
     assert rows(second) != rows(alone)[8:]

@@ -10,15 +10,9 @@ import torch
 from finegrain.cli.commands import command_config
 from finegrain.config import parse
 from finegrain.errors import ConfigError, DataError
-from finegrain.trainers.ppo import (
-    PPOConfig,
-    build_reward_sources,
-    compute_advantages,
-    lag_rewards,
-    load_inputs,
-    make_reference,
-    train,
-)
+from finegrain.rl.rewards import lag_rewards
+from finegrain.trainers.ppo import PPOConfig, build_reward_sources, compute_advantages, load_inputs, train
+from finegrain.trainers.ppo_models import make_reference
 from finegrain.types import TokenRewards
 
 

@@ -60,8 +60,8 @@ def _random_policy_inputs(root: Path, hidden: int, layers: int, heads: int, prom
 def step_breakdown(s: dict) -> dict:
     """Run PPO for ``steps`` steps and summarise the per-phase times it logged."""
     from finegrain.bench.measure import reset_accelerate, use_device
-    from finegrain.config import parse
     from finegrain.trainers.ppo import PPOConfig, load_inputs, train
+    from finegrain.world.app import parse_config
 
     with tempfile.TemporaryDirectory() as tmp:
         argv = ["--output_dir", str(Path(tmp) / "run"), "--disable_tqdm", "--logging_steps", "1",
@@ -82,7 +82,7 @@ def step_breakdown(s: dict) -> dict:
             prompts = max(64, s["rollout_batch_size"] * (s["steps"] + 1))
             model_dir, data = _random_policy_inputs(Path(tmp), s["hidden"], s["layers"], s["heads"], prompts, s["seed"])
             argv += ["--model_name_or_path", model_dir, "--dataset_name", data]
-        cfg = parse(PPOConfig, argv, "finegrain ppo")
+        cfg = parse_config("ppo", PPOConfig, argv)  # the world's oracle reward; its model when policy is "world"
         reset_accelerate()
         with use_device(s["device"]):
             policy, tokenizer, prompts, _ = load_inputs(cfg)

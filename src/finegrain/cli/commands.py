@@ -12,8 +12,6 @@ import logging
 import sys
 from typing import Any
 
-from finegrain.config import parse
-
 __all__ = ["command_config", "eval_command", "label", "po", "ppo", "rm", "sft"]
 
 _ON_WORLD = {
@@ -35,14 +33,12 @@ _ON_WORLD = {
 
 def command_config(command: str, cls: type, argv: list[str] | None, description: str | None = None) -> Any:
     """Parse ``argv`` into ``cls`` plus ``--world_dir``, then let the world fill its defaults (module docstring)."""
-    from finegrain.world import app
+    from finegrain.world.app import parse_config
 
     doc = description if description is not None else (cls.__doc__ or "")
     if command in _ON_WORLD:
         doc = f"{doc}\n\n{_ON_WORLD[command]}"
-    cfg = parse(app.with_world_options(cls), argv, f"finegrain {command}", doc)
-    app.prepare(command, cfg)
-    return cfg
+    return parse_config(command, cls, argv, doc)
 
 
 def sft(argv: list[str] | None = None) -> int:

@@ -28,12 +28,12 @@ from collections.abc import Callable, Mapping
 import torch
 
 from finegrain.errors import NonFiniteError
-from finegrain.ops.masked import masked_sum
+from finegrain.ops.masked import last_token_index, masked_sum
 from finegrain.rewards.base import check_finite
-from finegrain.rewards.placement import last_token_index, place_on_last_token
+from finegrain.rewards.placement import place_on_last_token
 from finegrain.types import TokenRewards
 
-__all__ = ["NORMALIZE_MODES", "RunningMoments", "dense_rewards", "reward_metrics"]
+__all__ = ["NORMALIZE_MODES", "RunningMoments", "dense_rewards", "lag_rewards", "reward_metrics"]
 
 NORMALIZE_MODES = (None, "batch", "running")
 
@@ -241,3 +241,18 @@ def reward_metrics(rewards: Mapping[str, torch.Tensor], response_mask: torch.Ten
         if key in ("raw", "kl", "penalized") or key.startswith("raw/"):
             metrics[f"rewards/{key}"] = float(masked_sum(value, response_mask, dim=-1).mean())
     return metrics
+
+
+def lag_rewards(rewards: TokenRewards, lag: int) -> TokenRewards:
+    """TLCR's one-position lag (spec 3.4, [QUIRK]): ``values'[t] = values[t − lag]`` (0 for ``t < lag``), masked.
+
+    The reward of token ``y_k`` is then credited to the action that produced ``y_{k+lag}``; values pushed past
+    the end of a response are dropped, as in the official code. ``lag=0`` returns ``rewards`` unchanged.
+    """
+    if lag == 0:
+        return rewards
+    shifted = torch.zeros_like(rewards.values)
+    shifted[:, lag:] = rewards.values[:, :-lag]
+    mask = rewards.mask.to(torch.bool)
+    return TokenRewards(values=torch.where(mask, shifted, torch.zeros_like(shifted)), mask=rewards.mask,
+                        seq_reward=rewards.seq_reward, meta=rewards.meta)

@@ -32,17 +32,15 @@ and every minibatch shuffle draws from its own random stream, named by the seed 
 number of processes (tests/scale/test_multiprocess.py); without it they draw from the global RNG, as a
 checkpoint restores it.
 
-The file holds the config with its checks, the critic, the update and the evaluation beside the loop, so that the
-whole method reads in one place; that makes it longer than the ~600 lines STYLE.md aims for. docs/methods/ppo.md
-lists the papers, keys, metrics and deviations.
+The models (reference, critic, their optimizers) are set up in :mod:`finegrain.trainers.ppo_models`, the random
+streams live in :mod:`finegrain.rl.streams`; this file holds the config, the update, the evaluation and the loop.
+docs/methods/ppo.md lists the papers, keys, metrics and deviations.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
-import hashlib
 import math
 import time
 from collections import defaultdict
@@ -50,13 +48,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import nn
 
 from finegrain.config import TrainConfig, option
 from finegrain.errors import ConfigError
 from finegrain.models.forward import hidden_states, model_inputs, output_head, predicting_states
+from finegrain.rl.streams import RolloutPlace, minibatch_rows, sample_groups
 from finegrain.trainers import loop
-from finegrain.types import CompletionBatch, TokenRewards
+from finegrain.trainers.ppo_models import Models, ValueModel, setup_models
+from finegrain.types import CompletionBatch
 
 
 @dataclasses.dataclass
@@ -203,327 +202,6 @@ def judge_metrics(judge, batch: CompletionBatch) -> dict[str, torch.Tensor]:
     return out
 
 
-def lag_rewards(rewards: TokenRewards, lag: int) -> TokenRewards:
-    """TLCR's one-position lag (spec 3.4, [QUIRK]): ``values'[t] = values[t − lag]`` (0 for ``t < lag``), masked.
-
-    The reward of token ``y_k`` is then credited to the action that produced ``y_{k+lag}``; values pushed past
-    the end of a response are dropped, as in the official code. ``lag=0`` returns ``rewards`` unchanged.
-    """
-    if lag == 0:
-        return rewards
-    shifted = torch.zeros_like(rewards.values)
-    shifted[:, lag:] = rewards.values[:, :-lag]
-    mask = rewards.mask.to(torch.bool)
-    return TokenRewards(values=torch.where(mask, shifted, torch.zeros_like(shifted)), mask=rewards.mask,
-                        seq_reward=rewards.seq_reward, meta=rewards.meta)
-
-
-# ----------------------------------------------------------------------------------------------- models
-
-
-class ValueModel(nn.Module):
-    """The separate critic: ``V(s_i) = w·h_i + b`` on a transformer body's final hidden states.
-
-    Args:
-        body: a transformer body without LM head (e.g. ``policy.get_decoder()``), optionally LoRA-wrapped.
-        hidden_size: ``H``.
-
-    Shapes: ``forward(input_ids (N, L), attention_mask (N, L), position_ids (N, L)) -> (N, L)``. The head starts
-    at zero, so the first advantages are the returns themselves.
-    """
-
-    def __init__(self, body: nn.Module, hidden_size: int):
-        super().__init__()
-        from finegrain.models.heads import ScalarHead
-
-        self.body = body
-        self.head = ScalarHead(hidden_size)
-        nn.init.zeros_(self.head.proj.weight)
-        nn.init.zeros_(self.head.proj.bias)
-
-    def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
-        out = self.body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                        use_cache=False, return_dict=True)
-        return self.head(out.last_hidden_state)
-
-
-class _CheckpointView(nn.Module):
-    """What a checkpoint stores of the critic (or the shared value head): all of its state, or only its
-    trainable parameters (a LoRA critic: the adapter and the head).
-
-    ``Run.save_checkpoint`` saves ``state_dict()`` through ``save_pretrained`` and ``Run.load_checkpoint``
-    matches keys with ``state_dict()`` before ``load_state_dict``; the critic is no Hugging Face model, so this
-    view provides the three methods (safetensors, one file).
-    """
-
-    def __init__(self, module: nn.Module, trainable_only: bool):
-        super().__init__()
-        self.inner = module
-        self.trainable_only = trainable_only
-
-    def state_dict(self, *args, **kwargs):  # noqa: ARG002
-        if self.trainable_only:
-            return {k: p.detach() for k, p in self.inner.named_parameters() if p.requires_grad}
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # noqa: ARG002
-        return self.inner.load_state_dict(state_dict, strict=not self.trainable_only and strict)
-
-    def save_pretrained(self, path, state_dict=None, safe_serialization: bool = True):  # noqa: ARG002
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        sd = self.state_dict() if state_dict is None else state_dict
-        save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(path / "model.safetensors"))
-
-
-class _Bundle:
-    """Several optimizers (or schedulers) saved and restored as one, for ``Run.save_checkpoint``."""
-
-    def __init__(self, **parts):
-        self.parts = {k: v for k, v in parts.items() if v is not None}
-
-    def state_dict(self) -> dict:
-        return {k: v.state_dict() for k, v in self.parts.items()}
-
-    def load_state_dict(self, state: dict) -> None:
-        for k, v in self.parts.items():
-            v.load_state_dict(state[k])
-
-
-def make_reference(cfg: PPOConfig, policy: nn.Module):
-    """``(ref_model, ref_context)`` for :func:`finegrain.rl.rollout.score_rollout`.
-
-    With LoRA the reference is the policy with its adapter disabled: ``(None, policy.disable_adapter)``.
-    Otherwise a frozen copy of the policy as it is now: ``(copy, None)``.
-    """
-    if cfg.use_peft:
-        if not hasattr(policy, "disable_adapter"):
-            raise ConfigError("use_peft is on but the policy has no LoRA adapter to disable")
-        return None, policy.disable_adapter
-    from finegrain.models.build import freeze
-
-    return freeze(copy.deepcopy(policy)), None
-
-
-def _hidden_size(model: nn.Module) -> int:
-    config = model.config
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return int(text.hidden_size)
-
-
-def make_critic(cfg: PPOConfig, policy: nn.Module) -> nn.Module | None:
-    """The critic of ``--critic separate`` (a :class:`ValueModel` on a copy of the policy's body), the value head
-    of ``--critic shared`` (a ``ScalarHead``), or None when the estimator needs no values. Call before LoRA."""
-    if cfg.estimator != "gae":
-        return None
-    if cfg.critic == "shared":
-        from finegrain.models.heads import ScalarHead
-
-        head = ScalarHead(_hidden_size(policy))
-        nn.init.zeros_(head.proj.weight)
-        nn.init.zeros_(head.proj.bias)
-        return head
-    from finegrain.models.forward import decoder
-
-    critic = ValueModel(copy.deepcopy(decoder(policy)), _hidden_size(policy))
-    if cfg.use_peft:
-        from finegrain.models.build import apply_lora
-
-        critic.body = apply_lora(critic.body, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
-                                 task_type="FEATURE_EXTRACTION")
-    return critic
-
-
-@dataclasses.dataclass
-class Models:
-    """The models and optimizers of a run (built by :func:`setup_models`).
-
-    ``policy`` and ``critic`` are prepared by accelerate (DDP-wrapped when distributed); ``policy_u`` / ``critic_u``
-    are the modules themselves (sampling and scoring run on them, outside DDP). The shared value head has no
-    optimizer of its own: it is in ``optimizer`` with ``critic_learning_rate``, and ``trainable`` lists it beside
-    the policy for gradient clipping.
-    """
-
-    policy: nn.Module
-    critic: nn.Module | None
-    ref_model: nn.Module | None
-    ref_context: Any
-    optimizer: Any
-    scheduler: Any
-    critic_optimizer: Any = None
-    critic_scheduler: Any = None
-    policy_u: nn.Module = None
-    critic_u: nn.Module | None = None
-    trainable: nn.Module = None
-    saved_extra: dict = dataclasses.field(default_factory=dict)
-
-    @property
-    def optimizers(self) -> _Bundle:
-        return _Bundle(policy=self.optimizer, critic=self.critic_optimizer)
-
-    @property
-    def schedulers(self) -> _Bundle:
-        return _Bundle(policy=self.scheduler, critic=self.critic_scheduler)
-
-
-def setup_models(cfg: PPOConfig, policy: nn.Module, acc, updates: int) -> Models:
-    """Dropout off, critic (copied before LoRA), LoRA, reference, optimizers and schedulers over ``updates``
-    optimizer steps, all prepared by ``acc``."""
-    if cfg.disable_dropout:
-        from finegrain.models.build import disable_dropout
-
-        disable_dropout(policy)
-    critic = make_critic(cfg, policy)
-    if cfg.use_peft:
-        from finegrain.models.build import apply_lora
-
-        policy = apply_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
-    if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
-    policy.to(acc.device)
-    ref_model, ref_context = make_reference(cfg, policy)
-    optimizer = loop.make_optimizer(cfg, policy.parameters())
-    critic_optimizer = critic_scheduler = None
-    critic_lr = cfg.critic_learning_rate or cfg.learning_rate
-    if isinstance(critic, ValueModel):
-        critic_optimizer = loop.make_optimizer(dataclasses.replace(cfg, learning_rate=critic_lr), critic.parameters())
-        critic_scheduler = loop.make_scheduler(cfg, critic_optimizer, updates)
-    elif critic is not None:  # the shared value head joins the policy's optimizer with its own learning rate
-        optimizer.add_param_group({"params": list(critic.parameters()), "lr": critic_lr, "weight_decay": 0.0})
-    scheduler = loop.make_scheduler(cfg, optimizer, updates)
-    policy, optimizer = acc.prepare(policy, optimizer)
-    if critic is not None:
-        critic = acc.prepare(critic)
-    if critic_optimizer is not None:
-        critic_optimizer = acc.prepare(critic_optimizer)
-    m = Models(policy, critic, ref_model, ref_context, optimizer, scheduler, critic_optimizer, critic_scheduler)
-    m.policy_u = acc.unwrap_model(policy)
-    m.critic_u = acc.unwrap_model(critic) if critic is not None else None
-    m.trainable = nn.ModuleList([policy] + ([critic] if critic is not None and critic_optimizer is None else []))
-    if critic is not None:  # a LoRA critic stores its adapter and head only
-        m.saved_extra = {"critic": _CheckpointView(m.critic_u, trainable_only=cfg.use_peft and critic_optimizer is not None)}
-    return m
-
-
-# ----------------------------------------------------------------------------------------------- random streams
-
-
-def stream_seed(*parts: int | str) -> int:
-    """A 63-bit seed for the random stream named by ``parts`` (the run's seed, a purpose, a place in the data).
-
-    With ``--generation_batch_size`` rollout sampling and minibatch shuffles draw from streams named by their place in
-    the run, not from the global RNG: a run on another number of processes draws the same numbers for the same rows.
-    """
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
-
-
-@dataclasses.dataclass(frozen=True)
-class RolloutPlace:
-    """Where this process's share of one rollout batch sits in the run; it names the batch's random streams.
-
-    Fields:
-        seed: the run's ``--seed``.
-        epoch, batch: the data position of the rollout batch (``RunState.epoch``, ``RunState.batch_in_epoch``).
-        group_size: prompts per sampling group (``--generation_batch_size``, default this process's share).
-        first_group: the rollout-batch index of this process's first group (groups are numbered over all
-            processes, in rank order).
-        streams: draw from named streams (``--generation_batch_size`` given); False: the global RNG, which every
-            checkpoint saves and restores.
-    """
-
-    seed: int
-    epoch: int
-    batch: int
-    group_size: int
-    first_group: int
-    streams: bool = True
-
-    def generator(self, purpose: str, *more: int, device="cpu") -> torch.Generator | None:
-        """The stream ``(seed, purpose, epoch, batch, *more)``, or None (the global RNG) without ``streams``."""
-        if not self.streams:
-            return None
-        return torch.Generator(device=device).manual_seed(stream_seed(self.seed, purpose, self.epoch, self.batch, *more))
-
-
-def _cat_padded(parts: list[torch.Tensor], width: int, value, left: bool = False) -> torch.Tensor:
-    """Concatenate ``(n_i, w_i)`` tensors along rows after padding each to ``width`` columns with ``value``."""
-    out = []
-    for x in parts:
-        fill = torch.full((x.shape[0], width - x.shape[1]), value, dtype=x.dtype, device=x.device)
-        out.append(torch.cat([fill, x] if left else [x, fill], dim=1))
-    return torch.cat(out, dim=0)
-
-
-def concat_rollouts(parts: list[CompletionBatch], pad_id: int) -> CompletionBatch:
-    """Stack rollout batches: prompts left-padded and responses right-padded to common widths (pad id, mask 0).
-
-    Per-row extras ``(n,)`` are concatenated; per-token extras ``(n, T)`` are right-padded with zeros."""
-    if len(parts) == 1:
-        return parts[0]
-    p = max(b.prompt_input_ids.shape[1] for b in parts)
-    t = max(b.completion_input_ids.shape[1] for b in parts)
-    extras = {}
-    for key, first in parts[0].extras.items():
-        values = [b.extras[key] for b in parts]
-        extras[key] = torch.cat(values) if first.dim() == 1 else _cat_padded(values, t, 0)
-    texts = {key: None if any(getattr(b, key) is None for b in parts) else [x for b in parts for x in getattr(b, key)]
-             for key in ("prompts", "responses")}
-    return CompletionBatch(
-        prompt_input_ids=_cat_padded([b.prompt_input_ids for b in parts], p, pad_id, left=True),
-        prompt_attention_mask=_cat_padded([b.prompt_attention_mask for b in parts], p, 0, left=True),
-        completion_input_ids=_cat_padded([b.completion_input_ids for b in parts], t, pad_id),
-        completion_mask=_cat_padded([b.completion_mask for b in parts], t, False),
-        extras=extras, **texts)
-
-
-def sample_groups(cfg: PPOConfig, policy, prompts, local: list[int], place: RolloutPlace, tokenizer,
-                  device) -> CompletionBatch:
-    """``cfg.num_samples`` responses to each prompt of ``local`` (this process's share of a rollout batch).
-
-    The prompts are sampled ``place.group_size`` at a time; with ``place.streams`` group ``g`` of the rollout batch
-    is collated on its own and draws from the stream ``(seed, "sample", epoch, batch, g)``. Its responses therefore
-    depend neither on the other groups, nor on the process that holds it, nor on what was sampled before: runs on
-    any number of processes with the same ``--generation_batch_size`` sample the same tokens (up to weights that
-    differ in their last bits). Rows are prompt-major, as :func:`finegrain.rl.rollout.sample_rollouts` gives.
-    """
-    from finegrain.rewards.base import decode_responses
-    from finegrain.rl.rollout import resolve_special_ids, sample_rollouts
-
-    parts = []
-    for k, lo in enumerate(range(0, len(local), place.group_size)):
-        batch = prompts.collate(local[lo : lo + place.group_size]).to(device)
-        roll = sample_rollouts(policy, batch.prompt_input_ids, batch.prompt_attention_mask,
-                               max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                               top_p=cfg.top_p, num_samples=cfg.num_samples, tokenizer=tokenizer,
-                               generator=place.generator("sample", place.first_group + k, device=device))
-        # the texts every reward source reads: the raw prompts (one per sample) and the responses, decoded once
-        roll.prompts = [p for p in batch.prompts for _ in range(cfg.num_samples)]
-        roll.responses = decode_responses(tokenizer, roll)
-        parts.append(roll)
-    return concat_rollouts(parts, resolve_special_ids(policy, tokenizer)[1])
-
-
-def minibatch_rows(num_rows: int, place: RolloutPlace, cfg: PPOConfig, ppo_epoch: int) -> list[torch.Tensor]:
-    """The local rows of each minibatch of one pass (``ppo_epoch``) over the rollout.
-
-    Every sampling group's ``group_size · num_samples`` rows are shuffled (with the group's own stream
-    ``(seed, "shuffle", epoch, batch, ppo_epoch, g)`` when ``place.streams``, else the global RNG), and minibatch
-    ``j`` takes the ``j``-th ``1/num_mini_batches`` of every group. As each process holds whole groups, a minibatch
-    is the same set of rows whatever the number of processes, and every process holds the same number of its rows.
-    """
-    unit = place.group_size * cfg.num_samples
-    chunks: list[list[torch.Tensor]] = [[] for _ in range(cfg.num_mini_batches)]
-    for k in range(num_rows // unit):
-        gen = place.generator("shuffle", ppo_epoch, place.first_group + k)
-        perm = torch.randperm(unit, generator=gen) + k * unit
-        for j, part in enumerate(perm.chunk(cfg.num_mini_batches)):
-            chunks[j].append(part)
-    return [torch.cat(c) for c in chunks]
-
-
 # ----------------------------------------------------------------------------------------------- per-row pieces
 
 
@@ -628,7 +306,7 @@ def ppo_update(cfg: PPOConfig, run, state, m: Models, roll: CompletionBatch, dat
     n = roll.num_rows
     stats: dict[str, list[float]] = defaultdict(list)
     for ppo_epoch in range(cfg.ppo_epochs):
-        for mb in minibatch_rows(n, place, cfg, ppo_epoch):
+        for mb in minibatch_rows(n, place, cfg.num_samples, cfg.num_mini_batches, ppo_epoch):
             micro = mb.split(cfg.per_device_train_batch_size)
             denom = sum(_row_weight(roll.completion_mask[r], cfg.loss_reduction) for r in micro)
             if world > 1:
@@ -774,7 +452,7 @@ def train(cfg: PPOConfig, policy, tokenizer, prompts, eval_prompts=None, *, sour
     from finegrain.data.sampler import batch_indices, shard_batch
     from finegrain.ops.kl import kl_k1, kl_penalty
     from finegrain.ops.masked import masked_sum
-    from finegrain.rl.rewards import RunningMoments, dense_rewards, reward_metrics
+    from finegrain.rl.rewards import RunningMoments, dense_rewards, lag_rewards, reward_metrics
     from finegrain.rl.rollout import score_rollout
 
     acc = loop.make_accelerator(cfg)
@@ -826,7 +504,9 @@ def train(cfg: PPOConfig, policy, tokenizer, prompts, eval_prompts=None, *, sour
             # 1. generate
             t0 = time.perf_counter()
             m.policy_u.eval()
-            roll = sample_groups(cfg, m.policy_u, prompts, local, place, tokenizer, device)
+            roll = sample_groups(m.policy_u, prompts, local, place, tokenizer, device, num_samples=cfg.num_samples,
+                                 max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                                 top_p=cfg.top_p)
             mask = roll.completion_mask
             _sync(device)
             t1 = time.perf_counter()

@@ -35,7 +35,7 @@ from typing import Any
 from finegrain.config import option
 from finegrain.errors import ConfigError
 
-__all__ = ["WorldOptions", "base_model_dir", "credit_settings", "eval_settings", "prepare", "register", "with_world_options",
+__all__ = ["WorldOptions", "base_model_dir", "parse_config", "credit_settings", "eval_settings", "prepare", "register", "with_world_options",
            "world_control_template"]
 
 
@@ -257,6 +257,17 @@ _FILL = {
     "label contrastive": (lambda c: c.model_name_or_path is None, _label_contrastive),
     "label edits": (lambda c: c.dataset_name is None, _label_edits),
 }
+
+
+def parse_config(command: str, cls: type, argv: list[str] | None, description: str | None = None) -> Any:
+    """``finegrain <command> argv`` as a config: ``cls`` plus ``--world_dir`` parsed, then :func:`prepare`d (what the
+    command line does; also for Python callers such as the benchmarks)."""
+    from finegrain.config import parse
+
+    cfg = parse(with_world_options(cls), argv, f"finegrain {command}",
+                description if description is not None else (cls.__doc__ or ""))
+    prepare(command, cfg)
+    return cfg
 
 
 def prepare(command: str, cfg: Any) -> bool:
