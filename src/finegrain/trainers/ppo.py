@@ -51,10 +51,10 @@ import torch
 
 from finegrain.config import TrainConfig, option
 from finegrain.errors import ConfigError
-from finegrain.models.forward import hidden_states, model_inputs, output_head, predicting_states
+from finegrain.models.forward import hidden_states, output_head, predicting_states
 from finegrain.rl.streams import RolloutPlace, minibatch_rows, sample_groups
 from finegrain.trainers import loop
-from finegrain.trainers.ppo_models import Models, ValueModel, setup_models
+from finegrain.trainers.ppo_models import Models, critic_values, rollout_values, setup_models, take_rows
 from finegrain.types import CompletionBatch
 
 
@@ -203,45 +203,6 @@ def judge_metrics(judge, batch: CompletionBatch) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------- per-row pieces
-
-
-def take_rows(batch: CompletionBatch, rows: torch.Tensor) -> tuple[CompletionBatch, int]:
-    """Rows of ``batch`` without the prompt columns that are padding in all of them and without the response
-    columns after their longest response. Returns the sub-batch and its response width ``T'``; per-token tensors
-    of the rows are ``x[rows, :T']``."""
-    attn = batch.prompt_attention_mask[rows]
-    mask = batch.completion_mask[rows].to(torch.bool)
-    first = int(attn.to(torch.bool).any(dim=0).long().argmax())
-    width = int(mask.any(dim=0).nonzero().max()) + 1 if bool(mask.any()) else 1
-    sub = CompletionBatch(prompt_input_ids=batch.prompt_input_ids[rows, first:], prompt_attention_mask=attn[:, first:],
-                          completion_input_ids=batch.completion_input_ids[rows, :width], completion_mask=mask[:, :width])
-    return sub, width
-
-
-def critic_values(critic, policy, sub: CompletionBatch, hidden: torch.Tensor | None = None) -> torch.Tensor:
-    """``V(s_t)`` at the predicting state of every response token of ``sub``: ``(N, T)``.
-
-    A :class:`ValueModel` reads its own body; a shared head reads the policy's predicting states (``hidden``
-    when the caller already has them)."""
-    if isinstance(getattr(critic, "module", critic), ValueModel):
-        ids, attn, pos = model_inputs(sub)
-        p, t = sub.prompt_input_ids.shape[1], sub.completion_input_ids.shape[1]
-        return critic(ids, attn, pos)[:, p - 1 : p - 1 + t].float()
-    if hidden is None:
-        hidden = predicting_states(hidden_states(policy, sub), sub)
-    return critic(hidden).float()
-
-
-@torch.no_grad()
-def rollout_values(critic, policy, batch: CompletionBatch, chunk_rows: int) -> torch.Tensor:
-    """Critic values of a whole rollout batch, ``chunk_rows`` rows per forward; 0 outside the response mask."""
-    n, t = batch.completion_input_ids.shape
-    out = torch.zeros(n, t, device=batch.completion_input_ids.device)
-    for start in range(0, n, chunk_rows):
-        rows = torch.arange(start, min(start + chunk_rows, n), device=out.device)
-        sub, width = take_rows(batch, rows)
-        out[rows, :width] = critic_values(critic, policy, sub)
-    return torch.where(batch.completion_mask.to(torch.bool), out, torch.zeros((), device=out.device))
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor, acc) -> torch.Tensor:

@@ -16,12 +16,15 @@ import torch
 from torch import nn
 
 from finegrain.errors import ConfigError
+from finegrain.models.forward import hidden_states, model_inputs, predicting_states
 from finegrain.trainers import loop
+from finegrain.types import CompletionBatch
 
 if TYPE_CHECKING:
     from finegrain.trainers.ppo import PPOConfig
 
-__all__ = ["Models", "ValueModel", "make_critic", "make_reference", "setup_models"]
+__all__ = ["Models", "ValueModel", "critic_values", "make_critic", "make_reference", "rollout_values", "setup_models",
+           "take_rows"]
 
 
 class ValueModel(nn.Module):
@@ -208,3 +211,42 @@ def setup_models(cfg: PPOConfig, policy: nn.Module, acc, updates: int) -> Models
     if critic is not None:  # a LoRA critic stores its adapter and head only
         m.saved_extra = {"critic": _CheckpointView(m.critic_u, trainable_only=cfg.use_peft and critic_optimizer is not None)}
     return m
+
+
+def take_rows(batch: CompletionBatch, rows: torch.Tensor) -> tuple[CompletionBatch, int]:
+    """Rows of ``batch`` without the prompt columns that are padding in all of them and without the response
+    columns after their longest response. Returns the sub-batch and its response width ``T'``; per-token tensors
+    of the rows are ``x[rows, :T']``."""
+    attn = batch.prompt_attention_mask[rows]
+    mask = batch.completion_mask[rows].to(torch.bool)
+    first = int(attn.to(torch.bool).any(dim=0).long().argmax())
+    width = int(mask.any(dim=0).nonzero().max()) + 1 if bool(mask.any()) else 1
+    sub = CompletionBatch(prompt_input_ids=batch.prompt_input_ids[rows, first:], prompt_attention_mask=attn[:, first:],
+                          completion_input_ids=batch.completion_input_ids[rows, :width], completion_mask=mask[:, :width])
+    return sub, width
+
+
+def critic_values(critic, policy, sub: CompletionBatch, hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """``V(s_t)`` at the predicting state of every response token of ``sub``: ``(N, T)``.
+
+    A :class:`ValueModel` reads its own body; a shared head reads the policy's predicting states (``hidden``
+    when the caller already has them)."""
+    if isinstance(getattr(critic, "module", critic), ValueModel):
+        ids, attn, pos = model_inputs(sub)
+        p, t = sub.prompt_input_ids.shape[1], sub.completion_input_ids.shape[1]
+        return critic(ids, attn, pos)[:, p - 1 : p - 1 + t].float()
+    if hidden is None:
+        hidden = predicting_states(hidden_states(policy, sub), sub)
+    return critic(hidden).float()
+
+
+@torch.no_grad()
+def rollout_values(critic, policy, batch: CompletionBatch, chunk_rows: int) -> torch.Tensor:
+    """Critic values of a whole rollout batch, ``chunk_rows`` rows per forward; 0 outside the response mask."""
+    n, t = batch.completion_input_ids.shape
+    out = torch.zeros(n, t, device=batch.completion_input_ids.device)
+    for start in range(0, n, chunk_rows):
+        rows = torch.arange(start, min(start + chunk_rows, n), device=out.device)
+        sub, width = take_rows(batch, rows)
+        out[rows, :width] = critic_values(critic, policy, sub)
+    return torch.where(batch.completion_mask.to(torch.bool), out, torch.zeros((), device=out.device))
