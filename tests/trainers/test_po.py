@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from finegrain.cli.commands import command_config
 from finegrain.config import parse
 from finegrain.errors import ConfigError
-from finegrain.trainers import po
+from finegrain.trainers import po, po_reference
 
 pytestmark = pytest.mark.smoke
 
@@ -138,7 +138,7 @@ def test_dpo_raises_heldout_pair_accuracy(tiny_world, tmp_path):
     cfg = _cfg(tiny_world, tmp_path / "run", "--max_steps", "40", "--per_device_train_batch_size", "16",
                "--beta", "0.5", "--learning_rate", "3e-4", "--max_eval_samples", "80", "--logging_steps", "10")
     model, tok, train_data, eval_data = po.load_inputs(cfg)
-    ref = po.Reference(copy.deepcopy(model).eval())
+    ref = po_reference.Reference(copy.deepcopy(model).eval())
     before = po.evaluate(model, eval_data, po.make_plan(cfg, eval_data, eval_split=True), po.make_loss(cfg), ref, cfg,
                          _fake_acc())
     run = po.train(cfg, model, tok, train_data, eval_data)
@@ -164,8 +164,8 @@ def test_lora_reference_is_the_frozen_base(tiny_world, tmp_path):
                 p.normal_(0, 0.2)  # a trained-looking adapter, so the policy differs from its base
     batch = data.collate(list(range(8)))
     plan = po.make_plan(cfg, data)
-    lora = po.batch_stats(policy, po.Reference(policy=policy, context=policy.disable_adapter), batch, plan, cfg)
-    frozen = po.batch_stats(policy, po.Reference(base), batch, plan, cfg)
+    lora = po.batch_stats(policy, po_reference.Reference(policy=policy, context=policy.disable_adapter), batch, plan, cfg)
+    frozen = po.batch_stats(policy, po_reference.Reference(base), batch, plan, cfg)
     torch.testing.assert_close(lora.ref_token_logps, frozen.ref_token_logps, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lora.token_kl, frozen.token_kl, atol=1e-5, rtol=1e-5)
     assert (lora.token_kl[batch.completion_mask] > 1e-6).all()  # the adapter does change the policy
@@ -208,7 +208,7 @@ def test_resume_reads_the_reference_cache_and_continues_at_the_right_step(tiny_w
     def no_reference(*args, **kwargs):
         raise AssertionError("the reference was run again on resume")
 
-    monkeypatch.setattr(po.Reference, "hidden", no_reference)
+    monkeypatch.setattr(po_reference.Reference, "hidden", no_reference)
     second = _cfg(tiny_world, out, *common, "--max_steps", "4", "--resume_from_checkpoint", "latest")
     run = po.train(second, *po.load_inputs(second))
     rows, want = _rows(run), _rows(reference_run)

@@ -16,28 +16,19 @@ One explicit accelerate loop for every pairwise loss. The loss is resolved once 
         clip, check finiteness, step; log; evaluate on held-out pairs; checkpoint
 
 Normalising by the global number of pairs (known on every process) gives the same update for any number of
-processes and accumulation steps. ``precompute_ref_log_probs`` runs the reference once over the data, keeps the
-per-token log-probs (so DPO and T-REG both work; sequence sums derive from them) and, for T-REG with contrastive
-rewards, the rewards too; both are cached in the run directory (``ref_cache/``), so a resumed run does not
-recompute them. TDPO refuses it: its KL needs the reference's full distribution at every position.
+processes and accumulation steps. The reference and ``precompute_ref_log_probs`` (its per-token values cached in the
+run directory) live in :mod:`finegrain.trainers.po_reference`.
 
 Metrics: ``loss``, ``rewards/{chosen,rejected,margins,accuracies}`` (the loss's implicit rewards; accuracy counts
 ``chosen > rejected``, ties as wrong, as TRL does), ``logps/{chosen,rejected}`` (summed policy log-probs),
 ``kl/{chosen,rejected,margin}`` (TDPO, un-scaled sequential KLs), ``treg/weight`` (T-REG's ``w``); the same names
 with ``split="eval"`` on held-out pairs.
-
-The file is longer than the ~600 lines of the style guide because the reference precomputation and its cache live
-next to the loop that consumes them, as one family's trainer.
 """
 
 from __future__ import annotations
 
-import array
 import contextlib
-import copy
 import dataclasses
-import hashlib
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -58,6 +49,7 @@ from finegrain.models.forward import hidden_states, predicting_states
 from finegrain.ops import masked_sum
 from finegrain.ops.chunked import completion_stats
 from finegrain.trainers import loop
+from finegrain.trainers.po_reference import Reference, frozen_reference, head_of, precompute_reference
 
 LOSSES = ("dpo", "simpo", "tdpo1", "tdpo2", "treg-dpo", "treg-simpo")
 DEFAULT_BETA = {"dpo": 0.1, "tdpo1": 0.1, "tdpo2": 0.1, "treg-dpo": 0.1, "simpo": 2.0, "treg-simpo": 2.0}
@@ -268,44 +260,6 @@ def pair_metrics(out: PreferenceLossOutput, stats: PreferenceStats) -> dict[str,
     return {k: v.detach().float() for k, v in metrics.items()}
 
 
-# ----------------------------------------------------------------------------------------------- the reference
-
-
-class Reference:
-    """The reference policy: a frozen model, or the (LoRA) policy run inside ``context`` (its adapter disabled).
-
-    ``hidden(batch)`` gives the predicting states ``(N, T, H)`` without gradient; ``weight`` / ``bias`` its LM
-    head (None when it shares the policy's frozen head, the LoRA case).
-    """
-
-    def __init__(self, model=None, *, policy=None, context=None, autocast=None):
-        self.model, self.policy, self.context = model, policy, context
-        self.autocast = autocast or contextlib.nullcontext
-        self.weight = self.bias = None
-        if model is not None:
-            head = model.get_output_embeddings()
-            self.weight, self.bias = head.weight, getattr(head, "bias", None)
-
-    @property
-    def scorer(self):
-        return self.model if self.model is not None else self.policy
-
-    def enter(self):
-        return self.context() if self.model is None else contextlib.nullcontext()
-
-    @torch.no_grad()
-    def hidden(self, batch) -> torch.Tensor:
-        with self.enter(), self.autocast():
-            return predicting_states(hidden_states(self.scorer, batch), batch)
-
-
-def _head(model):
-    unwrapped = getattr(model, "module", model)
-    head = unwrapped.get_output_embeddings()
-    cap = getattr(getattr(unwrapped, "config", None), "final_logit_softcapping", None)
-    return head.weight, getattr(head, "bias", None), cap
-
-
 def batch_stats(model, reference: Reference | None, batch, plan: Plan, cfg: POConfig, data=None,
                 contrastive=None) -> PreferenceStats:
     """Everything the loss needs for one :class:`~finegrain.types.PreferenceBatch`, in one policy forward.
@@ -334,7 +288,7 @@ def batch_stats(model, reference: Reference | None, batch, plan: Plan, cfg: POCo
     ref_h = None
     if (plan.ref_logps and cached is None) or plan.ref_kl:
         ref_h = reference.hidden(batch)  # before the policy forward: its activations are freed first
-    w, b, cap = _head(model)
+    w, b, cap = head_of(model)
     h = predicting_states(hidden_states(model, batch), batch)
     chunked = completion_stats(
         h, w, batch.completion_input_ids, mask, policy_bias=b, ref_hidden=ref_h,
@@ -354,100 +308,6 @@ def batch_stats(model, reference: Reference | None, batch, plan: Plan, cfg: POCo
     elif plan.token_rewards == "zeros":
         out.token_rewards = torch.zeros_like(out.token_logps)
     return out
-
-
-# ----------------------------------------------------------------------------------------------- precomputation
-
-
-def _fingerprint(cfg: POConfig, data, plan: Plan, template) -> str:
-    digest = hashlib.sha256()
-    keys = ("ref_model_name_or_path", "model_name_or_path", "max_length", "max_prompt_length")
-    digest.update(json.dumps({k: getattr(cfg, k) for k in keys} | {"plan": dataclasses.asdict(plan),
-                                                                     "template": repr(template)}).encode())
-    for ex in data:
-        for key in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"):
-            digest.update(array.array("q", ex[key]).tobytes())
-    return digest.hexdigest()
-
-
-def _pack(rows: list[list[float]]) -> dict[str, torch.Tensor]:
-    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
-    flat = torch.tensor([v for r in rows for v in r], dtype=torch.float32)
-    return {"lengths": lengths, "values": flat}
-
-
-def _unpack(blob: dict[str, torch.Tensor]) -> list[array.array]:
-    out, start = [], 0
-    values = blob["values"].numpy()
-    for n in blob["lengths"].tolist():
-        out.append(array.array("f", values[start : start + n].tobytes()))
-        start += n
-    return out
-
-
-@torch.no_grad()
-def precompute_reference(data, reference: Reference, plan: Plan, cfg: POConfig, acc, cache: Path,
-                         contrastive=None, template=None, run=None) -> Plan:
-    """Attach cached reference per-token log-probs (and contrastive rewards) to every pair of ``data``.
-
-    One pass of the reference over ``data`` (split over processes), unless ``cache`` holds the result for the same
-    reference, data and settings. Afterwards batches carry ``extras["ref_token_logps"]`` (and ``token_rewards``),
-    and the returned plan needs no reference model for them.
-    """
-    fields = (["ref_token_logps"] if plan.ref_logps else []) + (
-        ["token_rewards"] if plan.token_rewards == "contrastive" else [])
-    if not fields:
-        return plan
-    fp = _fingerprint(cfg, data, plan, template)
-    blob = torch.load(cache, weights_only=True) if cache.is_file() else None
-    if blob is None or blob.get("fingerprint") != fp:
-        rows = {f"{side}_{name}": [None] * len(data) for side in ("chosen", "rejected") for name in fields}
-        rank, world = acc.process_index, acc.num_processes
-        mine = list(range(len(data)))[rank::world]
-        bs = cfg.per_device_eval_batch_size
-        for lo in range(0, len(mine), bs):
-            idx = mine[lo : lo + bs]
-            batch = data.collate(idx).to(acc.device)
-            values = {}
-            if plan.ref_logps:
-                h = reference.hidden(batch)
-                w, b, cap = _head(reference.scorer)
-                values["ref_token_logps"] = completion_stats(
-                    h, reference.weight if reference.weight is not None else w, batch.completion_input_ids,
-                    batch.completion_mask, policy_bias=reference.bias if reference.weight is not None else b,
-                    compute_kl=False, chunk_size=cfg.chunk_size, logit_softcap=cap).token_logps
-            if "token_rewards" in fields:
-                values["token_rewards"] = contrastive.token_rewards(batch).values
-            for name, v in values.items():
-                v = v.float().cpu()
-                for k, i in enumerate(idx):
-                    for side, row in (("chosen", k), ("rejected", len(idx) + k)):
-                        n = len(data[i][f"{side}_input_ids"])
-                        rows[f"{side}_{name}"][i] = v[row, :n].tolist()
-        if world > 1:
-            from accelerate.utils import gather_object
-
-            for col in rows.values():
-                parts = gather_object([[(i, col[i]) for i in mine]])
-                for part in parts:
-                    for i, vals in part:
-                        col[i] = vals
-        blob = {"fingerprint": fp, **{key: _pack(col) for key, col in rows.items()}}
-        if acc.is_main_process:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(cache.name + ".tmp")
-            torch.save(blob, tmp)
-            tmp.replace(cache)
-        if run is not None:
-            run.print(f"reference computed for {len(data)} pairs of {data.source}; cached in {cache}")
-    elif run is not None:
-        run.print(f"reference values of {data.source} read from {cache}")
-    for key in blob:
-        if key == "fingerprint":
-            continue
-        for ex, vals in zip(data.examples, _unpack(blob[key])):
-            ex[key] = vals
-    return dataclasses.replace(plan, token_rewards="column" if "token_rewards" in fields else plan.token_rewards)
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -493,23 +353,6 @@ def _template(cfg: POConfig):
         raise ConfigError(f"--contrastive_template/positive/negative: {exc}") from None
 
 
-def _frozen_reference(cfg: POConfig, model, ref_model, device):
-    """The frozen reference model: the one given, ``ref_model_name_or_path``, or a copy of the policy's starting
-    weights; None for a LoRA policy, whose reference is itself with the adapter disabled (no second copy)."""
-    from finegrain.models.build import disable_dropout, freeze
-
-    if ref_model is None and cfg.ref_model_name_or_path:
-        from finegrain.models.loading import load_causal_lm
-
-        ref_model = load_causal_lm(cfg.ref_model_name_or_path, trust_remote_code=cfg.trust_remote_code)
-    if ref_model is None and not cfg.use_peft:
-        ref_model = copy.deepcopy(model)  # the starting weights, before any update
-    if ref_model is None:
-        return None
-    disable_dropout(ref_model)
-    return freeze(ref_model).to(device)
-
-
 def train(cfg: POConfig, model, tokenizer, train_data, eval_data=None, *, ref_model=None) -> Path:
     """Run preference optimisation and return the run directory (``final/`` holds the model).
 
@@ -533,7 +376,7 @@ def train(cfg: POConfig, model, tokenizer, train_data, eval_data=None, *, ref_mo
     live = any(p.reference_model or p.ref_logps for p in plans)
     if cfg.disable_dropout:
         disable_dropout(model)
-    ref_model = _frozen_reference(cfg, model, ref_model, acc.device) if live else None
+    ref_model = frozen_reference(cfg, model, ref_model, acc.device) if live else None
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if cfg.use_peft:
