@@ -1,0 +1,191 @@
+"""The data of ``finegrain rm``: pairs, revisions (with edit labels computed on the fly) and token rows tokenized
+for a reward model, the token-credit ground truth of its evaluation, and scoring that truth with a reward source.
+
+Split from :mod:`finegrain.trainers.rm` (the loop); the row formats are in docs/methods/reward-models.md and
+docs/methods/token-rm.md.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from finegrain.errors import DataError
+
+if TYPE_CHECKING:
+    from finegrain.trainers.rm import RMConfig
+
+__all__ = ["credit_items", "pair_examples", "prepare_sentences", "revision_examples", "score_credit", "token_examples"]
+
+logger = logging.getLogger("finegrain.trainers.rm")
+
+
+def _limits(cfg: RMConfig):
+    from finegrain.data.tokenize import TokenLimits
+
+    return TokenLimits(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+
+
+def _blank_chosen_as_missing(rows):
+    """Revision rows: an empty ``chosen`` counts as missing (it is optional per row), so the pair is kept."""
+    from finegrain.data.loading import Rows, load_rows
+
+    rows = load_rows(rows) if not isinstance(rows, Rows) else rows
+
+    def clean(r: dict) -> dict:
+        c = r.get("chosen")
+        return {**r, "chosen": None} if isinstance(c, str) and not c.strip() else r
+
+    return Rows([(name, [clean(dict(r)) for r in data]) for name, data in rows.parts], rows.source)
+
+
+def pair_examples(source: Any, tokenizer, cfg: RMConfig, *, split: str, limit: int | None, skip: bool) -> list[dict]:
+    """Tokenized preference pairs (``prompt_input_ids``, ``chosen_*``, ``rejected_*``, ``subset``...)."""
+    from finegrain.data.prepared import PreferenceData
+
+    data = PreferenceData.from_source(source, tokenizer, split=split, kind="preference", limits=_limits(cfg),
+                                      skip_invalid=skip, max_examples=limit)
+    return list(data.examples)
+
+
+def revision_examples(source: Any, tokenizer, cfg: RMConfig, *, split: str, limit: int | None,
+                      skip: bool) -> list[dict]:
+    """Tokenized revision rows with edit labels ``rejected_labels`` (−1/0) and ``revised_labels`` (0/+1) per token.
+
+    Labels come from :func:`finegrain.data.alignment.edit_token_labels` on the tokens' offsets; EOS gets
+    :data:`~finegrain.data.tokenize.IGNORE_INDEX`. Pairs whose alignment finds no edit carry no signal and are
+    dropped (counted in the log).
+    """
+    from finegrain.data.alignment import edit_token_labels
+    from finegrain.data.loading import load_rows
+    from finegrain.data.schema import validate_rows
+    from finegrain.data.tokenize import IGNORE_INDEX, tokenize_rows
+
+    rows = load_rows(source, split)
+    if limit is not None:
+        rows = rows.head(limit)
+    skipped: Counter = Counter()
+    valid = validate_rows(_blank_chosen_as_missing(rows), "revision", skip_invalid=skip, skipped=skipped)
+    examples = tokenize_rows(valid, tokenizer, "revision", _limits(cfg), skip_invalid=skip, skipped=skipped)
+    out, identical = [], 0
+    for ex in examples:
+        n_rej, n_rev = _text_tokens(ex, "rejected"), _text_tokens(ex, "revised")
+        lab = edit_token_labels(ex["rejected_text"], ex["revised_text"], ex["rejected_offsets"][:n_rej],
+                                ex["revised_offsets"][:n_rev], unit=cfg.label_unit,
+                                rejected_ids=ex["rejected_input_ids"][:n_rej], revised_ids=ex["revised_input_ids"][:n_rev])
+        if lab.identical:
+            identical += 1
+            continue
+        pad = [IGNORE_INDEX]
+        ex["rejected_labels"] = lab.rejected_labels + pad * (len(ex["rejected_input_ids"]) - n_rej)
+        ex["revised_labels"] = lab.revised_labels + pad * (len(ex["revised_input_ids"]) - n_rev)
+        out.append(ex)
+    if identical:
+        logger.warning("%s: %d revisions without any edit left out (no token signal)", rows.source, identical)
+    if not out:
+        raise DataError("no revision with an edit left to train on", source=rows.source)
+    return out
+
+
+def _text_tokens(ex: dict, field: str) -> int:
+    """Tokens of the text itself: all but an appended EOS (empty offsets at the end of the text)."""
+    ids, offs, text = ex[f"{field}_input_ids"], ex[f"{field}_offsets"], ex[f"{field}_text"]
+    if ids and tuple(offs[-1]) == (len(text), len(text)):
+        return len(ids) - 1
+    return len(ids)
+
+
+def token_examples(source: Any, tokenizer, cfg: RMConfig, *, split: str, limit: int | None, skip: bool) -> list[dict]:
+    """Tokenized token-supervision rows (``completion_input_ids``, ``token_labels`` with −100 on unlabelled tokens)."""
+    from finegrain.data.prepared import CompletionData
+
+    data = CompletionData.from_source(source, tokenizer, split=split, kind="token", limits=_limits(cfg),
+                                      skip_invalid=skip, max_examples=limit)
+    for ex in data.examples:
+        bad = [v for v in ex["token_labels"] if v not in (-1, 0, 1, -100)]
+        if bad:
+            raise DataError(f"token labels must be -1, 0 or +1 for reward models, got {bad[0]!r}", source=ex["source"],
+                            row=ex["row"], field="labels")
+    return list(data.examples)
+
+
+def credit_items(source: Any, tokenizer, cfg: RMConfig, *, limit: int | None, skip: bool) -> list[dict]:
+    """Ground-truth token credit, one item per response: ``prompt_input_ids``, ``completion_input_ids``,
+    ``offsets`` and either ``credit`` per word with the words' ``spans`` (world credit rows) or ``credit`` per token
+    (token rows: their labels; revision rows: edit labels, one item per side)."""
+    from finegrain.data.loading import load_rows
+    from finegrain.data.tokenize import tokenize_prompt, tokenize_response
+
+    rows = load_rows(source)
+    if limit is not None:
+        rows = rows.head(limit)
+    cols = set(rows.column_names)
+    items = []
+    if {"prompt", "response", "words", "credit"} <= cols:
+        for i, r in enumerate(rows):
+            text, words, credit = r["response"], r["words"], r["credit"]
+            spans, pos = [], 0
+            for w in words:
+                start = text.find(w, pos)
+                if start < 0 or len(words) != len(credit):
+                    raise DataError("words and credit must list the response's words in order", source=rows.source,
+                                    row=i, field="words")
+                spans.append((start, start + len(w)))
+                pos = start + len(w)
+            ids, offs, _ = tokenize_response(tokenizer, text)
+            prompt = tokenize_prompt(tokenizer, r["prompt"])
+            keep = max(1, cfg.max_length - len(prompt))
+            items.append({"prompt_input_ids": prompt, "completion_input_ids": ids[:keep], "offsets": offs[:keep],
+                          "credit": [float(c) for c in credit], "spans": spans})
+        return items
+    if {"rejected", "revised"} <= cols:
+        for ex in revision_examples(source, tokenizer, cfg, split=None, limit=limit, skip=skip):
+            for side in ("rejected", "revised"):
+                items.append({"prompt_input_ids": ex["prompt_input_ids"],
+                              "completion_input_ids": ex[f"{side}_input_ids"], "offsets": ex[f"{side}_offsets"],
+                              "credit": [0.0 if v == -100 else float(v) for v in ex[f"{side}_labels"]]})
+        return items
+    for ex in token_examples(source, tokenizer, cfg, split=None, limit=limit, skip=skip):
+        items.append({"prompt_input_ids": ex["prompt_input_ids"], "completion_input_ids": ex["completion_input_ids"],
+                      "offsets": ex["completion_offsets"],
+                      "credit": [0.0 if v == -100 else float(v) for v in ex["token_labels"]]})
+    return items
+
+
+def score_credit(source, items: list[dict], pad_token_id: int, *, reduce: str = "sum",
+                 batch_size: int = 16) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Run a reward source on credit items; return per-item scores and credit in the same units (words or tokens).
+
+    Token rewards are mapped onto words through character offsets (:func:`finegrain.rewards.models.map_token_values`
+    with ``reduce``) when the credit is per word.
+    """
+    from finegrain.data.collate import collate_completions
+    from finegrain.rewards.models import map_token_values
+
+    scores, credit = [], []
+    for lo in range(0, len(items), batch_size):
+        part = items[lo : lo + batch_size]
+        batch = collate_completions([{"prompt_input_ids": it["prompt_input_ids"],
+                                      "completion_input_ids": it["completion_input_ids"]} for it in part], pad_token_id)
+        values = source.token_rewards(batch).values.double().cpu().numpy()
+        for it, v in zip(part, values):
+            n = len(it["completion_input_ids"])
+            if "spans" in it:
+                s = map_token_values(v[:n], it["offsets"], it["spans"], reduce=reduce, end_index=len(it["spans"]) - 1)
+            else:
+                s = v[:n]
+            scores.append(s)
+            credit.append(np.asarray(it["credit"][: len(s)], dtype=np.float64))
+    return scores, credit
+
+
+def prepare_sentences(model, examples: list[dict], fields: tuple[str, ...]) -> None:
+    """Add the sentence RM's prepared rows (``{field}_srm``) to tokenized examples, in place."""
+    for ex in examples:
+        for f in fields:
+            prefix = "completion" if f == "completion" else f
+            ex[f"{f}_srm"] = model.prepare(ex["prompt_input_ids"], ex[f"{prefix}_input_ids"], ex[f"{prefix}_text"],
+                                           ex[f"{prefix}_offsets"])
