@@ -149,7 +149,7 @@ def dense_rewards(
         normalize: None, ``"batch"`` or ``"running"``.
         center: with normalisation, also subtract the mean return (on the last valid token).
         running: the :class:`RunningMoments` for ``normalize="running"`` (updated in place).
-        gather: optional function ``(B,) -> (world·B,)`` collecting the sequence returns of every process (e.g.
+        gather: optional function ``(B,) -> (num_processes·B,)`` collecting the sequence returns of every process (e.g.
             ``accelerator.gather``), so that the normalisation statistics are global.
         eps: a variance at or below ``eps`` leaves the scale at 1 (only the mean is removed).
 

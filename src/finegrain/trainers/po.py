@@ -381,8 +381,8 @@ def train(cfg: POConfig, model, tokenizer, train_data, eval_data=None, *, ref_mo
         model.gradient_checkpointing_enable()
     if cfg.use_peft:
         model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
-    world = acc.num_processes
-    global_pairs = cfg.per_device_train_batch_size * world * cfg.gradient_accumulation_steps
+    num_processes = acc.num_processes
+    global_pairs = cfg.per_device_train_batch_size * num_processes * cfg.gradient_accumulation_steps
     total_steps = loop.num_training_steps(cfg, len(train_data), global_pairs)
     optimizer = loop.make_optimizer(cfg, model.parameters())
     scheduler = loop.make_scheduler(cfg, optimizer, total_steps)
@@ -429,14 +429,14 @@ def train(cfg: POConfig, model, tokenizer, train_data, eval_data=None, *, ref_mo
             indices = epoch_batches[state.batch_in_epoch]
             run.record_batch(state, indices)  # --record_consumed: proves resumes repeat and skip nothing
             total: dict[str, torch.Tensor] = {}
-            for k, mb in enumerate(loop.micro_batches(indices, cfg, acc.process_index, world)):
+            for k, mb in enumerate(loop.micro_batches(indices, cfg, acc.process_index, num_processes)):
                 batch = train_data.collate(mb).to(acc.device)
                 sync = k == cfg.gradient_accumulation_steps - 1
                 with acc.no_sync(model) if not sync else contextlib.nullcontext():
                     stats = batch_stats(model, reference, batch, train_plan, cfg, train_data, contrastive)
                     out = loss_fn(stats)
                     # DDP averages gradients over processes; multiplying by their number keeps the global mean
-                    acc.backward(out.losses.sum() * world / global_pairs)
+                    acc.backward(out.losses.sum() * num_processes / global_pairs)
                 _accumulate(total, pair_metrics(out, stats))
             metrics = _reduce(total, len(indices), acc, names)
             stats_step = loop.optimizer_step(run, state, model, optimizer, scheduler,

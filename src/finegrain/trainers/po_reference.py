@@ -124,8 +124,8 @@ def precompute_reference(data, reference: Reference, plan: Plan, cfg: POConfig, 
     blob = torch.load(cache, weights_only=True) if cache.is_file() else None
     if blob is None or blob.get("fingerprint") != fp:
         rows = {f"{side}_{name}": [None] * len(data) for side in ("chosen", "rejected") for name in fields}
-        rank, world = acc.process_index, acc.num_processes
-        mine = list(range(len(data)))[rank::world]
+        rank, num_processes = acc.process_index, acc.num_processes
+        mine = list(range(len(data)))[rank::num_processes]
         bs = cfg.per_device_eval_batch_size
         for lo in range(0, len(mine), bs):
             idx = mine[lo : lo + bs]
@@ -146,7 +146,7 @@ def precompute_reference(data, reference: Reference, plan: Plan, cfg: POConfig, 
                     for side, row in (("chosen", k), ("rejected", len(idx) + k)):
                         n = len(data[i][f"{side}_input_ids"])
                         rows[f"{side}_{name}"][i] = v[row, :n].tolist()
-        if world > 1:
+        if num_processes > 1:
             from accelerate.utils import gather_object
 
             for col in rows.values():

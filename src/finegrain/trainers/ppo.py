@@ -260,7 +260,7 @@ def ppo_update(cfg: PPOConfig, run, state, m: Models, roll: CompletionBatch, dat
     from finegrain.losses.ppo import entropy_bonus, ppo_policy_loss, ppo_value_loss
     from finegrain.ops.logprobs import token_entropy, token_logps
 
-    acc, world = run.accelerator, run.accelerator.num_processes
+    acc, num_processes = run.accelerator, run.accelerator.num_processes
     policy, critic = m.policy, m.critic
     shared = critic is not None and m.critic_optimizer is None
     head = output_head(acc.unwrap_model(policy))
@@ -270,7 +270,7 @@ def ppo_update(cfg: PPOConfig, run, state, m: Models, roll: CompletionBatch, dat
         for mb in minibatch_rows(n, place, cfg.num_samples, cfg.num_mini_batches, ppo_epoch):
             micro = mb.split(cfg.per_device_train_batch_size)
             denom = sum(_row_weight(roll.completion_mask[r], cfg.loss_reduction) for r in micro)
-            if world > 1:
+            if num_processes > 1:
                 denom = acc.reduce(denom.to(acc.device), reduction="sum")
             sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=acc.device))
             for k, rows in enumerate(micro):
@@ -278,10 +278,10 @@ def ppo_update(cfg: PPOConfig, run, state, m: Models, roll: CompletionBatch, dat
                 sub, width = take_rows(roll, rows)
                 mask = sub.completion_mask
                 part = {key: value[rows, :width] for key, value in data.items()}
-                w = _row_weight(mask, cfg.loss_reduction) * world / denom
+                w = _row_weight(mask, cfg.loss_reduction) * num_processes / denom
                 sync = k == len(micro) - 1
                 ctx = contextlib.ExitStack()
-                if not sync and world > 1:
+                if not sync and num_processes > 1:
                     for module in (policy, critic):
                         if module is not None:
                             ctx.enter_context(acc.no_sync(module))
@@ -312,7 +312,7 @@ def ppo_update(cfg: PPOConfig, run, state, m: Models, roll: CompletionBatch, dat
             if m.critic_optimizer is not None:
                 loop.optimizer_step(run, state, critic, m.critic_optimizer, m.critic_scheduler, total)
             for key, value in sums.items():
-                stats[key].append(float(acc.reduce(value, reduction="sum") / world if world > 1 else value))
+                stats[key].append(float(acc.reduce(value, reduction="sum") / num_processes if num_processes > 1 else value))
             stats["grad_norm"].append(step["grad_norm"])
             stats["skipped"].append(step["skipped"])
             stats["learning_rate"] = [step["learning_rate"]]
@@ -346,8 +346,8 @@ def evaluate(cfg: PPOConfig, m: Models, tokenizer, data, sources, acc, step: int
 
     policy = m.policy_u
     policy.eval()
-    rank, world = acc.process_index, acc.num_processes
-    indices = list(range(len(data)))[rank::world]
+    rank, num_processes = acc.process_index, acc.num_processes
+    indices = list(range(len(data)))[rank::num_processes]
     greedy = cfg.eval_sampling == "greedy"
     gen = None if greedy else torch.Generator(device=acc.device).manual_seed(cfg.seed * 1_000_003 + step)
     keys = ["count", "kl", "length", "raw"]
@@ -371,13 +371,13 @@ def evaluate(cfg: PPOConfig, m: Models, tokenizer, data, sources, acc, step: int
             for key, value in judge_metrics(judge, roll).items():
                 judged_sums[key] = judged_sums.get(key, 0.0) + float(value.sum())
     names = sorted(judged_sums)
-    if judge is not None and world > 1:  # every process reduces the same keys, also one that had no rows
+    if judge is not None and num_processes > 1:  # every process reduces the same keys, also one that had no rows
         from accelerate.utils import gather_object
 
         names = sorted({k for part in gather_object([names]) for k in part})
     totals = torch.cat([sums, torch.tensor([judged_sums.get(k, 0.0) for k in names], dtype=torch.float64,
                                            device=acc.device)])
-    if world > 1:
+    if num_processes > 1:
         totals = acc.reduce(totals, reduction="sum")
     mean = dict(zip(keys + names, (totals / totals[0].clamp(min=1)).tolist()))
     out = {"objective/kl": mean["kl"], "response/length": mean["length"], "rewards/raw": mean["raw"]}
@@ -417,13 +417,13 @@ def train(cfg: PPOConfig, policy, tokenizer, prompts, eval_prompts=None, *, sour
     from finegrain.rl.rollout import score_rollout
 
     acc = loop.make_accelerator(cfg)
-    world, device = acc.num_processes, acc.device
-    if cfg.rollout_batch_size % world:
-        raise ConfigError(f"rollout_batch_size ({cfg.rollout_batch_size}) must be a multiple of the {world} processes")
-    group_size = cfg.generation_batch_size or cfg.rollout_batch_size // world
-    if (cfg.rollout_batch_size // world) % group_size:
+    num_processes, device = acc.num_processes, acc.device
+    if cfg.rollout_batch_size % num_processes:
+        raise ConfigError(f"rollout_batch_size ({cfg.rollout_batch_size}) must be a multiple of the {num_processes} processes")
+    group_size = cfg.generation_batch_size or cfg.rollout_batch_size // num_processes
+    if (cfg.rollout_batch_size // num_processes) % group_size:
         raise ConfigError(f"generation_batch_size ({group_size}) must divide each process's share of the rollout batch "
-                          f"(rollout_batch_size / processes = {cfg.rollout_batch_size // world})")
+                          f"(rollout_batch_size / processes = {cfg.rollout_batch_size // num_processes})")
     if (group_size * cfg.num_samples) % cfg.num_mini_batches:
         raise ConfigError(f"each process samples {group_size * cfg.num_samples} rows per group, which do not split into "
                           f"num_mini_batches ({cfg.num_mini_batches}) equal parts; set --generation_batch_size or "
@@ -447,7 +447,7 @@ def train(cfg: PPOConfig, policy, tokenizer, prompts, eval_prompts=None, *, sour
 
         set_seed(cfg.seed)  # the same seed samples the same first rollout whatever the set-up consumed (e.g. sources)
 
-    gather = acc.gather if world > 1 else None
+    gather = acc.gather if num_processes > 1 else None
     normalize = None if cfg.reward_normalization == "none" else cfg.reward_normalization
     bar = run.progress(total_steps, state.step, f"ppo ({cfg.estimator})")
     status = "completed"
@@ -458,7 +458,7 @@ def train(cfg: PPOConfig, policy, tokenizer, prompts, eval_prompts=None, *, sour
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                 continue
             run.record_batch(state, epoch_batches[state.batch_in_epoch])  # --record_consumed
-            local = shard_batch(epoch_batches[state.batch_in_epoch], world, acc.process_index)
+            local = shard_batch(epoch_batches[state.batch_in_epoch], num_processes, acc.process_index)
             place = RolloutPlace(cfg.seed, state.epoch, state.batch_in_epoch, group_size,
                                  acc.process_index * len(local) // group_size, cfg.generation_batch_size is not None)
 

@@ -325,8 +325,8 @@ def train(cfg: RMConfig, data: RMData) -> Path:
     model, tokenizer, kind = data.model, data.tokenizer, data.kind
     method = f"{cfg.level}-rm" if cfg.level != "discriminator" else "tlcr-discriminator"
     run = loop.Run(cfg, "rm", method, acc)
-    world = acc.num_processes
-    global_batch = cfg.per_device_train_batch_size * world * cfg.gradient_accumulation_steps
+    num_processes = acc.num_processes
+    global_batch = cfg.per_device_train_batch_size * num_processes * cfg.gradient_accumulation_steps
     total_steps = loop.num_training_steps(cfg, len(data.train), global_batch)
     optimizer = loop.make_optimizer(cfg, model.parameters())
     scheduler = loop.make_scheduler(cfg, optimizer, total_steps)
@@ -348,21 +348,21 @@ def train(cfg: RMConfig, data: RMData) -> Path:
             indices = epoch_batches[state.batch_in_epoch]
             run.record_batch(state, indices)  # --record_consumed: proves resumes repeat and skip nothing
             sums = torch.zeros(3, device=acc.device)  # loss, accuracy, margin (sums over examples)
-            for k, mb in enumerate(loop.micro_batches(indices, cfg, acc.process_index, world)):
+            for k, mb in enumerate(loop.micro_batches(indices, cfg, acc.process_index, num_processes)):
                 if not mb:
                     continue
                 sync = k == cfg.gradient_accumulation_steps - 1
                 with acc.no_sync(model) if not sync else contextlib.nullcontext():
                     losses, stats = example_losses(model, cfg, kind, [data.train[i] for i in mb], pad_id, acc.device)
                     # DDP averages gradients over processes; multiplying by their number keeps the global mean
-                    acc.backward(losses.sum() * world / len(indices))
+                    acc.backward(losses.sum() * num_processes / len(indices))
                 sums[0] += losses.detach().sum()
                 if "accuracy" in stats:
                     sums[1] += stats["accuracy"].sum()
                     sums[2] += stats["margin"].sum()
                 else:
                     sums[1] += _edit_accuracy(stats) * len(mb)
-            if world > 1:
+            if num_processes > 1:
                 sums = acc.reduce(sums, reduction="sum")
             loss = sums[0] / len(indices)
             step_stats = loop.optimizer_step(run, state, model, optimizer, scheduler, loss)
@@ -389,7 +389,7 @@ def train(cfg: RMConfig, data: RMData) -> Path:
     bar.close()
     if status == "completed":
         _evaluate_and_log(run, model, cfg, data, state)
-        full = acc.get_state_dict(model) if world > 1 else None
+        full = acc.get_state_dict(model) if num_processes > 1 else None
         if run.is_main:
             save_reward_model(acc.unwrap_model(model), run.dir / "final", state_dict=full,
                               extra={"trained_with": {"level": cfg.level, "steps": state.step, "kind": kind}})

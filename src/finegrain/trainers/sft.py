@@ -58,13 +58,13 @@ def evaluate(model, data, cfg: SFTConfig, accelerator) -> dict[str, float]:
     """Mean completion-token NLL on ``data`` (all processes share the work)."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    indices = list(range(len(data)))[rank::world]
+    rank, num_processes = accelerator.process_index, accelerator.num_processes
+    indices = list(range(len(data)))[rank::num_processes]
     for lo in range(0, len(indices), cfg.per_device_eval_batch_size):
         batch = data.collate(indices[lo : lo + cfg.per_device_eval_batch_size]).to(accelerator.device)
         nll, n = completion_nll_sum(model, batch, cfg.chunk_size)
         total += torch.stack([nll.double(), n.double()])
-    if world > 1:
+    if num_processes > 1:
         total = accelerator.reduce(total, reduction="sum")
     model.train()
     loss = (total[0] / total[1].clamp(min=1)).item()
@@ -85,8 +85,8 @@ def train(cfg: SFTConfig, model, tokenizer, train_data, eval_data=None, *, metho
         from finegrain.models.build import apply_lora
 
         model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
-    world = acc.num_processes
-    global_batch = cfg.per_device_train_batch_size * world * cfg.gradient_accumulation_steps
+    num_processes = acc.num_processes
+    global_batch = cfg.per_device_train_batch_size * num_processes * cfg.gradient_accumulation_steps
     total_steps = loop.num_training_steps(cfg, len(train_data), global_batch)
     optimizer = loop.make_optimizer(cfg, model.parameters())
     scheduler = loop.make_scheduler(cfg, optimizer, total_steps)
@@ -111,15 +111,15 @@ def train(cfg: SFTConfig, model, tokenizer, train_data, eval_data=None, *, metho
             run.record_batch(state, indices)  # --record_consumed: proves resumes repeat and skip nothing
             global_tokens = sum(len(train_data[i]["completion_input_ids"]) for i in indices)
             loss_sum = torch.zeros((), device=acc.device)
-            for k, mb in enumerate(loop.micro_batches(indices, cfg, acc.process_index, world)):
+            for k, mb in enumerate(loop.micro_batches(indices, cfg, acc.process_index, num_processes)):
                 batch = train_data.collate(mb).to(acc.device)
                 sync = k == cfg.gradient_accumulation_steps - 1
                 with acc.no_sync(model) if not sync else contextlib.nullcontext():
                     nll, _ = completion_nll_sum(model, batch, cfg.chunk_size)
                     # DDP averages gradients over processes; multiplying by their number keeps the global sum
-                    acc.backward(nll * world / global_tokens)
+                    acc.backward(nll * num_processes / global_tokens)
                 loss_sum += nll.detach()
-            loss = acc.reduce(loss_sum, reduction="sum") / global_tokens if world > 1 else loss_sum / global_tokens
+            loss = acc.reduce(loss_sum, reduction="sum") / global_tokens if num_processes > 1 else loss_sum / global_tokens
             stats = loop.optimizer_step(run, state, model, optimizer, scheduler, loss)
             state.step += 1
             state.batch_in_epoch += 1
