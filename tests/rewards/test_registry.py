@@ -15,7 +15,7 @@ from finegrain.rewards.registry import SourceContext, register_reward_source, re
 from finegrain.types import CompletionBatch, TokenRewards
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
-from _tiny_tokenizers import word_tokenizer  # noqa: E402
+from _tiny_tokenizers import bpe_tokenizer, word_tokenizer  # noqa: E402
 
 
 class Constant:
@@ -93,3 +93,23 @@ def test_the_world_registers_its_oracle_with_its_rules():
     assert reward_source("oracle:credit", ctx).dense is True
     with pytest.raises(ConfigError, match="oracle's modes"):
         reward_source("oracle:bogus", ctx)
+
+
+def test_the_add_a_reward_source_page_works_as_written():
+    """docs/reward-sources.md's example registers a kind in one call; the kind then scores a batch as documented."""
+    import re
+    import types
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "reward-sources.md").read_text()
+    code = re.search(r"```python\n# my_rewards.py\n(.*?)```", doc, re.S).group(1)
+    module = types.ModuleType("my_rewards")
+    try:
+        exec(compile(code, "docs/reward-sources.md", "exec"), module.__dict__)  # our own docs, in a test
+        tok = bpe_tokenizer()
+        ids = tok("a 1 b 2", add_special_tokens=False)["input_ids"]  # a, " ", 1, " ", b, " ", 2
+        batch = CompletionBatch(torch.tensor([[1]]), torch.tensor([[1]]), torch.tensor([ids]),
+                                torch.ones(1, len(ids), dtype=torch.bool))
+        source = reward_source("digits:0.5", SourceContext(tokenizer=tok))
+        assert source.token_rewards(batch).values.tolist() == [[0.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.5]]
+    finally:
+        registry._REGISTRY.pop("digits", None)
