@@ -1,11 +1,11 @@
-"""``finegrain label revise``: the reviser prompt and reply parsing, the chat-completions client against a local
-server on 127.0.0.1 (retries, fatal errors, concurrency, the key), resumable output, bad input, and the world
-and Hugging Face revisers. Nothing leaves the machine."""
+"""``finegrain label revise``: the reviser prompt and reply parsing, the chat-completions client (the openai SDK)
+against a local server on 127.0.0.1 (retries, fatal errors, concurrency, the key), resumable output, bad input, the
+registry of revisers and the Hugging Face reviser. Nothing leaves the machine. The world's rule reviser is tested
+with the world (tests/world/test_reviser_backend.py)."""
 
 from __future__ import annotations
 
 import json
-import random
 import re
 import threading
 import time
@@ -17,17 +17,17 @@ import pytest
 from finegrain.cli.commands import label as label_main
 from finegrain.config import build
 from finegrain.errors import ConfigError, DataError
-from finegrain.labeling.revise import (
+from finegrain.labeling.revise import ReviseConfig, run_revise, unchanged_path
+from finegrain.labeling.revisers import (
     MARKER,
     ChatCompletionsClient,
     EndpointError,
     HFReviser,
-    ReviseConfig,
     build_messages,
     conversation_text,
     parse_revision,
-    run_revise,
-    unchanged_path,
+    register_reviser,
+    registered_revisers,
 )
 
 KEY = "sk-test-0123456789abcdef"
@@ -377,8 +377,7 @@ def test_output_of_another_data_set_is_refused(tmp_path):
         ({"dataset_name": "d.jsonl"}, "needs an LLM reviser"),
         ({"dataset_name": "d.jsonl", "reviser": "openai"}, "--model"),
         ({"dataset_name": "d.jsonl", "reviser": "hf"}, "--model_name_or_path"),
-        ({}, "--world_dir"),
-        ({"world_dir": "w", "model": "m", "reviser": "world"}, "drop --model_name_or_path"),
+        ({"reviser": " "}, "needs a name"),
         ({"model": "m", "api_key_env": KEY}, "NAME of the environment variable"),
         ({"model": "m", "dataset_name": "d.jsonl", "concurrency": 0}, "concurrency"),
         ({"model": "m"}, "--dataset_name"),
@@ -393,45 +392,10 @@ def test_bad_options_say_what_to_change(values, message):
 def test_output_file_is_required_and_backend_inferred():
     with pytest.raises(ConfigError, match="output_file"):
         build(ReviseConfig, {})
-    assert build(ReviseConfig, {"output_file": "o", "world_dir": "w"}).backend == "world"
+    assert build(ReviseConfig, {"output_file": "o", "dataset_name": "d", "reviser": "mine"}).backend == "mine"
     assert build(ReviseConfig, {"output_file": "o", "dataset_name": "d", "model_name_or_path": "p"}).backend == "hf"
     cfg = build(ReviseConfig, {"output_file": "o", "dataset_name": "d", "model": "m", "max_new_tokens": 9})
     assert cfg.backend == "openai" and cfg.max_tokens == 9
-
-
-# ------------------------------------------------------------------------------------------- world reviser
-
-
-def test_world_reviser_on_its_pairs_and_resume(tmp_path):
-    from finegrain.world.corpus import Perception, Sampler, make_prompt
-    from finegrain.world.lexicon import TOPICS
-    from finegrain.world.oracle import judge
-
-    sampler, rng = Sampler(Perception.from_seed(0, 0.4, 1.0)), random.Random(3)
-    pairs = []
-    for k in range(8):
-        topic = TOPICS[k % len(TOPICS)]
-        prompt = make_prompt(topic)
-        a, b = sampler.response(rng, topic), sampler.response(rng, topic)
-        chosen, rejected = (a, b) if judge(prompt, a).score >= judge(prompt, b).score else (b, a)
-        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-    perfect = make_prompt(TOPICS[0])
-    pairs.append({"prompt": perfect, "chosen": "it is bad .", "rejected": "the " + TOPICS[0] + " is x ."})
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "pairs_train.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    out = tmp_path / "revisions.jsonl"
-    cfg = build(ReviseConfig, {"world_dir": str(tmp_path), "output_file": str(out), "max_edits": 1,
-                               "disable_tqdm": True})
-    assert cfg.backend == "world"
-    summary = run_revise(cfg)
-    assert summary.revised + summary.unchanged == len(pairs) and summary.failed == 0 and summary.revised >= 6
-    rows = _read(out)
-    assert len(rows) == summary.revised
-    for r in rows:
-        assert judge(r["prompt"], r["revised"]).score > judge(r["prompt"], r["rejected"]).score
-        assert r["chosen"] == pairs[r["index"]]["chosen"]
-    again = run_revise(cfg)
-    assert (again.revised, again.unchanged, again.skipped) == (0, 0, len(pairs))
 
 
 # ---------------------------------------------------------------------------------------- Hugging Face reviser
@@ -506,7 +470,7 @@ def test_hf_reviser_from_disk_through_the_command(tmp_path, capsys):
 
 
 def test_docs_show_the_reviser_prompt_as_it_is():
-    from finegrain.labeling.revise import REVISER_PROMPT, REVISER_SYSTEM
+    from finegrain.labeling.revisers import REVISER_PROMPT, REVISER_SYSTEM
 
     doc = (Path(__file__).parents[2] / "docs" / "labeling.md").read_text()
     assert REVISER_PROMPT in doc and " ".join(REVISER_SYSTEM.split()) in " ".join(doc.split())

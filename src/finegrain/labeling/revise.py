@@ -1,19 +1,12 @@
-"""``finegrain label revise``: minimal-edit revisions of rejected responses (spec/ALGORITHMS.md 3.1 and 4.1).
+"""``finegrain label revise``: minimal-edit revisions of rejected responses, resumable (docs/labeling.md).
 
 For every preference pair, a reviser rewrites the rejected response with the fewest edits that make it
-preferable. The revisions feed the token labels of TLCR and of the minimal-edit token reward model
-(``finegrain label edits``). Three revisers:
-
-* ``world``: the built-in world's rule-based reviser (:func:`finegrain.world.reviser.revise`) on the world's
-  pairs; the default when no data set is given;
-* ``hf``: a local Hugging Face chat model, prompted through its chat template, batched;
-* ``openai``: any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, SGLang, llama.cpp, TGI ...), through
-  a standard-library HTTP client with retries, timeouts and a concurrency limit.
-
-An LLM reviser is asked (:data:`REVISER_PROMPT`) to compare the responses, explain, then print the marker line
-:data:`MARKER` and only the rewritten response; the text after the marker is the revision. A reply without the
-marker (or cut off at ``max_tokens``) is a failed row: it is asked again up to ``max_retries`` times, then
-counted and reported.
+preferable. The revisions feed the token labels of TLCR (Yoon et al., ACL Findings 2024) and of the minimal-edit
+token reward model (Xu et al., ACL 2024) through ``finegrain label edits``. This module is the runner: the options
+(:class:`ReviseConfig`), the rows to revise (:func:`load_jobs`), the resumable output and the loop
+(:func:`run_revise`). The revisers are backends picked by name (``--reviser``) from the registry of
+:mod:`finegrain.labeling.revisers`: ``hf`` and ``openai`` from the library, more from applications
+(:func:`~finegrain.labeling.revisers.register_reviser`).
 
 The output is resumable. Each finished row is appended to ``output_file`` at once (one JSON line, flushed) with
 ``index``, its 0-based position in the input split; a second run skips every index already there, so an
@@ -25,96 +18,33 @@ not asked again either. Failed rows are not recorded: running the same command a
 from __future__ import annotations
 
 import collections
-import concurrent.futures as cf
 import dataclasses
-import http.client
 import json
 import logging
-import os
-import random
 import re
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from finegrain.config import option
-from finegrain.errors import ConfigError, DataError, FinegrainError
+from finegrain.errors import ConfigError, DataError
+from finegrain.labeling.revisers import (
+    MARKER,
+    EndpointError,
+    Reviser,
+    build_messages,
+    read_prompt_template,
+    registered_revisers,
+    reviser_factory,
+)
 
-__all__ = [
-    "MARKER",
-    "REVISER_PROMPT",
-    "REVISER_PROMPT_NO_CHOSEN",
-    "REVISER_SYSTEM",
-    "ChatCompletionsClient",
-    "EndpointError",
-    "HFReviser",
-    "OpenAIReviser",
-    "ReviseConfig",
-    "ReviseSummary",
-    "RevisionJob",
-    "WorldReviser",
-    "build_messages",
-    "conversation_text",
-    "load_jobs",
-    "make_reviser",
-    "parse_revision",
-    "run_revise",
-    "unchanged_path",
-]
+__all__ = ["EndpointError", "ReviseConfig", "ReviseSummary", "RevisionJob", "load_jobs", "run_revise", "unchanged_path"]
 
 logger = logging.getLogger(__name__)
 
-MARKER = "<|Start Of Modified Response|>"
-"""The line after which a reviser's reply holds only the revised response (TLCR's convention)."""
-
-REVISER_SYSTEM = "You are a meticulous editor of AI assistant responses. You fix a response with the smallest edits."
-
-REVISER_PROMPT = f"""Below are a prompt and two responses to it. Response A was judged better than Response B.
-
-[Prompt]
-{{prompt}}
-
-[Response A]
-{{chosen}}
-
-[Response B]
-{{rejected}}
-
-First, compare the two responses and explain briefly why Response A is better than Response B.
-Then rewrite Response B with the fewest possible edits so that it becomes better than Response A: change only the \
-parts that make it worse (mistakes, unhelpful, unsafe or off-topic content) and keep everything else exactly as it \
-is, including its wording, order and format. Do not copy Response A.
-Finally, print the line
-{MARKER}
-and after it only the rewritten Response B, with nothing else."""
-"""The reviser's instruction for a pair (spec 3.1 PROPOSAL); ``{prompt}``, ``{chosen}``, ``{rejected}`` are filled."""
-
-REVISER_PROMPT_NO_CHOSEN = f"""Below are a prompt and a response to it that can be improved.
-
-[Prompt]
-{{prompt}}
-
-[Response]
-{{rejected}}
-
-First, explain briefly what makes the response worse than it could be.
-Then rewrite the response with the fewest possible edits that fix those problems: change only the parts that make \
-it worse (mistakes, unhelpful, unsafe or off-topic content) and keep everything else exactly as it is, including \
-its wording, order and format.
-Finally, print the line
-{MARKER}
-and after it only the rewritten response, with nothing else."""
-"""The reviser's instruction for a row without a chosen response."""
-
-_PLACEHOLDER = re.compile(r"\{(prompt|rejected|chosen)\}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _ID_COLUMNS = ("id", "idx", "uid")
 
-
-DESCRIPTION = f"""Minimal-edit revisions of rejected responses, by an LLM or the built-in world's reviser.
+DESCRIPTION = f"""Minimal-edit revisions of rejected responses, by an LLM or a registered rule reviser.
 
 Each row of the input (prompt, rejected, optionally chosen) is sent to the reviser, which explains and then prints
 the line {MARKER} followed by the rewritten response. Finished rows are appended to --output_file as
@@ -128,9 +58,8 @@ examples:
   finegrain label revise --dataset_name pairs.jsonl --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --output_file revisions.jsonl
 """
 
-
-class EndpointError(FinegrainError):
-    """The chat-completions endpoint cannot serve this job (bad URL, model, key, or unreachable): stop."""
+_NEEDS_REVISER = ("a data set needs an LLM reviser: give --model_name_or_path (a local Hugging Face chat model) or "
+                  "--base_url and --model (an OpenAI-compatible endpoint), or name a registered reviser with --reviser")
 
 
 # ------------------------------------------------------------------------------------------------------ config
@@ -138,7 +67,7 @@ class EndpointError(FinegrainError):
 
 @dataclasses.dataclass
 class ReviseConfig:
-    """Minimal-edit revisions of rejected responses by an LLM or the built-in world's reviser.
+    """Minimal-edit revisions of rejected responses by an LLM or a registered rule reviser.
 
     Writes JSON Lines {index, [id], prompt, rejected, revised, chosen}; a re-run skips rows already written.
     """
@@ -147,15 +76,16 @@ class ReviseConfig:
     # input
     dataset_name: str | None = option(None, "hub id, local file (.jsonl/.json/.parquet/.csv) or directory of rows with "
                                       "prompt, rejected and optionally chosen (TRL preference format, standard or "
-                                      "conversational); default: the world's data/pairs_train.jsonl")
+                                      "conversational)")
     dataset_split: str = option("train", "split of dataset_name")
-    world_dir: str | None = option(None, "a built world directory (finegrain world build DIR); needed by --reviser world")
     limit: int | None = option(None, "use only the first N input rows (a later run with a larger limit continues)")
     skip_invalid_rows: bool = option(False, "skip bad input rows (counted and logged) instead of stopping with an error")
     # reviser
-    reviser: Literal["world", "hf", "openai"] | None = option(
-        None, "who revises: world (rule-based, the built-in world), hf (local chat model), openai (chat-completions "
-        "endpoint); default: world without a data set, else hf with --model_name_or_path, else openai")
+    reviser: str | None = option(
+        None, "who revises, a registered reviser: hf (a local chat model), openai (an OpenAI-compatible chat-completions "
+        "endpoint; pip install 'finegrain[openai]'), or one an application registers (the finegrain command adds "
+        "world, the built-in world's rule reviser); default: hf with --model_name_or_path, openai with --model or "
+        "--base_url")
     prompt_template: str | None = option(None, "text file with the reviser's instruction ({prompt}, {rejected} and "
                                          "{chosen} are filled in; it must ask for the marker line); default: built in")
     max_retries: int = option(3, "times a failed request or a reply without the marker is tried again")
@@ -167,9 +97,9 @@ class ReviseConfig:
                                   "counted and left out)")
     overwrite_output: bool = option(False, "start afresh: delete output_file (and its .unchanged side file) first")
     disable_tqdm: bool = option(False, "hide the progress bar")
-    # world reviser
-    max_edits: int | None = option(None, "world reviser: most edits per response; default: the world's "
-                                   "revision_max_edits")
+    # rule revisers
+    max_edits: int | None = option(None, "rule revisers (such as the built-in world's): most edits per response; "
+                                   "default: the reviser's own (the world's revision_max_edits)")
     # local Hugging Face chat model
     model_name_or_path: str | None = option(None, "hf reviser: hub id or local path of a chat model (it needs a chat "
                                             "template)")
@@ -210,91 +140,37 @@ class ReviseConfig:
                 "option 'api_key_env' is the NAME of the environment variable that holds the key (e.g. OPENAI_API_KEY), "
                 "not the key itself: export the key in that variable and never put it in a config"
             )
-        backend = self.backend  # resolves, and checks the options it needs
-        if backend == "world" and not self.world_dir:
-            raise ConfigError("--reviser world needs --world_dir DIR (a world built by `finegrain world build DIR`)")
-        if backend != "world" and not (self.dataset_name or self.world_dir):
-            raise ConfigError("give --dataset_name (the pairs to revise) or --world_dir (revise the world's pairs)")
+        if self.reviser is not None and not self.reviser.strip():
+            raise ConfigError(f"option 'reviser' needs a name; registered: {', '.join(registered_revisers())}")
+        # Names are checked against the registry when the run starts: an application (the finegrain command) may
+        # register its revisers after the options are read.
+        backend = self.reviser or self._inferred()
         if backend == "hf" and not self.model_name_or_path:
             raise ConfigError("--reviser hf needs --model_name_or_path (a local path or hub id of a chat model)")
         if backend == "openai" and not self.model:
             raise ConfigError("--reviser openai needs --model, the model name the endpoint serves")
-        if backend == "world" and (self.model_name_or_path or self.model or self.base_url):
-            raise ConfigError("--reviser world uses the world's rule-based reviser: drop --model_name_or_path, "
-                              "--model and --base_url, or choose --reviser hf / openai")
+        if backend is None and self.dataset_name:
+            raise ConfigError(_NEEDS_REVISER)
+        if not self.dataset_name and (self.model_name_or_path or self.model or self.base_url):
+            raise ConfigError("give --dataset_name, the pairs to revise")
 
-    @property
-    def backend(self) -> str:
-        """The reviser that runs: ``reviser`` if set, else inferred from the other options."""
-        if self.reviser is not None:
-            return self.reviser
-        if not self.dataset_name and not (self.model_name_or_path or self.model or self.base_url):
-            return "world"
+    def _inferred(self) -> str | None:
         if self.model_name_or_path:
             return "hf"
         if self.model or self.base_url:
             return "openai"
-        raise ConfigError(
-            "a data set needs an LLM reviser: give --model_name_or_path (a local Hugging Face chat model) or "
-            "--base_url and --model (an OpenAI-compatible endpoint), or --reviser world"
-        )
-
-
-# ------------------------------------------------------------------------------------------------ prompt, reply
-
-
-def conversation_text(prompt: str | Sequence[dict]) -> str:
-    """A prompt as plain text: a string unchanged; one user message as its content; otherwise one
-    ``Role: content`` paragraph per message.
-
-    Example:
-        >>> conversation_text([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
-        ...                    {"role": "user", "content": "and?"}])
-        'User: hi\\n\\nAssistant: hello\\n\\nUser: and?'
-    """
-    if isinstance(prompt, str):
-        return prompt
-    msgs = list(prompt)
-    if len(msgs) == 1 and msgs[0]["role"] == "user":
-        return msgs[0]["content"]
-    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in msgs)
-
-
-def build_messages(prompt: str | Sequence[dict], rejected: str, chosen: str | None = None,
-                   template: str | None = None) -> list[dict[str, str]]:
-    """The chat messages that ask a reviser for a minimal edit of ``rejected``.
-
-    Args:
-        prompt: the pair's prompt (text or messages; messages are reduced by :func:`conversation_text`).
-        rejected: the response to revise.
-        chosen: the preferred response, or None (then :data:`REVISER_PROMPT_NO_CHOSEN` is used).
-        template: an instruction with ``{prompt}``, ``{rejected}`` (and ``{chosen}``) placeholders; default the
-            built-in one. Placeholders are filled in one pass, so braces in the texts are kept as they are.
-
-    Returns:
-        ``[{"role": "system", ...}, {"role": "user", ...}]``.
-    """
-    if template is None:
-        template = REVISER_PROMPT if chosen is not None else REVISER_PROMPT_NO_CHOSEN
-    values = {"prompt": conversation_text(prompt).strip(), "rejected": rejected.strip(), "chosen": (chosen or "").strip()}
-    user = _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
-    return [{"role": "system", "content": REVISER_SYSTEM}, {"role": "user", "content": user}]
-
-
-def parse_revision(reply: str) -> str | None:
-    """The revised response in a reviser's reply: the text after the last :data:`MARKER`, stripped.
-
-    Returns None when the reply has no marker or nothing after it.
-
-    Example:
-        >>> parse_revision("B is vague.\\n<|Start Of Modified Response|>\\nIt is cold.\\n")
-        'It is cold.'
-    """
-    k = reply.rfind(MARKER)
-    if k < 0:
         return None
-    text = reply[k + len(MARKER):].strip()
-    return text or None
+
+    @property
+    def backend(self) -> str:
+        """The reviser that runs: ``reviser`` if set, else ``hf`` or ``openai`` from the model options."""
+        backend = self.reviser or self._inferred()
+        if backend is None:
+            raise ConfigError(_NEEDS_REVISER)
+        return backend
+
+
+# ------------------------------------------------------------------------------------------------------- input
 
 
 def _with_spacing(revised: str, rejected: str) -> str:
@@ -304,9 +180,6 @@ def _with_spacing(revised: str, rejected: str) -> str:
     lead = rejected[: len(rejected) - len(rejected.lstrip())]
     trail = rejected[len(rejected.rstrip()):] if rejected.strip() else ""
     return f"{lead}{core}{trail}"
-
-
-# --------------------------------------------------------------------------------------------------------- input
 
 
 @dataclasses.dataclass
@@ -415,295 +288,6 @@ def load_jobs(rows: Any, *, template: str | None = None, skip_invalid: bool = Fa
     return jobs
 
 
-def _read_template(path: str) -> str:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"prompt_template: file {p} does not exist")
-    text = p.read_text(encoding="utf-8")
-    if "{rejected}" not in text:
-        raise ConfigError(f"prompt_template {p} must contain {{rejected}}, where the response to revise goes")
-    if MARKER not in text:
-        raise ConfigError(f"prompt_template {p} must ask for the marker line {MARKER} (the revision is read after it)")
-    return text
-
-
-# ------------------------------------------------------------------------------------------------------ revisers
-
-# A reviser's ``run(jobs)`` yields ``(job, revised_text, None)`` or ``(job, None, failure_reason)`` per job, in any
-# order, as each finishes. A revised text equal to the rejected response means "nothing to change".
-Result = tuple[RevisionJob, "str | None", "str | None"]
-
-
-class WorldReviser:
-    """The built-in world's rule-based reviser (no LLM, no marker)."""
-
-    def __init__(self, rules: Any = None, max_edits: int = 2):
-        from finegrain.world.oracle import OracleRules
-
-        self.rules = rules if rules is not None else OracleRules()
-        self.max_edits = max_edits
-
-    def run(self, jobs: Iterable[RevisionJob]) -> Iterator[Result]:
-        from finegrain.world.reviser import revise
-
-        for job in jobs:
-            out = revise(conversation_text(job.prompt), job.rejected, max_edits=self.max_edits, rules=self.rules)
-            yield job, (job.rejected if out is None else out), None
-
-
-class HFReviser:
-    """A local Hugging Face chat model, prompted through its chat template, generating in batches.
-
-    Args:
-        model: a causal LM (already on its device).
-        tokenizer: its tokenizer, with a chat template.
-        batch_size: prompts generated together (left-padded).
-        max_new_tokens: most generated tokens per reply; a reply that reaches it without EOS has failed.
-        temperature: 0 for greedy decoding, else the sampling temperature.
-        top_p: nucleus sampling with ``temperature > 0``.
-        max_retries: times a failed row is generated again; only when sampling (greedy would repeat the reply).
-        seed: seed of the sampler.
-    """
-
-    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 8, max_new_tokens: int = 1024,
-                 temperature: float = 0.0, top_p: float = 1.0, max_retries: int = 3, seed: int = 0):
-        if not getattr(tokenizer, "chat_template", None):
-            raise ConfigError(f"the tokenizer of {getattr(tokenizer, 'name_or_path', 'the model')!r} has no chat "
-                              "template; use a chat/instruct model (or save a chat_template with the tokenizer)")
-        if tokenizer.pad_token_id is None:  # batched generation pads; the EOS token is the usual stand-in
-            if tokenizer.eos_token_id is None:
-                raise ConfigError("the reviser's tokenizer has neither a pad nor an EOS token; set one and save it")
-            tokenizer.pad_token = tokenizer.eos_token
-        self.model, self.tokenizer = model, tokenizer
-        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
-        self.temperature, self.top_p, self.seed = temperature, top_p, seed
-        self.max_retries = max_retries if temperature > 0 else 0
-
-    def render(self, messages: list[dict[str, str]]) -> str:
-        """The prompt text of ``messages`` under the chat template, ready for the assistant's reply."""
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-    def _eos_ids(self) -> set[int]:
-        ids = set()
-        for value in (getattr(self.model.generation_config, "eos_token_id", None), self.tokenizer.eos_token_id):
-            if value is not None:
-                ids.update(value if isinstance(value, (list, tuple)) else [value])
-        return ids
-
-    def generate(self, conversations: list[list[dict[str, str]]]) -> list[tuple[str, bool]]:
-        """``(reply, cut_off)`` per conversation: the decoded new tokens, and whether ``max_new_tokens`` ended it."""
-        import torch
-
-        tok = self.tokenizer
-        side = tok.padding_side
-        tok.padding_side = "left"
-        try:
-            enc = tok([self.render(m) for m in conversations], return_tensors="pt", padding=True,
-                      add_special_tokens=False)
-        finally:
-            tok.padding_side = side
-        device = next(self.model.parameters()).device
-        enc = {k: v.to(device) for k, v in enc.items()}
-        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "pad_token_id": tok.pad_token_id}
-        if self.model.generation_config.eos_token_id is None and tok.eos_token_id is not None:
-            kwargs["eos_token_id"] = tok.eos_token_id
-        if self.temperature > 0:
-            kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
-        else:
-            kwargs.update(do_sample=False)
-        with torch.inference_mode():
-            out = self.model.generate(**enc, **kwargs)
-        new = out[:, enc["input_ids"].shape[1]:].tolist()
-        eos = self._eos_ids()
-        replies = []
-        for ids in new:
-            ended = next((j for j, t in enumerate(ids) if t in eos), None)
-            kept = ids if ended is None else ids[:ended]
-            replies.append((tok.decode(kept, skip_special_tokens=True), ended is None and len(ids) >= self.max_new_tokens))
-        return replies
-
-    def run(self, jobs: Iterable[RevisionJob]) -> Iterator[Result]:
-        import torch
-
-        torch.manual_seed(self.seed)
-        queue = collections.deque(jobs)
-        tries: collections.Counter = collections.Counter()
-        self.model.eval()
-        while queue:
-            batch = [queue.popleft() for _ in range(min(self.batch_size, len(queue)))]
-            for job, (reply, cut_off) in zip(batch, self.generate([j.messages for j in batch])):
-                revised = None if cut_off else parse_revision(reply)
-                if revised is not None:
-                    yield job, revised, None
-                    continue
-                tries[job.index] += 1
-                if tries[job.index] <= self.max_retries:
-                    queue.append(job)
-                else:
-                    yield job, None, ("reply cut off at max_tokens" if cut_off else "reply without the marker")
-
-
-class ChatCompletionsClient:
-    """A minimal client of the OpenAI chat-completions protocol on the standard library (``urllib``).
-
-    Retries 408, 409, 429, 5xx, timeouts and dropped connections with exponential backoff (``backoff * 2**k``
-    seconds with jitter, at most 60 s, or the server's ``Retry-After``); other failures are not retried.
-
-    Args:
-        base_url: the API base, e.g. ``http://localhost:8000/v1``; ``/chat/completions`` is appended unless
-            the URL already ends with it.
-        api_key: sent as ``Authorization: Bearer <key>``; None sends no key. Never logged.
-        api_key_env: the variable the key came from, named in error messages.
-        timeout: seconds per request.
-        max_retries: retries of one request after the first try.
-        backoff: first retry delay in seconds.
-    """
-
-    RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
-
-    def __init__(self, base_url: str, *, api_key: str | None = None, api_key_env: str = "OPENAI_API_KEY",
-                 timeout: float = 120.0, max_retries: int = 3, backoff: float = 1.0,
-                 sleep: Callable[[float], None] = time.sleep):
-        base = base_url.rstrip("/")
-        self.url = base if base.endswith("/chat/completions") else f"{base}/chat/completions"
-        self._api_key = api_key
-        self.api_key_env = api_key_env
-        self.timeout, self.max_retries, self.backoff, self.sleep = timeout, max_retries, backoff, sleep
-        self._opener = urllib.request.build_opener()
-
-    def __repr__(self) -> str:  # never shows the key
-        return f"ChatCompletionsClient(url={self.url!r}, api_key={'set' if self._api_key else 'none'})"
-
-    def _delay(self, attempt: int, retry_after: str | None) -> float:
-        if retry_after:
-            try:
-                return min(60.0, max(0.0, float(retry_after)))
-            except ValueError:
-                pass
-        return min(60.0, self.backoff * 2**attempt) * (0.5 + 0.5 * random.random())
-
-    def _fatal(self, status: int, body: str) -> EndpointError:
-        detail = f" (server said: {body.strip()[:300]})" if body.strip() else ""
-        if status in (401, 403):
-            return EndpointError(
-                f"{self.url} refused the request with HTTP {status}{detail}: check that the environment variable "
-                f"{self.api_key_env} holds a valid API key for this server (set --api_key_env to use another variable)")
-        return EndpointError(
-            f"{self.url} answered HTTP 404 Not Found{detail}: check --base_url (most servers want it to end in /v1, "
-            "e.g. http://localhost:8000/v1) and --model (a name the server serves; see GET <base_url>/models)")
-
-    def complete(self, messages: list[dict[str, str]], *, model: str, temperature: float = 0.0,
-                 max_tokens: int = 1024, top_p: float = 1.0) -> tuple[str, str | None]:
-        """Send one chat-completions request.
-
-        Returns:
-            ``(content, finish_reason)`` of ``choices[0]``.
-
-        Raises:
-            EndpointError: 401/403/404, or no connection to the server after every retry (the job cannot go on).
-            RuntimeError: this request failed (another 4xx, a malformed answer, or retries exhausted); the
-                message says why and the row counts as failed.
-        """
-        payload: dict[str, Any] = {"model": model, "messages": messages, "temperature": temperature,
-                                   "max_tokens": max_tokens}
-        if top_p < 1.0:
-            payload["top_p"] = top_p
-        data = json.dumps(payload).encode("utf-8")
-        headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": "finegrain"}
-        if self._api_key:
-            headers["Authorization"] = f"Bearer {self._api_key}"
-        last, retry_after = "", None
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                self.sleep(self._delay(attempt - 1, retry_after))
-            retry_after = None
-            request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
-            try:
-                with self._opener.open(request, timeout=self.timeout) as resp:
-                    body = resp.read()
-            except urllib.error.HTTPError as e:
-                text = e.read().decode("utf-8", "replace") if e.fp is not None else ""
-                if e.code in (401, 403, 404):
-                    raise self._fatal(e.code, text) from None
-                if e.code in self.RETRY_STATUS or e.code >= 500:
-                    last, retry_after = f"HTTP {e.code}", e.headers.get("Retry-After") if e.headers else None
-                    continue
-                raise RuntimeError(f"HTTP {e.code}: {text.strip()[:300]}") from None
-            except urllib.error.URLError as e:
-                if isinstance(e.reason, TimeoutError):
-                    last = "timed out"
-                    continue
-                last = f"no connection ({e.reason})"
-                if attempt == self.max_retries:
-                    raise EndpointError(f"cannot reach {self.url}: {e.reason}; check that the server is running and "
-                                        "that --base_url is right") from None
-                continue
-            except TimeoutError:
-                last = "timed out"
-                continue
-            except (http.client.HTTPException, ConnectionError) as e:
-                last = f"connection dropped ({type(e).__name__})"
-                continue
-            try:
-                choice = json.loads(body)["choices"][0]
-                content = choice["message"]["content"]
-                if not isinstance(content, str):
-                    raise TypeError(type(content).__name__)
-            except (ValueError, KeyError, IndexError, TypeError) as e:
-                raise RuntimeError(f"malformed chat-completions answer ({type(e).__name__}: {e})") from None
-            return content, choice.get("finish_reason")
-        raise RuntimeError(f"{last} after {self.max_retries + 1} tries")
-
-
-class OpenAIReviser:
-    """An OpenAI-compatible chat-completions endpoint, ``concurrency`` requests in flight from a thread pool."""
-
-    def __init__(self, client: ChatCompletionsClient, model: str, *, concurrency: int = 8, temperature: float = 0.0,
-                 top_p: float = 1.0, max_tokens: int = 1024, max_retries: int = 3):
-        self.client, self.model, self.concurrency = client, model, concurrency
-        self.temperature, self.top_p, self.max_tokens, self.max_retries = temperature, top_p, max_tokens, max_retries
-
-    def revise_one(self, job: RevisionJob) -> tuple[str | None, str | None]:
-        """``(revised, None)`` or ``(None, reason)`` for one row; a reply without the marker is asked again."""
-        reason = ""
-        for _ in range(self.max_retries + 1):
-            try:
-                reply, finish = self.client.complete(job.messages, model=self.model, temperature=self.temperature,
-                                                     max_tokens=self.max_tokens, top_p=self.top_p)
-            except RuntimeError as e:
-                return None, str(e)
-            revised = parse_revision(reply)
-            if finish == "length":
-                reason = "reply cut off at max_tokens"
-            elif revised is None:
-                reason = "reply without the marker"
-            else:
-                return revised, None
-        return None, reason
-
-    def run(self, jobs: Iterable[RevisionJob]) -> Iterator[Result]:
-        it = iter(jobs)
-        window = 2 * self.concurrency
-        pool = cf.ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="finegrain-revise")
-        pending: dict[cf.Future, RevisionJob] = {}
-        try:
-            while True:
-                while len(pending) < window:
-                    job = next(it, None)
-                    if job is None:
-                        break
-                    pending[pool.submit(self.revise_one, job)] = job
-                if not pending:
-                    break
-                done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
-                for fut in done:
-                    job = pending.pop(fut)
-                    revised, reason = fut.result()
-                    yield job, revised, reason
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
-
-
 # ------------------------------------------------------------------------------------------------ output, resume
 
 
@@ -795,79 +379,33 @@ def _output_row(job: RevisionJob, revised: str) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------- run
 
 
-def _world_settings(world_dir: Path) -> tuple[Any, int]:
-    """The oracle rules and revision_max_edits of a built world (defaults when it has no world.json)."""
-    from finegrain.world.config import WorldConfig
-
-    meta = world_dir / "world.json"
-    if not meta.is_file():
-        return WorldConfig().rules, WorldConfig().revision_max_edits
-    try:
-        cfg = WorldConfig(**json.loads(meta.read_text())["config"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"{meta} is not a world summary finegrain can read ({e}); rebuild the world") from None
-    return cfg.rules, cfg.revision_max_edits
-
-
-def _input_source(cfg: ReviseConfig) -> str:
-    if cfg.dataset_name:
-        return cfg.dataset_name
-    pairs = Path(cfg.world_dir) / "data" / "pairs_train.jsonl"
-    if not pairs.is_file():
-        raise ConfigError(f"world dir {cfg.world_dir} has no data/pairs_train.jsonl: build it with "
-                          f"`finegrain world build {cfg.world_dir}` or give --dataset_name")
-    return str(pairs)
-
-
-def make_reviser(cfg: ReviseConfig) -> WorldReviser | HFReviser | OpenAIReviser:
-    """Build the reviser ``cfg`` asks for (loads the model for ``hf``; reads the key's variable for ``openai``)."""
-    backend = cfg.backend
-    if backend == "world":
-        rules, max_edits = _world_settings(Path(cfg.world_dir))
-        return WorldReviser(rules, cfg.max_edits or max_edits)
-    if backend == "hf":
-        import torch
-
-        from finegrain.models.loading import load_causal_lm, load_tokenizer
-
-        tok = load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
-        model = load_causal_lm(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype)
-        model.to(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        return HFReviser(model, tok, batch_size=cfg.batch_size, max_new_tokens=cfg.max_tokens,
-                         temperature=cfg.temperature, top_p=cfg.top_p, max_retries=cfg.max_retries, seed=cfg.seed)
-    key = os.environ.get(cfg.api_key_env) or None
-    if key is None:
-        logger.info("environment variable %s is not set: requests carry no API key", cfg.api_key_env)
-    client = ChatCompletionsClient(cfg.base_url or "https://api.openai.com/v1", api_key=key,
-                                   api_key_env=cfg.api_key_env, timeout=cfg.timeout, max_retries=cfg.max_retries,
-                                   backoff=cfg.retry_backoff)
-    return OpenAIReviser(client, cfg.model, concurrency=cfg.concurrency, temperature=cfg.temperature, top_p=cfg.top_p,
-                         max_tokens=cfg.max_tokens, max_retries=cfg.max_retries)
-
-
-def run_revise(cfg: ReviseConfig, reviser: WorldReviser | HFReviser | OpenAIReviser | None = None) -> ReviseSummary:
+def run_revise(cfg: ReviseConfig, reviser: Reviser | None = None) -> ReviseSummary:
     """Revise the rejected responses of ``cfg``'s data set into ``cfg.output_file``, resuming what is there.
 
     Args:
         cfg: the options.
-        reviser: a reviser to use instead of the one ``cfg`` describes (e.g. an :class:`HFReviser` on a model
-            already in memory).
+        reviser: a reviser to use instead of the registered one ``cfg`` names (e.g. an
+            :class:`~finegrain.labeling.revisers.HFReviser` on a model already in memory).
 
     Returns:
         The :class:`ReviseSummary`.
 
     Raises:
         DataError: a bad input row, or an output file written from other input.
-        ConfigError / EndpointError: options or an endpoint that cannot work; rows finished so far stay written.
+        ConfigError / EndpointError: options (an unregistered ``--reviser``, no data set) or an endpoint that
+            cannot work; rows finished so far stay written.
     """
     from finegrain.data.loading import load_rows
 
-    source = _input_source(cfg)
+    if not cfg.dataset_name:
+        raise ConfigError("give --dataset_name, the pairs to revise (the finegrain command fills in the built-in "
+                          "world's training pairs when no data set, model or endpoint is given)")
+    factory = reviser_factory(cfg.backend) if reviser is None else None  # an unknown name fails before any work
     out = Path(cfg.output_file)
-    if out.resolve() == Path(source).resolve():
+    if out.resolve() == Path(cfg.dataset_name).resolve():
         raise ConfigError(f"--output_file {out} is the input file: choose another path")
-    template = _read_template(cfg.prompt_template) if cfg.prompt_template else None
-    rows = load_rows(source, cfg.dataset_split if cfg.dataset_name else None)
+    template = read_prompt_template(cfg.prompt_template) if cfg.prompt_template else None
+    rows = load_rows(cfg.dataset_name, cfg.dataset_split)
     n_rows = len(rows)
     if cfg.limit is not None:
         rows = rows.head(cfg.limit)
@@ -881,7 +419,7 @@ def run_revise(cfg: ReviseConfig, reviser: WorldReviser | HFReviser | OpenAIRevi
     summary = ReviseSummary(str(out), total=len(rows), skipped=len(jobs) - len(todo), invalid=sum(invalid.values()),
                             keep_unchanged=cfg.keep_unchanged)
     if todo:
-        reviser = reviser or make_reviser(cfg)
+        reviser = reviser or factory(cfg)
         out.parent.mkdir(parents=True, exist_ok=True)
         _revise_into(reviser, todo, out, cfg, summary)
     return summary
@@ -892,7 +430,7 @@ def _append(f: Any, row: dict[str, Any]) -> None:
     f.flush()
 
 
-def _revise_into(reviser: Any, todo: list[RevisionJob], out: Path, cfg: ReviseConfig, summary: ReviseSummary) -> None:
+def _revise_into(reviser: Reviser, todo: list[RevisionJob], out: Path, cfg: ReviseConfig, summary: ReviseSummary) -> None:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(todo), desc="revise", unit="row", disable=cfg.disable_tqdm, dynamic_ncols=True)

@@ -55,14 +55,12 @@ def with_world_options(cls: type) -> type:
 
 
 def register(world_dir: str | Path | None = None) -> None:
-    """Register the world's reward sources (and its reviser) for the world at ``world_dir``."""
+    """Register the world's reward sources and its reviser (``label revise --reviser world``) for the world at
+    ``world_dir``."""
     from finegrain.world import sources
+    from finegrain.world.reviser import register_reviser_backend
 
     sources.register(world_dir)
-    try:
-        from finegrain.world.reviser import register_reviser_backend
-    except ImportError:  # the reviser backend registry is not part of this installation
-        return
     register_reviser_backend(world_dir)
 
 
@@ -248,6 +246,13 @@ def _label_edits(cfg: Any) -> None:
     cfg.tokenizer_name_or_path = cfg.tokenizer_name_or_path or str(world / "sft")
 
 
+def _label_revise(cfg: Any) -> None:
+    world = _world(cfg)
+    cfg.dataset_name = _data(world, "pairs_train")
+    cfg.reviser = cfg.reviser or "world"
+    cfg.skip_invalid_rows = True
+
+
 _FILL = {
     "sft": (lambda c: c.model_name_or_path is None, _sft),
     "po": (lambda c: c.model_name_or_path is None, _po),
@@ -256,6 +261,8 @@ _FILL = {
     "eval": (lambda c: (c.policy and c.prompts is None) or (c.token_credit and c.credit_data is None), _eval),
     "label contrastive": (lambda c: c.model_name_or_path is None, _label_contrastive),
     "label edits": (lambda c: c.dataset_name is None, _label_edits),
+    "label revise": (lambda c: c.dataset_name is None and not (c.model_name_or_path or c.model or c.base_url),
+                     _label_revise),
 }
 
 

@@ -11,11 +11,15 @@ One edit is the smallest change that fixes one fault:
 ``revise`` applies the single edit with the largest score gain (ties: fewer words changed, then earlier
 position), repeated up to ``max_edits`` times while each edit still raises the score. It plays the role that an
 LLM annotator plays for real data (TLCR, minimal-edit token reward models).
+
+``register_reviser_backend`` makes it the backend ``world`` of ``finegrain label revise`` (:class:`WorldReviser`).
 """
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 from finegrain.world.grammar import (
     ROLE_ADJ,
@@ -84,3 +88,57 @@ def revise(prompt: str, response: str, max_edits: int = 1, rules: OracleRules = 
         current += best[0]
         edited = True
     return " ".join(words) if edited else None
+
+
+# ------------------------------------------------------------------------------- the `finegrain label revise` backend
+
+
+class WorldReviser:
+    """:func:`revise` as a reviser of ``finegrain label revise`` (docs/labeling.md): no LLM, no marker.
+
+    ``run(jobs)`` yields ``(job, revised, None)`` per job, in order; a response no edit improves comes back as it is
+    (counted as unchanged).
+    """
+
+    def __init__(self, rules: OracleRules | None = None, max_edits: int = 2):
+        self.rules = rules if rules is not None else DEFAULT_RULES
+        self.max_edits = max_edits
+
+    def run(self, jobs):
+        from finegrain.labeling.revisers import conversation_text
+
+        for job in jobs:
+            out = revise(conversation_text(job.prompt), job.rejected, max_edits=self.max_edits, rules=self.rules)
+            yield job, (job.rejected if out is None else out), None
+
+
+def world_settings(world_dir: str | Path | None) -> tuple[OracleRules, int]:
+    """The oracle rules and ``revision_max_edits`` of a world directory (the defaults when it is None or has no
+    ``world.json``)."""
+    from finegrain.errors import ConfigError
+    from finegrain.world.config import WorldConfig
+
+    meta = Path(world_dir) / "world.json" if world_dir else None
+    if meta is None or not meta.is_file():
+        return WorldConfig().rules, WorldConfig().revision_max_edits
+    try:
+        cfg = WorldConfig(**json.loads(meta.read_text())["config"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{meta} is not a world summary finegrain can read ({e}); rebuild the world") from None
+    return cfg.rules, cfg.revision_max_edits
+
+
+def register_reviser_backend(world_dir: str | Path | None = None) -> None:
+    """Register ``--reviser world``: :class:`WorldReviser` with the rules and ``revision_max_edits`` of
+    ``world_dir`` (else of the config's ``world_dir``, else the defaults); ``--max_edits`` overrides the latter."""
+    from finegrain.errors import ConfigError
+    from finegrain.labeling.revisers import register_reviser
+
+    def make(cfg) -> WorldReviser:
+        if any(getattr(cfg, name, None) for name in ("model_name_or_path", "model", "base_url")):
+            raise ConfigError("--reviser world uses the world's rule-based reviser: drop --model_name_or_path, "
+                              "--model and --base_url, or choose --reviser hf / openai")
+        rules, max_edits = world_settings(world_dir or getattr(cfg, "world_dir", None))
+        return WorldReviser(rules, getattr(cfg, "max_edits", None) or max_edits)
+
+    register_reviser("world", make, "the built-in world's rule reviser (no LLM; --max_edits)")
