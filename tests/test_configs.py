@@ -1,6 +1,7 @@
-"""Every shipped YAML loads: the accelerate presets into accelerate's config class, and configs/<command>/*.yaml into
-that command's config dataclass. The expected counts are asserted, so a file added without a test entry (or a
-folder the walk misses) fails here."""
+"""Every shipped YAML loads: the accelerate presets into accelerate's config class, and every file under
+src/finegrain/configs/ (walked recursively; ``<command>-<name>.yaml``) into that command's config dataclass, as the
+command line parses it (the world's option included). The expected counts are asserted, so a file added without a
+test entry (or a folder the walk misses) fails here."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ROOT / "src" / "finegrain" / "accelerate_configs"
 CONFIG_DIRS = [ROOT / "configs", ROOT / "src" / "finegrain" / "configs"]
+COMMANDS = ("sft", "po", "rm", "ppo")
 EXPECTED_PRESETS = 5  # single_gpu, multi_gpu, fsdp2, zero2, zero3
-EXPECTED_CONFIGS = 0  # configs/<command>/*.yaml (none shipped yet)
+EXPECTED_CONFIGS = 8  # world/: the demo's 4 reward models, 3 po runs, 1 ppo run
 
 
 def _yaml_files(root: Path) -> list[Path]:
@@ -50,12 +52,25 @@ def _config_class(command: str):
 
 def test_every_shipped_command_config_loads():
     from finegrain.config import parse
+    from finegrain.world.app import with_world_options
 
     files = [f for d in CONFIG_DIRS for f in _yaml_files(d)]
     assert len(files) == EXPECTED_CONFIGS
     for f in files:
-        command = f.relative_to(next(d for d in CONFIG_DIRS if d in f.parents)).parts[0]
-        parse(_config_class(command), ["--config", str(f)], f"finegrain {command}")
+        command = f.stem.split("-")[0]
+        assert command in COMMANDS, f"{f}: name it <command>-<name>.yaml with a command of {COMMANDS}"
+        cfg = parse(with_world_options(_config_class(command)), ["--config", str(f)], f"finegrain {command}")
+        assert cfg.max_steps > 0
+        lines = [ln for ln in f.read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+        assert all("#" in ln for ln in lines if not ln.startswith("loss:")), f"{f.name}: comment every key"
+
+
+def test_the_demo_reads_its_recipes_from_the_shipped_files():
+    from finegrain.demo import PO_LOSSES, RM_LEVELS, recipe
+
+    for name in [f"rm-{lv}" for lv in RM_LEVELS] + [f"po-{loss}" for loss in PO_LOSSES] + ["ppo-token-rm"]:
+        args, steps = recipe(name)
+        assert args[0] == "--config" and Path(args[1]).is_file() and steps > 0
 
 
 @pytest.mark.parametrize("name", ["zero3", "multi_gpu"])

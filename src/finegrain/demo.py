@@ -39,15 +39,24 @@ class DemoConfig:
     eval_prompts: int = option(200, "held-out prompts per policy evaluation")
 
 
-RM_STEPS = {"sequence": 300, "sentence": 300, "token": 1000, "discriminator": 1000}
-"""Training steps (16 pairs each) per reward-model level: the pair-trained levels overfit the world's ~2,000 pairs
-past ~2.5 epochs; the edit-trained levels need more steps to learn the value of many words (bench/rm_quality.py)."""
-RM_LEVELS = tuple(RM_STEPS)
-PO_LOSSES = {"dpo": [], "tdpo2": ["--alpha", "0.5"], "treg-dpo": ["--alpha", "0.1"]}
+RM_LEVELS = ("sequence", "sentence", "token", "discriminator")
+PO_LOSSES = ("dpo", "tdpo2", "treg-dpo")
 
 
-def _steps(n: int, scale: float) -> str:
-    return str(max(2, round(n * scale)))
+def recipe(name: str) -> tuple[list[str], int]:
+    """``["--config", <shipped configs/world/NAME.yaml>]`` and the recipe's ``max_steps`` (every stage's settings
+    live in those files, each key commented; the demo adds only its directories, the seed and the scale)."""
+    from importlib import resources
+
+    from finegrain.config import load_yaml
+
+    path = resources.files("finegrain") / "configs" / "world" / f"{name}.yaml"
+    return ["--config", str(path)], int(load_yaml(str(path))["max_steps"])
+
+
+def _scaled(name: str, scale: float) -> list[str]:
+    args, steps = recipe(name)
+    return args + (["--max_steps", str(max(2, round(steps * scale)))] if scale != 1.0 else [])
 
 
 def _completed(run_dir: Path) -> bool:
@@ -110,25 +119,17 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     print("\n[2/7] reward models", flush=True)
     for level in RM_LEVELS:
-        argv = ["--level", level, *wd, "--output_dir", str(runs / f"rm-{level}"), *common,
-                "--max_steps", _steps(RM_STEPS[level], cfg.scale), "--per_device_train_batch_size", "16",
-                "--learning_rate", "1e-3", "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.05",
-                "--logging_steps", "10", "--max_eval_samples", "300", "--max_credit_samples", "300"]
+        argv = [*_scaled(f"rm-{level}", cfg.scale), *wd, "--output_dir", str(runs / f"rm-{level}"), *common]
         timings[f"rm-{level}"] = _run_stage(f"{level} reward model", "rm", argv, runs / f"rm-{level}")
 
     print("\n[3/7] offline preference optimisation", flush=True)
-    for loss, extra in PO_LOSSES.items():
-        argv = ["--loss", loss, *extra, *wd, "--output_dir", str(runs / f"po-{loss}"), *common,
-                "--max_steps", _steps(120, cfg.scale), "--per_device_train_batch_size", "32",
-                "--learning_rate", "1e-4", "--beta", "0.1", "--lr_scheduler_type", "constant", "--warmup_steps", "10",
-                "--logging_steps", "10", "--eval_steps", "40", "--max_eval_samples", "128"]
+    for loss in PO_LOSSES:
+        argv = [*_scaled(f"po-{loss}", cfg.scale), *wd, "--output_dir", str(runs / f"po-{loss}"), *common]
         timings[f"po-{loss}"] = _run_stage(loss, "po", argv, runs / f"po-{loss}")
 
     print("\n[4/7] PPO with dense token rewards", flush=True)
-    argv = ["--reward", str(runs / "rm-token" / "final"), *wd, "--output_dir", str(runs / "ppo-token-rm"), *common,
-            "--max_steps", _steps(40, cfg.scale), "--rollout_batch_size", "32", "--learning_rate", "3e-4",
-            "--kl_coef", "0.3", "--reward_normalization", "batch", "--per_device_train_batch_size", "16",
-            "--logging_steps", "5", "--max_new_tokens", "32", "--max_length", "96", "--max_prompt_length", "32"]
+    argv = [*_scaled("ppo-token-rm", cfg.scale), "--reward", str(runs / "rm-token" / "final"), *wd,
+            "--output_dir", str(runs / "ppo-token-rm"), *common]
     timings["ppo-token-rm"] = _run_stage("PPO, token RM reward", "ppo", argv, runs / "ppo-token-rm")
 
     print("\n[5/7] evaluation against the SFT model, judged by the oracle", flush=True)
