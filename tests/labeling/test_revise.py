@@ -306,6 +306,28 @@ def test_client_sends_no_key_when_the_variable_is_unset(tmp_path):
     assert ep.requests[0]["auth"] is None and ep.requests[0]["body"]["max_tokens"] == 7
 
 
+def test_only_the_named_variable_is_read_for_the_key(tmp_path, monkeypatch):
+    """The SDK would read OPENAI_API_KEY on its own; the reviser sends the key of --api_key_env or none."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-not-this-one")
+    monkeypatch.delenv("FG_UNSET_KEY", raising=False)
+    data = _pairs(tmp_path / "pairs.jsonl", ["bad answer"])
+    with FakeEndpoint(key=None) as ep:
+        summary = run_revise(_cfg(data, tmp_path / "out.jsonl", ep, api_key_env="FG_UNSET_KEY"))
+    assert summary.revised == 1 and [r["auth"] for r in ep.requests] == [None]
+
+
+def test_endpoint_reviser_without_the_openai_package_says_what_to_install(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "openai", None)  # `import openai` raises ImportError
+    data = _pairs(tmp_path / "pairs.jsonl", ["bad answer"])
+    cfg = build(ReviseConfig, dict(dataset_name=str(data), output_file=str(tmp_path / "out.jsonl"), model="m",
+                                   base_url="http://127.0.0.1:9/v1", disable_tqdm=True))
+    with pytest.raises(ConfigError, match=re.escape("pip install 'finegrain[openai]'")):
+        run_revise(cfg)
+    assert not (tmp_path / "out.jsonl").exists() or (tmp_path / "out.jsonl").read_text() == ""
+
+
 # ------------------------------------------------------------------------------------- input and options
 
 
@@ -396,6 +418,51 @@ def test_output_file_is_required_and_backend_inferred():
     assert build(ReviseConfig, {"output_file": "o", "dataset_name": "d", "model_name_or_path": "p"}).backend == "hf"
     cfg = build(ReviseConfig, {"output_file": "o", "dataset_name": "d", "model": "m", "max_new_tokens": 9})
     assert cfg.backend == "openai" and cfg.max_tokens == 9
+
+
+# ------------------------------------------------------------------------------------------- reviser registry
+
+
+class _Shout:
+    """A rule reviser for the registry tests: upper-cases the rejected response (``same`` rows stay as they are)."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def run(self, jobs):
+        for job in jobs:
+            yield job, (job.rejected if "same" in job.rejected else job.rejected.upper()), None
+
+
+def test_a_registered_reviser_runs_by_name(tmp_path, monkeypatch):
+    from finegrain.labeling import revisers
+
+    monkeypatch.setattr(revisers, "_REGISTRY", dict(revisers._REGISTRY))  # registrations end with the test
+    assert {"hf", "openai"} <= set(registered_revisers())
+    register_reviser("shout", _Shout, "upper-cases the response")
+    assert "shout" in registered_revisers() and "shout: upper-cases" in revisers.describe_revisers()
+    data = _pairs(tmp_path / "pairs.jsonl", ["bad answer", "same answer"])
+    out = tmp_path / "out.jsonl"
+    cfg = build(ReviseConfig, {"dataset_name": str(data), "output_file": str(out), "reviser": "shout",
+                               "max_edits": 2, "disable_tqdm": True})
+    summary = run_revise(cfg)
+    assert (summary.revised, summary.unchanged, summary.failed) == (1, 1, 0)
+    assert _read(out) == [{"index": 0, "id": "ex0", "prompt": "question 0 ?", "rejected": " bad answer 0 .",
+                           "revised": " BAD ANSWER 0 .", "chosen": "a good answer 0 ."}]
+    assert revisers.make_reviser(cfg).cfg is cfg  # the factory gets the config
+    with pytest.raises(ValueError, match="plain word"):
+        register_reviser("a b", _Shout)
+
+
+def test_an_unknown_reviser_is_refused_with_the_registered_names_before_any_work(tmp_path):
+    data = _pairs(tmp_path / "pairs.jsonl", ["bad answer"])
+    out = tmp_path / "out.jsonl"
+    cfg = build(ReviseConfig, {"dataset_name": str(data), "output_file": str(out), "reviser": "nope"})
+    with pytest.raises(ConfigError, match=r"--reviser 'nope' is not a registered reviser; registered: .*hf.*openai"):
+        run_revise(cfg)
+    assert not out.exists()
+    with pytest.raises(ConfigError, match="give --dataset_name"):  # nothing to revise (the world fills this in)
+        run_revise(build(ReviseConfig, {"output_file": str(out)}))
 
 
 # ---------------------------------------------------------------------------------------- Hugging Face reviser
