@@ -94,9 +94,11 @@ def test_booleans_as_flags_and_values():
         assert parse(SFTConfig, ["--disable-dropout", word], "t").disable_dropout is value
     with pytest.raises(ConfigError, match="option 'bf16' must be true or false, got 'maybe'"):
         parse(SFTConfig, ["--bf16", "maybe"], "t")
+    assert parse(SFTConfig, ["--no_disable_dropout"], "t").disable_dropout is False  # a default-true flag's negation
+    assert parse(SFTConfig, ["--no-disable-dropout", "--bf16"], "t").disable_dropout is False
 
 
-def test_list_fields_take_several_values():
+def test_list_fields_take_several_values(tmp_path):
     from finegrain.trainers.ppo import PPOConfig
     from finegrain.trainers.sft import SFTConfig
 
@@ -104,6 +106,9 @@ def test_list_fields_take_several_values():
     assert cfg.lora_target_modules == ["q_proj", "v_proj"] and cfg.report_to == ["tensorboard", "wandb"]
     assert parse(SFTConfig, ["--lora_target_modules", "q_proj"], "t").lora_target_modules == ["q_proj"]
     assert parse(SFTConfig, [], "t").lora_target_modules == ["all-linear"]
+    path = tmp_path / "c.yaml"
+    path.write_text("report_to: [tensorboard]\n")
+    assert parse(SFTConfig, ["--config", str(path), "--report_to"], "t").report_to == []  # the flag alone empties it
     cfg = parse(PPOConfig, ["--reward", "oracle", "oracle:credit", "--reward_scales", "0.5", "2"], "t")
     assert cfg.reward_scales == [0.5, 2.0] and all(isinstance(s, float) for s in cfg.reward_scales)
     with pytest.raises(ConfigError, match="option 'reward_scales' must be a number, got 'x'"):
@@ -218,3 +223,23 @@ def test_the_command_line_subclass_with_world_options(tmp_path):
     with pytest.raises(ConfigError, match="max_prompt_length"):  # the base class's checks still run
         parse(cls, ["--max_length", "8", "--max_prompt_length", "8"], "finegrain sft")
     assert [f.name for f in config_fields(cls)][-1] == "world_dir"
+
+
+def test_the_class_is_left_as_it_is_and_every_parser_shows_defaults(capsys, monkeypatch):
+    """Flags are made from copies of the fields (HfArgumentParser rewrites ``field.type``); commands with their own
+    argparse parser (world build, demo) get the same flags and help."""
+    from finegrain.trainers.sft import SFTConfig
+    from finegrain.world.config import WorldConfig
+
+    types_before = {f.name: f.type for f in dataclasses.fields(SFTConfig)}
+    parse(SFTConfig, [], "t")
+    assert {f.name: f.type for f in dataclasses.fields(SFTConfig)} == types_before
+    monkeypatch.setenv("COLUMNS", "200")
+    for main, argv, cls in [("finegrain.world.cli", ["build", "--help"], WorldConfig),
+                            ("finegrain.demo", ["--help"], None)]:
+        with pytest.raises(SystemExit):
+            importlib.import_module(main).main(argv)
+        entries = _help_entries(capsys.readouterr().out)
+        cls = cls or importlib.import_module(main).DemoConfig
+        for f in config_fields(cls):
+            assert f"default: {f.default!r}" in entries[f"--{f.name}"], (main, f.name)

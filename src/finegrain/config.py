@@ -1,16 +1,20 @@
 """Config dataclasses drive YAML files, command-line flags and ``--help`` from one source.
 
 Each command has one dataclass. Every field is declared with :func:`option`, which records its help text; the
-parser accepts ``--config file.yaml`` plus flag overrides (precedence: defaults < YAML < flags), both
-``--snake_case`` and ``--kebab-case`` spellings, ``--flag`` / ``--flag false`` for booleans, and several values
-for list fields. A YAML file may carry an ``env:`` mapping of environment variables to set (as in TRL).
-Unknown keys, wrong types and contradictory options fail at start with a :class:`~finegrain.errors.ConfigError`
-that names the option and says what to change. No config string is ever evaluated as code.
+parser accepts ``--config file.yaml`` plus flag overrides (precedence: defaults < YAML < flags, as TRL's
+``TrlParser``), both ``--snake_case`` and ``--kebab-case`` spellings, ``--flag`` / ``--flag false`` /
+``--no_flag`` for booleans, several values for list fields, and ``none`` for an optional field. A YAML file may
+carry an ``env:`` mapping of environment variables to set (as in TRL). The flags are made from the dataclass by
+``transformers.HfArgumentParser``; the values (flags and YAML alike) are converted and checked here
+(:func:`build`), so unknown keys, wrong types and contradictory options fail at start with a
+:class:`~finegrain.errors.ConfigError` that names the option and says what to change. No config string is ever
+evaluated as code.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import difflib
 import math
@@ -30,7 +34,7 @@ _MISSING = dataclasses.MISSING
 
 def option(default: Any = _MISSING, help: str = "", *, default_factory: Any = _MISSING, aliases: tuple[str, ...] = ()):
     """Declare a config field with its help text (shown by ``--help`` and in shipped YAML comments)."""
-    meta = {"help": help, "aliases": aliases}
+    meta = {"help": help, "aliases": [f"--{a}" for a in aliases]}
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -149,7 +153,7 @@ def build(cls: type[C], values: dict[str, Any], source: str = "options") -> C:
     """Build ``cls`` from a mapping, coercing types and rejecting unknown keys."""
     hints = _hints(cls)
     known = {f.name: f for f in config_fields(cls)}
-    aliases = {a: f.name for f in known.values() for a in f.metadata.get("aliases", ())}
+    aliases = {a.lstrip("-"): f.name for f in known.values() for a in f.metadata.get("aliases", ())}
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
         if not isinstance(key, str):
@@ -203,29 +207,31 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add one flag per field of ``cls`` (both spellings), with its help and default."""
+    """Add one flag per field of ``cls``, made by ``transformers.HfArgumentParser``: ``--name`` and ``--kebab-name``
+    (and aliases), ``--flag`` / ``--flag false`` / ``--no_flag`` for booleans, several values for lists.
+
+    The flags keep their values as strings and say nothing when not given: :func:`parse` lays them over the YAML
+    file, :func:`build` converts and checks them (its messages name the option and cut long values). Each help line
+    ends with the type and the default.
+    """
+    from transformers import HfArgumentParser
+
     hints = _hints(cls)
     for f in config_fields(cls):
-        tp = hints[f.name]
-        base, _ = _unwrap_optional(tp)
+        field = copy.copy(f)  # HfArgumentParser rewrites field.type; the class's own field stays as it is
+        field.type = hints[f.name]
+        first = len(parser._actions)
+        HfArgumentParser._parse_dataclass_field(parser, field)
         default = _default_of(f)
         shown = "required" if default is _MISSING else f"default: {default!r}"
-        help_text = f"{f.metadata.get('help', '')} [{_type_name(tp)}; {shown}]".strip()
-        names = [f"--{f.name}"]
-        if "_" in f.name:
-            names.append(f"--{f.name.replace('_', '-')}")
-        for a in f.metadata.get("aliases", ()):
-            names.append(f"--{a}")
-        kwargs: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text.replace("%", "%%"))
-        if base is bool:
-            kwargs.update(nargs="?", const="true", metavar="BOOL")
-        elif get_origin(base) in (list, tuple):
-            kwargs.update(nargs="*", metavar="VALUE")
-        elif get_origin(base) is Literal:
-            kwargs.update(metavar="{" + ",".join(map(str, get_args(base))) + "}")
-        else:
-            kwargs.update(metavar=_type_name(base).upper())
-        parser.add_argument(*names, **kwargs)
+        for action in parser._actions[first:]:
+            action.type, action.required, action.default = None, False, argparse.SUPPRESS
+            action.help = (f"same as --{f.name} false" if action.nargs == 0 else  # --no_flag
+                           f"{f.metadata.get('help', '')} [{_type_name(hints[f.name])}; {shown}]".replace("%", "%%"))
+            if action.choices:  # checked by build, which accepts 'none' for an optional field
+                action.metavar, action.choices = "{" + ",".join(map(str, action.choices)) + "}", None
+            if action.nargs == "+":  # '--report_to' alone empties a list
+                action.nargs = "*"
 
 
 class _Parser(argparse.ArgumentParser):
