@@ -3,9 +3,11 @@
 ``L = −log σ(s · (r_w − r_l) − m) + c · (r_w + r_l)² + λ · (r_w² + r_l²)`` per pair, with
 
 * ``m`` an optional per-pair margin (Llama 2's margin loss, Touvron et al. 2023),
-* ``s`` an optional per-pair logit scale (the SRM plain-sum ablation uses ``1 / max(N_w, N_l)``, spec 5.2),
+* ``s`` an optional per-pair logit scale (the SRM plain-sum ablation uses ``1 / max(N_w, N_l)``; Qiu et al. 2025,
+  arXiv 2503.04793; docs/methods/reward-models.md),
 * ``c`` the reward-centering coefficient (Eisenstein et al. 2023; TRL's ``center_rewards_coefficient``),
-* ``λ`` the SRM penalty ``λ (R_w² + R_l²)`` (``penalty_coef``, 0 in the released SRM script, spec 5.2).
+* ``λ`` the SRM penalty ``λ (R_w² + R_l²)`` (``penalty_coef``, 0 in the released SRM script;
+  docs/methods/reward-models.md).
 
 Written with ``logsigmoid`` so large margins neither overflow nor lose precision.
 """

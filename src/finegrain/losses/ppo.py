@@ -98,7 +98,7 @@ def ppo_policy_loss(
         old_token_logps: ``(B, T)`` log-probs at rollout time (no gradient).
         advantages: ``(B, T)`` advantages (no gradient).
         response_mask: ``(B, T)`` bool.
-        clip_eps: ``ε`` (0.2 in TLCR and SRM, spec 3.4 and 5.4).
+        clip_eps: ``ε`` (0.2 in the official TLCR and SRM scripts; Yoon et al. 2024, Qiu et al. 2025).
         reduction: ``"token"`` or ``"sequence"`` (module docstring).
 
     Returns:
@@ -133,9 +133,9 @@ def ppo_value_loss(
 ) -> ValueLossOutput:
     """Clipped value loss ``½·max((V_t − R_t)², (V^old_t + clip(V_t − V^old_t, −ε_v, ε_v) − R_t)²)``.
 
-    The clipped form is the one of the PPO baselines and of TLCR's trainer (ε_v = 0.2, factor ½; spec 3.4).
-    ``clip_eps=None`` gives the plain ``½·(V_t − R_t)²``. ``clipfrac`` is the share of valid actions where the
-    clipped term is the larger one.
+    The clipped form is the one of the PPO baselines and of TLCR's official trainer (ε_v = 0.2, factor ½; Yoon et
+    al. 2024; docs/methods/ppo.md). ``clip_eps=None`` gives the plain ``½·(V_t − R_t)²``. ``clipfrac`` is the share
+    of valid actions where the clipped term is the larger one.
 
     Args:
         values: ``(B, T)`` current critic values (with gradient).

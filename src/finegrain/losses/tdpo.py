@@ -1,4 +1,4 @@
-"""TDPO: Token-level Direct Preference Optimization (Zeng et al., ICML 2024; spec §1).
+"""TDPO: Token-level Direct Preference Optimization (Zeng et al., ICML 2024, arXiv 2404.11999; docs/methods/tdpo.md).
 
 Inputs are per-pair sums over response tokens (no length normalisation):
 ``M = Σ_t m_t ρ_t`` with ``ρ_t = ℓ^θ_t − ℓ^ref_t``, and the sequential KL ``S = Σ_t m_t K_t`` with
@@ -29,7 +29,7 @@ def tdpo_loss(
     alpha: float = 0.5,
     variant: str = "tdpo2",
 ) -> PreferenceLossOutput:
-    """TDPO1 / TDPO2 loss per pair (spec §1.2; matches ``tdpo_loss`` of the authors' ``trainers.py``).
+    """TDPO1 / TDPO2 loss per pair (docs/methods/tdpo.md; matches ``tdpo_loss`` of the authors' ``trainers.py``).
 
     * TDPO1: ``L = −log σ(β [(M_w − M_l) − (S_l − S_w)])``; ``alpha`` is not used.
     * TDPO2: ``L = −log σ(β [(M_w − M_l) − α (S_l − sg(S_w))])``; the chosen response's KL ``S_w`` is detached,

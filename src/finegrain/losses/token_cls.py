@@ -3,7 +3,7 @@
 Labels come from :mod:`finegrain.data.alignment`: on the rejected response ``y_l`` a token is -1 (substituted or
 deleted by the revision) or 0; on the revision ``y_e`` (TLCR's ``y_m``) a token is +1 (substituted or added) or 0.
 
-TLCR (Yoon et al., Findings ACL 2024, arXiv 2407.16574; spec 3.2-3.3):
+TLCR (Yoon et al., Findings ACL 2024, arXiv 2407.16574; docs/methods/tlcr.md):
 
 * :func:`tlcr_loss` -- soft-target cross-entropy of a two-class head, targets ``+1 -> (0, 1)``,
   ``-1 -> (1, 0)``, ``0 -> (½, ½)``; ``L = L_pos + L_neg`` with ``L_pos`` on revision tokens and ``L_neg`` on
@@ -11,7 +11,8 @@ TLCR (Yoon et al., Findings ACL 2024, arXiv 2407.16574; spec 3.2-3.3):
   official code's hard-label variant: plain cross-entropy on the non-neutral tokens only.
 * :func:`tlcr_token_rewards` -- ``r_t = 2·P(+ | x, y_≤t) − 1``.
 
-Minimal-edit token RM (Xu et al., ACL 2024, arXiv 2406.02756; spec 4.2, the objectives are proposals there):
+Minimal-edit token RM (Xu et al., ACL 2024, arXiv 2406.02756; docs/methods/token-rm.md). Both objectives are our
+choice, not the paper's (its training objective is not available to us):
 
 * ``objective="edit_bt"`` (A, default): ``−log σ(Σ_{t∈A} r(y_e,≤t) − Σ_{t∈D} r(y_l,≤t))`` plus
   ``seq_weight ·`` the sequence Bradley–Terry loss ``−log σ(S(y_w) − S(y_l))``, ``S(y) = Σ_t m_t r(y_≤t)``;
@@ -113,7 +114,7 @@ def tlcr_loss(
     *,
     hard: bool = False,
 ) -> TLCRLossOutput:
-    """TLCR discriminator loss ``L = mean_b L_pos(b) + mean_b L_neg(b)`` (spec 3.2).
+    """TLCR discriminator loss ``L = mean_b L_pos(b) + mean_b L_neg(b)`` (docs/methods/tlcr.md).
 
     Args:
         revised_logits: ``(B, T_e, 2)`` head logits on the revisions' response tokens.
@@ -135,7 +136,7 @@ def tlcr_loss(
 def tlcr_token_rewards(
     head_logits: torch.Tensor, mask: torch.Tensor, *, double_softmax_compat: bool = False, lag: int = 0
 ) -> torch.Tensor:
-    """TLCR continuous token reward ``r_t = 2·P(+ | x, y_≤t) − 1 = tanh((z_1 − z_0)/2) ∈ (−1, 1)`` (spec 3.3).
+    """TLCR's token reward ``r_t = 2·P(+ | x, y_≤t) − 1 = tanh((z_1 − z_0)/2) ∈ (−1, 1)`` (docs/methods/tlcr.md).
 
     ``double_softmax_compat=True`` reproduces the official RL script (``--sum_to_one_reward``), which applies a
     second softmax to the probabilities: ``r_t = 2·softmax(p_t)_1 − 1 = tanh((p_1 − p_0)/2) ∈ [−0.462, 0.462]``.
@@ -219,7 +220,7 @@ def minimal_edit_loss(
     seq_weight: float = 1.0,
     cls_loss: Literal["mse", "ce"] = "mse",
 ) -> MinimalEditOutput:
-    """Training objective of the minimal-edit token reward model (Xu et al., ACL 2024; spec 4.2).
+    """Training objective of the minimal-edit token reward model (Xu et al., ACL 2024; docs/methods/token-rm.md).
 
     A, ``objective="edit_bt"`` (default)::
 

@@ -1,7 +1,8 @@
 """T-REG: preference optimisation with token-level reward regularisation (Zhou, Zhang, Zhao and Meng, ACL 2025).
 
-The official code is not available; this follows the reconstruction in spec §2.2 (DPO-REG) and its SimPO analogue
-(SimPO-REG, a [PROPOSAL] there). Per pair, with sequence rewards ``Z`` of the base loss:
+arXiv 2412.02685. The official code is not available: DPO-REG follows the paper's description as written out in
+docs/methods/treg.md, and SimPO-REG (the paper's variant for SimPO) is built by analogy with it, our choice, not a
+formula taken from the paper. Per pair, with sequence rewards ``Z`` of the base loss:
 
 * DPO base: ``Z(y) = β Σ_t m_t (ℓ^θ_t − ℓ^ref_t)``, ``L_base = −log σ(Z_w − Z_l)``;
 * SimPO base: ``Z(y) = (β/|y|) Σ_t m_t ℓ^θ_t``, ``L_base = −log σ(Z_w − Z_l − γ)``;
@@ -51,10 +52,10 @@ def treg_loss(
     token_reduction: str | None = None,
     weighting: str = "dpo_grad",
 ) -> PreferenceLossOutput:
-    """T-REG loss per pair: DPO-REG (``base="dpo"``) or SimPO-REG (``base="simpo"``); spec §2.2 and §7.2.
+    """T-REG loss per pair: DPO-REG (``base="dpo"``) or SimPO-REG (``base="simpo"``); docs/methods/treg.md.
 
     ``L = L_base + α · w · (L_REG(y_w) + L_REG(y_l))`` with the terms defined in the module docstring. For the DPO
-    base with ``token_reduction="sum"`` the gradient is (spec §2.2)
+    base with ``token_reduction="sum"`` the gradient is (docs/methods/treg.md)
     ``∇L = −β w [Σ_t ∇ℓ^w_t − Σ_t ∇ℓ^l_t] − α β w [Σ_t r̂^w_t ∇ℓ^w_t + Σ_t r̂^l_t ∇ℓ^l_t]``:
     tokens with positive reward get their likelihood raised and negative ones lowered, on both responses.
     With ``α = 0`` or ``r̂ ≡ 0`` the loss is exactly :func:`~finegrain.losses.dpo.dpo_loss` (or
@@ -74,7 +75,7 @@ def treg_loss(
         base: ``"dpo"`` or ``"simpo"``.
         gamma: SimPO's target margin ``γ`` (ignored for DPO).
         token_reduction: ``"sum"`` or ``"mean"`` over tokens in ``L_REG``; None picks the base's own reduction
-            (``"sum"`` for DPO as in spec §2.2, ``"mean"`` i.e. ``β/|y|`` for SimPO).
+            (``"sum"`` for DPO as in docs/methods/treg.md, ``"mean"`` i.e. ``β/|y|`` for SimPO).
         weighting: ``"dpo_grad"`` (``w = sg(σ(−margin))``) or ``"static"`` (``w = 1``).
 
     Returns:

@@ -1,9 +1,10 @@
 """Per-token statistics over the full vocabulary, computed from hidden states in chunks.
 
 TDPO needs, at every response position, the policy log-prob of the label, the reference log-prob of the label and
-the forward KL ``K_t = KL(p_ref(·|s_t) ‖ p_θ(·|s_t))`` over the whole vocabulary (spec §1.3). Building both models'
-``(N, T, V)`` logits, their log-softmaxes and the autograd buffers costs several ``N·T·V`` tensors; for ``N·T = 8k``
-and ``V = 128k`` in float32 that is 4 GiB per tensor. :func:`completion_stats` instead:
+the forward KL ``K_t = KL(p_ref(·|s_t) ‖ p_θ(·|s_t))`` over the whole vocabulary (TDPO: Zeng et al., ICML 2024,
+arXiv 2404.11999; docs/methods/tdpo.md). Building both models' ``(N, T, V)`` logits, their log-softmaxes and the
+autograd buffers costs several ``N·T·V`` tensors; for ``N·T = 8k`` and ``V = 128k`` in float32 that is 4 GiB per
+tensor. :func:`completion_stats` instead:
 
 1. gathers the masked-in positions of the final hidden states (``M`` rows; padding is never projected),
 2. applies the output projection to ``chunk_size`` rows at a time and reduces each chunk to three numbers per row,
@@ -12,8 +13,9 @@ and ``V = 128k`` in float32 that is 4 GiB per tensor. :func:`completion_stats` i
    ``∂/∂z^θ = g_logp · (onehot(y) − p_θ) + g_kl · (p_θ − p_ref)``.
 
 Peak extra memory is ``O(chunk_size · V)`` (about three such buffers) plus one ``(V, H)`` weight gradient. Compared
-with TDPO's reference code (spec §1.3) it also uses ``log_softmax`` for the reference (``p_ref = exp(log p_ref)``),
-so a reference probability that underflows to 0 contributes 0 to the KL rather than ``0·(−inf) = NaN``.
+with TDPO's official code, which takes ``log(softmax(z_ref))`` (docs/methods/tdpo.md), it also uses ``log_softmax``
+for the reference (``p_ref = exp(log p_ref)``), so a reference probability that underflows to 0 contributes 0 to
+the KL rather than ``0·(−inf) = NaN``.
 
 Hidden states come from :func:`finegrain.models.forward.hidden_states` sliced by
 :func:`~finegrain.models.forward.predicting_states` (row ``t`` predicts response token ``t``; no label shift here),
@@ -216,7 +218,7 @@ def completion_stats(
     * ``token_logps[n, t] = log p^θ_t(y_t)`` (``ℓ^θ_t``),
     * ``ref_token_logps[n, t] = log p^ref_t(y_t)`` (``ℓ^ref_t``),
     * ``token_kl[n, t] = Σ_v p^ref_t(v) (log p^ref_t(v) − log p^θ_t(v))`` (``K_t``, TDPO's sequential-KL term,
-      Zeng et al. 2024; spec §0 and §1.3), with ``p^ref = exp(log_softmax(z^ref))``.
+      Zeng et al., ICML 2024, arXiv 2404.11999; docs/methods/tdpo.md), with ``p^ref = exp(log_softmax(z^ref))``.
 
     Only masked-in positions are computed; every output is 0 elsewhere (whatever the hidden states or labels
     hold there). Gradients flow exactly to ``policy_hidden``, ``policy_weight`` and ``policy_bias``, by a backward

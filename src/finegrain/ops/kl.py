@@ -1,15 +1,17 @@
-"""Per-token KL estimators for the KL penalty of online RL (spec sections 0, 3.4, 4.3, 6).
+"""Per-token KL estimators for the KL penalty of online RL (``KLterm_t`` in docs/methods/ppo.md).
 
-Notation (spec section 0): ``ρ_t = ℓ^θ_t − ℓ^ref_t`` is the log-ratio of the *sampled* token ``y_t`` under the
-policy and the reference. With ``y_t ~ π_θ`` the sampled-token estimators of the reverse KL
-``KL(π_θ ‖ π_ref)`` are (J. Schulman, "Approximating KL divergence", 2020, with ``r = π_ref/π_θ = e^{−ρ}``):
+Notation (that of docs/methods/ppo.md): ``ρ_t = ℓ^θ_t − ℓ^ref_t``, with ``ℓ_t = log π(y_t | s_t)``, is the
+log-ratio of the *sampled* token ``y_t`` under the policy and the reference. With ``y_t ~ π_θ`` the
+sampled-token estimators of the reverse KL ``KL(π_θ ‖ π_ref)`` are (J. Schulman, "Approximating KL divergence",
+2020, with ``r = π_ref/π_θ = e^{−ρ}``):
 
 * ``k1 = −log r = ρ``                 unbiased, high variance, can be negative;
 * ``k2 = (log r)²/2 = ρ²/2``          biased (exact to second order), non-negative;
 * ``k3 = (r − 1) − log r = e^{−ρ} − 1 + ρ``   unbiased, non-negative.
 
 The full-vocabulary reverse KL ``K̃_t = KL(p^θ_t ‖ p^ref_t) = Σ_v p^θ_t(v) (log p^θ_t(v) − log p^ref_t(v))``
-(TLCR's ``--penalty full_kl``, spec 3.4) needs the logits of both models at the predicting positions.
+(the ``--penalty full_kl`` of TLCR's official PPO script; Yoon et al., Findings of ACL 2024, arXiv 2407.16574)
+needs the logits of both models at the predicting positions.
 The *forward* KL ``K_t = KL(p^ref ‖ p^θ)`` of TDPO lives in :mod:`finegrain.ops.chunked`.
 
 All per-token tensors are in the response layout ``(N, T)`` of :mod:`finegrain.types`. This module imports
@@ -120,7 +122,7 @@ def reverse_kl_from_logps(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch
 def reverse_kl_from_logits(
     policy_logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Per-position ``K̃_t = KL(p^θ_t ‖ p^ref_t)`` over the full vocabulary (TLCR's full-KL penalty, spec 3.4).
+    """Per-position ``K̃_t = KL(p^θ_t ‖ p^ref_t)`` over the full vocabulary (TLCR's penalty, docs/methods/ppo.md).
 
     ``K̃_t = Σ_v softmax(z^θ_t)(v) · (log_softmax(z^θ_t)(v) − log_softmax(z^ref_t)(v))``, with both
     ``log_softmax`` taken in float32 (half-precision logits are upcast; float64 stays float64), never
@@ -166,7 +168,7 @@ def kl_penalty(
     ref_logits: torch.Tensor | None = None,
     full_kl: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The per-token KL term ``KLterm_t`` of the dense reward ``R_t = c·r_t − c_KL·KLterm_t`` (spec 6).
+    """The per-token KL term ``KLterm_t`` of the dense reward ``R_t = c·r_t − c_KL·KLterm_t`` (docs/methods/ppo.md).
 
     ``estimator``: ``"k1"`` → ``ρ_t``; ``"k2"`` → ``ρ_t²/2``; ``"k3"`` → ``e^{−ρ_t} − 1 + ρ_t``;
     ``"full"`` → ``K̃_t = KL(p^θ_t ‖ p^ref_t)`` over the vocabulary, taken from ``full_kl`` when given (e.g.

@@ -35,12 +35,13 @@ def _zero_masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def squash_to_half(values: torch.Tensor) -> torch.Tensor:
     """Map any real token score into T-REG's reward range: ``σ(x) − ½ ∈ (−½, ½)``.
 
-    This is the map that contrastive prompting applies to its log-prob difference (spec §2.1), so feeding another
-    source's scores through it (a token RM's ``r_φ``, a discriminator's logit, an implicit DPO reward) puts them on
-    the same scale: sign-preserving, ``0 ↦ 0``, slope ¼ at 0, bounded, so one ``α`` means the same for every source.
-    It is not linear: a source already bounded in ``(−1, 1)`` (e.g. TLCR's ``2·P(+) − 1``) keeps its
-    proportions better with a linear ``r/2`` (spec §6). Computed as ``½·tanh(x/2)``, the same function without
-    the cancellation in ``σ(x) − ½`` near 0.
+    This is the map that contrastive prompting applies to its log-prob difference (T-REG: Zhou et al., ACL 2025,
+    arXiv 2412.02685; docs/methods/treg.md), so feeding another source's scores through it (a token RM's ``r_φ``, a
+    discriminator's logit, an implicit DPO reward) puts them on the same scale: sign-preserving, ``0 ↦ 0``, slope ¼
+    at 0, bounded, so one ``α`` means the same for every source. It is not linear: a source already bounded in
+    ``(−1, 1)`` (e.g. TLCR's ``2·P(+) − 1``) keeps its proportions better with a linear ``r/2`` (our suggestion, not
+    in the paper; docs/methods/treg.md). Computed as ``½·tanh(x/2)``, the same function without the cancellation in
+    ``σ(x) − ½`` near 0.
 
     Args:
         values: float tensor of any shape.
@@ -56,11 +57,12 @@ def squash_to_half(values: torch.Tensor) -> torch.Tensor:
 
 
 def contrastive_token_rewards(logp_plus: torch.Tensor, logp_minus: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """T-REG's self-generated token rewards from contrastive prompting (Zhou et al., ACL 2025; spec §2.1, §7.2).
+    """T-REG's self-generated token rewards from contrastive prompting (Zhou et al., ACL 2025, arXiv 2412.02685).
 
     ``r̂_t = (σ(log π_ref(y_t | P+(x), y_<t) − log π_ref(y_t | P−(x), y_<t)) − ½) · m_t``
 
-    where ``P+`` asks for a better answer and ``P−`` for a worse one, both scoring the same response tokens.
+    where ``P+`` asks for a better answer and ``P−`` for a worse one, both scoring the same response tokens
+    (docs/methods/treg.md).
 
     Args:
         logp_plus: ``(B, T)`` token log-probs of the response under the positive prompt.
@@ -85,10 +87,11 @@ def implicit_token_rewards(
     beta: float,
     token_kl: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Implicit token rewards of DPO, ``β ρ_t``, or of TDPO, ``β (ρ_t + K_t)`` (spec §1.2, §6).
+    """Implicit token rewards of DPO, ``β ρ_t``, or of TDPO, ``β (ρ_t + K_t)`` (docs/methods/tdpo.md).
 
     ``ρ_t = ℓ^θ_t − ℓ^ref_t``; ``K_t = KL(π_ref(·|s_t) ‖ π_θ(·|s_t))``. Summed over the response they give the
-    sequence rewards that DPO (``β Σ ρ``) and TDPO (``β (M + S)``) log.
+    sequence rewards that DPO (``β Σ ρ``; Rafailov et al. 2023) and TDPO (``β (M + S)``; Zeng et al., ICML 2024,
+    arXiv 2404.11999) log.
 
     Args:
         token_logps: ``(B, T)`` policy token log-probs.
@@ -123,7 +126,7 @@ _DEFAULT_TEXTS = {
     # model was trained on).
     "control": ("Answer helpfully, correctly, coherently and concisely:",
                 "Answer unhelpfully, incorrectly, incoherently and verbosely:"),
-    # Spec §2.1 (the paper's four dimensions; exact wording not published).
+    # The four dimensions of T-REG (Zhou et al., ACL 2025); the paper's exact wording is not published, this is ours.
     "system": (
         "You always answer helpfully, correctly, coherently and concisely.",
         "You always answer unhelpfully, incorrectly, incoherently and verbosely.",
@@ -137,7 +140,8 @@ _DEFAULT_TEXTS = {
 DRAFT_REQUEST = (
     "Below is a user request and a draft answer. Rewrite the draft into {goal}.\n\nRequest: {prompt}\n\nDraft: {draft}"
 )
-"""The user turn of the draft-revision form (spec §2.1); ``{goal}`` is the positive or negative text."""
+"""The user turn of the draft-revision form (our wording, not the paper's; docs/methods/treg.md); ``{goal}`` is the
+positive or negative text."""
 
 
 def _messages(prompt) -> list[dict]:
@@ -153,7 +157,7 @@ def _prompt_as_text(prompt) -> str:
 
 
 class ContrastiveTemplate:
-    """How a prompt ``x`` is wrapped into the opposite prompts ``P+(x)`` and ``P−(x)`` (T-REG, spec §2.1).
+    """How a prompt ``x`` is wrapped into the opposite prompts ``P+(x)`` and ``P−(x)`` (T-REG; docs/methods/treg.md).
 
     Forms (``positive`` / ``negative`` replace the form's default texts):
 
@@ -248,7 +252,7 @@ def _head_logps(model, batch, chunk_size: int) -> torch.Tensor:
 
 
 class ContrastiveRewardSource:
-    """Contrastive-prompting token rewards (T-REG; spec §2.1, §6) as a :class:`~finegrain.rewards.RewardSource`.
+    """Contrastive-prompting token rewards (T-REG; docs/methods/treg.md) as a :class:`~finegrain.rewards.RewardSource`.
 
     For each row, the scorer (normally the frozen reference ``π_ref``) reads the same response tokens after
     ``P+(x)`` and after ``P−(x)``, and

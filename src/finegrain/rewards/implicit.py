@@ -1,7 +1,8 @@
-"""Implicit token rewards of a trained policy against its reference (DPO / TDPO; spec §1.2 and §6).
+"""Implicit token rewards of a trained policy against its reference (DPO / TDPO; docs/methods/tdpo.md).
 
-A policy trained by DPO defines the token reward ``β ρ_t`` with ``ρ_t = log π_θ(y_t | s_t) − log π_ref(y_t | s_t)``;
-one trained by TDPO defines ``β (ρ_t + K_t)`` with the forward token KL ``K_t = KL(π_ref(·|s_t) ‖ π_θ(·|s_t))``
+A policy trained by DPO (Rafailov et al., NeurIPS 2023, arXiv 2305.18290) defines the token reward ``β ρ_t``
+with ``ρ_t = log π_θ(y_t | s_t) − log π_ref(y_t | s_t)``; one trained by TDPO (Zeng et al., ICML 2024,
+arXiv 2404.11999) defines ``β (ρ_t + K_t)`` with the forward token KL ``K_t = KL(π_ref(·|s_t) ‖ π_θ(·|s_t))``
 over the whole vocabulary. Summed over a response they are the sequence rewards the trainers log
 (``rewards/chosen`` ...). :class:`ImplicitRewardSource` computes them for any batch in the shared layout, so a
 preference-trained policy can score rollouts for PPO, regularise T-REG (``reg_source=dpo_implicit`` does the same

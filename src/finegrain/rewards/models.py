@@ -1,14 +1,14 @@
 """Reward sources backed by trained reward models: sequence RM, sentence RM, token RM, TLCR discriminator.
 
 Each source wraps a :class:`finegrain.models.reward_model.RewardModel` and the *policy's* tokenizer and returns
-:class:`finegrain.types.TokenRewards` in the policy's response layout (spec 6):
+:class:`finegrain.types.TokenRewards` in the policy's response layout (docs/reward-sources.md):
 
 ========================  =====================================================================================
 source                    ``values[b, t]``
 ========================  =====================================================================================
 :class:`SequenceRMSource`  the score ``r(x, y)`` on the last valid response token, 0 elsewhere
                            (:func:`~finegrain.rewards.placement.place_on_last_token`)
-:class:`SentenceRMSource`  ``a_j s_j`` on the last token of response sentence ``j`` (spec 5.4; the prompt term
+:class:`SentenceRMSource`  ``a_j s_j`` on the last token of response sentence ``j`` (SRM; the prompt term
                            ``a_0 s_0`` is dropped), or spread uniformly over the sentence's tokens (``spread=True``)
 :class:`TokenRMSource`     ``r_φ(x, y_≤t)``
 :class:`DiscriminatorSource`  ``2·P(+ | x, y_≤t) − 1`` (compatibility flags of the model: double softmax, lag)
@@ -383,7 +383,7 @@ class SequenceRMSource(RewardModelSource):
 
 
 class TokenRMSource(RewardModelSource):
-    """Token-level reward model values ``r_φ(x, y_≤t)`` (Xu et al., ACL 2024; spec 4.3).
+    """Token-level reward model values ``r_φ(x, y_≤t)`` (Xu et al., ACL 2024; docs/methods/token-rm.md).
 
     Args:
         reduce: how values of several reward-model tokens landing on one policy token combine (``"sum"``: the
@@ -408,8 +408,8 @@ class TokenRMSource(RewardModelSource):
 
 
 class DiscriminatorSource(TokenRMSource):
-    """TLCR discriminator rewards ``2·P(+) − 1`` (Yoon et al. 2024; spec 3.3); ``reduce`` defaults to ``"mean"``
-    so a mapped reward stays in ``[−1, 1]``."""
+    """TLCR discriminator rewards ``2·P(+) − 1`` (Yoon et al. 2024; docs/methods/tlcr.md); ``reduce`` defaults to
+    ``"mean"`` so a mapped reward stays in ``[−1, 1]``."""
 
     default_name = "discriminator"
 
@@ -418,11 +418,11 @@ class DiscriminatorSource(TokenRMSource):
 
 
 class SentenceRMSource(RewardModelSource):
-    """Sentence-level reward model terms (SRM, Qiu et al. 2025; spec 5.4).
+    """Sentence-level reward model terms (SRM, Qiu et al. 2025, arXiv 2503.04793; docs/methods/reward-models.md).
 
     Every response is split into sentences by the model's splitter; the term ``a_j s_j`` of sentence ``j >= 1``
-    goes on the policy token that ends the sentence (or is spread uniformly over its tokens, ``spread=True``, the
-    spec 6 option); the prompt term ``a_0 s_0`` is dropped, so ``values`` sum to ``R − a_0 s_0``.
+    goes on the policy token that ends the sentence (or is spread uniformly over its tokens, ``spread=True``, our
+    option, not in SRM); the prompt term ``a_0 s_0`` is dropped, so ``values`` sum to ``R − a_0 s_0``.
 
     Args:
         spread: spread each term over its sentence's tokens instead of placing it on the last one.

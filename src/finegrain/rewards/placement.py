@@ -2,10 +2,10 @@
 
 * :func:`place_on_last_token`: a sequence score goes to the last valid response token (sequence RMs,
   the minimal-edit and PPO baselines; the usual RLHF convention, e.g. verl ``compute_rewards``).
-* :func:`place_at_span_ends`: one value per span goes to the span's last token (SRM dense rewards, spec 5.4:
-  ``a_j s_j`` on the last policy token of sentence ``j``).
-* :func:`spread_over_spans`: one value per span is spread uniformly over the span's tokens (spec 6, the
-  ``spread=uniform`` option: ``a_j s_j / |sent_j|`` on each token of sentence ``j``).
+* :func:`place_at_span_ends`: one value per span goes to the span's last token (SRM dense rewards, Qiu et al.
+  2025, arXiv 2503.04793: ``a_j s_j`` on the last policy token of sentence ``j``; docs/methods/reward-models.md).
+* :func:`spread_over_spans`: one value per span is spread uniformly over the span's tokens (the ``spread`` option,
+  our choice, not in SRM: ``a_j s_j / |sent_j|`` on each token of sentence ``j``; docs/methods/reward-models.md).
 
 All functions are vectorised over the batch, keep gradients with respect to the values, return the dtype of the
 values, and put exactly 0 wherever ``mask`` is False (the :class:`finegrain.types.TokenRewards` contract).
@@ -50,7 +50,7 @@ def place_at_span_ends(span_values: torch.Tensor, span_ends: torch.Tensor, mask:
 
     Spans with ``span_ends == -1`` are padding and ignored. Two spans ending on the same token add up. For SRM
     dense rewards pass the response sentences' terms ``a_j s_j`` (``j >= 1``) and their last tokens; the prompt
-    term ``a_0 s_0`` has no response token and is dropped (spec 5.4).
+    term ``a_0 s_0`` has no response token and is dropped (as in the SRM code; docs/methods/reward-models.md).
 
     Args:
         span_values: ``(B, S)`` float, one value per span (padding entries are ignored).
