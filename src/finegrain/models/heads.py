@@ -1,11 +1,12 @@
 """Reward heads on top of a backbone's final hidden states.
 
 * :class:`ScalarHead` -- ``v_i = w·h_i + b`` at every position: the token RM ``r_φ(x, y_≤t)`` (Xu et al.,
-  spec 4.2) on the reading states, or a sequence RM's value at the last token.
-* :class:`TwoClassHead` -- ``Linear(H, 2, bias=False)``: the TLCR token discriminator (Yoon et al., spec 3.2);
-  class 1 = positive, class 0 = negative.
-* :class:`SentenceRewardHead` -- the SRM aggregation (Qiu et al. 2025, spec 5.2): differential sentence
-  rewards at the sentence boundaries, RoPE over the sentence index, attention from the last boundary.
+  ACL 2024; docs/methods/token-rm.md) on the reading states, or a sequence RM's value at the last token.
+* :class:`TwoClassHead` -- ``Linear(H, 2, bias=False)``: the TLCR token discriminator (Yoon et al. 2024;
+  docs/methods/tlcr.md); class 1 = positive, class 0 = negative.
+* :class:`SentenceRewardHead` -- the SRM aggregation (Qiu et al. 2025; docs/methods/reward-models.md):
+  differential sentence rewards at the sentence boundaries, RoPE over the sentence index, attention from the last
+  boundary.
 
 Hidden states come from :func:`finegrain.models.forward.hidden_states` (``(B, P+T, H)`` in the padded layout);
 token heads use :func:`~finegrain.models.forward.reading_states` (the state after reading each response token).
@@ -63,7 +64,7 @@ def rope_rotate(x: torch.Tensor, index: torch.Tensor, theta: float = 10000.0) ->
 
     For ``i = 0 .. d/2-1`` and angle ``φ_i = index · θ^{-2i/d}``:
     ``out[2i] = x[2i] cos φ_i − x[2i+1] sin φ_i``, ``out[2i+1] = x[2i] sin φ_i + x[2i+1] cos φ_i``
-    (the complex-multiplication form of the SRM code, spec 5.2).
+    (the complex-multiplication form of the SRM code; docs/methods/reward-models.md).
 
     Args:
         x: ``(..., d)`` float, ``d`` even.
@@ -115,7 +116,7 @@ class SentenceRewardOutput:
 
 
 class SentenceRewardHead(nn.Module):
-    """SRM aggregation over sentence boundaries (Qiu et al. 2025, arXiv 2503.04793; spec 5.2).
+    """SRM aggregation over sentence boundaries (Qiu et al. 2025, arXiv 2503.04793; docs/methods/reward-models.md).
 
     At the boundaries ``e_0 .. e_N`` (``e_0`` after the prompt, ``e_j`` at the end of sentence ``j``):
 
@@ -212,7 +213,7 @@ class SentenceRewardHead(nn.Module):
         index = positions.clamp(min=0)
         rows = hidden.gather(1, index.unsqueeze(-1).expand(B, K, H))  # (B, K, H)
         v = self.value(rows).squeeze(-1)  # (B, K)
-        work = torch.promote_types(v.dtype, torch.float32)  # attention in fp32 at least (spec 5.2)
+        work = torch.promote_types(v.dtype, torch.float32)  # attention in fp32 at least (the SRM code upcasts fp16)
         zero = torch.zeros((), dtype=work, device=hidden.device)
 
         if not self.weighted_sum:

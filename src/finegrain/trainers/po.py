@@ -246,7 +246,9 @@ def metric_names(cfg: POConfig) -> tuple[str, ...]:
 
 
 def pair_metrics(out: PreferenceLossOutput, stats: PreferenceStats) -> dict[str, torch.Tensor]:
-    """Per-pair metric values ``(B,)`` (detached), named as in STYLE.md; the logged value is their mean."""
+    """Per-pair metric values ``(B,)`` (detached); the logged value is their mean.
+
+    Named as in docs/methods/dpo.md (``rewards/*``) and docs/methods/tdpo.md (``kl/*``)."""
     chosen, rejected = _halves(masked_sum(stats.token_logps.detach(), stats.mask, dim=-1))
     margins = out.chosen_rewards - out.rejected_rewards
     metrics = {"loss": out.losses.detach(), "rewards/chosen": out.chosen_rewards,

@@ -4,12 +4,12 @@
 level           data                                         loss per example (pair or row)
 ==============  ===========================================  ====================================================
 sequence        pairs ``{prompt, chosen, rejected}``         Bradley–Terry ``−log σ(r_w − r_l)``
-sentence        pairs                                        Bradley–Terry on ``R = Σ_j a_j s_j`` (spec 5.2)
+sentence        pairs                                        Bradley–Terry on ``R = Σ_j a_j s_j`` (docs/methods/reward-models.md)
 token           revisions ``{prompt, rejected, revised}``     A: ``−log σ(Σ_A r − Σ_D r) + seq_weight·BT(S_w, S_l)``;
-                (edit labels computed on the fly); B also    B: token classification (spec 4.2)
+                (edit labels computed on the fly); B also    B: token classification (docs/methods/token-rm.md)
                 takes token rows ``{prompt, response,
                 labels}`` (``finegrain label edits``)
-discriminator   revisions or token rows                      TLCR soft cross-entropy ``L_pos + L_neg`` (spec 3.2)
+discriminator   revisions or token rows                      TLCR soft cross-entropy ``L_pos + L_neg`` (docs/methods/tlcr.md)
 ==============  ===========================================  ====================================================
 
 With no model and no data set the command line runs it on the built-in world (:mod:`finegrain.world.app`): the
@@ -255,7 +255,9 @@ def example_losses(model, cfg: RMConfig, kind: str, examples: list[dict], pad_id
 
 
 def _edit_accuracy(stats: dict) -> torch.Tensor:
-    """Sign accuracy of the token rewards on changed tokens (spec 4.2): ``r > 0`` on +1 tokens, ``r < 0`` on −1."""
+    """Sign accuracy of the token rewards on changed tokens: ``r > 0`` on +1 tokens, ``r < 0`` on −1.
+
+    The ``edit_accuracy`` of docs/methods/token-rm.md."""
     on = stats["mask"] & (stats["labels"] != 0)
     right = (torch.sign(stats["values"]) == stats["labels"].to(stats["values"].dtype)) & on
     return right.sum().float() / on.sum().clamp(min=1).float()
