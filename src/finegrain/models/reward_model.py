@@ -11,15 +11,16 @@ SequenceRewardModel     ``ScalarHead``                     ``(N,)`` score ``v`` 
                                                            (Bradley–Terry baseline, Ouyang et al. 2022)
 SentenceRewardModel     ``SentenceRewardHead``             :class:`~finegrain.models.heads.SentenceRewardOutput`:
                                                            ``R = Σ_j a_j s_j`` over the sentence boundaries
-                                                           (Qiu et al. 2025, spec 5)
+                                                           (Qiu et al. 2025; docs/methods/reward-models.md)
 TokenRewardModel        ``ScalarHead`` (or 3-way linear)   ``(N, T)`` ``r_φ(x, y_≤t)`` on the states after reading
-                                                           each token (Xu et al., ACL 2024, spec 4.2)
+                                                           each token (Xu et al., ACL 2024; docs/methods/token-rm.md)
 TokenDiscriminator      ``TwoClassHead``                   ``(N, T, 2)`` logits; reward ``2·P(+) − 1``
-                                                           (TLCR, Yoon et al. 2024, spec 3.2-3.3)
+                                                           (TLCR, Yoon et al. 2024; docs/methods/tlcr.md)
 ======================  =================================  ============================================================
 
-Sentence boundaries (spec 5.1) come from a pluggable splitter (:class:`~finegrain.data.segmentation.RuleSplitter`
-by default, SaT optional) mapped onto tokens through character offsets, in one of two modes:
+Sentence boundaries (SRM's segmentation, docs/methods/reward-models.md) come from a pluggable splitter
+(:class:`~finegrain.data.segmentation.RuleSplitter` by default, SaT optional) mapped onto tokens through
+character offsets, in one of two modes:
 
 * ``"insert"``: an ``<END>`` token is added to the tokenizer (embedding matrix resized to a multiple of 8) and
   inserted after the prompt and after every sentence (the SRM training layout);
@@ -172,7 +173,7 @@ def _dedup_tied(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 class SequenceRewardModel(RewardModel):
-    """Sequence-level Bradley–Terry reward model: ``r(x, y) = w·h_last + b`` (spec 6, the baseline).
+    """Sequence-level Bradley–Terry reward model: ``r(x, y) = w·h_last + b`` (docs/methods/reward-models.md).
 
     ``h_last`` is the state after reading the last response token (EOS when the response has one), so the score
     sees the whole response; a row with an empty response is read at its last prompt token.
@@ -196,7 +197,7 @@ class SequenceRewardModel(RewardModel):
 
 
 class TokenRewardModel(RewardModel):
-    """Token-level reward model ``r_φ(x, y_≤t)`` on every response position (Xu et al., ACL 2024; spec 4.2).
+    """Token-level reward model ``r_φ(x, y_≤t)`` on every response position (docs/methods/token-rm.md).
 
     With ``num_outputs=1`` (objective A, and B with MSE) the head is a :class:`ScalarHead` and the token reward is
     its output; with ``num_outputs=3`` (objective B with cross-entropy over labels −1, 0, +1) the reward is the
@@ -231,7 +232,9 @@ class TokenRewardModel(RewardModel):
 
 
 class TokenDiscriminator(RewardModel):
-    """TLCR token discriminator: two logits per position, reward ``r_t = 2·P(+ | x, y_≤t) − 1`` (spec 3.2-3.3).
+    """TLCR token discriminator: two logits per position, reward ``r_t = 2·P(+ | x, y_≤t) − 1``.
+
+    Yoon et al., Findings of ACL 2024, arXiv 2407.16574; the loss and reward are written out in docs/methods/tlcr.md.
 
     Args:
         double_softmax: reproduce the official RL script's second softmax (off by default).
@@ -378,7 +381,9 @@ class SentenceExample:
 
 
 class SentenceRewardModel(RewardModel):
-    """Sentence-level reward model (SRM, Qiu et al. 2025; spec 5): ``R = Σ_{j=0}^{N} a_j s_j``.
+    """Sentence-level reward model (SRM, Qiu et al. 2025): ``R = Σ_{j=0}^{N} a_j s_j``.
+
+    The formulas are written out in docs/methods/reward-models.md.
 
     ``forward`` takes a batch from :func:`collate_sentence_examples` (rows made by :meth:`prepare`), whose
     ``extras["srm_boundaries"] (N, K)`` holds the response indices of ``e_1 .. e_N`` (-1 padding); ``e_0`` is the
@@ -428,7 +433,7 @@ class SentenceRewardModel(RewardModel):
 
     def prepare(self, prompt_ids: Sequence[int], response_ids: Sequence[int], text: str,
                 offsets: Sequence[tuple[int, int]]) -> SentenceExample:
-        """Split ``text`` into sentences and build the row's ids and boundaries (spec 5.1).
+        """Split ``text`` into sentences and build the row's ids and boundaries (docs/methods/reward-models.md).
 
         Sentences are mapped to the response tokens by character offsets (a sentence without a token of its own
         joins the next boundary's group); when there are more than ``max_sentences − 1`` of them the trailing ones
@@ -572,8 +577,9 @@ def build_reward_model(
     """A fresh reward model of ``level`` on ``backbone`` (a new, randomly initialised head).
 
     For the sentence level in insert mode the ``<END>`` token is added to ``tokenizer`` (in place) and the
-    embedding matrix resized to a multiple of 8 (spec 5.1); do this **before** wrapping the backbone with LoRA and
-    list the embedding in ``modules_to_save`` (:func:`input_embedding_name`) so ``<END>`` can be learned.
+    embedding matrix resized to a multiple of 8 (as SRM's code does); do this **before** wrapping the backbone
+    with LoRA and list the embedding in ``modules_to_save`` (:func:`input_embedding_name`) so ``<END>`` can be
+    learned.
 
     Args:
         level: ``sequence``, ``sentence``, ``token`` or ``discriminator``.
