@@ -1,8 +1,9 @@
 """Token labels from minimal edits: align a rejected response with its revision, label the policy's tokens.
 
-Used by TLCR (Yoon et al., Findings ACL 2024, spec 3.1) and the minimal-edit token reward model (Xu et al.,
-ACL 2024, spec 4.2). An annotator rewrites the rejected response ``y_l`` into ``y_e`` with as few changes as
-possible; a unit-cost Levenshtein alignment between the two then says which parts changed:
+Used by TLCR (Yoon et al., Findings ACL 2024, arXiv 2407.16574; docs/methods/tlcr.md) and the minimal-edit token
+reward model (Xu et al., ACL 2024, arXiv 2406.02756; docs/methods/token-rm.md). An annotator rewrites the rejected
+response ``y_l`` into ``y_e`` with as few changes as possible; a unit-cost Levenshtein alignment between the two
+then says which parts changed:
 
 * every unit of the rejected response is tagged ``U`` (unchanged), ``S`` (substituted) or ``D`` (deleted);
 * every unit of the revision is tagged ``U``, ``S`` or ``A`` (added);
@@ -11,10 +12,11 @@ possible; a unit-cost Levenshtein alignment between the two then says which part
 The alignment itself is ``rapidfuzz.distance.Levenshtein.editops`` (a bit-parallel C++ implementation that
 accepts any sequence of hashables), not a hand-written DP.
 
-Labels reach the *policy's* tokens through character offsets, never by re-tokenising (spec 3.1 [QUIRK], STYLE
-"avoid" 10): the two texts are cut into alignment units, changed units become character spans, and each policy
-token, given by its ``(start, end)`` offsets within the response text, takes the label if it overlaps a changed
-span by at least one character. The alignment unit is a choice (``unit=``):
+Labels reach the *policy's* tokens through character offsets, never by re-tokenising (the official TLCR code
+labels the response tokenised alone and writes the labels into the full sequence at the prompt length, which can
+be off by one token; docs/methods/tlcr.md): the two texts are cut into alignment units, changed units become
+character spans, and each policy token, given by its ``(start, end)`` offsets within the response text, takes the
+label if it overlaps a changed span by at least one character. The alignment unit is a choice (``unit=``):
 
 * ``"word"`` (default): runs of word characters and single punctuation marks (``\\w+|[^\\w\\s]``). The labels
   then do not depend on the policy tokenizer, so the same revision gives the same supervision to every model,
@@ -78,7 +80,7 @@ def edit_tags(source: Sequence[Hashable], target: Sequence[Hashable]) -> tuple[l
 
 
 def tag_labels(source_tags: Sequence[str], target_tags: Sequence[str]) -> tuple[list[int], list[int]]:
-    """TLCR labels from edit tags (spec 3.1 step 3).
+    """TLCR labels from edit tags (docs/methods/tlcr.md, step 1).
 
     Args:
         source_tags: ``n`` tags of the rejected response over ``{"U", "S", "D"}``.
@@ -222,7 +224,7 @@ def edit_token_labels(
     rejected_ids: Sequence[Hashable] | None = None,
     revised_ids: Sequence[Hashable] | None = None,
 ) -> EditLabels:
-    """TLCR / minimal-edit token labels for the policy tokens of a (rejected, revised) pair (spec 3.1, 4.2).
+    """TLCR / minimal-edit token labels for the policy tokens of a (rejected, revised) pair (docs/labeling.md).
 
     Aligns the two texts on ``unit`` (see the module docstring), turns changed units into character spans and
     labels each token by overlap: rejected tokens -1 where they overlap a substituted/deleted unit, revised tokens

@@ -1,6 +1,7 @@
 """Sentence segmentation of responses and the mapping of sentences to policy tokens.
 
-Used by the sentence-level reward model (SRM, Qiu et al. 2025, spec 5.1) and by sentence-level reward placement.
+Used by the sentence-level reward model (SRM, Qiu et al. 2025, arXiv 2503.04793; docs/methods/reward-models.md)
+and by sentence-level reward placement.
 
 A splitter maps a text to character spans, one per sentence. Every splitter here returns spans that are
 
@@ -145,7 +146,7 @@ def _merge_tiny(text: str, spans: list[Span], min_chars: int) -> list[Span]:
 
 
 class SaTSplitter:
-    """Sentence splitter backed by ``wtpsplit``'s Segment-any-Text (the SRM splitter, spec 5.1).
+    """Sentence splitter backed by ``wtpsplit``'s Segment-any-Text (the SRM splitter, docs/methods/reward-models.md).
 
     The constructor takes an already-built ``wtpsplit.SaT`` (no I/O here); :meth:`from_pretrained` builds one
     from a model that is already on disk and never downloads.
@@ -304,11 +305,12 @@ def insert_end_tokens(
     end_token_id: int,
     eos_token_id: int | None = None,
 ) -> SentenceBoundaries:
-    """SRM boundary mode (a): insert an ``<END>`` token after the prompt and after every sentence (spec 5.1).
+    """SRM boundary mode (a): insert an ``<END>`` token after the prompt and after every sentence.
 
     Layout: ``prompt <END> s_1 <END> s_2 <END> … s_N [EOS] <END>``: the ``<END>`` of the last sentence is
     appended at the very end of the response, i.e. after EOS when the response ends with one (and after any
-    trailing tokens that belong to no sentence). With no sentence, only the prompt ``<END>`` is inserted.
+    trailing tokens that belong to no sentence). With no sentence, only the prompt ``<END>`` is inserted. This is
+    the layout of SRM's training code (docs/methods/reward-models.md).
 
     Args:
         prompt_ids: ``P`` prompt token ids (at least one).
