@@ -5,10 +5,11 @@ chosen and the rejected response after two opposite prompts ``P+(x)`` and ``P−
 
 ``r̂_t = σ(log π_ref(y_t | P+(x), y_<t) − log π_ref(y_t | P−(x), y_<t)) − ½  ∈ (−½, ½)``
 
-(Zhou et al., ACL 2025; spec §2.1). The templates (:class:`~finegrain.rewards.contrastive.ContrastiveTemplate`):
-``control`` (a plain prefix; on the built-in world its "please answer well :" / "please answer badly :" prompts,
-the default there), ``system`` (a system turn through the tokenizer's chat template) and ``draft`` (a request to
-rewrite the response itself into a better / worse answer; the default for other models). The template's token ids
+(Zhou et al., ACL 2025, arXiv 2412.02685; docs/methods/treg.md). The templates
+(:class:`~finegrain.rewards.contrastive.ContrastiveTemplate`): ``control`` (a plain prefix; on the built-in world its
+"please answer well :" / "please answer badly :" prompts, the default there), ``system`` (a system turn through the
+tokenizer's chat template) and ``draft`` (a request to rewrite the response itself into a better / worse answer;
+the default for other models). The template's token ids
 are concatenated with the response's own token ids, so the rewards line up 1:1 with the response tokens.
 
 Output: a JSONL file with every input row unchanged plus ``chosen_token_rewards`` and ``rejected_token_rewards``,

@@ -1,4 +1,4 @@
-"""``finegrain label edits``: token labels from minimal-edit revisions (TLCR spec 3.1; minimal-edit token RM 4.2).
+"""``finegrain label edits``: token labels from minimal-edit revisions (TLCR, token RM; docs/labeling.md).
 
 Reads revision rows ``{prompt, rejected, revised[, chosen]}`` (the output of ``finegrain label revise``, or the
 built-in world's ``data/revisions.jsonl``), aligns each rejected response with its revision by a unit-cost

@@ -1,4 +1,4 @@
-"""Advantage estimators for online RL over dense per-token rewards (spec 3.4, 4.3, 5.4, 6).
+"""Advantage estimators for online RL over dense per-token rewards (docs/methods/ppo.md).
 
 Every function works on the response layout ``(B, T)`` of :mod:`finegrain.types` with a ``response_mask``
 (True on the actions of the response, EOS included). Masked positions are *transparent*: they neither
@@ -49,7 +49,8 @@ def gae_advantages(
         returns_t = A_t + V_t              (the value-function target)
 
     where ``t+1`` means the next *valid* action of the row. With ``γ = λ = 1`` this telescopes to
-    ``A_t = Σ_{k≥t} R_k − V_t`` (return-to-go minus value). TLCR uses ``γ = 1, λ = 0.95`` (spec 3.4).
+    ``A_t = Σ_{k≥t} R_k − V_t`` (return-to-go minus value). TLCR uses ``γ = 1, λ = 0.95`` (Yoon et al. 2024;
+    docs/methods/ppo.md).
 
     Args:
         rewards: ``(B, T)`` per-action rewards ``R_t`` (e.g. from :func:`finegrain.rl.rewards.dense_rewards`).
@@ -94,7 +95,7 @@ def discounted_returns(rewards: torch.Tensor, response_mask: torch.Tensor, gamma
     Args:
         rewards: ``(B, T)`` per-action rewards.
         response_mask: ``(B, T)`` bool.
-        gamma: discount ``γ`` (1 in REINFORCE as used by SRM, spec 5.4).
+        gamma: discount ``γ`` (1 in REINFORCE as used by SRM's RL script; docs/methods/ppo.md).
 
     Returns:
         ``(B, T)`` returns, exactly 0 where ``response_mask`` is False.
@@ -135,8 +136,8 @@ def whiten_advantages(advantages: torch.Tensor, response_mask: torch.Tensor, shi
 def reinforce_advantages(
     rewards: torch.Tensor, response_mask: torch.Tensor, gamma: float = 1.0, normalize: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """REINFORCE with return-to-go, as in the SRM paper's RL script (OpenRLHF ``advantage_estimator=reinforce``,
-    spec 5.4).
+    """REINFORCE with return-to-go, as in the SRM paper's RL script (OpenRLHF ``advantage_estimator=reinforce``;
+    Qiu et al. 2025, arXiv 2503.04793; docs/methods/ppo.md).
 
     ``G_t = Σ_{k≥t} γ^{k−t} R_k`` (γ = 1 by default) and ``A_t = (G_t − mean) / std`` with the mean and the
     standard deviation taken over every valid action of the batch (``normalize=True``); no critic.

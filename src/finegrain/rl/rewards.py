@@ -1,8 +1,8 @@
-"""The per-action reward of online RL, built from any mix of reward sources (spec 3.4, 4.3, 5.4, 6).
+"""The per-action reward of online RL, built from any mix of reward sources (docs/methods/ppo.md).
 
-Spec 6: ``R_t = Σ_s c_s·values_s[t] (+ c_s·seq_reward_s on the last valid token) − c_KL·KLterm_t``, where every
-source ``s`` returns a :class:`finegrain.types.TokenRewards` aligned with the policy's response tokens and the
-KL term comes from :func:`finegrain.ops.kl.kl_penalty` (k1/k2/k3 or the full-vocabulary ``K̃_t``).
+``R_t = Σ_s c_s·values_s[t] (+ c_s·seq_reward_s on the last valid token) − c_KL·KLterm_t`` (docs/methods/ppo.md),
+where every source ``s`` returns a :class:`finegrain.types.TokenRewards` aligned with the policy's response
+tokens and the KL term comes from :func:`finegrain.ops.kl.kl_penalty` (k1/k2/k3 or the full-vocabulary ``K̃_t``).
 
 Pipeline of :func:`dense_rewards`, in this order (each step optional):
 
@@ -13,7 +13,7 @@ Pipeline of :func:`dense_rewards`, in this order (each step optional):
    :func:`finegrain.rewards.place_on_last_token`;
 3. normalise the *sequence return* ``Σ_t raw_t``, over the batch or with running moments (see
    :func:`dense_rewards`);
-4. clip every token reward to ``[−clip, clip]`` (TLCR uses 5, spec 3.4) → ``score``;
+4. clip every token reward to ``[−clip, clip]`` (TLCR's official script uses 5) → ``score``;
 5. ``penalized = score − c_KL·kl``, the reward fed to GAE or REINFORCE.
 
 Everything is exactly 0 outside ``response_mask`` (actions after EOS and padding). This module imports only
@@ -123,13 +123,14 @@ def dense_rewards(
     gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
     eps: float = 1e-8,
 ) -> dict[str, torch.Tensor]:
-    """Per-action rewards ``R_t = clip(norm(Σ_s c_s·r^s_t)) − c_KL·KLterm_t`` in the response layout (spec 6).
+    """Per-action rewards ``R_t = clip(norm(Σ_s c_s·r^s_t)) − c_KL·KLterm_t`` in the response layout.
 
     ``r^s_t`` is source ``s``'s token value (0 outside its mask), plus its ``seq_reward`` on the last valid
-    token of ``response_mask``. TLCR (spec 3.4): one source, ``clip=5``, ``kl`` = full-vocabulary ``K̃_t``,
-    ``kl_coef=0.1``. Xu et al. (4.3): one token-RM source, ``kl`` = k1, no terminal bonus. SRM (5.4): the
-    sentence-RM source, ``kl`` = k1, ``kl_coef=0.01``. Sequence-RM baseline: a source with zero ``values`` and a
-    ``seq_reward``.
+    token of ``response_mask``. The settings of the papers (docs/methods/ppo.md): TLCR (Yoon et al. 2024, its
+    official script): one source, ``clip=5``, ``kl`` = full-vocabulary ``K̃_t``, ``kl_coef=0.1``. Xu et al. (2024):
+    one token-RM source, ``kl`` = k1, no terminal bonus (the exact form is our reading of the paper). SRM (Qiu et
+    al. 2025, its released script): the sentence-RM source, ``kl`` = k1, ``kl_coef=0.01``. Sequence-RM baseline: a
+    source with zero ``values`` and a ``seq_reward``.
 
     Normalisation acts on the **sequence return** ``G_i = Σ_t raw_{i,t}`` so that sparse rewards stay sparse:
     every token reward of row ``i`` is divided by ``std(G)`` and, with ``center=True``, ``mean(G)`` is
@@ -244,10 +245,11 @@ def reward_metrics(rewards: Mapping[str, torch.Tensor], response_mask: torch.Ten
 
 
 def lag_rewards(rewards: TokenRewards, lag: int) -> TokenRewards:
-    """TLCR's one-position lag (spec 3.4, [QUIRK]): ``values'[t] = values[t − lag]`` (0 for ``t < lag``), masked.
+    """TLCR's one-position lag: ``values'[t] = values[t − lag]`` (0 for ``t < lag``), masked.
 
     The reward of token ``y_k`` is then credited to the action that produced ``y_{k+lag}``; values pushed past
-    the end of a response are dropped, as in the official code. ``lag=0`` returns ``rewards`` unchanged.
+    the end of a response are dropped, as in the official code, which shifts by one unlike the paper
+    (docs/methods/tlcr.md). ``lag=0`` returns ``rewards`` unchanged.
     """
     if lag == 0:
         return rewards
