@@ -544,6 +544,20 @@ def test_docs_show_the_reviser_prompt_as_it_is():
     assert all(f"## `finegrain label {name}`" in doc for name in ("revise", "contrastive", "edits"))
 
 
+def test_docs_adding_a_reviser_runs_as_written(tmp_path, monkeypatch):
+    from finegrain.labeling import revisers
+
+    monkeypatch.setattr(revisers, "_REGISTRY", dict(revisers._REGISTRY))
+    doc = (Path(__file__).parents[2] / "docs" / "labeling.md").read_text()
+    section = doc[doc.index("### Adding a reviser"):]
+    code = section[section.index("```python\n") + len("```python\n"):section.index("\n```", section.index("```python"))]
+    exec(compile(code, "docs/labeling.md", "exec"), {})
+    data = _pairs(tmp_path / "pairs.jsonl", ["A Bad Answer"])
+    summary = run_revise(build(ReviseConfig, {"dataset_name": str(data), "output_file": str(tmp_path / "o.jsonl"),
+                                              "reviser": "lowercase", "disable_tqdm": True}))
+    assert summary.revised == 1 and _read(tmp_path / "o.jsonl")[0]["revised"] == " a bad answer 0 ."
+
+
 def test_label_dispatcher_lists_sub_commands_and_refuses_unknown_ones(capsys):
     assert label_main(["--help"]) == 0
     text = capsys.readouterr().out

@@ -103,6 +103,8 @@ def _label_revise(argv: list[str]) -> int:
 
     cfg = command_config("label revise", revise.ReviseConfig, argv, revise.DESCRIPTION)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for transport in ("httpx", "httpx2"):  # the openai SDK's HTTP clients log every request at INFO
+        logging.getLogger(transport).setLevel(logging.WARNING)
     print(revise.run_revise(cfg), file=sys.stdout)
     return 0
 

@@ -252,33 +252,37 @@ def load_jobs(rows: Any, *, template: str | None = None, skip_invalid: bool = Fa
         DataError: naming the file, the row and the field of the first bad row (unless ``skip_invalid``).
     """
     from finegrain.data.loading import load_rows
-    from finegrain.data.schema import log_skips, skip_key, validate_rows
+    from finegrain.data.schema import log_skips, row_error, skip_key, validate_rows
 
     rows = load_rows(rows)
     columns = set(rows.column_names)
     if "rejected" not in columns:
         raise DataError(f"missing column 'rejected'; rows to revise need prompt, rejected and optionally chosen "
                         f"(columns found: {', '.join(sorted(columns)) or 'none'})", source=rows.source, field="rejected")
+    if "chosen" not in columns and "prompt" not in columns:
+        raise DataError("missing column 'prompt'; without a chosen response the prompt must be given in its own "
+                        "column", source=rows.source, field="prompt")
+    normal, counts = [], collections.Counter()
     if "chosen" in columns:
         position = {rows.locate(i): i for i in range(len(rows))}
         items = validate_rows(rows, "preference", skip_invalid=skip_invalid, skipped=skipped)
-        normal = [(position[it["source"], it["row"]], it) for it in items]
+        checked = [(position[it["source"], it["row"]], it) for it in items]
     else:
-        if "prompt" not in columns:
-            raise DataError("missing column 'prompt'; without a chosen response the prompt must be given in its own "
-                            "column", source=rows.source, field="prompt")
-        normal, counts = [], collections.Counter()
-        for i, raw in enumerate(rows):
-            source, row = rows.locate(i)
-            try:
-                normal.append((i, _check_row(raw, source, row)))
-            except DataError as e:
-                if not skip_invalid:
-                    raise
-                counts[skip_key(e)] += 1
-        log_skips(counts, rows.source, len(rows), "validation")
-        if skipped is not None:
-            skipped.update(counts)
+        checked = ((i, raw) for i, raw in enumerate(rows))
+    for i, it in checked:
+        try:
+            if "chosen" not in columns:
+                it = _check_row(it, *rows.locate(i))
+            elif not it["rejected"].strip():  # kept by the preference schema (an EOS-only sample): nothing to edit
+                raise row_error("empty response", source=it["source"], row=it["row"], field="rejected")
+            normal.append((i, it))
+        except DataError as e:
+            if not skip_invalid:
+                raise
+            counts[skip_key(e)] += 1
+    log_skips(counts, rows.source, len(rows), "validation")
+    if skipped is not None:
+        skipped.update(counts)
     jobs = []
     for index, it in normal:
         if template is not None and "{chosen}" in template and it["chosen"] is None:

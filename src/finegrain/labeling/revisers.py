@@ -405,7 +405,8 @@ class ChatCompletionsClient:
         # The SDK insists on a key; without one it gets a stand-in that is never sent (every request omits the
         # Authorization header), so neither OPENAI_API_KEY nor any other variable is read behind the user's back.
         self._sdk = self._openai.OpenAI(base_url=base, api_key=api_key or "unused", timeout=timeout, max_retries=0)
-        self._extra = {} if api_key else {"extra_headers": {"Authorization": self._openai.Omit()}}
+        omit = getattr(self._openai, "Omit", None) or self._openai._types.Omit  # exported only by newer SDKs
+        self._extra = {} if api_key else {"extra_headers": {"Authorization": omit()}}
 
     def __repr__(self) -> str:  # never shows the key
         return f"ChatCompletionsClient(url={self.url!r}, api_key={'set' if self._has_key else 'none'})"
