@@ -1,4 +1,4 @@
-"""Edit alignment and edit-derived token labels (spec 3.1), against a naive Levenshtein DP."""
+"""Edit alignment and edit-derived token labels (docs/methods/tlcr.md), against a naive Levenshtein DP."""
 
 import doctest
 import random

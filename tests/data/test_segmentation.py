@@ -1,4 +1,4 @@
-"""Sentence splitting, sentence-to-token mapping and the two SRM boundary modes (spec 5.1)."""
+"""Sentence splitting, sentence-to-token mapping and the two SRM boundary modes (docs/methods/reward-models.md)."""
 
 import doctest
 import random
@@ -167,7 +167,7 @@ def test_sentence_ends_with_a_real_tokenizer():
 
 
 def test_insert_end_tokens_layout():
-    """prompt <END> s_1 <END> s_2 <END> ... s_N EOS <END> (spec 5.1)."""
+    """prompt <END> s_1 <END> s_2 <END> ... s_N EOS <END> (the SRM training layout)."""
     END, EOS = 99, 2
     b = insert_end_tokens([5, 6], [10, 11, 12, 13, 14, EOS], [1, 4], END, EOS)
     assert b.prompt_ids == [5, 6, END]

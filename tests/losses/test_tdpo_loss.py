@@ -1,4 +1,5 @@
-"""TDPO against a straightforward re-implementation of the authors' two functions (spec §7.1).
+"""TDPO against a straightforward re-implementation of the authors' two functions (``_tdpo_get_batch_logps`` and
+``tdpo_loss`` of their ``trainers.py``; docs/methods/tdpo.md).
 
 The oracle below mirrors ``_tdpo_get_batch_logps`` and ``tdpo_loss`` of the TDPO reference code in the
 *sequence* layout (``logits[:, :-1]`` scores ``labels[:, 1:]``, reference via ``softmax().log()``). finegrain's path
@@ -49,8 +50,8 @@ def _official_tdpo_loss(cm, rm, ckl, rkl, beta, alpha, if_tdpo2):
 
 
 def _recipe(dtype, seed=0):
-    """Spec §7.1: logits randn·2; labels with a 4–6 token prompt of -100 and a random -100 tail; one row has a
-    single response token."""
+    """Logits randn·2 (small gaps, away from the official code's NaN); labels with a 4–6 token prompt of -100 and
+    a random -100 tail; one row has a single response token."""
     g = torch.Generator().manual_seed(seed)
     logits = (2.0 * torch.randn(2 * B, L, V, generator=g, dtype=torch.float64)).to(dtype)
     ref_logits = (2.0 * torch.randn(2 * B, L, V, generator=g, dtype=torch.float64)).to(dtype)

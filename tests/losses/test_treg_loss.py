@@ -1,4 +1,4 @@
-"""T-REG against an independent loop implementation of spec §2.2 and its invariants (spec §7.2)."""
+"""T-REG against an independent loop implementation of its loss (docs/methods/treg.md) and its invariants."""
 
 import math
 
@@ -32,7 +32,7 @@ def _inputs(seed=0):
 
 
 def _naive(inp, beta, alpha, base, gamma, reduction, weighting):
-    """Spec §2.2 written per pair and per token with Python loops."""
+    """The loss of docs/methods/treg.md written per pair and per token with Python loops."""
     losses = []
     for b in range(B):
         def seq(key, mask, b=b):
@@ -118,7 +118,7 @@ def test_weights_are_sigmoid_of_the_reversed_margin_and_carry_no_gradient():
 
 
 def test_gradient_identity_dpo_sum():
-    """Spec §2.2: ∂L/∂ℓ^w_t = −βw(1 + α r̂^w_t) m_t and ∂L/∂ℓ^l_t = βw(1 − α r̂^l_t) m_t, w = σ(Z_l − Z_w)."""
+    """docs/methods/treg.md: ∂L/∂ℓ^w_t = −βw(1 + α r̂^w_t) m_t and ∂L/∂ℓ^l_t = βw(1 − α r̂^l_t) m_t, w = σ(Z_l − Z_w)."""
     inp = _inputs(4)
     beta, alpha = 0.6, 0.5
     out = _call(inp, beta=beta, alpha=alpha)

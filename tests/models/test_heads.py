@@ -1,4 +1,4 @@
-"""Reward heads; the SRM aggregation (spec 5.2) against a naive per-example loop in float64."""
+"""Reward heads; the SRM aggregation (docs/methods/reward-models.md) against a naive per-example loop in float64."""
 
 import doctest
 import math

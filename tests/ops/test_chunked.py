@@ -147,9 +147,9 @@ def test_bfloat16_head_gives_float32_stats_close_to_naive():
 
 
 def test_underflowing_reference_probability_keeps_the_kl_finite():
-    """Spec §1.3 quirk: with a reference logit gap of 200, float32 softmax gives p_ref = 0 exactly, and TDPO's
-    reference code, ``softmax().log()``, computes 0·(−inf) = NaN. log_softmax keeps log p_ref finite, so the
-    term is 0·finite = 0 and the KL equals the float64 value."""
+    """The official TDPO code's NaN (docs/methods/tdpo.md): with a reference logit gap of 200, float32 softmax gives
+    p_ref = 0 exactly, and TDPO's reference code, ``softmax().log()``, computes 0·(−inf) = NaN. log_softmax keeps
+    log p_ref finite, so the term is 0·finite = 0 and the KL equals the float64 value."""
     v = 5
     w = torch.eye(v, 3)  # logits are the first three coordinates of the state, the rest are 0
     policy_h = torch.tensor([[[0.5, -0.2, 0.1]]], requires_grad=True)

@@ -11,7 +11,7 @@ def _rand(*shape, seed=0, scale=3.0):
 
 
 def test_contrastive_rewards_match_the_formula():
-    """Spec §2.1 / §7.2: (σ(logp_plus − logp_minus) − ½) · mask."""
+    """T-REG (docs/methods/treg.md): (σ(logp_plus − logp_minus) − ½) · mask."""
     plus, minus = _rand(3, 6, seed=1), _rand(3, 6, seed=2)
     mask = _rand(3, 6, seed=3) > 0
     got = contrastive_token_rewards(plus, minus, mask)
@@ -42,7 +42,7 @@ def test_squash_to_half():
 
 
 def test_implicit_rewards_dpo_and_tdpo():
-    """β ρ_t and β (ρ_t + K_t); for TDPO their sums are the rewards tdpo_loss logs (spec §1.2)."""
+    """β ρ_t and β (ρ_t + K_t); for TDPO their sums are the rewards tdpo_loss logs (docs/methods/tdpo.md)."""
     b, t, beta = 2, 5, 0.3
     logps = _rand(2 * b, t, seed=6).requires_grad_(True)
     ref = _rand(2 * b, t, seed=7)

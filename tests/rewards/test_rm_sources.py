@@ -167,7 +167,7 @@ def test_sentence_source_places_terms_on_sentence_ends_or_spreads_them(spread):
     model = rm("sentence", tok, boundary_mode="insert")
     out = SentenceRMSource(model, tok, spread=spread).token_rewards(batch)
     assert out.meta["num_sentences"].tolist() == [2, 1]
-    # the response terms sum to R minus the prompt term a_0 s_0 (spec 5.4)
+    # the response terms sum to R minus the prompt term a_0 s_0 (docs/methods/reward-models.md)
     want = out.meta["scores"] - out.meta["prompt_terms"]
     torch.testing.assert_close(out.values.sum(1), want, atol=1e-5, rtol=1e-5)
     row0 = out.values[0]

@@ -47,7 +47,7 @@ def test_values_after_eos_from_a_source_are_dropped():
 
 
 def test_clipping_applies_to_the_task_reward_before_the_kl_penalty():
-    """TLCR (spec 3.4): R_t = clip(r_t, −5, 5) − c_KL·K̃_t."""
+    """TLCR (docs/methods/ppo.md): R_t = clip(r_t, −5, 5) − c_KL·K̃_t."""
     values = torch.tensor([[7.0, -9.0, 1.0, 0.0, 0.0]] * 3)
     kl = torch.full((3, 5), 2.0)
     out = dense_rewards(_source(values), MASK, kl=kl, kl_coef=1.0, clip=5.0)

@@ -70,7 +70,7 @@ def _stats(seed=0, b=3, t=5):
 
 
 def test_resolved_losses_match_the_formulas_on_the_batch_layout():
-    """Chosen rows [0, B), rejected rows [B, 2B); sums over masked tokens; formulas of spec §1.2 and §2.2."""
+    """Chosen rows [0, B), rejected rows [B, 2B); sums over masked tokens; formulas of docs/methods/tdpo.md and treg.md."""
     s = _stats()
     b = 3
 
