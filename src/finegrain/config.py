@@ -328,9 +328,9 @@ class TrainConfig:
     adam_beta1: float = option(0.9, "Adam beta1")
     adam_beta2: float = option(0.999, "Adam beta2")
     max_grad_norm: float = option(1.0, "gradient-norm clipping (0 disables)")
-    lr_scheduler_type: Literal["constant", "linear", "cosine"] = option("linear", "learning-rate schedule after warm-up")
-    warmup_steps: int = option(0, "linear warm-up steps")
-    warmup_ratio: float = option(0.0, "warm-up as a fraction of max_steps (used when warmup_steps is 0)")
+    lr_scheduler_type: Literal["constant", "linear", "cosine"] = option("linear", "learning-rate schedule after warm-up (transformers' get_scheduler; constant is its constant_with_warmup)")
+    warmup_steps: int = option(0, "linear warm-up steps, from 0 to learning_rate")
+    warmup_ratio: float = option(0.0, "warm-up as a fraction of the training steps, rounded up (used when warmup_steps is 0)")
     per_device_train_batch_size: int = option(8, "rows (pairs for preference data) per device per micro-step")
     per_device_eval_batch_size: int = option(16, "rows per device for evaluation")
     gradient_accumulation_steps: int = option(1, "micro-steps per optimizer step")
@@ -373,6 +373,8 @@ class TrainConfig:
             raise ConfigError(f"option 'seed' must be in [0, 2**32), got {self.seed}")
         if self.learning_rate < 0:
             raise ConfigError(f"learning_rate must be >= 0, got {self.learning_rate}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.resume_from_checkpoint and self.overwrite_output_dir:

@@ -752,21 +752,19 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
 
 
 def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
-    """Linear warm-up, then constant / linear decay / cosine decay to 0 at ``total_steps``."""
-    warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
-    kind = cfg.lr_scheduler_type
+    """transformers' schedule, built as TRL's trainers build it (``Trainer.create_scheduler``): ``get_scheduler``
+    with ``W = warmup_steps`` (or ``ceil(warmup_ratio * total_steps)`` when it is 0) and ``T = total_steps``.
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if kind == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        if kind == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    The rate at optimizer step ``t`` (counted from 0) is ``lr * t / W`` while ``t < W``, then ``lr`` (constant),
+    ``lr * (T - t) / (T - W)`` (linear) or ``lr * (1 + cos(pi * (t - W) / (T - W))) / 2`` (cosine): 0 at ``T``.
+    ``constant`` is transformers' ``constant_with_warmup`` (its ``constant`` ignores warm-up). What changed from
+    finegrain's earlier schedule: docs/run-directory.md, "Learning-rate schedule".
+    """
+    from transformers import get_scheduler
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[cfg.lr_scheduler_type]
+    warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * total_steps)
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
 def optimizer_step(run: Run, state: RunState, model, optimizer, scheduler, loss: torch.Tensor) -> dict[str, float]:
