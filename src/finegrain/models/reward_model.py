@@ -60,6 +60,7 @@ from finegrain.data.segmentation import (
     sentence_token_ends,
 )
 from finegrain.errors import ConfigError, DataError
+from finegrain.models.build import is_peft_model, save_merged_lora
 from finegrain.models.forward import hidden_states, reading_states
 from finegrain.models.heads import ScalarHead, SentenceRewardHead, SentenceRewardOutput, TwoClassHead
 from finegrain.models.loading import REWARD_MODEL_FILE
@@ -624,13 +625,6 @@ def _instantiate(level: str, backbone, tokenizer, head, **settings) -> RewardMod
     return _CLASSES[level](backbone, tokenizer, head)
 
 
-def _plain_backbone(backbone: nn.Module) -> nn.Module:
-    """The backbone to save: a PEFT model is merged into a copy (the trained one is left as it is)."""
-    if hasattr(backbone, "merge_and_unload"):
-        return copy.deepcopy(backbone).merge_and_unload()
-    return backbone
-
-
 def save_reward_model(model: RewardModel, path: str | Path, *, state_dict: dict[str, torch.Tensor] | None = None,
                       extra: dict[str, Any] | None = None) -> Path:
     """Save ``model`` so that :func:`load_reward_model` restores it (layout in the module docstring).
@@ -659,13 +653,16 @@ def save_reward_model(model: RewardModel, path: str | Path, *, state_dict: dict[
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        backbone = _plain_backbone(model.backbone)
-        backbone.save_pretrained(tmp, safe_serialization=True)
+        merged = is_peft_model(model.backbone)  # saved as a plain causal LM; the trained model is left as it is
+        if merged:
+            save_merged_lora(model.backbone, tmp)
+        else:
+            model.backbone.save_pretrained(tmp, safe_serialization=True)
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(tmp)
         save_file({k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()}, str(tmp / HEAD_FILE))
         info = {"format": FORMAT, "level": model.level, "head": model.head_config(), **model.settings(),
-                "peft_merged": backbone is not model.backbone, "finegrain_version": __version__, **(extra or {})}
+                "peft_merged": merged, "finegrain_version": __version__, **(extra or {})}
         (tmp / CONFIG_FILE).write_text(json.dumps(info, indent=2))
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)

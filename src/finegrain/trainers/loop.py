@@ -446,9 +446,10 @@ class Run:
                 shutil.rmtree(tmp, ignore_errors=True)
                 unwrapped = acc.unwrap_model(model)
                 if _is_peft(unwrapped):
+                    from finegrain.models.build import save_merged_lora
+
                     unwrapped.save_pretrained(tmp / "adapter", state_dict=state_dict, safe_serialization=True)
-                    merged = merged_lora_state_dict(unwrapped, state_dict)
-                    unwrapped.get_base_model().save_pretrained(tmp, state_dict=merged, safe_serialization=True)
+                    save_merged_lora(unwrapped, tmp, state_dict)
                 else:
                     unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
                 if tokenizer is not None:
@@ -564,48 +565,6 @@ def _check_process_count(acc) -> None:
 
 def _is_peft(model) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
-
-
-def merged_lora_state_dict(peft_model, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The base model's state dict with every LoRA update merged in: ``W' = W + s · B A``.
-
-    ``s`` is the layer's scaling (``lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA); layers that store ``W``
-    transposed (GPT-2's ``Conv1D``, ``fan_in_fan_out``) get ``(B A)ᵀ``. ``modules_to_save`` copies replace their
-    originals. Keys lose peft's ``base_model.model.`` prefix, so the result loads into the plain model.
-
-    Args:
-        peft_model: the (unwrapped) ``peft.PeftModel``; read for adapter names, scalings and layouts only.
-        state_dict: its full state dict (``accelerator.get_state_dict``), on any device.
-
-    Returns:
-        ``{name: tensor}`` in the base model's own names, same dtypes as the base weights.
-    """
-    adapter = getattr(peft_model, "active_adapter", "default")
-    adapter = adapter[0] if isinstance(adapter, (list, tuple)) else adapter
-    prefix = "base_model.model."
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        if ".lora_" in key or ".original_module." in key or ".lora_magnitude_vector" in key:
-            continue
-        name = key[len(prefix):] if key.startswith(prefix) else key
-        if f".modules_to_save.{adapter}." in name:
-            out[name.replace(f".modules_to_save.{adapter}.", ".")] = value
-            continue
-        if ".modules_to_save." in name:
-            continue
-        if ".base_layer." in key:
-            module_key = key.split(".base_layer.")[0]
-            name = name.replace(".base_layer.", ".")
-            a_key, b_key = f"{module_key}.lora_A.{adapter}.weight", f"{module_key}.lora_B.{adapter}.weight"
-            if key.endswith(".base_layer.weight") and a_key in state_dict:
-                module = peft_model.get_submodule(module_key)
-                a, b = state_dict[a_key].float(), state_dict[b_key].float()
-                delta = (b.to(a.device) @ a) * float(module.scaling[adapter])
-                if getattr(module, "fan_in_fan_out", False):
-                    delta = delta.T
-                value = (value.float() + delta.to(value.device)).to(value.dtype)
-        out.setdefault(name, value)
-    return out
 
 
 def _load_state_dict(model, weights: dict[str, torch.Tensor], where: Path) -> None:
