@@ -181,7 +181,7 @@ def test_directory_of_shards_names_the_file_of_a_bad_row(tmp_path):
     sub.mkdir()
     write_jsonl(sub / "train-00000-of-00002.jsonl", PAIRS)
     pq.write_table(pa.Table.from_pylist(PAIRS), sub / "train-00001-of-00002.parquet")
-    write_jsonl(sub / "validation-00000-of-00001.jsonl", [dict(PAIRS[0], chosen="")])
+    write_jsonl(sub / "validation-00000-of-00001.jsonl", [dict(PAIRS[0], chosen=None)])
     rows = load_rows(tmp_path, split="train")
     assert len(rows) == 4 and rows.locate(3) == (str(sub / "train-00001-of-00002.parquet"), 1)
     with pytest.raises(DataError) as e:

@@ -94,18 +94,18 @@ def test_short_final_batch_gives_every_rank_a_batch():
 
 def test_order_and_length_are_stable_and_skips_are_counted():
     rows = pairs(6)
-    rows[2] = dict(rows[2], chosen="")
+    rows[2] = dict(rows[2], chosen=None)
     a = PreferenceData.from_source(rows, word_tokenizer(), skip_invalid=True)
     b = PreferenceData.from_source(rows, word_tokenizer(), skip_invalid=True)
     assert len(a) == 5 and [ex["row"] for ex in a] == [0, 1, 3, 4, 5] == [ex["row"] for ex in b]
-    assert [ex["index"] for ex in a] == list(range(5)) and a.skipped == {"empty response in 'chosen'": 1}
+    assert [ex["index"] for ex in a] == list(range(5)) and a.skipped == {"missing value in 'chosen'": 1}
 
 
 def test_wrong_kind_and_nothing_left():
     with pytest.raises(DataError, match="PreferenceData takes rows of kind preference or revision"):
         PreferenceData.from_source([{"prompt": "p", "completion": "c"}], word_tokenizer())
     with pytest.raises(DataError, match="no usable rows \\(1 read, 1 skipped\\)"):
-        PreferenceData.from_source([{"prompt": "p", "chosen": "", "rejected": "r"}], word_tokenizer(), skip_invalid=True)
+        PreferenceData.from_source([{"prompt": "p", "chosen": None, "rejected": "r"}], word_tokenizer(), skip_invalid=True)
 
 
 def test_revisions_train_as_pairs_with_the_revision_chosen():

@@ -175,8 +175,6 @@ GOOD = {
         ({"chosen": None}, "chosen", "missing value"),
         ({"chosen": 3}, "chosen", "wrong type"),
         ({"prompt": ["what"]}, "prompt", "wrong type"),
-        ({"chosen": ""}, "chosen", "empty response"),
-        ({"rejected": " \n\t"}, "rejected", "empty response"),
         ({"prompt": ""}, "prompt", "empty prompt"),
         ({"prompt": []}, "prompt", "empty prompt"),
         ({"rejected": "blue"}, "rejected", "chosen identical to rejected"),
@@ -195,7 +193,6 @@ GOOD = {
         ({"prompt": ["x"]}, "prompt", "wrong type"),
         ({"chosen": [msg("assistant", "a"), msg("assistant", "b")]}, "chosen", "wrong type"),
         ({"chosen": [msg("user", "a")]}, "chosen", "wrong type"),
-        ({"chosen": [msg("assistant", "")]}, "chosen", "empty response"),
         ({"chosen": "bad \ud800 text"}, "chosen", "invalid text"),
         ({"subset": 3}, "subset", "wrong type"),
     ],
@@ -205,16 +202,28 @@ def test_bad_preference_rows(change, field, reason):
     with pytest.raises(DataError) as e:
         validate_rows(rows)
     assert (e.value.source, e.value.row, e.value.field, e.value.reason.split(":")[0]) == ("<list>", 2, field, reason)
-    assert f"row 2, field '{field}'" in str(e.value)
+    assert f"row 3, field '{field}'" in str(e.value)  # the third row: messages count rows from 1
+    assert "--skip_invalid_rows" in str(e.value)  # the flag that would have skipped it
+
+
+def test_an_empty_response_is_an_eos_only_sample():
+    """A policy may end at once: an empty chosen/rejected response is kept (tokenized it is EOS only), as is an
+    empty SFT completion; a revision still needs text on both sides."""
+    rows = validate_rows([dict(GOOD, chosen=""), dict(GOOD, rejected=" \n\t"),
+                          dict(GOOD, chosen=[msg("assistant", "")], prompt=[msg("user", "what?")])])
+    assert [r["chosen"] for r in rows][:2] == ["", "blue"] and rows[1]["rejected"] == " \n\t"
+    assert validate_rows([{"prompt": "p", "completion": ""}])[0]["completion"] == ""
+    with pytest.raises(DataError, match="empty response"):
+        validate_rows([{"prompt": "p", "rejected": "r", "revised": ""}])
 
 
 def test_skip_invalid_counts_and_logs_once(caplog):
     good = {"prompt": "what color?", "chosen": "blue", "rejected": "red"}
     rows = [
         dict(good),
-        dict(good, chosen=""),
-        dict(good, rejected=""),
-        dict(good, chosen=""),
+        dict(good, chosen=None),
+        dict(good, rejected=3),
+        dict(good, chosen=None),
         dict(good, rejected="blue"),
         dict(good, chosen="sky"),
     ]
@@ -222,11 +231,11 @@ def test_skip_invalid_counts_and_logs_once(caplog):
     with caplog.at_level(logging.WARNING, logger="finegrain.data.schema"):
         kept = validate_rows(rows, skip_invalid=True, skipped=skipped)
     assert [r["row"] for r in kept] == [0, 5]
-    assert skipped == {"empty response in 'chosen'": 2, "empty response in 'rejected'": 1,
+    assert skipped == {"missing value in 'chosen'": 2, "wrong type in 'rejected'": 1,
                        "chosen identical to rejected in 'rejected'": 1}
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and lines[0].startswith("<list>: skipped 4 of 6 rows at validation (")
-    assert "empty response in 'chosen': 2" in lines[0]
+    assert "missing value in 'chosen': 2" in lines[0]
 
 
 def test_no_log_when_nothing_is_skipped(caplog):

@@ -147,7 +147,7 @@ def test_token_credit_matches_naive_on_random_data():
 
 
 def test_token_credit_length_mismatch_names_the_row():
-    with pytest.raises(DataError, match="row 1"):
+    with pytest.raises(DataError, match="row 2"):
         evaluate_token_credit([[1.0], [1.0, 2.0]], [[1.0], [1.0]])
 
 

@@ -67,14 +67,14 @@ def test_word_credit_reaches_every_bpe_piece_of_its_word():
 
 
 def test_word_credit_errors_name_the_row_and_field():
-    with pytest.raises(DataError, match="row 0.*'words'.*not in the response"):
+    with pytest.raises(DataError, match="row 1.*'words'.*not in the response"):
         word_credit_to_tokens("a b", ["a", "x"], [0.0, 1.0], [(0, 1), (2, 3)], source="f.jsonl", row=0)
     with pytest.raises(DataError, match="2 words but 1 credit"):
         word_credit_to_tokens("a b", ["a", "b"], [0.0], [(0, 1), (2, 3)])
     with pytest.raises(DataError, match="finite"):
         word_credit_to_tokens("a b", ["a", "b"], [0.0, math.nan], [(0, 1), (2, 3)])
     bad = [dict(HAND_ROWS[0]), {**HAND_ROWS[1], "words": ["d", "dog"]}]
-    with pytest.raises(DataError, match="row 1.*'words'"):
+    with pytest.raises(DataError, match="row 2.*'words'"):
         load_credit_examples(bad, WORD)
     with pytest.raises(DataError, match="cannot tell the ground truth"):
         load_credit_examples([{"prompt": "a", "response": "b"}], WORD)

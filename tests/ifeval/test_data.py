@@ -101,12 +101,12 @@ def test_revisions_fix_the_rejected_responses_token_local_violations():
     rows, counts = make_revisions(pairs, prompts)
     assert counts == {"revisions": 1, "no_violation": 1, "unfixable": 0}
     assert rows[0]["revised"][0]["content"] == "hot red lava" and rows[0]["fixed"] == [LOWER, NO_COMMA]
-    with pytest.raises(DataError, match=r"file pairs\.jsonl, row 0, field 'key'"):
+    with pytest.raises(DataError, match=r"file pairs\.jsonl, row 1, field 'key'"):
         make_revisions([{"key": 99, "rejected": "x"}], prompts, source="pairs.jsonl")
-    with pytest.raises(DataError, match=r"file s\.jsonl, row 0, field 'responses'"):
+    with pytest.raises(DataError, match=r"file s\.jsonl, row 1, field 'responses'"):
         make_truth([{"key": 1, "prompt": "p", "instruction_id_list": [NO_COMMA], "kwargs": [{}]}], None,
                    source="s.jsonl")
-    with pytest.raises(DataError, match=r"file s\.jsonl, row 0, field 'responses'"):
+    with pytest.raises(DataError, match=r"file s\.jsonl, row 1, field 'responses'"):
         make_pairs([{"key": 1}], source="s.jsonl")
 
 

@@ -89,13 +89,13 @@ def test_parse_inverts_describe():
 
 
 def test_bad_input_names_the_file_row_and_field():
-    with pytest.raises(DataError, match=r"file p\.jsonl, row 1, field 'kwargs'"):
+    with pytest.raises(DataError, match=r"file p\.jsonl, row 2, field 'kwargs'"):
         score_responses([ROWS[0], {"instruction_id_list": [NO_COMMA], "kwargs": []}], ["a", "b"], source="p.jsonl")
-    with pytest.raises(DataError, match=r"row 0, field 'instruction_id_list'"):
+    with pytest.raises(DataError, match=r"row 1, field 'instruction_id_list'"):
         score_responses([{"kwargs": []}], ["a"])
     with pytest.raises(DataError, match="2 prompt rows but 1 responses"):
         score_responses(ROWS[:2], ["a"])
-    with pytest.raises(DataError, match=r"row 0, field 'response'"):
+    with pytest.raises(DataError, match=r"row 1, field 'response'"):
         score_responses(ROWS[:1], [None])
     with pytest.raises(ConfigError, match="unknown IFEval instruction id"):
         check_instructions("x", ["made:up"], [{}])

@@ -106,7 +106,7 @@ def test_errors(tmp_path):
     word_tokenizer().save_pretrained(tmp_path / "tok")
     cfg = {"dataset_name": str(bad), "tokenizer_name_or_path": str(tmp_path / "tok"),
            "output_file": str(tmp_path / "o.jsonl")}
-    with pytest.raises(DataError, match="row 0.*revised"):
+    with pytest.raises(DataError, match="row 1.*revised"):
         run_edits(build(EditsConfig, cfg))
     assert not (tmp_path / "o.jsonl").exists()
     summary = run_edits(build(EditsConfig, {**cfg, "skip_invalid_rows": True}))

@@ -53,7 +53,7 @@ from numbers import Real
 from typing import Any
 
 from finegrain.data.loading import Rows, load_rows
-from finegrain.errors import DataError
+from finegrain.errors import SKIP_HINT, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -158,15 +158,22 @@ class _Row:
             raise self.error("empty prompt", field)
         return msgs
 
-    def response(self, value: Any, field: str) -> str:
-        """A response's text: a string, or the content of a single assistant message."""
+    def response(self, value: Any, field: str, *, allow_empty: bool = False) -> str:
+        """A response's text: a string, or the content of a single assistant message. With ``allow_empty`` an
+        empty (or whitespace-only) text is kept: it becomes an EOS-only response when tokenized."""
         if isinstance(value, str):
-            return self.string(value, field, "response")
+            return self._text(value, field, allow_empty)
         msgs = self.messages(value, field)
         if len(msgs) != 1 or msgs[0]["role"] != "assistant":
             roles = [m["role"] for m in msgs]
             raise self.error("wrong type", field, f"a response must be one assistant message, got roles {roles}")
-        return self.string(msgs[0]["content"], field, "response")
+        return self._text(msgs[0]["content"], field, allow_empty)
+
+    def _text(self, value: Any, field: str, allow_empty: bool) -> str:
+        if allow_empty and isinstance(value, str) and not value.strip():
+            self.encodable(value, field)
+            return value
+        return self.string(value, field, "response")
 
     def number(self, value: Any, field: str) -> float:
         if isinstance(value, bool) or not isinstance(value, Real):
@@ -233,11 +240,14 @@ def extract_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
     raise ValueError("chosen and rejected must both be strings or both lists of messages")
 
 
-def _pair(r: _Row, first: str, second: str, explicit_prompt: bool) -> tuple[Any, str, str]:
-    """Prompt and the two response texts of a row with two responses, explicit or implicit prompt."""
+def _pair(r: _Row, first: str, second: str, explicit_prompt: bool,
+          allow_empty: bool = False) -> tuple[Any, str, str]:
+    """Prompt and the two response texts of a row with two responses, explicit or implicit prompt (with an explicit
+    prompt, ``allow_empty`` keeps empty responses: EOS-only samples)."""
     a, b = r.get(first), r.get(second)
     if explicit_prompt:
-        return r.prompt(r.get("prompt")), r.response(a, first), r.response(b, second)
+        return (r.prompt(r.get("prompt")), r.response(a, first, allow_empty=allow_empty),
+                r.response(b, second, allow_empty=allow_empty))
     if isinstance(a, str) and isinstance(b, str):
         r.string(a, first, "response"), r.string(b, second, "response")
         if a == b:
@@ -261,7 +271,8 @@ def _pair(r: _Row, first: str, second: str, explicit_prompt: bool) -> tuple[Any,
 
 
 def _preference(r: _Row, columns: frozenset[str]) -> dict:
-    prompt, chosen, rejected = _pair(r, "chosen", "rejected", "prompt" in columns)
+    # an empty response is a legitimate sample (a policy that ends at once): it is scored as EOS only
+    prompt, chosen, rejected = _pair(r, "chosen", "rejected", "prompt" in columns, allow_empty=True)
     if chosen == rejected:
         raise r.error("chosen identical to rejected", "rejected")
     out = {"prompt": prompt, "chosen": chosen, "rejected": rejected, "conversational": isinstance(prompt, list)}
@@ -346,7 +357,7 @@ def _prompt_only(r: _Row, columns: frozenset[str]) -> dict:
 def _sft(r: _Row, columns: frozenset[str]) -> dict:
     if "prompt" in columns and "completion" in columns:
         prompt = r.prompt(r.get("prompt"))
-        completion = r.response(r.get("completion"), "completion")
+        completion = r.response(r.get("completion"), "completion", allow_empty=True)
     elif "messages" in columns:
         msgs = r.messages(r.get("messages"), "messages")
         if not msgs or msgs[-1]["role"] != "assistant":
@@ -489,7 +500,7 @@ def validate_rows(
             item = normalise(_Row(raw, source, row), columns)
         except DataError as e:
             if not skip_invalid:
-                raise
+                raise e.add_hint(SKIP_HINT) from None
             counts[skip_key(e)] += 1
             continue
         item["source"], item["row"] = source, row

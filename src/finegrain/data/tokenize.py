@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from finegrain.data.schema import log_skips, row_error, skip_key
-from finegrain.errors import ConfigError, DataError
+from finegrain.errors import SKIP_HINT, ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -285,8 +285,8 @@ class _Tokenized:
                 raise self.error("cannot tokenize", field, f"{type(enc).__name__}: {enc}")
             text = row[field]
             ids, offsets, n_text = _with_eos(enc[0], enc[1], len(text), tok, self.add_eos)
-            if n_text == 0:
-                raise self.error("empty response", field, "the text has no tokens")
+            if n_text == 0 and not self.add_eos:
+                raise self.error("empty response", field, "the text has no tokens and no EOS is appended")
             extras = self._per_token(field, offsets, n_text, len(ids))
             truncated = len(ids) > room
             if truncated:
@@ -393,7 +393,7 @@ def tokenize_rows(
                 example = item.build(p_enc, r_enc)
             except DataError as e:
                 if not skip_invalid:
-                    raise
+                    raise e.add_hint(SKIP_HINT) from None
                 counts[skip_key(e)] += 1
                 continue
             cut_prompts += example["prompt_truncated"]
