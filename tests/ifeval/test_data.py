@@ -143,7 +143,12 @@ def test_build_runs_every_stage_and_skips_finished_ones(tiny_dir, tmp_path, monk
         assert (task / rel).is_file(), rel
     result = json.loads((task / "eval/start/eval.json").read_text())
     assert result["n"] == 4 and 0.0 <= result["prompt_strict"] <= result["prompt_loose"] <= 1.0
-    assert result["kl"] is None and set(result["per_instruction"]) >= {WORDS, KEY}
+    assert result["kl"] == pytest.approx(0.0, abs=1e-6) and set(result["per_instruction"]) >= {WORDS, KEY}
+    # the library's evaluation (finegrain eval --judge ifeval) is in the same file; the start model is its own
+    # reference, so both sides agree, and the judge's strict prompt rate is IFEval's prompt-level accuracy
+    assert result["judge"] == "ifeval" and result["prompt_strict_rate"] == pytest.approx(result["prompt_strict"])
+    assert result["reference_ifeval"]["prompt_strict"] == result["prompt_strict"]
+    assert result["mean_tokens"] == pytest.approx(result["length"])
     assert len(read_jsonl(task / "samples/train.jsonl")) == 6
     # every data file is an ordinary finegrain / TRL data set of its kind
     from finegrain.data import load_rows, validate_rows

@@ -38,7 +38,11 @@ def command_config(command: str, cls: type, argv: list[str] | None, description:
     doc = description if description is not None else (cls.__doc__ or "")
     if command in _ON_WORLD:
         doc = f"{doc}\n\n{_ON_WORLD[command]}"
-    return parse_config(command, cls, argv, doc)
+    cfg = parse_config(command, cls, argv, doc)
+    from finegrain.ifeval.sources import register as register_ifeval  # the IFEval task's reward kind 'ifeval'
+
+    register_ifeval()
+    return cfg
 
 
 def sft(argv: list[str] | None = None) -> int:

@@ -17,7 +17,6 @@ Stages (each skipped when its output exists; ``build`` runs them all in order; d
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -26,6 +25,7 @@ from typing import Literal
 
 from finegrain.config import option, parse
 from finegrain.errors import ConfigError
+from finegrain.ifeval.evaluate import format_eval
 
 __all__ = ["STAGES", "IFEvalConfig", "main", "run_stage"]
 
@@ -236,10 +236,12 @@ def _eval_name(cfg: IFEvalConfig, start: Path) -> tuple[str, Path, bool]:
     return name, policy, is_start
 
 
-def stage_eval(cfg: IFEvalConfig) -> dict:
+def stage_eval(cfg: IFEvalConfig, models=None) -> dict:
+    """Greedy responses of a policy (default: the start model) and of the start model to the test prompts, judged by
+    IFEval's checkers, with the KL to the start model (:func:`finegrain.ifeval.evaluate.evaluate_on_task`: the
+    library's ``finegrain eval --judge ifeval`` plus IFEval's pooled accuracies)."""
     from finegrain.ifeval.data import load_rows_checked
-    from finegrain.ifeval.sampling import sample_rows
-    from finegrain.ifeval.score import score_responses
+    from finegrain.ifeval.evaluate import check_eval_settings, evaluate_on_task
 
     paths = _paths(cfg)
     start_dir = _start_model(cfg)
@@ -247,54 +249,16 @@ def stage_eval(cfg: IFEvalConfig) -> dict:
     out_dir = paths.eval_dir(name)
     rows = load_rows_checked(paths.prompts("test"), "prompts")[: cfg.max_eval_prompts]
     if (out_dir / "eval.json").is_file():
-        old = json.loads((out_dir / "eval.json").read_text())
-        asked = {"n": len(rows), "max_new_tokens": cfg.max_new_tokens, "dtype": resolve_dtype(cfg)}
-        differ = {k: (old.get(k), v) for k, v in asked.items() if old.get(k) != v}
-        if differ:
-            detail = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items())
-            raise ConfigError(f"{out_dir / 'eval.json'} holds an evaluation with other settings ({detail}); pass "
-                              "--name to keep both, or delete that directory")
+        old = check_eval_settings(out_dir / "eval.json", {"n": len(rows), "max_new_tokens": cfg.max_new_tokens,
+                                                          "dtype": resolve_dtype(cfg)})
         print(f"  {out_dir / 'eval.json'} exists: skipped")
         return old
-    model, tok = _load(policy_dir, cfg)
-    reference = None
-    ref_path = None
-    if cfg.reference != "none" and not (is_start and cfg.reference is None):
-        ref_path = Path(cfg.reference).expanduser() if cfg.reference else start_dir
-        reference, _ = _load(ref_path, cfg)
-    start = time.perf_counter()
-    samples = sample_rows(model, tok, rows, _sample_settings(cfg, greedy=True), out_dir / "samples.jsonl",
-                          reference=reference, desc=f"eval {name}", show_progress=not cfg.disable_tqdm)
-    seconds = time.perf_counter() - start
-    responses = [s["responses"][0] for s in samples]
-    scores = score_responses(samples, responses, source=str(out_dir / "samples.jsonl"))
-    result = {
-        "policy": str(policy_dir), "reference": str(ref_path) if ref_path else None, "prompts": str(paths.prompts("test")),
-        **scores.as_dict(),
-        "mean_tokens": sum(s["num_tokens"][0] for s in samples) / len(samples),
-        "truncated": sum(s["truncated"][0] for s in samples) / len(samples),
-        "kl": (sum(s["kl"][0] for s in samples) / len(samples)) if reference is not None else None,
-        "decoding": "greedy", "max_new_tokens": cfg.max_new_tokens, "dtype": resolve_dtype(cfg),
-        "seconds": round(seconds, 1),
-    }
-    tmp = out_dir / ".eval.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out_dir / "eval.json")
+    reference = None if cfg.reference == "none" else (Path(cfg.reference).expanduser() if cfg.reference else start_dir)
+    result = evaluate_on_task(policy_dir, rows, paths.prompts("test"), out_dir, reference=reference,
+                              max_new_tokens=cfg.max_new_tokens, dtype=resolve_dtype(cfg), batch_size=cfg.batch_size,
+                              device=_device(cfg), models=models, show_progress=not cfg.disable_tqdm)
     print(format_eval(name, result))
     return result
-
-
-def format_eval(name: str, r: dict) -> str:
-    """A short table of an eval.json."""
-    kl = f", KL to reference {r['kl']:.2f} nats" if r.get("kl") is not None else ""
-    lines = [f"  {name}: {r['n']} test prompts (greedy, {r['dtype']}, {r['seconds']} s)",
-             f"    prompt-level strict {r['prompt_strict']:.3f} (loose {r['prompt_loose']:.3f}), instruction-level "
-             f"strict {r['instruction_strict']:.3f} (loose {r['instruction_loose']:.3f})",
-             f"    mean length {r['mean_words']:.1f} words / {r['mean_tokens']:.1f} tokens, "
-             f"{100 * r['truncated']:.0f}% cut at max_new_tokens{kl}",
-             "    per instruction (strict): " + ", ".join(f"{k.split(':')[1]} {v['strict']:.2f} (n={v['count']})"
-                                                    for k, v in r["per_instruction"].items())]
-    return "\n".join(lines)
 
 
 def stage_truth(cfg: IFEvalConfig) -> None:
@@ -304,8 +268,11 @@ def stage_truth(cfg: IFEvalConfig) -> None:
     paths = _paths(cfg)
     if _done(paths.truth):
         return
+    from finegrain.ifeval.evaluate import samples_as_task_rows
+
     samples_path = paths.eval_dir("start") / "samples.jsonl"
-    samples = load_rows_checked(samples_path, "eval")
+    load_rows_checked(samples_path, "eval")
+    samples = samples_as_task_rows(load_rows_checked(paths.prompts("test"), "prompts"), samples_path)
     rows, counts = make_truth(samples, load_tokenizer(str(_start_model(cfg))), source=str(samples_path))
     write_jsonl(paths.truth, rows)
     print(f"  {counts['rows']} responses with token truth ({counts['negative_tokens']} violating, "

@@ -1,0 +1,224 @@
+"""The task's judge and rewards as reward sources, registered under the kind ``ifeval`` (docs/ifeval.md).
+
+IFEval's checkers (Zhou et al. 2023, "Instruction-Following Evaluation for Large Language Models", arXiv
+2311.07911) judge each response against the instructions read back from its prompt's text
+(:func:`finegrain.ifeval.instructions.parse_instructions`: a source sees only prompts and responses). Three modes:
+
+* ``ifeval`` (= ``ifeval:score``): the fraction of the prompt's instructions followed (strict), on the last valid
+  response token (EOS when the response has one) -- the sequence-level reward;
+* ``ifeval:pass``: 1 when every instruction is followed (IFEval's prompt-level strict verdict), else 0, on the
+  last valid token -- the checkers' pass/fail at the end of the response;
+* ``ifeval:credit``: the same return as ``ifeval:score``, placed where the token truth
+  (:mod:`finegrain.ifeval.truth`) says it belongs -- the dense upper bound of credit assignment, the analogue of
+  the built-in world's ``oracle:credit``. With ``K`` instructions, every instruction is worth ``1/K`` of the score:
+
+  - a failed token-local instruction whose violations are located on ``n`` tokens of the policy's tokenization
+    puts ``-1/(K n)`` on each of them (a token that violates two instructions gets both shares): the truth's
+    ``-1`` tokens, and only they, carry the loss it causes;
+  - the last valid token carries ``1 - (failed instructions without a located violation) / K``: the failed
+    content instructions (at least N words, the keyword) and the case checkers' English test, which have no
+    token-level truth, stay sequence-level;
+  - every other token gets 0 (a clean token did not *make* the response good: see docs/ifeval.md).
+
+  So ``Σ_t r_t`` equals the ``ifeval:score`` of every response and only *where* the reward lands differs. Why not
+  ``-1`` per violating token: an all-capitals instruction answered in normal case has ~100 violating tokens, so a
+  per-token count would outweigh every other instruction (and reward answering less) instead of costing one
+  instruction, as the checker does.
+
+Every mode reports the score in ``meta["score"]`` and per-row judgements in ``meta["metrics"]``
+(:func:`finegrain.rewards.base.sequence_scores`, :func:`~finegrain.rewards.base.row_metrics`, which ``finegrain eval
+--judge`` and ``ppo --judge`` read): ``prompt_strict`` / ``prompt_loose`` (every instruction followed, strict or on
+IFEval's relaxed variants) and ``instruction_strict`` / ``instruction_loose`` (the row's fraction followed; their
+mean over responses equals IFEval's pooled instruction-level accuracy only when every prompt has the same number of
+instructions -- ``finegrain ifeval eval`` reports the pooled one). ``finegrain eval`` averages them into
+``prompt_strict_rate`` etc.
+
+:func:`register` adds the kind to :mod:`finegrain.rewards.registry`; it imports neither a model nor the checkers
+(``if-verifiable`` is imported when a source first judges).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from finegrain.errors import ConfigError, DataError
+from finegrain.rewards.registry import SourceContext, register_reward_source
+
+__all__ = ["MODES", "IFEvalRewardSource", "Judgement", "register"]
+
+MODES: dict[str | None, str] = {None: "score", "score": "score", "pass": "pass", "credit": "credit"}
+"""``ifeval[:MODE]`` -> the mode."""
+
+
+@functools.lru_cache(maxsize=4096)
+def _instructions(text: str) -> tuple[tuple[str, ...], tuple[tuple[tuple[str, Any], ...], ...]]:
+    from finegrain.ifeval.instructions import parse_instructions
+
+    ids, kwargs = parse_instructions(text)
+    frozen = tuple(tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kw.items())) for kw in kwargs)
+    return tuple(ids), frozen
+
+
+def _kwargs(frozen) -> list[dict]:
+    return [{k: list(v) if isinstance(v, tuple) else v for k, v in kw} for kw in frozen]
+
+
+class Judgement:
+    """The checkers' verdicts on one response: ``ids``, ``kwargs``, ``strict`` and ``loose`` (one bool per
+    instruction)."""
+
+    __slots__ = ("ids", "kwargs", "strict", "loose")
+
+    def __init__(self, ids: list[str], kwargs: list[dict], strict: list[bool], loose: list[bool]):
+        self.ids, self.kwargs, self.strict, self.loose = ids, kwargs, strict, loose
+
+    @property
+    def score(self) -> float:
+        """The fraction of instructions followed (strict)."""
+        return sum(self.strict) / len(self.strict)
+
+    @property
+    def passed(self) -> bool:
+        """Every instruction followed (strict)."""
+        return all(self.strict)
+
+
+class IFEvalRewardSource:
+    """IFEval's checkers as a reward source (see the module docstring).
+
+    Args:
+        tokenizer: the policy's tokenizer (decodes prompts and responses when the batch does not carry them, and
+            maps violations to tokens in ``credit`` mode).
+        mode: ``"score"``, ``"pass"`` or ``"credit"``.
+        loose: also judge IFEval's relaxed variants (the ``*_loose`` metrics; 8 checker calls per instruction
+            instead of 1).
+        name: the source name in metrics and errors (default ``ifeval``, ``ifeval_pass``, ``ifeval_credit``).
+
+    ``token_rewards(batch)`` returns ``TokenRewards`` with ``values (B, T)``, ``mask = completion_mask``,
+    ``meta["score"] (B,)`` (the mode's sequence score), ``meta["metrics"]`` (``prompt_strict``,
+    ``instruction_strict`` and, with ``loose``, ``prompt_loose``, ``instruction_loose``; ``(B,)`` each) and
+    ``meta["responses"]``.
+    """
+
+    def __init__(self, tokenizer: Any, mode: str = "score", *, loose: bool = True, name: str | None = None):
+        if mode not in ("score", "pass", "credit"):
+            raise ConfigError(f"IFEval reward mode {mode!r}: the modes are score, pass and credit")
+        self.tokenizer = tokenizer
+        self.mode = mode
+        self.dense = mode == "credit"
+        self.loose = loose
+        self.name = name or ("ifeval" if mode == "score" else f"ifeval_{mode}")
+
+    def judge(self, prompts: Sequence[Any], responses: Sequence[str]) -> list[Judgement]:
+        """The checkers' verdicts on each (prompt, response); a prompt without the task's instructions is a
+        :class:`~finegrain.errors.DataError` naming its row."""
+        from finegrain.ifeval.instructions import check_instructions
+        from finegrain.ifeval.score import prompt_content
+
+        out = []
+        for i, (prompt, response) in enumerate(zip(prompts, responses)):
+            try:
+                ids, frozen = _instructions(prompt_content(prompt, row=i))
+            except DataError as err:
+                raise DataError(f"reward source '{self.name}' judges the IFEval task's prompts only: {err.reason}",
+                                row=i, field="prompt") from None
+            ids, kwargs = list(ids), _kwargs(frozen)
+            strict = check_instructions(response, ids, kwargs)
+            loose = check_instructions(response, ids, kwargs, loose=True) if self.loose else strict
+            out.append(Judgement(ids, kwargs, strict, loose))
+        return out
+
+    def _credit_row(self, token_ids: list[int], j: Judgement) -> list[float]:
+        """Per-token credit of one response (module docstring), on the tokens ``token_ids`` (EOS included)."""
+        from finegrain.data import spans_to_labels
+        from finegrain.ifeval.instructions import TOKEN_LOCAL
+        from finegrain.ifeval.truth import violations
+        from finegrain.rewards.models import decode_with_offsets
+
+        k = len(j.ids)
+        values = [0.0] * len(token_ids)
+        if not token_ids:
+            return values
+        text, offsets = decode_with_offsets(self.tokenizer, token_ids)
+        lead = len(text) - len(text.lstrip())
+        response = text.strip()  # what the checkers judged: the decoded response, stripped
+        unlocated = 0
+        for instruction_id, args, followed in zip(j.ids, j.kwargs, j.strict):
+            if followed:
+                continue
+            tokens: list[int] = []
+            if instruction_id in TOKEN_LOCAL:
+                spans = [(v.start + lead, v.end + lead, -1) for v in violations(response, [instruction_id], [args])]
+                labels = spans_to_labels(offsets, _disjoint(spans), fill=0)
+                tokens = [t for t, label in enumerate(labels) if label == -1]
+            if not tokens:
+                unlocated += 1
+                continue
+            for t in tokens:
+                values[t] -= 1.0 / (k * len(tokens))
+        values[-1] += 1.0 - unlocated / k
+        return values
+
+    def token_rewards(self, batch) -> Any:
+        """Rewards of the ``B`` rows of ``batch`` (see the class docstring)."""
+        from finegrain.rewards.base import check_finite, prompt_texts, response_texts
+        from finegrain.rewards.placement import place_on_last_token
+        from finegrain.types import TokenRewards
+
+        mask = batch.completion_mask.to(torch.bool)
+        responses = response_texts(batch, self.tokenizer)
+        judgements = self.judge(prompt_texts(batch, self.tokenizer), responses)
+        if self.mode == "pass":
+            scores = torch.tensor([float(j.passed) for j in judgements], dtype=torch.float32)
+        else:
+            scores = torch.tensor([j.score for j in judgements], dtype=torch.float32)
+        if self.mode == "credit":
+            values = torch.zeros(mask.shape, dtype=torch.float32)
+            ids = batch.completion_input_ids.cpu()
+            cpu_mask = mask.cpu()
+            for b, j in enumerate(judgements):
+                n = int(cpu_mask[b].sum())
+                if n:
+                    row = self._credit_row(ids[b][cpu_mask[b]].tolist(), j)
+                    values[b, torch.nonzero(cpu_mask[b]).squeeze(1)] = torch.tensor(row, dtype=torch.float32)
+            values = values.to(mask.device)
+        else:
+            values = place_on_last_token(scores.to(mask.device), mask)
+        metrics = {
+            "prompt_strict": torch.tensor([j.passed for j in judgements], dtype=torch.bool),
+            "instruction_strict": torch.tensor([j.score for j in judgements], dtype=torch.float32),
+        }
+        if self.loose:
+            metrics["prompt_loose"] = torch.tensor([all(j.loose) for j in judgements], dtype=torch.bool)
+            metrics["instruction_loose"] = torch.tensor([sum(j.loose) / len(j.loose) for j in judgements],
+                                                        dtype=torch.float32)
+        meta = {"score": scores.to(mask.device), "metrics": {k: v.to(mask.device) for k, v in metrics.items()},
+                "responses": responses}
+        return check_finite(TokenRewards(values=values, mask=mask, meta=meta), self.name)
+
+
+def _disjoint(spans: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """Sorted, merged ``(start, end, -1)`` spans (what :func:`finegrain.data.spans_to_labels` expects)."""
+    from finegrain.ifeval.truth import merge_spans
+
+    return [(s, e, -1) for s, e in merge_spans([(s, e) for s, e, _ in spans])]
+
+
+def _make(arg: str | None, context: SourceContext) -> IFEvalRewardSource:
+    if arg not in MODES:
+        raise ConfigError(f"reward source 'ifeval:{arg}': the IFEval task's modes are ifeval (= ifeval:score, the "
+                          "fraction of instructions followed), ifeval:pass (1 if all are followed) and ifeval:credit "
+                          "(the score placed on the violating tokens; docs/ifeval.md)")
+    return IFEvalRewardSource(context.tokenizer, MODES[arg])
+
+
+def register() -> None:
+    """Register ``ifeval[:score|pass|credit]`` in the reward registry (cheap: nothing is loaded until a source is
+    built)."""
+    register_reward_source("ifeval", _make, "ifeval[:pass|credit], the IFEval task's checkers: the fraction of "
+                                            "instructions followed, 1 if all are, or that score on the violating "
+                                            "tokens (docs/ifeval.md)")
