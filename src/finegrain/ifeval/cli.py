@@ -11,6 +11,7 @@ Stages (each skipped when its output exists; ``build`` runs them all in order; d
   eval     greedy responses of a policy (default: the start model) to the test prompts, IFEval accuracies, KL
   truth    exact token truth of the start model's test responses (for `finegrain eval --token_credit`)
   build    all of the above
+  run      every method on the task, from nothing to the results table and report (`finegrain ifeval run --help`)
   speed    time finegrain's sampler against `generate` on the test prompts (docs/ifeval.md, "Sampling speed")
 """
 
@@ -350,6 +351,10 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     stage, rest = argv[0], argv[1:]
+    if stage == "run":
+        from finegrain.ifeval.run import main as run_main
+
+        return run_main(rest)
     if stage not in (*_STAGE_FUNCS, "build"):
         print(f"finegrain ifeval: unknown stage '{stage}'\n\n{_usage()}", file=sys.stderr)
         return 2

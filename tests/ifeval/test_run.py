@@ -1,0 +1,144 @@
+"""``finegrain ifeval run`` (finegrain.ifeval.run, .results): the plan, resumption, refused settings, the table.
+
+The default tier checks the plan and the bookkeeping without training anything; the slow test runs the quick
+setting end to end on a tiny random model standing in for SmolLM2 (every method, eval, token credit, report).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("if_verifiable", reason="needs finegrain[ifeval] (if-verifiable, Python >= 3.11)")
+
+from finegrain.errors import ConfigError  # noqa: E402
+from finegrain.ifeval import run as ifeval_run  # noqa: E402
+from finegrain.ifeval.results import format_results, write_results  # noqa: E402
+
+
+def _cfg(tmp_path, *argv):
+    from finegrain.config import parse
+
+    return parse(ifeval_run.RunConfig, ["--run_dir", str(tmp_path / "run"), "--cache_dir", str(tmp_path / "cache"),
+                                        *argv], prog="test")
+
+
+def test_the_plan_runs_every_method_as_a_normal_command(tmp_path):
+    paths, jobs = ifeval_run.plan(_cfg(tmp_path))
+    assert [j.method for j in jobs] == list(ifeval_run.METHODS)
+    by = {j.method: j for j in jobs}
+    assert by["dpo"].argv[:3] == ["po", "--loss", "dpo"] and "--use_peft" in by["dpo"].argv
+    assert by["treg"].argv[:5] == ["po", "--loss", "treg-dpo", "--contrastive_template", "draft"]
+    assert by["rm-token"].argv[:3] == ["rm", "--level", "token"]
+    assert by["rm-token"].argv[by["rm-token"].argv.index("--dataset_name") + 1].endswith("data/revisions.jsonl")
+    assert by["rm-sentence"].argv[by["rm-sentence"].argv.index("--dataset_name") + 1].endswith("data/pairs.jsonl")
+    assert by["ppo-credit"].argv[:3] == ["ppo", "--reward", "ifeval:credit"]
+    assert by["ppo-rm-discriminator"].argv[2] == str(paths.root / "rm-discriminator" / "final")
+    assert all(j.argv[j.argv.index("--output_dir") + 1] == str(j.out) for j in jobs)
+    assert all(j.argv[j.argv.index("--model_name_or_path") + 1] == str(paths.model) for j in jobs)
+    assert paths.task == tmp_path / "cache" / "ifeval" and paths.model == tmp_path / "cache" / "models" / \
+        "SmolLM2-135M-Instruct"
+    # a subset brings the reward model its PPO run needs; later seeds get their own directories
+    _, jobs = ifeval_run.plan(_cfg(tmp_path, "--methods", "ppo-rm-token", "--seeds", "0", "3", "--quick"))
+    assert [j.out.name for j in jobs] == ["rm-token", "ppo-rm-token", "rm-token-seed3", "ppo-rm-token-seed3"]
+    assert jobs[3].argv[2].endswith("rm-token-seed3/final") and jobs[3].argv[jobs[3].argv.index("--seed") + 1] == "3"
+    assert jobs[0].argv[jobs[0].argv.index("--max_steps") + 1] == "2"  # the quick preset
+    with pytest.raises(ConfigError, match="unknown method"):
+        _cfg(tmp_path, "--methods", "grpo")
+
+
+def test_resume_flags_follow_the_run_directory(tmp_path):
+    run = tmp_path / "dpo"
+    assert ifeval_run._resume_flags(run) == []
+    run.mkdir()
+    assert ifeval_run._resume_flags(run) == ["--overwrite_output_dir"]  # started, nothing to resume from
+    (run / "checkpoints" / "step-000005").mkdir(parents=True)
+    assert ifeval_run._resume_flags(run) == ["--resume_from_checkpoint", "latest"]
+    assert not ifeval_run._is_done(run)
+    (run / "final").mkdir()
+    (run / "run.json").write_text(json.dumps({"status": "completed"}))
+    assert ifeval_run._is_done(run)
+
+
+def test_other_settings_in_the_same_directory_are_refused(tmp_path):
+    cfg = _cfg(tmp_path, "--quick")
+    paths, _ = ifeval_run.plan(cfg)
+    ifeval_run.check_settings(paths, cfg)
+    ifeval_run.check_settings(paths, cfg)  # the same settings again: fine
+    full = _cfg(tmp_path)
+    with pytest.raises(ConfigError, match="quick there, full now"):
+        ifeval_run.check_settings(ifeval_run.plan(full)[0], full)
+
+
+def test_dry_run_prints_the_commands(tmp_path, capsys):
+    from finegrain.ifeval.cli import main
+
+    assert main(["run", "--dry_run", "--quick", "--run_dir", str(tmp_path / "r"), "--cache_dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "[task] finegrain ifeval build" in out and "--num_train_prompts 32" in out
+    assert out.count("[train] ") == len(ifeval_run.METHODS) and "[credit] finegrain eval --token_credit" in out
+    assert not (tmp_path / "r").exists()
+
+
+def _eval(prompt, instr, kl, words):
+    return {"n": 4, "prompt_strict": prompt, "instruction_strict": instr, "prompt_loose": prompt, "instruction_loose":
+            instr, "kl": kl, "mean_words": words, "mean_tokens": words * 1.25, "truncated": 0.5,
+            "per_instruction": {"punctuation:no_comma": {"strict": 0.5, "loose": 0.5, "count": 2}}}
+
+
+def test_results_table(tmp_path):
+    root = tmp_path / "run"
+    for name, ev in (("start", _eval(0.25, 0.5, 0.0, 80.0)), ("dpo", _eval(0.5, 0.75, 1.234, 60.0))):
+        (root / name).mkdir(parents=True)
+        (root / name / "eval.json").write_text(json.dumps(ev))
+    (root / "rm-token" / "final").mkdir(parents=True)
+    (root / "token-credit").mkdir()
+    (root / "token-credit" / "token_credit.json").write_text(json.dumps(
+        {"auroc": {"truth": 1.0, "contrastive": 0.5}, "precision_at_k": {"truth": 1.0, "contrastive": 0.25},
+         "num_responses": 4, "n_pos": 30, "n_neg": 10, "n_neutral": 2}))
+    (root / "times.json").write_text(json.dumps({"dpo": 90.0, "rm-token": 30.0}))
+    table = write_results(root, [root / "dpo", root / "rm-token"], setting="quick")
+    assert "| start | 0.250 | 0.500 | 0.250 | 0.00 | 80.0 | 100.0 | 0.50 | – | – | – | – | – | – |" in table
+    assert "| dpo | 0.500 | 0.750 | 0.500 | 1.23 | 60.0 | 75.0 | 0.50 | – | – | – | – | – | 1.5 min |" in table
+    assert "| contrastive | 0.500 | 0.250 |" in table and "10 violating, 30 clean" in table
+    assert "rm-token 30 s" in table and "in all: 2.0 min" in table
+    saved = json.loads((root / "results.json").read_text())
+    assert [r["method"] for r in saved["policies"]] == ["start", "dpo"]
+    assert format_results(saved, "quick") == table
+
+
+@pytest.mark.slow
+def test_quick_setting_end_to_end_on_a_tiny_model(tmp_path):
+    """Every stage of the quick setting with a tiny random Llama in place of SmolLM2 (the conversion marker says it
+    is the converted model): a policy row per trained method, token credit of every source, the report."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
+    from _tiny_tokenizers import CHATML, bpe_tokenizer
+
+    from finegrain.ifeval.model import GGUF_SHA256, model_dir
+    from finegrain.models.build import causal_lm_from_config, tiny_llama_config
+    from finegrain.models.gguf import GGUF_MARKER
+
+    tok = bpe_tokenizer(CHATML)
+    target = model_dir(tmp_path / "cache")
+    cfg = tiny_llama_config(len(tok), hidden_size=32, num_heads=4, pad_token_id=tok.pad_token_id,
+                            bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    causal_lm_from_config(cfg, seed=1).save_pretrained(target)
+    tok.save_pretrained(target)
+    (target / GGUF_MARKER).write_text(json.dumps({"sha256": GGUF_SHA256}))
+    argv = ["run", "--quick", "--run_dir", str(tmp_path / "run"), "--cache_dir", str(tmp_path / "cache")]
+    from finegrain.ifeval.cli import main
+
+    assert main(argv) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    methods = [r["method"] for r in results["policies"]]
+    assert methods == ["start", "dpo", "tdpo2", "treg", "ppo-pass", "ppo-credit", "ppo-rm-sequence", "ppo-rm-sentence",
+                       "ppo-rm-token", "ppo-rm-discriminator"]
+    auroc = {s["source"]: s["auroc"] for s in results["token_credit"]}
+    assert auroc["truth"] == 1.0 and auroc["ifeval_credit"] == 1.0
+    assert {"contrastive", "implicit_dpo", "token_rm", "discriminator_rm"} <= set(auroc)
+    assert (tmp_path / "run" / "report.html").stat().st_size > 10_000
+    # a second run skips everything
+    assert main(argv) == 0
