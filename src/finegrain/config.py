@@ -269,6 +269,16 @@ def parse(cls: type[C], argv: list[str] | None, prog: str, description: str = ""
     return build(cls, values, source=f"config file {config_path}" if config_path else "options")
 
 
+def non_defaults(cfg: Any) -> dict[str, Any]:
+    """The options of ``cfg`` whose values differ from their defaults (what a run prints when it starts)."""
+    out = {}
+    for f in config_fields(type(cfg)):
+        default, value = _default_of(f), getattr(cfg, f.name)
+        if default is _MISSING or value != default:
+            out[f.name] = value
+    return out
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     return {f.name: getattr(cfg, f.name) for f in config_fields(type(cfg))}
 

@@ -139,3 +139,27 @@ def test_po_trains_on_the_labelled_file(tiny_world, tmp_path):
     assert po.make_plan(cfg, eval_data, eval_split=True).token_rewards == "zeros"  # the world's test pairs lack it
     run = po.train(cfg, model, tok, train_data, eval_data)
     assert (run / "final" / "model.safetensors").is_file()
+
+
+def test_a_template_the_tokenizer_cannot_read_is_refused_with_the_fix(tmp_path):
+    """A word-level tokenizer without a chat template (a new user's): the default draft form renders its request as
+    plain text of unknown words, which gave credit AUROC 0.55 without a word. Now the command stops before loading
+    the model and says what to pass; a control template in the tokenizer's words, {prompt} anywhere, passes."""
+    import sys as _sys
+    from pathlib import Path as _Path
+
+    from finegrain.rewards.contrastive import checked_template, template_problems
+
+    _sys.path.insert(0, str(_Path(__file__).resolve().parents[1] / "data"))
+    from _tiny_tokenizers import word_tokenizer
+
+    tok = word_tokenizer()
+    assert not getattr(tok, "chat_template", None)
+    draft = ContrastiveTemplate("draft")
+    problems = template_problems(draft, tok, "the sky", "blue")
+    assert any("needs a chat template" in p for p in problems) and any("unknown to the tokenizer" in p for p in problems)
+    with pytest.raises(ConfigError, match="--template control with --positive / --negative"):
+        checked_template(draft, tok, "the sky", "blue", options=("--template", "--positive", "--negative"))
+    words = " ".join(tok.convert_ids_to_tokens(list(range(5, 9))))  # words the tokenizer knows
+    good = ContrastiveTemplate("control", words + " {prompt}", "{prompt} " + words)
+    assert template_problems(good, tok, "the sky", "blue") == []

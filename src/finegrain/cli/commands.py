@@ -39,6 +39,10 @@ def command_config(command: str, cls: type, argv: list[str] | None, description:
     if command in _ON_WORLD:
         doc = f"{doc}\n\n{_ON_WORLD[command]}"
     cfg = parse_config(command, cls, argv, doc)
+    if getattr(cfg, "disable_tqdm", False):  # before any model is loaded: quiet means quiet
+        from finegrain.trainers.loop import quiet_library_progress_bars
+
+        quiet_library_progress_bars()
     from finegrain.ifeval.sources import register as register_ifeval  # the IFEval task's reward kind 'ifeval'
 
     register_ifeval()

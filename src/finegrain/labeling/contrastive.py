@@ -125,7 +125,7 @@ def run_contrastive(cfg: ContrastiveLabelConfig) -> Path:
     from finegrain.data.tokenize import TokenLimits, tokenize_response
     from finegrain.models.build import freeze
     from finegrain.models.loading import load_causal_lm, load_tokenizer
-    from finegrain.rewards.contrastive import ContrastiveRewardSource, resolve_template
+    from finegrain.rewards.contrastive import ContrastiveRewardSource, checked_template, resolve_template
 
     if cfg.model_name_or_path is None or cfg.dataset_name is None:
         raise ConfigError("label contrastive needs --model_name_or_path (the scorer) and --dataset_name (pairs); with "
@@ -142,7 +142,6 @@ def run_contrastive(cfg: ContrastiveLabelConfig) -> Path:
         raise ConfigError(f"--template/--positive/--negative: {exc}") from None
 
     tokenizer = load_tokenizer(tok_path, trust_remote_code=cfg.trust_remote_code)
-    model = freeze(load_causal_lm(model_path, trust_remote_code=cfg.trust_remote_code)).to(_device(cfg))
     rows = load_rows(dataset, cfg.dataset_split)
     if cfg.max_samples is not None:
         rows = rows.head(cfg.max_samples)
@@ -151,6 +150,12 @@ def run_contrastive(cfg: ContrastiveLabelConfig) -> Path:
     if data.kind != "preference":
         raise ConfigError(f"{rows.source}: contrastive labels are for preference pairs (prompt, chosen, rejected); "
                           f"these rows are of kind '{data.kind}'")
+    if len(data):
+        checked_template(template, tokenizer, data[0]["prompt"], data[0]["rejected_text"],
+                         options=("--template", "--positive", "--negative"))
+    print(f"label contrastive: {template!r}", file=sys.stderr, flush=True)  # the template actually used
+    # the model is loaded last: every check above fails in seconds, not after the model's loading time
+    model = freeze(load_causal_lm(model_path, trust_remote_code=cfg.trust_remote_code)).to(_device(cfg))
     full, cut = [], 0
     for ex in data:
         lengths = []

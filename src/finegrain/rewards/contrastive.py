@@ -327,6 +327,70 @@ class ContrastiveRewardSource:
         )
 
 
+SAMPLE_PROMPT, SAMPLE_RESPONSE = "question", "answer"
+"""What :func:`template_problems` renders when the caller has no data row at hand."""
+
+
+def template_problems(template: ContrastiveTemplate, tokenizer, prompt=SAMPLE_PROMPT,
+                      response: str = SAMPLE_RESPONSE, max_unknown_share: float = 0.1) -> list[str]:
+    """Why ``template`` would give meaningless rewards with ``tokenizer`` (empty when it looks fine).
+
+    Contrastive rewards compare the scorer's log-probs under ``P+`` and ``P−``; if the text the template adds around
+    the prompt is mostly tokens the tokenizer does not know, or if the form needs a chat template the tokenizer lacks
+    (its request is then rendered as plain ``"user: ..."`` text the model was never trained on), the two prompts say
+    nothing to the model and the rewards are noise (a credit AUROC near chance), without any error.
+
+    Args:
+        template: the template.
+        tokenizer: the scorer's tokenizer.
+        prompt: a prompt to render (a data row's, or a neutral sample).
+        response: a response for the ``draft`` form.
+        max_unknown_share: the most unknown tokens the template may add, as a share of the tokens it adds.
+
+    Returns:
+        One sentence per problem.
+    """
+    from finegrain.data.tokenize import tokenize_prompt
+
+    problems = []
+    if template.form in ("system", "draft") and not getattr(tokenizer, "chat_template", None):
+        problems.append(f"the {template.form} form needs a chat template, which this tokenizer lacks (its turns "
+                        "would be plain 'user: ...' text the model has never seen)")
+    unk = getattr(tokenizer, "unk_token_id", None)
+    base = tokenize_prompt(tokenizer, prompt)
+    plus, minus = template.token_ids(tokenizer, prompt, response)
+    for side, ids in (("positive", plus), ("negative", minus)):
+        added = max(1, len(ids) - len(base))
+        unknown = (ids.count(unk) - base.count(unk)) if unk is not None else 0
+        if unknown > max_unknown_share * added:
+            problems.append(f"{unknown} of the {added} tokens the {side} prompt adds are unknown to the tokenizer "
+                            f"({tokenizer.unk_token})")
+    if plus == minus:
+        problems.append("the positive and negative prompts tokenize to the same ids")
+    return problems
+
+
+CONTRASTIVE_OPTIONS = ("--contrastive_template", "--contrastive_positive", "--contrastive_negative")
+"""The options that set the template in ``po`` and ``eval`` (``label contrastive``: ``--template``, ...)."""
+
+
+def checked_template(template: ContrastiveTemplate, tokenizer, prompt=SAMPLE_PROMPT, response: str = SAMPLE_RESPONSE,
+                     options: tuple[str, str, str] = CONTRASTIVE_OPTIONS) -> ContrastiveTemplate:
+    """``template`` if :func:`template_problems` finds nothing, else a ConfigError that says what to pass instead
+    (naming the command's own ``options``: form, positive text, negative text)."""
+    from finegrain.errors import ConfigError
+
+    problems = template_problems(template, tokenizer, prompt, response)
+    if problems:
+        form, pos, neg = options
+        raise ConfigError(
+            f"contrastive prompting with {template!r} would give meaningless rewards: {'; '.join(problems)}. Pass "
+            f"{form} control with {pos} / {neg} instructions in words the model knows, with '{{prompt}}' where the "
+            "prompt goes (e.g. 'answer well : {prompt}'), or use a tokenizer with a chat template"
+        )
+    return template
+
+
 def resolve_template(form: str, positive: str | None = None, negative: str | None = None) -> ContrastiveTemplate:
     """The template a command uses: ``form="auto"`` is ``draft``, the paper's revision form (the built-in world's
     command line sets ``control`` with the prefixes its model follows).

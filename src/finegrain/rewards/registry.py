@@ -216,14 +216,15 @@ def _python(arg: str | None, context: SourceContext) -> RewardSource:
 
 
 def _contrastive(arg: str | None, context: SourceContext) -> RewardSource:
-    from finegrain.rewards.contrastive import ContrastiveRewardSource, ContrastiveTemplate
+    from finegrain.rewards.contrastive import ContrastiveRewardSource, ContrastiveTemplate, checked_template
 
     if arg:
         raise ConfigError("reward source 'contrastive' takes no argument; set the template with the command's "
                           "--contrastive_* options")
-    template = context.contrastive_template or ContrastiveTemplate("draft")
-    return ContrastiveRewardSource(context.model(context.reference, "reference"), context.tokenizer, template,
-                                   context=context.reference_context, chunk_size=context.chunk_size)
+    reference = context.model(context.reference, "reference")
+    template = checked_template(context.contrastive_template or ContrastiveTemplate("draft"), context.tokenizer)
+    return ContrastiveRewardSource(reference, context.tokenizer, template, context=context.reference_context,
+                                   chunk_size=context.chunk_size)
 
 
 def run_info(policy_dir: Path) -> tuple[str | None, float | None]:

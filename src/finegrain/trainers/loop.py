@@ -50,6 +50,20 @@ STEP_SLEEP_ENV = "FINEGRAIN_TEST_STEP_SLEEP"
 CHECKPOINT_PAUSE_ENV = "FINEGRAIN_TEST_CHECKPOINT_PAUSE"
 
 
+def quiet_library_progress_bars() -> None:
+    """Silence transformers' and datasets' own progress bars ("Loading weights", "Writing model shards", map
+    progress), so that ``--disable_tqdm`` means quiet."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        pass
+
+
 def _env_seconds(name: str) -> float:
     try:
         return max(0.0, float(os.environ.get(name, "0") or 0))
@@ -183,6 +197,9 @@ class Run:
         self._last_saved_step: int | None = None
         self._last: dict[str, dict[str, Any]] = {}
         self._started = time.monotonic()
+        if cfg.disable_tqdm:
+            quiet_library_progress_bars()
+        self._announce()
         self._closed = False
 
     # -- set-up ------------------------------------------------------------------------------------------
@@ -259,6 +276,23 @@ class Run:
             self.write_status("running")
         except OSError as exc:
             raise FinegrainError(f"cannot write the run directory {self.dir}: {exc.strerror or exc}") from None
+
+    def _announce(self) -> None:
+        """Print what the run will do with options a user comparing with TRL or a plain loop may not expect: every
+        option that differs from its default, and the schedule and clipping that apply (config.yaml has them all)."""
+        from finegrain.config import non_defaults
+
+        shown = {k: v for k, v in non_defaults(self.cfg).items() if k not in ("output_dir", "disable_tqdm")}
+        cfg = self.cfg
+        warmup = f"{cfg.warmup_steps} warm-up steps" if cfg.warmup_steps else (
+            f"warm-up over {cfg.warmup_ratio:.0%} of the steps" if cfg.warmup_ratio else "no warm-up")
+        decay = {"linear": "then linear decay to 0", "cosine": "then cosine decay to 0",
+                 "constant": "then constant"}.get(cfg.lr_scheduler_type, cfg.lr_scheduler_type)
+        clip = f"gradient norm clipped at {cfg.max_grad_norm:g}" if cfg.max_grad_norm else "no gradient clipping"
+        self.print(f"finegrain {self.command} ({self.method}) in {self.dir}: "
+                   + (", ".join(f"{k}={v}" for k, v in shown.items()) or "all options at their defaults"))
+        self.print(f"  learning rate {cfg.learning_rate:g} with {warmup}, {decay}; {clip}; every option in "
+                   f"{self.dir / 'config.yaml'}")
 
     def write_status(self, status: str, **extra: Any) -> None:
         """Update ``run.json`` (main process): command, method, status, start and finish times, and ``extra``."""

@@ -346,13 +346,20 @@ def evaluate(model, data, plan: Plan, loss_fn, reference, cfg: POConfig, acc, co
 # ----------------------------------------------------------------------------------------------- training
 
 
-def _template(cfg: POConfig):
-    from finegrain.rewards.contrastive import resolve_template
+def _template(cfg: POConfig, tokenizer, data):
+    """The contrastive template, checked against the tokenizer on the first pair (:func:`~finegrain.rewards.
+    contrastive.checked_template`) and written back into ``cfg``, so config.yaml records the one actually used."""
+    from finegrain.rewards.contrastive import checked_template, resolve_template
 
     try:
-        return resolve_template(cfg.contrastive_template, cfg.contrastive_positive, cfg.contrastive_negative)
+        template = resolve_template(cfg.contrastive_template, cfg.contrastive_positive, cfg.contrastive_negative)
     except ValueError as exc:
         raise ConfigError(f"--contrastive_template/positive/negative: {exc}") from None
+    first = data[0] if len(data) else {"prompt": "question", "rejected_text": "answer"}
+    checked_template(template, tokenizer, first["prompt"], first["rejected_text"])
+    cfg.contrastive_template, cfg.contrastive_positive, cfg.contrastive_negative = (
+        template.form, template.positive, template.negative)
+    return template
 
 
 def train(cfg: POConfig, model, tokenizer, train_data, eval_data=None, *, ref_model=None) -> Path:
@@ -373,8 +380,9 @@ def train(cfg: POConfig, model, tokenizer, train_data, eval_data=None, *, ref_mo
     loss_fn, names = make_loss(cfg), metric_names(cfg)
     train_plan = make_plan(cfg, train_data)
     eval_plan = make_plan(cfg, eval_data, eval_split=True) if eval_data is not None else None
-    run = loop.Run(cfg, "po", cfg.loss, acc)  # after the plans are validated: nothing is written before
     plans = [p for p in (train_plan, eval_plan) if p is not None]
+    template = _template(cfg, tokenizer, train_data) if any(p.token_rewards == "contrastive" for p in plans) else None
+    run = loop.Run(cfg, "po", cfg.loss, acc)  # after the plans and the template are checked: nothing written before
     live = any(p.reference_model or p.ref_logps for p in plans)
     if cfg.disable_dropout:
         disable_dropout(model)
@@ -390,14 +398,13 @@ def train(cfg: POConfig, model, tokenizer, train_data, eval_data=None, *, ref_mo
     scheduler = loop.make_scheduler(cfg, optimizer, total_steps)
     model, optimizer = acc.prepare(model, optimizer)
     unwrapped = acc.unwrap_model(model)
-    reference = template = contrastive = None
+    reference = contrastive = None
     if live:
         reference = (Reference(ref_model, autocast=acc.autocast) if ref_model is not None
                      else Reference(policy=model, context=unwrapped.disable_adapter, autocast=acc.autocast))
     if any(p.token_rewards == "contrastive" for p in plans):
         from finegrain.rewards.contrastive import ContrastiveRewardSource
 
-        template = _template(cfg)
         contrastive = ContrastiveRewardSource(reference.scorer, tokenizer, template, context=reference.enter,
                                               chunk_size=cfg.chunk_size, autocast=acc.autocast)
     if cfg.precompute_ref_log_probs:
@@ -505,11 +512,12 @@ def load_inputs(cfg: POConfig):
                           "`finegrain po` runs on the built-in world")
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path,
                                trust_remote_code=cfg.trust_remote_code)
-    model = load_causal_lm(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
     train_data = _preference_data(cfg.dataset_name, tokenizer, cfg, split=cfg.dataset_split,
                                   max_examples=cfg.max_train_samples)
     eval_data = None
     if cfg.eval_dataset_name is not None:
         eval_data = _preference_data(cfg.eval_dataset_name, tokenizer, cfg, split=cfg.eval_split,
                                      max_examples=cfg.max_eval_samples)
+    # the model last: a bad row or split is reported in seconds, not after the model's loading time
+    model = load_causal_lm(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
     return model, tokenizer, train_data, eval_data

@@ -575,7 +575,6 @@ def load_inputs(cfg: PPOConfig):
     limits = TokenLimits(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path,
                                trust_remote_code=cfg.trust_remote_code)
-    policy = load_causal_lm(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
     prompts = CompletionData.from_source(cfg.dataset_name, tokenizer, split=cfg.dataset_split, kind="prompt",
                                          limits=limits, skip_invalid=cfg.skip_invalid_rows,
                                          max_examples=cfg.max_train_samples)
@@ -584,4 +583,6 @@ def load_inputs(cfg: PPOConfig):
         eval_prompts = CompletionData.from_source(cfg.eval_dataset_name, tokenizer, split=cfg.eval_split,
                                                   kind="prompt", limits=limits, skip_invalid=cfg.skip_invalid_rows,
                                                   max_examples=cfg.max_eval_samples)
+    # the model last: a bad row or split is reported in seconds, not after the model's loading time
+    policy = load_causal_lm(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
     return policy, tokenizer, prompts, eval_prompts

@@ -451,6 +451,7 @@ def build_model(cfg: RMConfig, backbone, tokenizer, *, splitter: str | None = No
 def load_inputs(cfg: RMConfig) -> RMData:
     """Model, tokenizer and data for ``cfg`` (``--model_name_or_path`` as the backbone, ``--dataset_name`` and the
     evaluation sets; the command line fills them with the built-in world's when no model is named)."""
+    from finegrain.data.loading import load_rows
     from finegrain.models.loading import load_causal_lm, load_tokenizer
 
     if cfg.model_name_or_path is None or cfg.dataset_name is None:
@@ -458,11 +459,17 @@ def load_inputs(cfg: RMConfig) -> RMData:
                           "token levels); with neither, `finegrain rm` trains on the built-in world")
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path,
                                trust_remote_code=cfg.trust_remote_code)
+    # every data set is read before the backbone is loaded (which takes longest): a missing file, split or column
+    # is reported in seconds
+    for source, split in ((cfg.dataset_name, cfg.dataset_split), (cfg.eval_dataset_name, cfg.eval_split),
+                          (cfg.eval_revisions_name, None), (cfg.credit_dataset_name, None)):
+        if source is not None:
+            load_rows(source, split)
+    kind = _train_kind(cfg, cfg.dataset_name)
     backbone = load_causal_lm(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
     # before tokenizing: insert mode adds <END> to the tokenizer
     model = build_model(cfg, backbone, tokenizer)
     skip = cfg.skip_invalid_rows
-    kind = _train_kind(cfg, cfg.dataset_name)
     load = {"pairs": pair_examples, "revisions": revision_examples, "tokens": token_examples}[kind]
     train_ex = load(cfg.dataset_name, tokenizer, cfg, split=cfg.dataset_split, limit=cfg.max_train_samples, skip=skip)
     eval_pairs = None

@@ -120,7 +120,9 @@ def credit_items(source: Any, tokenizer, cfg: RMConfig, *, limit: int | None, sk
     from finegrain.data.tokenize import tokenize_prompt, tokenize_response
 
     rows = load_rows(source)
-    if limit is not None:
+    if limit is not None and len(rows) > limit:
+        logger.warning("%s: the token-credit AUROC uses the first %d of its %d rows (--max_credit_samples %d)",
+                       rows.source, limit, len(rows), limit)
         rows = rows.head(limit)
     cols = set(rows.column_names)
     items = []

@@ -161,7 +161,6 @@ def load_inputs(cfg: SFTConfig):
     limits = TokenLimits(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path,
                                trust_remote_code=cfg.trust_remote_code)
-    model = load_causal_lm(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
     train_data = CompletionData.from_source(cfg.dataset_name, tokenizer, split=cfg.dataset_split, kind=None,
                                             limits=limits, skip_invalid=cfg.skip_invalid_rows,
                                             max_examples=cfg.max_train_samples)
@@ -169,4 +168,6 @@ def load_inputs(cfg: SFTConfig):
     if cfg.eval_dataset_name is not None:
         eval_data = CompletionData.from_source(cfg.eval_dataset_name, tokenizer, split=cfg.eval_split, limits=limits,
                                                skip_invalid=cfg.skip_invalid_rows, max_examples=cfg.max_eval_samples)
+    # the model last: a bad row or split is reported in seconds, not after the model's loading time
+    model = load_causal_lm(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
     return model, tokenizer, train_data, eval_data
