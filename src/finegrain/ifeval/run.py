@@ -350,7 +350,7 @@ def stage_eval(cfg: RunConfig, paths: Paths, jobs: list[Job], clock: Clock) -> N
 def credit_sources(jobs: list[Job]) -> list[str]:
     """The ``NAME=SPEC`` sources of the token-credit stage for the finished runs of the first seed."""
     first = {j.method: j for j in jobs if j.seed == jobs[0].seed}
-    specs = ["truth=oracle-credit", "ifeval_credit=ifeval:credit", "contrastive=contrastive"]
+    specs = ["exact_truth=oracle-credit", "ifeval_credit=ifeval:credit", "contrastive=contrastive"]
     for method in ("dpo", "tdpo2", "treg"):
         if method in first and _is_done(first[method].out):
             specs.append(f"implicit_{method}=implicit:{first[method].out / 'final'}")
