@@ -138,7 +138,7 @@ def test_build_runs_every_stage_and_skips_finished_ones(tiny_dir, tmp_path, monk
             "--max_new_tokens", "8", "--batch_size", "6", "--dtype", "float32", "--disable_tqdm"]
     assert cli.main(["build", *argv]) == 0
     for rel in ("task.json", "prompts/train.jsonl", "prompts/test.jsonl", "samples/train.jsonl", "data/pairs.jsonl",
-                "data/revisions.jsonl", "data/edit_labels.jsonl", "data/truth_test.jsonl", "eval/start/eval.json",
+                "data/revisions.jsonl", "data/revision_pairs.jsonl", "data/edit_labels.jsonl", "data/truth_test.jsonl", "eval/start/eval.json",
                 "eval/start/samples.jsonl"):
         assert (task / rel).is_file(), rel
     result = json.loads((task / "eval/start/eval.json").read_text())
@@ -154,14 +154,15 @@ def test_build_runs_every_stage_and_skips_finished_ones(tiny_dir, tmp_path, monk
     from finegrain.data import load_rows, validate_rows
 
     for rel, kind in (("prompts/train.jsonl", "prompt"), ("data/pairs.jsonl", "preference"),
-                      ("data/revisions.jsonl", "revision"), ("data/edit_labels.jsonl", "token"),
+                      ("data/revisions.jsonl", "revision"), ("data/revision_pairs.jsonl", "preference"),
+                      ("data/edit_labels.jsonl", "token"),
                       ("data/truth_test.jsonl", "token")):
         if read_jsonl(task / rel):
             rows = load_rows(str(task / rel))
             assert validate_rows(rows, kind) and validate_rows(rows, None) is not None, rel
     capsys.readouterr()
     assert cli.main(["build", *argv]) == 0
-    assert capsys.readouterr().out.count("exists: skipped") == 8  # prompts (2 files) + the 6 stages after them
+    assert capsys.readouterr().out.count("exists: skipped") == 9  # prompts (2 files), revise (2), the 5 others
     # other settings on the same directory are refused
     with pytest.raises(ConfigError, match="num_samples: 3 there, 4 now"):
         cli.main(["pairs", *argv[:6], "--num_samples", "4", "--dtype", "float32"])

@@ -32,6 +32,7 @@ def test_the_plan_runs_every_method_as_a_normal_command(tmp_path):
     by = {j.method: j for j in jobs}
     assert by["dpo"].argv[:3] == ["po", "--loss", "dpo"] and "--use_peft" in by["dpo"].argv
     assert by["treg"].argv[:5] == ["po", "--loss", "treg-dpo", "--contrastive_template", "draft"]
+    assert by["tdpo2-rev"].argv[by["tdpo2-rev"].argv.index("--dataset_name") + 1].endswith("data/revision_pairs.jsonl")
     assert by["rm-token"].argv[:3] == ["rm", "--level", "token"]
     assert by["rm-token"].argv[by["rm-token"].argv.index("--dataset_name") + 1].endswith("data/revisions.jsonl")
     assert by["rm-sentence"].argv[by["rm-sentence"].argv.index("--dataset_name") + 1].endswith("data/pairs.jsonl")
@@ -134,11 +135,12 @@ def test_quick_setting_end_to_end_on_a_tiny_model(tmp_path):
     assert main(argv) == 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     methods = [r["method"] for r in results["policies"]]
-    assert methods == ["start", "dpo", "tdpo2", "treg", "ppo-pass", "ppo-credit", "ppo-rm-sequence", "ppo-rm-sentence",
+    assert methods == ["start", "dpo", "tdpo2", "treg", "dpo-rev", "tdpo2-rev", "ppo-pass", "ppo-credit", "ppo-rm-sequence", "ppo-rm-sentence",
                        "ppo-rm-token", "ppo-rm-discriminator"]
     # every source is scored (a random tiny model's responses may hold no violation: then AUROC is undefined)
     assert [s["source"] for s in results["token_credit"]] == [
-        "exact_truth", "ifeval_credit", "contrastive", "implicit_dpo", "implicit_tdpo2", "implicit_treg", "sequence_rm",
+        "exact_truth", "ifeval_credit", "contrastive", "implicit_dpo", "implicit_tdpo2", "implicit_treg",
+        "implicit_dpo_rev", "implicit_tdpo2_rev", "sequence_rm",
         "sentence_rm", "token_rm", "discriminator_rm"]
     assert (tmp_path / "run" / "report.html").stat().st_size > 10_000
     # a second run skips everything; other settings in the same directory are refused

@@ -6,7 +6,7 @@ Stages (each skipped when its output exists; ``build`` runs them all in order; d
   prompts  train / test prompts (topics x requests x IFEval instructions; test topics unseen in train)
   sample   k responses per train prompt from the start model (resumable)
   pairs    on-policy preference pairs: best and worst response per prompt by the checkers
-  revise   rule-based minimal fixes of the rejected responses' token-local violations
+  revise   rule-based minimal fixes of the rejected responses' token-local violations (and them as pairs)
   labels   token labels from the revisions (`finegrain label edits` with the model's tokenizer)
   eval     greedy responses of a policy (default: the start model) to the test prompts, IFEval accuracies, KL
   truth    exact token truth of the start model's test responses (for `finegrain eval --token_credit`)
@@ -203,16 +203,19 @@ def stage_pairs(cfg: IFEvalConfig) -> None:
 
 
 def stage_revise(cfg: IFEvalConfig) -> None:
-    from finegrain.ifeval.data import load_rows_checked, make_revisions, write_jsonl
+    from finegrain.ifeval.data import load_rows_checked, make_revision_pairs, make_revisions, write_jsonl
 
     paths = _paths(cfg)
-    if _done(paths.revisions):
-        return
-    prompts = {r["key"]: r for r in load_rows_checked(paths.prompts("train"), "prompts")}
-    rows, counts = make_revisions(load_rows_checked(paths.pairs, "pairs"), prompts, source=str(paths.pairs))
-    write_jsonl(paths.revisions, rows)
-    print(f"  {counts['revisions']} revisions ({counts['no_violation']} rejected responses without a token-local "
-          f"violation, {counts['unfixable']} unfixable) -> {paths.revisions}")
+    if not _done(paths.revisions):
+        prompts = {r["key"]: r for r in load_rows_checked(paths.prompts("train"), "prompts")}
+        rows, counts = make_revisions(load_rows_checked(paths.pairs, "pairs"), prompts, source=str(paths.pairs))
+        write_jsonl(paths.revisions, rows)
+        print(f"  {counts['revisions']} revisions ({counts['no_violation']} rejected responses without a token-local "
+              f"violation, {counts['unfixable']} unfixable) -> {paths.revisions}")
+    if not _done(paths.revision_pairs):
+        pairs = make_revision_pairs(load_rows_checked(paths.revisions, "revise"))
+        write_jsonl(paths.revision_pairs, pairs)
+        print(f"  {len(pairs)} minimal-edit pairs (chosen = revision) -> {paths.revision_pairs}")
 
 
 def stage_labels(cfg: IFEvalConfig) -> None:

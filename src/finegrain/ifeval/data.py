@@ -8,6 +8,7 @@ prompts/train.jsonl        prompt rows (finegrain.ifeval.prompts); prompts/test.
 samples/train.jsonl        k responses per train prompt from the start model (finegrain.ifeval.sampling)
 data/pairs.jsonl           on-policy preference pairs {prompt, chosen, rejected} (TRL conversational format)
 data/revisions.jsonl       {prompt, rejected, revised}: rule-based minimal fixes of the rejected responses
+data/revision_pairs.jsonl  the revisions as preference pairs {prompt, chosen: revised, rejected}
 data/edit_labels.jsonl     token labels from the revisions (`finegrain label edits`, the model's tokenizer)
 eval/<name>/samples.jsonl  a policy's greedy responses to the test prompts; eval/<name>/eval.json its scores
 data/truth_test.jsonl      exact token truth {prompt, response, labels} of the start model's test responses
@@ -41,7 +42,8 @@ from finegrain.ifeval.instructions import TOKEN_LOCAL, check_instructions
 from finegrain.ifeval.sampling import read_jsonl, write_jsonl
 from finegrain.ifeval.truth import minimal_fix, token_truth, violations
 
-__all__ = ["TaskPaths", "check_task_settings", "make_pairs", "make_revisions", "make_truth", "pair_key"]
+__all__ = ["TaskPaths", "check_task_settings", "make_pairs", "make_revision_pairs", "make_revisions", "make_truth",
+           "pair_key"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,10 @@ class TaskPaths:
     @property
     def revisions(self) -> Path:
         return self.root / "data" / "revisions.jsonl"
+
+    @property
+    def revision_pairs(self) -> Path:
+        return self.root / "data" / "revision_pairs.jsonl"
 
     @property
     def edit_labels(self) -> Path:
@@ -199,6 +205,17 @@ def make_revisions(pairs: Sequence[dict], prompts_by_key: dict[Any, dict], *,
                      "key": pair["key"], "fixed": sorted({v.instruction_id for v in found})})
         counts["revisions"] += 1
     return rows, counts
+
+
+def make_revision_pairs(revisions: Sequence[dict]) -> list[dict]:
+    """The revisions as preference pairs: ``{prompt, chosen: revised, rejected, key}`` (TRL conversational rows).
+
+    A minimal-edit pair: the two responses differ only on the violating characters, so a preference loss on it
+    sees exactly what the fix changed (Xu et al. 2024 train a token-level reward model on such edits; here the
+    same pairs also serve the sequence-level and token-level preference losses).
+    """
+    return [{"prompt": r["prompt"], "chosen": r["revised"], "rejected": r["rejected"], "key": r.get("key")}
+            for r in revisions]
 
 
 # ------------------------------------------------------------------------------------------------------- truth

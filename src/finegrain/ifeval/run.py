@@ -13,6 +13,9 @@ output exists, so an interrupted run is resumed by running the same command agai
    tdpo2                ``finegrain po --loss tdpo2`` (Zeng et al. 2024)
    treg                 ``finegrain po --loss treg-dpo --contrastive_template draft`` (T-REG, Zhou et al. 2025:
                         token rewards by contrastive prompting in the paper's revision form)
+   dpo-rev, tdpo2-rev   DPO and TDPO2 on the minimal-edit pairs (chosen = the rule-based revision of the
+                        rejected response): the sequence- and token-level loss on the data the token RM and the
+                        TLCR discriminator learn from
    rm-sequence          ``finegrain rm --level sequence`` on the pairs (Bradley-Terry)
    rm-sentence          ``finegrain rm --level sentence`` on the pairs (Qiu et al. 2025)
    rm-token             ``finegrain rm --level token`` on the rule-based revisions (Xu et al. 2024)
@@ -60,7 +63,10 @@ __all__ = ["METHODS", "PRESETS", "RunConfig", "main", "plan", "run"]
 
 RM_LEVELS = ("sequence", "sentence", "token", "discriminator")
 PO_METHODS = {"dpo": ["--loss", "dpo"], "tdpo2": ["--loss", "tdpo2"],
-              "treg": ["--loss", "treg-dpo", "--contrastive_template", "draft"]}
+              "treg": ["--loss", "treg-dpo", "--contrastive_template", "draft"],
+              "dpo-rev": ["--loss", "dpo"], "tdpo2-rev": ["--loss", "tdpo2"]}
+PO_DATA = {"dpo-rev": "revision_pairs.jsonl", "tdpo2-rev": "revision_pairs.jsonl"}
+"""Preference data of a method other than the on-policy pairs (data/pairs.jsonl)."""
 PPO_REWARDS = {"ppo-pass": "ifeval:pass", "ppo-credit": "ifeval:credit"}
 METHODS: tuple[str, ...] = (*PO_METHODS, *(f"rm-{lv}" for lv in RM_LEVELS), *PPO_REWARDS,
                             *(f"ppo-rm-{lv}" for lv in RM_LEVELS))
@@ -171,7 +177,8 @@ def command_for(method: str, seed: int, out: Path, paths: Paths, preset: dict, r
     data = paths.task / "data"
     base = ["--model_name_or_path", str(paths.model), "--output_dir", str(out), "--seed", str(seed), *preset["train"]]
     if method in PO_METHODS:
-        return ["po", *PO_METHODS[method], "--dataset_name", str(data / "pairs.jsonl"), *base, *preset["po"]]
+        pairs = data / PO_DATA.get(method, "pairs.jsonl")
+        return ["po", *PO_METHODS[method], "--dataset_name", str(pairs), *base, *preset["po"]]
     if method.startswith("rm-"):
         level = method.removeprefix("rm-")
         dataset = data / ("revisions.jsonl" if level in ("token", "discriminator") else "pairs.jsonl")
@@ -283,7 +290,9 @@ def stage_task(cfg: RunConfig, paths: Paths, clock: Clock) -> None:
     argv = ["ifeval", "build", "--task_dir", str(paths.task), "--threads", str(cfg.threads), "--disable_tqdm",
             *(["--cache_dir", cfg.cache_dir] if cfg.cache_dir else []),
             *(["--device", cfg.device] if cfg.device else []), *preset["task"]]
-    if (paths.task / "data" / "truth_test.jsonl").is_file() and (paths.task / "eval" / "start" / "eval.json").is_file():
+    built = [paths.task / "data" / "truth_test.jsonl", paths.task / "data" / "revision_pairs.jsonl",
+             paths.task / "eval" / "start" / "eval.json"]
+    if all(p.is_file() for p in built):
         print(f"[task] {paths.task} is built: skipped", flush=True)
         return
     print(f"[task] finegrain {' '.join(argv)}", flush=True)
@@ -351,9 +360,9 @@ def credit_sources(jobs: list[Job]) -> list[str]:
     """The ``NAME=SPEC`` sources of the token-credit stage for the finished runs of the first seed."""
     first = {j.method: j for j in jobs if j.seed == jobs[0].seed}
     specs = ["exact_truth=oracle-credit", "ifeval_credit=ifeval:credit", "contrastive=contrastive"]
-    for method in ("dpo", "tdpo2", "treg"):
+    for method in PO_METHODS:
         if method in first and _is_done(first[method].out):
-            specs.append(f"implicit_{method}=implicit:{first[method].out / 'final'}")
+            specs.append(f"implicit_{method.replace('-', '_')}=implicit:{first[method].out / 'final'}")
     for level in RM_LEVELS:
         job = first.get(f"rm-{level}")
         if job and _is_done(job.out):
