@@ -16,7 +16,7 @@ PRESETS = ROOT / "src" / "finegrain" / "accelerate_configs"
 CONFIG_DIRS = [ROOT / "configs", ROOT / "src" / "finegrain" / "configs"]
 COMMANDS = ("sft", "po", "rm", "ppo")
 EXPECTED_PRESETS = 5  # single_gpu, multi_gpu, fsdp2, zero2, zero3
-EXPECTED_CONFIGS = 8  # world/: the demo's 4 reward models, 3 po runs, 1 ppo run
+EXPECTED_CONFIGS = 8 + 13  # world/: the demo's 4 reward models, 3 po runs, 1 ppo run; recipes/: 13 paper settings
 
 
 def _yaml_files(root: Path) -> list[Path]:
@@ -60,9 +60,14 @@ def test_every_shipped_command_config_loads():
         command = f.stem.split("-")[0]
         assert command in COMMANDS, f"{f}: name it <command>-<name>.yaml with a command of {COMMANDS}"
         cfg = parse(with_world_options(_config_class(command)), ["--config", str(f)], f"finegrain {command}")
-        assert cfg.max_steps > 0
+        assert cfg.max_steps > 0 or cfg.num_train_epochs > 0
         lines = [ln for ln in f.read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
         assert all("#" in ln for ln in lines if not ln.startswith("loss:")), f"{f.name}: comment every key"
+        if f.parent.name == "recipes":  # each paper setting names its sources and how it runs
+            text = f.read_text()
+            assert "# Run: finegrain" in text and ("[code]" in text or "[paper]" in text or "[abs]" in text), f.name
+            name = f"{f.parent.name}/{f.stem}"
+            assert parse(with_world_options(_config_class(command)), ["--config", name], command) == cfg  # by name
 
 
 def test_the_demo_reads_its_recipes_from_the_shipped_files():

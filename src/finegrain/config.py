@@ -246,9 +246,28 @@ def make_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPars
         prog=prog, description=description, usage="%(prog)s [--config YAML] [--option VALUE ...]",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", default=None, metavar="YAML", help="YAML file of options; flags given here override it")
+    parser.add_argument("--config", default=None, metavar="YAML", help="YAML file of options, or a shipped one by name (recipes/po-tdpo2: the paper recipes in finegrain/configs); flags given here override it")
     add_arguments(parser, cls)
     return parser
+
+
+def shipped_configs() -> Path:
+    """The folder of the configs that ship with finegrain (``recipes/`` for the papers, ``world/`` for the demo)."""
+    return Path(__file__).resolve().parent / "configs"
+
+
+def resolve_config(path: str | None) -> str | None:
+    """A ``--config`` value as a file: the path itself when it exists, else a shipped config by name
+    (``recipes/po-tdpo2``, ``recipes/po-tdpo2.yaml`` or ``configs/recipes/po-tdpo2.yaml`` all name
+    ``finegrain/configs/recipes/po-tdpo2.yaml``), else the path as given (loading it then says it is missing)."""
+    if not path or Path(path).exists():
+        return path
+    name = path.removeprefix("configs/").removeprefix("./configs/")
+    for candidate in (name, f"{name}.yaml"):
+        shipped = shipped_configs() / candidate
+        if shipped.is_file():
+            return str(shipped)
+    return path
 
 
 def parse(cls: type[C], argv: list[str] | None, prog: str, description: str = "") -> C:
@@ -263,7 +282,7 @@ def parse(cls: type[C], argv: list[str] | None, prog: str, description: str = ""
             name = flags[0].lstrip("-").split("=")[0].replace("-", "_")
             raise ConfigError(f"unknown option {_show(flags[0])}{_suggest(name, known)} (see {prog} --help)")
         raise ConfigError(f"unexpected argument {_show(unknown[0])}: options are given as --name value (see {prog} --help)")
-    config_path = ns.pop("config", None)
+    config_path = resolve_config(ns.pop("config", None))
     values: dict[str, Any] = load_yaml(config_path) if config_path else {}
     values.update(ns)
     return build(cls, values, source=f"config file {config_path}" if config_path else "options")
