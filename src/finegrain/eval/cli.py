@@ -26,6 +26,7 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,7 +38,7 @@ from finegrain.errors import ConfigError, NonFiniteError
 from finegrain.eval.token_credit import mark_eval_dir
 from finegrain.models.loading import ModelCache, model_dir, refuse_reward_model, resolve_device
 
-__all__ = ["EvalConfig", "ModelCache", "default_output_dir", "evaluate_policy", "format_eval", "make_judge", "run",
+__all__ = ["EvalConfig", "ModelCache", "best_of_n", "default_output_dir", "evaluate_policy", "format_eval", "make_judge", "run",
            "resolve_device"]
 
 
@@ -77,6 +78,9 @@ class EvalConfig:
     credit_split: str | None = option(None, "split of --credit_data")
     max_credit_rows: int | None = option(None, "use only the first N rows of the credit data")
     num_credit_examples: int = option(8, "responses written to token_credit.json for the report's heatmaps")
+    # best-of-N
+    best_of: list[str] = option(default_factory=list, help="reward specs that pick the best of N policy samples per prompt (best-of-N, as the SRM paper evaluates reward models): eval.json's best_of_n gives the judge's mean score of the picked responses for each N of --best_of_sizes (needs --num_samples >= the largest N; NAME=SPEC names one)")
+    best_of_sizes: list[int] = option(default_factory=lambda: [1, 4, 16], help="the N of best-of-N")
     credit_unit: Literal["word", "token", "char"] = option("word", "edit-alignment unit for revision rows")
     contrastive_template: Literal["auto", "control", "system", "draft"] = option("auto", "the contrastive source's opposite prompts: control (an instruction with {prompt} or a prefix), system (a system turn) or draft (the paper's revision request); auto: draft (on the built-in world: control with its prefixes)")
     contrastive_positive: str | None = option(None, "positive instruction text (default: the template's)")
@@ -312,6 +316,8 @@ def evaluate_policy(
     show_progress: bool = False,
     quiet: bool = True,
     models: ModelCache | None = None,
+    best_of: Sequence[Any] = (),
+    best_of_sizes: Sequence[int] = (1, 4, 16),
 ) -> dict[str, Any]:
     """Sample the policy and the reference on the same prompts, judge both, and compute the comparison metrics.
 
@@ -359,6 +365,10 @@ def evaluate_policy(
         quiet: do not print the table.
         models: a :class:`ModelCache` to share with other calls: loaded models, and the reference's samples and
             scores (reused when the reference directory, prompts, judge and sampling settings are the same).
+        best_of: selectors (reward specs or sources) for best-of-N (:func:`best_of_n`): each picks, among the first
+            N of a prompt's policy samples, the one it scores highest; the judge's score of the picked response is
+            averaged over prompts, for every N of ``best_of_sizes`` up to ``num_samples``.
+        best_of_sizes: the N of best-of-N.
 
     Returns:
         The content of ``eval.json`` (docs/run-directory.md); NaN values (a standard error from one prompt) are None.
@@ -404,8 +414,22 @@ def evaluate_policy(
             roll.responses = texts
             rewards, metrics = _judge_rows(judge_source, roll)
             side.add(roll, scores, texts, rewards, metrics, eos_ids)
+            if label == "policy":
+                for name, selector in selectors.items():
+                    picks[name] += _judge_rows(selector, roll)[0].tolist()
         return side
 
+    from finegrain.rewards.registry import split_name
+
+    selectors = {}
+    for spec in best_of:
+        given, _ = split_name(spec) if isinstance(spec, str) else (None, spec)
+        selector = make_judge(spec, tokenizer, dev)
+        selectors[given or (str(spec) if isinstance(spec, (str, Path)) else selector.name)] = selector
+    if selectors and num_samples < max(best_of_sizes):
+        raise ConfigError(f"best-of-{max(best_of_sizes)} needs at least that many samples per prompt: pass "
+                          f"--num_samples {max(best_of_sizes)} (or smaller --best_of_sizes)")
+    picks: dict[str, list[float]] = {name: [] for name in selectors}
     pol = sample_side(policy_model, "policy", with_kl=True)
     # The reference's samples and scores depend only on the reference, the prompts, the judge and the sampling
     # settings: a shared ModelCache keeps them, so evaluating several policies against one reference samples it once.
@@ -430,6 +454,9 @@ def evaluate_policy(
         "num_samples": num_samples,
         **_comparison(pol, ref, num_samples, tie_tolerance),
     }
+    if selectors:
+        result["best_of_n"] = {name: best_of_n(pol.rewards, picks[name], num_samples, best_of_sizes)
+                               for name in selectors}
     result.update(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed,
                   tie_tolerance=tie_tolerance)
     result = {k: _clean(v) for k, v in result.items()}
@@ -439,6 +466,30 @@ def evaluate_policy(
     if not quiet:
         print(format_eval(result, output_dir))
     return result
+
+
+def best_of_n(judge_scores: Sequence[float], selector_scores: Sequence[float], num_samples: int,
+              sizes: Sequence[int]) -> dict[str, float]:
+    """Best-of-N: for each prompt (``num_samples`` consecutive responses) and each ``N`` of ``sizes``, the judge's
+    score of the response the selector scores highest among the prompt's first ``N`` (ties: the first), averaged
+    over prompts.
+
+    ``bon(N) = (1/P) Σ_p judge[p, argmax_{j<N} selector[p, j]]``. With the judge as its own selector it is the mean
+    of the per-prompt maxima, non-decreasing in N; ``bon(1)`` is the mean score of the first samples.
+
+    Example:
+        >>> best_of_n([1.0, 5.0, 2.0, 0.0], [0.0, 1.0, 3.0, 2.0], 2, (1, 2))
+        {'1': 1.5, '2': 3.5}
+    """
+    judge = np.asarray(judge_scores, dtype=np.float64).reshape(-1, num_samples)
+    select = np.asarray(selector_scores, dtype=np.float64).reshape(-1, num_samples)
+    out = {}
+    for n in sorted(set(sizes)):
+        if n > num_samples:
+            continue
+        pick = select[:, :n].argmax(axis=1)
+        out[str(n)] = float(judge[np.arange(len(judge)), pick].mean())
+    return out
 
 
 def _write_outputs(out: Path, result: dict, prompts: list, pol: _Side, ref: _Side, num_samples: int) -> None:
@@ -500,6 +551,8 @@ def format_eval(result: dict[str, Any], output_dir: str | Path | None = None) ->
         f"  {'win / tie / loss':<{width}}{_pct(result['win_rate'])} / {_pct(result['tie_rate'])} / "
         f"{_pct(result['loss_rate'])}",
     ]
+    for name, by_n in (result.get("best_of_n") or {}).items():
+        lines.append(f"  best-of-N picked by {name}: " + ", ".join(f"N={n} {_f(v)}" for n, v in by_n.items()))
     if output_dir is not None:
         lines.append(f"wrote {Path(output_dir) / 'eval.json'} and {Path(output_dir) / 'samples.jsonl'}")
     return "\n".join(lines)
@@ -531,7 +584,8 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
             seed=cfg.seed, batch_size=cfg.batch_size, chunk_rows=cfg.chunk_rows, max_prompts=cfg.max_prompts,
             max_prompt_length=cfg.max_prompt_length, prompts_split=cfg.prompts_split,
             tie_tolerance=cfg.tie_tolerance, output_dir=out, device=dev,
-            show_progress=not cfg.disable_tqdm, quiet=False, models=models,
+            show_progress=not cfg.disable_tqdm, quiet=False, models=models, best_of=cfg.best_of,
+            best_of_sizes=cfg.best_of_sizes,
         )
     if cfg.token_credit:
         from finegrain.eval.token_credit import evaluate_token_credit_sources
