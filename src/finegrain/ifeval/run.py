@@ -12,7 +12,7 @@ output exists, so an interrupted run is resumed by running the same command agai
    dpo                  ``finegrain po --loss dpo`` on the on-policy pairs (Rafailov et al. 2023)
    tdpo2                ``finegrain po --loss tdpo2`` (Zeng et al. 2024)
    treg                 ``finegrain po --loss treg-dpo --contrastive_template draft`` (T-REG, Zhou et al. 2025:
-                        token rewards by contrastive prompting in the paper's revision form)
+                        token rewards by contrastive prompting in the paper's revision form, :data:`CONTRASTIVE`)
    dpo-rev, tdpo2-rev   DPO and TDPO2 on the minimal-edit pairs (chosen = the rule-based revision of the
                         rejected response): the sequence- and token-level loss on the data the token RM and the
                         TLCR discriminator learn from
@@ -62,8 +62,12 @@ from finegrain.errors import ConfigError
 __all__ = ["METHODS", "PRESETS", "RunConfig", "main", "plan", "run"]
 
 RM_LEVELS = ("sequence", "sentence", "token", "discriminator")
-PO_METHODS = {"dpo": ["--loss", "dpo"], "tdpo2": ["--loss", "tdpo2"],
-              "treg": ["--loss", "treg-dpo", "--contrastive_template", "draft"],
+CONTRASTIVE = ["--contrastive_template", "draft",
+               "--contrastive_positive", "a better answer that follows every instruction of the request exactly",
+               "--contrastive_negative", "a worse answer that ignores the instructions of the request"]
+"""T-REG's contrastive prompting in the paper's revision form (a request to rewrite the response into a better /
+worse answer), with goals that name this task's quality: following the request's instructions."""
+PO_METHODS = {"dpo": ["--loss", "dpo"], "tdpo2": ["--loss", "tdpo2"], "treg": ["--loss", "treg-dpo", *CONTRASTIVE],
               "dpo-rev": ["--loss", "dpo"], "tdpo2-rev": ["--loss", "tdpo2"]}
 PO_DATA = {"dpo-rev": "revision_pairs.jsonl", "tdpo2-rev": "revision_pairs.jsonl"}
 """Preference data of a method other than the on-policy pairs (data/pairs.jsonl)."""
@@ -80,12 +84,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "task_dir": None,
         "train": [*_COMMON, "--max_length", "288", "--max_prompt_length", "112", "--save_steps", "5"],
         "po": ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--num_train_epochs", "1",
-               "--learning_rate", "5e-5", "--beta", "0.1"],
+               "--learning_rate", "1e-4", "--beta", "0.1"],
         "rm": ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--num_train_epochs", "1",
                "--learning_rate", "1e-4"],
-        "ppo": ["--estimator", "gae", "--critic", "shared", "--rollout_batch_size", "16", "--ppo_epochs", "1",
+        "ppo": ["--estimator", "gae", "--critic", "shared", "--rollout_batch_size", "16", "--ppo_epochs", "2",
                 "--num_mini_batches", "2", "--per_device_train_batch_size", "8", "--max_new_tokens", "96",
-                "--max_steps", "24", "--learning_rate", "1e-4", "--kl_coef", "0.05", "--judge", "ifeval",
+                "--max_steps", "24", "--learning_rate", "5e-5", "--kl_coef", "0.05", "--judge", "ifeval",
                 "--save_steps", "2"],
         "eval_prompts": None,  # all test prompts
         "eval_max_new_tokens": 160,
@@ -271,7 +275,7 @@ def check_settings(paths: Paths, cfg: RunConfig) -> None:
     """Record the preset in ``RUN_DIR/settings.json``; refuse a directory made with other settings."""
     preset = PRESETS["quick" if cfg.quick else "full"]
     settings = {"setting": "quick" if cfg.quick else "full", "preset": preset, "task_dir": str(paths.task),
-                "model": str(paths.model)}
+                "model": str(paths.model), "methods": {"po": PO_METHODS, "po_data": PO_DATA, "ppo": PPO_REWARDS}}
     target = paths.root / "settings.json"
     if target.is_file():
         old = json.loads(target.read_text())
@@ -380,7 +384,7 @@ def stage_credit(cfg: RunConfig, paths: Paths, jobs: list[Job], clock: Clock) ->
         return
     argv = ["eval", "--token_credit", *specs, "--credit_data", str(paths.task / "data" / "truth_test.jsonl"),
             "--reference", str(paths.model), "--tokenizer_name_or_path", str(paths.model),
-            "--contrastive_template", "draft", "--max_credit_rows", str(preset["credit_rows"]),
+            *CONTRASTIVE, "--max_credit_rows", str(preset["credit_rows"]),
             "--output_dir", str(out), "--dtype", "float32", "--chunk_rows", "4", "--disable_tqdm",
             *(["--device", cfg.device] if cfg.device else [])]
     print(f"[credit] finegrain {' '.join(argv)}", flush=True)
