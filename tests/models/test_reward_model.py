@@ -57,16 +57,59 @@ def alone_hidden(model, prompt_ids, response_ids):
         return model.backbone(ids, output_hidden_states=True).hidden_states[-1][0]
 
 
-def test_sequence_score_is_the_head_at_the_last_response_token():
+@pytest.mark.parametrize("score_bias", [False, True])
+def test_sequence_score_is_the_head_at_the_last_response_token(score_bias):
     tok = word_tokenizer()
-    model = build_reward_model("sequence", backbone(tok), tok, seed=1).eval()
+    model = build_reward_model("sequence", backbone(tok), tok, seed=1, score_bias=score_bias).eval()
+    assert (model.head.proj.bias is not None) is score_bias  # bias-free by default (TRL's score head)
     items = rows(tok)
     with torch.no_grad():
         scores = model(batch_of(tok, items))
     for i, it in enumerate(items):
         h = alone_hidden(model, it["prompt_input_ids"], it["completion_input_ids"])
-        want = h[-1] @ model.head.proj.weight[0] + model.head.proj.bias[0]
+        want = h[-1] @ model.head.proj.weight[0] + (model.head.proj.bias[0] if score_bias else 0.0)
         torch.testing.assert_close(scores[i], want, atol=1e-5, rtol=1e-5)
+
+
+def test_bradley_terry_gives_a_score_bias_no_gradient_so_the_default_head_has_none():
+    """BT depends on r_w − r_l only: d/db of −log σ((w·h_w + b) − (w·h_l + b)) is exactly 0 in float64, while w
+    gets the usual gradient; the default head has no b to drift, and a shift of every score leaves the loss alone."""
+    from finegrain.losses.bt import bradley_terry_loss
+    from finegrain.models.heads import ScalarHead
+
+    g = torch.Generator().manual_seed(0)
+    head = ScalarHead(6, bias=True).double()
+    h_w, h_l = torch.randn(5, 6, generator=g, dtype=torch.float64), torch.randn(5, 6, generator=g, dtype=torch.float64)
+    bradley_terry_loss(head(h_w), head(h_l)).losses.mean().backward()
+    assert head.proj.bias.grad.abs().item() < 1e-15 and head.proj.weight.grad.abs().sum() > 1e-3
+    # by hand: d/dw mean_i −log σ(w·(h_w − h_l)_i) = −mean_i σ(−m_i) (h_w − h_l)_i
+    m = (h_w - h_l) @ head.proj.weight[0]
+    want = -(torch.sigmoid(-m)[:, None] * (h_w - h_l)).mean(0)
+    torch.testing.assert_close(head.proj.weight.grad[0], want, rtol=0, atol=1e-14)
+    shifted = bradley_terry_loss(head(h_w) + 3.0, head(h_l) + 3.0).losses
+    torch.testing.assert_close(shifted, bradley_terry_loss(head(h_w), head(h_l)).losses, rtol=0, atol=1e-13)
+
+
+def test_sequence_heads_with_and_without_bias_save_and_load_and_old_directories_still_load(tmp_path):
+    tok = word_tokenizer()
+    b = batch_of(tok, rows(tok))
+    for score_bias in (False, True):
+        model = build_reward_model("sequence", backbone(tok), tok, seed=2, score_bias=score_bias).eval()
+        path = save_reward_model(model, tmp_path / f"rm-{score_bias}")
+        assert json.loads((path / CONFIG_FILE).read_text())["head"]["bias"] is score_bias
+        loaded = load_reward_model(path)
+        assert (loaded.head.proj.bias is not None) is score_bias
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.score(b), model.score(b), atol=0, rtol=0)
+    # a directory saved before the bias-free default: its head config has no "bias" entry and its head a bias
+    old = tmp_path / "rm-True"
+    info = json.loads((old / CONFIG_FILE).read_text())
+    del info["head"]["bias"]
+    (old / CONFIG_FILE).write_text(json.dumps(info))
+    loaded = load_reward_model(old)
+    assert loaded.head.proj.bias is not None
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.score(b), model.score(b), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("num_outputs", [1, 3])

@@ -156,7 +156,13 @@ def test_sources_follow_the_protocol_and_placement():
     disc = rm("discriminator", tok)
     out = DiscriminatorSource(disc, tok).token_rewards(batch)
     with torch.no_grad():
-        torch.testing.assert_close(out.values, disc.token_values(batch), atol=1e-6, rtol=1e-6)
+        own = disc.token_values(batch)
+    eos = (batch.completion_input_ids == tok.eos_token_id) & mask
+    assert eos.sum() == 2 and (out.values[eos] == 0).all()  # the end token gets 0 (the official code), ...
+    torch.testing.assert_close(out.values, torch.where(eos, 0.0, own), atol=1e-6, rtol=1e-6)
+    assert (own[eos] != 0).all()  # ... where the model itself says something
+    kept = DiscriminatorSource(disc, tok, eos="model").token_rewards(batch)
+    torch.testing.assert_close(kept.values, own, atol=1e-6, rtol=1e-6)
     assert (out.values.abs() < 1).all() and (out.values[~mask] == 0).all()
 
 
@@ -207,13 +213,17 @@ def test_token_rewards_move_to_another_tokenizer_through_character_offsets(level
             rm_values = model.token_values(rm_batch)[0].tolist()
         n = int(batch.completion_mask[i].sum())
         _, pol_offs = decode_with_offsets(bpe, batch.completion_input_ids[i, :n].tolist())
+        if level == "discriminator":  # the end token gets 0 (the official code's choice) in the RM's tokens
+            rm_values[-1] = 0.0
         want = naive_policy_values(rm_values, rm_offs, pol_offs, n, reduce)
         np.testing.assert_allclose(out.values[i, :n].numpy(), want, atol=1e-5)
         if level == "token":  # additive rewards keep their total
             assert out.values[i].sum().item() == pytest.approx(sum(rm_values), abs=1e-5)
-        # the RM's EOS reward lands on the policy's EOS
+        # the RM's EOS reward lands on the policy's EOS (the discriminator's: 0)
         assert out.values[i, n - 1].item() == pytest.approx(want[-1], abs=1e-6)
         assert batch.completion_input_ids[i, n - 1] == bpe.eos_token_id
+        if level == "discriminator":
+            assert out.values[i, n - 1] == 0
 
 
 def test_sequence_score_across_tokenizers_equals_scoring_the_text_directly():

@@ -9,13 +9,16 @@ TLCR (Yoon et al., Findings ACL 2024, arXiv 2407.16574; docs/methods/tlcr.md):
   ``-1 -> (1, 0)``, ``0 -> (½, ½)``; ``L = L_pos + L_neg`` with ``L_pos`` on revision tokens and ``L_neg`` on
   rejected tokens, each averaged over that sequence's response tokens, then over the batch. ``hard=True`` is the
   official code's hard-label variant: plain cross-entropy on the non-neutral tokens only.
-* :func:`tlcr_token_rewards` -- ``r_t = 2·P(+ | x, y_≤t) − 1``.
+* :func:`tlcr_token_rewards` -- ``r_t = 2·P(+ | x, y_≤t) − 1`` (``mode="continuous"``), or one of the discrete
+  baselines the paper compares it with, as the official code defines them (:data:`TLCR_REWARD_MODES`); the
+  end-of-response token can be given 0 (``end_mask``, the official code's choice).
 
 Minimal-edit token RM (Xu et al., ACL 2024, arXiv 2406.02756; docs/methods/token-rm.md). Both objectives are our
 choice, not the paper's (its training objective is not available to us):
 
-* ``objective="edit_bt"`` (A, default): ``−log σ(Σ_{t∈A} r(y_e,≤t) − Σ_{t∈D} r(y_l,≤t))`` plus
-  ``seq_weight ·`` the sequence Bradley–Terry loss ``−log σ(S(y_w) − S(y_l))``, ``S(y) = Σ_t m_t r(y_≤t)``;
+* ``objective="edit_bt"`` (A, default): ``edit_weight ·`` the edit term ``−log σ(Σ_{t∈A} r(y_e,≤t) −
+  Σ_{t∈D} r(y_l,≤t))`` plus ``seq_weight ·`` the sequence Bradley–Terry loss ``−log σ(S(y_w) − S(y_l))``,
+  ``S(y) = Σ_t m_t r(y_≤t)``; ``edit_weight=0`` leaves plain Bradley–Terry on the summed token rewards;
 * ``objective="token_cls"`` (B): targets +1 on A, −1 on D, 0 elsewhere, as MSE on the scalar reward or as a
   3-way cross-entropy whose reward is the expected label (:func:`expected_label_rewards`).
 
@@ -24,6 +27,7 @@ choice, not the paper's (its training objective is not available to us):
 
 from __future__ import annotations
 
+import math
 from typing import Literal, NamedTuple
 
 import torch
@@ -133,21 +137,71 @@ def tlcr_loss(
     return TLCRLossOutput(pos.mean() + neg.mean(), pos, neg)
 
 
-def tlcr_token_rewards(
-    head_logits: torch.Tensor, mask: torch.Tensor, *, double_softmax_compat: bool = False, lag: int = 0
-) -> torch.Tensor:
-    """TLCR's token reward ``r_t = 2·P(+ | x, y_≤t) − 1 = tanh((z_1 − z_0)/2) ∈ (−1, 1)`` (docs/methods/tlcr.md).
+TLCR_REWARD_MODES: tuple[str, ...] = ("continuous", "sign", "fixed", "thresholded", "random", "positive", "negative")
+"""Token rewards of :func:`tlcr_token_rewards`: TLCR's continuous reward and the baselines of Yoon et al. (2024),
+defined as the official code's reward modes define them (docs/methods/tlcr.md, "Reward modes")."""
 
-    ``double_softmax_compat=True`` reproduces the official RL script (``--sum_to_one_reward``), which applies a
-    second softmax to the probabilities: ``r_t = 2·softmax(p_t)_1 − 1 = tanh((p_1 − p_0)/2) ∈ [−0.462, 0.462]``.
-    ``lag=1`` reproduces its index shift: the score of token ``y_{t−1}`` is credited to action ``t`` and the first
-    action gets 0 (the last token's score is lost). Use both only for parity with that code.
+OFFICIAL_NEUTRAL_BAND = math.log(1.5)
+"""The official code's neutral band: a token is neutral when ``0.4 < max softmax(p) < 0.6`` with ``p`` the
+discriminator's probabilities, i.e. when ``|p_+ − p_−| = |2·P(+) − 1| < ln 1.5 ≈ 0.405``."""
+
+
+def tlcr_token_rewards(
+    head_logits: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    double_softmax_compat: bool = False,
+    lag: int = 0,
+    mode: str = "continuous",
+    end_mask: torch.Tensor | None = None,
+    neutral_band: float = OFFICIAL_NEUTRAL_BAND,
+    positive_value: float = 1.0,
+    negative_value: float = -1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """TLCR's token reward ``r_t = 2·P(+ | x, y_≤t) − 1 = tanh((z_1 − z_0)/2) ∈ (−1, 1)`` and its discrete baselines.
+
+    Yoon et al., Findings ACL 2024, arXiv 2407.16574 (docs/methods/tlcr.md). With ``δ_t = 2·P(+) − 1`` (one
+    softmax over the logits ``z``) and ``c_t`` the continuous reward (``δ_t``, or ``tanh(δ_t / 2)`` with
+    ``double_softmax_compat``), ``b`` = ``neutral_band``, ``v₊`` / ``v₋`` = ``positive_value`` / ``negative_value``:
+
+    ===============  ========================================================  =======================================
+    ``mode``          ``r_t``                                                   official code (``forward_value``)
+    ===============  ========================================================  =======================================
+    ``continuous``    ``c_t``                                                   ``--sum_to_one_reward`` (TLCR)
+    ``sign``          ``v₊`` if ``δ_t ≥ b``, ``v₋`` if ``δ_t ≤ −b``, else 0     ``--fixed_reward`` (±1/0)
+    ``fixed``         ``v₊`` if ``c_t > 0``, ``v₋`` if ``c_t < 0``, else 0      ``--fixed_reward --sum_to_one_reward``
+    ``thresholded``   ``sign(δ_t)·σ(|δ_t|)`` if ``|δ_t| ≥ b``, else 0           no flag (its default)
+    ``random``        ``s_t·u_t``: ``s_t`` = −1, 0, +1 with probability         ``--random_dense_reward``
+                      0.4, 0.2, 0.4; ``u_t ~ U(0.55, 1)``; the discriminator
+                      is not read
+    ``positive``      ``max(c_t, 0)``                                           ``--sum_to_one_reward
+                                                                                --use_positive_reward_only``
+    ``negative``      ``min(c_t, 0)``                                           ``... --use_negative_reward_only``
+    ===============  ========================================================  =======================================
+
+    The official code decides signs on the second softmax ``q = softmax(p)``: neutral when ``0.4 < max q < 0.6``.
+    Since ``max q = σ(|p_1 − p_0|) = σ(|δ_t|)``, that is ``|δ_t| < ln 1.5`` (:data:`OFFICIAL_NEUTRAL_BAND`, the
+    default ``b``), and ``thresholded``'s magnitude ``max q`` is ``σ(|δ_t|) ∈ [0.6, 0.731]``.
+
+    Then positions outside ``mask`` and on ``end_mask`` get 0 (the official code writes rewards only before the
+    first EOS), and ``lag`` shifts: ``lag=1`` reproduces the official code's index shift, the score of token
+    ``y_{t−1}`` credited to action ``t`` (the first action gets 0; with ``end_mask`` on EOS, the EOS action gets the
+    last content token's score, as in that code). ``double_softmax_compat=True`` reproduces its second softmax in
+    the continuous value, ``2·softmax(p_t)_1 − 1 = tanh((p_1 − p_0)/2) ∈ [−0.462, 0.462]``. Use both only for
+    parity with that code.
 
     Args:
         head_logits: ``(B, T, 2)`` discriminator logits on the response tokens (class 1 = positive).
         mask: ``(B, T)`` bool response mask.
-        double_softmax_compat: apply the official code's second softmax.
+        double_softmax_compat: apply the official code's second softmax to the continuous value.
         lag: shift rewards ``lag`` positions to the right (0 = the paper's alignment).
+        mode: one of :data:`TLCR_REWARD_MODES`.
+        end_mask: ``(B, T)`` bool, positions whose reward is 0 before the shift (the end-of-response token), or
+            None.
+        neutral_band: ``b`` in ``[0, 1]`` (``sign`` and ``thresholded``).
+        positive_value, negative_value: ``v₊``, ``v₋`` (``sign`` and ``fixed``; the official defaults ±1).
+        generator: the random stream of ``mode="random"`` (None: torch's global one); draws are made on the CPU.
 
     Returns:
         ``(B, T)`` rewards in float32 (or float64 for float64 logits), 0 where ``mask`` is False.
@@ -155,21 +209,50 @@ def tlcr_token_rewards(
     Example:
         >>> tlcr_token_rewards(torch.tensor([[[0.0, 0.0], [0.0, 100.0]]]), torch.ones(1, 2, dtype=torch.bool))
         tensor([[0., 1.]])
+        >>> z = torch.tensor([[[0.0, 0.2], [0.0, 2.0], [0.0, -3.0]]])  # δ = tanh(z₁/2): 0.10, 0.76, −0.91
+        >>> tlcr_token_rewards(z, torch.ones(1, 3, dtype=torch.bool), mode="sign")
+        tensor([[ 0.,  1., -1.]])
     """
     if head_logits.dim() != 3 or head_logits.shape[-1] != 2 or head_logits.shape[:2] != mask.shape:
         raise DataError(f"head_logits {tuple(head_logits.shape)} must be (B, T, 2) for a mask of {tuple(mask.shape)}")
     if lag < 0:
         raise ConfigError(f"tlcr_token_rewards: lag must be >= 0, got {lag}")
+    if mode not in TLCR_REWARD_MODES:
+        raise ConfigError(f"tlcr_token_rewards: mode must be one of {', '.join(TLCR_REWARD_MODES)}, got {mode!r}")
+    if not 0.0 <= neutral_band <= 1.0:
+        raise ConfigError(f"tlcr_token_rewards: neutral_band must be in [0, 1] (a bound on |2·P(+) − 1|), "
+                          f"got {neutral_band}")
+    if end_mask is not None and end_mask.shape != mask.shape:
+        raise DataError(f"end_mask {tuple(end_mask.shape)} must be {tuple(mask.shape)}")
     z = head_logits.to(torch.promote_types(head_logits.dtype, torch.float32))
-    if double_softmax_compat:
-        z = torch.softmax(z, dim=-1)
     # 2σ(z1 − z0) − 1 = tanh((z1 − z0)/2): no cancellation near ±1.
-    rewards = torch.tanh((z[..., 1] - z[..., 0]) / 2)
+    delta = torch.tanh((z[..., 1] - z[..., 0]) / 2)
+    cont = torch.tanh(delta / 2) if double_softmax_compat else delta  # softmax(p)_1 − softmax(p)_0 = tanh(δ/2)
+    zero = torch.zeros_like(delta)
+    if mode == "continuous":
+        rewards = cont
+    elif mode == "sign":
+        rewards = torch.where(delta >= neutral_band, positive_value, torch.where(delta <= -neutral_band,
+                                                                                negative_value, zero))
+    elif mode == "fixed":
+        rewards = torch.where(cont > 0, positive_value, torch.where(cont < 0, negative_value, zero))
+    elif mode == "thresholded":
+        rewards = torch.where(delta.abs() >= neutral_band, torch.sign(delta) * torch.sigmoid(delta.abs()), zero)
+    elif mode == "random":
+        u = torch.rand(delta.shape, generator=generator, dtype=torch.float64)
+        m = torch.rand(delta.shape, generator=generator, dtype=torch.float64)
+        sign = torch.where(u <= 0.4, -1.0, torch.where(u >= 0.6, 1.0, 0.0))
+        rewards = (sign * (0.45 * m + 0.55)).to(delta.dtype).to(delta.device)
+    elif mode == "positive":
+        rewards = cont.clamp(min=0.0)
+    else:  # negative
+        rewards = cont.clamp(max=0.0)
     mask = mask.to(torch.bool)
-    rewards = torch.where(mask, rewards, torch.zeros_like(rewards))
+    keep = mask if end_mask is None else mask & ~end_mask.to(torch.bool)
+    rewards = torch.where(keep, rewards.to(delta.dtype), zero)
     if lag:
         rewards = F.pad(rewards, (lag, 0))[:, : rewards.shape[1]]
-        rewards = torch.where(mask, rewards, torch.zeros_like(rewards))
+        rewards = torch.where(mask, rewards, zero)
     return rewards
 
 
@@ -195,7 +278,8 @@ class MinimalEditOutput(NamedTuple):
 
     Fields:
         losses: ``(B,)`` total per pair.
-        token_losses: ``(B,)`` the edit-focused BT term (A) or the token classification term (B).
+        token_losses: ``(B,)`` the edit-focused BT term before ``edit_weight`` (A) or the token classification
+            term (B).
         sequence_losses: ``(B,)`` the sequence BT term before ``seq_weight`` (zeros for B).
         accuracies: ``(B,)`` 1 where the edit margin ``Σ_A r − Σ_D r`` is positive (A; for B the margin of the
             expected-label rewards), detached.
@@ -219,16 +303,19 @@ def minimal_edit_loss(
     chosen_scores: torch.Tensor | None = None,
     seq_weight: float = 1.0,
     cls_loss: Literal["mse", "ce"] = "mse",
+    edit_weight: float = 1.0,
 ) -> MinimalEditOutput:
     """Training objective of the minimal-edit token reward model (Xu et al., ACL 2024; docs/methods/token-rm.md).
 
     A, ``objective="edit_bt"`` (default)::
 
-        L = −log σ(Σ_{t∈A} r_e,t − Σ_{t∈D} r_l,t) + seq_weight · (−log σ(S(y_w) − S(y_l)))
+        L = edit_weight · (−log σ(Σ_{t∈A} r_e,t − Σ_{t∈D} r_l,t)) + seq_weight · (−log σ(S(y_w) − S(y_l)))
 
     with ``r`` the per-token rewards ``r_φ(x, y_≤t)``, ``S(y_l) = Σ_t m_t r_l,t`` and ``S(y_w)`` = ``chosen_scores``
     (the original chosen responses' ``Σ_t m_t r``) or, when None, ``S(y_e)`` of the revisions. A pair without
-    edits (A = D = ∅) has edit term ``log 2`` and no gradient from it: skip such pairs (``EditLabels.identical``).
+    edits (A = D = ∅) has edit term ``log 2`` and no gradient from it. ``edit_weight=0, seq_weight=1`` is plain
+    Bradley–Terry on the summed token rewards ``S`` (the usual way to train a dense RM from pairs); a positive
+    weight is needed on at least one term.
 
     B, ``objective="token_cls"``: targets +1 on A, −1 on D and 0 on unchanged tokens, per sequence averaged over
     its response tokens, revision + rejected:
@@ -248,6 +335,7 @@ def minimal_edit_loss(
         chosen_scores: ``(B,)`` ``S(y_w)`` of the original chosen responses, or None to use the revisions (A only).
         seq_weight: weight of the sequence BT term (A only); 0 disables it.
         cls_loss: ``"mse"`` or ``"ce"`` (B only).
+        edit_weight: weight of the edit term (A only); 0 disables it.
 
     Returns:
         :class:`MinimalEditOutput`.
@@ -258,6 +346,9 @@ def minimal_edit_loss(
     rev_mask, rej_mask = revised_mask.to(torch.bool), rejected_mask.to(torch.bool)
 
     if objective == "edit_bt":
+        if edit_weight < 0 or seq_weight < 0 or not (edit_weight > 0 or seq_weight > 0):
+            raise ConfigError(f"minimal_edit_loss: edit_weight ({edit_weight}) and seq_weight ({seq_weight}) must be "
+                              ">= 0 and one of them > 0")
         added = masked_sum(revised_outputs, rev_mask & (revised_labels > 0), dim=-1)
         deleted = masked_sum(rejected_outputs, rej_mask & (rejected_labels < 0), dim=-1)
         edit = bradley_terry_loss(added, deleted)
@@ -265,7 +356,11 @@ def minimal_edit_loss(
         if seq_weight:
             s_w = masked_sum(revised_outputs, rev_mask, dim=-1) if chosen_scores is None else chosen_scores
             seq_losses = bradley_terry_loss(s_w, masked_sum(rejected_outputs, rej_mask, dim=-1)).losses
-        return MinimalEditOutput(edit.losses + seq_weight * seq_losses, edit.losses, seq_losses, edit.accuracies)
+        total = seq_weight * seq_losses
+        if edit_weight:  # off: the edit term is reported (detached) but not differentiated
+            total = total + edit_weight * edit.losses
+        return MinimalEditOutput(total, edit.losses if edit_weight else edit.losses.detach(), seq_losses,
+                                 edit.accuracies)
 
     if objective != "token_cls":
         raise ConfigError(f"minimal_edit_loss: objective must be 'edit_bt' or 'token_cls', got {objective!r}")

@@ -7,7 +7,7 @@ through the model's own forward, so DDP and PEFT wrappers see the call) and one 
 ======================  =================================  ============================================================
 class                   head                               output on a batch (prompt block ``P``, response block ``T``)
 ======================  =================================  ============================================================
-SequenceRewardModel     ``ScalarHead``                     ``(N,)`` score ``v`` at the last response token
+SequenceRewardModel     ``ScalarHead`` (no bias)           ``(N,)`` score ``v`` at the last response token
                                                            (Bradley–Terry baseline, Ouyang et al. 2022)
 SentenceRewardModel     ``SentenceRewardHead``             :class:`~finegrain.models.heads.SentenceRewardOutput`:
                                                            ``R = Σ_j a_j s_j`` over the sentence boundaries
@@ -174,16 +174,20 @@ def _dedup_tied(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 class SequenceRewardModel(RewardModel):
-    """Sequence-level Bradley–Terry reward model: ``r(x, y) = w·h_last + b`` (docs/methods/reward-models.md).
+    """Sequence-level Bradley–Terry reward model: ``r(x, y) = w·h_last`` (docs/methods/reward-models.md).
 
     ``h_last`` is the state after reading the last response token (EOS when the response has one), so the score
-    sees the whole response; a row with an empty response is read at its last prompt token.
+    sees the whole response; a row with an empty response is read at its last prompt token. The head has no bias by
+    default (TRL's score head has none): the Bradley–Terry loss depends only on ``r_w − r_l``, so a bias ``b`` gets
+    no gradient but rounding noise, which Adam's normalisation turns into steps of size ~lr. The head with ``b``
+    (``bias=True`` in ``finegrain_reward.json``; saved models from before the bias-free default, whose head
+    config has no ``bias`` entry) still loads.
     """
 
     level = "sequence"
 
     def head_config(self) -> dict[str, Any]:
-        return {"hidden_size": self.head.proj.in_features}
+        return {"hidden_size": self.head.proj.in_features, "bias": self.head.proj.bias is not None}
 
     def forward(self, batch: CompletionBatch) -> torch.Tensor:
         """Scores ``(N,)``."""
@@ -261,13 +265,17 @@ class TokenDiscriminator(RewardModel):
         """Logits ``(N, T, 2)`` (class 1 = positive)."""
         return self.head(reading_states(self.hidden(batch), batch))
 
-    def token_values(self, batch: CompletionBatch, logits: torch.Tensor | None = None) -> torch.Tensor:
-        """``2·P(+) − 1`` per token ``(N, T)`` (with the compatibility flags), 0 outside the response mask."""
+    def token_values(self, batch: CompletionBatch, logits: torch.Tensor | None = None, **reward: Any) -> torch.Tensor:
+        """``2·P(+) − 1`` per token ``(N, T)`` (with the compatibility flags), 0 outside the response mask.
+
+        ``reward``: more options of :func:`finegrain.losses.token_cls.tlcr_token_rewards` (``mode``, ``end_mask``,
+        ``neutral_band``, ``positive_value``, ``negative_value``, ``generator``), as the reward source passes them.
+        """
         from finegrain.losses.token_cls import tlcr_token_rewards
 
         logits = self.forward(batch) if logits is None else logits
         return tlcr_token_rewards(logits, batch.completion_mask, double_softmax_compat=self.double_softmax,
-                                  lag=self.lag)
+                                  lag=self.lag, **reward)
 
     def score(self, batch: CompletionBatch) -> torch.Tensor:
         return self.token_values(batch).sum(dim=1)
@@ -533,8 +541,8 @@ def _hidden_size(backbone: nn.Module) -> int:
 
 def _make_head(level: str, config: dict[str, Any]) -> nn.Module:
     H = int(config["hidden_size"])
-    if level in ("sequence",):
-        return ScalarHead(H)
+    if level in ("sequence",):  # a head config without "bias" is from before the bias-free default: it had one
+        return ScalarHead(H, bias=bool(config.get("bias", True)))
     if level == "token":
         k = int(config.get("num_outputs", 1))
         if k not in (1, 3):
@@ -573,6 +581,7 @@ def build_reward_model(
     end_token: str = END_TOKEN,
     double_softmax: bool = False,
     lag: int = 0,
+    score_bias: bool = False,
     seed: int | None = None,
 ) -> RewardModel:
     """A fresh reward model of ``level`` on ``backbone`` (a new, randomly initialised head).
@@ -592,6 +601,7 @@ def build_reward_model(
         splitter: sentence splitter (default rule based).
         end_token: the boundary token text of insert mode.
         double_softmax, lag: :class:`TokenDiscriminator` compatibility flags.
+        score_bias: give the sequence RM's score head a bias (the head before the bias-free default).
         seed: seed of the head's initialisation (None: the global RNG).
 
     Returns:
@@ -606,7 +616,8 @@ def build_reward_model(
         if len(tokenizer) > vocab:
             backbone.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8)
     config = {"hidden_size": _hidden_size(backbone), "num_outputs": num_outputs, "embed_dim": embed_dim,
-              "max_sentences": max_sentences, "weighted_sum": weighted_sum, "rope_theta": rope_theta}
+              "max_sentences": max_sentences, "weighted_sum": weighted_sum, "rope_theta": rope_theta,
+              "bias": score_bias}
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)

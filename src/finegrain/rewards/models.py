@@ -11,7 +11,8 @@ source                    ``values[b, t]``
 :class:`SentenceRMSource`  ``a_j s_j`` on the last token of response sentence ``j`` (SRM; the prompt term
                            ``a_0 s_0`` is dropped), or spread uniformly over the sentence's tokens (``spread=True``)
 :class:`TokenRMSource`     ``r_φ(x, y_≤t)``
-:class:`DiscriminatorSource`  ``2·P(+ | x, y_≤t) − 1`` (compatibility flags of the model: double softmax, lag)
+:class:`DiscriminatorSource`  ``2·P(+ | x, y_≤t) − 1`` (compatibility flags of the model: double softmax, lag), or a
+                           discrete baseline of TLCR (``mode``); 0 on the end-of-response token (``eos="zero"``)
 ========================  =====================================================================================
 
 ``seq_reward`` is left None: every reward is already in ``values`` (a consumer such as
@@ -330,6 +331,10 @@ class RewardModelSource:
         examples = [{"prompt_input_ids": r.rm_prompt, "completion_input_ids": r.rm_response} for r in rows]
         return collate_completions(examples, pad_token_id(self.model.tokenizer)).to(self.device)
 
+    def _values(self, batch: CompletionBatch) -> torch.Tensor:
+        """Token rewards ``(n, T)`` of the reward model on a batch in its own tokenization."""
+        return self.model.token_values(batch)
+
     def _token_level_rows(self, rows: list[_Row], T: int, reduce: str) -> tuple[np.ndarray, np.ndarray, dict]:
         """Token RM / discriminator through the text: score in RM tokens, map onto the policy's tokens."""
         values = np.zeros((len(rows), T))
@@ -337,7 +342,7 @@ class RewardModelSource:
         for chunk in self._chunks(len(rows)):
             part = [rows[i] for i in chunk]
             rm_batch = self._rm_batch(part)
-            rm_values = self.model.token_values(rm_batch).float().cpu().numpy()
+            rm_values = self._values(rm_batch).float().cpu().numpy()
             for k, (i, r) in enumerate(zip(chunk, part)):
                 n = len(r.rm_response)
                 mapped = map_token_values(rm_values[k, :n], r.rm_offsets[:n], r.policy_offsets, reduce=reduce,
@@ -398,8 +403,7 @@ class TokenRMSource(RewardModelSource):
         self.reduce = reduce
 
     def _score_same(self, batch):
-        parts = [self.model.token_values(_take(batch, c).to(self.device)).float().cpu()
-                 for c in self._chunks(batch.num_rows)]
+        parts = [self._values(_take(batch, c).to(self.device)).float().cpu() for c in self._chunks(batch.num_rows)]
         values = torch.cat(parts) if parts else torch.zeros(batch.completion_mask.shape)
         return values, values.sum(dim=1)
 
@@ -408,13 +412,55 @@ class TokenRMSource(RewardModelSource):
 
 
 class DiscriminatorSource(TokenRMSource):
-    """TLCR discriminator rewards ``2·P(+) − 1`` (Yoon et al. 2024; docs/methods/tlcr.md); ``reduce`` defaults to
-    ``"mean"`` so a mapped reward stays in ``[−1, 1]``."""
+    """TLCR discriminator rewards (Yoon et al., Findings ACL 2024; docs/methods/tlcr.md).
+
+    ``values`` are :func:`finegrain.losses.token_cls.tlcr_token_rewards` of the discriminator's logits: the paper's
+    continuous ``2·P(+) − 1`` by default, or one of the discrete baselines the paper compares it with, as the
+    official code defines them (``mode``: ``sign`` ±1/0, ``fixed``, ``thresholded``, ``random``, ``positive``,
+    ``negative``). The end-of-response token (EOS, a position the discriminator is never trained on) gets 0, as
+    in the official code (``eos="zero"``); ``eos="model"`` keeps the discriminator's output there. The model's
+    compatibility flags (double softmax, lag) apply as recorded.
+
+    Args:
+        reduce: how rewards of several reward-model tokens on one policy token combine; ``"mean"`` (default) keeps
+            a mapped reward in ``[−1, 1]``.
+        mode: one of :data:`finegrain.losses.token_cls.TLCR_REWARD_MODES` (default ``"continuous"``).
+        eos: ``"zero"`` (default) or ``"model"``.
+        neutral_band: the ``sign`` / ``thresholded`` band on ``|2·P(+) − 1|`` (default ``ln 1.5``, the official
+            code's ``0.4 < max softmax(p) < 0.6``).
+        positive_value, negative_value: the ``sign`` / ``fixed`` values (default ±1, the official defaults).
+        seed: seed of the ``random`` mode's own stream (one ``torch.Generator`` per source, advanced by every call).
+        **kwargs: see :class:`RewardModelSource`.
+    """
 
     default_name = "discriminator"
 
-    def __init__(self, model, policy_tokenizer, *, reduce: str = "mean", **kwargs):
+    def __init__(self, model, policy_tokenizer, *, reduce: str = "mean", mode: str = "continuous",
+                 eos: str = "zero", neutral_band: float | None = None, positive_value: float = 1.0,
+                 negative_value: float = -1.0, seed: int = 0, **kwargs):
+        from finegrain.losses.token_cls import OFFICIAL_NEUTRAL_BAND, TLCR_REWARD_MODES
+
         super().__init__(model, policy_tokenizer, reduce=reduce, **kwargs)
+        if mode not in TLCR_REWARD_MODES:
+            raise ConfigError(f"discriminator reward mode must be one of {', '.join(TLCR_REWARD_MODES)}, got {mode!r}")
+        if eos not in ("zero", "model"):
+            raise ConfigError(f"discriminator eos must be 'zero' (the official code) or 'model', got {eos!r}")
+        band = OFFICIAL_NEUTRAL_BAND if neutral_band is None else float(neutral_band)
+        if not 0.0 <= band <= 1.0:
+            raise ConfigError(f"discriminator neutral_band must be in [0, 1] (a bound on |2·P(+) − 1|), got {band}")
+        self.mode, self.eos, self.neutral_band = mode, eos, band
+        self.positive_value, self.negative_value = float(positive_value), float(negative_value)
+        self.seed = int(seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def _values(self, batch: CompletionBatch) -> torch.Tensor:
+        eos_id = self.model.tokenizer.eos_token_id
+        end = None
+        if self.eos == "zero" and eos_id is not None:
+            end = (batch.completion_input_ids == eos_id) & batch.completion_mask.to(torch.bool)
+        return self.model.token_values(batch, mode=self.mode, end_mask=end, neutral_band=self.neutral_band,
+                                       positive_value=self.positive_value, negative_value=self.negative_value,
+                                       generator=self.generator)
 
 
 class SentenceRMSource(RewardModelSource):
@@ -504,8 +550,9 @@ def make_reward_source(model, policy_tokenizer, **options: Any) -> RewardModelSo
     Args:
         model: a :class:`~finegrain.models.reward_model.RewardModel`.
         policy_tokenizer: the tokenizer of the batches to score.
-        **options: the source's options (``spread`` for the sentence level, ``reduce`` for token levels,
-            ``seq_reward`` for the sequence level; ``name``, ``batch_size``, ``max_length`` for all).
+        **options: the source's options (``spread``, ``prompt_term`` for the sentence level, ``reduce`` for token
+            levels, ``seq_reward`` for the sequence level, ``mode``, ``eos``, ``neutral_band``, ``positive_value``,
+            ``negative_value``, ``seed`` for the discriminator; ``name``, ``batch_size``, ``max_length`` for all).
 
     Returns:
         The source.

@@ -4,13 +4,14 @@
 rewards`` read the same grammar (docs/reward-sources.md)::
 
     [NAME=]SPEC
-    SPEC := DIR                      a reward model saved by `finegrain rm` (its run directory or final/)
+    SPEC := DIR[:KEY=VALUE]...       a reward model saved by `finegrain rm` (its run directory or final/), with
+                                     options of its loader or source (DIR:mode=sign:eos=model)
           | python:MODULE:FUNCTION   a function f(prompts, responses) -> one score or one list of token rewards per row
           | contrastive              contrastive prompting with the reference model (T-REG, Zhou et al. 2025, eq. 3)
           | implicit[:POLICY]        implicit token rewards of a DPO / TDPO-trained policy against the reference
           | KIND[:ARG]               a registered kind; applications add theirs (the built-in world's oracle[:credit])
 
-``NAME=`` renames the source in logs and tables. A new kind is one call of :func:`register_reward_source` with a
+``NAME=`` renames the source in logs and tables (a name has no ``/`` or ``:``). A new kind is one call of :func:`register_reward_source` with a
 factory ``(arg, context) -> RewardSource``; the :class:`SourceContext` carries what sources may need (the policy's
 tokenizer, the device, a model loader, the reference and policy, the contrastive template, options for reward
 models). Nothing here knows an application.
@@ -36,6 +37,7 @@ __all__ = [
     "registered_sources",
     "reward_source",
     "reward_sources",
+    "split_dir_options",
     "split_name",
 ]
 
@@ -58,8 +60,9 @@ class SourceContext:
         contrastive_template: the :class:`~finegrain.rewards.contrastive.ContrastiveTemplate` of ``contrastive``
             (None: the draft-revision form).
         model_options: options of reward-model directories (``dtype``, ``double_softmax``, ``lag``, ``splitter``,
-            ``trust_remote_code``; ``spread``, ``reduce``, ``seq_reward``, ``batch_size``, ``max_length`` for the
-            source).
+            ``trust_remote_code``; ``spread``, ``reduce``, ``seq_reward``, ``batch_size``, ``max_length``, and the
+            discriminator's ``mode``, ``eos``, ``neutral_band``, ``positive_value``, ``negative_value``, ``seed``
+            for the source); options written in a spec (``DIR:KEY=VALUE``) win.
         chunk_size: response positions per chunk of an output projection.
     """
 
@@ -117,12 +120,58 @@ def describe_reward_specs() -> str:
 
 
 def split_name(spec: str) -> tuple[str | None, str]:
-    """``NAME=SPEC`` -> ``(NAME, SPEC)``; a spec without ``=`` (or a path that exists) has no name."""
+    """``NAME=SPEC`` -> ``(NAME, SPEC)``; a spec without ``=`` (or a path that exists) has no name, and neither
+    has one whose text before the first ``=`` holds ``/`` or ``:`` (``DIR:mode=sign`` is a directory with options).
+
+    Example:
+        >>> split_name("tdpo=implicit:runs/po"), split_name("runs/rm:mode=sign"), split_name("d=runs/rm:mode=sign")
+        (('tdpo', 'implicit:runs/po'), (None, 'runs/rm:mode=sign'), ('d', 'runs/rm:mode=sign'))
+    """
     if "=" in spec and not Path(spec).exists():
         name, _, rest = spec.partition("=")
-        if name and rest:
+        if name and rest and not any(c in name for c in "/:"):
             return name, rest
     return None, spec
+
+
+def _option_value(text: str) -> Any:
+    """A spec option's value: ``true`` / ``false``, ``none``, an int, a float, else the text."""
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def split_dir_options(body: str) -> tuple[str, dict[str, Any]] | None:
+    """``DIR:KEY=VALUE:KEY=VALUE`` -> ``(DIR, {KEY: VALUE})`` when ``DIR`` is a directory and every part after it
+    is ``KEY=VALUE`` (values typed by :func:`_option_value`); None otherwise. A directory that itself has a ``:`` in
+    its name works: the longest prefix that is a directory is taken.
+
+    Example:
+        >>> import tempfile; d = tempfile.mkdtemp()
+        >>> split_dir_options(d + ":mode=sign:neutral_band=0.2:seed=3") == (d, {"mode": "sign", "neutral_band": 0.2,
+        ...                                                                   "seed": 3})
+        True
+    """
+    parts = body.split(":")
+    for k in range(len(parts) - 1, 0, -1):
+        head, rest = ":".join(parts[:k]), parts[k:]
+        if all("=" in p and p.partition("=")[0] for p in rest) and Path(head).is_dir():
+            options = {}
+            for p in rest:
+                key, _, value = p.partition("=")
+                if key in options:
+                    raise ConfigError(f"reward source {body!r}: option {key!r} given twice")
+                options[key] = _option_value(value)
+            return head, options
+    return None
 
 
 def _reward_model_dir(path: Path) -> Path | None:
@@ -138,8 +187,9 @@ def load_reward_source(path: str | Path, *, policy_tokenizer: Any, device: Any =
     """The source of a reward model saved by ``finegrain rm`` (its run directory or ``final/``).
 
     Options go to the model loader (``dtype``, ``double_softmax``, ``lag``, ``trust_remote_code``, ``splitter``) or
-    to the source (``spread``, ``reduce``, ``seq_reward``, ``name``, ``batch_size``, ``max_length``); an option
-    nobody takes is a :class:`~finegrain.errors.ConfigError`.
+    to the source (``spread``, ``prompt_term``, ``reduce``, ``seq_reward``, ``name``, ``batch_size``,
+    ``max_length``; the discriminator's ``mode``, ``eos``, ``neutral_band``, ``positive_value``, ``negative_value``,
+    ``seed``, docs/methods/tlcr.md); an option nobody takes is a :class:`~finegrain.errors.ConfigError`.
     """
     from finegrain.models.reward_model import load_reward_model
     from finegrain.rewards.models import make_reward_source
@@ -172,10 +222,12 @@ def reward_source(spec: str | Any, context: SourceContext) -> RewardSource:
             return spec
         raise ConfigError(f"reward source {spec!r} has no token_rewards(batch) method")
     name, body = split_name(str(spec))
-    path = Path(body)
+    path, options = Path(body), {}
+    if not path.is_dir() and (found := split_dir_options(body)) is not None:
+        path, options = Path(found[0]), found[1]
     if path.is_dir():
         source = load_reward_source(path, policy_tokenizer=context.tokenizer, device=context.device,
-                                    **dict(context.model_options))
+                                    **{**dict(context.model_options), **options})
         label = path.parent.name if path.name == "final" else path.name
         source.name = name or label or source.name
         return source

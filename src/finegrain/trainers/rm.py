@@ -5,10 +5,11 @@ level           data                                         loss per example (p
 ==============  ===========================================  ====================================================
 sequence        pairs ``{prompt, chosen, rejected}``         Bradley–Terry ``−log σ(r_w − r_l)``
 sentence        pairs                                        Bradley–Terry on ``R = Σ_j a_j s_j`` (docs/methods/reward-models.md)
-token           revisions ``{prompt, rejected, revised}``     A: ``−log σ(Σ_A r − Σ_D r) + seq_weight·BT(S_w, S_l)``;
-                (edit labels computed on the fly); B also    B: token classification (docs/methods/token-rm.md)
-                takes token rows ``{prompt, response,
-                labels}`` (``finegrain label edits``)
+token           revisions ``{prompt, rejected, revised}``     A: ``edit_weight·(−log σ(Σ_A r − Σ_D r)) +
+                (edit labels computed on the fly); B also    seq_weight·BT(S_w, S_l)``; B: token classification
+                takes token rows ``{prompt, response,        (docs/methods/token-rm.md); A with ``edit_weight 0``
+                labels}`` (``finegrain label edits``); A     also trains on pairs (plain BT on ``S = Σ_t r_t``)
+                with ``edit_weight 0`` also pairs
 discriminator   revisions or token rows                      TLCR soft cross-entropy ``L_pos + L_neg`` (docs/methods/tlcr.md)
 ==============  ===========================================  ====================================================
 
@@ -71,6 +72,11 @@ class RMConfig(TrainConfig):
     max_credit_samples: int | None = option(256, "use only the first N token-credit rows")
     label_unit: Literal["word", "token", "char"] = option("word", "alignment unit of edit labels computed from revisions")
     center_rewards_coefficient: float = option(0.0, "Bradley-Terry reward centering c·(r_w + r_l)^2 (sequence, sentence)")
+    score_bias: bool = option(False, "sequence RM: give the score head a bias b, r = w·h + b (the head before the "
+                              "bias-free default; Bradley-Terry cannot determine b, TRL's score head has none)")
+    no_edit_pairs: Literal["auto", "keep", "drop"] = option(
+        "auto", "revision rows whose alignment finds no edit: keep (every token neutral; TLCR's official code trains "
+        "them toward (1/2, 1/2)) or drop (no edit signal); auto: keep for the discriminator, drop for the token RM")
     # sentence
     boundary_mode: Literal["insert", "mark"] = option("insert", "sentence boundaries: insert <END> tokens (embedding "
                                                       "resized) or mark the last token of each sentence")
@@ -89,6 +95,8 @@ class RMConfig(TrainConfig):
     objective: Literal["edit_bt", "token_cls"] = option("edit_bt", "token RM objective: A edit_bt (edit-focused BT + "
                                                         "sequence BT) or B token_cls (token classification)")
     seq_weight: float = option(1.0, "token RM objective A: weight of the sequence Bradley-Terry term")
+    edit_weight: float = option(1.0, "token RM objective A: weight of the edit term (0: plain Bradley-Terry on the "
+                                "summed token rewards, which also trains on pairs)")
     seq_pairs: Literal["chosen", "revised"] = option("chosen", "token RM objective A: the sequence term compares the "
                                                      "rejected response with the original chosen one (revised where "
                                                      "a row has none) or with the revision")
@@ -106,9 +114,16 @@ class RMConfig(TrainConfig):
             raise ConfigError(f"max_sentences must be >= 2 (the prompt boundary and one sentence), got {self.max_sentences}")
         if self.lag < 0:
             raise ConfigError(f"lag must be >= 0, got {self.lag}")
-        for name in ("seq_weight", "center_rewards_coefficient", "srm_l2_coef"):
+        for name in ("seq_weight", "edit_weight", "center_rewards_coefficient", "srm_l2_coef"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.level == "token" and self.objective == "edit_bt" and self.edit_weight == 0 and self.seq_weight == 0:
+            raise ConfigError("--edit_weight 0 and --seq_weight 0 leave objective A without a loss; set one > 0")
+
+    @property
+    def keeps_no_edit_pairs(self) -> bool:
+        """Whether revision rows without any edit are trained on (``no_edit_pairs``; auto: the discriminator)."""
+        return self.no_edit_pairs == "keep" or (self.no_edit_pairs == "auto" and self.level == "discriminator")
 
 
 @dataclasses.dataclass
@@ -208,7 +223,7 @@ def revision_forward(model, cfg: RMConfig, examples: list[dict], pad_id: int, de
         use = full if cfg.objective == "edit_bt" else mask  # A sums over the whole response, B averages labelled tokens
         res = minimal_edit_loss(out[:B], labels[:B], use[:B], out[B : 2 * B], labels[B : 2 * B], use[B : 2 * B],
                                 objective=cfg.objective, chosen_scores=chosen_scores, seq_weight=cfg.seq_weight,
-                                cls_loss=cfg.cls_loss)
+                                cls_loss=cfg.cls_loss, edit_weight=cfg.edit_weight)
         losses = res.losses
     stats = {"values": values[: 2 * B].detach(), "labels": labels[: 2 * B], "mask": mask[: 2 * B]}
     return losses, stats
@@ -436,7 +451,7 @@ def build_model(cfg: RMConfig, backbone, tokenizer, *, splitter: str | None = No
             cfg.level, backbone, tokenizer, num_outputs=3 if cfg.objective == "token_cls" and cfg.cls_loss == "ce" else 1,
             embed_dim=cfg.reward_embed_dim, max_sentences=cfg.max_sentences, weighted_sum=cfg.weighted_sum,
             boundary_mode=cfg.boundary_mode, splitter=splitter, double_softmax=cfg.double_softmax, lag=cfg.lag,
-            seed=cfg.seed,
+            score_bias=cfg.score_bias, seed=cfg.seed,
         )
         if cfg.gradient_checkpointing:
             model.backbone.gradient_checkpointing_enable()
@@ -499,10 +514,13 @@ def _train_kind(cfg: RMConfig, source: Any) -> str:
     found = detect_kind(load_rows(source, cfg.dataset_split).column_names)
     if found == "revision":
         return "revisions"
+    if found == "preference" and cfg.level == "token" and cfg.objective == "edit_bt" and cfg.edit_weight == 0:
+        return "pairs"  # plain Bradley-Terry on the summed token rewards
     if found == "token":
         if cfg.level == "token" and cfg.objective == "edit_bt":
             raise ConfigError("--objective edit_bt needs revision rows {prompt, rejected, revised} (it pairs each "
                               "rejected response with its revision); token rows need --objective token_cls")
         return "tokens"
+    plain = (" (or, with --objective edit_bt --edit_weight 0, on preference pairs)" if cfg.level == "token" else "")
     raise ConfigError(f"--level {cfg.level} trains on revision rows {{prompt, rejected, revised}} or token rows "
-                      f"{{prompt, response, labels|spans}}; the data set has rows of kind '{found}'")
+                      f"{{prompt, response, labels|spans}}{plain}; the data set has rows of kind '{found}'")

@@ -29,17 +29,33 @@ def _limits(cfg: RMConfig):
     return TokenLimits(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
 
 
-def _blank_chosen_as_missing(rows):
-    """Revision rows: an empty ``chosen`` counts as missing (it is optional per row), so the pair is kept."""
+def _blank_chosen_as_missing(rows, *, keep_identical: bool = False):
+    """Revision rows: an empty ``chosen`` counts as missing (it is optional per row), so the pair is kept.
+
+    With ``keep_identical``, a row with an explicit prompt whose ``revised`` equals its ``rejected`` (a revision
+    that changed nothing, which the row validator refuses) is validated with a stand-in revision instead; its
+    ``(file, row)`` is returned so the caller can put the rejected response back as the revision.
+
+    Returns:
+        ``(rows, identical)``: the cleaned :class:`~finegrain.data.loading.Rows` and a set of ``(file, row)``.
+    """
     from finegrain.data.loading import Rows, load_rows
 
     rows = load_rows(rows) if not isinstance(rows, Rows) else rows
+    identical: set[tuple[str, int]] = set()
 
-    def clean(r: dict) -> dict:
+    def clean(name: str, j: int, r: dict) -> dict:
         c = r.get("chosen")
-        return {**r, "chosen": None} if isinstance(c, str) and not c.strip() else r
+        if isinstance(c, str) and not c.strip():
+            r = {**r, "chosen": None}
+        rej = r.get("rejected")
+        if keep_identical and r.get("prompt") is not None and rej is not None and r.get("revised") == rej:
+            identical.add((name, j))
+            r = {**r, "revised": "x" if rej != "x" else "y"}  # any other valid response; replaced after validation
+        return r
 
-    return Rows([(name, [clean(dict(r)) for r in data]) for name, data in rows.parts], rows.source)
+    parts = [(name, [clean(name, j, dict(r)) for j, r in enumerate(data)]) for name, data in rows.parts]
+    return Rows(parts, rows.source), identical
 
 
 def pair_examples(source: Any, tokenizer, cfg: RMConfig, *, split: str, limit: int | None, skip: bool) -> list[dict]:
@@ -56,8 +72,11 @@ def revision_examples(source: Any, tokenizer, cfg: RMConfig, *, split: str, limi
     """Tokenized revision rows with edit labels ``rejected_labels`` (−1/0) and ``revised_labels`` (0/+1) per token.
 
     Labels come from :func:`finegrain.data.alignment.edit_token_labels` on the tokens' offsets; EOS gets
-    :data:`~finegrain.data.tokenize.IGNORE_INDEX`. Pairs whose alignment finds no edit carry no signal and are
-    dropped (counted in the log).
+    :data:`~finegrain.data.tokenize.IGNORE_INDEX`. Pairs whose alignment finds no edit (a revision identical to
+    the rejected response included, when the row has an explicit prompt) are kept with every token neutral (label
+    0: TLCR's soft target (½, ½), as the official code trains them) when ``cfg.keeps_no_edit_pairs``
+    (``no_edit_pairs``: keep, or auto for the discriminator); otherwise they are dropped (identical texts are then
+    invalid rows, refused or skipped with ``skip``). Either way they are counted in the log.
     """
     from finegrain.data.alignment import edit_token_labels
     from finegrain.data.loading import load_rows
@@ -68,7 +87,12 @@ def revision_examples(source: Any, tokenizer, cfg: RMConfig, *, split: str, limi
     if limit is not None:
         rows = rows.head(limit)
     skipped: Counter = Counter()
-    valid = validate_rows(_blank_chosen_as_missing(rows), "revision", skip_invalid=skip, skipped=skipped)
+    keep = getattr(cfg, "keeps_no_edit_pairs", False)
+    cleaned, unchanged = _blank_chosen_as_missing(rows, keep_identical=keep)
+    valid = validate_rows(cleaned, "revision", skip_invalid=skip, skipped=skipped)
+    for item in valid:  # revisions that changed nothing: the rejected response is its own revision
+        if (item["source"], item["row"]) in unchanged:
+            item["revised"] = item["rejected"]
     examples = tokenize_rows(valid, tokenizer, "revision", _limits(cfg), skip_invalid=skip, skipped=skipped)
     out, identical = [], 0
     for ex in examples:
@@ -78,13 +102,18 @@ def revision_examples(source: Any, tokenizer, cfg: RMConfig, *, split: str, limi
                                 rejected_ids=ex["rejected_input_ids"][:n_rej], revised_ids=ex["revised_input_ids"][:n_rev])
         if lab.identical:
             identical += 1
-            continue
+            if not keep:
+                continue
         pad = [IGNORE_INDEX]
         ex["rejected_labels"] = lab.rejected_labels + pad * (len(ex["rejected_input_ids"]) - n_rej)
         ex["revised_labels"] = lab.revised_labels + pad * (len(ex["revised_input_ids"]) - n_rev)
         out.append(ex)
-    if identical:
-        logger.warning("%s: %d revisions without any edit left out (no token signal)", rows.source, identical)
+    if identical and keep:
+        logger.warning("%s: %d revisions without any edit kept, every token neutral (no_edit_pairs)", rows.source,
+                       identical)
+    elif identical:
+        logger.warning("%s: %d revisions without any edit left out (no token signal; no_edit_pairs)", rows.source,
+                       identical)
     if not out:
         raise DataError("no revision with an edit left to train on", source=rows.source)
     return out
@@ -162,7 +191,7 @@ def score_credit(source, items: list[dict], pad_token_id: int, *, reduce: str = 
     """Run a reward source on credit items; return per-item scores and credit in the same units (words or tokens).
 
     Token rewards are mapped onto words through character offsets (:func:`finegrain.rewards.models.map_token_values`
-    with ``reduce``) when the credit is per word.
+    with ``reduce``) when the credit is per word; tokens with an empty span (EOS) belong to no word and are left out.
     """
     from finegrain.data.collate import collate_completions
     from finegrain.rewards.models import map_token_values
@@ -176,7 +205,9 @@ def score_credit(source, items: list[dict], pad_token_id: int, *, reduce: str = 
         for it, v in zip(part, values):
             n = len(it["completion_input_ids"])
             if "spans" in it:
-                s = map_token_values(v[:n], it["offsets"], it["spans"], reduce=reduce, end_index=len(it["spans"]) - 1)
+                text_tokens = [k for k, (a, b) in enumerate(it["offsets"][:n]) if b > a]
+                s = map_token_values(v[:n][text_tokens], [it["offsets"][k] for k in text_tokens], it["spans"],
+                                     reduce=reduce, end_index=len(it["spans"]) - 1)
             else:
                 s = v[:n]
             scores.append(s)
