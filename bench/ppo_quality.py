@@ -15,7 +15,13 @@ only in ``--reward``:
 * ``sequence_rm``, ``sentence_rm``, ``token_rm``, ``discriminator``: reward models trained once (seed 0) by
   ``finegrain rm --level ...`` on the world's pairs / revisions; their held-out accuracy and token-credit AUROC are
   reported beside the PPO results. These need ``finegrain.trainers.rm``; without it only the two oracle conditions
-  run.
+  run;
+* ``token_rm_plain_bt``: the token RM trained with the edit term off (``--edit_weight 0``: Bradley-Terry on the
+  summed token rewards only; docs/methods/token-rm.md);
+* ``discriminator_<mode>``: the same discriminator read through one of TLCR's discrete baselines
+  (``--reward DIR:mode=<mode>``: ``sign`` ±1/0, ``fixed``, ``thresholded``, ``random``, ``positive``,
+  ``negative``; docs/methods/tlcr.md), and ``discriminator_eos_model`` (the discriminator's own output on the end
+  token instead of the official 0). ``discriminator`` is the continuous ``2·P(+) − 1``.
 
 Every run logs, per rollout batch, the oracle reward and well-formedness of its samples and the KL to the
 reference (``objective/kl``, the k1 sum over the response), so each seed gives curves against samples; at the end
@@ -57,14 +63,31 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ORACLE_CONDITIONS = {"oracle": "oracle", "oracle_credit": "oracle:credit"}
-RM_CONDITIONS = {"sequence_rm": "sequence", "sentence_rm": "sentence", "token_rm": "token",
-                 "discriminator": "discriminator"}
+REWARD_MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "sequence": ("sequence", ()),
+    "sentence": ("sentence", ()),
+    "token": ("token", ()),
+    "token_plain_bt": ("token", ("--edit_weight", "0")),
+    "discriminator": ("discriminator", ()),
+}
+"""Reward models trained once: name -> (level, extra ``finegrain rm`` flags)."""
+DISCRIMINATOR_MODES = ("sign", "fixed", "thresholded", "random", "positive", "negative")
+RM_CONDITIONS: dict[str, tuple[str, str]] = {
+    "sequence_rm": ("sequence", ""), "sentence_rm": ("sentence", ""), "token_rm": ("token", ""),
+    "token_rm_plain_bt": ("token_plain_bt", ""), "discriminator": ("discriminator", ""),
+    "discriminator_eos_model": ("discriminator", ":eos=model"),
+    **{f"discriminator_{m}": ("discriminator", f":mode={m}" + (":seed={seed}" if m == "random" else ""))
+       for m in DISCRIMINATOR_MODES},
+}
+"""PPO conditions on learned rewards: name -> (reward model, options appended to its directory in ``--reward``;
+``{seed}`` is the PPO run's seed)."""
+DEFAULT_CONDITIONS = ("oracle", "oracle_credit", "sequence_rm", "sentence_rm", "token_rm", "discriminator")
 CONDITIONS = tuple(ORACLE_CONDITIONS) + tuple(RM_CONDITIONS)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--conditions", nargs="*", default=list(CONDITIONS), choices=CONDITIONS)
+    p.add_argument("--conditions", nargs="*", default=list(DEFAULT_CONDITIONS), choices=CONDITIONS)
     p.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=40, help="rollout batches per run (the sample budget)")
     p.add_argument("--rollout-batch-size", type=int, default=32, help="prompts (= samples) per rollout batch")
@@ -111,27 +134,31 @@ def _rm_available() -> bool:
     return True
 
 
-def train_reward_models(args, world: Path, rm_dir: Path, levels: list[str]) -> dict[str, dict]:
-    """``finegrain rm --level L`` for each level (once, seed 0); returns level -> {dir, eval metrics, seconds}."""
+def train_reward_models(args, world: Path, rm_dir: Path, names: list[str]) -> dict[str, dict]:
+    """``finegrain rm --level L [flags]`` for each reward model of :data:`REWARD_MODELS` (once, seed 0); returns
+    name -> {dir, level, flags, eval metrics, seconds}."""
     out: dict[str, dict] = {}
 
-    def one(level: str) -> None:
-        run_dir = rm_dir / level
+    def one(name: str) -> None:
+        level, flags = REWARD_MODELS[name]
+        run_dir = rm_dir / name
         info_path = run_dir / "run.json"
         if not (args.reuse_rms and info_path.is_file() and json.loads(info_path.read_text()).get("status") == "completed"):
             start = time.perf_counter()
             _finegrain(["rm", "--level", level, "--world_dir", str(world), "--output_dir", str(run_dir),
                         "--overwrite_output_dir", "--disable_tqdm", "--seed", "0", "--learning_rate", str(args.rm_lr),
                         "--lr_scheduler_type", "cosine", "--num_train_epochs", str(args.rm_epochs),
-                        "--per_device_train_batch_size", str(args.rm_batch)], rm_dir / f"{level}.log", args.threads)
+                        "--per_device_train_batch_size", str(args.rm_batch), *flags], rm_dir / f"{name}.log",
+                       args.threads)
             seconds = time.perf_counter() - start
         else:
             seconds = None
         summary = json.loads(info_path.read_text()).get("summary", {})
-        out[level] = {"dir": str(run_dir), "eval": summary.get("eval", {}), "seconds": seconds}
+        out[name] = {"dir": str(run_dir), "level": level, "flags": list(flags), "eval": summary.get("eval", {}),
+                     "seconds": seconds}
 
     with ThreadPoolExecutor(max_workers=args.workers) as pool:
-        list(pool.map(one, levels))
+        list(pool.map(one, names))
     return out
 
 
@@ -183,11 +210,17 @@ def summarise(args, runs: dict[str, dict[int, dict]]) -> dict[str, dict]:
         per_seed = list(seeds.values())
         k = args.smooth
         reached = [_samples_to(r["curve"], args.threshold, k) for r in per_seed]
+        budget = [statistics.fmean(r["curve"]["oracle/reward"]) for r in per_seed]
+        final_kl = [statistics.fmean(r["curve"]["objective/kl"][-k:]) for r in per_seed]
         stats = {
-            "budget_mean_oracle_reward": _mean_se([statistics.fmean(r["curve"]["oracle/reward"]) for r in per_seed]),
+            "per_seed": {"seeds": list(seeds), "budget_mean_oracle_reward": budget, "final_kl": final_kl,
+                         "std": {"budget_mean_oracle_reward": statistics.stdev(budget) if len(budget) > 1 else 0.0,
+                                 "final_kl": statistics.stdev(final_kl) if len(final_kl) > 1 else 0.0}},
+            "initial_length": _mean_se([statistics.fmean(r["curve"]["response/length"][:k]) for r in per_seed]),
+            "budget_mean_oracle_reward": _mean_se(budget),
             "final_oracle_reward": _mean_se([statistics.fmean(r["curve"]["oracle/reward"][-k:]) for r in per_seed]),
             "final_well_formed": _mean_se([statistics.fmean(r["curve"]["oracle/well_formed"][-k:]) for r in per_seed]),
-            "final_kl": _mean_se([statistics.fmean(r["curve"]["objective/kl"][-k:]) for r in per_seed]),
+            "final_kl": _mean_se(final_kl),
             "final_training_reward": _mean_se([statistics.fmean(r["curve"]["rewards/raw"][-k:]) for r in per_seed]),
             "final_length": _mean_se([statistics.fmean(r["curve"]["response/length"][-k:]) for r in per_seed]),
             "eval_oracle_reward": _mean_se([r["eval"].get("oracle/reward") for r in per_seed]),
@@ -250,7 +283,7 @@ def run(args: argparse.Namespace | None = None) -> dict:
     world = ensure_world(args.world_dir)
     conditions = list(args.conditions)
     notes = []
-    wanted_rms = [RM_CONDITIONS[c] for c in conditions if c in RM_CONDITIONS]
+    wanted_rms = list(dict.fromkeys(RM_CONDITIONS[c][0] for c in conditions if c in RM_CONDITIONS))
     if wanted_rms and not _rm_available():
         notes.append("finegrain.trainers.rm / finegrain.rewards.registry are not available: only the oracle "
                      "conditions ran")
@@ -265,8 +298,13 @@ def run(args: argparse.Namespace | None = None) -> dict:
         rm_seconds = time.perf_counter() - start
         jobs = []
         for cond in conditions:
-            reward = ORACLE_CONDITIONS.get(cond) or rms[RM_CONDITIONS[cond]]["dir"]
-            jobs += [(cond, seed, reward) for seed in args.seeds]
+            for seed in args.seeds:
+                if cond in ORACLE_CONDITIONS:
+                    reward = ORACLE_CONDITIONS[cond]
+                else:
+                    name, options = RM_CONDITIONS[cond]
+                    reward = rms[name]["dir"] + options.format(seed=seed)
+                jobs.append((cond, seed, reward))
 
         def one(job):
             cond, seed, reward = job
@@ -306,10 +344,10 @@ def _print_summary(results: dict) -> None:
     s = results["settings"]
     print(f"\nPPO on the world: {s['steps']} steps x {s['rollout_batch_size']} samples, seeds {s['seeds']}; "
           f"mean ± s.e. over seeds; threshold {s['threshold']}")
-    for level, info in results["reward_models"].items():
+    for name, info in results["reward_models"].items():
         shown = {k: round(v, 3) for k, v in info["eval"].items() if k in ("accuracy", "auroc", "edit_auroc")}
-        print(f"  reward model {level}: held-out {shown}")
-    print(f"  {'condition':<15}{'budget mean':>16}{'final reward':>16}{'final KL':>14}{'eval reward':>16}"
+        print(f"  reward model {name}: held-out {shown}")
+    print(f"  {'condition':<26}{'budget mean':>16}{'final reward':>16}{'final KL':>14}{'eval reward':>16}"
           f"{'samples to thr.':>20}{'length':>14}{'its reward':>14}")
     def f(st, key):
         m, e = st[key]
@@ -319,7 +357,7 @@ def _print_summary(results: dict) -> None:
         thr = st["samples_to_threshold"]
         reached = thr["mean_of_reached"]
         shown = f"{reached:.0f} ({thr['reached']})" if reached is not None else f"never ({thr['reached']})"
-        print(f"  {cond:<15}{f(st, 'budget_mean_oracle_reward'):>16}{f(st, 'final_oracle_reward'):>16}"
+        print(f"  {cond:<26}{f(st, 'budget_mean_oracle_reward'):>16}{f(st, 'final_oracle_reward'):>16}"
               f"{f(st, 'final_kl'):>14}{f(st, 'eval_oracle_reward'):>16}{shown:>20}{f(st, 'final_length'):>14}"
               f"{f(st, 'final_training_reward'):>14}")
     for note in results["notes"]:

@@ -28,10 +28,17 @@ training revisions' edit labels, no model (:func:`edit_label_lookup_auroc`): how
 the credit. Results (mean, sample standard deviation, min, max and every seed's value) go to
 ``bench/results/rm_quality.json``.
 
+``--length_bias NAME=DIR ...`` measures instead, without training, how much trained reward models' sequence scores
+follow response length (:func:`length_bias`: Pearson and Spearman correlation of each model's score -- ``Σ_t r_t``
+for the token levels -- with the response's length in tokens on the world's held-out pairs, both responses, beside
+the oracle's own correlation); docs/methods/token-rm.md reports it for the token RM.
+
 Usage:
 
     .venv/bin/python bench/rm_quality.py                         # 3 seeds, about 15 minutes on 2 cores
     .venv/bin/python bench/rm_quality.py --seeds 0 --pair_steps 50 --edit_steps 50    # a quick look
+    .venv/bin/python bench/rm_quality.py --length_bias token=runs/rm-token plain=runs/rm-token-plain \
+        --out bench/results/token_rm_length_bias.json
 """
 
 from __future__ import annotations
@@ -170,6 +177,96 @@ def edit_label_lookup_auroc(world: Path) -> dict:
             "hard": round(score(lambda k: (pos[k] + 0.5) / (pos[k] + neg[k] + 1)), 4)}
 
 
+def _ranks(x: list[float]) -> list[float]:
+    """Ranks 1..n, ties averaged."""
+    order = sorted(range(len(x)), key=lambda i: x[i])
+    ranks = [0.0] * len(x)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def correlations(x: list[float], y: list[float]) -> dict:
+    """Pearson and Spearman correlation of two equally long lists (None where one of them is constant)."""
+
+    def corr(a, b):
+        try:
+            return round(statistics.correlation(a, b), 4)
+        except statistics.StatisticsError:
+            return None
+
+    return {"pearson": corr(x, y), "spearman": corr(_ranks(x), _ranks(y))}
+
+
+def length_bias(models: dict[str, str], world_dir: str | None = None, *, batch_size: int = 64) -> dict:
+    """Length bias of reward models on the world's held-out pairs (``pairs_test``, chosen and rejected responses).
+
+    For every model (a ``finegrain rm`` run or its ``final/``, read as a reward source with the world's tokenizer,
+    options after ``:`` as in any reward spec) the response's score -- ``Σ_t r_t`` of its token rewards, the sequence
+    RM's score -- is correlated with the response's length in tokens (EOS excluded), beside the oracle's own score
+    (how much true quality follows length on these responses). Also reported: the pair accuracy of the score, and the
+    accuracy of "the longer response wins", the baseline a length-farming score would match.
+
+    Returns:
+        ``{"n_responses", "oracle": {pearson, spearman}, "longer_wins_accuracy", NAME: {pearson, spearman,
+        accuracy, score_per_token}}``.
+    """
+    from finegrain.data.collate import collate_completions, pad_token_id
+    from finegrain.data.tokenize import tokenize_prompt, tokenize_response
+    from finegrain.models.loading import load_tokenizer
+    from finegrain.rewards.base import sequence_scores
+    from finegrain.rewards.registry import SourceContext, reward_source
+    from finegrain.world import ensure_world
+    from finegrain.world.build import read_jsonl
+    from finegrain.world.sources import register
+
+    world = ensure_world(world_dir)
+    register(world)
+    tok = load_tokenizer(str(world / "sft"))
+    pairs = [p for p in read_jsonl(world / "data" / "pairs_test.jsonl") if p["chosen"].strip() and p["rejected"].strip()]
+    rows, lengths = [], []
+    for p in pairs:
+        for side in ("chosen", "rejected"):
+            ids, _, n_text = tokenize_response(tok, p[side])
+            rows.append({"prompt_input_ids": tokenize_prompt(tok, p["prompt"]), "completion_input_ids": ids,
+                         "prompt": p["prompt"], "response": p[side]})
+            lengths.append(float(n_text))
+
+    def scores_of(source) -> list[float]:
+        out = []
+        for lo in range(0, len(rows), batch_size):
+            part = rows[lo : lo + batch_size]
+            batch = collate_completions([{k: r[k] for k in ("prompt_input_ids", "completion_input_ids")}
+                                         for r in part], pad_token_id(tok))
+            batch.prompts, batch.responses = [r["prompt"] for r in part], [r["response"] for r in part]
+            with torch.no_grad():
+                out += sequence_scores(source.token_rewards(batch)).double().tolist()
+        return out
+
+    context = SourceContext(tokenizer=tok)
+    oracle = scores_of(reward_source("oracle", context))
+    longer = [lengths[2 * i] > lengths[2 * i + 1] for i in range(len(pairs))]
+    ties = sum(lengths[2 * i] == lengths[2 * i + 1] for i in range(len(pairs)))
+    result: dict = {"n_responses": len(rows), "n_pairs": len(pairs), "mean_length": statistics.fmean(lengths),
+                    "oracle": correlations(oracle, lengths),
+                    "longer_wins_accuracy": round(sum(longer) / len(pairs), 4), "length_ties": ties,
+                    "oracle_accuracy": round(statistics.fmean(float(oracle[2 * i] > oracle[2 * i + 1])
+                                                              for i in range(len(pairs))), 4)}
+    for name, spec in models.items():
+        scores = scores_of(reward_source(spec, context))
+        result[name] = {**correlations(scores, lengths),
+                        "accuracy": round(statistics.fmean(float(scores[2 * i] > scores[2 * i + 1])
+                                                           for i in range(len(pairs))), 4),
+                        "score_per_token": round(sum(scores) / sum(lengths), 4), "spec": spec}
+    return result
+
+
 def run(*, seeds=(0, 1, 2), pair_steps: int = 300, edit_steps: int = 1000, batch: int = 16, lr: float = 1e-3,
         variants=tuple(VARIANTS),
         world_dir: str | None = None, work_dir: str | None = None, threads: int | None = None,
@@ -270,8 +367,22 @@ def main() -> None:
     p.add_argument("--no_contrastive", action="store_true")
     p.add_argument("--no_implicit", action="store_true")
     p.add_argument("--dpo_steps", type=int, default=100)
-    p.add_argument("--out", default=str(HERE / "results" / "rm_quality.json"))
+    p.add_argument("--out", default=None, help="results JSON (default bench/results/rm_quality.json, with "
+                   "--length_bias bench/results/token_rm_length_bias.json)")
+    p.add_argument("--length_bias", nargs="+", default=None, metavar="NAME=DIR",
+                   help="only measure the length bias of these trained reward models (no training)")
     args = p.parse_args()
+    if args.length_bias:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        models = dict(spec.split("=", 1) for spec in args.length_bias)
+        text = json.dumps(length_bias(models, args.world_dir), indent=2)
+        print(text)
+        out = Path(args.out or HERE / "results" / "token_rm_length_bias.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+        return
+    args.out = args.out or str(HERE / "results" / "rm_quality.json")
     result = run(seeds=tuple(args.seeds), pair_steps=args.pair_steps, edit_steps=args.edit_steps, batch=args.batch, lr=args.lr, variants=tuple(args.variants),
                  world_dir=args.world_dir, work_dir=args.work_dir, threads=args.threads,
                  contrastive=not args.no_contrastive, implicit=not args.no_implicit, dpo_steps=args.dpo_steps)
