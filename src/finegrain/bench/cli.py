@@ -47,6 +47,8 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
     Benchmark("edit_labels", "edit-label throughput vs the tokenization it needs", "issue 4"),
     Benchmark("ppo_breakdown", "a PPO step's time by phase (generate, score, train), sampler vs generate",
               "issue 5"),
+    Benchmark("smollm2", "all of the above on SmolLM2-135M (or its architecture): DPO vs TRL (full, LoRA), TDPO2, "
+              "TDPO memory, sampler, PPO phases, roofline", "issue 16"),
 )}
 
 # Long quality runs (10+ minutes each on 2 cores): listed for reference, run as scripts.

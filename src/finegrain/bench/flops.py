@@ -11,8 +11,11 @@ sequence of ``n`` tokens whose LM head runs at ``h`` positions costs::
 (``2 * params`` per token for the matmuls, and ``QK^T`` plus ``AV`` over the full ``n x n`` square, as PaLM counts
 attention; a causal kernel skips half of it, so this convention gives a slightly higher MFU than the causal
 count). A training step is ``3 F`` for the model being trained (forward + backward, the backward costing twice the
-forward) plus ``F`` for every frozen model run forward only (a DPO reference). Decoding one token at context ``c``
-costs ``2 N + 4 L d_attn c``.
+forward) plus ``F`` for every frozen model run forward only (a DPO reference). With LoRA (Hu et al. 2021) the
+frozen weights get no gradient, so their backward costs one forward (the input gradients) instead of two, while
+attention, having no weights, still costs twice its forward; the adapters (``r (d_in + d_out)`` weights per adapted
+layer) cost three times their forward: ``2 (2 N_body n + 2 N_head h) + 3 (4 L d_attn n^2) + 6 N_lora n``.
+Decoding one token at context ``c`` costs ``2 N + 4 L d_attn c``.
 
 Peak figures are dense (no structured sparsity) bfloat16 tensor-core FLOP/s from the vendors' data sheets; a
 device not in :data:`PEAK_BF16_FLOPS` gets no MFU unless a peak is given.
@@ -59,6 +62,17 @@ class ModelFlops:
         h = tokens if head_positions is None else head_positions
         return 2.0 * self.body_params * tokens + 2.0 * self.head_params * h + 4.0 * self.layers * self.attn_width * tokens**2
 
+    def train(self, tokens: int, head_positions: int | None = None, *, lora_params: int | None = None) -> float:
+        """Forward + backward FLOPs of training on one sequence: ``3 F``, or with LoRA adapters of ``lora_params``
+        weights on frozen base weights ``2 W + 3 A + 6 N_lora n`` (``W`` the weight matmuls' and ``A`` attention's
+        share of ``F``; see the module docstring)."""
+        h = tokens if head_positions is None else head_positions
+        weights = 2.0 * self.body_params * tokens + 2.0 * self.head_params * h
+        attention = 4.0 * self.layers * self.attn_width * tokens**2
+        if lora_params is None:
+            return 3.0 * (weights + attention)
+        return 2.0 * weights + 3.0 * attention + 6.0 * lora_params * tokens
+
     def decode(self, context: int) -> float:
         """FLOPs of generating one token with a KV cache of ``context`` positions."""
         return 2.0 * (self.body_params + self.head_params) + 4.0 * self.layers * self.attn_width * context
@@ -75,6 +89,16 @@ def model_flops(model) -> ModelFlops:
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     return ModelFlops(body_params=int(body), head_params=int(head.weight.numel()), layers=int(c.num_hidden_layers),
                       attn_width=int(c.num_attention_heads * head_dim))
+
+
+def lora_params(model, r: int) -> int:
+    """Weights of rank-``r`` LoRA adapters on every ``nn.Linear`` of ``model`` but its output head (peft's
+    ``target_modules="all-linear"``): ``r (d_in + d_out)`` each."""
+    from torch import nn
+
+    head = model.get_output_embeddings()
+    return int(sum(r * (m.in_features + m.out_features) for m in model.modules()
+                   if isinstance(m, nn.Linear) and m is not head))
 
 
 def mfu(flops: float, seconds: float, peak: float) -> float:

@@ -182,3 +182,29 @@ class use_device:
         else:
             os.environ["ACCELERATE_USE_CPU"] = self._saved
         return False
+
+
+def matmul_flops_per_s(m: int = 2048, k: int = 2048, n: int = 2048, *, repeats: int = 5, device: str = "cpu",
+                       dtype: torch.dtype = torch.float32, seed: int = 0) -> dict:
+    """The FLOP/s of a plain ``(m, k) @ (k, n)`` matrix product (``2 m k n`` FLOPs) on this machine with torch's
+    current thread count: the best of ``repeats`` timed runs after one warm-up, by the wall clock and by the
+    process's CPU time (on a shared machine a one-thread process's CPU time leaves out the time it waited for a
+    core). The roofline of the real-model benchmark divides a training step's model FLOP/s by it."""
+    import time
+
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(m, k, generator=g).to(device=device, dtype=dtype)
+    b = torch.randn(k, n, generator=g).to(device=device, dtype=dtype)
+    flops = 2.0 * m * k * n
+    a @ b
+    wall, cpu = [], []
+    for _ in range(repeats):
+        sync(device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        a @ b
+        sync(device)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return {"shape": [m, k, n], "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+            "flops_per_s": flops / min(wall), "cpu_flops_per_s": flops / max(min(cpu), 1e-9),
+            "wall_s": wall, "cpu_s": cpu}

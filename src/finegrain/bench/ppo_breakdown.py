@@ -9,7 +9,10 @@ and each phase's share of their sum (the ratios). The policy is either
 * ``random`` (the default here): a randomly initialised Llama with the world's tokenizer (by default the world SFT
   model's shape: 2 layers, hidden 128), trained on world prompts generated on the spot; it needs no built world,
   rarely emits EOS, so every response runs to ``max_new_tokens``, as long generations do in practice; or
-* ``world``: the built-in world's SFT model (``~15``-token responses), which needs the built world.
+* ``world``: the built-in world's SFT model (``~15``-token responses), which needs the built world; or
+* ``dir``: a saved model directory with its tokenizer (``model``; the real-model benchmark passes SmolLM2), on
+  prompts of random single-token words of its tokenizer, rewarded by :func:`distinct_words_reward` (a cheap Python
+  reward: the world's oracle needs world prompts).
 
 Part 2 (``throughput_repeats`` > 0) runs :mod:`finegrain.bench.rollout_throughput` on a random Llama of the PPO
 policy's shape with the rollout batch (``rollout_batch_size x num_samples`` rows, ``max_new_tokens``).
@@ -57,16 +60,39 @@ def _random_policy_inputs(root: Path, hidden: int, layers: int, heads: int, prom
     return str(model_dir), str(data)
 
 
+def distinct_words_reward(prompts, responses):
+    """A cheap reward for timing PPO on any model: the share of distinct words in the response (0 when empty)."""
+    out = []
+    for text in responses:
+        words = text.split()
+        out.append(len(set(words)) / len(words) if words else 0.0)
+    return out
+
+
+def _dir_policy_inputs(root: Path, model_dir: str, prompt_len: int, prompts: int, seed: int) -> str:
+    """``prompts`` prompts of ``prompt_len`` random single-token words of ``model_dir``'s tokenizer."""
+    from transformers import AutoTokenizer
+
+    from finegrain.bench.synthetic import random_pairs, single_token_words, write_jsonl
+
+    words = single_token_words(AutoTokenizer.from_pretrained(model_dir))
+    rows = random_pairs(prompts, 0, prompt_len, 1, seed, words=words)
+    return str(write_jsonl([{"prompt": r["prompt"]} for r in rows], root / "prompts.jsonl"))
+
+
 def step_breakdown(s: dict) -> dict:
     """Run PPO for ``steps`` steps and summarise the per-phase times it logged."""
     from finegrain.bench.measure import reset_accelerate, use_device
     from finegrain.trainers.ppo import PPOConfig, load_inputs, train
     from finegrain.world.app import parse_config
 
+    reward = s["reward"]
+    if s["policy"] == "dir" and reward == "oracle":  # the world's oracle scores world prompts only
+        reward = "python:finegrain.bench.ppo_breakdown:distinct_words_reward"
     with tempfile.TemporaryDirectory() as tmp:
         argv = ["--output_dir", str(Path(tmp) / "run"), "--disable_tqdm", "--logging_steps", "1",
                 "--max_steps", str(s["steps"]), "--estimator", s["estimator"], "--critic", s["critic"],
-                "--reward", s["reward"], "--rollout_batch_size", str(s["rollout_batch_size"]),
+                "--reward", reward, "--rollout_batch_size", str(s["rollout_batch_size"]),
                 "--num_samples", str(s["num_samples"]), "--max_new_tokens", str(s["max_new_tokens"]),
                 "--ppo_epochs", str(s["ppo_epochs"]), "--num_mini_batches", str(s["num_mini_batches"]),
                 "--per_device_train_batch_size", str(s["micro_batch"]), "--kl_estimator", s["kl_estimator"],
@@ -78,11 +104,21 @@ def step_breakdown(s: dict) -> dict:
             from finegrain.world import ensure_world
 
             argv += ["--world_dir", str(ensure_world(s["world_dir"]))]
+        elif s["policy"] == "dir":
+            prompts = max(64, s["rollout_batch_size"] * (s["steps"] + 1))
+            data = _dir_policy_inputs(Path(tmp), s["model"], s["prompt_len"], prompts, s["seed"])
+            argv += ["--model_name_or_path", s["model"], "--dataset_name", data, "--max_prompt_length",
+                     str(s["prompt_len"] + 8), "--max_length", str(s["prompt_len"] + 8 + s["max_new_tokens"])]
         else:
             prompts = max(64, s["rollout_batch_size"] * (s["steps"] + 1))
             model_dir, data = _random_policy_inputs(Path(tmp), s["hidden"], s["layers"], s["heads"], prompts, s["seed"])
             argv += ["--model_name_or_path", model_dir, "--dataset_name", data]
-        cfg = parse_config("ppo", PPOConfig, argv)  # the world's oracle reward; its model when policy is "world"
+        if s["policy"] == "dir":
+            from finegrain.config import parse
+
+            cfg = parse(PPOConfig, argv, "finegrain ppo")
+        else:
+            cfg = parse_config("ppo", PPOConfig, argv)  # the world's oracle reward; its model when policy is "world"
         reset_accelerate()
         with use_device(s["device"]):
             policy, tokenizer, prompts, _ = load_inputs(cfg)
@@ -106,12 +142,14 @@ def run(*, policy: str = "random", hidden: int = 128, layers: int = 2, heads: in
         rollout_batch_size: int = 32, num_samples: int = 1, max_new_tokens: int = 40, ppo_epochs: int = 4,
         num_mini_batches: int = 1, micro_batch: int = 8, kl_estimator: str = "k1", throughput_repeats: int = 5,
         world_dir: str | None = None, threads: int | None = 1, device: str = "cpu", bf16: bool = False,
-        seed: int = 0) -> dict:
+        seed: int = 0, model: str | None = None, prompt_len: int = 32) -> dict:
     """Both measurements; returns the result dict (``ratios``: each phase's share of a step; the sampler ratio)."""
     from finegrain.bench import rollout_throughput
 
-    if policy not in ("random", "world"):
-        raise ValueError(f"policy must be 'random' or 'world', got {policy!r}")
+    if model is not None:
+        policy = "dir"
+    if policy not in ("random", "world", "dir"):
+        raise ValueError(f"policy must be 'random', 'world' or 'dir', got {policy!r}")
     if steps <= warmup:
         raise ValueError(f"steps ({steps}) must exceed warmup ({warmup})")
     if threads:
@@ -120,7 +158,8 @@ def run(*, policy: str = "random", hidden: int = 128, layers: int = 2, heads: in
              estimator=estimator, critic=critic, reward=reward, rollout_batch_size=rollout_batch_size,
              num_samples=num_samples, max_new_tokens=max_new_tokens, ppo_epochs=ppo_epochs,
              num_mini_batches=num_mini_batches, micro_batch=micro_batch, kl_estimator=kl_estimator,
-             throughput_repeats=throughput_repeats, world_dir=world_dir, device=device, bf16=bf16, seed=seed)
+             throughput_repeats=throughput_repeats, world_dir=world_dir, device=device, bf16=bf16, seed=seed,
+             model=model, prompt_len=prompt_len)
     step = step_breakdown(s)
     ratios = {f"{p}/step": step["share"][p] for p in PHASES}
     meaning = {f"{p}/step": f"share of a PPO step's time spent in {p} (median per phase / sum of the medians)"
@@ -131,10 +170,11 @@ def run(*, policy: str = "random", hidden: int = 128, layers: int = 2, heads: in
     result = {"benchmark": "ppo_breakdown", "settings": dict(s, threads=torch.get_num_threads()), "step": step}
     if throughput_repeats > 0:
         m = step["model"]
+        prompts = (4, 12) if policy != "dir" else (max(1, prompt_len // 2), prompt_len)
         t = rollout_throughput.run(hidden=m["hidden"], layers=m["layers"], heads=m["heads"], vocab=max(m["vocab"], 8),
-                                   batch=rollout_batch_size * num_samples, new_tokens=max_new_tokens, min_prompt=4,
-                                   max_prompt=12, repeats=throughput_repeats, device=device,
-                                   dtype="bfloat16" if bf16 else "float32")
+                                   batch=rollout_batch_size * num_samples, new_tokens=max_new_tokens,
+                                   min_prompt=prompts[0], max_prompt=prompts[1], repeats=throughput_repeats,
+                                   device=device, dtype="bfloat16" if bf16 else "float32", model=model)
         result["rollout_throughput"] = t
         ratios["sampler/generate_tok_s"] = t["ratios"]["finegrain/transformers_tok_s"]
         meaning["sampler/generate_tok_s"] = ("rollout tokens/s on the PPO policy's shape and batch: finegrain's "
@@ -163,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heads", type=int, default=4, help="attention heads of the random policy")
     p.add_argument("--throughput-repeats", type=int, default=5, help="rollout throughput repetitions (0: skip)")
     p.add_argument("--world-dir", default=None)
+    p.add_argument("--model", default=None, help="a saved model directory with its tokenizer as the policy (prompts of "
+                   "random words, a distinct-words reward); overrides --hidden")
+    p.add_argument("--prompt-len", type=int, default=32, help="prompt words with --model")
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--bf16", action="store_true")

@@ -37,11 +37,18 @@ GPU = dict(LLAMA_1B.as_dict(), batch=64, min_prompt=64, max_prompt=128, new_toke
 GPU_QUICK = dict(GPU, new_tokens=64, repeats=3)
 
 
-def build(shape, *, batch: int, min_prompt: int, max_prompt: int, new_tokens: int, seed: int, device: str, dtype: str):
-    """A random Llama of ``shape`` (eval mode, SDPA attention) and ``batch`` left-padded random prompts."""
-    from finegrain.bench.synthetic import build_model
+def build(shape, *, batch: int, min_prompt: int, max_prompt: int, new_tokens: int, seed: int, device: str, dtype: str,
+          model_dir: str | None = None):
+    """A random Llama of ``shape`` (or the model saved in ``model_dir``; eval mode, SDPA attention) and ``batch``
+    left-padded random prompts (BOS, then random token ids from 3 up)."""
+    if model_dir is None:
+        from finegrain.bench.synthetic import build_model
 
-    model = build_model(shape, max_prompt + new_tokens + 8, seed=seed, attn_implementation="sdpa")
+        model = build_model(shape, max_prompt + new_tokens + 8, seed=seed, attn_implementation="sdpa")
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa")
     model = model.to(device=device, dtype=DTYPES[dtype]).eval()
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(min_prompt, max_prompt + 1, (batch,), generator=g)
@@ -50,14 +57,14 @@ def build(shape, *, batch: int, min_prompt: int, max_prompt: int, new_tokens: in
     attn = torch.zeros(batch, width, dtype=torch.long)
     for i, n in enumerate(lengths.tolist()):
         ids[i, width - n] = BOS
-        ids[i, width - n + 1:] = torch.randint(3, shape.vocab, (n - 1,), generator=g)
+        ids[i, width - n + 1:] = torch.randint(3, model.config.vocab_size, (n - 1,), generator=g)
         attn[i, width - n:] = 1
     return model, ids.to(device), attn.to(device)
 
 
-def counted_tokens(tokens: torch.Tensor) -> torch.Tensor:
+def counted_tokens(tokens: torch.Tensor, eos: int = EOS) -> torch.Tensor:
     """``(N,)`` generated tokens per row up to and including its first EOS (all of them when there is none)."""
-    is_eos = (tokens == EOS).long()
+    is_eos = (tokens == eos).long()
     return ((is_eos.cumsum(1) - is_eos) == 0).sum(1)
 
 
@@ -65,7 +72,7 @@ def _finegrain(model, ids, attn, s):
     from finegrain.rl.rollout import sample_rollouts
 
     batch = sample_rollouts(model, ids, attn, max_new_tokens=s["new_tokens"], do_sample=True,
-                            temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"], eos_token_id=EOS,
+                            temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"], eos_token_id=s["eos"],
                             pad_token_id=PAD)
     return batch.completion_input_ids
 
@@ -73,7 +80,7 @@ def _finegrain(model, ids, attn, s):
 @torch.no_grad()
 def _transformers(model, ids, attn, s):
     out = model.generate(ids, attention_mask=attn, max_new_tokens=s["new_tokens"], do_sample=True,
-                         temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"], eos_token_id=EOS,
+                         temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"], eos_token_id=s["eos"],
                          pad_token_id=PAD)
     return out[:, ids.shape[1]:]
 
@@ -86,10 +93,10 @@ def _timed(fn, model, ids, attn, s, seed):
 
     torch.manual_seed(seed)
     sync(s["device"])
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     tokens = fn(model, ids, attn, s)
     sync(s["device"])
-    return time.perf_counter() - start, tokens
+    return time.perf_counter() - start, time.process_time() - cpu, tokens
 
 
 def _decode_flops(model, attn: torch.Tensor, counts: torch.Tensor) -> float:
@@ -107,8 +114,10 @@ def run(*, hidden: int = 256, layers: int = 4, heads: int = 4, kv_heads: int | N
         intermediate: int | None = None, vocab: int = 4096, tie_embeddings: bool = True, batch: int = 32,
         min_prompt: int = 8, max_prompt: int = 32, new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0,
         top_p: float = 1.0, repeats: int = 7, seed: int = 0, device: str = "cpu", dtype: str = "float32",
-        threads: int | None = None) -> dict:
-    """Measure both samplers interleaved; returns the result dict (``ratios``: finegrain / transformers tokens/s)."""
+        threads: int | None = None, model: str | None = None) -> dict:
+    """Measure both samplers interleaved; returns the result dict (``ratios``: finegrain / transformers tokens/s).
+    ``model``: a saved model directory to sample from instead of a random Llama of the given shape (its EOS id from
+    its config)."""
     from finegrain.bench.flops import mfu, peak_bf16_flops
     from finegrain.bench.synthetic import LlamaShape
 
@@ -121,35 +130,51 @@ def run(*, hidden: int = 256, layers: int = 4, heads: int = 4, kv_heads: int | N
     shape = LlamaShape(hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, intermediate=intermediate,
                        vocab=vocab, tie_embeddings=tie_embeddings)
     s = dict(batch=batch, min_prompt=min_prompt, max_prompt=max_prompt, new_tokens=new_tokens,
-             temperature=temperature, top_k=top_k, top_p=top_p, repeats=repeats, seed=seed, device=device, dtype=dtype)
+             temperature=temperature, top_k=top_k, top_p=top_p, repeats=repeats, seed=seed, device=device, dtype=dtype,
+             eos=EOS, model=model)
+    model_dir = model
     model, ids, attn = build(shape, batch=batch, min_prompt=min_prompt, max_prompt=max_prompt, new_tokens=new_tokens,
-                             seed=seed, device=device, dtype=dtype)
+                             seed=seed, device=device, dtype=dtype, model_dir=model_dir)
+    if model_dir is not None:
+        eos = model.config.eos_token_id
+        s["eos"] = int(eos[0] if isinstance(eos, (list, tuple)) else eos)
+        c = model.config
+        shape = LlamaShape(hidden=c.hidden_size, layers=c.num_hidden_layers, heads=c.num_attention_heads,
+                           kv_heads=c.num_key_value_heads, intermediate=c.intermediate_size, vocab=c.vocab_size,
+                           tie_embeddings=bool(c.tie_word_embeddings))
     for fn in RUNNERS.values():  # warm-up: allocator, kernels, lazy imports
         _timed(fn, model, ids, attn, s, seed)
     rates: dict[str, list[float]] = {n: [] for n in RUNNERS}
     seconds: dict[str, list[float]] = {n: [] for n in RUNNERS}
+    cpu_rates: dict[str, list[float]] = {n: [] for n in RUNNERS}
     flops: dict[str, list[float]] = {n: [] for n in RUNNERS}
+    counted: list[float] = []
     identical = 0
     for rep in range(repeats):
         order = list(RUNNERS) if rep % 2 == 0 else list(reversed(RUNNERS))
         tokens = {}
         for name in order:
-            sec, toks = _timed(RUNNERS[name], model, ids, attn, s, seed + 1 + rep)
-            counts = counted_tokens(toks).cpu()
+            sec, cpu, toks = _timed(RUNNERS[name], model, ids, attn, s, seed + 1 + rep)
+            counts = counted_tokens(toks, s["eos"]).cpu()
             tokens[name] = toks
             rates[name].append(int(counts.sum()) / sec)
+            cpu_rates[name].append(int(counts.sum()) / max(cpu, 1e-9))
             seconds[name].append(sec)
+            counted.append(float(counts.float().mean()))
             if device == "cuda":
                 flops[name].append(_decode_flops(model, attn.cpu(), counts))
         a, b = tokens["finegrain"], tokens["transformers"]
         identical += bool(a.shape[1] <= b.shape[1] and torch.equal(a, b[:, :a.shape[1]])
                           and (b[:, a.shape[1]:] == PAD).all())
     pair = [f / t for f, t in zip(rates["finegrain"], rates["transformers"])]
+    cpu_pair = [f / t for f, t in zip(cpu_rates["finegrain"], cpu_rates["transformers"])]
     med = {n: statistics.median(v) for n, v in rates.items()}
     best = {n: max(v) for n, v in rates.items()}
     figures = {f"{n}_tok_s": {"value": med[n], "unit": "tok/s", "note": "median over repetitions"} for n in RUNNERS}
     figures["identical_samples"] = {"value": identical / repeats, "unit": "%",
                                     "note": "repetitions in which both samplers drew the same tokens"}
+    figures["tokens_per_row"] = {"value": statistics.fmean(counted), "unit": "tokens",
+                                 "note": "generated per row, up to and including the first EOS (mean)"}
     notes = []
     if device == "cuda":
         peak = peak_bf16_flops(torch.cuda.get_device_name())
@@ -167,6 +192,7 @@ def run(*, hidden: int = 256, layers: int = 4, heads: int = 4, kv_heads: int | N
                                                     "generate (median of per-repetition ratios)"},
         "figures": figures, "best_ratio": best["finegrain"] / best["transformers"],
         "median_ratio": med["finegrain"] / med["transformers"], "pair_ratios": pair, "tok_s": rates,
+        "cpu_time": {"ratio": statistics.median(cpu_pair), "pair_ratios": cpu_pair, "tok_s": cpu_rates},
         "identical": identical, "notes": notes,
     }
 
@@ -181,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-p", "--top_p", type=float, default=1.0)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--model", default=None, help="a saved model directory (default: a random Llama of the shape above)")
     p.add_argument("--json", default=None, help="also write the result to this file")
     a = p.parse_args(argv)
     from finegrain.bench.table import print_result

@@ -50,6 +50,12 @@ class LlamaShape:
 LLAMA_1B = LlamaShape(hidden=2048, layers=22, heads=32, kv_heads=4, intermediate=5632, vocab=32000,
                       tie_embeddings=False)
 
+# SmolLM2-135M's shape (30 layers, hidden 576, 9 heads of 64 with 3 key/value heads, MLP 1536, vocabulary 49,152, tied
+# embeddings): 1.345e8 parameters. The real-model benchmark uses it with random weights when the converted model of
+# docs/ifeval.md is absent.
+SMOLLM2_135M = LlamaShape(hidden=576, layers=30, heads=9, kv_heads=3, intermediate=1536, vocab=49152,
+                          tie_embeddings=True)
+
 
 def build_model(shape: LlamaShape, max_positions: int, *, seed: int = 0, attn_implementation: str | None = None):
     """A randomly initialised Llama causal LM of ``shape`` (deterministic weights for a seed)."""
@@ -72,12 +78,14 @@ def word_tokenizer(vocab_size: int):
                                    unk_token="<unk>")
 
 
-def random_pairs(n: int, vocab_size: int, prompt_len: int, response_len: int, seed: int = 0) -> list[dict]:
+def random_pairs(n: int, vocab_size: int, prompt_len: int, response_len: int, seed: int = 0,
+                 words: list[str] | None = None) -> list[dict]:
     """``n`` rows ``{prompt, chosen, rejected}`` of random words: prompts of ``prompt_len`` words, responses of
     ``response_len // 2 .. response_len`` words. Responses start with a space, so that the prompt stays a token
-    prefix of prompt + response when a trainer (TRL) joins the strings."""
+    prefix of prompt + response when a trainer (TRL) joins the strings. ``words``: the words to draw from (default:
+    the word tokenizer's ``w0 .. w{V-5}``; :func:`single_token_words` gives them for a real tokenizer)."""
     rng = random.Random(seed)
-    words = [f"w{i}" for i in range(vocab_size - len(SPECIALS))]
+    words = list(words) if words is not None else [f"w{i}" for i in range(vocab_size - len(SPECIALS))]
 
     def text(k: int) -> str:
         return " ".join(rng.choice(words) for _ in range(k))
@@ -108,7 +116,36 @@ def preference_inputs(root: Path, shape: LlamaShape, *, prompt_len: int, respons
     return model_dir, data
 
 
-def pair_token_counts(rows: list[dict]) -> list[tuple[int, int, int]]:
-    """``(prompt, chosen, rejected)`` token counts of each row under the word tokenizer: BOS + prompt words, and
-    response words + EOS (what both finegrain and TRL feed the model)."""
-    return [(1 + len(r["prompt"].split()), len(r["chosen"].split()) + 1, len(r["rejected"].split()) + 1) for r in rows]
+def single_token_words(tokenizer, limit: int = 4000) -> list[str]:
+    """Up to ``limit`` lower-case words (3-10 letters or digits, starting with a letter) that ``tokenizer`` encodes, after a space, as exactly one token
+    (in vocabulary order, so the list is the same on every machine). Text made of them has one token per word, so a
+    real tokenizer's sequence lengths are set exactly as the word tokenizer's are."""
+    import re
+
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    candidates = []
+    for piece, _ in vocab:
+        word = tokenizer.convert_tokens_to_string([piece]).strip()
+        if re.fullmatch(r"[a-z][a-z0-9]{2,9}", word) and word not in candidates:
+            candidates.append(word)
+        if len(candidates) >= 4 * limit:
+            break
+    out = [w for w in candidates if len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) == 1
+           and len(tokenizer(w, add_special_tokens=False)["input_ids"]) == 1]
+    if len(out) < 100:
+        raise ValueError(f"the tokenizer has only {len(out)} single-token words; use the word tokenizer")
+    return out[:limit]
+
+
+def pair_token_counts(rows: list[dict], tokenizer=None) -> list[tuple[int, int, int]]:
+    """``(prompt, chosen, rejected)`` token counts of each row as both finegrain and TRL feed the model: the prompt
+    tokenized with special tokens (BOS where the tokenizer adds one), each response alone plus EOS. Without
+    ``tokenizer``: the word tokenizer's counts, BOS + prompt words and response words + EOS."""
+    if tokenizer is None:
+        return [(1 + len(r["prompt"].split()), len(r["chosen"].split()) + 1, len(r["rejected"].split()) + 1)
+                for r in rows]
+
+    def n(text: str, special: bool) -> int:
+        return len(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+    return [(n(r["prompt"], True), n(r["chosen"], False) + 1, n(r["rejected"], False) + 1) for r in rows]
