@@ -89,7 +89,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                "--learning_rate", "1e-4"],
         "ppo": ["--estimator", "gae", "--critic", "shared", "--rollout_batch_size", "16", "--ppo_epochs", "2",
                 "--num_mini_batches", "2", "--per_device_train_batch_size", "8", "--max_new_tokens", "64",
-                "--max_steps", "16", "--learning_rate", "5e-5", "--kl_coef", "0.05", "--judge", "ifeval",
+                "--max_steps", "16", "--learning_rate", "5e-5", "--critic_learning_rate", "5e-4", "--kl_coef", "0.05", "--judge", "ifeval",
                 "--save_steps", "2"],
         "eval_prompts": None,  # all test prompts
         "eval_max_new_tokens": 160,
