@@ -84,3 +84,39 @@ def test_preference_loss_registry():
     assert get_preference_loss_spec("treg-simpo") == PreferenceLossSpec("treg-simpo", False, False, True, True)
     with pytest.raises(ConfigError, match="tdpo2.*treg-simpo"):
         get_preference_loss_spec("ipo")
+
+
+# ------------------------------------------------------------------------------------------------ DPO-SFT
+
+
+def test_dpo_sft_matches_hand_values_and_gradients():
+    """DPO-SFT (T-REG's ablation; docs/methods/treg.md): L = L_DPO + λ · (−log π(y_w) / |y_w|), by hand in float64."""
+    from finegrain.losses.dpo import dpo_sft_loss
+
+    pw = torch.tensor([-6.0, -3.0], dtype=torch.float64, requires_grad=True)
+    pl = torch.tensor([-5.0, -4.0], dtype=torch.float64, requires_grad=True)
+    rw, rl = torch.tensor([-5.0, -3.0], dtype=torch.float64), torch.tensor([-5.0, -2.0], dtype=torch.float64)
+    lengths = torch.tensor([3, 0])  # an empty chosen response counts as length 1
+    out = dpo_sft_loss(pw, pl, rw, rl, lengths, beta=0.5, sft_weight=2.0)
+    # pair 0: u = 0.5·((−6+5) − (−5+5)) = −0.5; NLL = 6/3 = 2.  pair 1: u = 0.5·((0) − (−2)) = 1; NLL = 3/1 = 3
+    want = [math.log1p(math.exp(0.5)) + 2.0 * 2.0, math.log1p(math.exp(-1.0)) + 2.0 * 3.0]
+    torch.testing.assert_close(out.losses, torch.tensor(want, dtype=torch.float64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(out.extras["nll_loss"], torch.tensor([2.0, 3.0], dtype=torch.float64))
+    torch.testing.assert_close(out.chosen_rewards, torch.tensor([-0.5, 0.0], dtype=torch.float64))
+    out.losses.sum().backward()
+    # ∂/∂pw = −β σ(−u) − λ/|y_w|;  ∂/∂pl = β σ(−u)
+    s = [1 / (1 + math.exp(-0.5)), 1 / (1 + math.exp(1.0))]
+    torch.testing.assert_close(pw.grad, torch.tensor([-0.5 * s[0] - 2.0 / 3, -0.5 * s[1] - 2.0], dtype=torch.float64))
+    torch.testing.assert_close(pl.grad, torch.tensor([0.5 * s[0], 0.5 * s[1]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+def test_dpo_sft_with_zero_weight_is_dpo(eps):
+    from finegrain.losses.dpo import dpo_sft_loss
+
+    pw, pl, rw, rl = _pairs(seed=3)
+    got = dpo_sft_loss(pw, pl, rw, rl, torch.tensor([4, 1, 7, 2, 9]), 0.1, 0.0, eps)
+    want = dpo_loss(pw, pl, rw, rl, 0.1, eps)
+    torch.testing.assert_close(got.losses, want.losses, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="sft_weight"):
+        dpo_sft_loss(pw, pl, rw, rl, torch.tensor([1] * 5), 0.1, -1.0)

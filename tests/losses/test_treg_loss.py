@@ -184,3 +184,32 @@ def test_simpo_base_needs_no_reference_and_dpo_base_does():
 def test_unknown_options_are_config_errors(bad):
     with pytest.raises(ConfigError):
         _call(_inputs(), beta=0.1, alpha=0.1, **bad)
+
+
+# ------------------------------------------------------------------------------------------------ diagnostic
+
+
+def test_shared_token_rewards_by_hand_and_masked_tokens_inert():
+    """Per-pair sums of r̂ and |r̂| over shared and differing tokens (docs/methods/treg.md), by hand."""
+    from finegrain.losses.treg import shared_token_rewards
+
+    nan = float("nan")
+    rw = torch.tensor([[0.25, -0.5, 0.125, nan], [0.5, 0.5, nan, nan]], dtype=torch.float64)
+    rl = torch.tensor([[0.25, 0.375, nan], [-0.25, nan, nan]], dtype=torch.float64)
+    mw = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    ml = torch.tensor([[True, True, False], [True, False, False]])
+    sw = torch.tensor([[True, False, True, True], [False, False, True, True]])  # shared flags on masked slots: inert
+    sl = torch.tensor([[True, False, True], [False, True, True]])
+    out = shared_token_rewards(rw, rl, sw, sl, mw, ml)
+    want = {
+        "sum/shared_reward": [0.25 + 0.125 + 0.25, 0.0],
+        "sum/shared_abs_reward": [0.625, 0.0],
+        "sum/shared_tokens": [3.0, 0.0],
+        "sum/diff_reward": [-0.5 + 0.375, 0.5 + 0.5 - 0.25],
+        "sum/diff_abs_reward": [0.875, 1.25],
+        "sum/diff_tokens": [2.0, 3.0],
+        "sum/tokens": [5.0, 3.0],
+    }
+    assert set(out) == set(want)
+    for k, v in want.items():
+        torch.testing.assert_close(out[k], torch.tensor(v, dtype=torch.float64), atol=1e-12, rtol=0, msg=k)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-__all__ = ["PreferenceLossOutput", "dpo_loss", "simpo_loss"]
+__all__ = ["PreferenceLossOutput", "dpo_loss", "dpo_sft_loss", "simpo_loss"]
 
 
 @dataclass
@@ -79,6 +79,56 @@ def dpo_loss(
         chosen_rewards=(beta * chosen_ratio).detach(),
         rejected_rewards=(beta * rejected_ratio).detach(),
     )
+
+
+def dpo_sft_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    beta: float,
+    sft_weight: float,
+    label_smoothing: float = 0.0,
+) -> PreferenceLossOutput:
+    """DPO plus an SFT (negative log-likelihood) term on the chosen response: T-REG's *DPO-SFT* ablation.
+
+    ``L = L_DPO + λ · NLL(y_w)``,  ``NLL(y_w) = −(1/|y_w|) Σ_t m_t log π_θ(y_t|s_t)``
+
+    with ``L_DPO`` from :func:`dpo_loss` (Rafailov et al., NeurIPS 2023). T-REG (Zhou et al., ACL 2025, arXiv
+    2412.02685; docs/methods/treg.md) compares against DPO with an added SFT loss; the same objective is RPO (Pang et
+    al., NeurIPS 2024, arXiv 2404.19733), whose NLL is length-normalised per response as here, and TRL's
+    ``rpo_alpha`` (TRL averages the NLL over all chosen tokens of a batch instead of per response). ``λ = 0`` is
+    exactly :func:`dpo_loss`. Lengths below 1 are clamped to 1 (an empty response has NLL 0).
+
+    Args:
+        chosen_logps: ``(B,)`` ``Σ_t m_t ℓ^θ_t`` of the chosen responses.
+        rejected_logps: ``(B,)`` same for the rejected responses.
+        ref_chosen_logps: ``(B,)`` reference log-probs of the chosen responses.
+        ref_rejected_logps: ``(B,)`` reference log-probs of the rejected responses.
+        chosen_lengths: ``(B,)`` ``|y_w|``, the number of chosen response tokens.
+        beta: ``β > 0``.
+        sft_weight: ``λ ≥ 0``.
+        label_smoothing: conservative DPO's ``ε`` (see :func:`dpo_loss`).
+
+    Returns:
+        :class:`PreferenceLossOutput` with DPO's rewards and ``extras``: ``nll_loss`` (``NLL(y_w)``) and
+        ``losses/base`` (``L_DPO``), both ``(B,)`` and detached.
+
+    Example:
+        >>> out = dpo_sft_loss(torch.tensor([-2.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), torch.tensor([-2.0]),
+        ...                    torch.tensor([4]), beta=1.0, sft_weight=1.0)
+        >>> out.losses, out.extras["nll_loss"]
+        (tensor([1.1931]), tensor([0.5000]))
+    """
+    if sft_weight < 0:
+        raise ValueError(f"sft_weight must be >= 0, got {sft_weight}")
+    out = dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, label_smoothing)
+    nll = -chosen_logps / chosen_lengths.to(chosen_logps.dtype).clamp(min=1.0)
+    base = out.losses
+    out.losses = base + sft_weight * nll
+    out.extras = {"nll_loss": nll.detach(), "losses/base": base.detach()}
+    return out
 
 
 def simpo_loss(

@@ -24,7 +24,7 @@ from finegrain.errors import ConfigError
 from finegrain.losses.dpo import PreferenceLossOutput, dpo_loss, simpo_loss
 from finegrain.ops.masked import masked_mean, masked_sum
 
-__all__ = ["treg_loss"]
+__all__ = ["shared_token_rewards", "treg_loss"]
 
 _BASES = ("dpo", "simpo")
 _REDUCTIONS = ("sum", "mean")
@@ -131,4 +131,55 @@ def treg_loss(
         "losses/base": out.losses.detach(),
     }
     out.losses = losses
+    return out
+
+
+def shared_token_rewards(
+    rhat_w: torch.Tensor,
+    rhat_l: torch.Tensor,
+    shared_w: torch.Tensor,
+    shared_l: torch.Tensor,
+    mask_w: torch.Tensor,
+    mask_l: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """Per-pair sums of T-REG's token-reward diagnostic: where do the token rewards fall (docs/methods/treg.md)?
+
+    Tokens that the chosen and the rejected response share (the same token, kept by an alignment of the two) carry
+    no preference information: DPO's gradient on them cancels between the two responses, and a token reward that
+    is not 0 there only adds T-REG's push. With ``S`` the shared and ``D`` the differing tokens of both responses
+    of a pair (``shared_*`` and ``mask_* ∧ ¬shared_*``):
+
+    ``sum/shared_reward = Σ_{t∈S} r̂_t``, ``sum/shared_abs_reward = Σ_{t∈S} |r̂_t|``, ``sum/shared_tokens = |S|``,
+    the same for ``D`` (``sum/diff_*``), and ``sum/tokens = |S| + |D|``.
+
+    Summed over pairs and divided (``treg/shared_reward = Σ sum/shared_reward / Σ sum/shared_tokens`` ...), they
+    give the mean ``r̂`` and ``|r̂|`` per shared and per differing token, and the share of shared tokens.
+
+    Args:
+        rhat_w: ``(B, T_w)`` token rewards of the chosen responses.
+        rhat_l: ``(B, T_l)`` token rewards of the rejected responses.
+        shared_w: ``(B, T_w)`` bool, chosen tokens shared with the rejected response.
+        shared_l: ``(B, T_l)`` bool, rejected tokens shared with the chosen response.
+        mask_w: ``(B, T_w)`` bool completion mask of the chosen responses; masked positions count nowhere.
+        mask_l: ``(B, T_l)`` bool completion mask of the rejected responses.
+
+    Returns:
+        ``{name: (B,)}`` detached, for the seven names above.
+
+    Example:
+        >>> m = torch.tensor([[True, True, False]])
+        >>> out = shared_token_rewards(torch.tensor([[0.2, -0.4, 9.0]]), torch.tensor([[0.1, 0.3, 9.0]]),
+        ...                            torch.tensor([[True, False, True]]), torch.tensor([[True, False, False]]), m, m)
+        >>> [round(out[k].item(), 4) for k in ("sum/shared_reward", "sum/shared_tokens", "sum/diff_abs_reward")]
+        [0.3, 2.0, 0.7]
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, pick_w, pick_l in (("shared", shared_w, shared_l), ("diff", ~shared_w.to(torch.bool), ~shared_l.to(torch.bool))):
+        sel_w = mask_w.to(torch.bool) & pick_w.to(torch.bool)
+        sel_l = mask_l.to(torch.bool) & pick_l.to(torch.bool)
+        r_w, r_l = _masked(rhat_w.detach(), sel_w), _masked(rhat_l.detach(), sel_l)
+        out[f"sum/{name}_reward"] = r_w.sum(-1) + r_l.sum(-1)
+        out[f"sum/{name}_abs_reward"] = r_w.abs().sum(-1) + r_l.abs().sum(-1)
+        out[f"sum/{name}_tokens"] = (sel_w.sum(-1) + sel_l.sum(-1)).to(r_w.dtype)
+    out["sum/tokens"] = out["sum/shared_tokens"] + out["sum/diff_tokens"]
     return out
