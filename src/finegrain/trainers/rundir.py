@@ -138,6 +138,7 @@ class Run:
         # existing directory byte-for-byte as it was.
         self.resume_from = self._resolve_resume()
         self._check_existing_run()
+        accelerator.wait_for_everyone()  # every process has looked before the main process writes
         if self.is_main:
             self._prepare_dir()
         accelerator.wait_for_everyone()
@@ -377,12 +378,15 @@ class Run:
                 tmp.mkdir(parents=True)
             except WRITE_ERRORS as exc:
                 error = describe_write_error(exc)
-        if not _any_process(acc, bool(error)):
+        if not _any_process(acc, bool(error)):  # a collective: every process takes part
             try:  # every process saves its own random state (dropout, sampling): resuming restores each exactly
                 torch.save(rng_state(), tmp / f"rng-{acc.process_index}.pt")
             except WRITE_ERRORS as exc:
                 error = describe_write_error(exc)
-        if self.is_main and not _any_process(acc, bool(error)):
+        rng_failed = _any_process(acc, bool(error))  # every process, before the main process goes on alone
+        if self.is_main and rng_failed:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if self.is_main and not rng_failed:
             try:
                 for name, m in models.items():
                     acc.unwrap_model(m).save_pretrained(tmp / name, state_dict=state_dicts[name], safe_serialization=True)
