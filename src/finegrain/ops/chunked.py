@@ -12,10 +12,13 @@ tensor. :func:`completion_stats` instead:
 4. in backward, recomputes each chunk's logits instead of storing them, using the closed-form gradient
    ``∂/∂z^θ = g_logp · (onehot(y) − p_θ) + g_kl · (p_θ − p_ref)``.
 
-Peak extra memory is ``O(chunk_size · V)`` (about three such buffers) plus one ``(V, H)`` weight gradient. Compared
-with TDPO's official code, which takes ``log(softmax(z_ref))`` (docs/methods/tdpo.md), it also uses ``log_softmax``
-for the reference (``p_ref = exp(log p_ref)``), so a reference probability that underflows to 0 contributes 0 to
-the KL rather than ``0·(−inf) = NaN``.
+Peak extra memory is one ``(chunk_size, V)`` buffer of policy logits, worked on in place, plus a quarter of one for
+the reference's logits (computed in sub-blocks of ``ceil(chunk_size / 4)`` rows), plus one ``(V, H)`` weight
+gradient: at ``N·T = 2k`` response tokens, ``V = 49k`` and chunks of 1024 rows, about a fifth of the naive path's
+peak (docs/benchmarks.md, "smollm2"). The KL is formed in the logit domain,
+``log p_θ − log p_ref = (z^θ − z^ref) − (lse^θ − lse^ref)``, where every term is finite. Compared with TDPO's official
+code, which takes ``log(softmax(z_ref))`` (docs/methods/tdpo.md), a reference probability that underflows to 0 thus
+contributes 0 to the KL rather than ``0·(−inf) = NaN``.
 
 Hidden states come from :func:`finegrain.models.forward.hidden_states` sliced by
 :func:`~finegrain.models.forward.predicting_states` (row ``t`` predicts response token ``t``; no label shift here),
@@ -76,6 +79,27 @@ def _project(
     return z.div_(softcap).tanh_().mul_(softcap), None
 
 
+_LSE_ROWS = 64
+
+
+def _ref_rows(chunk_size: int) -> int:
+    """Rows per sub-block of the reference's logits: a quarter of a chunk."""
+    return max(1, -(-chunk_size // 4))
+
+
+def _blocks(start: int, stop: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, stop)) for i in range(start, stop, size)]
+
+
+def _logsumexp(z: torch.Tensor) -> torch.Tensor:
+    """``logsumexp`` over the last dimension of ``(c, V)`` logits, ``_LSE_ROWS`` rows at a time: torch's
+    ``logsumexp`` builds an ``exp(z - max)`` temporary of its input's size, which for a whole chunk would be one more
+    ``(c, V)`` buffer at the chunk's peak."""
+    if z.shape[0] <= _LSE_ROWS:
+        return torch.logsumexp(z, dim=-1)
+    return torch.cat([torch.logsumexp(part, dim=-1) for part in z.split(_LSE_ROWS)])
+
+
 class _ChunkedCompletionStats(torch.autograd.Function):
     """Chunked forward/backward over ``M`` gathered rows; see :func:`completion_stats` for the maths."""
 
@@ -94,24 +118,28 @@ class _ChunkedCompletionStats(torch.autograd.Function):
                 rows = slice(start, start + chunk_size)
                 yc = y[rows].unsqueeze(1)
                 z, _ = _project(h[rows], w, b, softcap)
-                lse_c = torch.logsumexp(z, dim=-1)
+                lse_c = _logsumexp(z)
                 lse[rows] = lse_c
                 logp_y[rows] = z.gather(1, yc).squeeze(1) - lse_c
                 if not has_ref:
+                    del z
                     continue
-                zr, _ = _project(hr[rows], wr, br, softcap)
-                ref_lse_c = torch.logsumexp(zr, dim=-1)
-                ref_lse[rows] = ref_lse_c
-                log_q = zr.sub_(ref_lse_c.unsqueeze(1))  # in place: zr now holds log p_ref
-                ref_logp_y[rows] = log_q.gather(1, yc).squeeze(1)
-                if compute_kl:
-                    log_p = z.sub_(lse_c.unsqueeze(1))  # in place: z now holds log p_θ
-                    q = log_q.exp()
-                    # Σ q (log q − log p); a term with q == 0 is 0 (its limit), also when a log is -inf.
-                    terms = log_q.sub_(log_p).mul_(q).masked_fill_(q == 0, 0.0)
-                    kl[rows] = terms.sum(dim=-1)
-                    del q, terms, log_p
-                del z, zr, log_q
+                # the reference's logits in sub-blocks: one (c, V) buffer for the chunk plus a quarter of one
+                for sub in _blocks(start, min(start + chunk_size, m), _ref_rows(chunk_size)):
+                    local = slice(sub.start - start, sub.stop - start)
+                    zr, _ = _project(hr[sub], wr, br, softcap)
+                    ref_lse_s = _logsumexp(zr)
+                    ref_lse[sub] = ref_lse_s
+                    ref_logp_y[sub] = zr.gather(1, yc[local]).squeeze(1) - ref_lse_s
+                    if compute_kl:
+                        # log p_θ − log p_ref = (z − zr) − (lse − ref_lse), formed in the logit domain where every
+                        # term is finite: a reference probability that underflows to 0 multiplies a finite number.
+                        d = z[local].sub_(zr).sub_((lse_c[local] - ref_lse_s).unsqueeze(1))  # in place, z's rows
+                        q = zr.sub_(ref_lse_s.unsqueeze(1)).exp_()  # in place: zr now holds p_ref
+                        kl[sub] = torch.bmm(q.unsqueeze(1), d.unsqueeze(2)).view(-1).neg_()  # Σ q (log q − log p)
+                        del d, q
+                    del zr
+                del z
         ctx.compute_kl, ctx.chunk_size, ctx.softcap = compute_kl, chunk_size, softcap
         ctx.save_for_backward(h, w, b, hr, wr, br, y, lse, ref_lse)
         ctx.mark_non_differentiable(ref_logp_y)
@@ -139,10 +167,12 @@ class _ChunkedCompletionStats(torch.autograd.Function):
                     gk = g_kl[rows].unsqueeze(1)
                     # g_logp·(onehot − p) + g_kl·(p − q) = p·(g_kl − g_logp) − g_kl·q + g_logp·onehot
                     g.mul_(gk - gl)
-                    zr, _ = _project(hr[rows], wr, br, softcap)
-                    q = zr.sub_(ref_lse[rows].unsqueeze(1)).exp_()
-                    g.sub_(q.mul_(gk))
-                    del zr, q
+                    for sub in _blocks(start, min(start + chunk_size, h.shape[0]), _ref_rows(chunk_size)):
+                        local = slice(sub.start - start, sub.stop - start)
+                        zr, _ = _project(hr[sub], wr, br, softcap)
+                        q = zr.sub_(ref_lse[sub].unsqueeze(1)).exp_()
+                        g[local].addcmul_(q, gk[local], value=-1.0)
+                        del zr, q
                 else:
                     g.mul_(-gl)
                 g.scatter_add_(1, y[rows].unsqueeze(1), gl)
@@ -240,7 +270,8 @@ def completion_stats(
             when the reference shares the policy's head (e.g. a LoRA policy with its adapter disabled).
         ref_bias: ``(V,)`` or None; only together with ``ref_weight``.
         compute_kl: compute ``token_kl`` (needs ``ref_hidden``).
-        chunk_size: gathered rows per chunk; peak memory grows as ``chunk_size · V``.
+        chunk_size: gathered rows per chunk; peak memory grows as ``1.25 · chunk_size · V`` (the reference's
+            logits are computed in sub-blocks of a quarter chunk).
         logit_softcap: final-logit soft-cap of the model family (Gemma 2's ``final_logit_softcapping``), applied
             to both models, or None.
 
