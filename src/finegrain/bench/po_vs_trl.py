@@ -256,7 +256,13 @@ def run(*, hidden: int = 256, layers: int = 4, heads: int = 4, kv_heads: int | N
     import torch
 
     from finegrain.bench.measure import use_device
-    from finegrain.bench.synthetic import LlamaShape, preference_inputs, random_pairs, single_token_words, write_jsonl
+    from finegrain.bench.synthetic import (
+        LlamaShape,
+        preference_inputs,
+        random_pairs,
+        single_token_words,
+        write_jsonl,
+    )
 
     unknown = [c for c in list(configs) + list(profile) if c not in CONFIGS]
     if unknown:
