@@ -8,7 +8,7 @@ import statistics
 import pytest
 import torch
 
-from finegrain.bench.flops import ModelFlops, mfu, model_flops, peak_bf16_flops
+from finegrain.models.flops import ModelFlops, mfu, model_flops, peak_bf16_flops
 from finegrain.bench.synthetic import LLAMA_1B, LlamaShape, build_model
 
 

@@ -302,8 +302,8 @@ def losses(run_dir: Path) -> list[float]:
 
 
 def logged(run_dir: Path, split: str = "train") -> list[dict]:
-    """Every logged metric row of ``split`` without the wall-clock timings (``time/*``), which differ by run."""
-    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in metrics(run_dir, split)]
+    """Every logged metric row of ``split`` without the wall-clock figures (``time/*``, ``perf/*``), which differ by run."""
+    return [{k: v for k, v in r.items() if not k.startswith(("time/", "perf/"))} for r in metrics(run_dir, split)]
 
 
 def consumed(run_dir: Path) -> list[list[int]]:

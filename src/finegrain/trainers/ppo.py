@@ -430,6 +430,9 @@ def train(cfg: PPOConfig, policy, tokenizer, prompts, eval_prompts=None, *, sour
                           "change --num_mini_batches")
     total_steps = _num_steps(cfg, len(prompts))
     m = setup_models(cfg, policy, acc, updates=total_steps * cfg.ppo_epochs * cfg.num_mini_batches)
+    from finegrain.trainers.throughput import count_ppo_work, flops_model, lora_weights
+
+    mf, lora = flops_model(m.policy_u), lora_weights(m.policy_u)
     if sources is None:
         sources = build_reward_sources(cfg, tokenizer, device, reference=m.ref_model or m.policy_u,
                                        reference_context=None if m.ref_model is not None else m.ref_context)
@@ -496,6 +499,7 @@ def train(cfg: PPOConfig, policy, tokenizer, prompts, eval_prompts=None, *, sour
             update = ppo_update(cfg, run, state, m, roll, data, place)
             _sync(device)
             t3 = time.perf_counter()
+            count_ppo_work(run.throughput, acc, mf, lora, roll, cfg.ppo_epochs, (t1 - t0, t2 - t1, t3 - t2))
 
             state.step += 1
             state.batch_in_epoch += 1
@@ -515,7 +519,8 @@ def train(cfg: PPOConfig, policy, tokenizer, prompts, eval_prompts=None, *, sour
             metrics = _mean_over_processes(metrics, acc)
             bar.update(1)
             shown = metrics.get(f"{judge.name}/reward", metrics["rewards/raw"]) if judge else metrics["rewards/raw"]
-            bar.set_postfix(reward=f"{shown:.3f}", kl=f"{metrics['objective/kl']:.3f}")
+            bar.set_postfix(reward=f"{shown:.3f}", kl=f"{metrics['objective/kl']:.3f}",
+                            tok_s=f"{run.throughput.last_rate:.0f}")
             # a step with a skipped (non-finite) update is always logged
             if state.step % cfg.logging_steps == 0 or state.step == total_steps or metrics["skipped"]:
                 run.log(metrics, state)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -354,6 +355,10 @@ def train(cfg: RMConfig, data: RMData) -> Path:
         run.print(f"resumed from {run.resume_from} at step {state.step}")
     pad_id = _pad_id(tokenizer)
     model.train()
+    from finegrain.trainers.throughput import example_work, flops_model, lora_weights
+
+    backbone = acc.unwrap_model(model).backbone
+    mf, lora = flops_model(backbone), lora_weights(backbone)
     bar = run.progress(total_steps, state.step, f"rm {cfg.level}")
     status = "completed"
     with run.catch_interrupts():
@@ -363,6 +368,7 @@ def train(cfg: RMConfig, data: RMData) -> Path:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                 continue
             indices = epoch_batches[state.batch_in_epoch]
+            started = time.perf_counter()
             run.record_batch(state, indices)  # --record_consumed: proves resumes repeat and skip nothing
             sums = torch.zeros(3, device=acc.device)  # loss, accuracy, margin (sums over examples)
             for k, mb in enumerate(loop.micro_batches(indices, cfg, acc.process_index, num_processes)):
@@ -383,11 +389,13 @@ def train(cfg: RMConfig, data: RMData) -> Path:
                 sums = acc.reduce(sums, reduction="sum")
             loss = sums[0] / len(indices)
             step_stats = loop.optimizer_step(run, state, model, optimizer, scheduler, loss)
+            run.throughput.add(time.perf_counter() - started,
+                               *example_work(mf, (data.train[i] for i in indices), lm_head=False, lora=lora))
             state.step += 1
             state.batch_in_epoch += 1
             state.samples += len(indices)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{run.throughput.last_rate:.0f}")
             # a skipped (non-finite) step is always logged, so metrics.jsonl shows every one
             if state.step % cfg.logging_steps == 0 or state.step == total_steps or step_stats["skipped"]:
                 logged = {"loss": loss, "accuracy" if kind == "pairs" else "edit_accuracy": sums[1] / len(indices)}

@@ -138,6 +138,10 @@ class Run:
         # existing directory byte-for-byte as it was.
         self.resume_from = self._resolve_resume()
         self._check_existing_run()
+        from finegrain.trainers.throughput import Throughput
+
+        self.throughput = Throughput(accelerator.device, torch.bfloat16 if cfg.bf16 else torch.float32,
+                                     devices=accelerator.num_processes)
         accelerator.wait_for_everyone()  # every process has looked before the main process writes
         if self.is_main:
             self._prepare_dir()
@@ -280,7 +284,10 @@ class Run:
             print(*args, file=sys.stderr, flush=True)
 
     def log(self, metrics: dict[str, float], state: RunState, split: str = "train") -> None:
-        """Append one line to metrics.jsonl (main process) and forward to trackers."""
+        """Append one line to metrics.jsonl (main process) and forward to trackers; a training line also gets the
+        throughput since the previous one (:mod:`finegrain.trainers.throughput`)."""
+        if split == "train":
+            metrics = {**metrics, **self.throughput.report()}
         clean = {k: _scalar(v) for k, v in metrics.items()}
         self._last[split] = clean
         if self._metrics is not None:
@@ -484,6 +491,12 @@ class Run:
                 parts.append(f"{split} " + ", ".join(shown))
         if extra.get("skipped_steps"):
             parts.append(f"{extra['skipped_steps']} skipped (non-finite)")
+        totals = self.throughput.totals()
+        for key, label in (("perf/tokens_per_second", "tokens/s"), ("perf/update_tokens_per_second", "update tokens/s"),
+                           ("perf/rollout_tokens_per_second", "rollout tokens/s")):
+            if key in totals:
+                mfu = totals[key.replace("tokens_per_second", "mfu")]
+                parts.append(f"{totals[key]:.0f} {label}, MFU {100 * mfu:.1f}%")
         parts.append(f"{time.monotonic() - self._started:.1f} s")
         parts.append(f"run directory {self.dir}")
         return " | ".join(parts)
@@ -495,6 +508,10 @@ class Run:
             return
         self._closed = True
         line = self._summary_line(status, extra)
+        perf = self.throughput.totals()
+        if perf:
+            extra = {**extra, "perf": perf, "perf_peak": {"flops": self.throughput.peak[0],
+                                                          "source": self.throughput.peak[1]}}
         self.write_status(status, **extra, summary={s: m for s, m in self._last.items()})
         for f in (self._metrics, self._consumed):
             if f is not None:

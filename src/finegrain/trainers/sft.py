@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from pathlib import Path
 
 import torch
@@ -97,7 +98,9 @@ def train(cfg: SFTConfig, model, tokenizer, train_data, eval_data=None, *, metho
         run.print(f"resumed from {run.resume_from} at step {state.step}")
 
     from finegrain.data.sampler import batch_indices
+    from finegrain.trainers.throughput import example_work, flops_model, lora_weights
 
+    mf, lora = flops_model(model), lora_weights(model)
     model.train()
     bar = run.progress(total_steps, state.step, "sft")
     status = "completed"
@@ -108,6 +111,7 @@ def train(cfg: SFTConfig, model, tokenizer, train_data, eval_data=None, *, metho
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                 continue
             indices = epoch_batches[state.batch_in_epoch]
+            started = time.perf_counter()
             run.record_batch(state, indices)  # --record_consumed: proves resumes repeat and skip nothing
             global_tokens = sum(len(train_data[i]["completion_input_ids"]) for i in indices)
             loss_sum = torch.zeros((), device=acc.device)
@@ -121,11 +125,13 @@ def train(cfg: SFTConfig, model, tokenizer, train_data, eval_data=None, *, metho
                 loss_sum += nll.detach()
             loss = acc.reduce(loss_sum, reduction="sum") / global_tokens if num_processes > 1 else loss_sum / global_tokens
             stats = loop.optimizer_step(run, state, model, optimizer, scheduler, loss)
+            run.throughput.add(time.perf_counter() - started, *example_work(mf, (train_data[i] for i in indices),
+                                                                           lora=lora))
             state.step += 1
             state.batch_in_epoch += 1
             state.samples += len(indices)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{run.throughput.last_rate:.0f}")
             # a skipped (non-finite) step is always logged, so metrics.jsonl shows every one
             if state.step % cfg.logging_steps == 0 or state.step == total_steps or stats["skipped"]:
                 run.log({"loss": loss, **stats, "epoch": state.epoch + state.batch_in_epoch / len(epoch_batches)}, state)
