@@ -1,4 +1,5 @@
-"""Quality of DPO, TDPO1, TDPO2 and T-REG on the built-in world: oracle reward, well-formedness, KL to the reference.
+"""Quality of DPO, TDPO1, TDPO2, T-REG and T-REG's ablations on the built-in world: oracle reward, well-formedness,
+KL to the reference.
 
 Every method starts from the world's SFT model and trains with ``finegrain po`` on the world's training pairs at the
 same budget (steps, batch, learning rate, schedule, β), for several seeds (the seed sets the data order and the
@@ -14,8 +15,19 @@ Methods (names as in the results):
 * ``sft``: the starting model (no training), the reference point (KL 0);
 * ``dpo``: ``--loss dpo``;
 * ``tdpo1`` / ``tdpo2``: ``--loss tdpo1`` / ``tdpo2`` (``alpha`` for TDPO2);
-* ``treg``: ``--loss treg-dpo`` with contrastive-prompting token rewards from the SFT model and the world's
-  control prompts (``--reg_source contrastive``), ``treg_alpha`` for α.
+* ``treg``: ``--loss treg-dpo`` with contrastive-prompting token rewards from the SFT model in the paper's
+  revision form, the world's revision requests (``--reg_source contrastive``, the world's default template),
+  ``treg_alpha`` for α (default: ``po``'s);
+* ``treg-control``: the same with the control prefixes (``--contrastive_template control``), the world's form
+  before world format 3;
+* ``treg-implicit`` (T-REG's ablation): token rewards from a DPO-trained policy, ``--reg_source implicit:RUN``
+  with the ``dpo`` run of the same seed (trained first when ``dpo`` is not among the methods);
+* ``treg-static`` (T-REG's ablation): ``--weighting static``;
+* ``dpo-sft`` (T-REG's ablation): DPO plus an SFT term on the chosen response, ``--loss dpo --rpo_alpha
+  sft_weight``.
+
+T-REG runs also record their token-reward diagnostic on the held-out pairs at the end (``treg/shared_reward`` ...,
+docs/methods/treg.md).
 
 Outputs: ``bench/results/po_quality.json`` (every run and checkpoint; per method the mean and standard deviation
 over seeds of the final checkpoint, and of the reward where each run's path first reaches a KL of 0.25, 0.5, 1,
@@ -24,8 +36,10 @@ origin). ``--replot JSON`` summarises and plots an earlier JSON again without tr
 
 Usage:
 
-    .venv/bin/python bench/po_quality.py                     # 3 seeds, the defaults below (~14 min on 2 cores)
+    .venv/bin/python bench/po_quality.py                     # 3 seeds, the defaults below (~25 min on 2 cores)
     .venv/bin/python bench/po_quality.py --seeds 0 --methods dpo tdpo2 --steps 60   # a quick look
+    .venv/bin/python bench/po_quality.py --methods dpo treg treg-control treg-implicit treg-static dpo-sft \
+        --out bench/results/po_quality_treg                  # T-REG against DPO, with the paper's ablations
 
 ``run(args) -> dict`` runs it from Python (``finegrain bench`` lists this script but does not run it: it takes 10+ minutes).
 """
@@ -42,14 +56,16 @@ from pathlib import Path
 
 import torch
 
-METHODS = ("dpo", "tdpo1", "tdpo2", "treg")
-LOSS = {"dpo": "dpo", "tdpo1": "tdpo1", "tdpo2": "tdpo2", "treg": "treg-dpo"}
+METHODS = ("dpo", "tdpo1", "tdpo2", "treg", "treg-control", "treg-implicit", "treg-static", "dpo-sft")
+DEFAULT_METHODS = ("dpo", "tdpo1", "tdpo2", "treg")
+LOSS = {"dpo": "dpo", "tdpo1": "tdpo1", "tdpo2": "tdpo2", "treg": "treg-dpo", "treg-control": "treg-dpo",
+        "treg-implicit": "treg-dpo", "treg-static": "treg-dpo", "dpo-sft": "dpo"}
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="*", default=list(DEFAULT_METHODS), choices=METHODS)
     p.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=150, help="optimizer steps per run (the budget; ~2.4 epochs)")
     p.add_argument("--batch", type=int, default=32, help="pairs per step")
@@ -57,7 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--alpha", type=float, default=0.5, help="TDPO2's α")
-    p.add_argument("--treg-alpha", type=float, default=0.1, help="T-REG's α (the best of the paper's grid 0.1, 0.25, 0.5 on this world)")
+    p.add_argument("--treg-alpha", type=float, default=None, help="T-REG's α (default: po's, the best of the paper's "
+                                                                 "grid 0.1, 0.25, 0.5 on this world)")
+    p.add_argument("--sft-weight", type=float, default=1.0, help="dpo-sft: weight of the SFT term (po's --rpo_alpha)")
     p.add_argument("--checkpoints", type=int, default=5, help="evaluated checkpoints per run (the last is the end)")
     p.add_argument("--prompts", type=int, default=200, help="held-out prompts (the world's prompts_test)")
     p.add_argument("--samples", type=int, default=2, help="responses per prompt")
@@ -102,26 +120,48 @@ def evaluate_policy(policy, reference, tokenizer, prompts: list[str], args, seed
             "length": sum(lengths) / n}
 
 
-def train_run(method: str, seed: int, args, out: Path) -> Path:
-    """Train one method from the SFT model; returns the run directory (checkpoints kept)."""
+def train_run(method: str, seed: int, args, out: Path, dpo_run: Path | None = None) -> Path:
+    """Train one method from the SFT model; returns the run directory (checkpoints kept). ``dpo_run``: the DPO run
+    whose final policy gives ``treg-implicit`` its token rewards."""
     from finegrain.trainers import po
+    from finegrain.world.app import prepare, with_world_options
 
     every = max(1, args.steps // args.checkpoints)
     extra = {}
     if method == "tdpo2":
         extra["alpha"] = args.alpha
-    if method == "treg":
+    if method.startswith("treg") and args.treg_alpha is not None:
         extra["alpha"] = args.treg_alpha
-    cfg = po.POConfig(
+    if method == "treg-control":
+        extra["contrastive_template"] = "control"
+    if method == "treg-implicit":
+        extra["reg_source"] = f"implicit:{dpo_run / 'final'}"
+    if method == "treg-static":
+        extra["weighting"] = "static"
+    if method == "dpo-sft":
+        extra["rpo_alpha"] = args.sft_weight
+    cfg = with_world_options(po.POConfig)(
         world_dir=args.world_dir, loss=LOSS[method], beta=args.beta, learning_rate=args.lr, warmup_steps=args.warmup,
         lr_scheduler_type="constant", max_steps=args.steps, per_device_train_batch_size=args.batch,
         per_device_eval_batch_size=64, seed=seed, save_steps=every, save_total_limit=args.checkpoints + 1,
         logging_steps=10, output_dir=str(out), overwrite_output_dir=True, disable_tqdm=True,
-        precompute_ref_log_probs=method in ("dpo", "treg"),  # same numbers as live, fewer reference passes
+        precompute_ref_log_probs=not method.startswith("tdpo"),  # same numbers as live, fewer reference passes
         max_eval_samples=128, **extra,
     )
+    prepare("po", cfg)  # the world's model, pairs and contrastive template, as `finegrain po` fills them
     model, tokenizer, train_data, eval_data = po.load_inputs(cfg)
     return po.train(cfg, model, tokenizer, train_data, eval_data)
+
+
+DIAGNOSTICS = ("treg/shared_reward", "treg/shared_abs_reward", "treg/diff_reward", "treg/diff_abs_reward",
+               "treg/shared_share")
+
+
+def run_diagnostics(run_dir: Path) -> dict[str, float]:
+    """T-REG's token-reward diagnostic on the held-out pairs at the end of a run (empty for other methods)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if r.get("split") == "eval"]
+    return {k: last[-1][k] for k in DIAGNOSTICS if last and k in last[-1]}
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:
@@ -154,6 +194,9 @@ def summarise(results: dict) -> None:
             reached = [v for v in values if v is not None]
             at[str(kl)] = {**_mean_std(reached), "runs": len(reached)} if reached else {"runs": 0}
         summary["reward_at_kl"] = at
+        diagnostics = [r.get("diagnostics") or {} for r in runs]
+        if all(diagnostics):
+            summary["diagnostics"] = {k: _mean_std([d[k] for d in diagnostics]) for k in diagnostics[0]}
         results["final"][method] = summary
 
 
@@ -163,7 +206,9 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"dpo": "tab:blue", "tdpo1": "tab:orange", "tdpo2": "tab:green", "treg": "tab:red"}
+    colors = {"dpo": "tab:blue", "tdpo1": "tab:orange", "tdpo2": "tab:green", "treg": "tab:red",
+              "treg-control": "tab:pink", "treg-implicit": "tab:purple", "treg-static": "tab:brown",
+              "dpo-sft": "tab:cyan"}
     fig, ax = plt.subplots(figsize=(7, 5))
     sft = results["sft"]
     ax.errorbar([sft["kl"]["mean"]], [sft["reward"]["mean"]], yerr=[sft["reward"]["std"]], fmt="ks", label="sft")
@@ -195,6 +240,10 @@ def run(args: argparse.Namespace | None = None) -> dict:
     from finegrain.world import ensure_world
 
     args = args or parse_args([])
+    if args.treg_alpha is None:
+        from finegrain.trainers.po import TREG_DEFAULT_ALPHA
+
+        args.treg_alpha = TREG_DEFAULT_ALPHA  # recorded in the results' settings
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -210,11 +259,15 @@ def run(args: argparse.Namespace | None = None) -> dict:
     print(f"sft: reward {results['sft']['reward']['mean']:.3f}, well-formed {results['sft']['well_formed']['mean']:.3f}",
           file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for method in args.methods:
+        methods = sorted(args.methods, key=lambda m: m != "dpo")  # DPO first: treg-implicit reads its runs
+        for method in methods:
             results["runs"][method] = []
             for seed in args.seeds:
                 t1 = time.time()
-                run_dir = train_run(method, seed, args, Path(tmp) / f"{method}-{seed}")
+                dpo_run = Path(tmp) / f"dpo-{seed}"
+                if method == "treg-implicit" and not (dpo_run / "final").is_dir():
+                    train_run("dpo", seed, args, dpo_run)
+                run_dir = train_run(method, seed, args, Path(tmp) / f"{method}-{seed}", dpo_run)
                 checkpoints = []
                 from finegrain.trainers.loop import checkpoint_dirs
 
@@ -222,12 +275,14 @@ def run(args: argparse.Namespace | None = None) -> dict:
                     policy = load_causal_lm(str(ckpt / "model"))
                     step = int(ckpt.name.split("-")[1])
                     checkpoints.append({"step": step, **evaluate_policy(policy, reference, tokenizer, prompts, args, seed)})
-                results["runs"][method].append({"seed": seed, "checkpoints": checkpoints})
+                results["runs"][method].append({"seed": seed, "checkpoints": checkpoints,
+                                                "diagnostics": run_diagnostics(run_dir)})
                 last = checkpoints[-1]
                 print(f"{method} seed {seed}: reward {last['reward']:.3f}, well-formed {last['well_formed']:.3f}, "
                       f"KL {last['kl']:.3f} ({time.time() - t1:.0f} s)", file=sys.stderr, flush=True)
     summarise(results)
     results["seconds"] = round(time.time() - t0, 1)
+    results["world_format"] = json.loads((world / "world.json").read_text()).get("format")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2))
@@ -245,17 +300,23 @@ def main(argv: list[str] | None = None) -> int:
         plot(results, out.with_suffix(".png"))
     else:
         results = run(args)
-    print(f"{'method':<8} {'reward':>15} {'well-formed':>15} {'KL':>15}")
+    print(f"{'method':<14} {'reward':>15} {'well-formed':>15} {'KL':>15}")
     rows = [("sft", results["sft"])] + list(results["final"].items())
     for name, r in rows:
         cells = [f"{r[k]['mean']:.3f} ± {r[k]['std']:.3f}" for k in ("reward", "well_formed", "kl")]
-        print(f"{name:<8} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15}")
+        print(f"{name:<14} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15}")
     print(f"reward where the runs first reach a KL (mean ± std over the runs that reach it, of {len(results['settings']['seeds'])}):")
-    print(f"{'method':<8} " + " ".join(f"{'KL ' + str(k):>17}" for k in KL_GRID))
+    print(f"{'method':<14} " + " ".join(f"{'KL ' + str(k):>17}" for k in KL_GRID))
     for name, r in results["final"].items():
         cells = [f"{a['mean']:.3f} ± {a['std']:.3f} ({a['runs']})" if a["runs"] else "not reached"
                  for a in (r["reward_at_kl"][str(k)] for k in KL_GRID)]
-        print(f"{name:<8} " + " ".join(f"{c:>17}" for c in cells))
+        print(f"{name:<14} " + " ".join(f"{c:>17}" for c in cells))
+    diag = {name: r["diagnostics"] for name, r in results["final"].items() if r.get("diagnostics")}
+    if diag:
+        print("T-REG token rewards on the held-out pairs at the end (mean over seeds): r̂ and |r̂| per shared / "
+              "differing token, share of shared tokens")
+        for name, d in diag.items():
+            print(f"{name:<14} " + " ".join(f"{k.split('/')[1]} {v['mean']:+.4f}" for k, v in d.items()))
     print(f"({results['seconds']} s; mean ± standard deviation over seeds {results['settings']['seeds']})")
     return 0
 

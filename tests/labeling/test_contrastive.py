@@ -12,8 +12,8 @@ from finegrain.errors import ConfigError
 from finegrain.labeling.contrastive import ContrastiveLabelConfig, run_contrastive
 from finegrain.models.loading import load_causal_lm, load_tokenizer
 from finegrain.rewards.contrastive import ContrastiveRewardSource, ContrastiveTemplate
-from finegrain.world.app import world_control_template
-from finegrain.world.corpus import control_prompts
+from finegrain.world.app import world_contrastive_template, world_control_template
+from finegrain.world.corpus import REVISION_REQUEST, control_prompts, revision_prompts
 
 
 def _on_world(world, *args):
@@ -38,12 +38,12 @@ def _naive_rewards(model, tokenizer, template, prompt, response_text, response_i
     return torch.sigmoid(out[0] - out[1]) - 0.5
 
 
-@pytest.mark.parametrize("form", ["control", "system", "draft"])
+@pytest.mark.parametrize("form", ["control", "system", "draft", "world-draft"])
 def test_rewards_equal_a_naive_per_token_computation(scorer, tiny_world, form):
     model, tok = scorer
     data = PreferenceData.from_source(str(tiny_world / "data" / "pairs_test.jsonl"), tok, skip_invalid=True,
                                       max_examples=6)
-    template = ContrastiveTemplate(form)
+    template = world_contrastive_template() if form == "world-draft" else ContrastiveTemplate(form)
     batch = data.collate(list(range(len(data))))
     b = len(data)
     assert batch.prompts == [ex["prompt"] for ex in data] * 2  # the batch carries the raw prompts and texts
@@ -62,8 +62,9 @@ def test_rewards_equal_a_naive_per_token_computation(scorer, tiny_world, form):
 def test_templates(scorer):
     _, tok = scorer
     prompt = "describe the river ."
-    assert world_control_template().wrap(prompt) == control_prompts(prompt)
-    plus, minus = world_control_template().token_ids(tok, prompt)
+    control = world_contrastive_template("control")
+    assert control.wrap(prompt) == control_prompts(prompt)
+    plus, minus = control.token_ids(tok, prompt)
     assert plus == tokenize_prompt(tok, control_prompts(prompt)[0]) and plus != minus
     # a placeholder anywhere in the instruction (not only a prefix), on a plain and on a conversational prompt
     inside = ContrastiveTemplate("control", "how do I make {prompt} well", "how do I make {prompt} badly")
@@ -79,6 +80,39 @@ def test_templates(scorer):
         ContrastiveTemplate("draft").wrap(prompt)
     with pytest.raises(ValueError, match="differ"):
         ContrastiveTemplate("control", "same", "same")
+
+
+def test_draft_form_with_a_whole_request_in_the_users_words(scorer):
+    """The draft form with {prompt} and {draft} placeholders: the request is the user's text, placed as a control
+    instruction is (plain text for a plain prompt, the last user turn of a conversation)."""
+    _, tok = scorer
+    t = ContrastiveTemplate("draft", "improve : {prompt} draft : {draft}", "worsen : {prompt} draft : {draft}")
+    assert t.full_request and not t.needs_chat_template
+    assert t.wrap("describe the river .", "it flows .") == ("improve : describe the river . draft : it flows .",
+                                                            "worsen : describe the river . draft : it flows .")
+    # one pass: a prompt or draft holding a placeholder's text is not substituted again
+    assert t.wrap("{draft}", "{prompt}")[0] == "improve : {draft} draft : {prompt}"
+    chat, _ = t.wrap([{"role": "system", "content": "s"}, {"role": "user", "content": "q"}], "a")
+    assert chat == [{"role": "system", "content": "s"}, {"role": "user", "content": "improve : q draft : a"}]
+    assert t.wrap([{"role": "system", "content": "s"}], "a")[0][0] == {"role": "user", "content": "improve :  draft : a"}
+    with pytest.raises(ValueError, match="needs the response"):
+        t.wrap("q")
+    with pytest.raises(ValueError, match="both texts are whole requests"):
+        ContrastiveTemplate("draft", "improve : {draft}", "a worse answer")
+    # the built-in request: the texts are goals, rendered through the chat template
+    builtin = ContrastiveTemplate("draft")
+    assert not builtin.full_request and builtin.needs_chat_template
+    assert ContrastiveTemplate("system").needs_chat_template and not ContrastiveTemplate("control").needs_chat_template
+    # the world's default: the revision requests its SFT model was trained on, token for token
+    world = world_contrastive_template()
+    assert (world.form, world.positive, world.negative) == ("draft", REVISION_REQUEST["good"], REVISION_REQUEST["bad"])
+    assert repr(world_control_template()) == repr(world)  # the older name gives the default
+    assert world.wrap("describe the river .", "it flows .") == revision_prompts("describe the river .", "it flows .")
+    plus, minus = world.token_ids(tok, "describe the river .", "it flows .")
+    assert tok.unk_token_id not in plus + minus and plus != minus
+    assert plus == tokenize_prompt(tok, "please improve : describe the river . draft : it flows .")
+    with pytest.raises(ValueError, match="contrastive forms"):
+        world_contrastive_template("system")
 
 
 def test_label_command_writes_columns_that_load_and_align(scorer, tiny_world, tmp_path):
@@ -98,7 +132,7 @@ def test_label_command_writes_columns_that_load_and_align(scorer, tiny_world, tm
     assert torch.allclose(batch.extras["token_rewards"][0, : len(rows[0]["chosen_token_rewards"])],
                           torch.tensor(rows[0]["chosen_token_rewards"]))
     # the stored values are the reward source's, pair by pair
-    src = ContrastiveRewardSource(model, tok, world_control_template())
+    src = ContrastiveRewardSource(model, tok, world_contrastive_template())  # the world's default: revision form
     want = src.token_rewards(batch).values  # prompts decoded from the batch: exact for the world's plain prompts
     torch.testing.assert_close(batch.extras["token_rewards"], want * batch.completion_mask, atol=1e-6, rtol=0)
     with pytest.raises(ConfigError, match="overwrite"):
@@ -158,8 +192,11 @@ def test_a_template_the_tokenizer_cannot_read_is_refused_with_the_fix(tmp_path):
     draft = ContrastiveTemplate("draft")
     problems = template_problems(draft, tok, "the sky", "blue")
     assert any("needs a chat template" in p for p in problems) and any("unknown to the tokenizer" in p for p in problems)
-    with pytest.raises(ConfigError, match="--template control with --positive / --negative"):
+    with pytest.raises(ConfigError, match="--template draft with --positive / --negative revision requests"):
         checked_template(draft, tok, "the sky", "blue", options=("--template", "--positive", "--negative"))
     words = " ".join(tok.convert_ids_to_tokens(list(range(5, 9))))  # words the tokenizer knows
     good = ContrastiveTemplate("control", words + " {prompt}", "{prompt} " + words)
     assert template_problems(good, tok, "the sky", "blue") == []
+    # a whole revision request in the tokenizer's words needs no chat template either
+    revision = ContrastiveTemplate("draft", words + " {prompt} {draft}", "{draft} {prompt} " + words)
+    assert template_problems(revision, tok, "the sky", "blue") == []

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 import types
 
 import pytest
@@ -112,8 +113,10 @@ def test_resolved_losses_match_the_formulas_on_the_batch_layout():
     ("simpo", [], []),
     ("tdpo1", [], ["kl/chosen", "kl/rejected", "kl/margin"]),
     ("tdpo2", [], ["kl/chosen", "kl/rejected", "kl/margin"]),
-    ("treg-dpo", [], ["treg/weight"]),  # contrastive rewards computed with the reference per batch
-    ("treg-simpo", ["--reg_source", "dpo_implicit"], ["treg/weight"]),
+    ("treg-dpo", [], ["treg/weight", *po.TREG_DIAGNOSTICS]),  # contrastive rewards with the reference per batch
+    ("treg-dpo", ["--contrastive_template", "control"], ["treg/weight", *po.TREG_DIAGNOSTICS]),
+    ("treg-simpo", ["--reg_source", "dpo_implicit"], ["treg/weight", *po.TREG_DIAGNOSTICS]),
+    ("dpo", ["--rpo_alpha", "1.0"], ["nll_loss"]),  # DPO-SFT
 ])
 def test_every_loss_runs_and_writes_checkpoints_and_the_model(tiny_world, tmp_path, loss, extra, keys):
     cfg = _cfg(tiny_world, tmp_path / "run", "--loss", loss, "--max_steps", "3", "--save_steps", "3",
@@ -249,3 +252,110 @@ def test_token_rewards_from_a_named_column(tiny_world, tmp_path):
     torch.testing.assert_close(batch.extras["token_rewards"][3, : len(want)], want)
     with pytest.raises(ConfigError, match="T-REG option"):
         _cfg(tiny_world, tmp_path / "x", "--token_rewards_column", "tlcr")
+
+
+# ------------------------------------------------------------------------------------------------ T-REG: issue 15
+
+
+def test_treg_defaults_and_the_new_options():
+    treg = parse(po.POConfig, ["--loss", "treg-dpo"], "po")
+    assert treg.alpha == po.TREG_DEFAULT_ALPHA and (treg.reg_source, treg.reg_map) == ("contrastive", None)
+    assert parse(po.POConfig, ["--loss", "tdpo2"], "po").alpha == po.DEFAULT_ALPHA == 0.5
+    spec = parse(po.POConfig, ["--loss", "treg-simpo", "--reg_source", "implicit:runs/dpo", "--reg_map", "half"], "po")
+    assert po.reg_source_is_spec(spec) and po.needs_reference_model(spec)
+    assert not po.reg_source_is_spec(treg)
+    assert parse(po.POConfig, ["--rpo_alpha", "0.5"], "po").rpo_alpha == 0.5
+    bad = {
+        "adds an SFT term to DPO": ["--loss", "simpo", "--rpo_alpha", "1"],
+        "rpo_alpha must be": ["--rpo_alpha", "-1"],
+        "maps the rewards of a reward spec": ["--loss", "treg-dpo", "--reg_map", "half"],
+        "T-REG option": ["--loss", "dpo", "--reg_source", "implicit:x"],
+        "must name a source": ["--loss", "treg-dpo", "--reg_source", " "],
+    }
+    for message, argv in bad.items():
+        with pytest.raises(ConfigError, match=message):
+            parse(po.POConfig, argv, "po")
+
+
+def test_dpo_sft_on_the_batch_layout_by_hand():
+    """--rpo_alpha λ: L_DPO + λ · (−Σ_t m_t ℓ^θ_t / |y_w|) on the chosen rows; masked tokens count nowhere."""
+    s = _stats(seed=4)
+    b = 3
+    dirty = po.PreferenceStats(**{**s.__dict__, "token_logps": s.token_logps.masked_fill(~s.mask, float("nan"))})
+    cfg = parse(po.POConfig, ["--rpo_alpha", "0.7"], "po")
+    got = po.make_loss(cfg)(dirty)
+    for i in range(b):
+        def seq(x, row):
+            return sum(float(x[row, j]) for j in range(x.shape[1]) if s.mask[row, j])
+
+        u = 0.1 * ((seq(s.token_logps, i) - seq(s.ref_token_logps, i))
+                   - (seq(s.token_logps, b + i) - seq(s.ref_token_logps, b + i)))
+        nll = -seq(s.token_logps, i) / int(s.mask[i].sum())
+        want = math.log1p(math.exp(-u)) + 0.7 * nll
+        assert float(got.losses[i]) == pytest.approx(want, abs=1e-12)
+        assert float(got.extras["nll_loss"][i]) == pytest.approx(nll, abs=1e-12)
+    plain = po.make_loss(parse(po.POConfig, ["--rpo_alpha", "0"], "po"))(s).losses
+    torch.testing.assert_close(plain, po.make_loss(parse(po.POConfig, [], "po"))(s).losses, atol=0, rtol=0)
+
+
+def test_shared_token_masks_by_hand():
+    """Tokens kept by the alignment of the pair's two responses are shared; masked slots never are."""
+    eos, pad = 2, 0
+    ids = torch.tensor([[5, 6, 7, eos, pad], [8, 9, eos, pad, pad],   # chosen rows
+                        [5, 7, eos, pad, pad], [8, 9, eos, pad, pad]])  # rejected rows
+    mask = ids != pad
+    got = po.shared_token_masks(ids, mask)
+    assert got.tolist() == [[True, False, True, True, False], [True, True, True, False, False],
+                            [True, True, True, False, False], [True, True, True, False, False]]
+
+
+def test_treg_diagnostic_is_the_token_mean_over_shared_and_differing_tokens():
+    """treg/shared_reward = Σ r̂ over shared tokens / their number, pooled over the pairs (not a mean of per-pair
+    means); the same for |r̂| and for the differing tokens; treg/shared_share = shared / all tokens."""
+    eos, pad = 2, 0
+    ids = torch.tensor([[5, 6, eos, pad], [8, 9, 4, eos], [5, 7, eos, pad], [3, eos, pad, pad]])
+    mask = ids != pad
+    rewards = torch.tensor([[0.25, 0.5, 0.0, 9.0], [0.125, -0.25, 0.375, 0.0],
+                            [-0.25, -0.5, 0.0, 9.0], [0.5, 0.0, 9.0, 9.0]], dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    stats = po.PreferenceStats(token_logps=-torch.rand(4, 4, generator=g, dtype=torch.float64), mask=mask,
+                               ref_token_logps=-torch.rand(4, 4, generator=g, dtype=torch.float64),
+                               token_rewards=rewards, shared=po.shared_token_masks(ids, mask))
+    # pair 0: shared 5, EOS on both sides (r̂ 0.25, 0, −0.25, 0), differing 6 / 7 (0.5, −0.5)
+    # pair 1: shared EOS on both (0, 0); differing 8 9 4 / 3 (0.125, −0.25, 0.375, 0.5)
+    cfg = parse(po.POConfig, ["--loss", "treg-dpo"], "po")
+    total = {}
+    po._accumulate(total, po.pair_metrics(po.make_loss(cfg)(stats), stats))
+    got = po._reduce(total, 2, _fake_acc(), po.metric_names(cfg))
+    shared, diff = [0.25, 0.0, -0.25, 0.0, 0.0, 0.0], [0.5, -0.5, 0.125, -0.25, 0.375, 0.5]
+    assert got["treg/shared_reward"] == pytest.approx(sum(shared) / 6)
+    assert got["treg/shared_abs_reward"] == pytest.approx(sum(map(abs, shared)) / 6)
+    assert got["treg/diff_reward"] == pytest.approx(sum(diff) / 6)
+    assert got["treg/diff_abs_reward"] == pytest.approx(sum(map(abs, diff)) / 6)
+    assert got["treg/shared_share"] == pytest.approx(6 / 12)
+    assert not any(k.startswith("sum/") for k in got)
+
+
+def test_token_rewards_from_a_dpo_trained_policy(tiny_world, tmp_path):
+    """--reg_source implicit:RUN (the paper's ablation): the DPO run's token rewards β ρ_t, squashed by σ(x) − ½,
+    computed once into the data's columns (cached in the run directory) before training."""
+    from finegrain.models.loading import load_causal_lm
+    from finegrain.rewards.contrastive import squash_to_half
+    from finegrain.rewards.implicit import ImplicitRewardSource
+
+    dpo_cfg = _cfg(tiny_world, tmp_path / "dpo", "--max_steps", "3", "--eval_steps", "0", "--learning_rate", "3e-3")
+    dpo_run = po.train(dpo_cfg, *po.load_inputs(dpo_cfg))
+    cfg = _cfg(tiny_world, tmp_path / "treg", "--loss", "treg-dpo", "--reg_source", f"implicit:{dpo_run / 'final'}",
+               "--max_steps", "2", "--eval_steps", "2", "--max_train_samples", "24")
+    model, tok, train_data, eval_data = po.load_inputs(cfg)
+    assert po.make_plan(cfg, train_data).token_rewards == "source"
+    run = po.train(cfg, model, tok, train_data, eval_data)
+    assert (run / "ref_cache" / "train_token_rewards.pt").is_file()
+    assert (run / "ref_cache" / "eval_token_rewards.pt").is_file()
+    for r in _rows(run) + _rows(run, "eval"):
+        assert all(k in r for k in po.TREG_DIAGNOSTICS)
+    batch = train_data.collate([0, 1, 2])
+    policy, sft = load_causal_lm(str(dpo_run / "final")).eval(), load_causal_lm(str(tiny_world / "sft")).eval()
+    want = squash_to_half(ImplicitRewardSource(policy, 0.1, ref_model=sft).token_rewards(batch).values)
+    torch.testing.assert_close(batch.extras["token_rewards"], want.float(), atol=1e-5, rtol=0)
+    assert batch.extras["token_rewards"].abs().max() > 0

@@ -110,3 +110,44 @@ def test_a_world_of_another_format_is_not_built(tmp_path):
         assert is_built(tmp_path) is expected
     (tmp_path / "world.json").write_text("{not json")
     assert is_built(tmp_path) is False
+
+
+def test_revision_rows_teach_the_revision_requests():
+    """World format 3: the SFT corpus teaches T-REG's revision form in world words (docs/world.md): a draft in a
+    'please improve / worsen : <prompt> draft : <draft>' request, answered by the draft with words replaced towards
+    what the controls perceive as better / worse; function words and length are kept."""
+    from finegrain.world.config import WORLD_FORMAT, WorldConfig
+    from finegrain.world.corpus import REVISION_REQUEST, perceived_revision, revision_corpus, revision_prompts
+    from finegrain.world.grammar import parse_response
+    from finegrain.world.lexicon import FUNCTION_WORDS, REVISION_WORDS, vocabulary
+    from finegrain.world.oracle import prompt_topic
+
+    assert WORLD_FORMAT >= 3 and set(REVISION_WORDS) <= set(vocabulary())
+    assert WorldConfig().revision_rows == 4000 and WorldConfig(sft_examples=10, revision_examples=3).revision_rows == 3
+    perception = Perception.from_seed(0, 0.4, 1.0)
+    s = Sampler(perception)
+    rows = revision_corpus(s, 400, seed=5)
+    assert rows == revision_corpus(s, 400, seed=5) and rows != revision_corpus(s, 400, seed=6)
+    gain = {"good": [], "bad": []}
+    for r in rows:
+        head, draft = r["prompt"].split(" draft : ")
+        direction = "good" if head.startswith("please improve : ") else "bad"
+        prompt = head.split(" : ", 1)[1]
+        assert r["prompt"] == revision_prompts(prompt, draft)[0 if direction == "good" else 1]
+        assert REVISION_REQUEST[direction].split(" {prompt}")[0] == head.split(" : ")[0] + " :"
+        a, b = draft.split(), r["completion"].split()
+        assert len(a) == len(b) and all(x == y for x, y in zip(a, b) if x in FUNCTION_WORDS)
+        assert all(sent.well_formed for sent in parse_response(b))
+        topic = prompt_topic(prompt)
+        changed = [(x, y) for x, y in zip(a, b) if x != y]
+        gain[direction] += [perception.value(y, topic) - perception.value(x, topic) for x, y in changed]
+    # every edit moves the perceived value the asked way; both directions edit
+    assert len(gain["good"]) > 100 and min(gain["good"]) > 0
+    assert len(gain["bad"]) > 100 and max(gain["bad"]) < 0
+    # a word perceived as bad is replaced when improving far more often than when worsening (σ(∓κ v) per slot)
+    rng = random.Random(0)
+    topic = "winter"
+    kept = {d: sum(perceived_revision(perception, rng, topic, "it is cold .", d) == "it is cold ."
+                   for _ in range(300)) for d in ("good", "bad")}
+    v = perception.value("cold", topic)
+    assert (kept["good"] > kept["bad"]) == (v > 0)

@@ -13,6 +13,8 @@ scorer model and returns :class:`~finegrain.types.TokenRewards`. ``finegrain lab
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 __all__ = [
@@ -141,7 +143,14 @@ DRAFT_REQUEST = (
     "Below is a user request and a draft answer. Rewrite the draft into {goal}.\n\nRequest: {prompt}\n\nDraft: {draft}"
 )
 """The user turn of the draft-revision form (our wording, not the paper's; docs/methods/treg.md); ``{goal}`` is the
-positive or negative text."""
+positive or negative text, unless that text is a whole request of its own (it holds ``{draft}``)."""
+
+_PLACEHOLDER = re.compile(r"\{(prompt|draft)\}")
+
+
+def _fill(text: str, prompt: str, draft: str) -> str:
+    # one pass, so a prompt or draft that itself contains "{draft}" is not substituted again
+    return _PLACEHOLDER.sub(lambda m: prompt if m.group(1) == "prompt" else draft, text)
 
 
 def _messages(prompt) -> list[dict]:
@@ -167,8 +176,13 @@ class ContrastiveTemplate:
       control prefixes its SFT model was trained on.)
     * ``system``: a system turn ``positive`` / ``negative`` before the conversation, rendered by the tokenizer's
       chat template (an existing system turn keeps its text after ours).
-    * ``draft``: one user turn :data:`DRAFT_REQUEST` asking to rewrite the response ``y`` itself (the draft) into
-      a better / worse answer, rendered by the chat template.
+    * ``draft`` (the paper's revision form): a request to rewrite the response ``y`` itself (the draft) into a
+      better / worse answer. A text without ``{draft}`` is the goal of :data:`DRAFT_REQUEST`, sent as one user turn
+      through the chat template. A text with ``{draft}`` is the whole request in the user's own words, ``{prompt}``
+      and ``{draft}`` replaced by ``x`` and ``y`` (``"please improve : {prompt} draft : {draft}"``); it is placed as
+      a ``control`` instruction is: a plain-text prompt becomes the plain-text request, a conversation gets it on
+      its last user turn (``{prompt}`` is that turn's text). Both texts must then hold ``{draft}``. (The built-in
+      world passes the revision requests its SFT model was trained on.)
 
     The response is then scored as the assistant turn that follows ``P±(x)``: its token ids are appended unchanged
     to the tokenized template, so every reward lines up with one response token.
@@ -188,6 +202,21 @@ class ContrastiveTemplate:
         self.negative = default_neg if negative is None else negative
         if not self.positive.strip() or not self.negative.strip() or self.positive == self.negative:
             raise ValueError("contrastive template: the positive and negative texts must be non-empty and differ")
+        if form == "draft" and ("{draft}" in self.positive) != ("{draft}" in self.negative):
+            raise ValueError("contrastive template: in the draft form either both texts are whole requests with "
+                             "'{draft}' (and '{prompt}') where the response and the prompt go, or neither is (both are "
+                             "goals of the built-in request)")
+
+    @property
+    def full_request(self) -> bool:
+        """Whether the texts are whole requests (the ``draft`` form with ``{draft}`` placeholders)."""
+        return self.form == "draft" and "{draft}" in self.positive
+
+    @property
+    def needs_chat_template(self) -> bool:
+        """Whether the form renders its prompts through the tokenizer's chat template (``system``, and ``draft``
+        with the built-in request)."""
+        return self.form == "system" or (self.form == "draft" and not self.full_request)
 
     def __repr__(self) -> str:
         return f"ContrastiveTemplate(form={self.form!r}, positive={self.positive!r}, negative={self.negative!r})"
@@ -205,28 +234,32 @@ class ContrastiveTemplate:
         return self._wrap(prompt, response, self.positive), self._wrap(prompt, response, self.negative)
 
     def _wrap(self, prompt, response: str | None, text: str):
-        if self.form == "control":
-            def put(x: str) -> str:
-                return text.replace("{prompt}", x) if "{prompt}" in text else f"{text} {x}" if x else text
-
-            if isinstance(prompt, str):
-                return put(prompt)
-            msgs = _messages(prompt)
-            users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
-            if not users:
-                return [{"role": "user", "content": put("")}] + msgs
-            msgs[users[-1]]["content"] = put(msgs[users[-1]]["content"])
-            return msgs
         if self.form == "system":
             msgs = _messages(prompt)
             if msgs and msgs[0]["role"] == "system":
                 msgs[0]["content"] = f"{text}\n\n{msgs[0]['content']}"
                 return msgs
             return [{"role": "system", "content": text}] + msgs
-        if response is None:
+        if self.form == "draft" and response is None:
             raise ValueError("the draft form of contrastive prompting needs the response text (the draft)")
-        content = DRAFT_REQUEST.format(goal=text, prompt=_prompt_as_text(prompt), draft=response)
-        return [{"role": "user", "content": content}]
+        if self.form == "draft" and not self.full_request:
+            content = DRAFT_REQUEST.format(goal=text, prompt=_prompt_as_text(prompt), draft=response)
+            return [{"role": "user", "content": content}]
+        if self.form == "draft":
+            def put(x: str) -> str:
+                return _fill(text, x, response)
+        else:
+            def put(x: str) -> str:
+                return text.replace("{prompt}", x) if "{prompt}" in text else f"{text} {x}" if x else text
+
+        if isinstance(prompt, str):
+            return put(prompt)
+        msgs = _messages(prompt)
+        users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
+        if not users:
+            return [{"role": "user", "content": put("")}] + msgs
+        msgs[users[-1]]["content"] = put(msgs[users[-1]]["content"])
+        return msgs
 
     def token_ids(self, tokenizer, prompt, response: str | None = None) -> tuple[list[int], list[int]]:
         """Token ids of ``P+(x)`` and ``P−(x)`` (tokenized as the data layer tokenizes prompts)."""
@@ -353,7 +386,7 @@ def template_problems(template: ContrastiveTemplate, tokenizer, prompt=SAMPLE_PR
     from finegrain.data.tokenize import tokenize_prompt
 
     problems = []
-    if template.form in ("system", "draft") and not getattr(tokenizer, "chat_template", None):
+    if template.needs_chat_template and not getattr(tokenizer, "chat_template", None):
         problems.append(f"the {template.form} form needs a chat template, which this tokenizer lacks (its turns "
                         "would be plain 'user: ...' text the model has never seen)")
     unk = getattr(tokenizer, "unk_token_id", None)
@@ -385,15 +418,17 @@ def checked_template(template: ContrastiveTemplate, tokenizer, prompt=SAMPLE_PRO
         form, pos, neg = options
         raise ConfigError(
             f"contrastive prompting with {template!r} would give meaningless rewards: {'; '.join(problems)}. Pass "
-            f"{form} control with {pos} / {neg} instructions in words the model knows, with '{{prompt}}' where the "
-            "prompt goes (e.g. 'answer well : {prompt}'), or use a tokenizer with a chat template"
+            f"{form} draft with {pos} / {neg} revision requests in words the model knows, with '{{prompt}}' and "
+            "'{draft}' where the prompt and the response go (e.g. 'improve : {prompt} draft : {draft}'), or "
+            f"{form} control with {pos} / {neg} instructions such as 'answer well : {{prompt}}', or use a tokenizer "
+            "with a chat template"
         )
     return template
 
 
 def resolve_template(form: str, positive: str | None = None, negative: str | None = None) -> ContrastiveTemplate:
     """The template a command uses: ``form="auto"`` is ``draft``, the paper's revision form (the built-in world's
-    command line sets ``control`` with the prefixes its model follows).
+    command line sets ``draft`` with the revision requests in world words that its SFT model was trained on).
 
     Args:
         form: ``"auto"`` or one of :data:`CONTRASTIVE_FORMS`.

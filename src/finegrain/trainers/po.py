@@ -10,8 +10,9 @@ One explicit accelerate loop for every pairwise loss. The loss is resolved once 
             policy: ONE forward of all 2B rows -> final hidden states
             LM head in chunks (ops.chunked.completion_stats): policy token log-probs, reference token log-probs
                 and, for TDPO, the forward KL(π_ref ‖ π_θ) over the whole vocabulary at every response position
-            T-REG token rewards: a data column, contrastive prompting with the reference, or the policy's own
-                detached implicit rewards squashed to (-1/2, 1/2)
+            T-REG token rewards: a data column (also where a reward spec was computed into once before
+                training), contrastive prompting with the reference, or the policy's own detached implicit rewards
+                squashed to (-1/2, 1/2)
             loss = Σ_pairs loss / (pairs in the global batch)
         clip, check finiteness, step; log; evaluate on held-out pairs; checkpoint
 
@@ -21,8 +22,9 @@ run directory) live in :mod:`finegrain.trainers.po_reference`.
 
 Metrics: ``loss``, ``rewards/{chosen,rejected,margins,accuracies}`` (the loss's implicit rewards; accuracy counts
 ``chosen > rejected``, ties as wrong, as TRL does), ``logps/{chosen,rejected}`` (summed policy log-probs),
-``kl/{chosen,rejected,margin}`` (TDPO, un-scaled sequential KLs), ``treg/weight`` (T-REG's ``w``); the same names
-with ``split="eval"`` on held-out pairs.
+``kl/{chosen,rejected,margin}`` (TDPO, un-scaled sequential KLs), ``treg/weight`` (T-REG's ``w``) and T-REG's
+token-reward diagnostic (:func:`shared_token_masks`, :data:`TREG_DIAGNOSTICS`), ``nll_loss`` (DPO-SFT's NLL term);
+the same names with ``split="eval"`` on held-out pairs.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ from finegrain.losses import (
     tdpo_loss,
     treg_loss,
 )
+from finegrain.losses.dpo import dpo_sft_loss
+from finegrain.losses.treg import shared_token_rewards
 from finegrain.models.forward import hidden_states, predicting_states
 from finegrain.ops import masked_sum
 from finegrain.ops.chunked import completion_stats
@@ -53,7 +57,11 @@ from finegrain.trainers.po_reference import Reference, frozen_reference, head_of
 
 LOSSES = ("dpo", "simpo", "tdpo1", "tdpo2", "treg-dpo", "treg-simpo")
 DEFAULT_BETA = {"dpo": 0.1, "tdpo1": 0.1, "tdpo2": 0.1, "treg-dpo": 0.1, "simpo": 2.0, "treg-simpo": 2.0}
-DEFAULT_ALPHA = 0.5
+DEFAULT_ALPHA = 0.5  # TDPO2's α (Zeng et al., ICML 2024)
+TREG_DEFAULT_ALPHA = 0.1  # T-REG's α: the best of the paper's grid {0.1, 0.25, 0.5} on the world (docs/methods/treg.md)
+REG_SOURCES = ("contrastive", "dpo_implicit", "external")
+"""The named token-reward sources of T-REG; any other ``reg_source`` is a reward spec (docs/reward-sources.md)."""
+REG_MAPS = ("squash", "half", "identity")
 SIMPO_GAMMA_RATIO = 0.5  # γ = 0.5 β by default: SimPO's recommended γ/β lies in 0.3-0.5 (Meng et al. 2024)
 
 
@@ -64,12 +72,20 @@ class POConfig(TrainConfig):
     loss: Literal["dpo", "simpo", "tdpo1", "tdpo2", "treg-dpo", "treg-simpo"] = option("dpo", "the preference loss")
     beta: float | None = option(None, "β; default 0.1 for dpo/tdpo1/tdpo2/treg-dpo, 2.0 for simpo/treg-simpo")
     alpha: float | None = option(None, "tdpo2: weight α of the KL difference (default 0.5); treg-*: weight of the "
-                                       "token regulariser (default 0.5)")
+                                       "token regulariser (default 0.1)")
     gamma: float | None = option(None, "simpo/treg-simpo: target reward margin γ (default 0.5·β)")
     label_smoothing: float = option(0.0, "dpo only: conservative-DPO label smoothing ε in [0, 0.5)")
-    reg_source: Literal["contrastive", "dpo_implicit", "external"] = option(
-        "contrastive", "treg-*: token rewards from contrastive prompting with the reference (the data column when "
-        "present, else computed), the policy's own implicit DPO rewards, or a data column (external)")
+    rpo_alpha: float | None = option(None, "dpo only: weight λ of an SFT term λ·NLL(chosen), the NLL averaged over "
+                                           "the chosen response's tokens: DPO-SFT, T-REG's ablation (TRL's rpo_alpha)")
+    reg_source: str = option(
+        "contrastive", "treg-*: where the token rewards come from: contrastive (prompting with the reference; the data "
+        "column when present, else computed), dpo_implicit (the current policy's own detached implicit rewards; not "
+        "the paper's ablation), external (the data column, required), or any reward spec (implicit:RUN for a "
+        "DPO-trained policy's token rewards, the paper's ablation; a reward-model directory; python:M:F; KIND[:ARG]), "
+        "computed once over the data before training and mapped by --reg_map")
+    reg_map: Literal["squash", "half", "identity"] | None = option(
+        None, "treg-* with a reward spec as reg_source: how its token rewards r become r̂ in (−½, ½): squash "
+              "(σ(r) − ½, the default), half (r/2, for a source in (−1, 1)) or identity (a source already in (−½, ½))")
     weighting: Literal["dpo_grad", "static"] = option("dpo_grad", "treg-*: sequence weight w = σ(−margin) or w = 1")
     token_reduction: Literal["sum", "mean"] | None = option(
         None, "treg-*: sum or mean of the token regulariser over a response; default: sum for dpo, mean for simpo")
@@ -97,7 +113,7 @@ class POConfig(TrainConfig):
         if not self.beta > 0:
             raise ConfigError(f"beta must be positive, got {self.beta}")
         if self.alpha is None:
-            self.alpha = DEFAULT_ALPHA if (treg or self.loss == "tdpo2") else None
+            self.alpha = TREG_DEFAULT_ALPHA if treg else DEFAULT_ALPHA if self.loss == "tdpo2" else None
         elif not (treg or self.loss == "tdpo2"):
             raise ConfigError(f"--alpha is used by tdpo2 and treg-* only; drop it for --loss {self.loss}")
         elif self.alpha < 0:
@@ -110,7 +126,11 @@ class POConfig(TrainConfig):
             raise ConfigError(f"--label_smoothing is conservative DPO; it does not apply to --loss {self.loss}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"label_smoothing must lie in [0, 0.5), got {self.label_smoothing}")
-        treg_only = dict(reg_source="contrastive", weighting="dpo_grad", token_reduction=None,
+        if self.rpo_alpha is not None and self.loss != "dpo":
+            raise ConfigError(f"--rpo_alpha adds an SFT term to DPO (DPO-SFT); it does not apply to --loss {self.loss}")
+        if self.rpo_alpha is not None and not self.rpo_alpha >= 0:
+            raise ConfigError(f"rpo_alpha must be >= 0, got {self.rpo_alpha}")
+        treg_only = dict(reg_source="contrastive", reg_map=None, weighting="dpo_grad", token_reduction=None,
                          token_rewards_column="token_rewards", contrastive_template="auto",
                          contrastive_positive=None, contrastive_negative=None)
         if not treg:
@@ -119,6 +139,11 @@ class POConfig(TrainConfig):
                 raise ConfigError(f"--{changed[0]} is a T-REG option; use --loss treg-dpo or treg-simpo, or drop it")
         if not self.token_rewards_column.strip():
             raise ConfigError("token_rewards_column must name a column")
+        if not str(self.reg_source).strip():
+            raise ConfigError("reg_source must name a source: contrastive, dpo_implicit, external or a reward spec")
+        if self.reg_map is not None and not reg_source_is_spec(self):
+            raise ConfigError(f"--reg_map maps the rewards of a reward spec; --reg_source {self.reg_source} has its own "
+                              "scale: drop --reg_map")
         if self.precompute_ref_log_probs and tdpo:
             raise ConfigError(f"--precompute_ref_log_probs cannot serve --loss {self.loss}: TDPO's per-token KL needs "
                               "the reference's full distribution at every position, which is not cached; drop the flag")
@@ -130,10 +155,16 @@ class POConfig(TrainConfig):
             raise ConfigError(f"chunk_size must be positive, got {self.chunk_size}")
 
 
+def reg_source_is_spec(cfg: POConfig) -> bool:
+    """Whether ``cfg.reg_source`` is a reward spec (computed once before training) rather than a named source."""
+    return cfg.reg_source not in REG_SOURCES
+
+
 def needs_reference_model(cfg: POConfig) -> bool:
-    """Whether a run of ``cfg`` may need the reference at all (log-probs, KL or contrastive rewards)."""
+    """Whether a run of ``cfg`` may need the reference at all (log-probs, KL, contrastive rewards, or a reward spec
+    such as ``implicit:RUN`` that reads it)."""
     spec = get_preference_loss_spec(cfg.loss)
-    return spec.needs_reference or (spec.needs_token_rewards and cfg.reg_source in ("dpo_implicit", "contrastive"))
+    return spec.needs_reference or (spec.needs_token_rewards and cfg.reg_source != "external")
 
 
 # ----------------------------------------------------------------------------------------------- what a step needs
@@ -147,7 +178,8 @@ class Plan:
         ref_logps: per-token reference log-probs (``live`` from the reference model, or a cached column).
         ref_kl: TDPO's per-position forward KL (always live).
         token_rewards: ``None``, ``"column"`` (``batch.extras["token_rewards"]``), ``"contrastive"`` (computed
-            with the reference per batch), ``"dpo_implicit"`` or ``"zeros"`` (evaluation data without the column).
+            with the reference per batch), ``"source"`` (a reward spec, to be computed into the column once before
+            training), ``"dpo_implicit"`` or ``"zeros"`` (evaluation data without the column).
     """
 
     ref_logps: bool
@@ -163,8 +195,8 @@ def make_plan(cfg: POConfig, data, *, eval_split: bool = False) -> Plan:
     """The :class:`Plan` of ``data`` (a :class:`~finegrain.data.PreferenceData`) under ``cfg``.
 
     Token rewards come from the data's ``chosen_/rejected_token_rewards`` columns when present (except for
-    ``dpo_implicit``); held-out data without them score ``r̂ = 0`` for ``reg_source=external``; training data without
-    them are an error for ``external``.
+    ``dpo_implicit`` and a reward spec, which is always computed); held-out data without them score ``r̂ = 0`` for
+    ``reg_source=external``; training data without them are an error for ``external``.
 
     Raises:
         ConfigError: ``reg_source=external`` on training data without the columns (says how to make them).
@@ -175,6 +207,8 @@ def make_plan(cfg: POConfig, data, *, eval_split: bool = False) -> Plan:
     if spec.needs_token_rewards:
         if cfg.reg_source == "dpo_implicit":
             rewards = "dpo_implicit"
+        elif reg_source_is_spec(cfg):
+            rewards = "source"
         elif has_column:
             rewards = "column"
         elif cfg.reg_source == "contrastive":
@@ -199,6 +233,7 @@ class PreferenceStats:
     ref_token_logps: torch.Tensor | None = None
     token_kl: torch.Tensor | None = None
     token_rewards: torch.Tensor | None = None
+    shared: torch.Tensor | None = None  # (2B, T) bool: tokens the pair's other response shares (T-REG diagnostic)
 
 
 def _halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,7 +248,11 @@ def make_loss(cfg: POConfig) -> Callable[[PreferenceStats], PreferenceLossOutput
     def sums(x, s):
         return _halves(masked_sum(x, s.mask, dim=-1))
 
-    if cfg.loss == "dpo":
+    if cfg.loss == "dpo" and cfg.rpo_alpha is not None:
+        def loss(s):
+            return dpo_sft_loss(*sums(s.token_logps, s), *sums(s.ref_token_logps, s), _halves(s.mask.sum(-1))[0],
+                                beta, cfg.rpo_alpha, cfg.label_smoothing)
+    elif cfg.loss == "dpo":
         def loss(s):
             return dpo_loss(*sums(s.token_logps, s), *sums(s.ref_token_logps, s), beta, cfg.label_smoothing)
     elif cfg.loss == "simpo":
@@ -236,19 +275,73 @@ def make_loss(cfg: POConfig) -> Callable[[PreferenceStats], PreferenceLossOutput
 
 BASE_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                 "logps/rejected")
+TREG_DIAGNOSTICS = ("treg/shared_reward", "treg/shared_abs_reward", "treg/diff_reward", "treg/diff_abs_reward",
+                    "treg/shared_share")
+"""T-REG's token-reward diagnostic (docs/methods/treg.md): the mean token reward ``r̂`` and mean ``|r̂|`` over the
+response tokens that the pair's chosen and rejected responses share (:func:`shared_token_masks`) and over the tokens
+where they differ, pooled over the logged pairs' tokens; and the share of tokens that are shared."""
+_RATIOS = {  # metric -> (numerator, denominator), both summed per pair, divided after the sums over pairs
+    "treg/shared_reward": ("sum/shared_reward", "sum/shared_tokens"),
+    "treg/shared_abs_reward": ("sum/shared_abs_reward", "sum/shared_tokens"),
+    "treg/diff_reward": ("sum/diff_reward", "sum/diff_tokens"),
+    "treg/diff_abs_reward": ("sum/diff_abs_reward", "sum/diff_tokens"),
+    "treg/shared_share": ("sum/shared_tokens", "sum/tokens"),
+}
 
 
 def metric_names(cfg: POConfig) -> tuple[str, ...]:
     """The metrics a run of ``cfg`` logs (see :func:`pair_metrics`)."""
     spec = get_preference_loss_spec(cfg.loss)
     extra = ("kl/chosen", "kl/rejected", "kl/margin") if spec.needs_ref_distribution else ()
-    return BASE_METRICS + extra + (("treg/weight",) if spec.needs_token_rewards else ())
+    treg = ("treg/weight",) + TREG_DIAGNOSTICS if spec.needs_token_rewards else ()
+    sft = ("nll_loss",) if cfg.loss == "dpo" and cfg.rpo_alpha is not None else ()
+    return BASE_METRICS + extra + treg + sft
+
+
+def _summed_names(names: tuple[str, ...]) -> tuple[str, ...]:
+    """The per-pair values summed over pairs for ``names``: ratio metrics become their numerators and denominators."""
+    out: list[str] = []
+    for name in names:
+        for key in _RATIOS.get(name, (name,)):
+            if key not in out:
+                out.append(key)
+    return tuple(out)
+
+
+def shared_token_masks(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``(2B, T)`` bool: the response tokens that a pair's chosen and rejected responses share.
+
+    A token is shared when a minimal unit-cost Levenshtein alignment of the two token-id sequences (EOS included;
+    :func:`finegrain.data.alignment.edit_tags`) keeps it unchanged; substituted, deleted and added tokens differ.
+    Rows follow the batch layout (chosen ``[0, B)``, rejected ``[B, 2B)``); False where ``mask`` is False.
+
+    Args:
+        ids: ``(2B, T)`` response token ids.
+        mask: ``(2B, T)`` bool response mask.
+
+    Example:
+        >>> shared_token_masks(torch.tensor([[5, 6, 2], [5, 7, 2]]), torch.ones(2, 3, dtype=torch.bool)).tolist()
+        [[True, False, True], [True, False, True]]
+    """
+    from finegrain.data.alignment import edit_tags
+
+    b = ids.shape[0] // 2
+    rows = [ids[i][mask[i]].tolist() for i in range(2 * b)]
+    out = torch.zeros(ids.shape, dtype=torch.bool)
+    for i in range(b):
+        tags_w, tags_l = edit_tags(rows[i], rows[b + i])
+        for row, tags in ((i, tags_w), (b + i, tags_l)):
+            where = mask[row].nonzero().flatten()[: len(tags)]
+            out[row, where.cpu()] = torch.tensor([t == "U" for t in tags], dtype=torch.bool)
+    return out.to(mask.device)
 
 
 def pair_metrics(out: PreferenceLossOutput, stats: PreferenceStats) -> dict[str, torch.Tensor]:
-    """Per-pair metric values ``(B,)`` (detached); the logged value is their mean.
+    """Per-pair metric values ``(B,)`` (detached); the logged value is their mean, except T-REG's diagnostic, whose
+    per-pair sums (``sum/*``) become token means in :func:`_reduce`.
 
-    Named as in docs/methods/dpo.md (``rewards/*``) and docs/methods/tdpo.md (``kl/*``)."""
+    Named as in docs/methods/dpo.md (``rewards/*``), docs/methods/tdpo.md (``kl/*``) and docs/methods/treg.md
+    (``treg/*``)."""
     chosen, rejected = _halves(masked_sum(stats.token_logps.detach(), stats.mask, dim=-1))
     margins = out.chosen_rewards - out.rejected_rewards
     metrics = {"loss": out.losses.detach(), "rewards/chosen": out.chosen_rewards,
@@ -259,6 +352,11 @@ def pair_metrics(out: PreferenceLossOutput, stats: PreferenceStats) -> dict[str,
             metrics[key] = out.extras[key]
     if "weights" in out.extras:
         metrics["treg/weight"] = out.extras["weights"]
+    if "nll_loss" in out.extras:
+        metrics["nll_loss"] = out.extras["nll_loss"]
+    if stats.token_rewards is not None and stats.shared is not None:
+        (rw, rl), (mw, ml), (sw, sl) = _halves(stats.token_rewards), _halves(stats.mask), _halves(stats.shared)
+        metrics.update(shared_token_rewards(rw, rl, sw, sl, mw, ml))
     return {k: v.detach().float() for k, v in metrics.items()}
 
 
@@ -309,6 +407,8 @@ def batch_stats(model, reference: Reference | None, batch, plan: Plan, cfg: POCo
         out.token_rewards = squash_to_half(implicit_token_rewards(out.token_logps, out.ref_token_logps, mask, cfg.beta))
     elif plan.token_rewards == "zeros":
         out.token_rewards = torch.zeros_like(out.token_logps)
+    if out.token_rewards is not None:
+        out.shared = shared_token_masks(batch.completion_input_ids, mask)
     return out
 
 
@@ -321,12 +421,22 @@ def _accumulate(total: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor]
 
 
 def _reduce(total: dict[str, torch.Tensor], count: int, acc, names: tuple[str, ...]) -> dict[str, float]:
+    """Means over ``count`` pairs of the summed per-pair values; ratio metrics (:data:`_RATIOS`) as the quotient of
+    their summed numerator and denominator (0 when no token counts)."""
     # every process reduces the same keys, also one that had no pairs (a short evaluation split)
-    keys = sorted(names)
+    keys = sorted(_summed_names(names))
     values = torch.stack([torch.as_tensor(total.get(k, 0.0), dtype=torch.float64, device=acc.device) for k in keys])
     if acc.num_processes > 1:
         values = acc.reduce(values, reduction="sum")
-    return {k: (v / max(count, 1)).item() for k, v in zip(keys, values)}
+    summed = dict(zip(keys, values))
+    out = {}
+    for name in names:
+        if name in _RATIOS:
+            num, den = (summed[k] for k in _RATIOS[name])
+            out[name] = (num / den).item() if den > 0 else 0.0
+        else:
+            out[name] = (summed[name] / max(count, 1)).item()
+    return out
 
 
 @torch.no_grad()
@@ -360,6 +470,50 @@ def _template(cfg: POConfig, tokenizer, data):
     cfg.contrastive_template, cfg.contrastive_positive, cfg.contrastive_negative = (
         template.form, template.positive, template.negative)
     return template
+
+
+class MappedRewards:
+    """A reward source's token rewards mapped into T-REG's range (docs/methods/treg.md): ``squash`` ``σ(r) − ½``
+    (:func:`~finegrain.rewards.contrastive.squash_to_half`), ``half`` ``r/2`` or ``identity``; 0 where masked."""
+
+    def __init__(self, source, how: str = "squash"):
+        if how not in REG_MAPS:
+            raise ConfigError(f"reg_map must be one of {', '.join(REG_MAPS)}; got {how!r}")
+        self.source, self.how = source, how
+        self.name = getattr(source, "name", "source")
+
+    @torch.no_grad()
+    def token_rewards(self, batch):
+        from finegrain.rewards.contrastive import squash_to_half
+        from finegrain.types import TokenRewards
+
+        got = self.source.token_rewards(batch)
+        values = got.values.detach().float()
+        mapped = squash_to_half(values) if self.how == "squash" else values / 2 if self.how == "half" else values
+        mask = got.mask.to(torch.bool) & batch.completion_mask.to(torch.bool)
+        return TokenRewards(values=torch.where(mask, mapped, torch.zeros_like(mapped)), mask=mask)
+
+
+def spec_reward_source(cfg: POConfig, tokenizer, device, reference: Reference | None = None) -> MappedRewards:
+    """The token-reward source of a reward spec ``cfg.reg_source`` (docs/reward-sources.md), mapped by
+    ``cfg.reg_map``. Sources that read the reference (``implicit:RUN``) get the frozen reference when there is one,
+    else the starting weights (``ref_model_name_or_path`` or ``model_name_or_path``) loaded once."""
+    from finegrain.models.build import freeze
+    from finegrain.models.loading import load_causal_lm
+    from finegrain.rewards.registry import SourceContext, reward_source
+
+    loaded: dict[str, torch.nn.Module] = {}
+
+    def load(path: str):
+        if path not in loaded:
+            loaded[path] = freeze(load_causal_lm(path, trust_remote_code=cfg.trust_remote_code)).to(device).eval()
+        return loaded[path]
+
+    ref = reference.model if reference is not None and reference.model is not None else (
+        cfg.ref_model_name_or_path or cfg.model_name_or_path)
+    context = SourceContext(tokenizer=tokenizer, device=device, load_model=load, reference=ref,
+                            chunk_size=cfg.chunk_size)
+    return MappedRewards(reward_source(cfg.reg_source, context), cfg.reg_map or "squash")
 
 
 def train(cfg: POConfig, model, tokenizer, train_data, eval_data=None, *, ref_model=None) -> Path:
@@ -407,12 +561,30 @@ def train(cfg: POConfig, model, tokenizer, train_data, eval_data=None, *, ref_mo
 
         contrastive = ContrastiveRewardSource(reference.scorer, tokenizer, template, context=reference.enter,
                                               chunk_size=cfg.chunk_size, autocast=acc.autocast)
+    source = tag = None
+    if any(p.token_rewards == "source" for p in plans):  # a reward spec: computed once into the columns
+        source = spec_reward_source(cfg, tokenizer, acc.device, reference)
+        tag = f"reg_source={cfg.reg_source} reg_map={cfg.reg_map or 'squash'}"
+        run.print(f"T-REG token rewards from {cfg.reg_source} ({source.how}), computed once over the data")
     if cfg.precompute_ref_log_probs:
         train_plan = precompute_reference(train_data, reference, train_plan, cfg, acc,
-                                          run.dir / "ref_cache" / "train.pt", contrastive, template, run)
+                                          run.dir / "ref_cache" / "train.pt", contrastive or source, template or tag,
+                                          run)
         if eval_plan is not None:
             eval_plan = precompute_reference(eval_data, reference, eval_plan, cfg, acc,
-                                             run.dir / "ref_cache" / "eval.pt", contrastive, template, run)
+                                             run.dir / "ref_cache" / "eval.pt", contrastive or source,
+                                             template or tag, run)
+    if source is not None:
+        done = []
+        for data, plan, name in ((train_data, train_plan, "train"), (eval_data, eval_plan, "eval")):
+            if plan is not None and plan.token_rewards == "source":
+                precompute_reference(data, reference, dataclasses.replace(plan, ref_logps=False), cfg, acc,
+                                     run.dir / "ref_cache" / f"{name}_token_rewards.pt", source, tag, run)
+                plan = dataclasses.replace(plan, token_rewards="column")
+            done.append(plan)
+        train_plan, eval_plan = done
+        source = None  # its models are no longer needed
+    if cfg.precompute_ref_log_probs:
         if not any(p.reference_model for p in (train_plan, eval_plan) if p is not None):
             reference = contrastive = ref_model = None  # everything is cached: free the reference copy
     state = loop.RunState()

@@ -2,7 +2,8 @@
 one pass that precomputes its per-token log-probs (and contrastive token rewards) into a cache in the run directory.
 
 ``precompute_ref_log_probs`` runs the reference once over the data, keeps the per-token log-probs (so DPO and T-REG
-both work; sequence sums derive from them) and, for T-REG with contrastive rewards, the rewards too; both are cached
+both work; sequence sums derive from them) and, for T-REG with contrastive rewards, the rewards too (T-REG's
+rewards from a reward spec are always computed once this way); both are cached
 in ``RUN_DIR/ref_cache/`` under a fingerprint of the reference, the data and the settings, so a resumed run does not
 recompute them. TDPO refuses it: its KL needs the reference's full distribution at every position.
 """
@@ -110,14 +111,16 @@ def _unpack(blob: dict[str, torch.Tensor]) -> list[array.array]:
 @torch.no_grad()
 def precompute_reference(data, reference: Reference, plan: Plan, cfg: POConfig, acc, cache: Path,
                          contrastive=None, template=None, run=None) -> Plan:
-    """Attach cached reference per-token log-probs (and contrastive rewards) to every pair of ``data``.
+    """Attach cached reference per-token log-probs (and token rewards) to every pair of ``data``.
 
     One pass of the reference over ``data`` (split over processes), unless ``cache`` holds the result for the same
-    reference, data and settings. Afterwards batches carry ``extras["ref_token_logps"]`` (and ``token_rewards``),
-    and the returned plan needs no reference model for them.
+    reference, data and settings. Token rewards come from ``contrastive``, any object with ``token_rewards(batch)``:
+    the contrastive source (``plan.token_rewards == "contrastive"``) or a T-REG reward spec's mapped source
+    (``"source"``); ``template`` is its description in the fingerprint. Afterwards batches carry
+    ``extras["ref_token_logps"]`` (and ``token_rewards``), and the returned plan needs no reference model for them.
     """
     fields = (["ref_token_logps"] if plan.ref_logps else []) + (
-        ["token_rewards"] if plan.token_rewards == "contrastive" else [])
+        ["token_rewards"] if plan.token_rewards in ("contrastive", "source") else [])
     if not fields:
         return plan
     fp = _fingerprint(cfg, data, plan, template)
@@ -161,9 +164,9 @@ def precompute_reference(data, reference: Reference, plan: Plan, cfg: POConfig, 
             torch.save(blob, tmp)
             tmp.replace(cache)
         if run is not None:
-            run.print(f"reference computed for {len(data)} pairs of {data.source}; cached in {cache}")
+            run.print(f"{' and '.join(fields)} computed for {len(data)} pairs of {data.source}; cached in {cache}")
     elif run is not None:
-        run.print(f"reference values of {data.source} read from {cache}")
+        run.print(f"{' and '.join(fields)} of {data.source} read from {cache}")
     for key in blob:
         if key == "fingerprint":
             continue

@@ -11,7 +11,8 @@ command        filled in when the user named no model
 =============  ====================================================================================================
 sft            a freshly initialised base model (``<world>/base``) on the world's SFT corpus
 po             the world's SFT model on its preference pairs (held-out: its test pairs); T-REG's contrastive
-               template: the control prefixes the SFT model was trained to follow
+               template: the revision requests the SFT model was trained to follow (``--contrastive_template
+               control``: its control prefixes)
 rm             the SFT model as backbone, its pairs (or revisions for the token levels), its credit rows, revisions
                of its test pairs; the punctuation sentence splitter (the world's text is lowercase)
 ppo            the SFT model on its RL prompts, reward ``oracle``, judge ``oracle``
@@ -36,7 +37,7 @@ from finegrain.config import option
 from finegrain.errors import ConfigError
 
 __all__ = ["WorldOptions", "base_model_dir", "parse_config", "credit_settings", "eval_settings", "prepare", "register", "with_world_options",
-           "world_control_template"]
+           "world_contrastive_template", "world_control_template"]
 
 
 @dataclasses.dataclass
@@ -190,19 +191,41 @@ def _eval(cfg: Any) -> None:
         _control_template(cfg, "contrastive_template", "contrastive_positive", "contrastive_negative")
 
 
-def world_control_template():
-    """Contrastive prompting on the world: the control prefixes its SFT model was trained to follow."""
-    from finegrain.rewards.contrastive import ContrastiveTemplate
-    from finegrain.world.corpus import CONTROL_PREFIX
+WORLD_FORMS = ("draft", "control")
+"""The contrastive forms the world's SFT model was trained to follow (docs/world.md)."""
 
-    return ContrastiveTemplate("control", CONTROL_PREFIX["good"], CONTROL_PREFIX["bad"])
+
+def world_contrastive_template(form: str = "auto"):
+    """Contrastive prompting on the world (T-REG; docs/methods/treg.md), in the words its SFT model was trained on.
+
+    ``"draft"`` (also ``"auto"``, the default): the paper's revision form, the requests ``please improve : {prompt}
+    draft : {draft}`` / ``please worsen : ...`` (:data:`finegrain.world.corpus.REVISION_REQUEST`); ``"control"``: the
+    prefixes ``please answer well :`` / ``please answer badly :`` without the response (the world's form before
+    format 3).
+    """
+    from finegrain.rewards.contrastive import ContrastiveTemplate
+    from finegrain.world.corpus import CONTROL_PREFIX, REVISION_REQUEST
+
+    form = "draft" if form == "auto" else form
+    if form not in WORLD_FORMS:
+        raise ValueError(f"the world's contrastive forms are {', '.join(WORLD_FORMS)}; got {form!r}")
+    texts = REVISION_REQUEST if form == "draft" else CONTROL_PREFIX
+    return ContrastiveTemplate(form, texts["good"], texts["bad"])
+
+
+def world_control_template():
+    """The world's default contrastive template, :func:`world_contrastive_template` ``()`` (the revision form since
+    world format 3; the name is older); the control prefixes are ``world_contrastive_template("control")``."""
+    return world_contrastive_template()
 
 
 def _control_template(cfg: Any, form: str, positive: str, negative: str) -> None:
-    """Set the config's contrastive template fields to the world's control prefixes when left at ``auto``."""
-    if getattr(cfg, form) == "auto":
-        template = world_control_template()
-        setattr(cfg, form, "control")
+    """Fill the config's contrastive template fields with the world's words: ``auto`` becomes the revision form
+    (``draft``); ``draft`` or ``control`` without texts get the world's texts of that form."""
+    chosen = getattr(cfg, form)
+    if chosen == "auto" or (chosen in WORLD_FORMS and getattr(cfg, positive) is None and getattr(cfg, negative) is None):
+        template = world_contrastive_template(chosen)
+        setattr(cfg, form, template.form)
         setattr(cfg, positive, getattr(cfg, positive) or template.positive)
         setattr(cfg, negative, getattr(cfg, negative) or template.negative)
 
@@ -221,14 +244,14 @@ def eval_settings(world_dir: str | Path | None = None, **overrides: Any) -> dict
 
 def credit_settings(world_dir: str | Path | None = None, **overrides: Any) -> dict[str, Any]:
     """Keyword arguments of :func:`finegrain.eval.token_credit.evaluate_token_credit_sources` that score token
-    credit on the world (its credit rows, its SFT model as the reference, its control template for ``contrastive``)
+    credit on the world (its credit rows, its SFT model as the reference, its revision template for ``contrastive``)
     for Python callers; ``overrides`` win."""
     from finegrain.world import ensure_world
 
     world = ensure_world(world_dir)
     register(world)
     settings = {"data": _data(world, "credit_test"), "reference": str(world / "sft"),
-                "contrastive_template": world_control_template()}
+                "contrastive_template": world_contrastive_template()}
     return {**settings, **overrides}
 
 

@@ -4,7 +4,7 @@ Layout of a world directory::
 
     DIR/world.json                 config, summary, finegrain version
     DIR/sft/                       the SFT base policy (Hugging Face format, safetensors) and its tokenizer
-    DIR/data/sft.jsonl             {prompt, completion}                      the SFT corpus
+    DIR/data/sft.jsonl             {prompt, completion}                      the SFT corpus (answers, then revisions)
     DIR/data/pairs_train.jsonl     {prompt, chosen, rejected, chosen_score, rejected_score}
     DIR/data/pairs_test.jsonl      same, held out
     DIR/data/revisions.jsonl       {prompt, rejected, revised, chosen}       minimal edits of rejected responses
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from finegrain.world.config import WORLD_FORMAT, WorldConfig
-from finegrain.world.corpus import Perception, Sampler, eval_prompts, sft_corpus
+from finegrain.world.corpus import Perception, Sampler, eval_prompts, revision_corpus, sft_corpus
 from finegrain.world.oracle import OracleRules, judge
 from finegrain.world.reviser import revise
 
@@ -123,6 +123,7 @@ def build_world(out_dir: str | Path, cfg: WorldConfig | None = None, *, show_pro
     tokenizer = build_tokenizer()
 
     corpus = sft_corpus(sampler, cfg.sft_examples, cfg.seed)
+    corpus += revision_corpus(sampler, cfg.revision_rows, cfg.seed)
     write_jsonl(data / "sft.jsonl", corpus)
     model, sft_stats = train_base_model(cfg, corpus, tokenizer, out / "sft", show_progress=show_progress)
 
@@ -151,7 +152,8 @@ def build_world(out_dir: str | Path, cfg: WorldConfig | None = None, *, show_pro
         "format": WORLD_FORMAT,
         "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
         "vocab_size": len(tokenizer),
-        "sft_examples": len(corpus),
+        "sft_examples": cfg.sft_examples,
+        "sft_revision_examples": len(corpus) - cfg.sft_examples,
         "pairs_train": len(pairs_train),
         "pairs_test": len(pairs_test),
         "revisions": len(revisions),

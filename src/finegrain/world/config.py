@@ -13,8 +13,10 @@ from finegrain.world.oracle import OracleRules
 DIFFICULTY = {"easy": (1.0, 0.0), "default": (0.4, 1.0), "hard": (0.15, 1.0)}
 
 
-WORLD_FORMAT = 2
-"""Version of the world directory's contents; a directory built with another version is rebuilt on use."""
+WORLD_FORMAT = 3
+"""Version of the world directory's contents; a directory built with another version is rebuilt on use.
+3: the SFT corpus teaches the revision requests (``please improve`` / ``please worsen : <prompt> draft : <response>``)
+of T-REG's revision form; three new words."""
 
 
 @dataclasses.dataclass
@@ -33,8 +35,11 @@ class WorldConfig:
     malformed_penalty: float = option(-1.0, "penalty of a malformed sentence (spread over its words)")
     overlong_penalty: float = option(-0.5, "penalty of a sentence beyond max_sentences (spread over its words)")
     bt_temperature: float = option(1.0, "label noise of preference pairs: P(a > b) = sigmoid((score_a - score_b) / T)")
-    sft_examples: int = option(8000, "rows of the SFT corpus")
-    sft_steps: int = option(400, "SFT optimizer steps")
+    sft_examples: int = option(8000, "answer rows of the SFT corpus (neutral and controlled prompts)")
+    revision_examples: int | None = option(
+        None, "revision-request rows added to the SFT corpus (please improve / worsen : <prompt> draft : <response>); "
+        "default: half of sft_examples")
+    sft_steps: int = option(600, "SFT optimizer steps")
     sft_batch_size: int = option(64, "SFT batch size")
     sft_learning_rate: float = option(2e-3, "SFT peak learning rate (cosine decay, 5% warm-up)")
     hidden_size: int = option(128, "base model hidden size")
@@ -60,12 +65,19 @@ class WorldConfig:
             raise ConfigError(f"misperception must be >= 0, got {self.misperception_scale}")
         if self.bt_temperature <= 0:
             raise ConfigError(f"bt_temperature must be > 0, got {self.bt_temperature}")
+        if self.revision_examples is not None and self.revision_examples < 0:
+            raise ConfigError(f"revision_examples must be >= 0, got {self.revision_examples}")
         for name in ("sft_examples", "sft_steps", "sft_batch_size", "train_prompts", "test_prompts",
                      "max_new_tokens", "max_sentences", "hidden_size", "num_layers", "num_heads"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"hidden_size ({self.hidden_size}) must be a multiple of num_heads ({self.num_heads})")
+
+    @property
+    def revision_rows(self) -> int:
+        """Revision-request rows of the SFT corpus (``revision_examples``, default half of ``sft_examples``)."""
+        return self.sft_examples // 2 if self.revision_examples is None else self.revision_examples
 
     @property
     def fidelity(self) -> float:

@@ -38,6 +38,8 @@ HEDGES: tuple[str, ...] = ("maybe", "perhaps", "basically", "honestly")
 FUNCTION_WORDS: tuple[str, ...] = ("it", "is", "the", "and", ".", ",")
 REQUEST_WORDS: tuple[str, ...] = ("describe", "tell", "me", "about")
 CONTROL_WORDS: tuple[str, ...] = ("please", "answer", "well", "badly", ":")
+# Words of the revision requests ("please improve : <prompt> draft : <response>"; finegrain.world.corpus).
+REVISION_WORDS: tuple[str, ...] = ("improve", "worsen", "draft")
 
 # Universal (topic-independent) value of style words.
 STYLE: dict[str, float] = {
@@ -85,7 +87,7 @@ def vocabulary() -> list[str]:
     """Every token of the world tokenizer, specials first, in a fixed order (ids are positions)."""
     words = (
         SPECIAL_TOKENS + TOPICS + ADJECTIVES + VERBS + ADVERBS + HEDGES
-        + FUNCTION_WORDS + REQUEST_WORDS + CONTROL_WORDS
+        + FUNCTION_WORDS + REQUEST_WORDS + CONTROL_WORDS + REVISION_WORDS
     )
     seen: dict[str, None] = {}
     for w in words:

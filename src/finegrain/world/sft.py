@@ -34,7 +34,8 @@ def train_base_model(cfg: WorldConfig, corpus: list[dict], tokenizer, out_dir: P
     sft_cfg = SFTConfig(
         output_dir=str(run_dir), overwrite_output_dir=True, learning_rate=cfg.sft_learning_rate,
         lr_scheduler_type="cosine", warmup_ratio=0.05, per_device_train_batch_size=cfg.sft_batch_size,
-        max_steps=cfg.sft_steps, max_length=128, max_prompt_length=32, seed=cfg.seed, weight_decay=0.0,
+        max_steps=cfg.sft_steps, max_length=128, max_prompt_length=80,  # a revision request holds a draft
+        seed=cfg.seed, weight_decay=0.0,
         logging_steps=max(1, cfg.sft_steps // 20), save_steps=0, disable_tqdm=not show_progress,
     )
     limits = TokenLimits(max_length=sft_cfg.max_length, max_prompt_length=sft_cfg.max_prompt_length)
