@@ -193,10 +193,11 @@ def test_implicit_rewards_of_the_reference_itself_are_zero(tiny_world):
 def test_contrastive_rewards_match_a_naive_forward(tiny_world):
     """contrastive: sigma(log pi_ref(y_t | P+) - log pi_ref(y_t | P-)) - 1/2 with the world's control prompts."""
     from finegrain.data.tokenize import tokenize_prompt
+    from finegrain.world.app import world_contrastive_template
     from finegrain.world.corpus import control_prompts
 
-    res = evaluate_token_credit_sources(["contrastive"], **credit_settings(tiny_world), max_rows=6, num_examples=3,
-                                        quiet=True)
+    res = evaluate_token_credit_sources(["contrastive"], **credit_settings(
+        tiny_world, contrastive_template=world_contrastive_template("control")), max_rows=6, num_examples=3, quiet=True)
     ref, tok = load_causal_lm(str(tiny_world / "sft")), load_tokenizer(str(tiny_world / "sft"))
     for ex in res["examples"]:
         plus, minus = control_prompts(ex["prompt"])

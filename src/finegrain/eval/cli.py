@@ -291,33 +291,14 @@ def _comparison(pol: _Side, ref: _Side, num_samples: int, tie_tolerance: float) 
 def evaluate_policy(
     policy: str | Path | torch.nn.Module,
     reference: str | Path | torch.nn.Module,
+    cfg: EvalConfig | None = None,
     *,
-    prompts: Any,
-    judge: Any = None,
     tokenizer: Any = None,
-    num_samples: int = 1,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    max_new_tokens: int | None = None,
-    seed: int = 0,
-    batch_size: int = 64,
-    chunk_rows: int = 8,
-    max_prompts: int | None = None,
-    max_prompt_length: int = 256,
-    prompts_split: str | None = None,
-    tie_tolerance: float = 1e-6,
-    output_dir: str | Path | None = None,
-    device: str | torch.device | None = None,
-    dtype: str | None = None,
-    trust_remote_code: bool = False,
+    models: ModelCache | None = None,
     policy_name: str | None = None,
     reference_name: str | None = None,
-    show_progress: bool = False,
     quiet: bool = True,
-    models: ModelCache | None = None,
-    best_of: Sequence[Any] = (),
-    best_of_sizes: Sequence[int] = (1, 4, 16),
+    **options: Any,
 ) -> dict[str, Any]:
     """Sample the policy and the reference on the same prompts, judge both, and compute the comparison metrics.
 
@@ -338,37 +319,19 @@ def evaluate_policy(
     Args:
         policy: the policy's directory or a loaded causal LM (then pass ``tokenizer``).
         reference: the reference's directory or model.
-        prompts: anything :func:`finegrain.data.load_rows` accepts with a ``prompt`` column.
-        judge: a reward spec (a reward-model directory, ``python:module:function``, a registered kind such as the
-            world's ``oracle``), a reward source (``token_rewards(batch)``), or a function
-            ``(prompts, responses) -> scores`` (:func:`make_judge`).
+        cfg: the settings (:class:`EvalConfig`; its ``policy``/``reference`` are not read, the arguments are).
         tokenizer: the policy tokenizer (default: loaded from the policy's directory).
-        num_samples: responses per prompt from each model.
-        temperature: sampling temperature (0 = greedy; KL and entropy then use temperature 1).
-        top_p: nucleus mass.
-        top_k: top-k (0 = off).
-        max_new_tokens: longest response (default 256).
-        seed: seed of both models' sampling generators.
-        batch_size: responses sampled per batch (prompts per batch = ``batch_size // num_samples``).
-        chunk_rows: rows per scoring forward pass.
-        max_prompts: use only the first prompts.
-        max_prompt_length: longer prompts keep their end.
-        prompts_split: split of ``prompts``.
-        tie_tolerance: ``|Δ|`` up to which a comparison is a tie.
-        output_dir: where ``eval.json`` and ``samples.jsonl`` are written (None: nothing written).
-        device: where the models run (None: CUDA when available).
-        dtype: model dtype when loading from directories.
-        trust_remote_code: allow custom model code.
-        policy_name: the policy's name in ``eval.json`` (default: its path).
-        reference_name: the reference's name in ``eval.json`` (default: its path).
-        show_progress: show a progress bar.
-        quiet: do not print the table.
         models: a :class:`ModelCache` to share with other calls: loaded models, and the reference's samples and
             scores (reused when the reference directory, prompts, judge and sampling settings are the same).
-        best_of: selectors (reward specs or sources) for best-of-N (:func:`best_of_n`): each picks, among the first
-            N of a prompt's policy samples, the one it scores highest; the judge's score of the picked response is
-            averaged over prompts, for every N of ``best_of_sizes`` up to ``num_samples``.
-        best_of_sizes: the N of best-of-N.
+        policy_name: the policy's name in ``eval.json`` (default: its path).
+        reference_name: the reference's name in ``eval.json`` (default: its path).
+        quiet: do not print the table.
+        **options: :class:`EvalConfig` fields that override ``cfg`` (Python callers:
+            ``evaluate_policy(p, r, prompts=..., judge=..., max_prompts=8)``). Beyond the command line's types,
+            ``prompts`` may be anything :func:`finegrain.data.load_rows` accepts with a ``prompt`` column, ``judge``
+            and every ``best_of`` entry a reward source (``token_rewards(batch)``) or a function
+            ``(prompts, responses) -> scores`` (:func:`make_judge`), ``device`` a ``torch.device``;
+            ``output_dir=None`` writes nothing.
 
     Returns:
         The content of ``eval.json`` (docs/run-directory.md); NaN values (a standard error from one prompt) are None.
@@ -380,14 +343,22 @@ def evaluate_policy(
     from finegrain.rewards.base import decode_responses
     from finegrain.rl.rollout import resolve_special_ids, sample_rollouts, score_rollout
 
-    dev = resolve_device(device)
-    models = models or ModelCache(dev, dtype=dtype, trust_remote_code=trust_remote_code)
+    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(EvalConfig)})
+    if unknown:
+        raise TypeError(f"evaluate_policy: unknown option(s) {', '.join(unknown)} (EvalConfig fields are accepted)")
+    names = {"policy": policy if not isinstance(policy, torch.nn.Module) else "model", "reference": reference}
+    cfg = dataclasses.replace(cfg, **options) if cfg is not None else EvalConfig(**names, **options)
+    prompts, judge, num_samples, temperature = cfg.prompts, cfg.judge, cfg.num_samples, cfg.temperature
+    top_p, top_k, seed, chunk_rows, tie_tolerance = cfg.top_p, cfg.top_k, cfg.seed, cfg.chunk_rows, cfg.tie_tolerance
+    max_prompts, max_prompt_length, prompts_split = cfg.max_prompts, cfg.max_prompt_length, cfg.prompts_split
+    dev = resolve_device(cfg.device)
+    models = models or ModelCache(dev, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     if prompts is None or reference is None:
         raise ConfigError("evaluate_policy needs prompts and a reference model (--prompts, --reference)")
     policy, reference, policy_model, ref_model, tokenizer = _load_models(policy, reference, tokenizer, models)
     judge_source = make_judge(judge, tokenizer, dev)
     judge_name = str(judge) if isinstance(judge, (str, Path)) else judge_source.name
-    max_new_tokens = 256 if max_new_tokens is None else max_new_tokens
+    max_new_tokens = 256 if cfg.max_new_tokens is None else cfg.max_new_tokens
     source = prompts
     data = CompletionData.from_source(source, tokenizer, split=prompts_split, kind="prompt",
                                       limits=TokenLimits(max_length=None, max_prompt_length=max_prompt_length),
@@ -395,13 +366,13 @@ def evaluate_policy(
     eos_ids, _ = resolve_special_ids(policy_model, tokenizer)
     sampling = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature, top_k=top_k,
                     top_p=top_p, num_samples=num_samples, tokenizer=tokenizer)
-    per_batch = max(1, batch_size // num_samples)
+    per_batch = max(1, cfg.batch_size // num_samples)
     raw_prompts = [data[i]["prompt"] for i in range(len(data)) for _ in range(num_samples)]
 
     def sample_side(model, label: str, with_kl: bool) -> _Side:
         """Sample and score one model on every prompt; its generator is seeded alike for both models."""
         side, gen = _Side(), torch.Generator(device=dev).manual_seed(seed)
-        for lo in tqdm(range(0, len(data), per_batch), desc=f"eval {label}", disable=not show_progress):
+        for lo in tqdm(range(0, len(data), per_batch), desc=f"eval {label}", disable=cfg.disable_tqdm):
             idx = list(range(lo, min(lo + per_batch, len(data))))
             batch = data.collate(idx).to(dev)
             roll = sample_rollouts(model, batch.prompt_input_ids, batch.prompt_attention_mask, generator=gen,
@@ -422,13 +393,13 @@ def evaluate_policy(
     from finegrain.rewards.registry import split_name
 
     selectors = {}
-    for spec in best_of:
+    for spec in cfg.best_of:
         given, _ = split_name(spec) if isinstance(spec, str) else (None, spec)
         selector = make_judge(spec, tokenizer, dev)
         selectors[given or (str(spec) if isinstance(spec, (str, Path)) else selector.name)] = selector
-    if selectors and num_samples < max(best_of_sizes):
-        raise ConfigError(f"best-of-{max(best_of_sizes)} needs at least that many samples per prompt: pass "
-                          f"--num_samples {max(best_of_sizes)} (or smaller --best_of_sizes)")
+    if selectors and num_samples < max(cfg.best_of_sizes):
+        raise ConfigError(f"best-of-{max(cfg.best_of_sizes)} needs at least that many samples per prompt: pass "
+                          f"--num_samples {max(cfg.best_of_sizes)} (or smaller --best_of_sizes)")
     picks: dict[str, list[float]] = {name: [] for name in selectors}
     pol = sample_side(policy_model, "policy", with_kl=True)
     # The reference's samples and scores depend only on the reference, the prompts, the judge and the sampling
@@ -455,16 +426,16 @@ def evaluate_policy(
         **_comparison(pol, ref, num_samples, tie_tolerance),
     }
     if selectors:
-        result["best_of_n"] = {name: best_of_n(pol.rewards, picks[name], num_samples, best_of_sizes)
+        result["best_of_n"] = {name: best_of_n(pol.rewards, picks[name], num_samples, cfg.best_of_sizes)
                                for name in selectors}
     result.update(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed,
                   tie_tolerance=tie_tolerance)
     result = {k: _clean(v) for k, v in result.items()}
 
-    if output_dir is not None:
-        _write_outputs(Path(output_dir), result, raw_prompts, pol, ref, num_samples)
+    if cfg.output_dir is not None:
+        _write_outputs(Path(cfg.output_dir), result, raw_prompts, pol, ref, num_samples)
     if not quiet:
-        print(format_eval(result, output_dir))
+        print(format_eval(result, cfg.output_dir))
     return result
 
 
@@ -578,15 +549,8 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         default_output_dir(cfg.policy) if cfg.policy else Path("runs") / "eval-token-credit")
     results: dict[str, Any] = {"eval": None, "token_credit": None}
     if cfg.policy:
-        results["eval"] = evaluate_policy(
-            cfg.policy, cfg.reference, prompts=cfg.prompts, judge=cfg.judge, num_samples=cfg.num_samples,
-            temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens,
-            seed=cfg.seed, batch_size=cfg.batch_size, chunk_rows=cfg.chunk_rows, max_prompts=cfg.max_prompts,
-            max_prompt_length=cfg.max_prompt_length, prompts_split=cfg.prompts_split,
-            tie_tolerance=cfg.tie_tolerance, output_dir=out, device=dev,
-            show_progress=not cfg.disable_tqdm, quiet=False, models=models, best_of=cfg.best_of,
-            best_of_sizes=cfg.best_of_sizes,
-        )
+        results["eval"] = evaluate_policy(cfg.policy, cfg.reference, cfg, output_dir=out, device=dev, quiet=False,
+                                          models=models)
     if cfg.token_credit:
         from finegrain.eval.token_credit import evaluate_token_credit_sources
 

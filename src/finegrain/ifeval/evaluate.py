@@ -103,7 +103,7 @@ def evaluate_on_task(policy: str | Path, rows: Sequence[dict], prompts_path: str
     result = evaluate_policy(policy, reference if reference is not None else policy, prompts=str(prompts_path),
                              judge="ifeval", temperature=0.0, max_new_tokens=max_new_tokens, batch_size=batch_size,
                              max_prompts=len(rows), output_dir=out, device=device, dtype=dtype, models=models,
-                             show_progress=show_progress)
+                             disable_tqdm=not show_progress)
     seconds = time.perf_counter() - start
     samples_path = out / "samples.jsonl"
     from finegrain.ifeval.sampling import read_jsonl
