@@ -234,6 +234,16 @@ def summarise(args, runs: dict[str, dict[int, dict]]) -> dict[str, dict]:
     return out
 
 
+def effective_kl_coef(settings: dict) -> float:
+    """The KL coefficient the runs used: ``--kl-coef``, unless ``--ppo-args`` sets ``--kl_coef`` (it comes last)."""
+    extra = shlex.split(settings.get("ppo_args") or "")
+    value = settings["kl_coef"]
+    for i, arg in enumerate(extra[:-1]):
+        if arg in ("--kl_coef", "--kl-coef"):
+            value = float(extra[i + 1])
+    return value
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -261,7 +271,7 @@ def plot(results: dict, path: Path) -> None:
         ax.set_xlabel("samples trained on before the rollout batch")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"finegrain ppo on the built-in world: {s['estimator']}, lr {s['lr']}, KL coef {s['kl_coef']}, "
+    fig.suptitle(f"finegrain ppo on the built-in world: {s['estimator']}, lr {s['lr']}, KL coef {effective_kl_coef(s)}, "
                  f"{len(s['seeds'])} seeds (mean ± s.e.)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -342,7 +352,8 @@ def run(args: argparse.Namespace | None = None) -> dict:
 
 def _print_summary(results: dict) -> None:
     s = results["settings"]
-    print(f"\nPPO on the world: {s['steps']} steps x {s['rollout_batch_size']} samples, seeds {s['seeds']}; "
+    print(f"\nPPO on the world: {s['steps']} steps x {s['rollout_batch_size']} samples, KL coef {effective_kl_coef(s)}, "
+          f"seeds {s['seeds']}; "
           f"mean ± s.e. over seeds; threshold {s['threshold']}")
     for name, info in results["reward_models"].items():
         shown = {k: round(v, 3) for k, v in info["eval"].items() if k in ("accuracy", "auroc", "edit_auroc")}
