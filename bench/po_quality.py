@@ -285,9 +285,14 @@ def run(args: argparse.Namespace | None = None) -> dict:
     results["world_format"] = json.loads((world / "world.json").read_text()).get("format")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    plot(results, out.with_suffix(".png"))
+    _with(out, ".json").write_text(json.dumps(results, indent=2))
+    plot(results, _with(out, ".png"))
     return results
+
+
+def _with(out: Path, ext: str) -> Path:
+    """``out`` plus an extension (not ``with_suffix``: ``po_quality_alpha0.25`` must not lose its ``.25``)."""
+    return out.parent / f"{out.name}{ext}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -296,8 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         results = json.loads(Path(args.replot).read_text())
         summarise(results)
         out = Path(args.out)
-        out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-        plot(results, out.with_suffix(".png"))
+        _with(out, ".json").write_text(json.dumps(results, indent=2))
+        plot(results, _with(out, ".png"))
     else:
         results = run(args)
     print(f"{'method':<14} {'reward':>15} {'well-formed':>15} {'KL':>15}")

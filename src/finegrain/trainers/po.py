@@ -92,10 +92,12 @@ class POConfig(TrainConfig):
     token_rewards_column: str = option("token_rewards", "treg-*: the columns chosen_<name> / rejected_<name> hold "
                                                         "per-token rewards in (−½, ½)")
     contrastive_template: Literal["auto", "control", "system", "draft"] = option(
-        "auto", "treg-* with reg_source contrastive: the opposite prompts: control (a prefix), system (a system turn) or "
-        "draft (the paper's revision request); auto: draft (on the built-in world: control with its prefixes)")
-    contrastive_positive: str | None = option(None, "positive instruction text (default: the template's)")
-    contrastive_negative: str | None = option(None, "negative instruction text (default: the template's)")
+        "auto", "treg-* with reg_source contrastive: the opposite prompts: draft (the paper's revision request, which "
+        "contains the response), control (an instruction or prefix without it) or system (a system turn); auto: draft "
+        "(on the built-in world: its revision requests)")
+    contrastive_positive: str | None = option(None, "positive text (default: the template's); for draft, a goal of the "
+                                                    "built-in request, or a whole request with {prompt} and {draft}")
+    contrastive_negative: str | None = option(None, "negative text (default: the template's); as contrastive_positive")
     ref_model_name_or_path: str | None = option(None, "reference model; default: the policy's starting weights "
                                                       "(with --use_peft: the policy with its adapter disabled)")
     precompute_ref_log_probs: bool = option(False, "run the reference once over the data and cache its per-token "
