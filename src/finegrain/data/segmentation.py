@@ -15,11 +15,14 @@ Splitters:
   whitespace, after the full-width ``。！？``, and at newlines; a period after a common abbreviation, a single capital initial or a line-leading
   list number, or one followed by a lowercase word, does not end a sentence; decimals and URLs are never split
   (no whitespace after their dots); fragments shorter than ``min_chars`` non-space characters are merged.
+* :class:`PunctuationSplitter`: cuts at every terminator run followed by whitespace, with no abbreviation or case
+  rules (lowercase text such as the built-in world's).
 * :class:`SaTSplitter`: wraps ``wtpsplit``'s Segment-any-Text model (``sat-3l`` with threshold 0.2 in the SRM
   code), used only when ``wtpsplit`` is installed (``pip install finegrain[sat]``) and the model is on disk.
 
 Tokens are matched to sentences by character offsets (:func:`token_sentence_ids`, :func:`sentence_token_ends`),
-never by re-tokenising. The two SRM boundary modes build on them:
+never by re-tokenising. :func:`make_splitter` / :func:`splitter_config` rebuild a splitter from the config a saved
+reward model records. The two SRM boundary modes build on them:
 
 * (a) :func:`insert_end_tokens`: ``prompt <END> s_1 <END> … s_N EOS <END>``, the SRM training layout;
 * (b) :func:`mark_sentence_ends`: no new tokens; the last prompt token is ``e_0`` and the last token of each
@@ -365,3 +368,88 @@ def mark_sentence_ends(
     """
     ends = _check_ends(sentence_ends, len(response_ids), prompt_ids)
     return SentenceBoundaries(list(prompt_ids), list(response_ids), ends)
+
+
+# ------------------------------------------------------------------------------------------ recorded splitters
+
+
+@dataclass
+class PunctuationSplitter:
+    """Cut after every run of sentence terminators followed by whitespace (or the end), and at newlines.
+
+    Unlike :class:`~finegrain.data.segmentation.RuleSplitter` it has no abbreviation or case rules, so lowercase
+    text such as the built-in world's ("it is hot . it shines .") is cut at every period (the rule splitter reads a
+    period before a lowercase word as a sentence going on). Spans follow the
+    :class:`~finegrain.data.segmentation.SentenceSplitter` guarantees; a piece with fewer than ``min_chars``
+    non-space characters joins the previous sentence (the next one when it is first).
+
+    Example:
+        >>> t = "it is hot . it shines ."
+        >>> [t[a:b] for a, b in PunctuationSplitter().split(t)]
+        ['it is hot .', 'it shines .']
+    """
+
+    min_chars: int = 2
+
+    def split(self, text: str) -> list[tuple[int, int]]:
+        spans: list[list[int]] = []
+        start, pending = 0, None
+        for cut in [m.end() for m in _TERMINATOR.finditer(text)] + [len(text)]:
+            a, b = start, cut
+            start = cut
+            while a < b and text[a].isspace():
+                a += 1
+            while b > a and text[b - 1].isspace():
+                b -= 1
+            if a == b:
+                continue
+            if pending is not None:
+                a, pending = pending, None
+            if sum(not c.isspace() for c in text[a:b]) >= self.min_chars:
+                spans.append([a, b])
+            elif spans:
+                spans[-1][1] = b
+            else:
+                pending = a  # a tiny first piece joins the next sentence
+        if pending is not None:
+            spans.append([pending, len(text.rstrip())])
+        return [(a, b) for a, b in spans]
+
+
+def make_splitter(config: dict[str, Any] | None = None) -> SentenceSplitter:
+    """A sentence splitter from its recorded config: ``{"name": "rule", "min_chars": 2}`` (default),
+    ``{"name": "punct", "min_chars": 2}`` (:class:`PunctuationSplitter`) or
+    ``{"name": "sat", "model": "sat-3l", "threshold": 0.2}`` (needs ``wtpsplit`` and the model on disk).
+
+    Raises:
+        ConfigError: an unknown splitter name or bad settings.
+    """
+    config = dict(config or {"name": "rule"})
+    name = config.pop("name", "rule")
+    try:
+        if name == "rule":
+            return RuleSplitter(**config)
+        if name == "punct":
+            return PunctuationSplitter(**config)
+        if name == "sat":
+            model = config.pop("model", "sat-3l")
+            splitter = SaTSplitter.from_pretrained(model, **config)
+            splitter.model_name = model  # recorded by splitter_config
+            return splitter
+    except TypeError as err:
+        raise ConfigError(f"splitter {name!r}: bad settings {config}: {err}") from None
+    raise ConfigError(f"unknown sentence splitter {name!r}; choose 'rule', 'punct' or 'sat'")
+
+
+def splitter_config(splitter: SentenceSplitter) -> dict[str, Any]:
+    """The config :func:`make_splitter` rebuilds ``splitter`` from (rule and SaT splitters)."""
+    if isinstance(splitter, RuleSplitter):
+        return {"name": "rule", "min_chars": splitter.min_chars}
+    if isinstance(splitter, PunctuationSplitter):
+        return {"name": "punct", "min_chars": splitter.min_chars}
+    if isinstance(splitter, SaTSplitter):
+        model = getattr(splitter, "model_name", "sat-3l")
+        return {"name": "sat", "model": model, "threshold": splitter.threshold,
+                "min_text_chars": splitter.min_text_chars, "min_chars": splitter.min_chars}
+    raise ConfigError(f"cannot record a {type(splitter).__name__} splitter; use RuleSplitter, PunctuationSplitter "
+                      "or SaTSplitter")

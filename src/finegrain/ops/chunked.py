@@ -132,11 +132,12 @@ class _ChunkedCompletionStats(torch.autograd.Function):
                     ref_lse[sub] = ref_lse_s
                     ref_logp_y[sub] = zr.gather(1, yc[local]).squeeze(1) - ref_lse_s
                     if compute_kl:
-                        # log p_θ − log p_ref = (z − zr) − (lse − ref_lse), formed in the logit domain where every
+                        # log p_ref − log p_θ = (zr − z) − (ref_lse − lse), formed in the logit domain where every
                         # term is finite: a reference probability that underflows to 0 multiplies a finite number.
-                        d = z[local].sub_(zr).sub_((lse_c[local] - ref_lse_s).unsqueeze(1))  # in place, z's rows
+                        d = torch.sub(zr, z[local], out=z[local])  # in place: z's rows now hold zr − z
+                        d.sub_((ref_lse_s - lse_c[local]).unsqueeze(1))
                         q = zr.sub_(ref_lse_s.unsqueeze(1)).exp_()  # in place: zr now holds p_ref
-                        kl[sub] = torch.bmm(q.unsqueeze(1), d.unsqueeze(2)).view(-1).neg_()  # Σ q (log q − log p)
+                        kl[sub] = torch.bmm(q.unsqueeze(1), d.unsqueeze(2)).view(-1)  # Σ q (log q − log p)
                         del d, q
                     del zr
                 del z
