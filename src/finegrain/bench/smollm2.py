@@ -87,6 +87,19 @@ def resolve_model(model: str, root: Path, layers: int | None = None) -> tuple[st
     return model, f"model directory {model}"
 
 
+def _attempt(errors: dict[str, str], part: str, fn):
+    """``fn()``, or None with the failure recorded under ``errors`` (and printed): one part failing must not lose
+    the others' results."""
+    import traceback
+
+    try:
+        return fn()
+    except Exception as exc:
+        errors[part] = f"{type(exc).__name__}: {exc}"
+        print(f"  smollm2: part {part} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        return None
+
+
 def _roofline(size: int, device: str) -> dict:
     from finegrain.bench.measure import matmul_flops_per_s
 
@@ -130,6 +143,7 @@ def run(*, model: str = "auto", layers: int | None = None, parts: tuple[str, ...
     if threads:
         torch.set_num_threads(threads)
     results: dict = {}
+    errors: dict[str, str] = {}
     ratios: dict[str, float] = {}
     meaning: dict[str, str] = {}
     cpu_ratios: dict[str, float] = {}
@@ -146,11 +160,20 @@ def run(*, model: str = "auto", layers: int | None = None, parts: tuple[str, ...
         peaks = []
         if "roofline" in parts:
             peaks.append(_roofline(matmul_size, device))
-        if "po" in parts:
-            po = po_vs_trl.run(model=model_dir, configs=configs, profile=profile, prompt_len=prompt_len,
-                               response_len=response_len, pairs=pairs, batch=batch, steps=steps, warmup=warmup,
-                               rounds=rounds, lora_r=lora_r, device=device, bf16=bf16, workdir=workdir)
-            results["po"] = po
+
+        def part(name: str, fn):
+            """``fn()`` into ``results[name]`` when ``name`` is selected; a failure goes to ``errors``."""
+            if name in parts:
+                out = _attempt(errors, name, fn)
+                if out is not None:
+                    results[name] = out
+            return results.get(name)
+
+        po = part("po", lambda: po_vs_trl.run(
+            model=model_dir, configs=configs, profile=profile, prompt_len=prompt_len, response_len=response_len,
+            pairs=pairs, batch=batch, steps=steps, warmup=warmup, rounds=rounds, lora_r=lora_r, device=device,
+            bf16=bf16, workdir=workdir))
+        if po is not None:
             for key in ("finegrain_dpo/trl_dpo", "finegrain_dpo_lora/trl_dpo_lora", "finegrain_tdpo2/finegrain_dpo"):
                 if key in po["ratios"]:
                     ratios[key] = po["ratios"][key]
@@ -170,8 +193,7 @@ def run(*, model: str = "auto", layers: int | None = None, parts: tuple[str, ...
             figures["matmul_peak_gflops"] = {"value": best["cpu_flops_per_s"] / 1e9, "unit": "GFLOP/s",
                                              "note": f"float32 {matmul_size}^3 matmul, {best['threads']} thread(s), "
                                                      f"CPU time (wall clock: {wall_best / 1e9:.1f})"}
-            if "po" in parts:
-                po = results["po"]
+            if po is not None:
                 for name, t in po["cpu_time"]["throughput"].items():
                     if not isinstance(t, dict):
                         continue
@@ -184,34 +206,31 @@ def run(*, model: str = "auto", layers: int | None = None, parts: tuple[str, ...
                                                  "note": f"model FLOPs / CPU time; wall clock: {wall:.1%} of the "
                                                          "wall-clock matmul peak"}
                 results["profiles"] = _profile_lines(po.get("profiles", {}), best["cpu_flops_per_s"])
-        if "tdpo_memory" in parts:
-            mem = tdpo_memory.run(rows=mem_rows, seq_len=mem_seq_len, vocab=c.vocab_size, hidden=c.hidden_size,
-                                  chunk_size=mem_chunk_size, threads=threads, device=device,
-                                  dtype="bfloat16" if bf16 else "float32")
-            results["tdpo_memory"] = mem
+        mem = part("tdpo_memory", lambda: tdpo_memory.run(
+            rows=mem_rows, seq_len=mem_seq_len, vocab=c.vocab_size, hidden=c.hidden_size, chunk_size=mem_chunk_size,
+            threads=threads, device=device, dtype="bfloat16" if bf16 else "float32"))
+        if mem is not None:
             ratios["chunked/naive_peak_memory"] = mem["ratios"]["chunked/naive_peak_memory"]
             meaning["chunked/naive_peak_memory"] = (f"peak memory of TDPO statistics + loss, forward + backward, "
                                                     f"{mem_rows} x {mem_seq_len} tokens, V = {c.vocab_size}: chunked "
                                                     f"({mem_chunk_size} rows) / full logits")
             for k in ("chunked_peak_mib", "naive_peak_mib", "worst_relative_difference"):
                 figures[f"tdpo_{k}"] = mem["figures"][k]
-        if "rollout" in parts:
-            ro = rollout_throughput.run(model=model_dir, batch=rollout_batch, min_prompt=min_prompt,
-                                        max_prompt=max_prompt, new_tokens=new_tokens, repeats=repeats,
-                                        threads=threads, device=device, dtype="bfloat16" if bf16 else "float32")
-            results["rollout"] = ro
+        ro = part("rollout", lambda: rollout_throughput.run(
+            model=model_dir, batch=rollout_batch, min_prompt=min_prompt, max_prompt=max_prompt, new_tokens=new_tokens,
+            repeats=repeats, threads=threads, device=device, dtype="bfloat16" if bf16 else "float32"))
+        if ro is not None:
             ratios["sampler/generate_tok_s"] = ro["ratios"]["finegrain/transformers_tok_s"]
             meaning["sampler/generate_tok_s"] = (f"rollout tokens/s, {rollout_batch} prompts x {new_tokens} new "
                                                  "tokens: finegrain's sampler / generate (median of repetitions)")
             cpu_ratios["sampler/generate_tok_s"] = ro["cpu_time"]["ratio"]
             for k in ("finegrain_tok_s", "transformers_tok_s", "identical_samples", "tokens_per_row"):
                 figures[f"rollout_{k}"] = ro["figures"][k]
-        if "ppo" in parts:
-            ppo = ppo_breakdown.run(model=model_dir, steps=ppo_steps, warmup=ppo_warmup,
-                                    rollout_batch_size=ppo_rollout_batch, max_new_tokens=ppo_new_tokens,
-                                    ppo_epochs=ppo_epochs, micro_batch=ppo_micro_batch, prompt_len=prompt_len // 2,
-                                    throughput_repeats=0, threads=threads, device=device, bf16=bf16)
-            results["ppo"] = ppo
+        ppo = part("ppo", lambda: ppo_breakdown.run(
+            model=model_dir, steps=ppo_steps, warmup=ppo_warmup, rollout_batch_size=ppo_rollout_batch,
+            max_new_tokens=ppo_new_tokens, ppo_epochs=ppo_epochs, micro_batch=ppo_micro_batch,
+            prompt_len=prompt_len // 2, throughput_repeats=0, threads=threads, device=device, bf16=bf16))
+        if ppo is not None:
             for phase in ppo_breakdown.PHASES:
                 ratios[f"{phase}/ppo_step"] = ppo["ratios"][f"{phase}/step"]
                 meaning[f"{phase}/ppo_step"] = ppo["meaning"][f"{phase}/step"]
@@ -225,8 +244,12 @@ def run(*, model: str = "auto", layers: int | None = None, parts: tuple[str, ...
                             "cpu_time": cpu_ratios.get(key)}
             notes.append(f"{key} = {ratios[key]:.3f}" + (f" (CPU time {cpu_ratios[key]:.3f})" if key in cpu_ratios
                                                          else "") + f"; issue 16 target {op} {value}")
+    notes += [f"part {k} failed: {v}" for k, v in errors.items()]
+    if errors and not ratios:
+        raise RuntimeError("every part failed: " + "; ".join(f"{k}: {v}" for k, v in errors.items()))
     return {"benchmark": "smollm2", "settings": settings, "ratios": ratios, "meaning": meaning,
-            "cpu_time_ratios": cpu_ratios, "figures": figures, "targets": targets, "parts": results, "notes": notes}
+            "cpu_time_ratios": cpu_ratios, "figures": figures, "targets": targets, "parts": results,
+            "errors": errors, "notes": notes}
 
 
 def main(argv: list[str] | None = None) -> int:
