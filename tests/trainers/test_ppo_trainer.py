@@ -176,8 +176,12 @@ def test_lora_reference_is_the_policy_with_its_adapter_disabled(tiny_world, tmp_
 @pytest.mark.smoke
 def test_mixed_sources_with_scales(tiny_world, tmp_path, monkeypatch):
     (tmp_path / "ppo_test_rewards.py").write_text(textwrap.dedent("""
+        import json
+
         def length(prompts, responses):
             assert all("the" in p for p in prompts)  # the data set's prompts, as given
+            with open(__file__ + ".calls.jsonl", "a") as f:
+                f.write(json.dumps(responses) + "\\n")
             return [float(len(r.split())) for r in responses]
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -185,7 +189,10 @@ def test_mixed_sources_with_scales(tiny_world, tmp_path, monkeypatch):
                "--reward_scales", 1.0, 0.5, "--kl_coef", 0.0)
     row = _rows(run)[0]
     assert row["rewards/raw"] == pytest.approx(row["rewards/raw/oracle"] + row["rewards/raw/length"])
-    assert row["rewards/raw/length"] == pytest.approx(0.5 * (row["response/length"] - 1))  # words = tokens - EOS
+    # the first call scores the training rollout (a sampled special token decodes to no word: count the words)
+    first = json.loads((tmp_path / "ppo_test_rewards.py.calls.jsonl").read_text().splitlines()[0])
+    assert len(first) == row["samples"]
+    assert row["rewards/raw/length"] == pytest.approx(0.5 * sum(len(r.split()) for r in first) / len(first))
     assert row["rewards/raw/oracle"] == pytest.approx(row["oracle/reward"])
 
 

@@ -27,7 +27,7 @@ def step_profiler(skip: int = 1):
     from torch.profiler import ProfilerActivity, profile, schedule
 
     return profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_flops=True,
-                   schedule=schedule(wait=skip, warmup=0, active=1, repeat=1))
+                   schedule=schedule(wait=max(0, skip - 1), warmup=min(1, skip), active=1, repeat=1))
 
 
 def _is_attention(name: str) -> bool:

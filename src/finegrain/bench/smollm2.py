@@ -245,7 +245,7 @@ def run(*, model: str = "auto", layers: int | None = None, parts: tuple[str, ...
             notes.append(f"{key} = {ratios[key]:.3f}" + (f" (CPU time {cpu_ratios[key]:.3f})" if key in cpu_ratios
                                                          else "") + f"; issue 16 target {op} {value}")
     notes += [f"part {k} failed: {v}" for k, v in errors.items()]
-    if errors and not ratios:
+    if errors and not results:
         raise RuntimeError("every part failed: " + "; ".join(f"{k}: {v}" for k, v in errors.items()))
     return {"benchmark": "smollm2", "settings": settings, "ratios": ratios, "meaning": meaning,
             "cpu_time_ratios": cpu_ratios, "figures": figures, "targets": targets, "parts": results,
