@@ -8,8 +8,8 @@ import statistics
 import pytest
 import torch
 
-from finegrain.models.flops import ModelFlops, mfu, model_flops, peak_bf16_flops
 from finegrain.bench.synthetic import LLAMA_1B, LlamaShape, build_model
+from finegrain.models.flops import ModelFlops, mfu, model_flops, peak_bf16_flops
 
 
 @pytest.mark.parametrize("name, device, peak", [

@@ -147,9 +147,11 @@ def test_dpo_raises_heldout_pair_accuracy(tiny_world, tmp_path):
     run = po.train(cfg, model, tok, train_data, eval_data)
     after = _rows(run, "eval")[-1]
     assert before["rewards/accuracies"] == 0.0  # policy == reference: every implicit reward is 0, a tie
-    # chance is 0.5; 40 small steps on the tiny world reach 0.60-0.63 (the build's thread count moves it)
+    # chance is 0.5; 40 small steps on the tiny world reach 0.60-0.63 with margins 0.23-0.27 (the world's build, its
+    # thread count, moves them); the held-out loss need not fall at β = 0.5 (confident mistakes), the training loss does
     assert after["rewards/accuracies"] > 0.55 and after["rewards/margins"] > 0.1
-    assert after["loss"] < before["loss"] - 0.01
+    train = _rows(run, "train")
+    assert train[-1]["loss"] < train[0]["loss"]
 
 
 # ------------------------------------------------------------------------------------------------ reference paths
@@ -327,8 +329,8 @@ def test_treg_diagnostic_is_the_token_mean_over_shared_and_differing_tokens():
     # pair 1: shared EOS on both (0, 0); differing 8 9 4 / 3 (0.125, −0.25, 0.375, 0.5)
     cfg = parse(po.POConfig, ["--loss", "treg-dpo"], "po")
     total = {}
-    po._accumulate(total, po.pair_metrics(po.make_loss(cfg)(stats), stats))
-    got = po._reduce(total, 2, _fake_acc(), po.metric_names(cfg))
+    po.accumulate(total, po.pair_metrics(po.make_loss(cfg)(stats), stats))
+    got = po.reduce_metrics(total, 2, _fake_acc(), po.metric_names(cfg))
     shared, diff = [0.25, 0.0, -0.25, 0.0, 0.0, 0.0], [0.5, -0.5, 0.125, -0.25, 0.375, 0.5]
     assert got["treg/shared_reward"] == pytest.approx(sum(shared) / 6)
     assert got["treg/shared_abs_reward"] == pytest.approx(sum(map(abs, shared)) / 6)

@@ -70,3 +70,37 @@ def test_sft_logs_tokens_per_second_and_mfu_that_match_a_hand_count(tmp_path):
         assert row["perf/mfu"] * seconds * peak["flops"] == pytest.approx(flops)
     summary = json.loads((out / "run.json").read_text())["perf"]
     assert summary["perf/tokens_per_second"] > 0 and 0 < summary["perf/mfu"] < 1
+
+
+@pytest.mark.parametrize("extra, reference_reads", [([], True), (["--precompute_ref_log_probs"], False)],
+                         ids=["live reference", "cached reference"])
+def test_po_logs_tokens_per_second_and_mfu_that_match_a_hand_count(tmp_path, extra, reference_reads):
+    """DPO on the tiny Llama of the sft test: a pair is two rows (the prompt with each response); each trains at
+    3 F(n, h), and a live reference (a frozen copy) adds its forward F(n, h); cached reference log-probs do not."""
+    from finegrain.cli.main import main as cli_main
+    from finegrain.models.loading import load_tokenizer
+
+    model = R.tiny_model_dir(tmp_path / "model", "llama")
+    rows = R.preference_rows(8)
+    data = R.write_rows(tmp_path / "pairs.jsonl", rows)
+    out = tmp_path / "run"
+    assert cli_main(["po", "--loss", "dpo", *R.model_args(model, data, out, steps=2, batch=4, extra=extra)]) == 0
+    tok = load_tokenizer(str(model))
+    body = 2 * (32 * 32 + 32 * 16 + 32 * 16 + 32 * 32 + 32 * 64 + 32 * 64 + 64 * 32)
+    head = len(tok) * 32
+    peak = json.loads((out / "run.json").read_text())["perf_peak"]["flops"]
+    per_row = 4 if reference_reads else 3
+    for row, indices in zip(R.metrics(out), R.consumed(out)):
+        tokens = flops = 0
+        for i in indices:
+            p = len(tok(rows[i]["prompt"])["input_ids"])
+            for side in ("chosen", "rejected"):
+                h = len(tok(rows[i][side], add_special_tokens=False)["input_ids"]) + 1  # + EOS
+                n = p + h
+                tokens += n
+                flops += per_row * (2 * body * n + 2 * head * h + 4 * 2 * 32 * n * n)
+        seconds = row["perf/step_time"]
+        assert row["perf/tokens_per_second"] * seconds == pytest.approx(tokens)
+        assert row["perf/mfu"] * seconds * peak == pytest.approx(flops)
+    summary = json.loads((out / "run.json").read_text())["perf"]
+    assert summary["perf/tokens_per_second"] > 0 and 0 < summary["perf/mfu"] < 1

@@ -23,14 +23,17 @@ run directory) live in :mod:`finegrain.trainers.po_reference`.
 Metrics: ``loss``, ``rewards/{chosen,rejected,margins,accuracies}`` (the loss's implicit rewards; accuracy counts
 ``chosen > rejected``, ties as wrong, as TRL does), ``logps/{chosen,rejected}`` (summed policy log-probs),
 ``kl/{chosen,rejected,margin}`` (TDPO, un-scaled sequential KLs), ``treg/weight`` (T-REG's ``w``) and T-REG's
-token-reward diagnostic (:func:`shared_token_masks`, :data:`TREG_DIAGNOSTICS`), ``nll_loss`` (DPO-SFT's NLL term);
-the same names with ``split="eval"`` on held-out pairs.
+token-reward diagnostic (:func:`~finegrain.trainers.po_stats.shared_token_masks`,
+:data:`~finegrain.trainers.po_stats.TREG_DIAGNOSTICS`), ``nll_loss`` (DPO-SFT's NLL term); the same names with
+``split="eval"`` on held-out pairs (:mod:`finegrain.trainers.po_stats`). Throughput: ``perf/*`` as in every trainer
+(docs/run-directory.md), the reference's forward counted when it runs live.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -48,12 +51,22 @@ from finegrain.losses import (
     treg_loss,
 )
 from finegrain.losses.dpo import dpo_sft_loss
-from finegrain.losses.treg import shared_token_rewards
 from finegrain.models.forward import hidden_states, predicting_states
 from finegrain.ops import masked_sum
 from finegrain.ops.chunked import completion_stats
 from finegrain.trainers import loop
 from finegrain.trainers.po_reference import Reference, frozen_reference, head_of, precompute_reference
+from finegrain.trainers.po_stats import (  # noqa: F401 (re-exported: finegrain.trainers.po.pair_metrics etc.)
+    BASE_METRICS,
+    TREG_DIAGNOSTICS,
+    PreferenceStats,
+    accumulate,
+    halves,
+    metric_names,
+    pair_metrics,
+    reduce_metrics,
+    shared_token_masks,
+)
 
 LOSSES = ("dpo", "simpo", "tdpo1", "tdpo2", "treg-dpo", "treg-simpo")
 DEFAULT_BETA = {"dpo": 0.1, "tdpo1": 0.1, "tdpo2": 0.1, "treg-dpo": 0.1, "simpo": 2.0, "treg-simpo": 2.0}
@@ -226,40 +239,23 @@ def make_plan(cfg: POConfig, data, *, eval_split: bool = False) -> Plan:
     return Plan(ref_logps=ref_logps, ref_kl=spec.needs_ref_distribution, token_rewards=rewards)
 
 
-@dataclasses.dataclass
-class PreferenceStats:
-    """Per-token inputs of a preference loss for ``2B`` rows (chosen ``[0, B)``, rejected ``[B, 2B)``), ``(2B, T)``."""
-
-    token_logps: torch.Tensor
-    mask: torch.Tensor
-    ref_token_logps: torch.Tensor | None = None
-    token_kl: torch.Tensor | None = None
-    token_rewards: torch.Tensor | None = None
-    shared: torch.Tensor | None = None  # (2B, T) bool: tokens the pair's other response shares (T-REG diagnostic)
-
-
-def _halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    b = x.shape[0] // 2
-    return x[:b], x[b:]
-
-
 def make_loss(cfg: POConfig) -> Callable[[PreferenceStats], PreferenceLossOutput]:
     """The configured loss as one function of :class:`PreferenceStats`, resolved once (no per-step dispatch)."""
     beta, alpha, gamma = cfg.beta, cfg.alpha, cfg.gamma
 
     def sums(x, s):
-        return _halves(masked_sum(x, s.mask, dim=-1))
+        return halves(masked_sum(x, s.mask, dim=-1))
 
     if cfg.loss == "dpo" and cfg.rpo_alpha is not None:
         def loss(s):
-            return dpo_sft_loss(*sums(s.token_logps, s), *sums(s.ref_token_logps, s), _halves(s.mask.sum(-1))[0],
+            return dpo_sft_loss(*sums(s.token_logps, s), *sums(s.ref_token_logps, s), halves(s.mask.sum(-1))[0],
                                 beta, cfg.rpo_alpha, cfg.label_smoothing)
     elif cfg.loss == "dpo":
         def loss(s):
             return dpo_loss(*sums(s.token_logps, s), *sums(s.ref_token_logps, s), beta, cfg.label_smoothing)
     elif cfg.loss == "simpo":
         def loss(s):
-            return simpo_loss(*sums(s.token_logps, s), *_halves(s.mask.sum(-1)), beta, gamma)
+            return simpo_loss(*sums(s.token_logps, s), *halves(s.mask.sum(-1)), beta, gamma)
     elif cfg.loss in ("tdpo1", "tdpo2"):
         def loss(s):
             margins = sums(s.token_logps - s.ref_token_logps, s)
@@ -268,98 +264,11 @@ def make_loss(cfg: POConfig) -> Callable[[PreferenceStats], PreferenceLossOutput
         base = cfg.loss.split("-")[1]
 
         def loss(s):
-            (pw, pl), (mw, ml), (rw, rl) = _halves(s.token_logps), _halves(s.mask), _halves(s.token_rewards)
-            ref_w, ref_l = _halves(s.ref_token_logps) if s.ref_token_logps is not None else (None, None)
+            (pw, pl), (mw, ml), (rw, rl) = halves(s.token_logps), halves(s.mask), halves(s.token_rewards)
+            ref_w, ref_l = halves(s.ref_token_logps) if s.ref_token_logps is not None else (None, None)
             return treg_loss(pw, ref_w, pl, ref_l, rw, rl, mw, ml, beta, alpha, base=base, gamma=gamma or 0.0,
                              token_reduction=cfg.token_reduction, weighting=cfg.weighting)
     return loss
-
-
-BASE_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-                "logps/rejected")
-TREG_DIAGNOSTICS = ("treg/shared_reward", "treg/shared_abs_reward", "treg/diff_reward", "treg/diff_abs_reward",
-                    "treg/shared_share")
-"""T-REG's token-reward diagnostic (docs/methods/treg.md): the mean token reward ``r̂`` and mean ``|r̂|`` over the
-response tokens that the pair's chosen and rejected responses share (:func:`shared_token_masks`) and over the tokens
-where they differ, pooled over the logged pairs' tokens; and the share of tokens that are shared."""
-_RATIOS = {  # metric -> (numerator, denominator), both summed per pair, divided after the sums over pairs
-    "treg/shared_reward": ("sum/shared_reward", "sum/shared_tokens"),
-    "treg/shared_abs_reward": ("sum/shared_abs_reward", "sum/shared_tokens"),
-    "treg/diff_reward": ("sum/diff_reward", "sum/diff_tokens"),
-    "treg/diff_abs_reward": ("sum/diff_abs_reward", "sum/diff_tokens"),
-    "treg/shared_share": ("sum/shared_tokens", "sum/tokens"),
-}
-
-
-def metric_names(cfg: POConfig) -> tuple[str, ...]:
-    """The metrics a run of ``cfg`` logs (see :func:`pair_metrics`)."""
-    spec = get_preference_loss_spec(cfg.loss)
-    extra = ("kl/chosen", "kl/rejected", "kl/margin") if spec.needs_ref_distribution else ()
-    treg = ("treg/weight",) + TREG_DIAGNOSTICS if spec.needs_token_rewards else ()
-    sft = ("nll_loss",) if cfg.loss == "dpo" and cfg.rpo_alpha is not None else ()
-    return BASE_METRICS + extra + treg + sft
-
-
-def _summed_names(names: tuple[str, ...]) -> tuple[str, ...]:
-    """The per-pair values summed over pairs for ``names``: ratio metrics become their numerators and denominators."""
-    out: list[str] = []
-    for name in names:
-        for key in _RATIOS.get(name, (name,)):
-            if key not in out:
-                out.append(key)
-    return tuple(out)
-
-
-def shared_token_masks(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``(2B, T)`` bool: the response tokens that a pair's chosen and rejected responses share.
-
-    A token is shared when a minimal unit-cost Levenshtein alignment of the two token-id sequences (EOS included;
-    :func:`finegrain.data.alignment.edit_tags`) keeps it unchanged; substituted, deleted and added tokens differ.
-    Rows follow the batch layout (chosen ``[0, B)``, rejected ``[B, 2B)``); False where ``mask`` is False.
-
-    Args:
-        ids: ``(2B, T)`` response token ids.
-        mask: ``(2B, T)`` bool response mask.
-
-    Example:
-        >>> shared_token_masks(torch.tensor([[5, 6, 2], [5, 7, 2]]), torch.ones(2, 3, dtype=torch.bool)).tolist()
-        [[True, False, True], [True, False, True]]
-    """
-    from finegrain.data.alignment import edit_tags
-
-    b = ids.shape[0] // 2
-    rows = [ids[i][mask[i]].tolist() for i in range(2 * b)]
-    out = torch.zeros(ids.shape, dtype=torch.bool)
-    for i in range(b):
-        tags_w, tags_l = edit_tags(rows[i], rows[b + i])
-        for row, tags in ((i, tags_w), (b + i, tags_l)):
-            where = mask[row].nonzero().flatten()[: len(tags)]
-            out[row, where.cpu()] = torch.tensor([t == "U" for t in tags], dtype=torch.bool)
-    return out.to(mask.device)
-
-
-def pair_metrics(out: PreferenceLossOutput, stats: PreferenceStats) -> dict[str, torch.Tensor]:
-    """Per-pair metric values ``(B,)`` (detached); the logged value is their mean, except T-REG's diagnostic, whose
-    per-pair sums (``sum/*``) become token means in :func:`_reduce`.
-
-    Named as in docs/methods/dpo.md (``rewards/*``), docs/methods/tdpo.md (``kl/*``) and docs/methods/treg.md
-    (``treg/*``)."""
-    chosen, rejected = _halves(masked_sum(stats.token_logps.detach(), stats.mask, dim=-1))
-    margins = out.chosen_rewards - out.rejected_rewards
-    metrics = {"loss": out.losses.detach(), "rewards/chosen": out.chosen_rewards,
-               "rewards/rejected": out.rejected_rewards, "rewards/margins": margins,
-               "rewards/accuracies": (margins > 0).float(), "logps/chosen": chosen, "logps/rejected": rejected}
-    for key in ("kl/chosen", "kl/rejected", "kl/margin"):
-        if key in out.extras:
-            metrics[key] = out.extras[key]
-    if "weights" in out.extras:
-        metrics["treg/weight"] = out.extras["weights"]
-    if "nll_loss" in out.extras:
-        metrics["nll_loss"] = out.extras["nll_loss"]
-    if stats.token_rewards is not None and stats.shared is not None:
-        (rw, rl), (mw, ml), (sw, sl) = _halves(stats.token_rewards), _halves(stats.mask), _halves(stats.shared)
-        metrics.update(shared_token_rewards(rw, rl, sw, sl, mw, ml))
-    return {k: v.detach().float() for k, v in metrics.items()}
 
 
 def batch_stats(model, reference: Reference | None, batch, plan: Plan, cfg: POConfig, data=None,
@@ -417,30 +326,6 @@ def batch_stats(model, reference: Reference | None, batch, plan: Plan, cfg: POCo
 # ----------------------------------------------------------------------------------------------- evaluation
 
 
-def _accumulate(total: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor]) -> None:
-    for k, v in metrics.items():
-        total[k] = total.get(k, 0.0) + v.sum().double()
-
-
-def _reduce(total: dict[str, torch.Tensor], count: int, acc, names: tuple[str, ...]) -> dict[str, float]:
-    """Means over ``count`` pairs of the summed per-pair values; ratio metrics (:data:`_RATIOS`) as the quotient of
-    their summed numerator and denominator (0 when no token counts)."""
-    # every process reduces the same keys, also one that had no pairs (a short evaluation split)
-    keys = sorted(_summed_names(names))
-    values = torch.stack([torch.as_tensor(total.get(k, 0.0), dtype=torch.float64, device=acc.device) for k in keys])
-    if acc.num_processes > 1:
-        values = acc.reduce(values, reduction="sum")
-    summed = dict(zip(keys, values))
-    out = {}
-    for name in names:
-        if name in _RATIOS:
-            num, den = (summed[k] for k in _RATIOS[name])
-            out[name] = (num / den).item() if den > 0 else 0.0
-        else:
-            out[name] = (summed[name] / max(count, 1)).item()
-    return out
-
-
 @torch.no_grad()
 def evaluate(model, data, plan: Plan, loss_fn, reference, cfg: POConfig, acc, contrastive=None) -> dict[str, float]:
     """Mean of every pair metric over ``data`` (all processes share the work)."""
@@ -450,9 +335,9 @@ def evaluate(model, data, plan: Plan, loss_fn, reference, cfg: POConfig, acc, co
     for lo in range(0, len(indices), cfg.per_device_eval_batch_size):
         batch = data.collate(indices[lo : lo + cfg.per_device_eval_batch_size]).to(acc.device)
         stats = batch_stats(model, reference, batch, plan, cfg, data, contrastive)
-        _accumulate(total, pair_metrics(loss_fn(stats), stats))
+        accumulate(total, pair_metrics(loss_fn(stats), stats))
     model.train()
-    return _reduce(total, len(data), acc, metric_names(cfg))
+    return reduce_metrics(total, len(data), acc, metric_names(cfg))
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -595,7 +480,12 @@ def train(cfg: POConfig, model, tokenizer, train_data, eval_data=None, *, ref_mo
         run.print(f"resumed from {run.resume_from} at step {state.step}")
 
     from finegrain.data.sampler import batch_indices
+    from finegrain.trainers.throughput import example_work, flops_model, lora_weights
 
+    # FLOPs per step: the policy's training on both responses, plus the reference's forward when it reads the batch
+    # (TDPO's KL, or log-probs not cached); contrastive prompting's reference passes are not counted
+    mf, lora = flops_model(model), lora_weights(model)
+    ref_live = train_plan.ref_kl or (train_plan.ref_logps and not cfg.precompute_ref_log_probs)
     model.train()
     bar = run.progress(total_steps, state.step, f"po {cfg.loss}")
     status = "completed"
@@ -610,6 +500,7 @@ def train(cfg: POConfig, model, tokenizer, train_data, eval_data=None, *, ref_mo
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                 continue
             indices = epoch_batches[state.batch_in_epoch]
+            started = time.perf_counter()
             run.record_batch(state, indices)  # --record_consumed: proves resumes repeat and skip nothing
             total: dict[str, torch.Tensor] = {}
             for k, mb in enumerate(loop.micro_batches(indices, cfg, acc.process_index, num_processes)):
@@ -620,15 +511,18 @@ def train(cfg: POConfig, model, tokenizer, train_data, eval_data=None, *, ref_mo
                     out = loss_fn(stats)
                     # DDP averages gradients over processes; multiplying by their number keeps the global mean
                     acc.backward(out.losses.sum() * num_processes / global_pairs)
-                _accumulate(total, pair_metrics(out, stats))
-            metrics = _reduce(total, len(indices), acc, names)
+                accumulate(total, pair_metrics(out, stats))
+            metrics = reduce_metrics(total, len(indices), acc, names)
             stats_step = loop.optimizer_step(run, state, model, optimizer, scheduler,
                                              torch.tensor(metrics["loss"], device=acc.device))
+            run.throughput.add(time.perf_counter() - started, *example_work(
+                mf, (train_data[i] for i in indices), lora=lora, reference=ref_live))
             state.step += 1
             state.batch_in_epoch += 1
             state.samples += len(indices)
             bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['rewards/accuracies']:.2f}")
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['rewards/accuracies']:.2f}",
+                            tok_s=f"{run.throughput.last_rate:.0f}")
             # a skipped (non-finite) step is always logged, so metrics.jsonl shows every one
             if state.step % cfg.logging_steps == 0 or state.step == total_steps or stats_step["skipped"]:
                 run.log({**metrics, **stats_step, "epoch": state.epoch + state.batch_in_epoch / len(epoch_batches)},

@@ -43,13 +43,15 @@ def lora_weights(model) -> int | None:
     return int(sum(p.numel() for name, p in inner.named_parameters() if "lora_" in name))
 
 
-def example_work(mf: ModelFlops, examples: Iterable[dict], *, lm_head: bool = True,
-                 lora: int | None = None) -> tuple[int, float]:
+def example_work(mf: ModelFlops, examples: Iterable[dict], *, lm_head: bool = True, lora: int | None = None,
+                 reference: bool = False) -> tuple[int, float]:
     """Non-padding tokens and training FLOPs of tokenized examples (one row per response: the prompt's tokens plus
     the response's, as the data layer tokenizes them; pairs and revisions count both responses).
 
     ``lm_head``: the LM head runs at the response positions (sft, po); False for reward models (their heads are a
-    few weights). ``lora``: adapter weights when only LoRA adapters train (:meth:`ModelFlops.train`).
+    few weights). ``lora``: adapter weights when only LoRA adapters train (:meth:`ModelFlops.train`). ``reference``:
+    a frozen reference model of the same shape also reads every row (one forward, its LM head at the response
+    positions: po's live reference, a copy or the LoRA policy with its adapter disabled).
     """
     tokens, flops = 0, 0.0
     for ex in examples:
@@ -58,7 +60,7 @@ def example_work(mf: ModelFlops, examples: Iterable[dict], *, lm_head: bool = Tr
             if key.endswith("_input_ids") and key != "prompt_input_ids" and ids is not None:
                 n, h = prompt + len(ids), len(ids) if lm_head else 0
                 tokens += n
-                flops += mf.train(n, h, lora_params=lora)
+                flops += mf.train(n, h, lora_params=lora) + (mf.forward(n, h) if reference else 0.0)
     return tokens, flops
 
 
