@@ -43,17 +43,13 @@ def _fsdp(command: str, args: list[str], env: dict[str, str]):
     return proc
 
 
-# po reads the policy's LM-head weight before the policy's forward (trainers/po.py, batch_stats: head_of(model) comes
-# before hidden_states(model, batch)); under FSDP2 that weight is still a sharded DTensor then, and the chunked head
-# stops with "aten.mm.default got mixed torch.Tensor and DTensor". Taking the head after the forward (when FSDP2 has
-# gathered the root module's parameters) fixes it: measured 6.1e-6 (DPO), 6.0e-6 (TDPO2), 5.0e-7 (LoRA) of the update.
-PO_HEAD_BEFORE_FORWARD = pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="po takes the LM head before the policy forward, a sharded DTensor under FSDP2 (docs/scaling.md)")
+# po takes the policy's LM-head weight after the policy's forward (trainers/po.py, batch_stats): under FSDP2 the
+# root module's parameters are gathered only then; read before it, the weight is a sharded DTensor and the chunked
+# head stops with "aten.mm.default got mixed torch.Tensor and DTensor".
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", ["sft", pytest.param("po", marks=PO_HEAD_BEFORE_FORWARD)])
+@pytest.mark.parametrize("command", ["sft", "po"])
 def test_fsdp2_on_two_cpu_processes_matches_one_process(command, tmp_path):
     model = R.tiny_model_dir(tmp_path / "model", "llama")
     data = _data(command, tmp_path)

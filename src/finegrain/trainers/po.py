@@ -299,8 +299,8 @@ def batch_stats(model, reference: Reference | None, batch, plan: Plan, cfg: POCo
     ref_h = None
     if (plan.ref_logps and cached is None) or plan.ref_kl:
         ref_h = reference.hidden(batch)  # before the policy forward: its activations are freed first
-    w, b, cap = head_of(model)
     h = predicting_states(hidden_states(model, batch), batch)
+    w, b, cap = head_of(model)  # after the forward: under FSDP2 the root's parameters are gathered only then
     chunked = completion_stats(
         h, w, batch.completion_input_ids, mask, policy_bias=b, ref_hidden=ref_h,
         ref_weight=reference.weight if ref_h is not None else None,
