@@ -30,7 +30,7 @@ from finegrain.world.app import world_control_template
 
 @dataclasses.dataclass
 class DemoConfig:
-    """The end-to-end demo on the built-in world (about 5 minutes on 2 idle CPU cores)."""
+    """The end-to-end demo on the built-in world (about 5 minutes on 2 idle CPU cores, the world built first)."""
 
     output_dir: str = option("runs/demo", "where the demo writes its world, runs and report")
     seed: int = option(0, "seed of the world and every run")
