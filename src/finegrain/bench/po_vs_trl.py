@@ -381,13 +381,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from finegrain.bench.table import print_result
+    from finegrain.bench.table import run_script
 
-    a = parse_args(argv)
-    kwargs = {k: v for k, v in vars(a).items() if k != "json"}
-    kwargs["threads"] = kwargs["threads"] or None
-    print_result(run(**kwargs), a.json)
-    return 0
+    return run_script(run, parse_args(argv))
 
 
 if __name__ == "__main__":

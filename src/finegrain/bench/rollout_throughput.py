@@ -209,13 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--model", default=None, help="a saved model directory (default: a random Llama of the shape above)")
     p.add_argument("--json", default=None, help="also write the result to this file")
-    a = p.parse_args(argv)
-    from finegrain.bench.table import print_result
+    from finegrain.bench.table import run_script
 
-    kwargs = {k: v for k, v in vars(a).items() if k != "json"}
-    kwargs["threads"] = kwargs["threads"] or None
-    print_result(run(**kwargs), a.json)
-    return 0
+    return run_script(run, p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -270,13 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", default=None, help="also write the result to this file")
-    a = p.parse_args(argv)
-    from finegrain.bench.table import print_result
+    from finegrain.bench.table import run_script
 
-    kwargs = {k: v for k, v in vars(a).items() if k != "json"}
-    kwargs["threads"] = kwargs["threads"] or None
-    print_result(run(**kwargs), a.json)
-    return 0
+    return run_script(run, p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -76,3 +76,13 @@ def print_result(result: dict, json_path: str | Path | None = None) -> None:
         result = dict(result, command=shlex.join(["python", *sys.argv]), machine=machine(device))
         print(f"wrote {write_json(result, json_path)}")
     print(format_table([result]))
+
+
+def run_script(run, args, **overrides) -> int:
+    """For the scripts under bench/: call ``run`` with the parsed options (``--json`` left out, ``--threads 0`` as
+    None: the benchmark's own default) and ``overrides``, then :func:`print_result`; the exit status."""
+    kwargs = {k: v for k, v in vars(args).items() if k != "json"}
+    kwargs["threads"] = kwargs["threads"] or None
+    kwargs.update(overrides)
+    print_result(run(**kwargs), args.json)
+    return 0
