@@ -30,8 +30,17 @@ def test_the_plan_runs_every_method_as_a_normal_command(tmp_path):
     paths, jobs = ifeval_run.plan(_cfg(tmp_path))
     assert [j.method for j in jobs] == list(ifeval_run.METHODS)
     by = {j.method: j for j in jobs}
-    assert by["dpo"].argv[:3] == ["po", "--loss", "dpo"] and "--use_peft" in by["dpo"].argv
-    assert by["treg"].argv[:5] == ["po", "--loss", "treg-dpo", "--contrastive_template", "draft"]
+    assert by["dpo"].argv[-2:] == ["--loss", "dpo"] and "--use_peft" in by["dpo"].argv
+    treg = by["treg"].argv
+    assert treg[treg.index("--loss"):treg.index("--loss") + 4] == ["--loss", "treg-dpo", "--contrastive_template", "draft"]
+    # a method's own flags come after the preset's, so they win: dpo-rev-sft trains 3 epochs, the others 1
+    sft = by["dpo-rev-sft"].argv
+    assert sft[-6:] == ["--loss", "dpo", "--rpo_alpha", "1.0", "--num_train_epochs", "3"]
+    assert sft.count("--num_train_epochs") == 2 and by["dpo-rev"].argv.count("--num_train_epochs") == 1
+    from finegrain.config import parse
+    from finegrain.trainers.po import POConfig
+
+    assert parse(POConfig, sft[1:], prog="po").num_train_epochs == 3
     assert by["tdpo2-rev"].argv[by["tdpo2-rev"].argv.index("--dataset_name") + 1].endswith("data/revision_pairs.jsonl")
     assert by["rm-token"].argv[:3] == ["rm", "--level", "token"]
     assert by["rm-token"].argv[by["rm-token"].argv.index("--dataset_name") + 1].endswith("data/revisions.jsonl")
@@ -72,6 +81,38 @@ def test_other_settings_in_the_same_directory_are_refused(tmp_path):
     full = _cfg(tmp_path)
     with pytest.raises(ConfigError, match="quick there, full now"):
         ifeval_run.check_settings(ifeval_run.plan(full)[0], full)
+
+
+def test_a_new_method_joins_a_run_directory_and_changed_flags_are_refused(tmp_path, monkeypatch):
+    cfg = _cfg(tmp_path)
+    paths, _ = ifeval_run.plan(cfg)
+    saved = paths.root / "settings.json"
+    monkeypatch.delitem(ifeval_run.PO_METHODS, "dpo-rev-sft")
+    ifeval_run.check_settings(paths, cfg)  # a directory made before dpo-rev-sft existed
+    assert "dpo-rev-sft" not in json.loads(saved.read_text())["methods"]["po"]
+    monkeypatch.undo()
+    ifeval_run.check_settings(paths, cfg)  # the new method is added to the record
+    assert json.loads(saved.read_text())["methods"]["po"]["dpo-rev-sft"][-1] == "3"
+    monkeypatch.setitem(ifeval_run.PO_METHODS, "dpo", ["--loss", "dpo", "--beta", "0.5"])
+    with pytest.raises(ConfigError, match="dpo's flags differ"):
+        ifeval_run.check_settings(paths, cfg)
+
+
+def test_credit_and_report_cover_finished_methods_left_out_of_methods(tmp_path, capsys):
+    from finegrain.ifeval.cli import main
+
+    argv = ["run", "--dry_run", "--quick", "--run_dir", str(tmp_path / "r"), "--cache_dir", str(tmp_path)]
+    done = tmp_path / "r" / "dpo"
+    (done / "final").mkdir(parents=True)
+    (done / "run.json").write_text(json.dumps({"status": "completed"}))
+    (tmp_path / "r" / "tdpo2").mkdir()  # started, not finished: left out
+    assert main([*argv, "--methods", "rm-token"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("[train] ") == 1
+    credit = next(line for line in out.splitlines() if line.startswith("[credit]"))
+    report = next(line for line in out.splitlines() if line.startswith("[report]"))
+    assert f"implicit_dpo=implicit:{done / 'final'}" in credit and "implicit_tdpo2" not in credit
+    assert str(done) in report.split() and str(tmp_path / "r" / "tdpo2") not in report.split()
 
 
 def test_dry_run_prints_the_commands(tmp_path, capsys):
@@ -135,12 +176,12 @@ def test_quick_setting_end_to_end_on_a_tiny_model(tmp_path):
     assert main(argv) == 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     methods = [r["method"] for r in results["policies"]]
-    assert methods == ["start", "dpo", "tdpo2", "treg", "dpo-rev", "tdpo2-rev", "ppo-pass", "ppo-credit", "ppo-rm-sequence", "ppo-rm-sentence",
+    assert methods == ["start", "dpo", "tdpo2", "treg", "dpo-rev", "tdpo2-rev", "dpo-rev-sft", "ppo-pass", "ppo-credit", "ppo-rm-sequence", "ppo-rm-sentence",
                        "ppo-rm-token", "ppo-rm-discriminator"]
     # every source is scored (a random tiny model's responses may hold no violation: then AUROC is undefined)
     assert [s["source"] for s in results["token_credit"]] == [
         "exact_truth", "ifeval_credit", "contrastive", "implicit_dpo", "implicit_tdpo2", "implicit_treg",
-        "implicit_dpo_rev", "implicit_tdpo2_rev", "sequence_rm",
+        "implicit_dpo_rev", "implicit_tdpo2_rev", "implicit_dpo_rev_sft", "sequence_rm",
         "sentence_rm", "token_rm", "discriminator_rm"]
     assert (tmp_path / "run" / "report.html").stat().st_size > 10_000
     # a second run skips everything; other settings in the same directory are refused

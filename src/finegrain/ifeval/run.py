@@ -16,6 +16,8 @@ output exists, so an interrupted run is resumed by running the same command agai
    dpo-rev, tdpo2-rev   DPO and TDPO2 on the minimal-edit pairs (chosen = the rule-based revision of the
                         rejected response): the sequence- and token-level loss on the data the token RM and the
                         TLCR discriminator learn from
+   dpo-rev-sft          DPO-SFT (``--rpo_alpha 1``: DPO plus the chosen response's NLL, T-REG's ablation) on the
+                        minimal-edit pairs, 3 epochs
    rm-sequence          ``finegrain rm --level sequence`` on the pairs (Bradley-Terry)
    rm-sentence          ``finegrain rm --level sentence`` on the pairs (Qiu et al. 2025)
    rm-token             ``finegrain rm --level token`` on the rule-based revisions (Xu et al. 2024)
@@ -38,10 +40,14 @@ output exists, so an interrupted run is resumed by running the same command agai
 5. ``report``: ``finegrain report`` of every run directory into ``RUN_DIR/report.html``, and the results table
    ``RUN_DIR/results.md`` (+ ``results.json``).
 
+The ``credit`` and ``report`` stages cover every finished method in ``RUN_DIR``, also those a ``--methods`` run
+did not select, so running a few more methods later completes the same table.
+
 Settings are presets (:data:`PRESETS`): ``full`` (the task as built by ``finegrain ifeval build``, every method
 trained for its budget) and ``quick`` (a small task of its own and a few steps per method: the whole pipeline in
-minutes, a smoke test whose numbers mean little). ``RUN_DIR/settings.json`` records the preset; a second run with
-other settings in the same directory is refused. Every heavy step runs one at a time, with ``--threads`` torch
+minutes, a smoke test whose numbers mean little). ``RUN_DIR/settings.json`` records the preset and each method's
+flags; a second run with another preset, or with other flags for a method already there, in the same directory is
+refused (a method new to the directory is added). Every heavy step runs one at a time, with ``--threads`` torch
 threads per process (1 on a shared machine). Wall times go to ``RUN_DIR/times.json``.
 """
 
@@ -68,8 +74,12 @@ CONTRASTIVE = ["--contrastive_template", "draft",
 """T-REG's contrastive prompting in the paper's revision form (a request to rewrite the response into a better /
 worse answer), with goals that name this task's quality: following the request's instructions."""
 PO_METHODS = {"dpo": ["--loss", "dpo"], "tdpo2": ["--loss", "tdpo2"], "treg": ["--loss", "treg-dpo", *CONTRASTIVE],
-              "dpo-rev": ["--loss", "dpo"], "tdpo2-rev": ["--loss", "tdpo2"]}
-PO_DATA = {"dpo-rev": "revision_pairs.jsonl", "tdpo2-rev": "revision_pairs.jsonl"}
+              "dpo-rev": ["--loss", "dpo"], "tdpo2-rev": ["--loss", "tdpo2"],
+              "dpo-rev-sft": ["--loss", "dpo", "--rpo_alpha", "1.0", "--num_train_epochs", "3"]}
+"""Each preference method's flags; they come after the setting's ``po`` flags, so a method may override them
+(``dpo-rev-sft`` trains 3 epochs where the full setting trains 1)."""
+PO_DATA = {"dpo-rev": "revision_pairs.jsonl", "tdpo2-rev": "revision_pairs.jsonl",
+           "dpo-rev-sft": "revision_pairs.jsonl"}
 """Preference data of a method other than the on-policy pairs (data/pairs.jsonl)."""
 PPO_REWARDS = {"ppo-pass": "ifeval:pass", "ppo-credit": "ifeval:credit"}
 METHODS: tuple[str, ...] = (*PO_METHODS, *(f"rm-{lv}" for lv in RM_LEVELS), *PPO_REWARDS,
@@ -182,7 +192,7 @@ def command_for(method: str, seed: int, out: Path, paths: Paths, preset: dict, r
     base = ["--model_name_or_path", str(paths.model), "--output_dir", str(out), "--seed", str(seed), *preset["train"]]
     if method in PO_METHODS:
         pairs = data / PO_DATA.get(method, "pairs.jsonl")
-        return ["po", *PO_METHODS[method], "--dataset_name", str(pairs), *base, *preset["po"]]
+        return ["po", "--dataset_name", str(pairs), *base, *preset["po"], *PO_METHODS[method]]
     if method.startswith("rm-"):
         level = method.removeprefix("rm-")
         dataset = data / ("revisions.jsonl" if level in ("token", "discriminator") else "pairs.jsonl")
@@ -279,12 +289,19 @@ def check_settings(paths: Paths, cfg: RunConfig) -> None:
     target = paths.root / "settings.json"
     if target.is_file():
         old = json.loads(target.read_text())
-        differ = sorted(k for k in settings if old.get(k) != settings[k])
+        differ = sorted(k for k in settings if k != "methods" and old.get(k) != settings[k])
+        old_methods = old.get("methods") or {}
+        differ += sorted(f"{name}'s flags" for family, now in settings["methods"].items()
+                         for name, flags in now.items() if name in old_methods.get(family, {})
+                         and old_methods[family][name] != flags)
         if differ:
             raise ConfigError(f"{paths.root} holds runs made with other settings ({', '.join(differ)} differ: "
                               f"{old.get('setting')} there, {settings['setting']} now); use another --run_dir, or "
                               "delete that directory")
-        return
+        settings["methods"] = {family: {**old_methods.get(family, {}), **now}
+                               for family, now in settings["methods"].items()}
+        if settings == old:
+            return
     paths.root.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(settings, indent=1) + "\n")
 
@@ -423,10 +440,12 @@ def run(cfg: RunConfig) -> Path:
         stage_train(cfg, paths, jobs, clock)
     if "eval" in wanted:
         stage_eval(cfg, paths, jobs, clock)
+    # the token credit and the table cover every finished method of RUN_DIR, also those --methods left out
+    finished = [j for j in plan(dataclasses.replace(cfg, methods=[]))[1] if j in jobs or _is_done(j.out)]
     if "credit" in wanted:
-        stage_credit(cfg, paths, jobs, clock)
+        stage_credit(cfg, paths, finished, clock)
     if "report" in wanted:
-        stage_report(cfg, paths, jobs, clock)
+        stage_report(cfg, paths, finished, clock)
     print(f"finegrain ifeval run: {time.perf_counter() - start:.0f} s this time; results in {paths.root}", flush=True)
     return paths.root
 
