@@ -190,3 +190,14 @@ def test_quick_setting_end_to_end_on_a_tiny_model(tmp_path):
     assert json.loads((tmp_path / "run" / "times.json").read_text()).keys() == json.loads(times).keys()
     with pytest.raises(ConfigError, match="other settings"):
         main(argv[:1] + argv[2:])
+
+
+def test_two_runs_on_one_directory_keep_each_others_times(tmp_path):
+    path = tmp_path / "times.json"
+    a, b = ifeval_run.Clock(path), ifeval_run.Clock(path)  # both started before either recorded anything
+    a.record("dpo", 10.04)
+    b.record("ppo-pass", 20.0)
+    a.record("eval/dpo", 3.0)
+    assert json.loads(path.read_text()) == {"dpo": 10.0, "ppo-pass": 20.0, "eval/dpo": 3.0}
+    b.record("dpo", 12.0)  # a stage run again: its new time
+    assert json.loads(path.read_text())["dpo"] == 12.0 and not list(tmp_path.glob(".times.json.*"))

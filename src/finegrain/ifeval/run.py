@@ -250,8 +250,10 @@ class Clock:
         self.times: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
 
     def record(self, name: str, seconds: float) -> None:
-        self.times[name] = round(seconds, 1)
-        tmp = self.path.with_name(".times.json.tmp")
+        # what another `ifeval run` on the same directory recorded since is kept
+        on_disk = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.times = {**self.times, **on_disk, name: round(seconds, 1)}
+        tmp = self.path.with_name(f".times.json.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(self.times, indent=1) + "\n")
         os.replace(tmp, self.path)
 
