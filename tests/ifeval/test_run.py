@@ -201,3 +201,34 @@ def test_two_runs_on_one_directory_keep_each_others_times(tmp_path):
     assert json.loads(path.read_text()) == {"dpo": 10.0, "ppo-pass": 20.0, "eval/dpo": 3.0}
     b.record("dpo", 12.0)  # a stage run again: its new time
     assert json.loads(path.read_text())["dpo"] == 12.0 and not list(tmp_path.glob(".times.json.*"))
+
+
+def test_unasked_rates_in_the_table_and_old_evaluations_rescored(tmp_path):
+    from finegrain.ifeval.evaluate import rescore
+
+    rows = [{"prompt": [{"role": "user", "content": "Write about the sea. Do not use any commas in your response."}],
+             "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]},
+            {"prompt": [{"role": "user", "content": "Write about the sea. Include the word \"sea\"."}],
+             "instruction_id_list": ["keywords:existence"], "kwargs": [{"keywords": ["sea"]}]}]
+    texts = ["the sea is calm today and the boats are out on the water",
+             "we walked along the sea wall and watched the birds over the harbour"]
+    refs = ["The sea, calm today, holds the boats.", "The Sea Wall, where we walked, is long."]
+    root = tmp_path / "run"
+    for name in ("start", "dpo"):
+        out = root / name
+        out.mkdir(parents=True)
+        with (out / "samples.jsonl").open("w") as f:
+            for row, text, ref in zip(rows, texts, refs):
+                f.write(json.dumps({"prompt": row["prompt"], "response": text, "ref_response": ref, "length": 12,
+                                    "ref_length": 9, "truncated": False, "ref_truncated": False}) + "\n")
+        old = _eval(0.5, 0.5, 0.0, 12.0)  # an eval.json from before the unasked key existed
+        (out / "eval.json").write_text(json.dumps(old))
+        assert "unasked" not in old
+        new = rescore(out, rows)
+        assert new["kl"] == old["kl"] and new["unasked"]["punctuation:no_comma"] == {"rate": 1.0, "count": 1}
+        assert new["unasked"]["change_case:english_lowercase"] == {"rate": 1.0, "count": 2}
+        assert new["reference_ifeval"]["unasked"]["punctuation:no_comma"] == {"rate": 0.0, "count": 1}
+        assert json.loads((out / "eval.json").read_text()) == new
+    table = write_results(root, [root / "dpo"])
+    assert "| method | no comma, unasked | lowercase, unasked | capitals, unasked |" in table
+    assert "| dpo | 1.00 | 1.00 | 0.00 |" in table

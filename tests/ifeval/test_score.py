@@ -101,3 +101,18 @@ def test_bad_input_names_the_file_row_and_field():
         check_instructions("x", ["made:up"], [{}])
     with pytest.raises(DataError, match="field 'prompt'"):
         prompt_content(42, row=3)
+
+
+def test_unasked_rates_count_only_prompts_without_the_instruction():
+    """Row 0 asks for no commas, rows 1 and 2 do not. Responses 0 and 1 are English lowercase without commas,
+    response 2 is English capitals with a comma. By hand: no comma unasked 1 of 2 (row 1 yes, row 2 no);
+    lowercase unasked 2 of 3 (rows 0, 1); capitals unasked 1 of 3 (row 2)."""
+    rows = [{"instruction_id_list": [NO_COMMA], "kwargs": [{}]}, {"instruction_id_list": [KEY], "kwargs": [{"keywords": ["sea"]}]},
+            {"instruction_id_list": [KEY], "kwargs": [{"keywords": ["sea"]}]}]
+    responses = ["the sea is calm today and the boats are out on the water",
+                 "we walked along the sea wall and watched the birds over the harbour",
+                 "THE SEA WAS ROUGH, AND THE BOATS STAYED IN THE HARBOUR ALL DAY LONG"]
+    s = score_responses(rows, responses)
+    assert s.unasked == {NO_COMMA: {"rate": 0.5, "count": 2}, LOWER: {"rate": 2 / 3, "count": 3},
+                         "change_case:english_capital": {"rate": 1 / 3, "count": 3}}
+    assert s.per_instruction[NO_COMMA]["strict"] == 1.0  # the asked row is scored as before

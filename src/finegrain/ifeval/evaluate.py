@@ -10,8 +10,8 @@ section 2.2), loose variants, per-instruction accuracy, length in words -- and w
 
 * the library's keys (``seq_kl``, ``length``, ``win_rate``, ``prompt_strict_rate``, ``ref_...``; docs/evaluation.md);
 * IFEval's keys of the policy: ``n``, ``prompt_strict``, ``instruction_strict``, ``prompt_loose``,
-  ``instruction_loose``, ``mean_words``, ``per_instruction``, ``mean_tokens`` (EOS included), ``truncated`` (the
-  share cut at ``max_new_tokens``), ``kl`` (= ``seq_kl``; None when there is no reference);
+  ``instruction_loose``, ``mean_words``, ``per_instruction``, ``unasked``, ``mean_tokens`` (EOS included),
+  ``truncated`` (the share cut at ``max_new_tokens``), ``kl`` (= ``seq_kl``; None when there is no reference);
 * ``reference_ifeval``: the same IFEval keys of the reference's responses (the start model's row, for free);
 * the settings ``decoding``, ``max_new_tokens``, ``dtype``, ``seconds``.
 """
@@ -30,7 +30,7 @@ from finegrain.errors import ConfigError
 __all__ = ["IFEVAL_KEYS", "evaluate_on_task", "format_eval", "samples_as_task_rows"]
 
 IFEVAL_KEYS = ("n", "prompt_strict", "instruction_strict", "prompt_loose", "instruction_loose", "mean_words",
-               "per_instruction", "mean_tokens", "truncated")
+               "per_instruction", "unasked", "mean_tokens", "truncated")
 
 
 def _ifeval_scores(rows: Sequence[dict], samples: Sequence[dict], side: str, source: str) -> dict[str, Any]:
@@ -105,19 +105,42 @@ def evaluate_on_task(policy: str | Path, rows: Sequence[dict], prompts_path: str
                              max_prompts=len(rows), output_dir=out, device=device, dtype=dtype, models=models,
                              disable_tqdm=not show_progress)
     seconds = time.perf_counter() - start
-    samples_path = out / "samples.jsonl"
+    result = _with_ifeval_scores(result, rows, out)
+    result["kl"] = result.get("seq_kl") if reference is not None else None
+    result.update(decoding="greedy", max_new_tokens=max_new_tokens, dtype=dtype, seconds=round(seconds, 1))
+    _write_eval(out, result)
+    return result
+
+
+def _with_ifeval_scores(result: dict[str, Any], rows: Sequence[dict], out: Path) -> dict[str, Any]:
+    """``result`` plus IFEval's keys of both sides, scored from ``out/samples.jsonl``."""
     from finegrain.ifeval.sampling import read_jsonl
 
+    samples_path = out / "samples.jsonl"
     samples = read_jsonl(samples_path)
     _check_order(rows, samples, str(samples_path))
     result.update(_ifeval_scores(rows, samples, "response", str(samples_path)))
-    result["kl"] = result.get("seq_kl") if reference is not None else None
     result["reference_ifeval"] = _ifeval_scores(rows, samples, "ref_response", str(samples_path))
-    result.update(decoding="greedy", max_new_tokens=max_new_tokens, dtype=dtype, seconds=round(seconds, 1))
+    return result
+
+
+def _write_eval(out: Path, result: dict[str, Any]) -> None:
     tmp = out / f".eval.json.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(result, indent=1) + "\n")
     os.replace(tmp, out / "eval.json")
+
+
+def rescore(out_dir: str | Path, rows: Sequence[dict]) -> dict[str, Any]:
+    """Re-score an existing evaluation's responses (``out_dir/samples.jsonl``) with the current IFEval keys and
+    rewrite its ``eval.json``; nothing is sampled again. How an ``eval.json`` written before a key existed (such
+    as ``unasked``) gets it."""
+    out = Path(out_dir)
+    result = _with_ifeval_scores(json.loads((out / "eval.json").read_text()), rows, out)
+    _write_eval(out, result)
     return result
+
+
+__all__ += ["rescore"]
 
 
 def check_eval_settings(path: Path, asked: dict[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from finegrain.ifeval.score import UNASKED
+
 __all__ = ["collect", "format_results", "write_results"]
 
 INSTRUCTION_COLUMNS = (("punctuation:no_comma", "no comma"), ("change_case:english_lowercase", "lowercase"),
@@ -32,7 +34,8 @@ def _row(name: str, r: dict, seconds: float | None) -> dict[str, Any]:
             "instruction_strict": r["instruction_strict"], "prompt_loose": r["prompt_loose"],
             "instruction_loose": r["instruction_loose"], "kl": r.get("kl"), "mean_words": r["mean_words"],
             "mean_tokens": r["mean_tokens"], "truncated": r["truncated"],
-            "per_instruction": {k: v["strict"] for k, v in r["per_instruction"].items()}, "train_seconds": seconds}
+            "per_instruction": {k: v["strict"] for k, v in r["per_instruction"].items()},
+            "unasked": {k: v["rate"] for k, v in (r.get("unasked") or {}).items()}, "train_seconds": seconds}
 
 
 def collect(root: Path, run_dirs: Sequence[Path]) -> dict[str, Any]:
@@ -78,6 +81,14 @@ def format_results(results: dict[str, Any], setting: str = "") -> str:
                  _f(r["kl"], 2), _f(r["mean_words"], 1), _f(r["mean_tokens"], 1),
                  *[_f(r["per_instruction"].get(k), 2) for k, _ in INSTRUCTION_COLUMNS], _t(r["train_seconds"])]
         lines.append("| " + " | ".join(cells) + " |")
+    if any(r.get("unasked") for r in rows):
+        names = [dict(INSTRUCTION_COLUMNS)[k] for k in UNASKED]
+        lines += ["", "Followed where the prompt did not ask (the share of responses to prompts without the "
+                      "instruction that follow it anyway; a policy that follows instructions, rather than writing one "
+                      "way always, stays near the start model):", "",
+                  "| method | " + " | ".join(f"{c}, unasked" for c in names) + " |", "|---|" + "---|" * len(names)]
+        lines += ["| " + " | ".join([r["method"], *[_f((r.get("unasked") or {}).get(k), 2) for k in UNASKED]]) + " |"
+                  for r in rows]
     if results["reward_models"]:
         lines += ["", "Reward models (used by the ppo-rm-* rows): " + ", ".join(
             f"{m['method']} {_t(m['train_seconds'])}" for m in results["reward_models"])]

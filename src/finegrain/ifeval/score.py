@@ -9,7 +9,10 @@ of prompt rows and responses:
   :func:`finegrain.ifeval.instructions.loose_variants`);
 * per instruction id, the strict and loose fraction followed and how often it occurs;
 * the mean response length in words (IFEval's ``count_words``: runs of ``\\w``), the guard against a policy that
-  wins "no commas" by saying nothing -- every prompt also asks for at least N words and a keyword.
+  wins "no commas" by saying nothing -- every prompt also asks for at least N words and a keyword;
+* ``unasked``: for the instructions a response can follow by habit (:data:`UNASKED`: no commas, all lowercase, all
+  capitals), how often it follows them where its prompt did *not* ask -- the guard against a policy that wins them
+  by writing that way always. A policy that follows instructions keeps these near the start model's rates.
 
 :func:`reward` and :func:`reward_all` are the checkers as a reward function for ``finegrain ppo --reward
 python:finegrain.ifeval.score:reward`` (:class:`finegrain.rewards.FunctionRewardSource`): ``f(prompts, responses) ->
@@ -27,7 +30,10 @@ from typing import Any
 from finegrain.errors import DataError
 from finegrain.ifeval.instructions import check_instructions, parse_instructions
 
-__all__ = ["IFEvalScores", "count_words", "prompt_content", "reward", "reward_all", "score_responses"]
+__all__ = ["UNASKED", "IFEvalScores", "count_words", "prompt_content", "reward", "reward_all", "score_responses"]
+
+UNASKED = ("punctuation:no_comma", "change_case:english_lowercase", "change_case:english_capital")
+"""Instructions without arguments that a response can follow whatever its prompt asks (``unasked`` rates)."""
 
 
 def count_words(text: str) -> int:
@@ -63,6 +69,9 @@ class IFEvalScores:
     instruction_loose: float
     mean_words: float
     per_instruction: dict[str, dict[str, float]] = field(default_factory=dict)
+    unasked: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Per :data:`UNASKED` id: ``rate``, the fraction of responses to prompts *without* it that follow it anyway
+    (strict), over ``count`` such responses."""
     followed_strict: list[list[bool]] = field(default_factory=list, repr=False)
 
     def as_dict(self, *, with_rows: bool = False) -> dict:
@@ -108,6 +117,7 @@ def score_responses(rows: Sequence[Mapping[str, Any]], responses: Sequence[str],
     total_instr = 0
     words = 0
     per: dict[str, list[int]] = {}
+    unasked: dict[str, list[int]] = {}
     followed: list[list[bool]] = []
     for i, (row, response) in enumerate(zip(rows, responses)):
         if not isinstance(response, str):
@@ -131,11 +141,17 @@ def score_responses(rows: Sequence[Mapping[str, Any]], responses: Sequence[str],
             counts[0] += s
             counts[1] += lo
             counts[2] += 1
+        for instruction_id in UNASKED:
+            if instruction_id not in ids:
+                counts = unasked.setdefault(instruction_id, [0, 0])
+                counts[0] += check_instructions(response, [instruction_id], [{}])[0]
+                counts[1] += 1
     n = len(rows)
     return IFEvalScores(
         n=n, prompt_strict=n_prompt[0] / n, instruction_strict=n_instr[0] / total_instr,
         prompt_loose=n_prompt[1] / n, instruction_loose=n_instr[1] / total_instr, mean_words=words / n,
         per_instruction={k: {"strict": v[0] / v[2], "loose": v[1] / v[2], "count": v[2]} for k, v in sorted(per.items())},
+        unasked={k: {"rate": v[0] / v[1], "count": v[1]} for k, v in unasked.items()},
         followed_strict=followed,
     )
 
