@@ -106,9 +106,16 @@ def test_credit_and_report_cover_finished_methods_left_out_of_methods(tmp_path, 
     (done / "final").mkdir(parents=True)
     (done / "run.json").write_text(json.dumps({"status": "completed"}))
     (tmp_path / "r" / "tdpo2").mkdir()  # started, not finished: left out
+    task = tmp_path / "ifeval-quick"
+    (task / "prompts").mkdir(parents=True)
+    (task / "task.json").write_text(json.dumps({"dtype": "float32"}))
+    (task / "prompts" / "test.jsonl").write_text(json.dumps(
+        {"prompt": [{"role": "user", "content": "Write. Do not use any commas in your response."}],
+         "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}) + "\n")
     assert main([*argv, "--methods", "rm-token"]) == 0
     out = capsys.readouterr().out
     assert out.count("[train] ") == 1
+    assert "[eval] dpo: 1 test prompts" in out and "[eval] tdpo2" not in out
     credit = next(line for line in out.splitlines() if line.startswith("[credit]"))
     report = next(line for line in out.splitlines() if line.startswith("[report]"))
     assert f"implicit_dpo=implicit:{done / 'final'}" in credit and "implicit_tdpo2" not in credit

@@ -40,8 +40,8 @@ output exists, so an interrupted run is resumed by running the same command agai
 5. ``report``: ``finegrain report`` of every run directory into ``RUN_DIR/report.html``, and the results table
    ``RUN_DIR/results.md`` (+ ``results.json``).
 
-The ``credit`` and ``report`` stages cover every finished method in ``RUN_DIR``, also those a ``--methods`` run
-did not select, so running a few more methods later completes the same table.
+The ``eval``, ``credit`` and ``report`` stages cover every finished method in ``RUN_DIR``, also those a
+``--methods`` run did not select, so running a few more methods later completes the same table.
 
 Settings are presets (:data:`PRESETS`): ``full`` (the task as built by ``finegrain ifeval build``, every method
 trained for its budget) and ``quick`` (a small task of its own and a few steps per method: the whole pipeline in
@@ -442,10 +442,10 @@ def run(cfg: RunConfig) -> Path:
         stage_task(cfg, paths, clock)
     if "train" in wanted:
         stage_train(cfg, paths, jobs, clock)
-    if "eval" in wanted:
-        stage_eval(cfg, paths, jobs, clock)
-    # the token credit and the table cover every finished method of RUN_DIR, also those --methods left out
+    # evaluation, token credit and the table cover every finished method of RUN_DIR, also those --methods left out
     finished = [j for j in plan(dataclasses.replace(cfg, methods=[]))[1] if j in jobs or _is_done(j.out)]
+    if "eval" in wanted:
+        stage_eval(cfg, paths, finished, clock)
     if "credit" in wanted:
         stage_credit(cfg, paths, finished, clock)
     if "report" in wanted:
