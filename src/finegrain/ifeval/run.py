@@ -348,7 +348,7 @@ def stage_eval(cfg: RunConfig, paths: Paths, jobs: list[Job], clock: Clock) -> N
     import torch
 
     from finegrain.ifeval.data import load_rows_checked
-    from finegrain.ifeval.evaluate import check_eval_settings, evaluate_on_task, rescore
+    from finegrain.ifeval.evaluate import IFEVAL_KEYS, check_eval_settings, evaluate_on_task, rescore
     from finegrain.models.loading import ModelCache, resolve_device
 
     preset = PRESETS["quick" if cfg.quick else "full"]
@@ -366,7 +366,7 @@ def stage_eval(cfg: RunConfig, paths: Paths, jobs: list[Job], clock: Clock) -> N
     for name, policy, out in targets:
         if (out / "eval.json").is_file() and "prompt_strict" in json.loads((out / "eval.json").read_text()):
             done = check_eval_settings(out / "eval.json", asked)
-            if "unasked" not in done and not cfg.dry_run:  # evaluated before that key existed: re-score only
+            if not cfg.dry_run and any(k not in done for k in IFEVAL_KEYS):  # made before a key existed: re-score
                 rescore(out, rows)
             print(f"[eval] {name}: done, skipped", flush=True)
             continue

@@ -141,11 +141,11 @@ def score_responses(rows: Sequence[Mapping[str, Any]], responses: Sequence[str],
             counts[0] += s
             counts[1] += lo
             counts[2] += 1
-        for instruction_id in UNASKED:
-            if instruction_id not in ids:
-                counts = unasked.setdefault(instruction_id, [0, 0])
-                counts[0] += check_instructions(response, [instruction_id], [{}])[0]
-                counts[1] += 1
+        not_asked = [k for k in UNASKED if k not in ids]
+        for instruction_id, s in zip(not_asked, check_instructions(response, not_asked, [{}] * len(not_asked))):
+            counts = unasked.setdefault(instruction_id, [0, 0])
+            counts[0] += s
+            counts[1] += 1
     n = len(rows)
     return IFEvalScores(
         n=n, prompt_strict=n_prompt[0] / n, instruction_strict=n_instr[0] / total_instr,
