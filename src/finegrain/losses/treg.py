@@ -22,18 +22,13 @@ import torch
 
 from finegrain.errors import ConfigError
 from finegrain.losses.dpo import PreferenceLossOutput, dpo_loss, simpo_loss
-from finegrain.ops.masked import masked_mean, masked_sum
+from finegrain.ops.masked import masked_mean, masked_sum, zero_masked
 
 __all__ = ["shared_token_rewards", "treg_loss"]
 
 _BASES = ("dpo", "simpo")
 _REDUCTIONS = ("sum", "mean")
 _WEIGHTINGS = ("dpo_grad", "static")
-
-
-def _masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    # Zero the masked positions before any product, so NaN there reaches neither the value nor the gradient.
-    return torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
 
 
 def treg_loss(
@@ -103,8 +98,8 @@ def treg_loss(
     if weighting not in _WEIGHTINGS:
         raise ConfigError(f"T-REG weighting must be one of {', '.join(_WEIGHTINGS)}; got {weighting!r}")
     mask_w, mask_l = mask_w.to(torch.bool), mask_l.to(torch.bool)
-    pi_w, pi_l = _masked(pi_w, mask_w), _masked(pi_l, mask_l)
-    rhat_w, rhat_l = _masked(rhat_w.detach(), mask_w), _masked(rhat_l.detach(), mask_l)
+    pi_w, pi_l = zero_masked(pi_w, mask_w), zero_masked(pi_l, mask_l)
+    rhat_w, rhat_l = zero_masked(rhat_w.detach(), mask_w), zero_masked(rhat_l.detach(), mask_l)
 
     chosen_logps, rejected_logps = masked_sum(pi_w, mask_w, dim=-1), masked_sum(pi_l, mask_l, dim=-1)
     if base == "dpo":
@@ -177,7 +172,7 @@ def shared_token_rewards(
     for name, pick_w, pick_l in (("shared", shared_w, shared_l), ("diff", ~shared_w.to(torch.bool), ~shared_l.to(torch.bool))):
         sel_w = mask_w.to(torch.bool) & pick_w.to(torch.bool)
         sel_l = mask_l.to(torch.bool) & pick_l.to(torch.bool)
-        r_w, r_l = _masked(rhat_w.detach(), sel_w), _masked(rhat_l.detach(), sel_l)
+        r_w, r_l = zero_masked(rhat_w.detach(), sel_w), zero_masked(rhat_l.detach(), sel_l)
         out[f"sum/{name}_reward"] = r_w.sum(-1) + r_l.sum(-1)
         out[f"sum/{name}_abs_reward"] = r_w.abs().sum(-1) + r_l.abs().sum(-1)
         out[f"sum/{name}_tokens"] = (sel_w.sum(-1) + sel_l.sum(-1)).to(r_w.dtype)

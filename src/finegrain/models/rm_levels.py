@@ -22,7 +22,7 @@ from finegrain.data.segmentation import (
 from finegrain.errors import ConfigError, DataError
 from finegrain.models.forward import hidden_states, reading_states
 from finegrain.models.heads import ScalarHead, SentenceRewardHead, SentenceRewardOutput
-from finegrain.ops.masked import last_token_index
+from finegrain.ops.masked import last_token_index, zero_masked
 from finegrain.types import CompletionBatch
 
 __all__ = [
@@ -51,8 +51,9 @@ class RewardModel(nn.Module):
         tokenizer: its fast tokenizer (saved with the model; not a module).
         head: the reward head.
 
-    Subclasses define ``forward(batch)`` (what training differentiates), :meth:`score` (one number per row, for
-    pairwise accuracy) and :meth:`settings` (what ``finegrain_reward.json`` records besides the head).
+    Subclasses define ``forward(batch)`` (what training differentiates; by default the head on the reading states),
+    :meth:`score` (one number per row, for pairwise accuracy; by default the summed ``token_values``) and
+    :meth:`settings` (what ``finegrain_reward.json`` records besides the head).
     """
 
     level: ClassVar[str] = ""
@@ -78,9 +79,13 @@ class RewardModel(nn.Module):
         """Level-specific settings recorded in ``finegrain_reward.json`` (besides the head config)."""
         return {}
 
+    def forward(self, batch: CompletionBatch) -> torch.Tensor:
+        """The head's outputs at the reading states ``(N, T, ...)`` (the token levels; the others override it)."""
+        return self.head(reading_states(self.hidden(batch), batch))
+
     def score(self, batch: CompletionBatch) -> torch.Tensor:
-        """One score per row, ``(N,)``: what pairwise accuracy compares."""
-        raise NotImplementedError
+        """One score per row, ``(N,)``: what pairwise accuracy compares (token levels: ``token_values`` summed)."""
+        return self.token_values(batch).sum(dim=1)
 
     # -- flat checkpoint (the training loop's resumable state) -------------------------------------------------
 
@@ -144,8 +149,7 @@ class SequenceRewardModel(RewardModel):
         rows = h.gather(1, index.view(-1, 1, 1).expand(-1, 1, h.shape[-1])).squeeze(1)
         return self.head(rows)
 
-    def score(self, batch: CompletionBatch) -> torch.Tensor:
-        return self.forward(batch)
+    score = forward
 
 
 class TokenRewardModel(RewardModel):
@@ -153,7 +157,8 @@ class TokenRewardModel(RewardModel):
 
     With ``num_outputs=1`` (objective A, and B with MSE) the head is a :class:`ScalarHead` and the token reward is
     its output; with ``num_outputs=3`` (objective B with cross-entropy over labels −1, 0, +1) the reward is the
-    expected label :func:`finegrain.losses.token_cls.expected_label_rewards`. The sequence score is
+    expected label :func:`finegrain.losses.token_cls.expected_label_rewards`. ``forward`` gives the head outputs on
+    the response: ``(N, T)`` rewards, or ``(N, T, 3)`` logits with ``num_outputs=3``. The sequence score is
     ``S(y) = Σ_t m_t r_t``.
     """
 
@@ -167,26 +172,20 @@ class TokenRewardModel(RewardModel):
         proj = self.head.proj if isinstance(self.head, ScalarHead) else self.head
         return {"hidden_size": proj.in_features, "num_outputs": self.num_outputs}
 
-    def forward(self, batch: CompletionBatch) -> torch.Tensor:
-        """Head outputs on the response: ``(N, T)`` rewards, or ``(N, T, 3)`` logits with ``num_outputs=3``."""
-        return self.head(reading_states(self.hidden(batch), batch))
-
     def token_values(self, batch: CompletionBatch, outputs: torch.Tensor | None = None) -> torch.Tensor:
         """Token rewards ``(N, T)``, 0 outside the response mask."""
         from finegrain.losses.token_cls import expected_label_rewards
 
         out = self.forward(batch) if outputs is None else outputs
         values = expected_label_rewards(out) if self.num_outputs == 3 else out
-        return torch.where(batch.completion_mask.bool(), values, torch.zeros_like(values))
-
-    def score(self, batch: CompletionBatch) -> torch.Tensor:
-        return self.token_values(batch).sum(dim=1)
+        return zero_masked(values, batch.completion_mask)
 
 
 class TokenDiscriminator(RewardModel):
     """TLCR token discriminator: two logits per position, reward ``r_t = 2·P(+ | x, y_≤t) − 1``.
 
     Yoon et al., Findings of ACL 2024, arXiv 2407.16574; the loss and reward are written out in docs/methods/tlcr.md.
+    ``forward`` gives the logits ``(N, T, 2)`` (class 1 = positive).
 
     Args:
         double_softmax: reproduce the official RL script's second softmax (off by default).
@@ -208,10 +207,6 @@ class TokenDiscriminator(RewardModel):
     def settings(self) -> dict[str, Any]:
         return {"double_softmax": self.double_softmax, "lag": self.lag}
 
-    def forward(self, batch: CompletionBatch) -> torch.Tensor:
-        """Logits ``(N, T, 2)`` (class 1 = positive)."""
-        return self.head(reading_states(self.hidden(batch), batch))
-
     def token_values(self, batch: CompletionBatch, logits: torch.Tensor | None = None, **reward: Any) -> torch.Tensor:
         """``2·P(+) − 1`` per token ``(N, T)`` (with the compatibility flags), 0 outside the response mask.
 
@@ -223,9 +218,6 @@ class TokenDiscriminator(RewardModel):
         logits = self.forward(batch) if logits is None else logits
         return tlcr_token_rewards(logits, batch.completion_mask, double_softmax_compat=self.double_softmax,
                                   lag=self.lag, **reward)
-
-    def score(self, batch: CompletionBatch) -> torch.Tensor:
-        return self.token_values(batch).sum(dim=1)
 
 
 # --------------------------------------------------------------------------------------------- sentence level

@@ -15,13 +15,15 @@ needs the logits of both models at the predicting positions.
 The *forward* KL ``K_t = KL(p^ref ‖ p^θ)`` of TDPO lives in :mod:`finegrain.ops.chunked`.
 
 All per-token tensors are in the response layout ``(N, T)`` of :mod:`finegrain.types`. This module imports
-only torch.
+only torch (and :mod:`finegrain.ops.masked`).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from finegrain.ops.masked import zero_masked
 
 __all__ = [
     "KL_ESTIMATORS",
@@ -153,7 +155,7 @@ def reverse_kl_from_logits(
     ref_logps = F.log_softmax(ref_logits.to(dtype), dim=-1)
     kl = reverse_kl_from_logps(logps, ref_logps)
     if mask is not None:
-        kl = torch.where(mask.to(torch.bool), kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
+        kl = zero_masked(kl, mask)
     return kl
 
 
@@ -209,5 +211,5 @@ def kl_penalty(
         zero = torch.zeros_like(rho)
         kl = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}[estimator](rho, zero)
     if mask is not None:
-        kl = torch.where(mask.to(torch.bool), kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
+        kl = zero_masked(kl, mask)
     return kl

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from finegrain.ops.masked import masked_mean, masked_sum
+from finegrain.ops.masked import masked_mean, masked_sum, zero_masked
 
 __all__ = ["selective_log_softmax", "sequence_logps", "token_entropy", "token_logps"]
 
@@ -82,10 +82,7 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) 
         >>> token_logps(logits, torch.tensor([[3, -100]]), torch.tensor([[True, False]]))
         tensor([[-1.3863,  0.0000]])
     """
-    mask = mask.to(torch.bool)
-    safe = torch.where(mask, labels, torch.zeros((), dtype=labels.dtype, device=labels.device))
-    logps = selective_log_softmax(logits, safe)
-    return torch.where(mask, logps, torch.zeros((), dtype=logps.dtype, device=logps.device))
+    return zero_masked(selective_log_softmax(logits, zero_masked(labels, mask)), mask)
 
 
 def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor, average: bool = False) -> torch.Tensor:

@@ -19,6 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from finegrain.errors import NonFiniteError
+from finegrain.ops.masked import zero_masked
 from finegrain.types import CompletionBatch, TokenRewards
 
 
@@ -43,40 +44,34 @@ class RewardSource(Protocol):
 # --------------------------------------------------------------------------------------------- text of a batch
 
 
+def _decode(tokenizer: Any, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
+    return [tokenizer.decode(row[m].tolist(), skip_special_tokens=True).strip()
+            for row, m in zip(ids.cpu(), mask.to(torch.bool).cpu())]
+
+
 def decode_responses(tokenizer: Any, batch: CompletionBatch) -> list[str]:
     """Response texts of ``batch`` (tokens under ``completion_mask``, special tokens such as EOS dropped, stripped)."""
-    mask = batch.completion_mask.to(torch.bool)
-    return [
-        tokenizer.decode(row[m].tolist(), skip_special_tokens=True).strip()
-        for row, m in zip(batch.completion_input_ids.cpu(), mask.cpu())
-    ]
+    return _decode(tokenizer, batch.completion_input_ids, batch.completion_mask)
 
 
-def decode_prompts(tokenizer: Any, batch: CompletionBatch) -> list[str]:
-    """Prompt texts of ``batch`` (real prompt tokens, special tokens and chat-template markers dropped, stripped)."""
-    attn = batch.prompt_attention_mask.to(torch.bool)
-    return [
-        tokenizer.decode(row[m].tolist(), skip_special_tokens=True).strip()
-        for row, m in zip(batch.prompt_input_ids.cpu(), attn.cpu())
-    ]
+def _given_or_decoded(given: Sequence | None, what: str, batch: CompletionBatch, decode) -> list:
+    if given is None:
+        return decode()
+    if len(given) != batch.num_rows:
+        raise ValueError(f"batch has {len(given)} {what} for {batch.num_rows} rows")
+    return list(given)
 
 
 def prompt_texts(batch: CompletionBatch, tokenizer: Any) -> list[Any]:
-    """The ``N`` prompts of ``batch``: ``batch.prompts`` as the data set gave them, else its decoded prompt block."""
-    if batch.prompts is None:
-        return decode_prompts(tokenizer, batch)
-    if len(batch.prompts) != batch.num_rows:
-        raise ValueError(f"batch has {len(batch.prompts)} prompts for {batch.num_rows} rows")
-    return list(batch.prompts)
+    """The ``N`` prompts of ``batch``: ``batch.prompts`` as the data set gave them, else its decoded prompt block
+    (real prompt tokens, special tokens and chat-template markers dropped, stripped)."""
+    return _given_or_decoded(batch.prompts, "prompts", batch,
+                             lambda: _decode(tokenizer, batch.prompt_input_ids, batch.prompt_attention_mask))
 
 
 def response_texts(batch: CompletionBatch, tokenizer: Any) -> list[str]:
     """The ``N`` response texts of ``batch``: ``batch.responses``, else its decoded response block."""
-    if batch.responses is None:
-        return decode_responses(tokenizer, batch)
-    if len(batch.responses) != batch.num_rows:
-        raise ValueError(f"batch has {len(batch.responses)} responses for {batch.num_rows} rows")
-    return list(batch.responses)
+    return _given_or_decoded(batch.responses, "responses", batch, lambda: decode_responses(tokenizer, batch))
 
 
 def prompt_as_text(prompt: Any) -> str:
@@ -111,7 +106,7 @@ def sequence_scores(rewards: TokenRewards) -> torch.Tensor:
         return torch.as_tensor(score, dtype=torch.float32)
     if rewards.seq_reward is not None:
         return rewards.seq_reward.float()
-    return torch.where(rewards.mask.to(torch.bool), rewards.values, torch.zeros_like(rewards.values)).sum(-1).float()
+    return zero_masked(rewards.values, rewards.mask).sum(-1).float()
 
 
 def row_metrics(rewards: TokenRewards) -> dict[str, torch.Tensor]:

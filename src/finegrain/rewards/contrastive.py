@@ -17,6 +17,8 @@ import re
 
 import torch
 
+from finegrain.ops.masked import zero_masked
+
 __all__ = [
     "CONTRASTIVE_FORMS",
     "DRAFT_REQUEST",
@@ -27,11 +29,6 @@ __all__ = [
     "resolve_template",
     "squash_to_half",
 ]
-
-
-def _zero_masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    # torch.where, not a product with the mask: NaN or inf at a masked position must not survive as NaN.
-    return torch.where(mask.to(torch.bool), values, torch.zeros((), dtype=values.dtype, device=values.device))
 
 
 def squash_to_half(values: torch.Tensor) -> torch.Tensor:
@@ -79,7 +76,7 @@ def contrastive_token_rewards(logp_plus: torch.Tensor, logp_minus: torch.Tensor,
         ...                           torch.tensor([[True, True, False]]))
         tensor([[0.3808, 0.0000, 0.0000]])
     """
-    return _zero_masked(squash_to_half(logp_plus - logp_minus), mask)
+    return zero_masked(squash_to_half(logp_plus - logp_minus), mask)
 
 
 def implicit_token_rewards(
@@ -113,7 +110,7 @@ def implicit_token_rewards(
     rho = token_logps.detach() - ref_token_logps.detach()
     if token_kl is not None:
         rho = rho + token_kl.detach()
-    return _zero_masked(beta * rho, mask)
+    return zero_masked(beta * rho, mask)
 
 
 # --------------------------------------------------------------------------------------------- the reward source
@@ -269,21 +266,6 @@ class ContrastiveTemplate:
         return tokenize_prompt(tokenizer, plus), tokenize_prompt(tokenizer, minus)
 
 
-def _head_logps(model, batch, chunk_size: int) -> torch.Tensor:
-    """``(N, T)`` token log-probs of ``batch``'s responses under ``model`` (no gradient, chunked head)."""
-    from finegrain.models.forward import hidden_states, predicting_states
-    from finegrain.ops.chunked import completion_stats
-
-    unwrapped = getattr(model, "module", model)
-    head = unwrapped.get_output_embeddings()
-    cap = getattr(getattr(unwrapped, "config", None), "final_logit_softcapping", None)
-    h = predicting_states(hidden_states(model, batch), batch)
-    stats = completion_stats(h, head.weight, batch.completion_input_ids, batch.completion_mask,
-                             policy_bias=getattr(head, "bias", None), compute_kl=False, chunk_size=chunk_size,
-                             logit_softcap=cap)
-    return stats.token_logps
-
-
 class ContrastiveRewardSource:
     """Contrastive-prompting token rewards (T-REG; docs/methods/treg.md) as a :class:`~finegrain.rewards.RewardSource`.
 
@@ -327,7 +309,8 @@ class ContrastiveRewardSource:
         """
         import contextlib
 
-        from finegrain.data.collate import collate_completions
+        from finegrain.data.collate import collate_completions, pad_token_id
+        from finegrain.models.forward import completion_token_logps
         from finegrain.rewards.base import prompt_texts, response_texts
         from finegrain.types import CompletionBatch, TokenRewards
 
@@ -337,10 +320,9 @@ class ContrastiveRewardSource:
         responses = response_texts(batch, self.tokenizer) if self.template.form == "draft" else None
         plus, minus = zip(*(self.template.token_ids(self.tokenizer, p, None if responses is None else responses[i])
                             for i, p in enumerate(prompts)))
-        pad = getattr(self.tokenizer, "pad_token_id", None)
-        pad = pad if pad is not None else self.tokenizer.eos_token_id
         prompt_block = collate_completions(
-            [{"prompt_input_ids": list(p), "completion_input_ids": []} for p in plus + minus], pad
+            [{"prompt_input_ids": list(p), "completion_input_ids": []} for p in plus + minus],
+            pad_token_id(self.tokenizer),
         )
         both = CompletionBatch(
             prompt_input_ids=prompt_block.prompt_input_ids.to(ids.device),
@@ -351,7 +333,7 @@ class ContrastiveRewardSource:
         enter = self.context or contextlib.nullcontext
         cast = self.autocast or contextlib.nullcontext
         with enter(), cast():
-            logps = _head_logps(self.model, both, self.chunk_size).float()
+            logps = completion_token_logps(self.model, both, self.chunk_size).float()
         logp_plus, logp_minus = logps[:n], logps[n:]
         return TokenRewards(
             values=contrastive_token_rewards(logp_plus, logp_minus, mask),

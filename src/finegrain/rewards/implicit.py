@@ -22,13 +22,6 @@ __all__ = ["IMPLICIT_KINDS", "ImplicitRewardSource"]
 IMPLICIT_KINDS = ("dpo", "tdpo")
 
 
-def _head(model):
-    unwrapped = getattr(model, "module", model)
-    head = unwrapped.get_output_embeddings()
-    cap = getattr(getattr(unwrapped, "config", None), "final_logit_softcapping", None)
-    return head.weight, getattr(head, "bias", None), cap
-
-
 class ImplicitRewardSource:
     """Token rewards ``β ρ_t`` (``kind="dpo"``) or ``β (ρ_t + K_t)`` (``kind="tdpo"``) of a policy vs a reference.
 
@@ -72,7 +65,7 @@ class ImplicitRewardSource:
             completion mask, ``seq_reward (N,)`` the sum over the response, and ``meta`` holding ``token_logps``,
             ``ref_token_logps`` and (TDPO) ``token_kl``, each ``(N, T)``.
         """
-        from finegrain.models.forward import hidden_states, predicting_states
+        from finegrain.models.forward import hidden_states, lm_head, predicting_states
         from finegrain.ops.chunked import completion_stats
         from finegrain.types import TokenRewards
 
@@ -80,12 +73,12 @@ class ImplicitRewardSource:
         h = predicting_states(hidden_states(self.policy, batch), batch)
         if self.ref_model is not None:
             hr = predicting_states(hidden_states(self.ref_model, batch), batch)
-            ref_w, ref_b, _ = _head(self.ref_model)
+            ref_w, ref_b, _ = lm_head(self.ref_model)
         else:
             with self.ref_context() if self.ref_context is not None else contextlib.nullcontext():
                 hr = predicting_states(hidden_states(self.policy, batch), batch)
             ref_w = ref_b = None  # the adapter-disabled policy shares the policy's (frozen) head
-        w, b, cap = _head(self.policy)
+        w, b, cap = lm_head(self.policy)
         if ref_w is not None and ref_w is w:
             ref_w, ref_b = None, None
         stats = completion_stats(h, w, batch.completion_input_ids, mask, policy_bias=b, ref_hidden=hr,

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from finegrain.errors import ConfigError, DataError
+from finegrain.ops.masked import zero_masked
 from finegrain.rewards.base import check_finite, prompt_texts, response_texts
 from finegrain.rewards.placement import place_on_last_token
 from finegrain.types import CompletionBatch, TokenRewards
@@ -179,7 +180,7 @@ class FunctionRewardSource:
         # sequence scores go to the last valid token of their rows only
         placed = place_on_last_token(scores.to(mask.device), mask)
         values = torch.where(ends.to(mask.device)[:, None], placed, values)
-        values = torch.where(mask, values, torch.zeros((), device=mask.device))
+        values = zero_masked(values, mask)
         meta = {"responses": responses}
         if metrics:
             meta["metrics"] = {k: v.to(mask.device) for k, v in metrics.items()}

@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from finegrain.errors import NonFiniteError
-from finegrain.ops.masked import last_token_index, masked_sum
+from finegrain.ops.masked import last_token_index, masked_sum, zero_masked
 from finegrain.rewards.base import check_finite
 from finegrain.rewards.placement import place_on_last_token
 from finegrain.types import TokenRewards
@@ -255,6 +255,5 @@ def lag_rewards(rewards: TokenRewards, lag: int) -> TokenRewards:
         return rewards
     shifted = torch.zeros_like(rewards.values)
     shifted[:, lag:] = rewards.values[:, :-lag]
-    mask = rewards.mask.to(torch.bool)
-    return TokenRewards(values=torch.where(mask, shifted, torch.zeros_like(shifted)), mask=rewards.mask,
-                        seq_reward=rewards.seq_reward, meta=rewards.meta)
+    return TokenRewards(values=zero_masked(shifted, rewards.mask), mask=rewards.mask, seq_reward=rewards.seq_reward,
+                        meta=rewards.meta)

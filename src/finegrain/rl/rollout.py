@@ -26,6 +26,7 @@ from torch import nn
 from finegrain.models.forward import hidden_states, output_head, predicting_states
 from finegrain.ops.kl import reverse_kl_from_logits
 from finegrain.ops.logprobs import token_entropy, token_logps
+from finegrain.ops.masked import zero_masked
 from finegrain.types import CompletionBatch
 
 __all__ = ["resolve_special_ids", "sample_next_token", "sample_rollouts", "score_rollout"]
@@ -354,8 +355,7 @@ def score_rollout(
         logits = _predicting_logits(model, sub, temperature)
         out["token_logps"][rows, :width] = token_logps(logits, ids, mask).float()
         if with_entropy:
-            entropy = token_entropy(logits).float()
-            out["entropy"][rows, :width] = torch.where(mask, entropy, torch.zeros_like(entropy))
+            out["entropy"][rows, :width] = zero_masked(token_entropy(logits).float(), mask)
         if has_ref:
             with enter_ref():
                 ref_logits = _predicting_logits(reference, sub, temperature)
