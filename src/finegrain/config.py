@@ -40,10 +40,6 @@ def option(default: Any = _MISSING, help: str = "", *, default_factory: Any = _M
     return dataclasses.field(default=default, metadata=meta)
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     origin = get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -151,7 +147,7 @@ def _suggest(name: str, known: list[str]) -> str:
 
 def build(cls: type[C], values: dict[str, Any], source: str = "options") -> C:
     """Build ``cls`` from a mapping, coercing types and rejecting unknown keys."""
-    hints = _hints(cls)
+    hints = typing.get_type_hints(cls)
     known = {f.name: f for f in config_fields(cls)}
     aliases = {a.lstrip("-"): f.name for f in known.values() for a in f.metadata.get("aliases", ())}
     kwargs: dict[str, Any] = {}
@@ -216,7 +212,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """
     from transformers import HfArgumentParser
 
-    hints = _hints(cls)
+    hints = typing.get_type_hints(cls)
     for f in config_fields(cls):
         field = copy.copy(f)  # HfArgumentParser rewrites field.type; the class's own field stays as it is
         field.type = hints[f.name]
@@ -251,20 +247,16 @@ def make_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPars
     return parser
 
 
-def shipped_configs() -> Path:
-    """The folder of the configs that ship with finegrain (``recipes/`` for the papers, ``world/`` for the demo)."""
-    return Path(__file__).resolve().parent / "configs"
-
-
 def resolve_config(path: str | None) -> str | None:
-    """A ``--config`` value as a file: the path itself when it exists, else a shipped config by name
-    (``recipes/po-tdpo2``, ``recipes/po-tdpo2.yaml`` or ``configs/recipes/po-tdpo2.yaml`` all name
+    """A ``--config`` value as a file: the path itself when it exists, else a config that ships with finegrain
+    (``finegrain/configs``: ``recipes/`` for the papers, ``world/`` for the demo) by name (``recipes/po-tdpo2``,
+    ``recipes/po-tdpo2.yaml`` or ``configs/recipes/po-tdpo2.yaml`` all name
     ``finegrain/configs/recipes/po-tdpo2.yaml``), else the path as given (loading it then says it is missing)."""
     if not path or Path(path).exists():
         return path
     name = path.removeprefix("configs/").removeprefix("./configs/")
     for candidate in (name, f"{name}.yaml"):
-        shipped = shipped_configs() / candidate
+        shipped = Path(__file__).resolve().parent / "configs" / candidate
         if shipped.is_file():
             return str(shipped)
     return path
@@ -298,17 +290,13 @@ def non_defaults(cfg: Any) -> dict[str, Any]:
     return out
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return {f.name: getattr(cfg, f.name) for f in config_fields(type(cfg))}
-
-
 def dump_yaml(cfg: Any, path: str | Path | None = None, *, comments: bool = False) -> str:
     """The config as YAML (optionally with each key's help as a comment); written to ``path`` if given."""
-    data = to_dict(cfg)
+    data = {f.name: getattr(cfg, f.name) for f in config_fields(type(cfg))}
     if not comments:
         text = yaml.safe_dump(data, sort_keys=False)
     else:
-        hints = _hints(type(cfg))
+        hints = typing.get_type_hints(type(cfg))
         lines = []
         for f in config_fields(type(cfg)):
             lines.append(f"# {f.metadata.get('help', '')} [{_type_name(hints[f.name])}]")
@@ -317,11 +305,6 @@ def dump_yaml(cfg: Any, path: str | Path | None = None, *, comments: bool = Fals
     if path is not None:
         Path(path).write_text(text)
     return text
-
-
-def replace(cfg: C, **changes: Any) -> C:
-    """``dataclasses.replace`` that re-runs validation."""
-    return dataclasses.replace(cfg, **changes)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -400,10 +383,9 @@ class TrainConfig:
             raise ConfigError("nothing to train: set --max_steps > 0 or --num_train_epochs > 0")
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"option 'seed' must be in [0, 2**32), got {self.seed}")
-        if self.learning_rate < 0:
-            raise ConfigError(f"learning_rate must be >= 0, got {self.learning_rate}")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        for name in ("learning_rate", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.resume_from_checkpoint and self.overwrite_output_dir:

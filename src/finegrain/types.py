@@ -30,14 +30,7 @@ def _to(obj: Any, device: torch.device | str) -> Any:
 
 
 @dataclass
-class _Batch:
-    def to(self, device: torch.device | str):
-        """Return a copy with every tensor field moved to ``device``."""
-        return type(self)(**{f.name: _to(getattr(self, f.name), device) for f in fields(self)})
-
-
-@dataclass
-class CompletionBatch(_Batch):
+class CompletionBatch:
     """Prompt + response rows (SFT, token supervision, reward scoring, rollouts).
 
     Fields:
@@ -65,6 +58,10 @@ class CompletionBatch(_Batch):
     @property
     def num_rows(self) -> int:
         return self.completion_input_ids.shape[0]
+
+    def to(self, device: torch.device | str):
+        """Return a copy with every tensor field moved to ``device``."""
+        return type(self)(**{f.name: _to(getattr(self, f.name), device) for f in fields(self)})
 
 
 @dataclass

@@ -21,15 +21,10 @@ from pathlib import Path
 from finegrain.errors import ConfigError
 
 PRESETS = ("single_gpu", "multi_gpu", "fsdp2", "zero2", "zero3")
-# launcher option -> accelerate launch flag (all take one value)
-LAUNCH_OPTIONS = {
-    "--accelerate_config": None,  # resolved to --config_file
-    "--num_processes": "--num_processes",
-    "--num_machines": "--num_machines",
-    "--machine_rank": "--machine_rank",
-    "--main_process_ip": "--main_process_ip",
-    "--main_process_port": "--main_process_port",
-}
+# launcher options (each takes one value); accelerate launch gets them under the same names, but
+# --accelerate_config, which is resolved to --config_file
+LAUNCH_OPTIONS = ("--accelerate_config", "--num_processes", "--num_machines", "--machine_rank", "--main_process_ip",
+                  "--main_process_port")
 # commands that train and so may be launched on several processes
 LAUNCHABLE = ("sft", "po", "rm", "ppo")
 
@@ -95,7 +90,7 @@ def launch_command_line(command: str, argv: list[str]) -> list[str]:
         name = "multi_gpu" if int(launch.get("--num_processes", "1")) > 1 else "single_gpu"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(preset_path(name))]
     for key, value in launch.items():
-        cmd += [LAUNCH_OPTIONS[key], value]
+        cmd += [key, value]
     return cmd + ["-m", "finegrain.cli.main", command, *rest]
 
 

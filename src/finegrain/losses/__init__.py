@@ -30,7 +30,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class PreferenceLossSpec:
-    """What an offline preference loss needs, declared once per loss name.
+    """What an offline preference loss needs, declared once per loss name (every flag False unless set).
 
     Fields:
         name: the loss name as written in configs (``dpo``, ``simpo``, ``tdpo1``, ``tdpo2``, ``treg-dpo``,
@@ -43,27 +43,21 @@ class PreferenceLossSpec:
     """
 
     name: str
-    needs_reference: bool
-    needs_ref_distribution: bool
-    needs_token_rewards: bool
-    length_normalized: bool
+    needs_reference: bool = False
+    needs_ref_distribution: bool = False
+    needs_token_rewards: bool = False
+    length_normalized: bool = False
 
 
 _SPECS = {
     spec.name: spec
     for spec in (
-        PreferenceLossSpec("dpo", needs_reference=True, needs_ref_distribution=False, needs_token_rewards=False,
-                           length_normalized=False),
-        PreferenceLossSpec("simpo", needs_reference=False, needs_ref_distribution=False, needs_token_rewards=False,
-                           length_normalized=True),
-        PreferenceLossSpec("tdpo1", needs_reference=True, needs_ref_distribution=True, needs_token_rewards=False,
-                           length_normalized=False),
-        PreferenceLossSpec("tdpo2", needs_reference=True, needs_ref_distribution=True, needs_token_rewards=False,
-                           length_normalized=False),
-        PreferenceLossSpec("treg-dpo", needs_reference=True, needs_ref_distribution=False, needs_token_rewards=True,
-                           length_normalized=False),
-        PreferenceLossSpec("treg-simpo", needs_reference=False, needs_ref_distribution=False,
-                           needs_token_rewards=True, length_normalized=True),
+        PreferenceLossSpec("dpo", needs_reference=True),
+        PreferenceLossSpec("simpo", length_normalized=True),
+        PreferenceLossSpec("tdpo1", needs_reference=True, needs_ref_distribution=True),
+        PreferenceLossSpec("tdpo2", needs_reference=True, needs_ref_distribution=True),
+        PreferenceLossSpec("treg-dpo", needs_reference=True, needs_token_rewards=True),
+        PreferenceLossSpec("treg-simpo", needs_token_rewards=True, length_normalized=True),
     )
 }
 

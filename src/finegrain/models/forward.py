@@ -68,16 +68,17 @@ def hidden_states(model: nn.Module, batch: CompletionBatch) -> torch.Tensor:
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
     inner = model
     for attr in ("module", "base_model", "model"):  # DDP / PEFT wrappers
-        if "logits_to_keep" in _forward_params(inner):
+        if "logits_to_keep" in forward_params(inner):
             return True
         nxt = getattr(inner, attr, None)
         if not isinstance(nxt, nn.Module):
             break
         inner = nxt
-    return "logits_to_keep" in _forward_params(inner)
+    return "logits_to_keep" in forward_params(inner)
 
 
-def _forward_params(model: nn.Module) -> frozenset[str]:
+def forward_params(model: nn.Module) -> frozenset[str]:
+    """The argument names of ``model.forward`` (empty when its signature cannot be read)."""
     import inspect
 
     try:

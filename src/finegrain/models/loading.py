@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from finegrain.errors import ConfigError
+from finegrain.models.gguf import ensure_converted
 
 
 def _dtype(name: str | None):
@@ -29,7 +30,7 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
     causal-LM training needs one."""
     from transformers import AutoTokenizer
 
-    name_or_path = _gguf_to_dir(name_or_path)  # issue 13: a .gguf file loads from its converted directory
+    name_or_path = ensure_converted(name_or_path)  # issue 13: a .gguf file loads from its converted directory
     name_or_path = model_dir(name_or_path)
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
@@ -79,7 +80,7 @@ def load_causal_lm(name_or_path: str, *, trust_remote_code: bool = False, dtype:
     """
     from transformers import AutoModelForCausalLM
 
-    name_or_path = _gguf_to_dir(name_or_path)  # issue 13: a .gguf file loads from its converted directory
+    name_or_path = ensure_converted(name_or_path)  # issue 13: a .gguf file loads from its converted directory
     if not allow_reward_model:
         refuse_reward_model(name_or_path, role)
     name_or_path = model_dir(name_or_path)
@@ -103,15 +104,6 @@ def save_pretrained(model, tokenizer, path: str | Path) -> Path:
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return path
-
-
-# --- GGUF input (issue 13) ---------------------------------------------------------------------------------------
-def _gguf_to_dir(name_or_path: str) -> str:
-    """``name_or_path`` itself, or for a ``.gguf`` file its converted directory (converted on first use by
-    :func:`finegrain.models.gguf.ensure_converted`)."""
-    from finegrain.models.gguf import ensure_converted
-
-    return ensure_converted(name_or_path)
 
 
 def resolve_device(name: str | torch.device | None) -> torch.device:

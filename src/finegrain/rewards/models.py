@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from finegrain.errors import ConfigError, DataError
+from finegrain.ops.masked import zero_masked
 from finegrain.rewards.base import check_finite
 from finegrain.rewards.placement import place_at_span_ends, place_on_last_token, spread_over_spans
 from finegrain.types import CompletionBatch, TokenRewards
@@ -267,7 +268,7 @@ class RewardModelSource:
         finally:
             self.model.train(was_training)
         device = batch.completion_input_ids.device
-        values = torch.where(mask.cpu(), values, torch.zeros(()))
+        values = zero_masked(values, mask.cpu())
         out = self._finish(values.to(device), mask, scores.to(device), meta)
         return check_finite(out, self.name)
 
@@ -487,13 +488,13 @@ class SentenceRMSource(RewardModelSource):
         self.spread, self.prompt_term = spread, prompt_term
 
     def _score_rows(self, rows, T):
+        from finegrain.data.collate import pad_token_id
         from finegrain.models.reward_model import collate_sentence_examples
 
         N = len(rows)
         values = torch.zeros(N, T, dtype=torch.float64)
         scores, prompt_terms, counts = np.zeros(N), np.zeros(N), np.zeros(N, dtype=np.int64)
-        pad = self.model.tokenizer.pad_token_id
-        pad = self.model.tokenizer.eos_token_id if pad is None else pad
+        pad = pad_token_id(self.model.tokenizer)
         for chunk in self._chunks(N):
             part = [rows[i] for i in chunk]
             examples = [self.model.prepare(r.rm_prompt, r.rm_response, r.text, r.rm_offsets) for r in part]
@@ -511,9 +512,7 @@ class SentenceRMSource(RewardModelSource):
                 g_ends, t_groups = sentence_token_groups(ex.spans, ex.groups, r.policy_offsets)
                 ends[k, :n] = torch.as_tensor(g_ends, dtype=torch.long)
                 token_groups[k, : len(t_groups)] = torch.as_tensor(t_groups, dtype=torch.long)
-            part_mask = torch.zeros(len(part), T, dtype=torch.bool)
-            for k, r in enumerate(part):
-                part_mask[k, : len(r.response_ids)] = True
+            part_mask = torch.arange(T) < torch.tensor([len(r.response_ids) for r in part]).unsqueeze(1)
             if self.spread:
                 placed = spread_over_spans(span_values, token_groups, part_mask)
             else:  # a group with no policy token (e.g. cut off) has nowhere to go: drop its term

@@ -174,15 +174,6 @@ def split_dir_options(body: str) -> tuple[str, dict[str, Any]] | None:
     return None
 
 
-def _reward_model_dir(path: Path) -> Path | None:
-    from finegrain.models.reward_model import is_reward_model_dir
-
-    for candidate in (path, path / "final"):
-        if is_reward_model_dir(candidate):
-            return candidate
-    return None
-
-
 def load_reward_source(path: str | Path, *, policy_tokenizer: Any, device: Any = None, **options: Any) -> RewardSource:
     """The source of a reward model saved by ``finegrain rm`` (its run directory or ``final/``).
 
@@ -191,22 +182,18 @@ def load_reward_source(path: str | Path, *, policy_tokenizer: Any, device: Any =
     ``max_length``; the discriminator's ``mode``, ``eos``, ``neutral_band``, ``positive_value``, ``negative_value``,
     ``seed``, docs/methods/tlcr.md); an option nobody takes is a :class:`~finegrain.errors.ConfigError`.
     """
-    from finegrain.models.reward_model import load_reward_model
+    from finegrain.models.reward_model import is_reward_model_dir, load_reward_model
     from finegrain.rewards.models import make_reward_source
 
     key = str(path)
-    model_dir = _reward_model_dir(Path(key)) if Path(key).is_dir() else None
-    if model_dir is None:
+    found = [d for d in (Path(key), Path(key) / "final") if Path(key).is_dir() and is_reward_model_dir(d)]
+    if not found:
         what = ("a directory without a finegrain reward model (no finegrain_reward.json here or in final/)"
                 if Path(key).is_dir() else "not a directory")
         raise ConfigError(f"reward source {key!r} is {what}; give the final/ directory of `finegrain rm`")
     model_options = {k: options.pop(k) for k in _MODEL_OPTIONS if k in options}
-    model = load_reward_model(model_dir, device=device, **model_options)
+    model = load_reward_model(found[0], device=device, **model_options)
     return make_reward_source(model, policy_tokenizer, **options)
-
-
-def _unknown(spec: str, why: str) -> ConfigError:
-    return ConfigError(f"reward source {spec!r}: {why}; a reward spec is one of: {describe_reward_specs()}")
 
 
 def reward_source(spec: str | Any, context: SourceContext) -> RewardSource:
@@ -233,8 +220,8 @@ def reward_source(spec: str | Any, context: SourceContext) -> RewardSource:
         return source
     kind, sep, arg = body.partition(":")
     if kind not in _REGISTRY:
-        looks_like_path = "/" in body or body.startswith(".")
-        raise _unknown(body, "no such directory" if looks_like_path else f"unknown kind {kind!r}")
+        why = "no such directory" if "/" in body or body.startswith(".") else f"unknown kind {kind!r}"
+        raise ConfigError(f"reward source {body!r}: {why}; a reward spec is one of: {describe_reward_specs()}")
     source = _REGISTRY[kind].factory(arg if sep else None, context)
     if name:
         source.name = name

@@ -101,14 +101,6 @@ class RunningMoments:
         self.count, self.mean, self.m2 = float(state["count"]), float(state["mean"]), float(state["m2"])
 
 
-def _as_sources(sources: TokenRewards | Mapping[str, TokenRewards]) -> dict[str, TokenRewards]:
-    if isinstance(sources, TokenRewards):
-        return {"reward": sources}
-    if not sources:
-        raise ValueError("dense_rewards needs at least one reward source")
-    return dict(sources)
-
-
 def dense_rewards(
     sources: TokenRewards | Mapping[str, TokenRewards],
     response_mask: torch.Tensor,
@@ -177,8 +169,10 @@ def dense_rewards(
         raise ValueError("normalize='running' needs a RunningMoments passed as running=")
     if response_mask.dim() != 2:
         raise ValueError(f"response_mask must be (B, T), got {tuple(response_mask.shape)}")
+    if not sources:
+        raise ValueError("dense_rewards needs at least one reward source")
     mask = response_mask.to(torch.bool)
-    named = _as_sources(sources)
+    named = {"reward": sources} if isinstance(sources, TokenRewards) else dict(sources)
     zero = torch.zeros((), dtype=torch.float32, device=mask.device)
 
     out: dict[str, torch.Tensor] = {}

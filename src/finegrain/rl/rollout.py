@@ -16,14 +16,13 @@ sampled tokens (and optionally the policy entropy and the full-vocabulary revers
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from finegrain.models.forward import hidden_states, output_head, predicting_states
+from finegrain.models.forward import forward_params, hidden_states, output_head, predicting_states
 from finegrain.ops.kl import reverse_kl_from_logits
 from finegrain.ops.logprobs import token_entropy, token_logps
 from finegrain.ops.masked import zero_masked
@@ -125,26 +124,7 @@ def sample_next_token(
 def _accepts(model: nn.Module, name: str) -> bool:
     """Whether the model's forward takes ``name``; a PEFT wrapper forwards ``**kwargs``, so ask its base model."""
     get_base = getattr(model, "get_base_model", None)
-    target = get_base() if callable(get_base) else model
-    try:
-        return name in inspect.signature(target.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _cache_argument(model: nn.Module) -> str:
-    """The name under which the model's forward takes its KV cache.
-
-    transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns and goes in 5.40); earlier 5.x
-    releases know only ``past_key_values``. Asking the signature keeps one code path for both.
-    """
-    return "cache" if _accepts(model, "cache") else "past_key_values"
-
-
-def _output_cache(out: Any) -> Any:
-    """The KV cache a forward returned (``out.cache`` from transformers 5.24, ``out.past_key_values`` before)."""
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
+    return name in forward_params(get_base() if callable(get_base) else model)
 
 
 def _check_prompts(prompt_input_ids: torch.Tensor, prompt_attention_mask: torch.Tensor) -> torch.Tensor:
@@ -232,7 +212,9 @@ def sample_rollouts(
     positions = (attn.long().cumsum(dim=1) - 1).clamp(min=0)
     next_position = attn.sum(dim=1, keepdim=True)
     extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
-    cache_arg = _cache_argument(model)
+    # transformers 5.24 renamed the KV cache's ``past_key_values`` to ``cache`` (in the forward's arguments and its
+    # output; the old name warns and goes in 5.40); earlier 5.x releases know only ``past_key_values``.
+    cache_arg = "cache" if _accepts(model, "cache") else "past_key_values"
 
     out = model(
         input_ids=prompt_input_ids, attention_mask=attention[:, :p], position_ids=positions, use_cache=True, **extra
@@ -258,7 +240,7 @@ def sample_rollouts(
             attention_mask=attention[:, : p + step + 1],
             position_ids=next_position + step,
             use_cache=True,
-            **{cache_arg: _output_cache(out)},
+            **{cache_arg: out.past_key_values if getattr(out, "cache", None) is None else out.cache},
         )
     del out
 
