@@ -87,24 +87,15 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
             return False
         raise ConfigError(f"option '{name}' must be true or false, got {_show(value)}")
-    if base is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"option '{name}' must be an integer, got {_show(value)}")
-        try:
-            out = int(value) if not isinstance(value, float) or value.is_integer() else None
+    if base in (int, float):
+        try:  # a bool is no number here, nor a float with a fraction (or inf, nan) an integer
+            if isinstance(value, bool) or (base is int and isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            out = base(value)
         except (TypeError, ValueError):
-            out = None
-        if out is None:
-            raise ConfigError(f"option '{name}' must be an integer, got {_show(value)}")
-        return out
-    if base is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"option '{name}' must be a number, got {_show(value)}")
-        try:
-            out = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"option '{name}' must be a number, got {_show(value)}") from None
-        if not math.isfinite(out):
+            kind = "an integer" if base is int else "a number"
+            raise ConfigError(f"option '{name}' must be {kind}, got {_show(value)}") from None
+        if base is float and not math.isfinite(out):
             raise ConfigError(f"option '{name}' must be a finite number, got {out}")
         return out
     if base is str:

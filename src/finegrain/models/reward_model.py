@@ -206,14 +206,12 @@ def build_reward_model(
                         end_token=end_token, double_softmax=double_softmax, lag=lag)
 
 
+_SETTINGS = {"sentence": ("boundary_mode", "splitter", "end_token"), "discriminator": ("double_softmax", "lag")}
+"""The constructor settings of each level (what ``finegrain_reward.json`` records besides the head)."""
+
+
 def _instantiate(level: str, backbone, tokenizer, head, **settings) -> RewardModel:
-    if level == "sentence":
-        return SentenceRewardModel(backbone, tokenizer, head, boundary_mode=settings["boundary_mode"],
-                                   splitter=settings.get("splitter"), end_token=settings["end_token"])
-    if level == "discriminator":
-        return TokenDiscriminator(backbone, tokenizer, head, double_softmax=settings["double_softmax"],
-                                  lag=settings["lag"])
-    return _CLASSES[level](backbone, tokenizer, head)
+    return _CLASSES[level](backbone, tokenizer, head, **{k: settings[k] for k in _SETTINGS.get(level, ())})
 
 
 def save_reward_model(model: RewardModel, path: str | Path, *, state_dict: dict[str, torch.Tensor] | None = None,

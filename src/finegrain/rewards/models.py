@@ -29,6 +29,7 @@ from re-tokenising. Sentence sources always go through the text, since the split
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -88,12 +89,8 @@ def decode_with_offsets(tokenizer: Any, ids: Sequence[int]) -> tuple[str, list[t
     offsets, end = [], 0
     for p in prefixes:
         n = min(len(p), len(text))
-        k = 0
-        if p[:n] == text[:n]:
-            k = n
-        else:  # common prefix by bisection-free scan (rare: partial characters, decoder clean-up)
-            while k < n and p[k] == text[k]:
-                k += 1
+        # the common prefix, scanned only when the slices differ (rare: partial characters, decoder clean-up)
+        k = n if p[:n] == text[:n] else len(os.path.commonprefix([p, text]))
         start, end = end, max(end, k)
         offsets.append((start, end))
     return text, offsets

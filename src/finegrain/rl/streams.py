@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 
 import torch
+import torch.nn.functional as F
 
 from finegrain.types import CompletionBatch
 
@@ -60,11 +61,8 @@ class RolloutPlace:
 
 def _cat_padded(parts: list[torch.Tensor], width: int, value, left: bool = False) -> torch.Tensor:
     """Concatenate ``(n_i, w_i)`` tensors along rows after padding each to ``width`` columns with ``value``."""
-    out = []
-    for x in parts:
-        fill = torch.full((x.shape[0], width - x.shape[1]), value, dtype=x.dtype, device=x.device)
-        out.append(torch.cat([fill, x] if left else [x, fill], dim=1))
-    return torch.cat(out, dim=0)
+    return torch.cat([F.pad(x, (width - x.shape[1], 0) if left else (0, width - x.shape[1]), value=value)
+                      for x in parts])
 
 
 def concat_rollouts(parts: list[CompletionBatch], pad_id: int) -> CompletionBatch:
