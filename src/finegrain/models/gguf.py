@@ -162,20 +162,10 @@ def _locked(out_dir: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _dtype(name: str):
-    import torch
-
-    try:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-    except KeyError:
-        raise ConfigError(f"unknown dtype {name!r} for a GGUF conversion; choose float32, bfloat16 or float16") from None
-
-
-def _load_and_rebuild(path: Path, dtype: str):
+def _load_and_rebuild(path: Path, torch_dtype):
     """The GGUF's tokenizer and a plain model (no quantization config) holding its de-quantized weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch_dtype = _dtype(dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch_dtype)
@@ -232,8 +222,10 @@ def convert_gguf(
     out = Path(out_dir).expanduser() if out_dir is not None else default_converted_dir(path)
     if not force and path.is_file() and is_converted(path, out):
         return out
+    from finegrain.models.loading import torch_dtype
+
     path = check_gguf_file(path)
-    _dtype(dtype)
+    weights_dtype = torch_dtype(dtype, " for a GGUF conversion")
     with _locked(out):
         if not force and is_converted(path, out):
             return out
@@ -244,7 +236,7 @@ def convert_gguf(
             print(f"converting {path} ({path.stat().st_size / 2**20:.0f} MiB) into {out} (once)", flush=True)
         start = time.perf_counter()
         stamp = _source_stamp(path)
-        model, tokenizer = _load_and_rebuild(path, dtype)
+        model, tokenizer = _load_and_rebuild(path, weights_dtype)
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:

@@ -16,13 +16,12 @@ from finegrain.errors import ConfigError
 from finegrain.models.gguf import ensure_converted
 
 
-def _dtype(name: str | None):
-    if name in (None, "auto"):
-        return None if name is None else "auto"
+def torch_dtype(name: str, where: str = "") -> torch.dtype:
+    """The torch dtype called ``name``: float32, bfloat16 or float16 (``where`` goes into the error message)."""
     try:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
     except KeyError:
-        raise ConfigError(f"unknown dtype {name!r}; choose float32, bfloat16 or float16") from None
+        raise ConfigError(f"unknown dtype {name!r}{where}; choose float32, bfloat16 or float16") from None
 
 
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
@@ -86,7 +85,7 @@ def load_causal_lm(name_or_path: str, *, trust_remote_code: bool = False, dtype:
     name_or_path = model_dir(name_or_path)
     kwargs = {"trust_remote_code": trust_remote_code}
     if dtype is not None:
-        kwargs["dtype"] = _dtype(dtype)
+        kwargs["dtype"] = dtype if dtype == "auto" else torch_dtype(dtype)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
