@@ -299,10 +299,8 @@ def completion_stats(
     h = policy_hidden[mask].to(policy_weight.dtype)
     hr = wr = br = None
     if ref_hidden is not None:
-        if ref_weight is None:
-            wr, br = policy_weight.detach(), None if policy_bias is None else policy_bias.detach()
-        else:
-            wr, br = ref_weight.detach(), None if ref_bias is None else ref_bias.detach()
+        wr, br = (policy_weight, policy_bias) if ref_weight is None else (ref_weight, ref_bias)
+        wr, br = wr.detach(), None if br is None else br.detach()
         hr = ref_hidden.detach()[mask].to(wr.dtype)
     logp_y, ref_logp_y, kl = _ChunkedCompletionStats.apply(
         h, policy_weight, policy_bias, hr, wr, br, y, compute_kl, chunk_size, logit_softcap
