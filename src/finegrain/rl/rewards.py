@@ -76,6 +76,10 @@ class RunningMoments:
         """Population variance of everything seen so far (0 before two values)."""
         return self.m2 / self.count if self.count > 1 else 0.0
 
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.var)
+
     def update(self, values: torch.Tensor) -> None:
         """Fold a 1-D tensor of values into the moments."""
         x = values.detach().to(torch.float64).flatten()
