@@ -332,24 +332,9 @@ def naive_completion_stats(
 ) -> CompletionStats:
     """The straightforward version of :func:`completion_stats`: full ``(N, T, V)`` logits of both models.
 
-    Same signature, values and gradients (autograd through ``log_softmax``); ``chunk_size`` is ignored. Memory is
-    ``O(N·T·V)`` per intermediate, so use it for tests and benchmarks only.
-
-    Args:
-        policy_hidden: ``(N, T, H)``.
-        policy_weight: ``(V, H)``.
-        labels: ``(N, T)`` long.
-        mask: ``(N, T)`` bool.
-        policy_bias: ``(V,)`` or None.
-        ref_hidden: ``(N, T, H_ref)`` or None.
-        ref_weight: ``(V, H_ref)`` or None (reuse the policy head).
-        ref_bias: ``(V,)`` or None.
-        compute_kl: compute ``token_kl``.
-        chunk_size: ignored.
-        logit_softcap: soft-cap or None.
-
-    Returns:
-        :class:`CompletionStats` with ``(N, T)`` tensors.
+    Same signature (arguments and shapes as documented there), values, ``(N, T)`` outputs and gradients (autograd
+    through ``log_softmax``); ``chunk_size`` is ignored. Memory is ``O(N·T·V)`` per intermediate, so use it for
+    tests and benchmarks only.
     """
     del chunk_size
     _check_inputs(policy_hidden, policy_weight, labels, mask, policy_bias, ref_hidden, ref_weight, ref_bias,

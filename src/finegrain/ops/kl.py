@@ -66,12 +66,7 @@ def kl_k1(token_logps: torch.Tensor, ref_token_logps: torch.Tensor) -> torch.Ten
 def kl_k2(token_logps: torch.Tensor, ref_token_logps: torch.Tensor) -> torch.Tensor:
     """k2 estimator ``ρ_t² / 2`` (Schulman 2020): biased, non-negative, low variance.
 
-    Args:
-        token_logps: ``(N, T)`` policy log-probs of the sampled tokens.
-        ref_token_logps: ``(N, T)`` reference log-probs of the same tokens.
-
-    Returns:
-        ``(N, T)`` per-token estimate, ``>= 0``.
+    Arguments and shapes as :func:`kl_k1`; the ``(N, T)`` estimate is ``>= 0``.
 
     Example:
         >>> kl_k2(torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.0]]))
@@ -86,14 +81,7 @@ def kl_k3(token_logps: torch.Tensor, ref_token_logps: torch.Tensor) -> torch.Ten
     Computed as ``expm1(−ρ) + ρ``: ``expm1`` keeps the small values near ``ρ = 0`` that ``exp(−ρ) − 1`` rounds
     away, and ``expm1(x) >= x`` holds in floating point too, so the result is never negative. ``e^{−ρ}``
     overflows for ``ρ ≲ −88`` in float32; clamp ``ρ`` upstream (e.g. ``kl_penalty(..., log_ratio_clip=10)``)
-    if the policy can drift that far.
-
-    Args:
-        token_logps: ``(N, T)`` policy log-probs of the sampled tokens.
-        ref_token_logps: ``(N, T)`` reference log-probs of the same tokens.
-
-    Returns:
-        ``(N, T)`` per-token estimate, ``>= 0``.
+    if the policy can drift that far. Arguments and shapes as :func:`kl_k1`; the ``(N, T)`` estimate is ``>= 0``.
 
     Example:
         >>> kl_k3(torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.0, -1.0]]))
