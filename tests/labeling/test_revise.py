@@ -17,7 +17,7 @@ import pytest
 from finegrain.cli.commands import label as label_main
 from finegrain.config import build
 from finegrain.errors import ConfigError, DataError
-from finegrain.labeling.revise import ReviseConfig, run_revise, unchanged_path
+from finegrain.labeling.revise import ReviseConfig, make_reviser, run_revise, unchanged_path
 from finegrain.labeling.revisers import (
     MARKER,
     ChatCompletionsClient,
@@ -449,7 +449,7 @@ def test_a_registered_reviser_runs_by_name(tmp_path, monkeypatch):
     assert (summary.revised, summary.unchanged, summary.failed) == (1, 1, 0)
     assert _read(out) == [{"index": 0, "id": "ex0", "prompt": "question 0 ?", "rejected": " bad answer 0 .",
                            "revised": " BAD ANSWER 0 .", "chosen": "a good answer 0 ."}]
-    assert revisers.make_reviser(cfg).cfg is cfg  # the factory gets the config
+    assert make_reviser(cfg).cfg is cfg  # the factory gets the config
     with pytest.raises(ValueError, match="plain word"):
         register_reviser("a b", _Shout)
 

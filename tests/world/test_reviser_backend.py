@@ -16,7 +16,7 @@ from finegrain.cli.commands import label as label_main
 from finegrain.config import build
 from finegrain.errors import ConfigError
 from finegrain.labeling import revisers
-from finegrain.labeling.revise import ReviseConfig, run_revise
+from finegrain.labeling.revise import ReviseConfig, make_reviser, run_revise
 from finegrain.world.reviser import WorldReviser, register_reviser_backend
 
 
@@ -78,10 +78,10 @@ def test_without_data_or_model_the_command_revises_the_worlds_pairs_with_its_rul
     assert cfg.dataset_name == str(tiny_world / "data" / "pairs_train.jsonl")
     assert cfg.reviser == cfg.backend == "world" and cfg.skip_invalid_rows
     world = load_world_config(tiny_world)
-    reviser = revisers.make_reviser(cfg)
+    reviser = make_reviser(cfg)
     assert isinstance(reviser, WorldReviser)
     assert (reviser.rules, reviser.max_edits) == (world.rules, world.revision_max_edits)
-    assert revisers.make_reviser(_revise_config(tiny_world, "--output_file", str(out), "--max_edits", "1")).max_edits == 1
+    assert make_reviser(_revise_config(tiny_world, "--output_file", str(out), "--max_edits", "1")).max_edits == 1
     summary = run_revise(cfg)
     assert summary.total == 12 and summary.failed == 0 and summary.revised > 0
     for r in _read(out):

@@ -21,6 +21,7 @@ import collections
 import dataclasses
 import json
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -28,16 +29,22 @@ from typing import Any
 from finegrain.config import option
 from finegrain.errors import ConfigError, DataError
 from finegrain.labeling.revisers import (
+    DEFAULT_BASE_URL,
     MARKER,
+    ChatCompletionsClient,
     EndpointError,
+    HFReviser,
+    OpenAIReviser,
     Reviser,
-    build_messages,
+    RevisionJob,
     read_prompt_template,
+    register_reviser,
     registered_revisers,
     reviser_factory,
 )
 
-__all__ = ["EndpointError", "ReviseConfig", "ReviseSummary", "RevisionJob", "load_jobs", "run_revise", "unchanged_path"]
+__all__ = ["EndpointError", "ReviseConfig", "ReviseSummary", "RevisionJob", "load_jobs", "make_reviser", "run_revise",
+           "unchanged_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -180,32 +187,6 @@ def _with_spacing(revised: str, rejected: str) -> str:
     lead = rejected[: len(rejected) - len(rejected.lstrip())]
     trail = rejected[len(rejected.rstrip()):] if rejected.strip() else ""
     return f"{lead}{core}{trail}"
-
-
-@dataclasses.dataclass
-class RevisionJob:
-    """One row to revise.
-
-    Attributes:
-        index: 0-based position of the row in the input split (the key that makes output resumable).
-        prompt: the prompt as given (text, or a list of messages).
-        rejected: the response to revise (text).
-        chosen: the preferred response, or None.
-        ids: id columns of the input row (``id``, ``idx``, ``uid``, ``*_id``), copied to the output.
-        template: the reviser's instruction (None: the built-in one).
-    """
-
-    index: int
-    prompt: str | list[dict]
-    rejected: str
-    chosen: str | None = None
-    ids: dict[str, Any] = dataclasses.field(default_factory=dict)
-    template: str | None = None
-
-    @property
-    def messages(self) -> list[dict[str, str]]:
-        """The chat messages that ask an LLM reviser for the revision (built when asked, not kept)."""
-        return build_messages(self.prompt, self.rejected, self.chosen, self.template)
 
 
 def _id_columns(raw: dict) -> dict[str, Any]:
@@ -466,3 +447,44 @@ def _revise_into(reviser: Reviser, todo: list[RevisionJob], out: Path, cfg: Revi
         bar.close()
         if side is not None:
             side.close()
+
+
+# --------------------------------------------------------------------------------------------- built-in backends
+
+
+def make_reviser(cfg: ReviseConfig) -> Reviser:
+    """The reviser ``cfg`` asks for (``cfg.backend``), built by its registered factory."""
+    return reviser_factory(cfg.backend)(cfg)
+
+
+def _hf(cfg: ReviseConfig) -> HFReviser:
+    """``--reviser hf``: load ``--model_name_or_path`` onto ``--device``."""
+    import torch
+
+    from finegrain.models.loading import load_causal_lm, load_tokenizer
+
+    if not cfg.model_name_or_path:
+        raise ConfigError("--reviser hf needs --model_name_or_path (a local path or hub id of a chat model)")
+    tok = load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    model = load_causal_lm(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype)
+    model.to(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return HFReviser(model, tok, batch_size=cfg.batch_size, max_new_tokens=cfg.max_tokens,
+                     temperature=cfg.temperature, top_p=cfg.top_p, max_retries=cfg.max_retries, seed=cfg.seed)
+
+
+def _openai(cfg: ReviseConfig) -> OpenAIReviser:
+    """``--reviser openai``: the endpoint at ``--base_url``, the key from the variable named by ``--api_key_env``."""
+    if not cfg.model:
+        raise ConfigError("--reviser openai needs --model, the model name the endpoint serves")
+    key = os.environ.get(cfg.api_key_env) or None
+    if key is None:
+        logger.info("environment variable %s is not set: requests carry no API key", cfg.api_key_env)
+    client = ChatCompletionsClient(cfg.base_url or DEFAULT_BASE_URL, api_key=key, api_key_env=cfg.api_key_env,
+                                   timeout=cfg.timeout, max_retries=cfg.max_retries, backoff=cfg.retry_backoff)
+    return OpenAIReviser(client, cfg.model, concurrency=cfg.concurrency, temperature=cfg.temperature, top_p=cfg.top_p,
+                         max_tokens=cfg.max_tokens, max_retries=cfg.max_retries)
+
+
+register_reviser("hf", _hf, "a local Hugging Face chat model (--model_name_or_path)")
+register_reviser("openai", _openai, "an OpenAI-compatible chat-completions endpoint (--base_url, --model; "
+                                    "pip install 'finegrain[openai]')")

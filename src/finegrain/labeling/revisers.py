@@ -1,11 +1,12 @@
 """The revisers of ``finegrain label revise``: the reviser prompt, the LLM backends and the registry of backends.
 
-A reviser is any object with ``run(jobs)`` (:class:`Reviser`): for each :class:`~finegrain.labeling.revise.RevisionJob`
-it yields ``(job, revised, None)`` or ``(job, None, reason)``, in any order, as each row finishes; a revised text
-equal to the rejected response means "nothing to change". ``--reviser NAME`` picks a backend from the registry: a
+A reviser is any object with ``run(jobs)`` (:class:`Reviser`): for each :class:`RevisionJob` it yields
+``(job, revised, None)`` or ``(job, None, reason)``, in any order, as each row finishes; a revised text equal to the
+rejected response means "nothing to change". ``--reviser NAME`` picks a backend from the registry: a
 factory ``factory(cfg) -> reviser`` registered by :func:`register_reviser`, called with the command's
 :class:`~finegrain.labeling.revise.ReviseConfig` (plus any option an application added to it). The library
-registers two (docs/labeling.md):
+defines two, registered by :mod:`finegrain.labeling.revise`, the command module that reads their options
+(docs/labeling.md):
 
 * ``hf``: a local Hugging Face chat model (:class:`HFReviser`), prompted through its chat template, batched;
 * ``openai``: any OpenAI-compatible chat-completions endpoint (:class:`OpenAIReviser`: OpenAI, vLLM, SGLang,
@@ -26,18 +27,14 @@ import collections
 import concurrent.futures as cf
 import dataclasses
 import logging
-import os
 import random
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from finegrain.errors import ConfigError, FinegrainError
-
-if TYPE_CHECKING:
-    from finegrain.labeling.revise import ReviseConfig, RevisionJob
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -50,10 +47,10 @@ __all__ = [
     "HFReviser",
     "OpenAIReviser",
     "Reviser",
+    "RevisionJob",
     "build_messages",
     "conversation_text",
     "describe_revisers",
-    "make_reviser",
     "parse_revision",
     "read_prompt_template",
     "register_reviser",
@@ -192,6 +189,32 @@ def read_prompt_template(path: str | Path) -> str:
     return text
 
 
+@dataclasses.dataclass
+class RevisionJob:
+    """One row to revise.
+
+    Attributes:
+        index: 0-based position of the row in the input split (the key that makes output resumable).
+        prompt: the prompt as given (text, or a list of messages).
+        rejected: the response to revise (text).
+        chosen: the preferred response, or None.
+        ids: id columns of the input row (``id``, ``idx``, ``uid``, ``*_id``), copied to the output.
+        template: the reviser's instruction (None: the built-in one).
+    """
+
+    index: int
+    prompt: str | list[dict]
+    rejected: str
+    chosen: str | None = None
+    ids: dict[str, Any] = dataclasses.field(default_factory=dict)
+    template: str | None = None
+
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        """The chat messages that ask an LLM reviser for the revision (built when asked, not kept)."""
+        return build_messages(self.prompt, self.rejected, self.chosen, self.template)
+
+
 # ------------------------------------------------------------------------------------------------------ registry
 
 
@@ -243,11 +266,6 @@ def reviser_factory(name: str) -> ReviserFactory:
                           "(applications register more: the finegrain command adds the built-in world's rule "
                           "reviser 'world')")
     return _REGISTRY[name].factory
-
-
-def make_reviser(cfg: ReviseConfig) -> Reviser:
-    """The reviser ``cfg`` asks for (``cfg.backend``), built by its registered factory."""
-    return reviser_factory(cfg.backend)(cfg)
 
 
 # ------------------------------------------------------------------------------------ local Hugging Face model
@@ -535,39 +553,3 @@ class OpenAIReviser:
                     yield job, revised, reason
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
-
-
-# --------------------------------------------------------------------------------------------- built-in backends
-
-
-def _hf(cfg: ReviseConfig) -> HFReviser:
-    """``--reviser hf``: load ``--model_name_or_path`` onto ``--device``."""
-    import torch
-
-    from finegrain.models.loading import load_causal_lm, load_tokenizer
-
-    if not cfg.model_name_or_path:
-        raise ConfigError("--reviser hf needs --model_name_or_path (a local path or hub id of a chat model)")
-    tok = load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
-    model = load_causal_lm(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype)
-    model.to(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return HFReviser(model, tok, batch_size=cfg.batch_size, max_new_tokens=cfg.max_tokens,
-                     temperature=cfg.temperature, top_p=cfg.top_p, max_retries=cfg.max_retries, seed=cfg.seed)
-
-
-def _openai(cfg: ReviseConfig) -> OpenAIReviser:
-    """``--reviser openai``: the endpoint at ``--base_url``, the key from the variable named by ``--api_key_env``."""
-    if not cfg.model:
-        raise ConfigError("--reviser openai needs --model, the model name the endpoint serves")
-    key = os.environ.get(cfg.api_key_env) or None
-    if key is None:
-        logger.info("environment variable %s is not set: requests carry no API key", cfg.api_key_env)
-    client = ChatCompletionsClient(cfg.base_url or DEFAULT_BASE_URL, api_key=key, api_key_env=cfg.api_key_env,
-                                   timeout=cfg.timeout, max_retries=cfg.max_retries, backoff=cfg.retry_backoff)
-    return OpenAIReviser(client, cfg.model, concurrency=cfg.concurrency, temperature=cfg.temperature, top_p=cfg.top_p,
-                         max_tokens=cfg.max_tokens, max_retries=cfg.max_retries)
-
-
-register_reviser("hf", _hf, "a local Hugging Face chat model (--model_name_or_path)")
-register_reviser("openai", _openai, "an OpenAI-compatible chat-completions endpoint (--base_url, --model; "
-                                    "pip install 'finegrain[openai]')")
