@@ -89,7 +89,8 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         raise ConfigError(f"option '{name}' must be true or false, got {_show(value)}")
     if base in (int, float):
         try:  # a bool is no number here, nor a float with a fraction (or inf, nan) an integer
-            if isinstance(value, bool) or (base is int and isinstance(value, float) and not value.is_integer()):
+            fraction = base is int and isinstance(value, float) and not value.is_integer()
+            if isinstance(value, bool) or fraction:
                 raise ValueError
             out = base(value)
         except (TypeError, ValueError):
@@ -239,9 +240,9 @@ def make_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPars
 
 
 def resolve_config(path: str | None) -> str | None:
-    """A ``--config`` value as a file: the path itself when it exists, else a config that ships with finegrain
-    (``finegrain/configs``: ``recipes/`` for the papers, ``world/`` for the demo) by name (``recipes/po-tdpo2``,
-    ``recipes/po-tdpo2.yaml`` or ``configs/recipes/po-tdpo2.yaml`` all name
+    """A ``--config`` value as a file: the path itself when it exists, else a config that ships with
+    finegrain (``finegrain/configs``: ``recipes/`` for the papers, ``world/`` for the demo) by name
+    (``recipes/po-tdpo2``, ``recipes/po-tdpo2.yaml`` or ``configs/recipes/po-tdpo2.yaml`` all name
     ``finegrain/configs/recipes/po-tdpo2.yaml``), else the path as given (loading it then says it is missing)."""
     if not path or Path(path).exists():
         return path

@@ -23,8 +23,8 @@ from finegrain.errors import ConfigError
 PRESETS = ("single_gpu", "multi_gpu", "fsdp2", "zero2", "zero3")
 # launcher options (each takes one value); accelerate launch gets them under the same names, but
 # --accelerate_config, which is resolved to --config_file
-LAUNCH_OPTIONS = ("--accelerate_config", "--num_processes", "--num_machines", "--machine_rank", "--main_process_ip",
-                  "--main_process_port")
+LAUNCH_OPTIONS = ("--accelerate_config", "--num_processes", "--num_machines", "--machine_rank",
+                  "--main_process_ip", "--main_process_port")
 # commands that train and so may be launched on several processes
 LAUNCHABLE = ("sft", "po", "rm", "ppo")
 

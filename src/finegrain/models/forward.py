@@ -104,8 +104,8 @@ def reading_states(hidden: torch.Tensor, batch: CompletionBatch) -> torch.Tensor
 
 def lm_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:
     """``(weight, bias, softcap)`` of a causal LM's output head (through a DDP wrapper's ``.module``), as
-    :func:`finegrain.ops.chunked.completion_stats` takes them: ``bias`` None when the head has none, ``softcap``
-    the config's ``final_logit_softcapping`` (Gemma 2) or None."""
+    :func:`finegrain.ops.chunked.completion_stats` takes them: ``bias`` None when the head has none,
+    ``softcap`` the config's ``final_logit_softcapping`` (Gemma 2) or None."""
     unwrapped = getattr(model, "module", model)
     head = unwrapped.get_output_embeddings()
     cap = getattr(getattr(unwrapped, "config", None), "final_logit_softcapping", None)
@@ -113,8 +113,9 @@ def lm_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, float 
 
 
 def completion_token_logps(model: nn.Module, batch: CompletionBatch, chunk_size: int = 1024) -> torch.Tensor:
-    """``(N, T)`` token log-probs of ``batch``'s responses under ``model``, 0 outside the completion mask; the head
-    is applied in chunks (:func:`finegrain.ops.chunked.completion_stats`), so no ``(N, T, V)`` logits are built."""
+    """``(N, T)`` token log-probs of ``batch``'s responses under ``model``, 0 outside the completion mask; the
+    head is applied in chunks (:func:`finegrain.ops.chunked.completion_stats`), so no ``(N, T, V)`` logits are
+    built."""
     from finegrain.ops.chunked import completion_stats
 
     weight, bias, cap = lm_head(model)

@@ -17,7 +17,7 @@ from finegrain.models.gguf import ensure_converted
 
 
 def torch_dtype(name: str, where: str = "") -> torch.dtype:
-    """The torch dtype called ``name``: float32, bfloat16 or float16 (``where`` goes into the error message)."""
+    """The torch dtype called ``name``: float32, bfloat16 or float16 (``where`` goes into the error)."""
     try:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
     except KeyError:

@@ -206,7 +206,8 @@ def build_reward_model(
                         end_token=end_token, double_softmax=double_softmax, lag=lag)
 
 
-_SETTINGS = {"sentence": ("boundary_mode", "splitter", "end_token"), "discriminator": ("double_softmax", "lag")}
+_SETTINGS = {"sentence": ("boundary_mode", "splitter", "end_token"),
+             "discriminator": ("double_softmax", "lag")}
 """The constructor settings of each level (what ``finegrain_reward.json`` records besides the head)."""
 
 

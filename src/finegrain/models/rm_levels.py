@@ -51,9 +51,9 @@ class RewardModel(nn.Module):
         tokenizer: its fast tokenizer (saved with the model; not a module).
         head: the reward head.
 
-    Subclasses define ``forward(batch)`` (what training differentiates; by default the head on the reading states),
-    :meth:`score` (one number per row, for pairwise accuracy; by default the summed ``token_values``) and
-    :meth:`settings` (what ``finegrain_reward.json`` records besides the head).
+    Subclasses define ``forward(batch)`` (what training differentiates; by default the head on the reading
+    states), :meth:`score` (one number per row, for pairwise accuracy; by default the summed ``token_values``)
+    and :meth:`settings` (what ``finegrain_reward.json`` records besides the head).
     """
 
     level: ClassVar[str] = ""
@@ -80,11 +80,12 @@ class RewardModel(nn.Module):
         return {}
 
     def forward(self, batch: CompletionBatch) -> torch.Tensor:
-        """The head's outputs at the reading states ``(N, T, ...)`` (the token levels; the others override it)."""
+        """The head's outputs at the reading states ``(N, T, ...)`` (token levels; the others override it)."""
         return self.head(reading_states(self.hidden(batch), batch))
 
     def score(self, batch: CompletionBatch) -> torch.Tensor:
-        """One score per row, ``(N,)``: what pairwise accuracy compares (token levels: ``token_values`` summed)."""
+        """One score per row, ``(N,)``: what pairwise accuracy compares (token levels: ``token_values``
+        summed)."""
         return self.token_values(batch).sum(dim=1)
 
     # -- flat checkpoint (the training loop's resumable state) -------------------------------------------------
@@ -157,9 +158,9 @@ class TokenRewardModel(RewardModel):
 
     With ``num_outputs=1`` (objective A, and B with MSE) the head is a :class:`ScalarHead` and the token reward is
     its output; with ``num_outputs=3`` (objective B with cross-entropy over labels −1, 0, +1) the reward is the
-    expected label :func:`finegrain.losses.token_cls.expected_label_rewards`. ``forward`` gives the head outputs on
-    the response: ``(N, T)`` rewards, or ``(N, T, 3)`` logits with ``num_outputs=3``. The sequence score is
-    ``S(y) = Σ_t m_t r_t``.
+    expected label :func:`finegrain.losses.token_cls.expected_label_rewards`. ``forward`` gives the head
+    outputs on the response: ``(N, T)`` rewards, or ``(N, T, 3)`` logits with ``num_outputs=3``. The sequence
+    score is ``S(y) = Σ_t m_t r_t``.
     """
 
     level = "token"

@@ -332,9 +332,9 @@ def naive_completion_stats(
 ) -> CompletionStats:
     """The straightforward version of :func:`completion_stats`: full ``(N, T, V)`` logits of both models.
 
-    Same signature (arguments and shapes as documented there), values, ``(N, T)`` outputs and gradients (autograd
-    through ``log_softmax``); ``chunk_size`` is ignored. Memory is ``O(N·T·V)`` per intermediate, so use it for
-    tests and benchmarks only.
+    Same signature (arguments and shapes as documented there), values, ``(N, T)`` outputs and gradients
+    (autograd through ``log_softmax``); ``chunk_size`` is ignored. Memory is ``O(N·T·V)`` per intermediate, so
+    use it for tests and benchmarks only.
     """
     del chunk_size
     _check_inputs(policy_hidden, policy_weight, labels, mask, policy_bias, ref_hidden, ref_weight, ref_bias,

@@ -81,7 +81,8 @@ def kl_k3(token_logps: torch.Tensor, ref_token_logps: torch.Tensor) -> torch.Ten
     Computed as ``expm1(−ρ) + ρ``: ``expm1`` keeps the small values near ``ρ = 0`` that ``exp(−ρ) − 1`` rounds
     away, and ``expm1(x) >= x`` holds in floating point too, so the result is never negative. ``e^{−ρ}``
     overflows for ``ρ ≲ −88`` in float32; clamp ``ρ`` upstream (e.g. ``kl_penalty(..., log_ratio_clip=10)``)
-    if the policy can drift that far. Arguments and shapes as :func:`kl_k1`; the ``(N, T)`` estimate is ``>= 0``.
+    if the policy can drift that far. Arguments and shapes as :func:`kl_k1`; the ``(N, T)`` estimate is
+    ``>= 0``.
 
     Example:
         >>> kl_k3(torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.0, -1.0]]))

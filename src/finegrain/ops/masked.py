@@ -12,8 +12,8 @@ import torch
 def zero_masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``values`` where ``mask`` is set, exactly 0 elsewhere.
 
-    Naive equivalent: ``values * mask``, except that it is a ``torch.where``, so NaN or inf at masked positions
-    cannot survive (nor reach a gradient). The result has the dtype of ``values``.
+    Naive equivalent: ``values * mask``, except that it is a ``torch.where``, so NaN or inf at masked
+    positions cannot survive (nor reach a gradient). The result has the dtype of ``values``.
 
     Example:
         >>> zero_masked(torch.tensor([[1., float("nan")]]), torch.tensor([[True, False]]))

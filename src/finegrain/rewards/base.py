@@ -63,8 +63,8 @@ def _given_or_decoded(given: Sequence | None, what: str, batch: CompletionBatch,
 
 
 def prompt_texts(batch: CompletionBatch, tokenizer: Any) -> list[Any]:
-    """The ``N`` prompts of ``batch``: ``batch.prompts`` as the data set gave them, else its decoded prompt block
-    (real prompt tokens, special tokens and chat-template markers dropped, stripped)."""
+    """The ``N`` prompts of ``batch``: ``batch.prompts`` as the data set gave them, else its decoded prompt
+    block (real prompt tokens, special tokens and chat-template markers dropped, stripped)."""
     return _given_or_decoded(batch.prompts, "prompts", batch,
                              lambda: _decode(tokenizer, batch.prompt_input_ids, batch.prompt_attention_mask))
 

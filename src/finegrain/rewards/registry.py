@@ -221,7 +221,8 @@ def reward_source(spec: str | Any, context: SourceContext) -> RewardSource:
     kind, sep, arg = body.partition(":")
     if kind not in _REGISTRY:
         why = "no such directory" if "/" in body or body.startswith(".") else f"unknown kind {kind!r}"
-        raise ConfigError(f"reward source {body!r}: {why}; a reward spec is one of: {describe_reward_specs()}")
+        raise ConfigError(f"reward source {body!r}: {why}; a reward spec is one of: "
+                          f"{describe_reward_specs()}")
     source = _REGISTRY[kind].factory(arg if sep else None, context)
     if name:
         source.name = name

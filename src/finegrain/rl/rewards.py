@@ -249,5 +249,5 @@ def lag_rewards(rewards: TokenRewards, lag: int) -> TokenRewards:
         return rewards
     shifted = torch.zeros_like(rewards.values)
     shifted[:, lag:] = rewards.values[:, :-lag]
-    return TokenRewards(values=zero_masked(shifted, rewards.mask), mask=rewards.mask, seq_reward=rewards.seq_reward,
-                        meta=rewards.meta)
+    return TokenRewards(values=zero_masked(shifted, rewards.mask), mask=rewards.mask,
+                        seq_reward=rewards.seq_reward, meta=rewards.meta)

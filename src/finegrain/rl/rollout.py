@@ -212,8 +212,9 @@ def sample_rollouts(
     positions = (attn.long().cumsum(dim=1) - 1).clamp(min=0)
     next_position = attn.sum(dim=1, keepdim=True)
     extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
-    # transformers 5.24 renamed the KV cache's ``past_key_values`` to ``cache`` (in the forward's arguments and its
-    # output; the old name warns and goes in 5.40); earlier 5.x releases know only ``past_key_values``.
+    # transformers 5.24 renamed the KV cache's ``past_key_values`` to ``cache`` (in the forward's arguments
+    # and its output; the old name warns and goes in 5.40); earlier 5.x releases know only
+    # ``past_key_values``.
     cache_arg = "cache" if _accepts(model, "cache") else "past_key_values"
 
     out = model(
