@@ -115,12 +115,6 @@ def row_metrics(rewards: TokenRewards) -> dict[str, torch.Tensor]:
     return {k: torch.as_tensor(v).float() for k, v in (rewards.meta.get("metrics") or {}).items()}
 
 
-def _first_bad_row(t: torch.Tensor) -> tuple[int, int]:
-    bad = ~torch.isfinite(t)
-    rows = bad.reshape(bad.shape[0], -1).any(dim=1) if t.dim() > 1 else bad
-    return int(bad.sum()), int(torch.nonzero(rows)[0, 0])
-
-
 def check_finite(rewards: TokenRewards, source_name: str) -> TokenRewards:
     """Raise if a reward source produced NaN or inf; return ``rewards`` unchanged otherwise.
 
@@ -143,9 +137,9 @@ def check_finite(rewards: TokenRewards, source_name: str) -> TokenRewards:
         True
     """
     for field, tensor in (("values", rewards.values), ("seq_reward", rewards.seq_reward)):
-        if tensor is not None and not bool(torch.isfinite(tensor).all()):
-            count, row = _first_bad_row(tensor)
-            raise NonFiniteError(
-                f"reward source '{source_name}' produced {count} non-finite {field} (NaN or inf); first in row {row}"
-            )
+        bad = None if tensor is None else ~torch.isfinite(tensor)
+        if bad is not None and bool(bad.any()):
+            row = int(torch.nonzero(bad.reshape(bad.shape[0], -1).any(dim=1))[0, 0])
+            raise NonFiniteError(f"reward source '{source_name}' produced {int(bad.sum())} non-finite {field} "
+                                 f"(NaN or inf); first in row {row}")
     return rewards

@@ -381,8 +381,7 @@ class SequenceRMSource(RewardModelSource):
         if self.as_seq_reward:
             return TokenRewards(values=torch.zeros_like(values), mask=mask, seq_reward=scores,
                                 meta={"scores": scores, **meta})
-        placed = place_on_last_token(scores.to(values.dtype), mask)
-        return TokenRewards(values=placed, mask=mask, seq_reward=None, meta={"scores": scores, **meta})
+        return super()._finish(place_on_last_token(scores.to(values.dtype), mask), mask, scores, meta)
 
 
 class TokenRMSource(RewardModelSource):

@@ -147,7 +147,8 @@ class FunctionRewardSource:
             for key, vals in metrics.items():
                 if len(vals) != n:
                     raise DataError(f"{where}: metric {key!r} has {len(vals)} values for {n} responses")
-            metrics = {k: torch.tensor([float(v) for v in vals], dtype=torch.float32) for k, vals in metrics.items()}
+            metrics = {k: torch.tensor([float(v) for v in vals], dtype=torch.float32, device=mask.device)
+                       for k, vals in metrics.items()}
         if hasattr(out, "tolist") and not isinstance(out, (list, tuple)):
             out = out.tolist()  # a torch tensor or numpy array
         if not isinstance(out, (list, tuple)):
@@ -181,7 +182,5 @@ class FunctionRewardSource:
         placed = place_on_last_token(scores.to(mask.device), mask)
         values = torch.where(ends.to(mask.device)[:, None], placed, values)
         values = zero_masked(values, mask)
-        meta = {"responses": responses}
-        if metrics:
-            meta["metrics"] = {k: v.to(mask.device) for k, v in metrics.items()}
+        meta = {"responses": responses, **({"metrics": metrics} if metrics else {})}
         return check_finite(TokenRewards(values=values, mask=mask, meta=meta), self.name)
