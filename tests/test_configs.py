@@ -46,7 +46,7 @@ def _config_class(command: str):
 
     module = importlib.import_module(f"finegrain.trainers.{command}")
     classes = [c for c in vars(module).values() if isinstance(c, type) and dataclasses.is_dataclass(c)
-               and issubclass(c, TrainConfig) and c.__module__ == module.__name__]
+               and issubclass(c, TrainConfig) and c.__module__.startswith(module.__name__)]
     return max(classes, key=lambda c: len(dataclasses.fields(c)))
 
 

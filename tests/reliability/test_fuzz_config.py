@@ -41,7 +41,7 @@ def config_classes() -> dict[str, type]:
             continue
         module = importlib.import_module(f"finegrain.trainers.{command}")
         classes = [c for c in vars(module).values() if isinstance(c, type) and dataclasses.is_dataclass(c)
-                   and issubclass(c, TrainConfig) and c.__module__ == module.__name__]
+                   and issubclass(c, TrainConfig) and c.__module__.startswith(module.__name__)]
         if classes:
             out[command] = max(classes, key=lambda c: len(config_fields(c)))
     return out

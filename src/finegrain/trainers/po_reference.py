@@ -25,7 +25,7 @@ from finegrain.models.forward import hidden_states, predicting_states
 from finegrain.ops.chunked import completion_stats
 
 if TYPE_CHECKING:
-    from finegrain.trainers.po import Plan, POConfig
+    from finegrain.trainers.po_config import Plan, POConfig
 
 __all__ = ["Reference", "frozen_reference", "head_of", "precompute_reference"]
 

@@ -19,7 +19,7 @@ from finegrain.losses.treg import shared_token_rewards
 from finegrain.ops import masked_sum
 
 if TYPE_CHECKING:
-    from finegrain.trainers.po import POConfig
+    from finegrain.trainers.po_config import POConfig
 
 __all__ = ["BASE_METRICS", "TREG_DIAGNOSTICS", "PreferenceStats", "accumulate", "halves", "metric_names",
            "pair_metrics", "reduce_metrics", "shared_token_masks"]

@@ -21,7 +21,7 @@ from finegrain.trainers import loop
 from finegrain.types import CompletionBatch
 
 if TYPE_CHECKING:
-    from finegrain.trainers.ppo import PPOConfig
+    from finegrain.trainers.ppo_config import PPOConfig
 
 __all__ = ["Models", "ValueModel", "critic_values", "make_critic", "make_reference", "rollout_values", "setup_models",
            "take_rows"]

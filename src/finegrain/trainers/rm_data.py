@@ -16,7 +16,7 @@ import numpy as np
 from finegrain.errors import DataError
 
 if TYPE_CHECKING:
-    from finegrain.trainers.rm import RMConfig
+    from finegrain.trainers.rm_config import RMConfig
 
 __all__ = ["credit_items", "pair_examples", "prepare_sentences", "revision_examples", "score_credit", "token_examples"]
 
