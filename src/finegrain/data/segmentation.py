@@ -31,6 +31,7 @@ reward model records. The two SRM boundary modes build on them:
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from collections.abc import Sequence
@@ -63,10 +64,6 @@ def _trimmed(text: str, start: int, end: int) -> Span | None:
     while end > start and text[end - 1].isspace():
         end -= 1
     return (start, end) if start < end else None
-
-
-def _non_space(text: str, span: Span) -> int:
-    return sum(not c.isspace() for c in text[span[0] : span[1]])
 
 
 # Words after which a period does not end a sentence (compared lowercased, without the final period).
@@ -103,13 +100,7 @@ class RuleSplitter:
     def split(self, text: str) -> list[Span]:
         """Sentence spans of ``text`` (see :class:`SentenceSplitter` for the guarantees)."""
         cuts = [m.end() for m in _TERMINATOR.finditer(text) if self._ends_sentence(text, m)]
-        spans, start = [], 0
-        for cut in [*cuts, len(text)]:
-            span = _trimmed(text, start, cut)
-            if span is not None:
-                spans.append(span)
-            start = cut
-        return _merge_tiny(text, spans, self.min_chars)
+        return _spans_between(text, [*cuts, len(text)], self.min_chars)
 
     def _ends_sentence(self, text: str, m: re.Match) -> bool:
         if m.group() == "\n":
@@ -130,14 +121,19 @@ class RuleSplitter:
         return not (after and after.group(1).islower())
 
 
-def _merge_tiny(text: str, spans: list[Span], min_chars: int) -> list[Span]:
-    """Merge spans with fewer than ``min_chars`` non-space characters into a neighbour."""
+def _spans_between(text: str, cuts: Sequence[int], min_chars: int) -> list[Span]:
+    """The trimmed spans between consecutive cut positions (from 0; the last cut is ``len(text)``), whitespace-only
+    ones dropped, then those with fewer than ``min_chars`` non-space characters merged into a neighbour (the
+    previous one, or the next one for a tiny first span)."""
     merged: list[Span] = []
     pending: Span | None = None  # a tiny first span waiting to be merged into the next one
-    for span in spans:
+    for start, cut in zip([0, *cuts], cuts):
+        span = _trimmed(text, start, cut)
+        if span is None:
+            continue
         if pending is not None:
             span, pending = (pending[0], span[1]), None
-        if _non_space(text, span) >= min_chars:
+        if sum(not c.isspace() for c in text[span[0] : span[1]]) >= min_chars:
             merged.append(span)
         elif merged:
             merged[-1] = (merged[-1][0], span[1])
@@ -202,19 +198,12 @@ class SaTSplitter:
 
     def split(self, text: str) -> list[Span]:
         """Sentence spans of ``text`` (see :class:`SentenceSplitter` for the guarantees)."""
-        if len(text) <= self.min_text_chars:
-            span = _trimmed(text, 0, len(text))
-            return [span] if span else []
+        if len(text) <= self.min_text_chars:  # one (trimmed) span
+            return _spans_between(text, [len(text)], self.min_chars)
         pieces = self.sat.split(text, threshold=self.threshold)
         if "".join(pieces) != text:
             raise DataError("SaT returned pieces that do not concatenate back to the text", field="response")
-        spans, start = [], 0
-        for piece in pieces:
-            span = _trimmed(text, start, start + len(piece))
-            if span is not None:
-                spans.append(span)
-            start += len(piece)
-        return _merge_tiny(text, spans, self.min_chars)
+        return _spans_between(text, list(itertools.accumulate(map(len, pieces))), self.min_chars)
 
 
 def token_sentence_ids(spans: Sequence[Span], offsets: Any) -> list[int]:
@@ -392,28 +381,8 @@ class PunctuationSplitter:
     min_chars: int = 2
 
     def split(self, text: str) -> list[tuple[int, int]]:
-        spans: list[list[int]] = []
-        start, pending = 0, None
-        for cut in [m.end() for m in _TERMINATOR.finditer(text)] + [len(text)]:
-            a, b = start, cut
-            start = cut
-            while a < b and text[a].isspace():
-                a += 1
-            while b > a and text[b - 1].isspace():
-                b -= 1
-            if a == b:
-                continue
-            if pending is not None:
-                a, pending = pending, None
-            if sum(not c.isspace() for c in text[a:b]) >= self.min_chars:
-                spans.append([a, b])
-            elif spans:
-                spans[-1][1] = b
-            else:
-                pending = a  # a tiny first piece joins the next sentence
-        if pending is not None:
-            spans.append([pending, len(text.rstrip())])
-        return [(a, b) for a, b in spans]
+        cuts = [m.end() for m in _TERMINATOR.finditer(text)]
+        return _spans_between(text, [*cuts, len(text)], self.min_chars)
 
 
 def make_splitter(config: dict[str, Any] | None = None) -> SentenceSplitter:
