@@ -54,9 +54,9 @@ values that look real).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -173,11 +173,11 @@ def collate_completions(
     return CompletionBatch(**fields)
 
 
-def _both(examples: Sequence[Mapping], key: str) -> list | None:
-    """Chosen values then rejected values of ``key`` (``chosen_{key}``, ``rejected_{key}``), or None."""
-    chosen, rejected = _values(examples, f"chosen_{key}"), _values(examples, f"rejected_{key}")
+def _both(examples: Sequence[Mapping], chosen_key: str, rejected_key: str) -> list | None:
+    """The ``chosen_key`` values then the ``rejected_key`` values of every example, or None when none has them."""
+    chosen, rejected = _values(examples, chosen_key), _values(examples, rejected_key)
     if (chosen is None) != (rejected is None):
-        raise ValueError(f"collate: examples have only one of chosen_{key} / rejected_{key}")
+        raise ValueError(f"collate: examples have only one of {chosen_key} / {rejected_key}")
     return None if chosen is None else chosen + rejected
 
 
@@ -197,23 +197,16 @@ def collate_preferences(
         A :class:`PreferenceBatch` of ``N = 2B`` rows (the worked example is in the module docstring).
     """
     prompts = [ex["prompt_input_ids"] for ex in examples]
-    per_token = {k: v for k in _PER_TOKEN if (v := _both(examples, k)) is not None}
-    per_row: dict[str, list] = {}
-    ref = _values(examples, "ref_chosen_logps"), _values(examples, "ref_rejected_logps")
-    if (ref[0] is None) != (ref[1] is None):
-        raise ValueError("collate: examples have only one of ref_chosen_logps / ref_rejected_logps")
-    if ref[0] is not None:
-        per_row["ref_logps"] = ref[0] + ref[1]
-    if (truncated := _both(examples, "truncated")) is not None:
-        per_row["truncated"] = truncated
-    for key in ("margin", "index"):
-        if (v := _values(examples, key)) is not None:
-            per_row[key] = v + v
+    per_token = {k: _both(examples, f"chosen_{k}", f"rejected_{k}") for k in _PER_TOKEN}
+    per_row = {"ref_logps": _both(examples, "ref_chosen_logps", "ref_rejected_logps"),
+               "truncated": _both(examples, "chosen_truncated", "rejected_truncated")}
+    for key in ("margin", "index"):  # one value per pair, on both of its rows
+        per_row[key] = None if (v := _values(examples, key)) is None else v + v
     fields = _collate(
         prompts + prompts,
         [ex["chosen_input_ids"] for ex in examples] + [ex["rejected_input_ids"] for ex in examples],
-        per_token,
-        per_row,
+        {k: v for k, v in per_token.items() if v is not None},
+        {k: v for k, v in per_row.items() if v is not None},
         pad_token_id,
         pad_to_multiple_of,
     )
@@ -226,21 +219,13 @@ class CompletionCollator:
 
     tokenizer: Any
     pad_to_multiple_of: int | None = None
+    collate: ClassVar[Callable] = staticmethod(collate_completions)
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> CompletionBatch:
-        return collate_completions(
-            examples, pad_token_id(self.tokenizer), pad_to_multiple_of=self.pad_to_multiple_of
-        )
+        return self.collate(examples, pad_token_id(self.tokenizer), pad_to_multiple_of=self.pad_to_multiple_of)
 
 
-@dataclass
-class PreferenceCollator:
+class PreferenceCollator(CompletionCollator):
     """``collate_preferences`` with the pad id taken from a tokenizer; a callable for ``DataLoader(collate_fn=)``."""
 
-    tokenizer: Any
-    pad_to_multiple_of: int | None = None
-
-    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> PreferenceBatch:
-        return collate_preferences(
-            examples, pad_token_id(self.tokenizer), pad_to_multiple_of=self.pad_to_multiple_of
-        )
+    collate: ClassVar[Callable] = staticmethod(collate_preferences)

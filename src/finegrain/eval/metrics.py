@@ -21,27 +21,17 @@ from finegrain.errors import DataError, NonFiniteError
 from finegrain.ops.logprobs import token_entropy
 from finegrain.ops.masked import masked_mean, masked_sum
 
-__all__ = [
-    "TokenCreditResult",
-    "WinRate",
-    "auroc",
-    "distinct_n",
-    "evaluate_token_credit",
-    "mean_and_stderr",
-    "mean_token_entropy",
-    "precision_at_k",
-    "response_entropy",
-    "response_length",
-    "sequential_kl",
-    "win_rate",
-]
+
+def _float64(x) -> np.ndarray:
+    """A float64 numpy copy of ``x`` (list, numpy array or tensor on any device)."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().to("cpu", torch.float64).numpy()
+    return np.asarray(x, dtype=np.float64)
 
 
 def _as_1d_float(x, name: str) -> np.ndarray:
-    """A 1-D float64 numpy copy of ``x`` (list, numpy array or tensor on any device)."""
-    if isinstance(x, torch.Tensor):
-        x = x.detach().to("cpu", torch.float64).numpy()
-    arr = np.asarray(x, dtype=np.float64)
+    """:func:`_float64` of a 1-D ``x``."""
+    arr = _float64(x)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(arr.shape)}")
     return arr
@@ -143,6 +133,17 @@ def _average_ranks(x: np.ndarray) -> np.ndarray:
     return (ends - (counts - 1) / 2.0)[inverse.reshape(-1)]
 
 
+def _scores_and_labels(scores, labels, caller: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(scores, labels != 0)`` as 1-D numpy arrays of one shape, with no NaN score."""
+    s = _as_1d_float(scores, "scores")
+    y = _as_1d_float(labels, "labels") != 0
+    if s.shape != y.shape:
+        raise ValueError(f"scores {s.shape} and labels {y.shape} must have the same shape")
+    if np.isnan(s).any():
+        raise NonFiniteError(f"{caller}: {int(np.isnan(s).sum())} NaN score(s)")
+    return s, y
+
+
 def auroc(scores, labels) -> float:
     """Area under the ROC curve of ``scores`` for the binary ``labels``, by ranks.
 
@@ -161,12 +162,7 @@ def auroc(scores, labels) -> float:
     Raises:
         NonFiniteError: if a score is NaN.
     """
-    s = _as_1d_float(scores, "scores")
-    y = _as_1d_float(labels, "labels") != 0
-    if s.shape != y.shape:
-        raise ValueError(f"scores {s.shape} and labels {y.shape} must have the same shape")
-    if np.isnan(s).any():
-        raise NonFiniteError(f"auroc: {int(np.isnan(s).sum())} NaN score(s)")
+    s, y = _scores_and_labels(scores, labels, "auroc")
     n_pos = int(y.sum())
     n_neg = y.size - n_pos
     if n_pos == 0 or n_neg == 0:
@@ -193,12 +189,7 @@ def precision_at_k(scores, labels, k: int) -> float:
     Returns:
         The precision in [0, 1].
     """
-    s = _as_1d_float(scores, "scores")
-    y = _as_1d_float(labels, "labels") != 0
-    if s.shape != y.shape:
-        raise ValueError(f"scores {s.shape} and labels {y.shape} must have the same shape")
-    if np.isnan(s).any():
-        raise NonFiniteError(f"precision_at_k: {int(np.isnan(s).sum())} NaN score(s)")
+    s, y = _scores_and_labels(scores, labels, "precision_at_k")
     if not 1 <= k <= s.size:
         raise ValueError(f"k must be in [1, {s.size}], got {k}")
     kth = np.sort(s)[::-1][k - 1]
@@ -233,16 +224,11 @@ class TokenCreditResult:
 def _pool_tokens(values, mask, name: str) -> list[np.ndarray]:
     """Per-response 1-D arrays from an ``(N, T)`` tensor/array with a mask, or from a ragged list."""
     if isinstance(values, (torch.Tensor, np.ndarray)) and np.ndim(values) == 2:
-        if isinstance(values, torch.Tensor):
-            values = values.detach().to("cpu", torch.float64).numpy()
-        if mask is None:
-            return [np.asarray(row, dtype=np.float64) for row in values]
-        if isinstance(mask, torch.Tensor):
-            mask = mask.detach().cpu().numpy()
-        mask = np.asarray(mask).astype(bool)
+        values = _float64(values)
+        mask = np.ones(values.shape, dtype=bool) if mask is None else _float64(mask) != 0
         if mask.shape != values.shape:
             raise ValueError(f"mask {mask.shape} and {name} {values.shape} must have the same shape")
-        return [np.asarray(row[m], dtype=np.float64) for row, m in zip(values, mask)]
+        return [row[m] for row, m in zip(values, mask)]
     if mask is not None:
         raise ValueError(f"a mask is only accepted with a 2-D {name} tensor or array")
     return [_as_1d_float(row, f"{name}[{i}]") for i, row in enumerate(values)]
@@ -286,12 +272,8 @@ def evaluate_token_credit(
         raise ValueError(f"{len(score_rows)} score rows but {len(credit_rows)} credit rows")
     for i, (s_row, c_row) in enumerate(zip(score_rows, credit_rows)):
         if s_row.shape != c_row.shape:
-            raise DataError(
-                f"{s_row.size} scores for {c_row.size} credit values",
-                source="token credit",
-                row=i,
-                field="scores",
-            )
+            raise DataError(f"{s_row.size} scores for {c_row.size} credit values", source="token credit", row=i,
+                            field="scores")
     s = np.concatenate(score_rows) if score_rows else np.zeros(0)
     c = np.concatenate(credit_rows) if credit_rows else np.zeros(0)
     if np.isnan(c).any():
@@ -300,20 +282,11 @@ def evaluate_token_credit(
     keep = positive | negative
     n_pos, n_neg = int(positive.sum()), int(negative.sum())
     s_kept, y_kept = s[keep], positive[keep]
-    result_auroc = auroc(s_kept, y_kept)
     n_kept = int(keep.sum())
-    if k is None:
-        k = n_pos
-    k = min(k, n_kept)
+    k = min(n_pos if k is None else k, n_kept)
     p_at_k = precision_at_k(s_kept, y_kept, k) if k >= 1 else math.nan
-    return TokenCreditResult(
-        auroc=result_auroc,
-        precision_at_k=p_at_k,
-        k=k,
-        n_pos=n_pos,
-        n_neg=n_neg,
-        n_neutral=int(c.size - n_kept),
-    )
+    return TokenCreditResult(auroc=auroc(s_kept, y_kept), precision_at_k=p_at_k, k=k, n_pos=n_pos, n_neg=n_neg,
+                             n_neutral=int(c.size - n_kept))
 
 
 # --------------------------------------------------------------------------------------------------------
