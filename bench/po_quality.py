@@ -91,9 +91,9 @@ def evaluate_policy(policy, reference, tokenizer, prompts: list[str], args, seed
     """Mean oracle score, well-formed rate, sequential KL(π ‖ π_ref) and length of sampled responses."""
     from finegrain.data.collate import collate_completions
     from finegrain.data.tokenize import tokenize_prompt
+    from finegrain.rewards.base import decode_responses
     from finegrain.rl.rollout import sample_rollouts, score_rollout
     from finegrain.world import judge, load_world_config
-    from finegrain.world.sft import decode_responses
 
     world_cfg = load_world_config(args.world_dir)
     policy.eval()
@@ -110,7 +110,7 @@ def evaluate_policy(policy, reference, tokenizer, prompts: list[str], args, seed
         scored = score_rollout(policy, roll, ref_model=reference, with_full_kl=True, chunk_rows=64)
         kls += scored["full_kl"].sum(dim=-1).tolist()
         lengths += roll.completion_mask.sum(dim=-1).tolist()
-        texts = decode_responses(tokenizer, roll.completion_input_ids, roll.completion_mask)
+        texts = decode_responses(tokenizer, roll)
         for i, text in enumerate(texts):
             j = judge(chunk[i // args.samples], text, world_cfg.rules)
             scores.append(j.score)

@@ -87,11 +87,9 @@ def _paths(cfg: IFEvalConfig):
 
 
 def _device(cfg: IFEvalConfig):
-    import torch
+    from finegrain.models.loading import resolve_device
 
-    if cfg.device:
-        return torch.device(cfg.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_device(cfg.device)
 
 
 def resolve_dtype(cfg: IFEvalConfig) -> str:
@@ -137,16 +135,6 @@ def _load(path: str | Path, cfg: IFEvalConfig):
     return model, load_tokenizer(str(path))
 
 
-def _sample_settings(cfg: IFEvalConfig, *, greedy: bool):
-    from finegrain.ifeval.sampling import SampleSettings
-
-    if greedy:
-        return SampleSettings(num_samples=1, max_new_tokens=cfg.max_new_tokens, temperature=0.0,
-                              batch_size=cfg.batch_size, seed=cfg.seed)
-    return SampleSettings(num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                          top_p=cfg.top_p, batch_size=cfg.batch_size, seed=cfg.seed)
-
-
 def _done(path: Path) -> bool:
     if path.is_file():
         print(f"  {path} exists: skipped")
@@ -176,7 +164,7 @@ def stage_prompts(cfg: IFEvalConfig) -> None:
 
 def stage_sample(cfg: IFEvalConfig) -> None:
     from finegrain.ifeval.data import load_rows_checked
-    from finegrain.ifeval.sampling import sample_rows
+    from finegrain.ifeval.sampling import SampleSettings, sample_rows
 
     paths = _paths(cfg)
     if _done(paths.samples):
@@ -184,8 +172,9 @@ def stage_sample(cfg: IFEvalConfig) -> None:
     rows = load_rows_checked(paths.prompts("train"), "prompts")
     model, tok = _load(_start_model(cfg), cfg)
     start = time.perf_counter()
-    out = sample_rows(model, tok, rows, _sample_settings(cfg, greedy=False), paths.samples,
-                      desc="sample (train)", show_progress=not cfg.disable_tqdm)
+    settings = SampleSettings(**{k: getattr(cfg, k) for k in (*_SAMPLE_SETTINGS, "seed")})
+    out = sample_rows(model, tok, rows, settings, paths.samples, desc="sample (train)",
+                      show_progress=not cfg.disable_tqdm)
     n = sum(len(r["responses"]) for r in out)
     print(f"  {n} responses to {len(out)} prompts in {time.perf_counter() - start:.0f} s -> {paths.samples}")
 

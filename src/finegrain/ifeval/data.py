@@ -42,8 +42,8 @@ from finegrain.ifeval.instructions import TOKEN_LOCAL, check_instructions
 from finegrain.ifeval.sampling import read_jsonl, write_jsonl
 from finegrain.ifeval.truth import minimal_fix, token_truth, violations
 
-__all__ = ["TaskPaths", "check_task_settings", "make_pairs", "make_revision_pairs", "make_revisions", "make_truth",
-           "pair_key"]
+__all__ = ["TaskPaths", "check_task_settings", "load_rows_checked", "make_pairs", "make_revision_pairs",
+           "make_revisions", "make_truth", "pair_key", "write_jsonl"]
 
 
 @dataclass(frozen=True)
@@ -264,5 +264,3 @@ def load_rows_checked(path: Path, what: str) -> list[dict]:
         raise ConfigError(f"{path} does not exist: run `finegrain ifeval {what}` first (or `finegrain ifeval build`)")
     return read_jsonl(path)
 
-
-__all__ += ["load_rows_checked", "write_jsonl"]

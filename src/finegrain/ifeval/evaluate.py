@@ -27,7 +27,8 @@ from typing import Any
 
 from finegrain.errors import ConfigError
 
-__all__ = ["IFEVAL_KEYS", "evaluate_on_task", "format_eval", "samples_as_task_rows"]
+__all__ = ["IFEVAL_KEYS", "check_eval_settings", "evaluate_on_task", "format_eval", "rescore",
+           "samples_as_task_rows"]
 
 IFEVAL_KEYS = ("n", "prompt_strict", "instruction_strict", "prompt_loose", "instruction_loose", "mean_words",
                "per_instruction", "unasked", "mean_tokens", "truncated")
@@ -140,8 +141,6 @@ def rescore(out_dir: str | Path, rows: Sequence[dict]) -> dict[str, Any]:
     return result
 
 
-__all__ += ["rescore"]
-
 
 def check_eval_settings(path: Path, asked: dict[str, Any]) -> dict[str, Any]:
     """The eval.json at ``path``, refused when it was made with other settings than ``asked``."""
@@ -153,8 +152,6 @@ def check_eval_settings(path: Path, asked: dict[str, Any]) -> dict[str, Any]:
                           "or delete that directory")
     return old
 
-
-__all__ += ["check_eval_settings"]
 
 
 def format_eval(name: str, r: dict) -> str:

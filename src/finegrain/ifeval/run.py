@@ -150,6 +150,16 @@ class RunConfig:
         if self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
 
+    @property
+    def setting(self) -> str:
+        """``quick`` or ``full``: the name of the preset."""
+        return "quick" if self.quick else "full"
+
+    @property
+    def preset(self) -> dict[str, Any]:
+        """The setting's flags and sizes (:data:`PRESETS`)."""
+        return PRESETS[self.setting]
+
 
 STAGES = ("task", "train", "eval", "credit", "report")
 
@@ -173,10 +183,9 @@ def _paths(cfg: RunConfig) -> Paths:
     from finegrain.ifeval.model import model_dir
     from finegrain.models.gguf import cache_root
 
-    preset = PRESETS["quick" if cfg.quick else "full"]
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root()
     root = Path(cfg.run_dir or ("runs/ifeval-quick" if cfg.quick else "runs/ifeval")).expanduser()
-    return Paths(root, cache / (preset["task_dir"] or "ifeval"), model_dir(cfg.cache_dir))
+    return Paths(root, cache / (cfg.preset["task_dir"] or "ifeval"), model_dir(cfg.cache_dir))
 
 
 def _selected(cfg: RunConfig) -> list[str]:
@@ -228,14 +237,13 @@ class Job:
 
 def plan(cfg: RunConfig) -> tuple[Paths, list[Job]]:
     """The paths and the training jobs of ``cfg`` (every selected method for every seed)."""
-    preset = PRESETS["quick" if cfg.quick else "full"]
     paths = _paths(cfg)
     jobs = []
     for seed in cfg.seeds:
         rm_dirs = {f"rm-{lv}": paths.method(f"rm-{lv}", seed, cfg.seeds[0]) for lv in RM_LEVELS}
         for method in _selected(cfg):
             out = paths.method(method, seed, cfg.seeds[0])
-            jobs.append(Job(method, seed, out, command_for(method, seed, out, paths, preset, rm_dirs)))
+            jobs.append(Job(method, seed, out, command_for(method, seed, out, paths, cfg.preset, rm_dirs)))
     return paths, jobs
 
 
@@ -258,11 +266,6 @@ class Clock:
         os.replace(tmp, self.path)
 
 
-def _env(threads: int) -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-            "TOKENIZERS_PARALLELISM": "false"}
-
-
 def finegrain(argv: list[str], log: Path, threads: int) -> float:
     """Run ``finegrain ARGV`` (this Python's) with its output in ``log``; returns the wall time.
 
@@ -274,8 +277,10 @@ def finegrain(argv: list[str], log: Path, threads: int) -> float:
     with log.open("a", encoding="utf-8") as sink:
         sink.write(f"\n$ finegrain {' '.join(argv)}\n")
         sink.flush()
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+               "TOKENIZERS_PARALLELISM": "false"}
         done = subprocess.run([sys.executable, "-m", "finegrain", *argv], stdout=sink, stderr=subprocess.STDOUT,
-                              env=_env(threads))
+                              env=env)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         tail = log.read_text(encoding="utf-8", errors="replace")[-1500:]
@@ -285,8 +290,7 @@ def finegrain(argv: list[str], log: Path, threads: int) -> float:
 
 def check_settings(paths: Paths, cfg: RunConfig) -> None:
     """Record the preset in ``RUN_DIR/settings.json``; refuse a directory made with other settings."""
-    preset = PRESETS["quick" if cfg.quick else "full"]
-    settings = {"setting": "quick" if cfg.quick else "full", "preset": preset, "task_dir": str(paths.task),
+    settings = {"setting": cfg.setting, "preset": cfg.preset, "task_dir": str(paths.task),
                 "model": str(paths.model), "methods": {"po": PO_METHODS, "po_data": PO_DATA, "ppo": PPO_REWARDS}}
     target = paths.root / "settings.json"
     if target.is_file():
@@ -309,10 +313,9 @@ def check_settings(paths: Paths, cfg: RunConfig) -> None:
 
 
 def stage_task(cfg: RunConfig, paths: Paths, clock: Clock) -> None:
-    preset = PRESETS["quick" if cfg.quick else "full"]
     argv = ["ifeval", "build", "--task_dir", str(paths.task), "--threads", str(cfg.threads), "--disable_tqdm",
             *(["--cache_dir", cfg.cache_dir] if cfg.cache_dir else []),
-            *(["--device", cfg.device] if cfg.device else []), *preset["task"]]
+            *(["--device", cfg.device] if cfg.device else []), *cfg.preset["task"]]
     built = [paths.task / "data" / "truth_test.jsonl", paths.task / "data" / "revision_pairs.jsonl",
              paths.task / "eval" / "start" / "eval.json"]
     if all(p.is_file() for p in built):
@@ -351,7 +354,7 @@ def stage_eval(cfg: RunConfig, paths: Paths, jobs: list[Job], clock: Clock) -> N
     from finegrain.ifeval.evaluate import IFEVAL_KEYS, check_eval_settings, evaluate_on_task, rescore
     from finegrain.models.loading import ModelCache, resolve_device
 
-    preset = PRESETS["quick" if cfg.quick else "full"]
+    preset = cfg.preset
     if cfg.dry_run and not (paths.task / "task.json").is_file():
         print(f"[eval] the start model and every trained policy on the test prompts of {paths.task}", flush=True)
         return
@@ -396,7 +399,6 @@ def credit_sources(jobs: list[Job]) -> list[str]:
 
 
 def stage_credit(cfg: RunConfig, paths: Paths, jobs: list[Job], clock: Clock) -> None:
-    preset = PRESETS["quick" if cfg.quick else "full"]
     out = paths.root / "token-credit"
     specs = credit_sources(jobs)
     done = out / "sources.json"
@@ -405,7 +407,7 @@ def stage_credit(cfg: RunConfig, paths: Paths, jobs: list[Job], clock: Clock) ->
         return
     argv = ["eval", "--token_credit", *specs, "--credit_data", str(paths.task / "data" / "truth_test.jsonl"),
             "--reference", str(paths.model), "--tokenizer_name_or_path", str(paths.model),
-            *CONTRASTIVE, "--max_credit_rows", str(preset["credit_rows"]),
+            *CONTRASTIVE, "--max_credit_rows", str(cfg.preset["credit_rows"]),
             "--output_dir", str(out), "--dtype", "float32", "--chunk_rows", "4", "--disable_tqdm",
             *(["--device", cfg.device] if cfg.device else [])]
     print(f"[credit] finegrain {' '.join(argv)}", flush=True)
@@ -421,12 +423,12 @@ def stage_report(cfg: RunConfig, paths: Paths, jobs: list[Job], clock: Clock) ->
     dirs = [paths.root / "start"] + [j.out for j in jobs if j.out.is_dir()] + [paths.root / "token-credit"]
     dirs = [d for d in dirs if d.is_dir()]
     argv = ["report", *map(str, dirs), "--output", str(paths.root / "report.html"), "--title",
-            f"finegrain on SmolLM2-135M-Instruct, IFEval task ({'quick' if cfg.quick else 'full'} setting)"]
+            f"finegrain on SmolLM2-135M-Instruct, IFEval task ({cfg.setting} setting)"]
     print(f"[report] finegrain {' '.join(argv)}", flush=True)
     if cfg.dry_run:
         return
     clock.record("report", finegrain(argv, paths.root / "logs" / "report.log", cfg.threads))
-    table = write_results(paths.root, [j.out for j in jobs], setting="quick" if cfg.quick else "full")
+    table = write_results(paths.root, [j.out for j in jobs], setting=cfg.setting)
     print(table, flush=True)
 
 

@@ -81,15 +81,12 @@ def write_jsonl(path: str | Path, rows: Sequence[dict]) -> Path:
 
 
 def _left_pad(prompts: list[list[int]], pad_id: int):
-    import torch
+    """``(input_ids, attention_mask)`` of left-padded prompts (the prompt block of ``collate_completions``)."""
+    from finegrain.data.collate import collate_completions
 
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        attn[i, width - len(p):] = 1
-    return ids, attn
+    rows = [{"prompt_input_ids": p, "completion_input_ids": []} for p in prompts]
+    batch = collate_completions(rows, pad_id)
+    return batch.prompt_input_ids, batch.prompt_attention_mask
 
 
 def sample_rows(model, tokenizer, rows: Sequence[dict], settings: SampleSettings, out_path: str | Path, *,
@@ -118,6 +115,7 @@ def sample_rows(model, tokenizer, rows: Sequence[dict], settings: SampleSettings
 
     from finegrain.data import tokenize_prompt
     from finegrain.errors import DataError
+    from finegrain.rewards.base import decode_responses
     from finegrain.rl import resolve_special_ids, sample_rollouts, score_rollout
 
     out_path = Path(out_path)
@@ -160,10 +158,8 @@ def sample_rows(model, tokenizer, rows: Sequence[dict], settings: SampleSettings
             if reference is not None:
                 scored = score_rollout(model, roll, ref_model=reference, with_full_kl=True)
                 kl = (scored["full_kl"] * roll.completion_mask).sum(dim=1).tolist()
-            mask = roll.completion_mask.bool().cpu()
-            tokens = roll.completion_input_ids.cpu()
-            texts = [tokenizer.decode(t[m].tolist(), skip_special_tokens=True).strip() for t, m in zip(tokens, mask)]
-            lengths = mask.sum(dim=1).tolist()
+            texts = decode_responses(tokenizer, roll)
+            lengths = roll.completion_mask.sum(dim=1).tolist()
             truncated = roll.extras["truncated"].cpu().tolist()
             seconds = round(time.perf_counter() - start, 3)
             k = settings.num_samples

@@ -31,8 +31,6 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-import torch
-
 from finegrain.config import option
 from finegrain.errors import ConfigError
 
@@ -112,19 +110,13 @@ def label_pairs(source, data, *, batch_size: int, full_lengths: list[tuple[int, 
     return out
 
 
-def _device(cfg: ContrastiveLabelConfig) -> torch.device:
-    if cfg.device:
-        return torch.device(cfg.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def run_contrastive(cfg: ContrastiveLabelConfig) -> Path:
     """Label the pairs of ``cfg`` and write the output JSONL; returns its path."""
     from finegrain.data.loading import load_rows
     from finegrain.data.prepared import PreferenceData
     from finegrain.data.tokenize import TokenLimits, tokenize_response
     from finegrain.models.build import freeze
-    from finegrain.models.loading import load_causal_lm, load_tokenizer
+    from finegrain.models.loading import load_causal_lm, load_tokenizer, resolve_device
     from finegrain.rewards.contrastive import ContrastiveRewardSource, checked_template, resolve_template
 
     if cfg.model_name_or_path is None or cfg.dataset_name is None:
@@ -155,7 +147,8 @@ def run_contrastive(cfg: ContrastiveLabelConfig) -> Path:
                          options=("--template", "--positive", "--negative"))
     print(f"label contrastive: {template!r}", file=sys.stderr, flush=True)  # the template actually used
     # the model is loaded last: every check above fails in seconds, not after the model's loading time
-    model = freeze(load_causal_lm(model_path, trust_remote_code=cfg.trust_remote_code)).to(_device(cfg))
+    model = freeze(load_causal_lm(model_path, trust_remote_code=cfg.trust_remote_code))
+    model.to(resolve_device(cfg.device))
     full, cut = [], 0
     for ex in data:
         lengths = []

@@ -459,15 +459,13 @@ def make_reviser(cfg: ReviseConfig) -> Reviser:
 
 def _hf(cfg: ReviseConfig) -> HFReviser:
     """``--reviser hf``: load ``--model_name_or_path`` onto ``--device``."""
-    import torch
-
-    from finegrain.models.loading import load_causal_lm, load_tokenizer
+    from finegrain.models.loading import load_causal_lm, load_tokenizer, resolve_device
 
     if not cfg.model_name_or_path:
         raise ConfigError("--reviser hf needs --model_name_or_path (a local path or hub id of a chat model)")
     tok = load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
     model = load_causal_lm(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype)
-    model.to(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(resolve_device(cfg.device))
     return HFReviser(model, tok, batch_size=cfg.batch_size, max_new_tokens=cfg.max_tokens,
                      temperature=cfg.temperature, top_p=cfg.top_p, max_retries=cfg.max_retries, seed=cfg.seed)
 

@@ -104,10 +104,6 @@ def summarize(prompts: list[str], responses: list[str], rules: OracleRules) -> d
     }
 
 
-def perception_of(cfg: WorldConfig) -> Perception:
-    return Perception.from_seed(cfg.seed, cfg.fidelity, cfg.misperception_scale)
-
-
 def build_world(out_dir: str | Path, cfg: WorldConfig | None = None, *, show_progress: bool = True) -> dict[str, Any]:
     """Build the world into ``out_dir`` and return its summary (also written to ``world.json``)."""
     cfg = cfg or WorldConfig()
@@ -119,7 +115,7 @@ def build_world(out_dir: str | Path, cfg: WorldConfig | None = None, *, show_pro
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
     rules = cfg.rules
-    sampler = Sampler(perception_of(cfg))
+    sampler = Sampler(Perception.from_seed(cfg.seed, cfg.fidelity, cfg.misperception_scale))
     tokenizer = build_tokenizer()
 
     corpus = sft_corpus(sampler, cfg.sft_examples, cfg.seed)

@@ -60,6 +60,7 @@ def sample_responses(model, tokenizer, prompts: list[str], *, num_samples: int, 
 
     from finegrain.data.collate import collate_completions
     from finegrain.data.tokenize import tokenize_prompt
+    from finegrain.rewards.base import decode_responses
     from finegrain.rl.rollout import sample_rollouts
 
     model.eval()
@@ -74,11 +75,6 @@ def sample_responses(model, tokenizer, prompts: list[str], *, num_samples: int, 
         roll = sample_rollouts(model, batch.prompt_input_ids, batch.prompt_attention_mask,
                                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                num_samples=num_samples, tokenizer=tokenizer, generator=gen)
-        texts = decode_responses(tokenizer, roll.completion_input_ids, roll.completion_mask)
+        texts = decode_responses(tokenizer, roll)
         out += [tuple(texts[i * num_samples : (i + 1) * num_samples]) for i in range(len(chunk))]
     return out
-
-
-def decode_responses(tokenizer, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
-    """Response texts (special tokens such as EOS dropped)."""
-    return [tokenizer.decode(row[m].tolist(), skip_special_tokens=True).strip() for row, m in zip(ids, mask.bool())]
