@@ -35,7 +35,8 @@ import torch
 
 from finegrain.config import option
 from finegrain.errors import ConfigError, NonFiniteError
-from finegrain.eval.token_credit import mark_eval_dir
+from finegrain.eval.token_credit import format_number as _f
+from finegrain.eval.token_credit import json_value, mark_eval_dir
 from finegrain.models.loading import ModelCache, model_dir, refuse_reward_model, resolve_device
 
 __all__ = ["EvalConfig", "ModelCache", "best_of_n", "default_output_dir", "evaluate_policy", "format_eval", "make_judge", "run",
@@ -99,12 +100,9 @@ class EvalConfig:
             raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
-        if self.tie_tolerance < 0:
-            raise ConfigError(f"tie_tolerance must be >= 0, got {self.tie_tolerance}")
-        if self.num_credit_examples < 0:
-            raise ConfigError(f"num_credit_examples must be >= 0, got {self.num_credit_examples}")
+        for name in ("top_k", "tie_tolerance", "num_credit_examples"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.prompts and not self.reference and self.policy:
             raise ConfigError("--prompts given without --reference: on your own prompts, name the reference model")
         if self.prompts and self.policy and not self.judge:
@@ -226,13 +224,9 @@ class _Side:
         return out
 
 
-def _clean(value):
-    """JSON-safe: NaN/inf become None, numpy scalars Python numbers."""
-    if isinstance(value, (np.floating, np.integer)):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+def _name(value: Any, default: str) -> str:
+    """How eval.json names a model, judge or prompt set: ``str(value)`` for a path or spec, else ``default``."""
+    return str(value) if isinstance(value, (str, Path)) else default
 
 
 def _load_models(policy, reference, tokenizer, models: ModelCache) -> tuple:
@@ -271,20 +265,16 @@ def _comparison(pol: _Side, ref: _Side, num_samples: int, tie_tolerance: float) 
 
     outcome = win_rate(pol.rewards, ref.rewards, tol=tie_tolerance)
     p, r = pol.summary(num_samples), ref.summary(num_samples)
-    out = {
-        "num_responses": len(pol.rewards),
-        "win_rate": outcome.win, "tie_rate": outcome.tie, "loss_rate": outcome.loss,
-        "mean_reward": p["mean_reward"], "mean_reward_stderr": p["mean_reward_stderr"],
-        "ref_mean_reward": r["mean_reward"], "ref_mean_reward_stderr": r["mean_reward_stderr"],
-        "seq_kl": p["seq_kl"], "seq_kl_stderr": p["seq_kl_stderr"], "seq_kl_k1": p["seq_kl_k1"],
-        "entropy": p["entropy"], "ref_entropy": r["entropy"],
-        "distinct_1": p["distinct_1"], "distinct_2": p["distinct_2"],
-        "ref_distinct_1": r["distinct_1"], "ref_distinct_2": r["distinct_2"],
-        "length": p["length"], "ref_length": r["length"],
-        "truncated_rate": p["truncated_rate"], "ref_truncated_rate": r["truncated_rate"],
-    }
-    for key in pol.metrics:  # the judge's per-row metrics, averaged: <metric>_rate
-        out[f"{key}_rate"], out[f"ref_{key}_rate"] = p[f"{key}_rate"], r[f"{key}_rate"]
+    out = {"num_responses": len(pol.rewards), "win_rate": outcome.win, "tie_rate": outcome.tie,
+           "loss_rate": outcome.loss}
+    # each group of keys for the policy, then for the reference (the KL is the policy's alone); <metric>_rate: the
+    # judge's per-row metrics, averaged
+    groups = [("mean_reward", "mean_reward_stderr"), ("seq_kl", "seq_kl_stderr", "seq_kl_k1"), ("entropy",),
+              ("distinct_1", "distinct_2"), ("length",), ("truncated_rate",), *((f"{k}_rate",) for k in pol.metrics)]
+    for keys in groups:
+        out.update({k: p[k] for k in keys})
+        if keys[0] != "seq_kl":
+            out.update({f"ref_{k}": r[k] for k in keys})
     return out
 
 
@@ -348,36 +338,33 @@ def evaluate_policy(
         raise TypeError(f"evaluate_policy: unknown option(s) {', '.join(unknown)} (EvalConfig fields are accepted)")
     names = {"policy": policy if not isinstance(policy, torch.nn.Module) else "model", "reference": reference}
     cfg = dataclasses.replace(cfg, **options) if cfg is not None else EvalConfig(**names, **options)
-    prompts, judge, num_samples, temperature = cfg.prompts, cfg.judge, cfg.num_samples, cfg.temperature
-    top_p, top_k, seed, chunk_rows, tie_tolerance = cfg.top_p, cfg.top_k, cfg.seed, cfg.chunk_rows, cfg.tie_tolerance
-    max_prompts, max_prompt_length, prompts_split = cfg.max_prompts, cfg.max_prompt_length, cfg.prompts_split
+    num_samples, temperature = cfg.num_samples, cfg.temperature
     dev = resolve_device(cfg.device)
     models = models or ModelCache(dev, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
-    if prompts is None or reference is None:
+    if cfg.prompts is None or reference is None:
         raise ConfigError("evaluate_policy needs prompts and a reference model (--prompts, --reference)")
     policy, reference, policy_model, ref_model, tokenizer = _load_models(policy, reference, tokenizer, models)
-    judge_source = make_judge(judge, tokenizer, dev)
-    judge_name = str(judge) if isinstance(judge, (str, Path)) else judge_source.name
+    judge_source = make_judge(cfg.judge, tokenizer, dev)
+    judge_name = _name(cfg.judge, judge_source.name)
     max_new_tokens = 256 if cfg.max_new_tokens is None else cfg.max_new_tokens
-    source = prompts
-    data = CompletionData.from_source(source, tokenizer, split=prompts_split, kind="prompt",
-                                      limits=TokenLimits(max_length=None, max_prompt_length=max_prompt_length),
-                                      max_examples=max_prompts)
+    data = CompletionData.from_source(cfg.prompts, tokenizer, split=cfg.prompts_split, kind="prompt",
+                                      limits=TokenLimits(max_length=None, max_prompt_length=cfg.max_prompt_length),
+                                      max_examples=cfg.max_prompts)
     eos_ids, _ = resolve_special_ids(policy_model, tokenizer)
-    sampling = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature, top_k=top_k,
-                    top_p=top_p, num_samples=num_samples, tokenizer=tokenizer)
+    sampling = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature,
+                    top_k=cfg.top_k, top_p=cfg.top_p, num_samples=num_samples, tokenizer=tokenizer)
     per_batch = max(1, cfg.batch_size // num_samples)
     raw_prompts = [data[i]["prompt"] for i in range(len(data)) for _ in range(num_samples)]
 
     def sample_side(model, label: str, with_kl: bool) -> _Side:
         """Sample and score one model on every prompt; its generator is seeded alike for both models."""
-        side, gen = _Side(), torch.Generator(device=dev).manual_seed(seed)
+        side, gen = _Side(), torch.Generator(device=dev).manual_seed(cfg.seed)
         for lo in tqdm(range(0, len(data), per_batch), desc=f"eval {label}", disable=cfg.disable_tqdm):
             idx = list(range(lo, min(lo + per_batch, len(data))))
             batch = data.collate(idx).to(dev)
             roll = sample_rollouts(model, batch.prompt_input_ids, batch.prompt_attention_mask, generator=gen,
                                    **sampling)
-            scores = score_rollout(model, roll, ref_model=ref_model if with_kl else None, chunk_rows=chunk_rows,
+            scores = score_rollout(model, roll, ref_model=ref_model if with_kl else None, chunk_rows=cfg.chunk_rows,
                                    temperature=temperature if temperature > 0 else 1.0, with_entropy=True,
                                    with_full_kl=with_kl)
             texts = decode_responses(tokenizer, roll)
@@ -396,7 +383,7 @@ def evaluate_policy(
     for spec in cfg.best_of:
         given, _ = split_name(spec) if isinstance(spec, str) else (None, spec)
         selector = make_judge(spec, tokenizer, dev)
-        selectors[given or (str(spec) if isinstance(spec, (str, Path)) else selector.name)] = selector
+        selectors[given or _name(spec, selector.name)] = selector
     if selectors and num_samples < max(cfg.best_of_sizes):
         raise ConfigError(f"best-of-{max(cfg.best_of_sizes)} needs at least that many samples per prompt: pass "
                           f"--num_samples {max(cfg.best_of_sizes)} (or smaller --best_of_sizes)")
@@ -405,10 +392,10 @@ def evaluate_policy(
     # The reference's samples and scores depend only on the reference, the prompts, the judge and the sampling
     # settings: a shared ModelCache keeps them, so evaluating several policies against one reference samples it once.
     ref_key = None
-    if not isinstance(reference, torch.nn.Module) and isinstance(judge, (str, Path)) and isinstance(source, (str, Path)):
-        ref_key = (ModelCache._key(reference), str(source), prompts_split, max_prompts, max_prompt_length, judge_name,
-                   num_samples, temperature, top_p, top_k, max_new_tokens, seed,
-                   per_batch, chunk_rows, str(dev))
+    if not isinstance(reference, torch.nn.Module) and all(isinstance(x, (str, Path)) for x in (cfg.judge, cfg.prompts)):
+        ref_key = (ModelCache._key(reference), str(cfg.prompts), cfg.prompts_split, cfg.max_prompts,
+                   cfg.max_prompt_length, judge_name, num_samples, temperature, cfg.top_p, cfg.top_k, max_new_tokens,
+                   cfg.seed, per_batch, cfg.chunk_rows, str(dev))
     ref = models.reference_samples.get(ref_key) if ref_key else None
     if ref is None:
         ref = sample_side(ref_model, "reference", with_kl=False)
@@ -416,21 +403,20 @@ def evaluate_policy(
             models.reference_samples[ref_key] = ref
 
     result: dict[str, Any] = {
-        "policy": policy_name or (str(policy) if not isinstance(policy, torch.nn.Module) else type(policy).__name__),
-        "reference": reference_name or (str(reference) if not isinstance(reference, torch.nn.Module)
-                                        else type(reference).__name__),
+        "policy": policy_name or _name(policy, type(policy).__name__),
+        "reference": reference_name or _name(reference, type(reference).__name__),
         "judge": judge_name,
-        "prompts": str(source) if isinstance(source, (str, Path)) else type(source).__name__,
+        "prompts": _name(cfg.prompts, type(cfg.prompts).__name__),
         "num_prompts": len(data),
         "num_samples": num_samples,
-        **_comparison(pol, ref, num_samples, tie_tolerance),
+        **_comparison(pol, ref, num_samples, cfg.tie_tolerance),
     }
     if selectors:
         result["best_of_n"] = {name: best_of_n(pol.rewards, picks[name], num_samples, cfg.best_of_sizes)
                                for name in selectors}
-    result.update(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed,
-                  tie_tolerance=tie_tolerance)
-    result = {k: _clean(v) for k, v in result.items()}
+    result.update(temperature=temperature, top_p=cfg.top_p, top_k=cfg.top_k, max_new_tokens=max_new_tokens,
+                  seed=cfg.seed, tie_tolerance=cfg.tie_tolerance)
+    result = {k: json_value(v) for k, v in result.items()}
 
     if cfg.output_dir is not None:
         _write_outputs(Path(cfg.output_dir), result, raw_prompts, pol, ref, num_samples)
@@ -478,15 +464,11 @@ def _write_outputs(out: Path, result: dict, prompts: list, pol: _Side, ref: _Sid
                        "truncated": pol.truncated[i], "ref_truncated": ref.truncated[i]}
                 for key in pol.metrics:  # the judge's per-row metrics (the world's oracle: well_formed)
                     row.update({key: pol.metrics[key][i], f"ref_{key}": ref.metrics[key][i]})
-                f.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+                f.write(json.dumps({k: json_value(v) for k, v in row.items()}) + "\n")
         mark_eval_dir(out)
     except OSError as exc:
         raise ConfigError(f"cannot write the evaluation to {out}: {exc.strerror or exc}; choose another "
                           "--output_dir") from None
-
-
-def _f(x, digits: int = 3) -> str:
-    return "n/a" if x is None else f"{x:.{digits}f}"
 
 
 def _pct(x) -> str:

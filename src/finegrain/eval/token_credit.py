@@ -346,13 +346,10 @@ def _score_rows(source: Any, examples: list[CreditExample], pad_id: int, batch_s
     out: list[np.ndarray] = []
     for lo in range(0, len(examples), batch_size):
         chunk = examples[lo : lo + batch_size]
-        batch = collate_completions(
-            [{"prompt_input_ids": e.prompt_input_ids, "completion_input_ids": e.input_ids} for e in chunk], pad_id
-        )
-        truth = torch.zeros(batch.completion_input_ids.shape, dtype=torch.float32)
-        for i, e in enumerate(chunk):
-            truth[i, : len(e.truth)] = torch.tensor(e.truth, dtype=torch.float32)
-        batch.extras["truth"] = truth
+        # the truth is padded as a per-token reward (float32, 0 on padding), then named for TruthSource
+        batch = collate_completions([{"prompt_input_ids": e.prompt_input_ids, "completion_input_ids": e.input_ids,
+                                      "token_rewards": e.truth} for e in chunk], pad_id)
+        batch.extras["truth"] = batch.extras.pop("token_rewards")
         batch.prompts, batch.responses = [e.prompt for e in chunk], [e.text for e in chunk]
         batch = batch.to(device)
         with torch.no_grad():
@@ -375,8 +372,13 @@ def _pick_examples(examples: list[CreditExample], k: int) -> list[int]:
     return sorted((both + rest)[:k])
 
 
-def _finite_or_none(x: float) -> float | None:
-    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else float(x)
+def json_value(value):
+    """JSON-safe: NaN/inf become None, numpy scalars Python numbers."""
+    if isinstance(value, (np.floating, np.integer)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def score_token_credit(
@@ -425,8 +427,8 @@ def score_token_credit(
     for name, source in sources.items():
         rows = _score_rows(source, examples, pad_id, batch_size, device)
         res = evaluate_token_credit(rows, truth, eps=eps)
-        result["auroc"][name] = _finite_or_none(res.auroc)
-        result["precision_at_k"][name] = _finite_or_none(res.precision_at_k)
+        result["auroc"][name] = json_value(res.auroc)
+        result["precision_at_k"][name] = json_value(res.precision_at_k)
         result["k"][name] = res.k
         counts = res
         for item, i in zip(shown, picked):
@@ -531,11 +533,12 @@ def format_token_credit(result: Mapping[str, Any], path: Path | None = None) -> 
              f"  {'source':<24} {'AUROC':>7} {'P@k':>7}"]
     for name, value in result["auroc"].items():
         p = result.get("precision_at_k", {}).get(name)
-        lines.append(f"  {name:<24} {_fmt(value):>7} {_fmt(p):>7}")
+        lines.append(f"  {name:<24} {format_number(value):>7} {format_number(p):>7}")
     if path is not None:
         lines.append(f"wrote {path}")
     return "\n".join(lines)
 
 
-def _fmt(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.3f}"
+def format_number(x: float | None, digits: int = 3) -> str:
+    """``x`` with ``digits`` decimals, ``n/a`` for None (the tables of ``finegrain eval``)."""
+    return "n/a" if x is None else f"{x:.{digits}f}"
