@@ -39,7 +39,7 @@ from typing import Any
 
 from finegrain.errors import ConfigError, DataError
 from finegrain.ifeval.instructions import TOKEN_LOCAL, check_instructions
-from finegrain.ifeval.sampling import read_jsonl, write_jsonl
+from finegrain.ifeval.sampling import read_jsonl, write_jsonl, write_text
 from finegrain.ifeval.truth import minimal_fix, token_truth, violations
 
 __all__ = ["TaskPaths", "check_task_settings", "load_rows_checked", "make_pairs", "make_revision_pairs",
@@ -100,12 +100,8 @@ def check_task_settings(paths: TaskPaths, settings: dict[str, Any]) -> None:
         detail = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
         raise ConfigError(f"the task directory {paths.root} was built with other settings ({detail}); use those "
                           "settings, another --task_dir, or delete the directory")
-    if all(k in old for k in settings):
-        return
-    paths.root.mkdir(parents=True, exist_ok=True)
-    tmp = paths.settings.with_name(".task.json.tmp")
-    tmp.write_text(json.dumps({**old, **settings}, indent=2) + "\n")
-    tmp.replace(paths.settings)
+    if not all(k in old for k in settings):
+        write_text(paths.settings, json.dumps({**old, **settings}, indent=2) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------------- pairs

@@ -19,13 +19,13 @@ section 2.2), loose variants, per-instruction accuracy, length in words -- and w
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from finegrain.errors import ConfigError
+from finegrain.ifeval.sampling import read_jsonl, write_text
 
 __all__ = ["IFEVAL_KEYS", "check_eval_settings", "evaluate_on_task", "format_eval", "rescore",
            "samples_as_task_rows"]
@@ -61,8 +61,6 @@ def samples_as_task_rows(rows: Sequence[dict], samples_path: Path, side: str = "
     """The responses of an evaluation's ``samples.jsonl`` joined with the task's test rows, in the task's sample
     layout (each test row plus ``responses``: a list of one text), what :func:`finegrain.ifeval.data.make_truth`
     reads. A ``samples.jsonl`` already in that layout (rows with ``responses``) is returned as it is."""
-    from finegrain.ifeval.sampling import read_jsonl
-
     samples = read_jsonl(samples_path)
     if samples and "responses" in samples[0]:
         return samples
@@ -109,14 +107,12 @@ def evaluate_on_task(policy: str | Path, rows: Sequence[dict], prompts_path: str
     result = _with_ifeval_scores(result, rows, out)
     result["kl"] = result.get("seq_kl") if reference is not None else None
     result.update(decoding="greedy", max_new_tokens=max_new_tokens, dtype=dtype, seconds=round(seconds, 1))
-    _write_eval(out, result)
+    write_text(out / "eval.json", json.dumps(result, indent=1) + "\n")
     return result
 
 
 def _with_ifeval_scores(result: dict[str, Any], rows: Sequence[dict], out: Path) -> dict[str, Any]:
     """``result`` plus IFEval's keys of both sides, scored from ``out/samples.jsonl``."""
-    from finegrain.ifeval.sampling import read_jsonl
-
     samples_path = out / "samples.jsonl"
     samples = read_jsonl(samples_path)
     _check_order(rows, samples, str(samples_path))
@@ -125,19 +121,13 @@ def _with_ifeval_scores(result: dict[str, Any], rows: Sequence[dict], out: Path)
     return result
 
 
-def _write_eval(out: Path, result: dict[str, Any]) -> None:
-    tmp = out / f".eval.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, out / "eval.json")
-
-
 def rescore(out_dir: str | Path, rows: Sequence[dict]) -> dict[str, Any]:
     """Re-score an existing evaluation's responses (``out_dir/samples.jsonl``) with the current IFEval keys and
     rewrite its ``eval.json``; nothing is sampled again. How an ``eval.json`` written before a key existed (such
     as ``unasked``) gets it."""
     out = Path(out_dir)
     result = _with_ifeval_scores(json.loads((out / "eval.json").read_text()), rows, out)
-    _write_eval(out, result)
+    write_text(out / "eval.json", json.dumps(result, indent=1) + "\n")
     return result
 
 

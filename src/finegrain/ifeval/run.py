@@ -64,6 +64,7 @@ from typing import Any
 
 from finegrain.config import option, parse
 from finegrain.errors import ConfigError
+from finegrain.ifeval.sampling import write_text
 
 __all__ = ["METHODS", "PRESETS", "RunConfig", "main", "plan", "run"]
 
@@ -261,9 +262,7 @@ class Clock:
         # what another `ifeval run` on the same directory recorded since is kept
         on_disk = json.loads(self.path.read_text()) if self.path.is_file() else {}
         self.times = {**self.times, **on_disk, name: round(seconds, 1)}
-        tmp = self.path.with_name(f".times.json.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.times, indent=1) + "\n")
-        os.replace(tmp, self.path)
+        write_text(self.path, json.dumps(self.times, indent=1) + "\n")
 
 
 def finegrain(argv: list[str], log: Path, threads: int) -> float:
@@ -308,8 +307,7 @@ def check_settings(paths: Paths, cfg: RunConfig) -> None:
                                for family, now in settings["methods"].items()}
         if settings == old:
             return
-    paths.root.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(settings, indent=1) + "\n")
+    write_text(target, json.dumps(settings, indent=1) + "\n")
 
 
 def stage_task(cfg: RunConfig, paths: Paths, clock: Clock) -> None:

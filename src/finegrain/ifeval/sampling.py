@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SampleSettings", "read_jsonl", "sample_rows", "write_jsonl"]
+__all__ = ["SampleSettings", "read_jsonl", "sample_rows", "write_jsonl", "write_text"]
 
 
 @dataclass(frozen=True)
@@ -65,19 +65,22 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return rows
 
 
-def write_jsonl(path: str | Path, rows: Sequence[dict]) -> Path:
-    """Write rows atomically: a temporary sibling, then a rename (a reader never sees half a file)."""
+def write_text(path: str | Path, text: str) -> Path:
+    """Write a file atomically: a temporary sibling, then a rename (a reader never sees half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with tmp.open("w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def write_jsonl(path: str | Path, rows: Sequence[dict]) -> Path:
+    """Write rows atomically (:func:`write_text`), one JSON line each."""
+    return write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def _left_pad(prompts: list[list[int]], pad_id: int):
