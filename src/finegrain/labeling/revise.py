@@ -195,30 +195,12 @@ def _id_columns(raw: dict) -> dict[str, Any]:
 
 
 def _check_row(raw: dict, source: str, row: int) -> dict[str, Any]:
-    """Prompt and rejected text of a row without ``chosen`` (text or messages, as :mod:`finegrain.data.schema`)."""
-    from finegrain.data.schema import row_error
+    """Prompt and rejected text of a row without ``chosen`` (text or messages), checked by the preference schema's
+    own field checks (:mod:`finegrain.data.schema`)."""
+    from finegrain.data.schema import _Row
 
-    def fail(reason: str, field: str, detail: str = "") -> DataError:
-        return row_error(reason, source=source, row=row, field=field, detail=detail)
-
-    prompt, rejected = raw.get("prompt"), raw.get("rejected")
-    prompt_text = prompt
-    if isinstance(prompt, list):
-        for j, m in enumerate(prompt):
-            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-                raise fail("wrong type", "prompt", f"message {j} must be {{'role': str, 'content': str}}")
-        prompt, prompt_text = [dict(m) for m in prompt], "".join(m["content"] for m in prompt)
-    if isinstance(rejected, list):
-        if len(rejected) != 1 or not isinstance(rejected[0], dict) or rejected[0].get("role") != "assistant":
-            raise fail("wrong type", "rejected", "a conversational response must be one assistant message")
-        rejected = rejected[0].get("content")
-    for field, value, what in (("prompt", prompt_text, "prompt"), ("rejected", rejected, "response")):
-        if value is None:
-            raise fail("missing value", field)
-        if not isinstance(value, str):
-            raise fail("wrong type", field, f"expected a string or messages, got {type(value).__name__}")
-        if not value.strip():
-            raise fail(f"empty {what}", field)
+    r = _Row(raw, source, row)
+    prompt, rejected = r.prompt(r.get("prompt")), r.response(r.get("rejected"), "rejected")
     return {"prompt": prompt, "rejected": rejected, "chosen": None, "source": source, "row": row}
 
 
