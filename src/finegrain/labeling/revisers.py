@@ -303,16 +303,11 @@ class HFReviser:
         """The prompt text of ``messages`` under the chat template, ready for the assistant's reply."""
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def _eos_ids(self) -> set[int]:
-        ids = set()
-        for value in (getattr(self.model.generation_config, "eos_token_id", None), self.tokenizer.eos_token_id):
-            if value is not None:
-                ids.update(value if isinstance(value, (list, tuple)) else [value])
-        return ids
-
     def generate(self, conversations: list[list[dict[str, str]]]) -> list[tuple[str, bool]]:
         """``(reply, cut_off)`` per conversation: the decoded new tokens, and whether ``max_new_tokens`` ended it."""
         import torch
+
+        from finegrain.rl.rollout import resolve_special_ids
 
         tok = self.tokenizer
         side = tok.padding_side
@@ -334,7 +329,7 @@ class HFReviser:
         with torch.inference_mode():
             out = self.model.generate(**enc, **kwargs)
         new = out[:, enc["input_ids"].shape[1]:].tolist()
-        eos = self._eos_ids()
+        eos = set(resolve_special_ids(self.model, tok)[0])  # the generation config's and the tokenizer's EOS ids
         replies = []
         for ids in new:
             ended = next((j for j, t in enumerate(ids) if t in eos), None)
