@@ -128,17 +128,12 @@ def eval_revisions_file(world: Path) -> str:
     edit set of the token-level reward models), written once."""
     path = world / "data" / "revisions_test.jsonl"
     if not path.is_file():
-        import json
-
         from finegrain.world import load_world_config
-        from finegrain.world.build import make_revisions, read_jsonl
+        from finegrain.world.build import make_revisions, read_jsonl, write_jsonl
 
         wcfg = load_world_config(world)
         pairs = [p for p in read_jsonl(world / "data" / "pairs_test.jsonl") if p["rejected"].strip()]
-        rows = make_revisions(pairs, wcfg.rules, wcfg.revision_max_edits, wcfg.seed + 7)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        os.replace(tmp, path)
+        write_jsonl(path, make_revisions(pairs, wcfg.rules, wcfg.revision_max_edits, wcfg.seed + 7))
     return str(path)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -32,8 +33,9 @@ from finegrain.world.reviser import revise
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Write ``rows`` as JSON Lines atomically: a temporary sibling of this process, then a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with tmp.open("w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
