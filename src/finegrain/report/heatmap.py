@@ -23,6 +23,7 @@ _MISSING = "#bdbdbd"
 
 # Tokens that are only whitespace would render as nothing; these visible stand-ins keep them readable.
 _WHITESPACE_SYMBOLS = {" ": "\u2423", "\n": "\u21b5", "\t": "\u2192", "\r": "\u240d"}
+_BREAK_SYMBOLS = str.maketrans({k: v for k, v in _WHITESPACE_SYMBOLS.items() if k != " "})
 
 HEATMAP_CSS = """
 .heatmap { margin: 0.6em 0 1.2em 0; font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace;
@@ -69,14 +70,8 @@ def _display_text(token: str) -> tuple[str, bool]:
         return "\u2205", True
     if token.strip() == "":
         return "".join(_WHITESPACE_SYMBOLS.get(ch, "\u2423") for ch in token), True
-    # Line breaks inside a token would break the row; show them as symbols too.
-    return token.replace("\n", "\u21b5").replace("\r", "\u240d").replace("\t", "\u2192"), False
-
-
-def _ordered_sources(sources: Mapping[str, Sequence[float]]) -> list[str]:
-    """Source names with the ground truth first, then the others in their given order."""
-    names = list(sources)
-    return (["truth"] if "truth" in sources else []) + [n for n in names if n != "truth"]
+    # Line breaks and tabs inside a token would break the row; show them as symbols too.
+    return token.translate(_BREAK_SYMBOLS), False
 
 
 def heatmap_legend() -> str:
@@ -123,25 +118,18 @@ def render_heatmap(
         parts.append(f'<div class="heatmap-title"><strong>{html.escape(title)}</strong></div>')
     if prompt is not None:
         parts.append(f'<div class="heatmap-prompt">prompt: {html.escape(prompt)}</div>')
-    for name in _ordered_sources(sources):
+    for name in sorted(sources, key=lambda n: n != "truth"):  # the ground truth first, the others in order
         values = [float(v) if v is not None else math.nan for v in sources[name]]
         if len(values) != len(tokens):
             raise ValueError(f"heatmap source '{name}' has {len(values)} values for {len(tokens)} tokens")
         finite = [abs(v) for v in values if math.isfinite(v)]
         scale = max(finite, default=0.0)
         parts.append(f'<div class="heatmap-row" data-source="{html.escape(name, quote=True)}">')
-        parts.append(
-            f'<div class="heatmap-label">{html.escape(name)}<small>max |v| = {scale:.3g}</small></div>'
-        )
+        parts.append(f'<div class="heatmap-label">{html.escape(name)}<small>max |v| = {scale:.3g}</small></div>')
         parts.append('<div class="heatmap-tokens">')
         for token, v in zip(tokens, values):
-            if math.isnan(v):
-                normalised = math.nan
-            elif scale > 0:
-                normalised = v / scale
-            else:
-                normalised = 0.0  # an all-zero row is all white
-            background, foreground = token_color(normalised)
+            # NaN stays NaN (grey); an all-zero row is all white
+            background, foreground = token_color(v if math.isnan(v) else v / scale if scale > 0 else 0.0)
             shown, is_ws = _display_text(token)
             hover = f"{name} | {token!r} = {v:+.4f}"
             cls = "tok ws" if is_ws else "tok"

@@ -66,6 +66,11 @@ class RunData:
     def method(self) -> str:
         return str((self.run or {}).get("method") or (self.run or {}).get("command") or "")
 
+    @property
+    def credit_examples(self) -> list[dict]:
+        """The examples of token_credit.json (entries that are not objects left out)."""
+        return [e for e in (self.token_credit or {}).get("examples") or [] if isinstance(e, dict)]
+
     def last(self, metric: str, split: str) -> float | None:
         """The last logged value of ``metric`` in ``split`` (``"train"`` or ``"eval"``)."""
         for row in reversed(self.metrics):
@@ -78,13 +83,26 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _read_json(path: Path, notes: list[str]) -> dict | None:
+def _read_text(path: Path, notes: list[str], missing: str = "; skipped", unreadable: str = "; skipped") -> str | None:
+    """The file's text, or None with a note (``"NAME not found" + missing``, ``"... could not be read" +
+    unreadable``)."""
     if not path.is_file():
-        notes.append(f"{path.name} not found; skipped")
+        notes.append(f"{path.name} not found{missing}")
         return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        notes.append(f"{path.name} could not be read ({exc}){unreadable}")
+        return None
+
+
+def _read_json(path: Path, notes: list[str]) -> dict | None:
+    text = _read_text(path, notes)
+    if text is None:
+        return None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
         notes.append(f"{path.name} could not be read ({exc}); skipped")
         return None
     if not isinstance(data, dict):
@@ -94,16 +112,9 @@ def _read_json(path: Path, notes: list[str]) -> dict | None:
 
 
 def _read_metrics(path: Path, notes: list[str]) -> list[dict]:
-    if not path.is_file():
-        notes.append(f"{path.name} not found; no training curves")
-        return []
+    text = _read_text(path, notes, missing="; no training curves")
     rows, bad = [], []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        notes.append(f"{path.name} could not be read ({exc}); skipped")
-        return []
-    for lineno, line in enumerate(lines, start=1):
+    for lineno, line in enumerate((text or "").splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -135,14 +146,7 @@ def load_run(path: Path, label: str | None = None) -> RunData:
         raise RunDirError(f"not a run directory (it is a file): {path}")
     data = RunData(path=path, label=label or path.name)
     data.run = _read_json(path / "run.json", data.notes)
-    config = path / "config.yaml"
-    if config.is_file():
-        try:
-            data.config_text = config.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            data.notes.append(f"config.yaml could not be read ({exc})")
-    else:
-        data.notes.append("config.yaml not found")
+    data.config_text = _read_text(path / "config.yaml", data.notes, missing="", unreadable="")
     data.metrics = _read_metrics(path / "metrics.jsonl", data.notes)
     data.eval = _read_json(path / "eval.json", data.notes)
     data.token_credit = _read_json(path / "token_credit.json", data.notes)
@@ -176,37 +180,34 @@ def _fmt(x, digits: int = 3) -> str:
     return html.escape(str(x))
 
 
-# (header, getter) for the metrics table; a column is dropped when no run has a value for it.
+# (header, getter) for the metrics table, a string getter being a key of eval.json; a column is dropped when no
+# run has a value for it.
 _METRIC_COLUMNS = (
     ("method", lambda r: r.method or None),
     ("status", lambda r: (r.run or {}).get("status")),
-    ("mean reward", lambda r: (r.eval or {}).get("mean_reward")),
-    ("ref mean reward", lambda r: (r.eval or {}).get("ref_mean_reward")),
-    ("win rate", lambda r: (r.eval or {}).get("win_rate")),
-    ("tie rate", lambda r: (r.eval or {}).get("tie_rate")),
-    ("seq KL", lambda r: (r.eval or {}).get("seq_kl")),
-    ("entropy", lambda r: (r.eval or {}).get("entropy")),
-    ("distinct-1", lambda r: (r.eval or {}).get("distinct_1")),
-    ("distinct-2", lambda r: (r.eval or {}).get("distinct_2")),
-    ("length", lambda r: (r.eval or {}).get("length")),
-    ("well-formed", lambda r: (r.eval or {}).get("well_formed_rate")),
-    ("judge", lambda r: (r.eval or {}).get("judge")),
+    ("mean reward", "mean_reward"),
+    ("ref mean reward", "ref_mean_reward"),
+    ("win rate", "win_rate"),
+    ("tie rate", "tie_rate"),
+    ("seq KL", "seq_kl"),
+    ("entropy", "entropy"),
+    ("distinct-1", "distinct_1"),
+    ("distinct-2", "distinct_2"),
+    ("length", "length"),
+    ("well-formed", "well_formed_rate"),
+    ("judge", "judge"),
     ("final train loss", lambda r: r.last("loss", "train")),
     ("eval loss", lambda r: r.last("loss", "eval")),
-    (
-        "pairwise acc",
-        lambda r: (
-            r.last("rewards/accuracies", "eval")
-            if r.last("rewards/accuracies", "eval") is not None
-            else r.last("rewards/accuracies", "train")
-        ),
-    ),
+    ("pairwise acc", lambda r: next((v for split in ("eval", "train")
+                                     if (v := r.last("rewards/accuracies", split)) is not None), None)),
     ("final step", lambda r: max((row["step"] for row in r.metrics), default=None)),
 )
 
 
 def _metrics_table(runs: list[RunData]) -> str:
-    columns = [(name, get) for name, get in _METRIC_COLUMNS if any(get(r) is not None for r in runs)]
+    columns = [(name, (lambda r, key=get: (r.eval or {}).get(key)) if isinstance(get, str) else get)
+               for name, get in _METRIC_COLUMNS]
+    columns = [(name, get) for name, get in columns if any(get(r) is not None for r in runs)]
     head = "".join(f"<th>{html.escape(name)}</th>" for name, _ in columns)
     body = []
     for r in runs:
@@ -221,18 +222,15 @@ def _metrics_table(runs: list[RunData]) -> str:
     )
 
 
-def _figure_png(fig) -> str:
+def _plot_html(fig, plot_id: str, caption: str, alt: str) -> str:
+    """The figure as a ``<figure>`` holding its PNG as a base64 ``data:`` URI."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
     # No Software/URL text chunks in the PNG: the file stays free of any external reference.
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _plot_html(fig, plot_id: str, caption: str, alt: str) -> str:
-    data = _figure_png(fig)
+    data = base64.b64encode(buf.getvalue()).decode("ascii")
     return (
         f'<figure class="plot" id="{plot_id}"><img alt="{html.escape(alt, quote=True)}" '
         f'src="data:image/png;base64,{data}"><figcaption>{html.escape(caption)}</figcaption></figure>'
@@ -299,23 +297,13 @@ def _curves_plot(runs: list[RunData], notes: list[str]) -> str:
         ax = fig.add_subplot(rows, cols, panel + 1)
         for i, r in enumerate(runs):
             for split, style in (("train", "-"), ("eval", "--")):
-                pts = [
-                    (row["step"], row[name])
-                    for row in r.metrics
-                    if row.get("split", "train") == split and _is_number(row.get(name))
-                ]
+                pts = [(row["step"], row[name]) for row in r.metrics
+                       if row.get("split", "train") == split and _is_number(row.get(name))]
                 if pts:
                     xs, ys = zip(*pts)
                     label = r.label if split == "train" else f"{r.label} (eval)"
-                    ax.plot(
-                        xs,
-                        ys,
-                        style,
-                        color=f"C{i % 10}",
-                        label=label,
-                        linewidth=1.4,
-                        marker="." if len(xs) < 3 else None,
-                    )
+                    ax.plot(xs, ys, style, color=f"C{i % 10}", label=label, linewidth=1.4,
+                            marker="." if len(xs) < 3 else None)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("step", fontsize=9)
         ax.tick_params(labelsize=8)
@@ -333,13 +321,9 @@ def _curves_plot(runs: list[RunData], notes: list[str]) -> str:
 
 def _credit_rows(run: RunData) -> list[tuple[str, dict]]:
     """(source, stats) per non-truth source: AUROC and precision@k over the run's examples."""
-    tc = run.token_credit or {}
-    examples = [e for e in tc.get("examples") or [] if isinstance(e, dict)]
-    stored = tc.get("auroc") if isinstance(tc.get("auroc"), dict) else {}
-    names = []
-    for ex in examples:
-        names += [n for n in (ex.get("sources") or {}) if n != "truth" and n not in names]
-    names += [n for n in stored if n not in names]
+    examples, stored = run.credit_examples, (run.token_credit or {}).get("auroc")
+    stored = stored if isinstance(stored, dict) else {}
+    names = dict.fromkeys([n for ex in examples for n in ex.get("sources") or {} if n != "truth"] + list(stored))
     rows = []
     for name in names:
         stats: dict = {"auroc": stored.get(name) if _is_number(stored.get(name)) else None}
@@ -387,27 +371,20 @@ def _token_credit_table(runs: list[RunData]) -> str:
 def _heatmaps(runs: list[RunData]) -> str:
     parts = []
     for r in runs:
-        examples = [e for e in ((r.token_credit or {}).get("examples") or []) if isinstance(e, dict)]
+        examples = r.credit_examples
         if not examples:
             continue
         parts.append(f'<h3 class="run-heading">{html.escape(r.label)}</h3>')
         for j, ex in enumerate(examples[:MAX_HEATMAP_EXAMPLES]):
             try:
-                parts.append(
-                    render_heatmap(
-                        ex.get("tokens") or [],
-                        ex.get("sources") or {},
-                        prompt=ex.get("prompt") if isinstance(ex.get("prompt"), str) else None,
-                        title=f"example {j + 1}",
-                    )
-                )
+                parts.append(render_heatmap(ex.get("tokens") or [], ex.get("sources") or {},
+                                            prompt=ex.get("prompt") if isinstance(ex.get("prompt"), str) else None,
+                                            title=f"example {j + 1}"))
             except (ValueError, TypeError) as exc:
                 r.notes.append(f"token_credit.json: example {j + 1} not drawn ({exc})")
         if len(examples) > MAX_HEATMAP_EXAMPLES:
-            parts.append(
-                f'<p class="caption">{len(examples) - MAX_HEATMAP_EXAMPLES} more example(s) in '
-                f"{html.escape(str(r.path / 'token_credit.json'))}.</p>"
-            )
+            parts.append(f'<p class="caption">{len(examples) - MAX_HEATMAP_EXAMPLES} more example(s) in '
+                         f"{html.escape(str(r.path / 'token_credit.json'))}.</p>")
     if not parts:
         return '<p class="note">No token_credit.json examples: no heatmaps.</p>'
     return heatmap_legend() + "".join(parts)
