@@ -18,38 +18,24 @@ import math
 import shlex
 import sys
 import time
-from dataclasses import dataclass
+import types
+import typing
 from pathlib import Path
 
 from finegrain.errors import ConfigError
 
-
-@dataclass(frozen=True)
-class Benchmark:
-    name: str
-    summary: str
-    issue: str
-
-    @property
-    def module(self) -> str:
-        return f"finegrain.bench.{self.name}"
-
-
-BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
-    Benchmark("po_vs_trl", "step time of finegrain po (DPO, TDPO2, precomputed reference) vs TRL's DPOTrainer",
-              "issue 3"),
-    Benchmark("tdpo_memory", "peak memory of TDPO's chunked full-vocabulary KL vs full logits of both models",
-              "issue 3"),
-    Benchmark("lora_memory", "peak memory of DPO: LoRA with the adapter-disabled reference vs a reference copy",
-              "issue 7"),
-    Benchmark("rollout_throughput", "rollout tokens/s of finegrain's sampler vs transformers generate", "issue 5"),
-    Benchmark("rm_speed", "sentence-RM forward + backward time vs the sequence RM on the same backbone", "issue 4"),
-    Benchmark("edit_labels", "edit-label throughput vs the tokenization it needs", "issue 4"),
-    Benchmark("ppo_breakdown", "a PPO step's time by phase (generate, score, train), sampler vs generate",
-              "issue 5"),
-    Benchmark("smollm2", "all of the above on SmolLM2-135M (or its architecture): DPO vs TRL (full, LoRA), TDPO2, "
-              "TDPO memory, sampler, PPO phases, roofline", "issue 16"),
-)}
+# name -> (summary, issue); the module is finegrain.bench.NAME
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "po_vs_trl": ("step time of finegrain po (DPO, TDPO2, precomputed reference) vs TRL's DPOTrainer", "issue 3"),
+    "tdpo_memory": ("peak memory of TDPO's chunked full-vocabulary KL vs full logits of both models", "issue 3"),
+    "lora_memory": ("peak memory of DPO: LoRA with the adapter-disabled reference vs a reference copy", "issue 7"),
+    "rollout_throughput": ("rollout tokens/s of finegrain's sampler vs transformers generate", "issue 5"),
+    "rm_speed": ("sentence-RM forward + backward time vs the sequence RM on the same backbone", "issue 4"),
+    "edit_labels": ("edit-label throughput vs the tokenization it needs", "issue 4"),
+    "ppo_breakdown": ("a PPO step's time by phase (generate, score, train), sampler vs generate", "issue 5"),
+    "smollm2": ("all of the above on SmolLM2-135M (or its architecture): DPO vs TRL (full, LoRA), TDPO2, "
+                "TDPO memory, sampler, PPO phases, roofline", "issue 16"),
+}
 
 # Long quality runs (10+ minutes each on 2 cores): listed for reference, run as scripts.
 QUALITY = {
@@ -73,7 +59,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _epilog() -> str:
     lines = ["benchmarks (default: all of them):"]
-    lines += [f"  {b.name:<19} {b.summary} [{b.issue}]" for b in BENCHMARKS.values()]
+    lines += [f"  {name:<19} {summary} [{issue}]" for name, (summary, issue) in BENCHMARKS.items()]
     lines += ["", "quality benchmarks (10+ minutes each; not run by finegrain bench, run them as scripts):"]
     lines += [f"  {name:<19} {summary}\n  {'':<19} {cmd}" for name, (summary, cmd) in QUALITY.items()]
     lines += ["", "Results: OUT/NAME.json (NAME-cuda.json on CUDA); OUT defaults to bench/results, or bench/results/quick",
@@ -138,23 +124,21 @@ def _command(name: str, args: argparse.Namespace, device: str) -> str:
 @contextlib.contextmanager
 def _quiet_libraries():
     """No download/progress bars from transformers and datasets while benchmarks run (restored afterwards)."""
-    restore = []
-    try:
-        from transformers.utils import logging as hf_logging
+    switches = []  # (is enabled, disable, enable) of each library that is installed
+    with contextlib.suppress(ImportError):
+        from transformers.utils import logging as hf
 
-        if hf_logging.is_progress_bar_enabled():
-            hf_logging.disable_progress_bar()
-            restore.append(hf_logging.enable_progress_bar)
-    except ImportError:
-        pass
-    try:
+        switches.append((hf.is_progress_bar_enabled, hf.disable_progress_bar, hf.enable_progress_bar))
+    with contextlib.suppress(ImportError, AttributeError):
         import datasets
 
-        if datasets.is_progress_bar_enabled():
-            datasets.disable_progress_bars()
-            restore.append(datasets.enable_progress_bars)
-    except (ImportError, AttributeError):
-        pass
+        switches.append((datasets.is_progress_bar_enabled, datasets.disable_progress_bars,
+                         datasets.enable_progress_bars))
+    restore = []
+    for enabled, disable, enable in switches:
+        if enabled():
+            disable()
+            restore.append(enable)
     try:
         yield
     finally:
@@ -169,7 +153,7 @@ def run_one(name: str, args: argparse.Namespace, device: str) -> dict:
     from finegrain import __version__
     from finegrain.bench.measure import machine
 
-    module = importlib.import_module(BENCHMARKS[name].module)
+    module = importlib.import_module(f"finegrain.bench.{name}")
     kwargs = benchmark_kwargs(module, quick=args.quick, device=device, threads=args.threads)
     threads = torch.get_num_threads()
     log = io.StringIO()
@@ -219,3 +203,61 @@ def main(argv: list[str] | None = None) -> int:
         results.append(result)
     print(format_table(results))
     return 1 if any("error" in r for r in results) else 0
+
+
+def script_main(run, argv: list[str] | None, doc: str, *, help: dict[str, str] | None = None,
+                choices: dict[str, tuple] | None = None, defaults: dict | None = None, skip: tuple[str, ...] = (),
+                adjust=None, worker=None, json_flags: tuple[str, ...] = ("--json",),
+                json_default: str | None = None) -> int:
+    """``main(argv)`` of a benchmark module, which the scripts under ``bench/`` run: every size as an option.
+
+    One option per keyword of ``run`` but those in ``skip`` (``--kebab-name``, and ``--snake_name`` too), typed as
+    ``run`` declares it (``--flag`` / ``--no-flag`` for booleans, several values for lists), with ``run``'s default
+    unless ``defaults`` gives the command line another, ``help`` and ``choices`` where given (``--device``: cpu or
+    cuda); ``--threads 0`` means None (the benchmark's own default). ``adjust(kwargs) -> kwargs`` converts the
+    parsed options (a ``ValueError`` it raises is a usage error); ``worker``: first serve ``--worker JSON``
+    (:func:`finegrain.bench.measure.serve_worker`). Then the result is written, with the command line and the
+    machine, to the file of ``json_flags`` when given, and its table is printed. Returns the exit status.
+    """
+    from finegrain.bench.measure import machine, serve_worker
+    from finegrain.bench.table import format_table, write_json
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if worker is not None and serve_worker(argv, worker):
+        return 0
+    help = {"threads": "torch threads (0: torch's default)", **(help or {})}
+    defaults, choices = defaults or {}, {"device": ("cpu", "cuda"), **(choices or {})}
+    hints = typing.get_type_hints(run)
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    for name, param in inspect.signature(run).parameters.items():
+        if name in skip:
+            continue
+        tp = hints[name]
+        if isinstance(tp, types.UnionType):  # X | None, or tuple[...] | list[...]
+            tp = next(t for t in typing.get_args(tp) if t is not type(None))
+        flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
+        spec = dict(default=defaults.get(name, param.default), help=help.get(name), choices=choices.get(name))
+        if tp is bool:
+            p.add_argument(*flags, action=argparse.BooleanOptionalAction, **spec)
+        elif typing.get_origin(tp) in (tuple, list):
+            p.add_argument(*flags, nargs="*", type=typing.get_args(tp)[0], **dict(spec, default=list(spec["default"])))
+        else:
+            p.add_argument(*flags, type=tp, **spec)
+    p.add_argument(*json_flags, dest="json", default=json_default, help="also write the result to this JSON file "
+                   "(with the command line and the machine; '' for none; default: %(default)s)")
+    kwargs = vars(p.parse_args(argv))
+    json_path = kwargs.pop("json")
+    if "threads" in kwargs:
+        kwargs["threads"] = kwargs["threads"] or None
+    if adjust is not None:
+        try:
+            kwargs = adjust(kwargs)
+        except ValueError as exc:
+            p.error(str(exc))
+    result = run(**kwargs)
+    if json_path:
+        device = result.get("settings", {}).get("device", "cpu")
+        result = dict(result, command=shlex.join(["python", *sys.argv]), machine=machine(device))
+        print(f"wrote {write_json(result, json_path)}")
+    print(format_table([result]))
+    return 0

@@ -17,7 +17,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import random
 import statistics
 import string
@@ -115,17 +114,9 @@ def run(*, pairs: int = 10_000, units: tuple[str, ...] | list[str] = ("word", "t
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--pairs", type=int, default=10_000)
-    p.add_argument("--units", nargs="+", default=["word", "token"], choices=UNITS)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="also write the result to this file")
-    a = p.parse_args(argv)
-    from finegrain.bench.table import print_result
+    from finegrain.bench.cli import script_main
 
-    print_result(run(pairs=a.pairs, units=a.units, repeats=a.repeats, seed=a.seed), a.json)
-    return 0
+    return script_main(run, argv, __doc__, choices={"units": UNITS})
 
 
 if __name__ == "__main__":

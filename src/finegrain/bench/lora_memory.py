@@ -32,14 +32,12 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import gc
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from finegrain.bench.synthetic import LLAMA_1B
@@ -54,12 +52,12 @@ def worker(o: dict) -> dict:
     """One variant in this (fresh) process; returns its peak extra memory, step times and losses."""
     import torch
 
-    from finegrain.bench.measure import PeakMemory, sync, use_device
+    from finegrain.bench.measure import PeakMemory, after_optimizer_step, clock, use_device
     from finegrain.bench.synthetic import LlamaShape, build_model, word_tokenizer
     from finegrain.data.loading import load_rows
     from finegrain.data.prepared import PreferenceData
     from finegrain.data.tokenize import TokenLimits
-    from finegrain.trainers import loop, po
+    from finegrain.trainers import po
 
     if o.get("threads"):
         torch.set_num_threads(o["threads"])
@@ -87,22 +85,14 @@ def worker(o: dict) -> dict:
     params = sum(p.numel() for p in model.parameters())
     ref = copy.deepcopy(model) if o["variant"] == "lora_copy" else None  # full_copy: po.train makes the copy
     peaks, ends, losses = [], [], []
-    original = loop.optimizer_step
 
-    def measured(*a, **kw):
-        out = original(*a, **kw)
+    def measured(*args):
         peaks.append(peak.read())
-        sync(o["device"])
-        ends.append(time.perf_counter())
-        losses.append(float(a[-1]))
-        return out
+        ends.append(clock(o["device"])[0])
+        losses.append(float(args[-1]))
 
-    loop.optimizer_step = measured
-    try:
-        with use_device(o["device"]):
-            po.train(cfg, model, tokenizer, data, ref_model=ref)
-    finally:
-        loop.optimizer_step = original
+    with use_device(o["device"]), after_optimizer_step(measured):
+        po.train(cfg, model, tokenizer, data, ref_model=ref)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"peak_extra_mib": max(peaks), "method": peak.method, "losses": losses,
             "step_s": statistics.median([b - a for a, b in zip(ends, ends[1:])]) if len(ends) > 1 else None,
@@ -156,24 +146,9 @@ def run(*, hidden: int = 768, layers: int = 8, heads: int = 12, kv_heads: int | 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from finegrain.bench.measure import serve_worker
+    from finegrain.bench.cli import script_main
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if serve_worker(argv, worker):
-        return 0
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for name, default in (("hidden", 768), ("layers", 8), ("heads", 12), ("vocab", 8000), ("prompt-len", 32),
-                          ("response-len", 64), ("pairs", 32), ("batch", 2), ("steps", 3), ("lora-r", 16)):
-        p.add_argument(f"--{name}", f"--{name.replace('-', '_')}", type=int, default=default)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
-    p.add_argument("--json", default=None, help="also write the result to this file")
-    a = p.parse_args(argv)
-    from finegrain.bench.table import print_result
-
-    print_result(run(**{k: v for k, v in vars(a).items() if k != "json"}), a.json)
-    return 0
+    return script_main(run, argv, __doc__, worker=worker, help={"bf16": "bfloat16 mixed precision"})
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ the allocator cannot hide the next one's peak.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -24,6 +25,7 @@ import re
 import resource
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -89,6 +91,41 @@ def sync(device: str | torch.device) -> None:
     """Wait for queued device work, so that a wall-clock timer measures it."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+
+
+def clock(device: str | torch.device) -> tuple[float, float]:
+    """``(wall-clock, process CPU)`` seconds now, once the device's queued work is done. On a shared machine a
+    one-thread process's CPU time leaves out the time it waited for a core."""
+    sync(device)
+    return time.perf_counter(), time.process_time()
+
+
+def timed(device: str | torch.device, fn, *args, **kwargs) -> tuple[float, float, object]:
+    """``(wall-clock seconds, CPU seconds, fn(*args, **kwargs))``, the device synchronised before and after."""
+    wall, cpu = clock(device)
+    out = fn(*args, **kwargs)
+    wall_end, cpu_end = clock(device)
+    return wall_end - wall, cpu_end - cpu, out
+
+
+@contextlib.contextmanager
+def after_optimizer_step(callback):
+    """Within this block, ``callback(*args)`` runs after every :func:`finegrain.trainers.loop.optimizer_step` (with
+    the step's positional arguments, the loss last): how the benchmarks time and measure the trainers' steps."""
+    from finegrain.trainers import loop
+
+    original = loop.optimizer_step
+
+    def hooked(*args, **kwargs):
+        out = original(*args, **kwargs)
+        callback(*args)
+        return out
+
+    loop.optimizer_step = hooked
+    try:
+        yield
+    finally:
+        loop.optimizer_step = original
 
 
 def run_worker(module: str, options: dict, *, timeout: float | None = None) -> dict:
@@ -161,27 +198,21 @@ def reset_accelerate() -> None:
         GradientState._reset_state()
 
 
-class use_device:
+@contextlib.contextmanager
+def use_device(device: str):
     """Within this block, trainers that place themselves through accelerate run on ``device``: ``"cpu"`` sets
     ``ACCELERATE_USE_CPU`` (a CUDA device may be visible), ``"cuda"`` leaves accelerate's choice. The variable is
     restored on exit."""
-
-    def __init__(self, device: str):
-        self.device = device
-        self._saved: str | None = None
-
-    def __enter__(self):
-        self._saved = os.environ.get("ACCELERATE_USE_CPU")
-        if self.device == "cpu":
-            os.environ["ACCELERATE_USE_CPU"] = "true"
-        return self
-
-    def __exit__(self, *exc):
-        if self._saved is None:
+    saved = os.environ.get("ACCELERATE_USE_CPU")
+    if device == "cpu":
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+    try:
+        yield
+    finally:
+        if saved is None:
             os.environ.pop("ACCELERATE_USE_CPU", None)
         else:
-            os.environ["ACCELERATE_USE_CPU"] = self._saved
-        return False
+            os.environ["ACCELERATE_USE_CPU"] = saved
 
 
 def matmul_flops_per_s(m: int = 2048, k: int = 2048, n: int = 2048, *, repeats: int = 5, device: str = "cpu",
@@ -190,8 +221,6 @@ def matmul_flops_per_s(m: int = 2048, k: int = 2048, n: int = 2048, *, repeats: 
     current thread count: the best of ``repeats`` timed runs after one warm-up, by the wall clock and by the
     process's CPU time (on a shared machine a one-thread process's CPU time leaves out the time it waited for a
     core). The roofline of the real-model benchmark divides a training step's model FLOP/s by it."""
-    import time
-
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(m, k, generator=g).to(device=device, dtype=dtype)
     b = torch.randn(k, n, generator=g).to(device=device, dtype=dtype)
@@ -199,12 +228,9 @@ def matmul_flops_per_s(m: int = 2048, k: int = 2048, n: int = 2048, *, repeats: 
     a @ b
     wall, cpu = [], []
     for _ in range(repeats):
-        sync(device)
-        t0, c0 = time.perf_counter(), time.process_time()
-        a @ b
-        sync(device)
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
+        seconds, cpu_seconds, _ = timed(device, torch.matmul, a, b)
+        wall.append(seconds)
+        cpu.append(cpu_seconds)
     return {"shape": [m, k, n], "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
             "flops_per_s": flops / min(wall), "cpu_flops_per_s": flops / max(min(cpu), 1e-9),
             "wall_s": wall, "cpu_s": cpu}

@@ -40,13 +40,11 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from finegrain.bench.synthetic import LLAMA_1B
@@ -74,13 +72,6 @@ def _max_length(prompt_len: int, response_len: int) -> int:
     return prompt_len + response_len + 4  # prompt (+BOS) + response (+EOS): nothing is ever cut
 
 
-def _sync(device: str):
-    if device == "cuda":
-        import torch
-
-        torch.cuda.synchronize()
-
-
 def _gaps(ends: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """(wall-clock, process CPU) seconds between consecutive step ends."""
     return [(b[0] - a[0], b[1] - a[1]) for a, b in zip(ends, ends[1:])]
@@ -90,8 +81,8 @@ def run_finegrain(s: dict, model_dir: Path, data: Path, out: Path, loss: str, pr
                   lora: bool = False, profile=None) -> list[tuple[float, float]]:
     """Per-step (wall-clock, CPU) times of one ``finegrain po`` run (``profile``: a started ``torch.profiler.profile`` whose
     ``step()`` is called after every optimizer step)."""
-    from finegrain.bench.measure import reset_accelerate
-    from finegrain.trainers import loop, po
+    from finegrain.bench.measure import after_optimizer_step, clock, reset_accelerate
+    from finegrain.trainers import po
 
     reset_accelerate()
     cfg = po.POConfig(
@@ -105,21 +96,14 @@ def run_finegrain(s: dict, model_dir: Path, data: Path, out: Path, loss: str, pr
     )
     model, tokenizer, train_data, _ = po.load_inputs(cfg)
     ends: list[tuple[float, float]] = []
-    original = loop.optimizer_step
 
-    def timed(*a, **kw):
-        result = original(*a, **kw)
-        _sync(s["device"])
-        ends.append((time.perf_counter(), time.process_time()))
+    def step_end(*_):
+        ends.append(clock(s["device"]))
         if profile is not None:
             profile.step()
-        return result
 
-    loop.optimizer_step = timed
-    try:
+    with after_optimizer_step(step_end):
         po.train(cfg, model, tokenizer, train_data)
-    finally:
-        loop.optimizer_step = original
     return _gaps(ends)
 
 
@@ -133,15 +117,14 @@ def run_trl(s: dict, model_dir: Path, data: Path, out: Path, lora: bool = False,
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from finegrain.bench.measure import reset_accelerate
+    from finegrain.bench.measure import clock, reset_accelerate
 
     reset_accelerate()
     ends: list[tuple[float, float]] = []
 
     class Timer(TrainerCallback):
         def on_step_end(self, *a, **kw):
-            _sync(s["device"])
-            ends.append((time.perf_counter(), time.process_time()))
+            ends.append(clock(s["device"]))
             if profile is not None:
                 profile.step()
 
@@ -307,9 +290,8 @@ def run(*, hidden: int = 256, layers: int = 4, heads: int = 4, kv_heads: int | N
                 kept = gaps[max(0, warmup - 1):]  # gaps start after step 1; drop the warm-up steps
                 times[name] += [w for w, _ in kept]
                 cpu_times[name] += [c for _, c in kept]
-                kept = [w for w, _ in kept]
-                round_medians[name].append(statistics.median(kept))
-                print(f"  po_vs_trl round {r + 1}/{rounds} {name:<27} median {statistics.median(kept):.3f} s/step",
+                round_medians[name].append(statistics.median(w for w, _ in kept))
+                print(f"  po_vs_trl round {r + 1}/{rounds} {name:<27} median {round_medians[name][-1]:.3f} s/step",
                       file=sys.stderr, flush=True)
         for name in profile:
             profiles[name] = _profile(name, s, model_dir, data, root / f"profile-{name}")
@@ -352,38 +334,22 @@ def run(*, hidden: int = 256, layers: int = 4, heads: int = 4, kv_heads: int | N
             "profiles": profiles, "notes": notes}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=16000)
-    p.add_argument("--prompt-len", type=int, default=32, help="prompt words (every prompt has this length)")
-    p.add_argument("--response-len", type=int, default=128, help="longest response in words (responses: 50-100%%)")
-    p.add_argument("--pairs", type=int, default=256, help="pairs in the data set")
-    p.add_argument("--batch", type=int, default=4, help="pairs per device per step")
-    p.add_argument("--steps", type=int, default=8, help="optimizer steps per run")
-    p.add_argument("--warmup", type=int, default=2, help="steps discarded at the start of every run")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every configuration")
-    p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
-    p.add_argument("--configs", nargs="*", default=list(DEFAULT_CONFIGS), choices=CONFIGS)
-    p.add_argument("--model", default=None, help="a model directory with its tokenizer (default: a random Llama of "
-                   "the shape above)")
-    p.add_argument("--lora-r", "--lora_r", type=int, default=16, help="LoRA rank of the -lora configurations")
-    p.add_argument("--profile", nargs="*", default=[], choices=CONFIGS, help="configurations to profile (one step)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision (both trainers)")
-    p.add_argument("--json", default=None, help="write the results here")
-    p.add_argument("--workdir", default=None, help="where the model and data are written (default: a temp dir)")
-    return p.parse_args(argv)
+HELP = {
+    "prompt_len": "prompt words (every prompt has this length)",
+    "response_len": "longest response in words (responses: 50-100%%)", "pairs": "pairs in the data set",
+    "batch": "pairs per device per step", "steps": "optimizer steps per run",
+    "warmup": "steps discarded at the start of every run", "rounds": "interleaved rounds of every configuration",
+    "model": "a model directory with its tokenizer (default: a random Llama of the shape above)",
+    "lora_r": "LoRA rank of the -lora configurations", "profile": "configurations to profile (one step)",
+    "bf16": "bfloat16 mixed precision (both trainers)",
+    "workdir": "where the model and data are written (default: a temp dir)",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-    from finegrain.bench.table import run_script
+    from finegrain.bench.cli import script_main
 
-    return run_script(run, parse_args(argv))
+    return script_main(run, argv, __doc__, help=HELP, choices={"configs": CONFIGS, "profile": CONFIGS})
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -184,36 +183,27 @@ def run(*, policy: str = "random", hidden: int = 128, layers: int = 2, heads: in
     return dict(result, ratios=ratios, meaning=meaning, figures=figures)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=8, help="PPO steps (rollout batches)")
-    p.add_argument("--warmup", type=int, default=2, help="first steps left out of the medians")
-    p.add_argument("--estimator", default="gae", choices=("gae", "reinforce", "rloo"))
-    p.add_argument("--critic", default="separate", choices=("separate", "shared"))
-    p.add_argument("--reward", default="oracle")
-    p.add_argument("--rollout-batch-size", type=int, default=32)
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--max-new-tokens", type=int, default=40)
-    p.add_argument("--ppo-epochs", type=int, default=4)
-    p.add_argument("--num-mini-batches", type=int, default=1)
-    p.add_argument("--micro-batch", type=int, default=8, help="per_device_train_batch_size")
-    p.add_argument("--kl-estimator", default="k1", choices=("k1", "k2", "k3", "full"))
-    p.add_argument("--hidden", type=int, default=0, help="random policy of this hidden size (0: the world's SFT model)")
-    p.add_argument("--layers", type=int, default=4, help="layers of the random policy")
-    p.add_argument("--heads", type=int, default=4, help="attention heads of the random policy")
-    p.add_argument("--throughput-repeats", type=int, default=5, help="rollout throughput repetitions (0: skip)")
-    p.add_argument("--world-dir", default=None)
-    p.add_argument("--model", default=None, help="a saved model directory with its tokenizer as the policy (prompts of "
-                   "random words, a distinct-words reward); overrides --hidden")
-    p.add_argument("--prompt-len", type=int, default=32, help="prompt words with --model")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument("--json", default=None, help="also write the results to this file")
-    a = p.parse_args(argv)
-    from finegrain.bench.table import run_script
+HELP = {
+    "steps": "PPO steps (rollout batches)", "warmup": "first steps left out of the medians",
+    "micro_batch": "per_device_train_batch_size", "layers": "layers of the random policy",
+    "hidden": "random policy of this hidden size (0: the world's SFT model)",
+    "heads": "attention heads of the random policy", "throughput_repeats": "rollout throughput repetitions (0: skip)",
+    "model": "a saved model directory with its tokenizer as the policy (prompts of random words, a distinct-words "
+             "reward); overrides --hidden",
+    "prompt_len": "prompt words with --model",
+}
 
-    return run_script(run, a, policy="world" if a.hidden == 0 else "random", hidden=a.hidden or 128)
+
+def main(argv: list[str] | None = None) -> int:
+    from finegrain.bench.cli import script_main
+
+    def policy(kwargs: dict) -> dict:
+        return dict(kwargs, policy="world" if kwargs["hidden"] == 0 else "random", hidden=kwargs["hidden"] or 128)
+
+    return script_main(run, argv, __doc__, help=HELP, defaults={"hidden": 0, "layers": 4}, skip=("policy",),
+                       adjust=policy, choices={"estimator": ("gae", "reinforce", "rloo"),
+                                               "critic": ("separate", "shared"),
+                                               "kl_estimator": ("k1", "k2", "k3", "full")})
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import random
 import statistics
 import sys
@@ -65,16 +64,15 @@ def _examples(tok, rng, pairs: int, sentences: int, sentence_tokens: int) -> lis
 
 
 def _step(model, batch, pairs: int, device: str) -> float:
-    from finegrain.bench.measure import sync
+    from finegrain.bench.measure import timed
     from finegrain.losses.bt import bradley_terry_loss
 
-    sync(device)
-    start = time.perf_counter()
-    out = model(batch)
-    scores = out if isinstance(out, torch.Tensor) else out.score
-    bradley_terry_loss(scores[:pairs], scores[pairs:]).losses.mean().backward()
-    sync(device)
-    seconds = time.perf_counter() - start
+    def forward_backward():
+        out = model(batch)
+        scores = out if isinstance(out, torch.Tensor) else out.score
+        bradley_terry_loss(scores[:pairs], scores[pairs:]).losses.mean().backward()
+
+    seconds = timed(device, forward_backward)[0]
     model.zero_grad(set_to_none=True)
     return seconds
 
@@ -166,22 +164,10 @@ def run(*, hidden_size: int = 256, layers: int = 4, heads: int = 4, pairs: int =
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name, default in (("hidden_size", 256), ("layers", 4), ("heads", 4), ("pairs", 8), ("sentences", 8),
-                          ("sentence_tokens", 6), ("embed_dim", 128), ("repeats", 40), ("warmup", 5), ("seed", 0),
-                          ("edit_pairs", 0)):
-        p.add_argument(f"--{name}", f"--{name.replace('_', '-')}", type=int, default=default)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
-    p.add_argument("--out", "--json", default=str(Path("bench") / "results" / "rm_speed.json"),
-                   help="write the result here ('' to skip)")
-    a = p.parse_args(argv)
-    from finegrain.bench.table import print_result
+    from finegrain.bench.cli import script_main
 
-    kwargs = {k: v for k, v in vars(a).items() if k != "out"}
-    print_result(run(**kwargs), a.out or None)
-    return 0
+    return script_main(run, argv, __doc__, help={"bf16": "bfloat16 autocast"}, json_flags=("--out", "--json"),
+                       json_default=str(Path("bench") / "results" / "rm_speed.json"))
 
 
 if __name__ == "__main__":

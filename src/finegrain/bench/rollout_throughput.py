@@ -22,10 +22,8 @@ Usage (defaults: hidden 256, 4 layers, vocab 4096, batch 32, prompts of 8-32 tok
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
-import time
 
 import torch
 
@@ -89,14 +87,10 @@ RUNNERS = {"finegrain": _finegrain, "transformers": _transformers}
 
 
 def _timed(fn, model, ids, attn, s, seed):
-    from finegrain.bench.measure import sync
+    from finegrain.bench.measure import timed
 
     torch.manual_seed(seed)
-    sync(s["device"])
-    start, cpu = time.perf_counter(), time.process_time()
-    tokens = fn(model, ids, attn, s)
-    sync(s["device"])
-    return time.perf_counter() - start, time.process_time() - cpu, tokens
+    return timed(s["device"], fn, model, ids, attn, s)
 
 
 def _decode_flops(model, attn: torch.Tensor, counts: torch.Tensor) -> float:
@@ -198,20 +192,10 @@ def run(*, hidden: int = 256, layers: int = 4, heads: int = 4, kv_heads: int | N
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for name, default in (("hidden", 256), ("layers", 4), ("heads", 4), ("vocab", 4096), ("batch", 32),
-                          ("min-prompt", 8), ("max-prompt", 32), ("new-tokens", 64), ("top-k", 0), ("repeats", 7),
-                          ("seed", 0), ("threads", 0)):
-        p.add_argument(f"--{name}", f"--{name.replace('-', '_')}", type=int, default=default)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", "--top_p", type=float, default=1.0)
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--model", default=None, help="a saved model directory (default: a random Llama of the shape above)")
-    p.add_argument("--json", default=None, help="also write the result to this file")
-    from finegrain.bench.table import run_script
+    from finegrain.bench.cli import script_main
 
-    return run_script(run, p.parse_args(argv))
+    return script_main(run, argv, __doc__, choices={"dtype": sorted(DTYPES)},
+                       help={"model": "a saved model directory (default: a random Llama of the shape above)"})
 
 
 if __name__ == "__main__":

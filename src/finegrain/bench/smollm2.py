@@ -33,9 +33,9 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 PARTS = ("roofline", "po", "tdpo_memory", "rollout", "ppo")
@@ -87,25 +87,6 @@ def resolve_model(model: str, root: Path, layers: int | None = None) -> tuple[st
     return model, f"model directory {model}"
 
 
-def _attempt(errors: dict[str, str], part: str, fn):
-    """``fn()``, or None with the failure recorded under ``errors`` (and printed): one part failing must not lose
-    the others' results."""
-    import traceback
-
-    try:
-        return fn()
-    except Exception as exc:
-        errors[part] = f"{type(exc).__name__}: {exc}"
-        print(f"  smollm2: part {part} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
-        return None
-
-
-def _roofline(size: int, device: str) -> dict:
-    from finegrain.bench.measure import matmul_flops_per_s
-
-    return matmul_flops_per_s(size, size, size, device=device)
-
-
 def _profile_lines(profiles: dict, cpu_peak: float | None) -> dict:
     """Per profiled configuration: the shares of its step by kind of work and its matmuls' rate vs the peak."""
     out = {}
@@ -136,6 +117,7 @@ def run(*, model: str = "auto", layers: int | None = None, parts: tuple[str, ...
     from transformers import AutoConfig
 
     from finegrain.bench import po_vs_trl, ppo_breakdown, rollout_throughput, tdpo_memory
+    from finegrain.bench.measure import matmul_flops_per_s
 
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
@@ -159,14 +141,17 @@ def run(*, model: str = "auto", layers: int | None = None, parts: tuple[str, ...
         print(f"  smollm2: {source}", file=sys.stderr, flush=True)
         peaks = []
         if "roofline" in parts:
-            peaks.append(_roofline(matmul_size, device))
+            peaks.append(matmul_flops_per_s(matmul_size, matmul_size, matmul_size, device=device))
 
         def part(name: str, fn):
-            """``fn()`` into ``results[name]`` when ``name`` is selected; a failure goes to ``errors``."""
+            """``fn()`` into ``results[name]`` when ``name`` is selected; a failure goes to ``errors`` (and is
+            printed): one part failing must not lose the others' results."""
             if name in parts:
-                out = _attempt(errors, name, fn)
-                if out is not None:
-                    results[name] = out
+                try:
+                    results[name] = fn()
+                except Exception as exc:
+                    errors[name] = f"{type(exc).__name__}: {exc}"
+                    print(f"  smollm2: part {name} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
             return results.get(name)
 
         po = part("po", lambda: po_vs_trl.run(
@@ -185,7 +170,7 @@ def run(*, model: str = "auto", layers: int | None = None, parts: tuple[str, ...
             figures["pair_tokens"] = {"value": po["throughput"]["mean_pair_tokens"], "unit": "tokens",
                                       "note": f"prompt twice + chosen + rejected, mean; {batch} pairs per step"}
         if "roofline" in parts:
-            peaks.append(_roofline(matmul_size, device))
+            peaks.append(matmul_flops_per_s(matmul_size, matmul_size, matmul_size, device=device))
             best = max(peaks, key=lambda p: p["cpu_flops_per_s"])
             wall_best = max(p["flops_per_s"] for p in peaks)
             results["roofline"] = {"probes": peaks, "cpu_flops_per_s": best["cpu_flops_per_s"],
@@ -253,26 +238,11 @@ def run(*, model: str = "auto", layers: int | None = None, parts: tuple[str, ...
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="auto", help="auto | real | config | a model directory")
-    p.add_argument("--layers", type=int, default=None, help="layers of the config model (default: SmolLM2's 30)")
-    p.add_argument("--parts", nargs="*", default=list(PARTS), choices=PARTS)
-    for name, default in (("prompt-len", 64), ("response-len", 128), ("pairs", 32), ("batch", 2), ("steps", 4),
-                          ("warmup", 1), ("rounds", 2), ("lora-r", 16), ("mem-rows", 4), ("mem-seq-len", 512),
-                          ("mem-chunk-size", 1024), ("rollout-batch", 8), ("min-prompt", 16), ("max-prompt", 64),
-                          ("new-tokens", 64), ("repeats", 5), ("ppo-steps", 4), ("ppo-warmup", 1),
-                          ("ppo-rollout-batch", 8), ("ppo-new-tokens", 32), ("ppo-epochs", 2), ("ppo-micro-batch", 4),
-                          ("matmul-size", 2048), ("threads", 0)):
-        p.add_argument(f"--{name}", f"--{name.replace('-', '_')}", type=int, default=default)
-    p.add_argument("--configs", nargs="*", default=list(PO_CONFIGS))
-    p.add_argument("--profile", nargs="*", default=["finegrain-dpo", "trl-dpo"])
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument("--workdir", default=None)
-    p.add_argument("--json", default=None, help="also write the result to this file")
-    from finegrain.bench.table import run_script
+    from finegrain.bench.cli import script_main
 
-    return run_script(run, p.parse_args(argv))
+    return script_main(run, argv, __doc__, help={"model": "auto | real | config | a model directory",
+                                                 "layers": "layers of the config model (default: SmolLM2's 30)"},
+                       choices={"parts": PARTS})
 
 
 if __name__ == "__main__":

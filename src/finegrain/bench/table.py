@@ -61,28 +61,3 @@ def write_json(result: dict, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, default=str) + "\n")
     return path
-
-
-def print_result(result: dict, json_path: str | Path | None = None) -> None:
-    """For the scripts under bench/: write one result as JSON (with the command line and the machine) when asked,
-    then print its table."""
-    if json_path:
-        import shlex
-        import sys
-
-        from finegrain.bench.measure import machine
-
-        device = result.get("settings", {}).get("device", "cpu")
-        result = dict(result, command=shlex.join(["python", *sys.argv]), machine=machine(device))
-        print(f"wrote {write_json(result, json_path)}")
-    print(format_table([result]))
-
-
-def run_script(run, args, **overrides) -> int:
-    """For the scripts under bench/: call ``run`` with the parsed options (``--json`` left out, ``--threads 0`` as
-    None: the benchmark's own default) and ``overrides``, then :func:`print_result`; the exit status."""
-    kwargs = {k: v for k, v in vars(args).items() if k != "json"}
-    kwargs["threads"] = kwargs["threads"] or None
-    kwargs.update(overrides)
-    print_result(run(**kwargs), args.json)
-    return 0

@@ -23,10 +23,8 @@ Usage (defaults: N = 4 sequences of T = 1024 tokens, V = 32000, H = 256, float32
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -78,7 +76,7 @@ def _step(variant: str, inp: dict, chunk_size: int):
 
 def worker(o: dict) -> dict:
     """One variant in this (fresh) process: peak extra memory and time of one forward + backward."""
-    from finegrain.bench.measure import PeakMemory, sync
+    from finegrain.bench.measure import PeakMemory, timed
 
     if o.get("threads"):
         torch.set_num_threads(o["threads"])
@@ -86,10 +84,7 @@ def worker(o: dict) -> dict:
     _step(o["variant"], _inputs(2, 4, 16, o["hidden"], o["dtype"], 0, device), o["chunk_size"])  # warm-up
     inp = _inputs(o["rows"], o["seq_len"], o["vocab"], o["hidden"], o["dtype"], o["seed"], device)
     peak = PeakMemory(device).start()
-    start = time.perf_counter()
-    stats, loss = _step(o["variant"], inp, o["chunk_size"])
-    sync(device)
-    seconds = time.perf_counter() - start
+    seconds, _, (stats, loss) = timed(device, _step, o["variant"], inp, o["chunk_size"])
     extra = peak.read()
     torch.save({"token_logps": stats.token_logps.detach().cpu(), "ref_token_logps": stats.ref_token_logps.cpu(),
                 "token_kl": stats.token_kl.detach().cpu(), "loss": loss.detach().cpu(),
@@ -135,31 +130,19 @@ def run(*, rows: int = 4, seq_len: int = 1024, vocab: int = 32000, hidden: int =
     }
 
 
+def _check_rows(kwargs: dict) -> dict:
+    if kwargs["rows"] < 2 or kwargs["rows"] % 2:
+        raise ValueError("--rows must be an even number >= 2 (pairs of chosen and rejected rows)")
+    return kwargs
+
+
 def main(argv: list[str] | None = None) -> int:
-    from finegrain.bench.measure import serve_worker
+    from finegrain.bench.cli import script_main
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if serve_worker(argv, worker):
-        return 0
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", type=int, default=4, help="sequences N (chosen rows, then rejected rows; even)")
-    p.add_argument("--seq-len", "--seq_len", type=int, default=1024, help="response length T")
-    p.add_argument("--vocab", type=int, default=32000, help="vocabulary size V")
-    p.add_argument("--hidden", type=int, default=256, help="hidden size H")
-    p.add_argument("--chunk-size", "--chunk_size", type=int, default=1024, help="rows per chunk of the chunked variant")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--json", default=None, help="also write the result to this file")
-    a = p.parse_args(argv)
-    if a.rows < 2 or a.rows % 2:
-        p.error("--rows must be an even number >= 2 (pairs of chosen and rejected rows)")
-    from finegrain.bench.table import print_result
-
-    kwargs = {k: v for k, v in vars(a).items() if k != "json"}
-    print_result(run(**kwargs), a.json)
-    return 0
+    return script_main(run, argv, __doc__, worker=worker, adjust=_check_rows, choices={"dtype": sorted(DTYPES)},
+                       help={"rows": "sequences N (chosen rows, then rejected rows; even)", "seq_len": "response "
+                             "length T", "vocab": "vocabulary size V", "hidden": "hidden size H", "chunk_size":
+                             "rows per chunk of the chunked variant"})
 
 
 if __name__ == "__main__":
