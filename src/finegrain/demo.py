@@ -115,22 +115,22 @@ def run_demo(cfg: DemoConfig) -> dict:
     timings["world"] = time.time() - t
     if built_before:
         print(format_summary(json.loads((world / "world.json").read_text())), flush=True)
-    wd = ["--world_dir", str(world)]
+
+    def train(title: str, command: str, name: str, *extra: str) -> None:
+        """The recipe ``name`` (scaled) into ``runs/name`` on this world."""
+        argv = [*_scaled(name, cfg.scale), *extra, "--world_dir", str(world), "--output_dir", str(runs / name), *common]
+        timings[name] = _run_stage(title, command, argv, runs / name)
 
     print("\n[2/7] reward models", flush=True)
     for level in RM_LEVELS:
-        argv = [*_scaled(f"rm-{level}", cfg.scale), *wd, "--output_dir", str(runs / f"rm-{level}"), *common]
-        timings[f"rm-{level}"] = _run_stage(f"{level} reward model", "rm", argv, runs / f"rm-{level}")
+        train(f"{level} reward model", "rm", f"rm-{level}")
 
     print("\n[3/7] offline preference optimisation", flush=True)
     for loss in PO_LOSSES:
-        argv = [*_scaled(f"po-{loss}", cfg.scale), *wd, "--output_dir", str(runs / f"po-{loss}"), *common]
-        timings[f"po-{loss}"] = _run_stage(loss, "po", argv, runs / f"po-{loss}")
+        train(loss, "po", f"po-{loss}")
 
     print("\n[4/7] PPO with dense token rewards", flush=True)
-    argv = [*_scaled("ppo-token-rm", cfg.scale), "--reward", str(runs / "rm-token" / "final"), *wd,
-            "--output_dir", str(runs / "ppo-token-rm"), *common]
-    timings["ppo-token-rm"] = _run_stage("PPO, token RM reward", "ppo", argv, runs / "ppo-token-rm")
+    train("PPO, token RM reward", "ppo", "ppo-token-rm", "--reward", str(runs / "rm-token" / "final"))
 
     print("\n[5/7] evaluation against the SFT model, judged by the oracle", flush=True)
     from finegrain.eval.cli import evaluate_policy
