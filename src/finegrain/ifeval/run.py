@@ -181,12 +181,10 @@ class Paths:
 
 
 def _paths(cfg: RunConfig) -> Paths:
-    from finegrain.ifeval.model import model_dir
-    from finegrain.models.gguf import cache_root
+    from finegrain.ifeval.model import cache_home, model_dir
 
-    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root()
     root = Path(cfg.run_dir or ("runs/ifeval-quick" if cfg.quick else "runs/ifeval")).expanduser()
-    return Paths(root, cache / (cfg.preset["task_dir"] or "ifeval"), model_dir(cfg.cache_dir))
+    return Paths(root, cache_home(cfg.cache_dir) / (cfg.preset["task_dir"] or "ifeval"), model_dir(cfg.cache_dir))
 
 
 def _selected(cfg: RunConfig) -> list[str]:

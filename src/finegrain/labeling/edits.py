@@ -175,15 +175,6 @@ def label_rows(rows: list[dict], tokenizer: Any, *, unit: str = "word", fmt: str
     return out
 
 
-def _inputs(cfg: EditsConfig) -> tuple[Any, Any]:
-    from finegrain.models.loading import load_tokenizer
-
-    if cfg.dataset_name is None or cfg.tokenizer_name_or_path is None:
-        raise ConfigError("label edits needs --dataset_name (revision rows) and --tokenizer_name_or_path; with neither, "
-                          "it labels the built-in world's revisions")
-    return cfg.dataset_name, load_tokenizer(cfg.tokenizer_name_or_path, trust_remote_code=cfg.trust_remote_code)
-
-
 def run_edits(cfg: EditsConfig) -> EditsSummary:
     """Label the revisions of ``cfg`` and write ``cfg.output_file`` (atomically: a reader never sees half of it).
 
@@ -196,21 +187,23 @@ def run_edits(cfg: EditsConfig) -> EditsSummary:
     """
     from finegrain.data.loading import Rows, load_rows
     from finegrain.data.schema import validate_rows
+    from finegrain.models.loading import load_tokenizer
 
     out_path = Path(cfg.output_file)
     if out_path.exists() and not cfg.overwrite_output:
         raise ConfigError(f"{out_path} exists; pass --overwrite_output to replace it or choose another --output_file")
-    source, tokenizer = _inputs(cfg)
-    rows = load_rows(source, cfg.dataset_split)
+    if cfg.dataset_name is None or cfg.tokenizer_name_or_path is None:
+        raise ConfigError("label edits needs --dataset_name (revision rows) and --tokenizer_name_or_path; with neither, "
+                          "it labels the built-in world's revisions")
+    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    rows = load_rows(cfg.dataset_name, cfg.dataset_split)
     if cfg.limit is not None:
         rows = rows.head(cfg.limit)
     # The chosen response plays no part in edit labels: drop it, so that a bad or empty one is not an error.
     rows = Rows([(name, [{k: v for k, v in r.items() if k != "chosen"} for r in data]) for name, data in rows.parts],
                 rows.source)
     skipped: Counter = Counter()
-    # The world's revisions hold a few empty ones (a whole malformed response deleted): skipped, counted.
-    skip = cfg.skip_invalid_rows or cfg.dataset_name is None
-    valid = validate_rows(rows, "revision", skip_invalid=skip, skipped=skipped)
+    valid = validate_rows(rows, "revision", skip_invalid=cfg.skip_invalid_rows, skipped=skipped)
     summary = EditsSummary(skipped=sum(skipped.values()), output_file=str(out_path))
     out = label_rows(valid, tokenizer, unit=cfg.unit, fmt=cfg.format, sides=cfg.sides,
                      keep_identical=cfg.keep_identical, summary=summary)

@@ -262,6 +262,7 @@ def _label_edits(cfg: Any) -> None:
     world = _world(cfg)
     cfg.dataset_name = _data(world, "revisions")
     cfg.tokenizer_name_or_path = cfg.tokenizer_name_or_path or str(world / "sft")
+    cfg.skip_invalid_rows = True  # as documented: a world's few invalid revision rows are skipped and counted
 
 
 def _label_revise(cfg: Any) -> None:
