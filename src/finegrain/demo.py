@@ -16,15 +16,13 @@ continues where it stopped (``--fresh`` starts over). The demo ends with a summa
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
-from finegrain.config import add_arguments, build, option
+from finegrain.config import option, parse
 from finegrain.world.app import world_control_template
 
 
@@ -195,8 +193,5 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="finegrain demo", description=DemoConfig.__doc__)
-    add_arguments(parser, DemoConfig)
-    ns = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
-    run_demo(build(DemoConfig, ns))
+    run_demo(parse(DemoConfig, argv, "finegrain demo"))
     return 0

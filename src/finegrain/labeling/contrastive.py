@@ -162,9 +162,7 @@ def run_contrastive(cfg: ContrastiveLabelConfig) -> Path:
     source = ContrastiveRewardSource(model, tokenizer, template, chunk_size=cfg.chunk_size)
     rewards = label_pairs(source, data, batch_size=cfg.batch_size, full_lengths=full, show_progress=True)
 
-    raw = {}
-    for i, row in enumerate(rows):
-        raw[rows.locate(i)] = row
+    raw = {rows.locate(i): row for i, row in enumerate(rows)}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     with tmp.open("w") as f:
