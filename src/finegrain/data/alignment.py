@@ -323,18 +323,12 @@ def label_revisions(
         rej_off = [tuple(o) for o in enc_rej["offset_mapping"][i]]
         rev_off = [tuple(o) for o in enc_rev["offset_mapping"][i]]
         try:
-            labels = edit_token_labels(
-                rej_text, rev_text, rej_off, rev_off, unit=unit, rejected_ids=rej_ids, revised_ids=rev_ids
-            )
+            labels = edit_token_labels(rej_text, rev_text, rej_off, rev_off, unit=unit, rejected_ids=rej_ids,
+                                       revised_ids=rev_ids)
         except DataError as err:
             raise DataError(err.reason, row=i, field=err.field) from err
-        out.append(
-            RevisionLabels(
-                labels.rejected_labels, labels.revised_labels, labels.identical, labels.distance,
-                rejected_input_ids=rej_ids, revised_input_ids=rev_ids,
-                rejected_offsets=rej_off, revised_offsets=rev_off,
-            )
-        )
+        out.append(RevisionLabels(**vars(labels), rejected_input_ids=rej_ids, revised_input_ids=rev_ids,
+                                  rejected_offsets=rej_off, revised_offsets=rev_off))
     return out
 
 

@@ -70,12 +70,14 @@ PREFERENCE_EXTRAS: tuple[str, ...] = (
 )
 """Optional columns of preference rows that are kept (all others are dropped)."""
 
-_EXPECTED = {
-    "preference": "chosen, rejected and optionally prompt",
-    "revision": "rejected, revised and optionally prompt, chosen",
-    "token": "prompt, response and labels or spans",
-    "prompt": "prompt",
-    "sft": "prompt and completion, or messages, or text",
+# The columns every data set of a kind needs (the alternatives of token and sft rows are checked apart), and how
+# messages describe the kind's columns.
+_COLUMNS = {
+    "preference": (("chosen", "rejected"), "chosen, rejected and optionally prompt"),
+    "revision": (("rejected", "revised"), "rejected, revised and optionally prompt, chosen"),
+    "token": (("prompt", "response"), "prompt, response and labels or spans"),
+    "prompt": (("prompt",), "prompt"),
+    "sft": ((), "prompt and completion, or messages, or text"),
 }
 
 
@@ -161,16 +163,13 @@ class _Row:
     def response(self, value: Any, field: str, *, allow_empty: bool = False) -> str:
         """A response's text: a string, or the content of a single assistant message. With ``allow_empty`` an
         empty (or whitespace-only) text is kept: it becomes an EOS-only response when tokenized."""
-        if isinstance(value, str):
-            return self._text(value, field, allow_empty)
-        msgs = self.messages(value, field)
-        if len(msgs) != 1 or msgs[0]["role"] != "assistant":
-            roles = [m["role"] for m in msgs]
-            raise self.error("wrong type", field, f"a response must be one assistant message, got roles {roles}")
-        return self._text(msgs[0]["content"], field, allow_empty)
-
-    def _text(self, value: Any, field: str, allow_empty: bool) -> str:
-        if allow_empty and isinstance(value, str) and not value.strip():
+        if not isinstance(value, str):
+            msgs = self.messages(value, field)
+            if len(msgs) != 1 or msgs[0]["role"] != "assistant":
+                roles = [m["role"] for m in msgs]
+                raise self.error("wrong type", field, f"a response must be one assistant message, got roles {roles}")
+            value = msgs[0]["content"]
+        if allow_empty and not value.strip():
             self.encodable(value, field)
             return value
         return self.string(value, field, "response")
@@ -425,7 +424,7 @@ def detect_kind(columns: Iterable[str], *, source: str | None = None) -> str:
         return "prompt"
     raise DataError(
         f"cannot tell the kind of rows from the columns {sorted(cols)}; expected one of: "
-        + "; ".join(f"{k}: {v}" for k, v in _EXPECTED.items()),
+        + "; ".join(f"{k}: {expected}" for k, (_, expected) in _COLUMNS.items()),
         source=source,
     )
 
@@ -435,13 +434,7 @@ def check_columns(kind: str, columns: Iterable[str], *, source: str | None = Non
     if kind not in _NORMALISERS:
         raise ValueError(f"unknown row kind {kind!r}; expected one of {', '.join(KINDS)}")
     cols = set(columns)
-    need = {
-        "preference": ["chosen", "rejected"],
-        "revision": ["rejected", "revised"],
-        "token": ["prompt", "response"],
-        "prompt": ["prompt"],
-        "sft": [],
-    }[kind]
+    need, expected = _COLUMNS[kind]
     missing = [c for c in need if c not in cols]
     if kind == "preference":  # per-response columns come in chosen/rejected pairs
         for a, b in (("chosen_token_rewards", "rejected_token_rewards"), ("ref_chosen_logps", "ref_rejected_logps")):
@@ -453,7 +446,7 @@ def check_columns(kind: str, columns: Iterable[str], *, source: str | None = Non
         missing = ["completion" if "prompt" in cols else "text"]
     if missing:
         raise DataError(
-            f"missing column '{missing[0]}'; rows of kind '{kind}' need {_EXPECTED[kind]} "
+            f"missing column '{missing[0]}'; rows of kind '{kind}' need {expected} "
             f"(columns found: {', '.join(sorted(cols)) or 'none'})",
             source=source,
             field=missing[0],

@@ -99,14 +99,6 @@ class TokenLimits:
 # ------------------------------------------------------------------------------------------------------ pieces
 
 
-def _render_chat(tokenizer: Any, messages: list[dict]) -> tuple[str, bool]:
-    """Prompt text of a conversation and whether special tokens must still be added when tokenizing it."""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return text, False
-    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:", True
-
-
 def prompt_text(tokenizer: Any, prompt: str | list[dict]) -> tuple[str, bool]:
     """The text a prompt is tokenized from and whether to add special tokens (see the module docstring).
 
@@ -119,7 +111,9 @@ def prompt_text(tokenizer: Any, prompt: str | list[dict]) -> tuple[str, bool]:
     """
     if isinstance(prompt, str):
         return prompt, True
-    return _render_chat(tokenizer, prompt)
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True), False
+    return "".join(f"{m['role']}: {m['content']}\n" for m in prompt) + "assistant:", True
 
 
 def _finish_prompt(ids: list[int], bos: int | None) -> list[int]:

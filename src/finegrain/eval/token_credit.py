@@ -209,7 +209,7 @@ def load_credit_examples(
         DataError: unknown columns or a bad row (naming the file, row and field).
     """
     from finegrain.data.alignment import edit_token_labels
-    from finegrain.data.loading import load_rows
+    from finegrain.data.loading import Rows, load_rows
     from finegrain.data.schema import validate_rows
     from finegrain.data.tokenize import IGNORE_INDEX, TokenLimits, tokenize_rows
 
@@ -246,15 +246,13 @@ def load_credit_examples(
         if name not in rows.column_names:
             raise DataError(f"missing column '{name}'; word-credit rows need prompt, response, words, credit",
                             source=rows.source, field=name)
-    as_sft = [{"prompt": r.get("prompt"), "completion": r.get("response")} for r in rows]
+    as_sft = Rows([(name, [{"prompt": r.get("prompt"), "completion": r.get("response")} for r in data])
+                   for name, data in rows.parts], rows.source)  # the same files and rows, for the messages
     try:
-        valid = validate_rows(load_rows(as_sft, source_name=rows.source), "sft")
+        valid = validate_rows(as_sft, "sft")
     except DataError as err:
         field = "response" if err.field == "completion" else err.field
-        src, row = rows.locate(err.row) if err.row is not None else (err.source, None)
-        raise DataError(err.reason, source=src, row=row, field=field) from err
-    for i, item in enumerate(valid):
-        item["source"], item["row"] = rows.locate(i)
+        raise DataError(err.reason, source=err.source, row=err.row, field=field) from err
     tokenized = tokenize_rows(valid, tokenizer, "sft", limits)
     out = []
     for raw, t in zip(rows, tokenized):
@@ -326,13 +324,8 @@ def resolve_credit_sources(specs: Sequence[Any] | Mapping[str, Any], context: An
 def _token_texts(example: CreditExample, tokenizer: Any) -> list[str]:
     """The text of each response token: its slice of the response, or the token's name when it has none (EOS)."""
     names = tokenizer.convert_ids_to_tokens(example.input_ids) if tokenizer is not None else None
-    out = []
-    for j, (s, e) in enumerate(example.offsets):
-        if e > s:
-            out.append(example.text[s:e])
-        else:
-            out.append(str(names[j]) if names is not None else "")
-    return out
+    return [example.text[s:e] if e > s else str(names[j]) if names is not None else ""
+            for j, (s, e) in enumerate(example.offsets)]
 
 
 def _score_rows(source: Any, examples: list[CreditExample], pad_id: int, batch_size: int,
@@ -366,10 +359,8 @@ def _score_rows(source: Any, examples: list[CreditExample], pad_id: int, batch_s
 
 def _pick_examples(examples: list[CreditExample], k: int) -> list[int]:
     """Indices of ``k`` examples for the heatmaps: first those with both positive and negative truth."""
-    both = [i for i, e in enumerate(examples) if any(v > 0 for v in e.truth) and any(v < 0 for v in e.truth)]
-    chosen = set(both)
-    rest = [i for i in range(len(examples)) if i not in chosen]
-    return sorted((both + rest)[:k])
+    mixed = [any(v > 0 for v in e.truth) and any(v < 0 for v in e.truth) for e in examples]
+    return sorted(sorted(range(len(examples)), key=lambda i: not mixed[i])[:k])  # a stable sort keeps the order
 
 
 def json_value(value):
