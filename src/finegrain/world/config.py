@@ -89,8 +89,5 @@ class WorldConfig:
 
     @property
     def rules(self) -> OracleRules:
-        return OracleRules(
-            max_sentences=self.max_sentences, repeat_penalty=self.repeat_penalty,
-            wrong_topic_penalty=self.wrong_topic_penalty, malformed_penalty=self.malformed_penalty,
-            overlong_penalty=self.overlong_penalty,
-        )
+        """The oracle's rules: the fields of :class:`OracleRules`, as set here."""
+        return OracleRules(**{f.name: getattr(self, f.name) for f in dataclasses.fields(OracleRules)})

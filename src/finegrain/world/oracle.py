@@ -108,13 +108,3 @@ def judge(prompt: str, response: str, rules: OracleRules = DEFAULT_RULES) -> Jud
         score=float(sum(credit)), words=words, credit=credit, well_formed=well_formed,
         num_sentences=len(sentences), sentence_of_word=sentence_of_word,
     )
-
-
-def score(prompt: str, response: str, rules: OracleRules = DEFAULT_RULES) -> float:
-    """The oracle's score of ``response`` to ``prompt``."""
-    return judge(prompt, response, rules).score
-
-
-def credit(prompt: str, response: str, rules: OracleRules = DEFAULT_RULES) -> list[float]:
-    """Ground-truth credit of every word of ``response`` (sums to the score)."""
-    return judge(prompt, response, rules).credit
