@@ -124,18 +124,13 @@ def _command(name: str, args: argparse.Namespace, device: str) -> str:
 @contextlib.contextmanager
 def _quiet_libraries():
     """No download/progress bars from transformers and datasets while benchmarks run (restored afterwards)."""
-    switches = []  # (is enabled, disable, enable) of each library that is installed
-    with contextlib.suppress(ImportError):
-        from transformers.utils import logging as hf
+    import datasets
+    from transformers.utils import logging as hf
 
-        switches.append((hf.is_progress_bar_enabled, hf.disable_progress_bar, hf.enable_progress_bar))
-    with contextlib.suppress(ImportError, AttributeError):
-        import datasets
-
-        switches.append((datasets.is_progress_bar_enabled, datasets.disable_progress_bars,
-                         datasets.enable_progress_bars))
     restore = []
-    for enabled, disable, enable in switches:
+    for enabled, disable, enable in ((hf.is_progress_bar_enabled, hf.disable_progress_bar, hf.enable_progress_bar),
+                                     (datasets.is_progress_bar_enabled, datasets.disable_progress_bars,
+                                      datasets.enable_progress_bars)):
         if enabled():
             disable()
             restore.append(enable)

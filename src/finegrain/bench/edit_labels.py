@@ -17,11 +17,11 @@ Usage::
 
 from __future__ import annotations
 
+import functools
 import random
 import statistics
 import string
 import sys
-import time
 
 QUICK = dict(pairs=2000, repeats=2)
 GPU = {}
@@ -68,6 +68,7 @@ def make_tokenizer(vocab: list[str]):
 def run(*, pairs: int = 10_000, units: tuple[str, ...] | list[str] = ("word", "token"), repeats: int = 3,
         seed: int = 0, threads: int | None = None) -> dict:
     """Time labelling and the tokenization baseline; returns the result dict (``ratios``: label / tokenize)."""
+    from finegrain.bench.measure import timed
     from finegrain.data.alignment import label_revisions
 
     bad = [u for u in units if u not in UNITS]
@@ -85,16 +86,14 @@ def run(*, pairs: int = 10_000, units: tuple[str, ...] | list[str] = ("word", "t
         tokenizer(rejected, add_special_tokens=False, return_offsets_mapping=True)
         tokenizer(revised, add_special_tokens=False, return_offsets_mapping=True)
 
-    times: dict[str, list[float]] = {"tokenize": [], **{u: [] for u in units}}
+    jobs = {"tokenize": tokenize, **{u: functools.partial(label_revisions, tokenizer, rejected, revised, unit=u)
+                                     for u in units}}
+    times: dict[str, list[float]] = {name: [] for name in jobs}
     labelled = {}
     for _ in range(repeats):
-        for name in times:
-            start = time.perf_counter()
-            if name == "tokenize":
-                tokenize()
-            else:
-                out = label_revisions(tokenizer, rejected, revised, unit=name)
-            times[name].append(time.perf_counter() - start)
+        for name, job in jobs.items():
+            seconds, _, out = timed("cpu", job)
+            times[name].append(seconds)
             if name != "tokenize":
                 labelled[name] = sum(-1 in o.rejected_labels or 1 in o.revised_labels for o in out)
     med = {k: statistics.median(v) for k, v in times.items()}

@@ -50,8 +50,6 @@ GPU_QUICK = GPU
 
 def worker(o: dict) -> dict:
     """One variant in this (fresh) process; returns its peak extra memory, step times and losses."""
-    import torch
-
     from finegrain.bench.measure import PeakMemory, after_optimizer_step, clock, use_device
     from finegrain.bench.synthetic import LlamaShape, build_model, word_tokenizer
     from finegrain.data.loading import load_rows
@@ -59,8 +57,6 @@ def worker(o: dict) -> dict:
     from finegrain.data.tokenize import TokenLimits
     from finegrain.trainers import po
 
-    if o.get("threads"):
-        torch.set_num_threads(o["threads"])
     shape = LlamaShape(**o["shape"])
     max_length = o["prompt_len"] + o["response_len"] + 4
     tokenizer = word_tokenizer(shape.vocab)

@@ -146,10 +146,14 @@ def run_worker(module: str, options: dict, *, timeout: float | None = None) -> d
 
 def serve_worker(argv: list[str], worker) -> bool:
     """The worker side of :func:`run_worker`: when ``argv`` is ``--worker JSON``, print ``worker(options)`` as one JSON
-    line and return True (the caller then exits); otherwise return False."""
+    line, with torch's thread count set to ``options["threads"]`` when given, and return True (the caller then
+    exits); otherwise return False."""
     if argv[:1] != ["--worker"]:
         return False
-    print(json.dumps(worker(json.loads(argv[1]))))
+    options = json.loads(argv[1])
+    if options.get("threads"):
+        torch.set_num_threads(options["threads"])
+    print(json.dumps(worker(options)))
     return True
 
 
@@ -188,14 +192,10 @@ def machine(device: str = "cpu") -> dict:
 def reset_accelerate() -> None:
     """Forget accelerate's process-wide state, so that the next ``Accelerator`` (ours or a ``transformers``
     ``Trainer``'s) is set up afresh with its own device and precision (accelerate refuses a change otherwise)."""
-    try:
-        from accelerate.state import AcceleratorState, GradientState
-    except ImportError:
-        return
-    if hasattr(AcceleratorState, "_reset_state"):
-        AcceleratorState._reset_state(reset_partial_state=True)
-    if hasattr(GradientState, "_reset_state"):
-        GradientState._reset_state()
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 @contextlib.contextmanager

@@ -43,17 +43,14 @@ GPU_QUICK = dict(GPU, steps=4, warmup=1, throughput_repeats=2)
 
 def _random_policy_inputs(root: Path, hidden: int, layers: int, heads: int, prompts: int, seed: int) -> tuple[str, str]:
     """A random Llama with the world tokenizer saved to ``root/model``, and ``prompts`` world prompts."""
-    from finegrain.bench.synthetic import write_jsonl
-    from finegrain.models.build import causal_lm_from_config, tiny_llama_config
+    from finegrain.bench.synthetic import LlamaShape, build_model, write_jsonl
     from finegrain.world.corpus import eval_prompts
     from finegrain.world.tokenizer import build_tokenizer
 
-    tok = build_tokenizer()
-    config = tiny_llama_config(len(tok), hidden_size=hidden, num_layers=layers, num_heads=heads,
-                               max_position_embeddings=512, pad_token_id=tok.pad_token_id,
-                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    tok = build_tokenizer()  # pad, BOS and EOS are 0, 1 and 2, as build_model's config has them
     model_dir = root / "model"
-    causal_lm_from_config(config, seed=seed).save_pretrained(model_dir)
+    shape = LlamaShape(hidden=hidden, layers=layers, heads=heads, vocab=len(tok))
+    build_model(shape, 512, seed=seed).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     data = write_jsonl([{"prompt": p} for p in eval_prompts(prompts, seed)], root / "prompts.jsonl")
     return str(model_dir), str(data)
@@ -82,6 +79,7 @@ def _dir_policy_inputs(root: Path, model_dir: str, prompt_len: int, prompts: int
 def step_breakdown(s: dict) -> dict:
     """Run PPO for ``steps`` steps and summarise the per-phase times it logged."""
     from finegrain.bench.measure import reset_accelerate, use_device
+    from finegrain.config import parse
     from finegrain.trainers.ppo import PPOConfig, load_inputs, train
     from finegrain.world.app import parse_config
 
@@ -89,35 +87,27 @@ def step_breakdown(s: dict) -> dict:
     if s["policy"] == "dir" and reward == "oracle":  # the world's oracle scores world prompts only
         reward = "python:finegrain.bench.ppo_breakdown:distinct_words_reward"
     with tempfile.TemporaryDirectory() as tmp:
-        argv = ["--output_dir", str(Path(tmp) / "run"), "--disable_tqdm", "--logging_steps", "1",
-                "--max_steps", str(s["steps"]), "--estimator", s["estimator"], "--critic", s["critic"],
-                "--reward", reward, "--rollout_batch_size", str(s["rollout_batch_size"]),
-                "--num_samples", str(s["num_samples"]), "--max_new_tokens", str(s["max_new_tokens"]),
-                "--ppo_epochs", str(s["ppo_epochs"]), "--num_mini_batches", str(s["num_mini_batches"]),
-                "--per_device_train_batch_size", str(s["micro_batch"]), "--kl_estimator", s["kl_estimator"],
-                "--learning_rate", "1e-4", "--lr_scheduler_type", "constant", "--max_eval_samples", "1",
-                "--seed", str(s["seed"])]
-        if s["bf16"]:
-            argv += ["--bf16"]
+        opts = {"output_dir": Path(tmp) / "run", "logging_steps": 1, "max_steps": s["steps"], "reward": reward,
+                "per_device_train_batch_size": s["micro_batch"], "learning_rate": "1e-4",
+                "lr_scheduler_type": "constant", "max_eval_samples": 1,
+                **{k: s[k] for k in ("estimator", "critic", "rollout_batch_size", "num_samples", "max_new_tokens",
+                                     "ppo_epochs", "num_mini_batches", "kl_estimator", "seed")}}
+        prompts = max(64, s["rollout_batch_size"] * (s["steps"] + 1))
         if s["policy"] == "world":
             from finegrain.world import ensure_world
 
-            argv += ["--world_dir", str(ensure_world(s["world_dir"]))]
+            opts["world_dir"] = ensure_world(s["world_dir"])
         elif s["policy"] == "dir":
-            prompts = max(64, s["rollout_batch_size"] * (s["steps"] + 1))
-            data = _dir_policy_inputs(Path(tmp), s["model"], s["prompt_len"], prompts, s["seed"])
-            argv += ["--model_name_or_path", s["model"], "--dataset_name", data, "--max_prompt_length",
-                     str(s["prompt_len"] + 8), "--max_length", str(s["prompt_len"] + 8 + s["max_new_tokens"])]
+            opts.update(model_name_or_path=s["model"], max_prompt_length=s["prompt_len"] + 8,
+                        max_length=s["prompt_len"] + 8 + s["max_new_tokens"],
+                        dataset_name=_dir_policy_inputs(Path(tmp), s["model"], s["prompt_len"], prompts, s["seed"]))
         else:
-            prompts = max(64, s["rollout_batch_size"] * (s["steps"] + 1))
-            model_dir, data = _random_policy_inputs(Path(tmp), s["hidden"], s["layers"], s["heads"], prompts, s["seed"])
-            argv += ["--model_name_or_path", model_dir, "--dataset_name", data]
-        if s["policy"] == "dir":
-            from finegrain.config import parse
-
-            cfg = parse(PPOConfig, argv, "finegrain ppo")
-        else:
-            cfg = parse_config("ppo", PPOConfig, argv)  # the world's oracle reward; its model when policy is "world"
+            opts["model_name_or_path"], opts["dataset_name"] = _random_policy_inputs(
+                Path(tmp), s["hidden"], s["layers"], s["heads"], prompts, s["seed"])
+        argv = [a for k, v in opts.items() for a in (f"--{k}", str(v))] + ["--disable_tqdm"] + ["--bf16"] * s["bf16"]
+        # the world's oracle reward (and its model when policy is "world") unless the policy is a model directory
+        cfg = (parse(PPOConfig, argv, "finegrain ppo") if s["policy"] == "dir"
+               else parse_config("ppo", PPOConfig, argv))
         reset_accelerate()
         with use_device(s["device"]):
             policy, tokenizer, prompts, _ = load_inputs(cfg)

@@ -81,8 +81,8 @@ def run(*, hidden_size: int = 256, layers: int = 4, heads: int = 4, pairs: int =
         sentence_tokens: int = 6, embed_dim: int = 128, repeats: int = 40, warmup: int = 5, seed: int = 0,
         threads: int | None = None, edit_pairs: int = 0, device: str = "cpu", bf16: bool = False) -> dict:
     """Time the three reward models interleaved; returns the result dict (``ratios`` to the sequence RM)."""
+    from finegrain.bench.synthetic import LlamaShape, build_model
     from finegrain.data.collate import collate_preferences
-    from finegrain.models.build import causal_lm_from_config, tiny_llama_config
     from finegrain.models.reward_model import (
         PunctuationSplitter,
         build_reward_model,
@@ -95,12 +95,9 @@ def run(*, hidden_size: int = 256, layers: int = 4, heads: int = 4, pairs: int =
     if threads:
         torch.set_num_threads(threads)
     rng = random.Random(seed)
-    tok = build_tokenizer()
-    config = tiny_llama_config(len(tok) + 8, hidden_size=hidden_size, num_layers=layers, num_heads=heads,
-                               max_position_embeddings=max(1024, sentences * (sentence_tokens + 2) + 16),
-                               pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                               eos_token_id=tok.eos_token_id)
-    backbone = causal_lm_from_config(config, seed=seed)
+    tok = build_tokenizer()  # pad, BOS and EOS are 0, 1 and 2, as build_model's config has them
+    backbone = build_model(LlamaShape(hidden=hidden_size, layers=layers, heads=heads, vocab=len(tok) + 8),
+                           max(1024, sentences * (sentence_tokens + 2) + 16), seed=seed)
     splitter = PunctuationSplitter()
     models = {
         "sequence": build_reward_model("sequence", backbone, tok, seed=seed),

@@ -138,19 +138,14 @@ def run(*, hidden: int = 256, layers: int = 4, heads: int = 4, kv_heads: int | N
                            tie_embeddings=bool(c.tie_word_embeddings))
     for fn in RUNNERS.values():  # warm-up: allocator, kernels, lazy imports
         _timed(fn, model, ids, attn, s, seed)
-    rates: dict[str, list[float]] = {n: [] for n in RUNNERS}
-    seconds: dict[str, list[float]] = {n: [] for n in RUNNERS}
-    cpu_rates: dict[str, list[float]] = {n: [] for n in RUNNERS}
-    flops: dict[str, list[float]] = {n: [] for n in RUNNERS}
+    rates, seconds, cpu_rates, flops = ({n: [] for n in RUNNERS} for _ in range(4))  # name -> one per repetition
     counted: list[float] = []
     identical = 0
     for rep in range(repeats):
-        order = list(RUNNERS) if rep % 2 == 0 else list(reversed(RUNNERS))
         tokens = {}
-        for name in order:
-            sec, cpu, toks = _timed(RUNNERS[name], model, ids, attn, s, seed + 1 + rep)
-            counts = counted_tokens(toks, s["eos"]).cpu()
-            tokens[name] = toks
+        for name in list(RUNNERS)[:: 1 if rep % 2 == 0 else -1]:  # alternate which goes first
+            sec, cpu, tokens[name] = _timed(RUNNERS[name], model, ids, attn, s, seed + 1 + rep)
+            counts = counted_tokens(tokens[name], s["eos"]).cpu()
             rates[name].append(int(counts.sum()) / sec)
             cpu_rates[name].append(int(counts.sum()) / max(cpu, 1e-9))
             seconds[name].append(sec)

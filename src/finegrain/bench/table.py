@@ -23,16 +23,6 @@ def _number(value: float, unit: str = "") -> str:
     return f"{text} {unit}".rstrip()
 
 
-def ratio_rows(result: dict) -> list[tuple[str, str, str, str]]:
-    """``(benchmark, quantity, value, meaning)`` rows: the ratios first, then the figures."""
-    name = result.get("benchmark", "?")
-    rows = [(name, key, f"{value:.3f}", result.get("meaning", {}).get(key, ""))
-            for key, value in result.get("ratios", {}).items()]
-    rows += [(name, key, _number(f["value"], f.get("unit", "")), f.get("note", ""))
-             for key, f in result.get("figures", {}).items()]
-    return rows
-
-
 def format_table(results: list[dict]) -> str:
     """One aligned table of every result's ratios (marked ``*``) and figures, with its notes below."""
     rows: list[tuple[str, str, str, str]] = []
@@ -41,8 +31,11 @@ def format_table(results: list[dict]) -> str:
         if "error" in result:
             rows.append((result.get("benchmark", "?"), "error", "-", result["error"].splitlines()[0]))
             continue
-        ratios = set(result.get("ratios", {}))
-        rows += [(b, ("* " if q in ratios else "  ") + q, v, m) for b, q, v, m in ratio_rows(result)]
+        name = result.get("benchmark", "?")
+        rows += [(name, f"* {key}", f"{value:.3f}", result.get("meaning", {}).get(key, ""))
+                 for key, value in result.get("ratios", {}).items()]
+        rows += [(name, f"  {key}", _number(f["value"], f.get("unit", "")), f.get("note", ""))
+                 for key, f in result.get("figures", {}).items()]
         notes += [f"{result['benchmark']}: {n}" for n in result.get("notes", [])]
     header = ("benchmark", "  quantity (* = ratio)", "value", "what it is")
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(3)]

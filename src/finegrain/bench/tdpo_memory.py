@@ -78,8 +78,6 @@ def worker(o: dict) -> dict:
     """One variant in this (fresh) process: peak extra memory and time of one forward + backward."""
     from finegrain.bench.measure import PeakMemory, timed
 
-    if o.get("threads"):
-        torch.set_num_threads(o["threads"])
     device = o["device"]
     _step(o["variant"], _inputs(2, 4, 16, o["hidden"], o["dtype"], 0, device), o["chunk_size"])  # warm-up
     inp = _inputs(o["rows"], o["seq_len"], o["vocab"], o["hidden"], o["dtype"], o["seed"], device)
