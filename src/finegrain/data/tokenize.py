@@ -197,16 +197,6 @@ def spans_to_labels(
     return out
 
 
-def _align_values(values: list, n_text: int, n_total: int, fill: Any, err) -> list:
-    """Values given per response token, extended to the EOS with ``fill`` when given without it."""
-    if len(values) == n_total:
-        return list(values)
-    if len(values) == n_text:
-        return list(values) + [fill] * (n_total - n_text)
-    eos = f" ({n_total} with EOS)" if n_total != n_text else ""
-    raise err(f"{len(values)} values for a response of {n_text} tokens{eos}")
-
-
 # ------------------------------------------------------------------------------------------------------- rows
 
 
@@ -255,23 +245,15 @@ class _Tokenized:
         prompt_ids = _finish_prompt(prompt_enc, tok.bos_token_id)
         if not prompt_ids:
             raise self.error("empty prompt", "prompt", "the prompt has no tokens and the tokenizer has no BOS token")
-        out: dict[str, Any] = {"prompt": row["prompt"]}
         cut_prompt = limits.prompt_limit is not None and len(prompt_ids) > limits.prompt_limit
         if cut_prompt:
             if not limits.truncate_prompt:
-                raise self.error(
-                    "prompt too long",
-                    "prompt",
-                    f"{len(prompt_ids)} tokens > max_prompt_length {limits.prompt_limit} (truncate_prompt is off)",
-                )
+                raise self.error("prompt too long", "prompt", f"{len(prompt_ids)} tokens > max_prompt_length "
+                                 f"{limits.prompt_limit} (truncate_prompt is off)")
             prompt_ids = _keep_end(prompt_ids, limits.prompt_limit, tok.bos_token_id)
-        out["prompt_input_ids"] = prompt_ids
-        out["prompt_truncated"] = cut_prompt
-        room = math.inf
-        if limits.max_length is not None:
-            room = limits.max_length - len(prompt_ids)
-        if limits.max_completion_length is not None:
-            room = min(room, limits.max_completion_length)
+        out: dict[str, Any] = {"prompt": row["prompt"], "prompt_input_ids": prompt_ids, "prompt_truncated": cut_prompt}
+        room = min(math.inf if limits.max_length is None else limits.max_length - len(prompt_ids),
+                   limits.max_completion_length or math.inf)
         single = self.kind in ("token", "sft", "prompt")
         for field in self.fields:
             enc = response_encs[field]
@@ -288,32 +270,34 @@ class _Tokenized:
                 ids, offsets = ids[:keep], offsets[:keep]
                 extras = {k: v[:keep] for k, v in extras.items()}
             prefix = "completion" if single else field
-            out[f"{prefix}_input_ids"] = ids
-            out[f"{prefix}_offsets"] = offsets
-            out[f"{prefix}_text"] = text
-            out["truncated" if single else f"{field}_truncated"] = truncated
-            out.update(extras)
+            out.update({f"{prefix}_input_ids": ids, f"{prefix}_offsets": offsets, f"{prefix}_text": text,
+                        "truncated" if single else f"{field}_truncated": truncated, **extras})
         if self.kind == "prompt":
             out.update(completion_input_ids=[], completion_offsets=[], completion_text="", truncated=False)
-        for name in _ROW_EXTRAS:
-            if name in row:
-                out[name] = row[name]
+        out.update({name: row[name] for name in _ROW_EXTRAS if name in row})
         out["source"], out["row"] = row.get("source"), row.get("row")
         return out
 
     def _per_token(self, field: str, offsets: list, n_text: int, n_total: int) -> dict[str, list]:
-        row = self.row
+        """Token labels (token rows) or ``{field}_token_rewards`` (preference rows) of the response's ``n_total``
+        tokens: from spans, or values given per token without EOS (EOS then gets label IGNORE_INDEX, reward 0) or
+        with it."""
         if self.kind == "token":
-            if "spans" in row:
-                return {"token_labels": spans_to_labels(offsets, row["spans"])}
-            labels = _align_values(
-                row["labels"], n_text, n_total, IGNORE_INDEX, lambda d: self.error("length mismatch", "labels", d)
-            )
-            return {"token_labels": labels}
-        name = f"{field}_token_rewards"
-        if self.kind == "preference" and name in row:
-            return {name: _align_values(row[name], n_text, n_total, 0.0, lambda d: self.error("length mismatch", name, d))}
-        return {}
+            if "spans" in self.row:
+                return {"token_labels": spans_to_labels(offsets, self.row["spans"])}
+            column, name, fill = "labels", "token_labels", IGNORE_INDEX
+        else:  # only preference rows keep *_token_rewards
+            column = name = f"{field}_token_rewards"
+            fill = 0.0
+            if name not in self.row:
+                return {}
+        values = list(self.row[column])
+        if len(values) == n_total:
+            return {name: values}
+        if len(values) == n_text:
+            return {name: values + [fill] * (n_total - n_text)}
+        eos = f" ({n_total} with EOS)" if n_total != n_text else ""
+        raise self.error("length mismatch", column, f"{len(values)} values for a response of {n_text} tokens{eos}")
 
 
 def _keep_end(ids: list[int], limit: int, bos: int | None) -> list[int]:
