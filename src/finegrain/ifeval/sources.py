@@ -134,9 +134,8 @@ class IFEvalRewardSource:
 
     def _credit_row(self, token_ids: list[int], j: Judgement) -> list[float]:
         """Per-token credit of one response (module docstring), on the tokens ``token_ids`` (EOS included)."""
-        from finegrain.data import spans_to_labels
         from finegrain.ifeval.instructions import TOKEN_LOCAL
-        from finegrain.ifeval.truth import violations
+        from finegrain.ifeval.truth import Violation, token_truth, violations
         from finegrain.rewards.models import decode_with_offsets
 
         k = len(j.ids)
@@ -152,9 +151,9 @@ class IFEvalRewardSource:
                 continue
             tokens: list[int] = []
             if instruction_id in TOKEN_LOCAL:
-                spans = [(v.start + lead, v.end + lead, -1) for v in violations(response, [instruction_id], [args])]
-                labels = spans_to_labels(offsets, _disjoint(spans), fill=0)
-                tokens = [t for t, label in enumerate(labels) if label == -1]
+                found = [Violation(v.start + lead, v.end + lead, instruction_id)
+                         for v in violations(response, [instruction_id], [args])]
+                tokens = [t for t, label in enumerate(token_truth(text, offsets, found)) if label == -1]
             if not tokens:
                 unlocated += 1
                 continue
@@ -181,10 +180,7 @@ class IFEvalRewardSource:
             ids = batch.completion_input_ids.cpu()
             cpu_mask = mask.cpu()
             for b, j in enumerate(judgements):
-                n = int(cpu_mask[b].sum())
-                if n:
-                    row = self._credit_row(ids[b][cpu_mask[b]].tolist(), j)
-                    values[b, torch.nonzero(cpu_mask[b]).squeeze(1)] = torch.tensor(row, dtype=torch.float32)
+                values[b, cpu_mask[b]] = torch.tensor(self._credit_row(ids[b][cpu_mask[b]].tolist(), j))
             values = values.to(mask.device)
         else:
             values = place_on_last_token(scores.to(mask.device), mask)
@@ -199,13 +195,6 @@ class IFEvalRewardSource:
         meta = {"score": scores.to(mask.device), "metrics": {k: v.to(mask.device) for k, v in metrics.items()},
                 "responses": responses}
         return check_finite(TokenRewards(values=values, mask=mask, meta=meta), self.name)
-
-
-def _disjoint(spans: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
-    """Sorted, merged ``(start, end, -1)`` spans (what :func:`finegrain.data.spans_to_labels` expects)."""
-    from finegrain.ifeval.truth import merge_spans
-
-    return [(s, e, -1) for s, e in merge_spans([(s, e) for s, e, _ in spans])]
 
 
 def _make(arg: str | None, context: SourceContext) -> IFEvalRewardSource:
