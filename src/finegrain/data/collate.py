@@ -94,8 +94,8 @@ def _values(examples: Sequence[Mapping], key: str) -> list | None:
 def _collate(
     prompts: Sequence[Sequence[int]],
     completions: Sequence[Sequence[int]],
-    per_token: Mapping[str, list],
-    per_row: Mapping[str, list],
+    per_token: Mapping[str, list | None],
+    per_row: Mapping[str, list | None],
     pad_id: int,
     pad_to_multiple_of: int | None,
 ) -> dict[str, Any]:
@@ -115,6 +115,8 @@ def _collate(
             completion_mask[i, : len(y)] = True
     extras: dict[str, torch.Tensor] = {}
     for name, rows in per_token.items():
+        if rows is None:  # no example has it
+            continue
         integral = name == "token_labels" and all(isinstance(v, int) for r in rows for v in r)
         dtype = torch.long if integral else torch.float32
         out = torch.full((n, t), _PER_TOKEN[name], dtype=dtype)
@@ -124,15 +126,9 @@ def _collate(
             if r:
                 out[i, : len(r)] = torch.as_tensor(r, dtype=dtype)
         extras[name] = out
-    for name, values in per_row.items():
-        extras[name] = torch.as_tensor(values, dtype=_PER_ROW[name])
-    return dict(
-        prompt_input_ids=prompt_ids,
-        prompt_attention_mask=prompt_mask,
-        completion_input_ids=completion_ids,
-        completion_mask=completion_mask,
-        extras=extras,
-    )
+    extras.update({name: torch.as_tensor(v, dtype=_PER_ROW[name]) for name, v in per_row.items() if v is not None})
+    return dict(prompt_input_ids=prompt_ids, prompt_attention_mask=prompt_mask, completion_input_ids=completion_ids,
+                completion_mask=completion_mask, extras=extras)
 
 
 def collate_completions(
@@ -160,17 +156,10 @@ def collate_completions(
         >>> b.extras["token_labels"].tolist()
         [[1, -100, -100], [0, 1, -100]]
     """
-    per_token = {k: v for k in _PER_TOKEN if (v := _values(examples, k)) is not None}
-    per_row = {k: v for k in _PER_ROW if (v := _values(examples, k)) is not None}
-    fields = _collate(
-        [ex["prompt_input_ids"] for ex in examples],
-        [ex["completion_input_ids"] for ex in examples],
-        per_token,
-        per_row,
-        pad_token_id,
-        pad_to_multiple_of,
-    )
-    return CompletionBatch(**fields)
+    per_token = {k: _values(examples, k) for k in _PER_TOKEN}
+    per_row = {k: _values(examples, k) for k in _PER_ROW}
+    prompts, completions = [ex["prompt_input_ids"] for ex in examples], [ex["completion_input_ids"] for ex in examples]
+    return CompletionBatch(**_collate(prompts, completions, per_token, per_row, pad_token_id, pad_to_multiple_of))
 
 
 def _both(examples: Sequence[Mapping], chosen_key: str, rejected_key: str) -> list | None:
@@ -202,15 +191,9 @@ def collate_preferences(
                "truncated": _both(examples, "chosen_truncated", "rejected_truncated")}
     for key in ("margin", "index"):  # one value per pair, on both of its rows
         per_row[key] = None if (v := _values(examples, key)) is None else v + v
-    fields = _collate(
-        prompts + prompts,
-        [ex["chosen_input_ids"] for ex in examples] + [ex["rejected_input_ids"] for ex in examples],
-        {k: v for k, v in per_token.items() if v is not None},
-        {k: v for k, v in per_row.items() if v is not None},
-        pad_token_id,
-        pad_to_multiple_of,
-    )
-    return PreferenceBatch(**fields)
+    completions = [ex["chosen_input_ids"] for ex in examples] + [ex["rejected_input_ids"] for ex in examples]
+    return PreferenceBatch(**_collate(prompts + prompts, completions, per_token, per_row, pad_token_id,
+                                      pad_to_multiple_of))
 
 
 @dataclass

@@ -255,9 +255,7 @@ def _frontier_plot(runs: list[RunData], notes: list[str]) -> str:
         return '<p class="note">No eval.json with seq_kl and mean_reward: frontier not drawn.</p>'
     fig = _new_figure(6.4, 4.4)
     ax = fig.add_subplot()
-    refs = [
-        float(r.eval["ref_mean_reward"]) for r, _, _ in points if _is_number(r.eval.get("ref_mean_reward"))
-    ]
+    refs = [float(r.eval["ref_mean_reward"]) for r, _, _ in points if _is_number(r.eval.get("ref_mean_reward"))]
     if refs:
         ref = sum(refs) / len(refs)
         ax.scatter([0.0], [ref], marker="s", color="#555555", zorder=3)
@@ -270,12 +268,8 @@ def _frontier_plot(runs: list[RunData], notes: list[str]) -> str:
     ax.set_ylabel("mean reward (judge)")
     ax.set_title("reward versus KL")
     ax.grid(True, alpha=0.3)
-    return _plot_html(
-        fig,
-        "frontier-plot",
-        "One point per run (from eval.json); up and to the left is better. The square is the reference.",
-        "reward versus KL frontier",
-    )
+    return _plot_html(fig, "frontier-plot", "One point per run (from eval.json); up and to the left is better. "
+                      "The square is the reference.", "reward versus KL frontier")
 
 
 def _curves_plot(runs: list[RunData], notes: list[str]) -> str:
@@ -311,12 +305,8 @@ def _curves_plot(runs: list[RunData], notes: list[str]) -> str:
         if panel == 0:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    return _plot_html(
-        fig,
-        "training-curves",
-        "Logged metrics versus optimizer step, one colour per run; solid: train, dashed: eval.",
-        "training curves",
-    )
+    return _plot_html(fig, "training-curves", "Logged metrics versus optimizer step, one colour per run; solid: "
+                      "train, dashed: eval.", "training curves")
 
 
 def _credit_rows(run: RunData) -> list[tuple[str, dict]]:
@@ -435,11 +425,8 @@ def build_report(run_dirs: list[Path], out_path: Path, title: str = "finegrain r
         f"<li><strong>{html.escape(r.label)}</strong>: {html.escape(str(r.path))}"
         f"{' &mdash; ' + html.escape(r.method) if r.method else ''}"
         f"{' (' + html.escape(str(r.run.get('status'))) + ')' if r.run and r.run.get('status') else ''}"
-        + (
-            f'<details class="config"><summary>config.yaml</summary><pre>{html.escape(r.config_text)}</pre></details>'
-            if r.config_text
-            else ""
-        )
+        + (f'<details class="config"><summary>config.yaml</summary><pre>{html.escape(r.config_text)}</pre></details>'
+           if r.config_text else "")
         + "</li>"
         for r in runs
     )
@@ -453,14 +440,9 @@ def build_report(run_dirs: list[Path], out_path: Path, title: str = "finegrain r
     ]
     # Notes are gathered while the sections are built, so they are rendered last and placed after the runs.
     notes = [f"{r.label}: {n}" for r in runs for n in r.notes] + page_notes
-    notes_html = (
-        '<section id="notes-section"><h2>Notes</h2><ul id="notes">'
-        + "".join(f'<li class="note">{html.escape(n)}</li>' for n in notes)
-        + "</ul></section>"
-        if notes
-        else ""
-    )
-    sections.insert(1, notes_html)
+    notes_html = "".join(f'<li class="note">{html.escape(n)}</li>' for n in notes)
+    sections.insert(1, f'<section id="notes-section"><h2>Notes</h2><ul id="notes">{notes_html}</ul></section>'
+                    if notes else "")
     generated = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     page = (
         "<!DOCTYPE html>\n"
