@@ -107,17 +107,14 @@ class Rows(Sequence):
         for name, data in self.parts:
             if left <= 0:
                 break
-            k = min(len(data), left)
-            parts.append((name, data if k == len(data) else _take(data, k)))
-            left -= k
+            if left < len(data):
+                data = data.select(range(left)) if hasattr(data, "select") else data[:left]
+            parts.append((name, data))
+            left -= len(data)
         return Rows(parts, self.source)
 
     def __repr__(self) -> str:
         return f"Rows(source={self.source!r}, num_rows={len(self)}, columns={self.column_names})"
-
-
-def _take(data: Any, k: int) -> Any:
-    return data.select(range(k)) if hasattr(data, "select") else data[:k]
 
 
 def _single(data: Any, name: str) -> Rows:

@@ -143,11 +143,8 @@ class _Prepared(Sequence):
 
 def _revision_as_pair(ex: dict) -> dict:
     """A tokenized revision row as a pair: the revision is the chosen response (an optional ``chosen`` is dropped)."""
-    out = {k: v for k, v in ex.items() if not k.startswith("chosen_")}
-    for key in list(out):
-        if key.startswith("revised_"):
-            out["chosen_" + key[len("revised_") :]] = out.pop(key)
-    return out
+    return {("chosen_" + k.removeprefix("revised_") if k.startswith("revised_") else k): v for k, v in ex.items()
+            if not k.startswith("chosen_")}
 
 
 class PreferenceData(_Prepared):

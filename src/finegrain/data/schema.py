@@ -97,8 +97,12 @@ def skip_key(err: DataError) -> str:
     return f"{reason} in '{err.field}'" if err.field else reason
 
 
-def log_skips(counts: Mapping[str, int], source: str, total: int, stage: str) -> None:
-    """Log one line summarising the rows skipped at ``stage``, if any."""
+def log_skips(
+    counts: Mapping[str, int], source: str, total: int, stage: str, skipped: Counter | None = None
+) -> None:
+    """Log one line summarising the rows skipped at ``stage``, if any, and add their counts to ``skipped``."""
+    if skipped is not None:
+        skipped.update(counts)
     n = sum(counts.values())
     if n:
         detail = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
@@ -498,7 +502,5 @@ def validate_rows(
             continue
         item["source"], item["row"] = source, row
         out.append(item)
-    log_skips(counts, rows.source, len(rows), "validation")
-    if skipped is not None:
-        skipped.update(counts)
+    log_skips(counts, rows.source, len(rows), "validation", skipped)
     return out

@@ -346,9 +346,10 @@ def tokenize_rows(
     encode = _Encoder(tokenizer)
     out: list[dict] = []
     counts: Counter = Counter()
-    cut_prompts = cut_responses = total = 0
-    warned = False
+    cut_prompts = cut_responses = 0
     rows = list(rows)
+    if not getattr(tokenizer, "chat_template", None) and any(r.get("conversational") for r in rows):
+        logger.warning("the tokenizer has no chat template; conversational prompts use 'role: content' lines")
     for lo in range(0, len(rows), chunk_size):
         chunk = [_Tokenized(r, kind, tokenizer, limits, add_eos) for r in rows[lo : lo + chunk_size]]
         prompts: list[Any] = []
@@ -357,16 +358,12 @@ def tokenize_rows(
                 prompts.append(prompt_text(tokenizer, item.row["prompt"]))
             except Exception as e:  # a chat template may raise on the conversation (jinja TemplateError...)
                 prompts.append(e)
-            if item.row.get("conversational") and not getattr(tokenizer, "chat_template", None) and not warned:
-                logger.warning("the tokenizer has no chat template; conversational prompts use 'role: content' lines")
-                warned = True
         prompt_encs = _encode_prompts(encode, prompts)
         response_encs = [{} for _ in chunk]
         texts = [(i, f, item.row[f]) for i, item in enumerate(chunk) for f in item.fields]
         for (i, f, _), enc in zip(texts, encode([t for _, _, t in texts], False, True)):
             response_encs[i][f] = enc
         for item, p_enc, r_enc in zip(chunk, prompt_encs, response_encs):
-            total += 1
             try:
                 example = item.build(p_enc, r_enc)
             except DataError as e:
@@ -378,14 +375,12 @@ def tokenize_rows(
             cut_responses += any(example.get(k) for k in _TRUNCATED)
             out.append(example)
     name = source or (rows[0].get("source") if rows else None) or "<rows>"
-    log_skips(counts, name, total, "tokenization")
+    log_skips(counts, name, len(rows), "tokenization", skipped)
     if cut_prompts or cut_responses:
         logger.warning(
             "%s: %d of %d prompts kept their last %s tokens; %d rows had a response cut to fit max_length",
             name, cut_prompts, len(out), limits.prompt_limit, cut_responses,
         )
-    if skipped is not None:
-        skipped.update(counts)
     return out
 
 

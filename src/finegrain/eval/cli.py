@@ -232,10 +232,7 @@ def _name(value: Any, default: str) -> str:
 def _load_models(policy, reference, tokenizer, models: ModelCache) -> tuple:
     """``(policy, reference, policy_model, ref_model, tokenizer)``: directories resolved (``RUN`` -> ``RUN/final``)
     and loaded once through ``models``; loaded models are used as given. The two must share a vocabulary."""
-    if not isinstance(policy, torch.nn.Module):
-        policy = model_dir(policy)
-    if not isinstance(reference, torch.nn.Module):
-        reference = model_dir(reference)
+    policy, reference = (x if isinstance(x, torch.nn.Module) else model_dir(x) for x in (policy, reference))
     for role, path in (("policy", policy), ("reference", reference)):
         if not isinstance(path, torch.nn.Module):
             refuse_reward_model(path, f"--{role}")
@@ -254,7 +251,7 @@ def _load_models(policy, reference, tokenizer, models: ModelCache) -> tuple:
         try:
             ref_tokenizer = models.tokenizer(reference)
         except ConfigError:  # a directory without a tokenizer: the head sizes are still compared
-            ref_tokenizer = None
+            pass
     _same_vocabulary(policy_model, ref_model, tokenizer, ref_tokenizer)
     return policy, reference, policy_model, ref_model, tokenizer
 
