@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from finegrain.bench.flops import ModelFlops, lora_params, model_flops
 from finegrain.bench.synthetic import SMOLLM2_135M, LlamaShape, build_model
+from finegrain.models.flops import ModelFlops, lora_params, model_flops
 
 D, LAYERS, HEADS, KV, INTER, VOCAB = 576, 30, 9, 3, 1536, 49152
 

@@ -172,6 +172,7 @@ def run_one(name: str, args: argparse.Namespace, device: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``finegrain bench [names...] [--quick] [--out DIR] [--device cpu|cuda] [--threads N]``."""
     args = make_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     names = _selection(args.names)
     if args.threads is not None and args.threads < 1:

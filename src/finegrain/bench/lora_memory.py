@@ -101,7 +101,8 @@ def run(*, hidden: int = 768, layers: int = 8, heads: int = 12, kv_heads: int | 
         threads: int | None = None, device: str = "cpu", bf16: bool = False) -> dict:
     """Run the three variants in fresh processes; returns the result dict (``ratios`` of peak memory)."""
     from finegrain.bench.measure import run_worker
-    from finegrain.bench.synthetic import LlamaShape, random_pairs, write_jsonl
+    from finegrain.bench.synthetic import LlamaShape, random_pairs
+    from finegrain.ifeval.sampling import write_jsonl
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -111,7 +112,7 @@ def run(*, hidden: int = 768, layers: int = 8, heads: int = 12, kv_heads: int | 
                     steps=steps, lora_r=lora_r, threads=threads, device=device, bf16=bf16)
     res = {}
     with tempfile.TemporaryDirectory() as tmp:
-        data = write_jsonl(random_pairs(pairs, vocab, prompt_len, response_len), Path(tmp) / "pairs.jsonl")
+        data = write_jsonl(Path(tmp) / "pairs.jsonl", random_pairs(pairs, vocab, prompt_len, response_len))
         for variant in VARIANTS:
             res[variant] = run_worker("finegrain.bench.lora_memory", {**settings, "variant": variant, "data": str(data),
                                                                       "out": str(Path(tmp) / variant)})

@@ -26,7 +26,7 @@ first ``warmup`` steps of every run are discarded and the median over all rounds
 (and, in ``round_ratios`` and the notes, the same ratios round by round, whose spread shows the load's effect).
 
 Every configuration also reports tokens per second (prompt + response tokens of both rows of every pair) and its
-model FLOPs per step (:mod:`finegrain.bench.flops`: the policy's forward + backward, plus the reference forward
+model FLOPs per step (:mod:`finegrain.models.flops`: the policy's forward + backward, plus the reference forward
 where it runs live; for LoRA the backward computes no gradient of the frozen weights: see :func:`step_flops`). On
 CUDA (the GPU path: bf16 mixed precision, SDPA attention, by default the ~1B Llama of
 :data:`finegrain.bench.synthetic.LLAMA_1B`) they give the model-FLOPs utilisation against the device's peak; given
@@ -155,7 +155,7 @@ def run_trl(s: dict, model_dir: Path, data: Path, out: Path, lora: bool = False,
 def step_flops(mf, counts: list[tuple[int, int, int]], batch: int, config: str, lora: int | None = None) -> float:
     """Model FLOPs of one optimizer step of ``config``: ``batch`` pairs of the mean pair of ``counts`` (prompt,
     chosen, rejected tokens), the LM head at the response positions only. The policy trains on both rows
-    (:meth:`~finegrain.bench.flops.ModelFlops.train`, with ``lora`` adapter weights for the LoRA configurations);
+    (:meth:`~finegrain.models.flops.ModelFlops.train`, with ``lora`` adapter weights for the LoRA configurations);
     the reference runs forward on both rows unless its log-probs were precomputed. Work a trainer does beyond that
     (TRL's LM head over prompt and padding positions on CPU, the chunked head's recomputation) does not count."""
     lora_weights = lora if config.endswith("lora") else None
@@ -172,16 +172,14 @@ def _throughput(s: dict, model_dir: Path, data: Path, median: dict[str, float], 
                 peak_flops: float | None = None) -> tuple[dict, list[str]]:
     """Tokens/s and model FLOPs per step of every configuration; on a known CUDA device its MFU; given
     ``peak_flops``, the achieved FLOP/s as a fraction of it."""
-    import json
-
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from finegrain.bench.flops import lora_params, mfu, model_flops, peak_bf16_flops
     from finegrain.bench.synthetic import pair_token_counts
+    from finegrain.ifeval.sampling import read_jsonl
+    from finegrain.models.flops import lora_params, mfu, model_flops, peak_bf16_flops
 
-    rows = [json.loads(line) for line in data.read_text().splitlines()]
-    counts = pair_token_counts(rows, tokenizer)
+    counts = pair_token_counts(read_jsonl(data), tokenizer)
     with torch.device("meta"):  # the weights are not needed to count them
         meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
     mf = model_flops(meta)
@@ -239,13 +237,8 @@ def run(*, hidden: int = 256, layers: int = 4, heads: int = 4, kv_heads: int | N
     import torch
 
     from finegrain.bench.measure import use_device
-    from finegrain.bench.synthetic import (
-        LlamaShape,
-        preference_inputs,
-        random_pairs,
-        single_token_words,
-        write_jsonl,
-    )
+    from finegrain.bench.synthetic import LlamaShape, preference_inputs, random_pairs, single_token_words
+    from finegrain.ifeval.sampling import write_jsonl
 
     unknown = [c for c in list(configs) + list(profile) if c not in CONFIGS]
     if unknown:
@@ -280,8 +273,8 @@ def run(*, hidden: int = 256, layers: int = 4, heads: int = 4, kv_heads: int | N
 
             model_dir = Path(model)
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
-            data = write_jsonl(random_pairs(pairs, 0, prompt_len, response_len, words=single_token_words(tokenizer)),
-                               root / "pairs.jsonl")
+            data = write_jsonl(root / "pairs.jsonl", random_pairs(pairs, 0, prompt_len, response_len,
+                                                                  words=single_token_words(tokenizer)))
         for r in range(rounds):
             for name in configs:
                 out = root / f"run-{name}-{r}"

@@ -26,7 +26,6 @@ Usage::
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import tempfile
@@ -43,7 +42,8 @@ GPU_QUICK = dict(GPU, steps=4, warmup=1, throughput_repeats=2)
 
 def _random_policy_inputs(root: Path, hidden: int, layers: int, heads: int, prompts: int, seed: int) -> tuple[str, str]:
     """A random Llama with the world tokenizer saved to ``root/model``, and ``prompts`` world prompts."""
-    from finegrain.bench.synthetic import LlamaShape, build_model, write_jsonl
+    from finegrain.bench.synthetic import LlamaShape, build_model
+    from finegrain.ifeval.sampling import write_jsonl
     from finegrain.world.corpus import eval_prompts
     from finegrain.world.tokenizer import build_tokenizer
 
@@ -52,7 +52,7 @@ def _random_policy_inputs(root: Path, hidden: int, layers: int, heads: int, prom
     shape = LlamaShape(hidden=hidden, layers=layers, heads=heads, vocab=len(tok))
     build_model(shape, 512, seed=seed).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
-    data = write_jsonl([{"prompt": p} for p in eval_prompts(prompts, seed)], root / "prompts.jsonl")
+    data = write_jsonl(root / "prompts.jsonl", [{"prompt": p} for p in eval_prompts(prompts, seed)])
     return str(model_dir), str(data)
 
 
@@ -69,17 +69,19 @@ def _dir_policy_inputs(root: Path, model_dir: str, prompt_len: int, prompts: int
     """``prompts`` prompts of ``prompt_len`` random single-token words of ``model_dir``'s tokenizer."""
     from transformers import AutoTokenizer
 
-    from finegrain.bench.synthetic import random_pairs, single_token_words, write_jsonl
+    from finegrain.bench.synthetic import random_pairs, single_token_words
+    from finegrain.ifeval.sampling import write_jsonl
 
     words = single_token_words(AutoTokenizer.from_pretrained(model_dir))
     rows = random_pairs(prompts, 0, prompt_len, 1, seed, words=words)
-    return str(write_jsonl([{"prompt": r["prompt"]} for r in rows], root / "prompts.jsonl"))
+    return str(write_jsonl(root / "prompts.jsonl", [{"prompt": r["prompt"]} for r in rows]))
 
 
 def step_breakdown(s: dict) -> dict:
     """Run PPO for ``steps`` steps and summarise the per-phase times it logged."""
     from finegrain.bench.measure import reset_accelerate, use_device
     from finegrain.config import parse
+    from finegrain.ifeval.sampling import read_jsonl
     from finegrain.trainers.ppo import PPOConfig, load_inputs, train
     from finegrain.world.app import parse_config
 
@@ -115,7 +117,7 @@ def step_breakdown(s: dict) -> dict:
             shape = {"hidden": c.hidden_size, "layers": c.num_hidden_layers, "heads": c.num_attention_heads,
                      "vocab": c.vocab_size}
             run_dir = train(cfg, policy, tokenizer, prompts, None)
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        rows = read_jsonl(run_dir / "metrics.jsonl")
     rows = [r for r in rows if r["split"] == "train"][s["warmup"]:]
     if not rows:
         raise ValueError(f"steps={s['steps']} leaves no step after warmup={s['warmup']}")

@@ -10,7 +10,7 @@ reported beside the best/best and median/median ratios.
 
 On CUDA (the GPU path: bf16, SDPA attention, by default the ~1B Llama of :data:`finegrain.bench.synthetic.LLAMA_1B`)
 the result also gives each sampler's model-FLOPs utilisation (prefill of the prompts plus one cached forward per
-counted token, :mod:`finegrain.bench.flops`). Decoding a batch is limited by memory bandwidth, not arithmetic, so
+counted token, :mod:`finegrain.models.flops`). Decoding a batch is limited by memory bandwidth, not arithmetic, so
 its MFU is low by nature; it is reported to compare the two samplers, not to judge the device.
 
 Usage (defaults: hidden 256, 4 layers, vocab 4096, batch 32, prompts of 8-32 tokens, 64 new tokens)::
@@ -95,7 +95,7 @@ def _timed(fn, model, ids, attn, s, seed):
 
 def _decode_flops(model, attn: torch.Tensor, counts: torch.Tensor) -> float:
     """Model FLOPs of prefilling every prompt and generating ``counts[i]`` tokens after prompt ``i``."""
-    from finegrain.bench.flops import model_flops
+    from finegrain.models.flops import model_flops
 
     mf = model_flops(model)
     total = 0.0
@@ -112,8 +112,8 @@ def run(*, hidden: int = 256, layers: int = 4, heads: int = 4, kv_heads: int | N
     """Measure both samplers interleaved; returns the result dict (``ratios``: finegrain / transformers tokens/s).
     ``model``: a saved model directory to sample from instead of a random Llama of the given shape (its EOS id from
     its config)."""
-    from finegrain.bench.flops import mfu, peak_bf16_flops
     from finegrain.bench.synthetic import LlamaShape
+    from finegrain.models.flops import mfu, peak_bf16_flops
 
     if repeats < 1 or not 1 <= min_prompt <= max_prompt or new_tokens < 1:
         raise ValueError("need repeats >= 1, 1 <= min_prompt <= max_prompt and new_tokens >= 1")

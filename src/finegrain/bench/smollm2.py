@@ -12,7 +12,7 @@ give the same step times; the result names which one ran (``settings.model_sourc
 2. ``po``: :mod:`finegrain.bench.po_vs_trl` on the model: ``finegrain po`` DPO vs TRL's ``DPOTrainer``, full
    fine-tuning and LoRA (same adapter in both), and TDPO2 vs DPO, interleaved round by round; then one profiled
    step of each configuration in ``profile`` (:mod:`finegrain.bench.profiling`). Each step's model FLOPs
-   (:mod:`finegrain.bench.flops`) over its time, as a fraction of the matmul peak, is the roofline line.
+   (:mod:`finegrain.models.flops`) over its time, as a fraction of the matmul peak, is the roofline line.
 3. ``tdpo_memory``: :mod:`finegrain.bench.tdpo_memory` at the model's vocabulary and hidden size (random states and
    head of that shape: memory does not depend on the values), ``mem_rows`` x ``mem_seq_len`` tokens.
 4. ``rollout``: :mod:`finegrain.bench.rollout_throughput` with the model: finegrain's sampler vs ``generate``.

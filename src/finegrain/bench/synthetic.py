@@ -5,7 +5,6 @@ weights built from a config, every text is random words of the tokenizer's vocab
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -95,24 +94,18 @@ def random_pairs(n: int, vocab_size: int, prompt_len: int, response_len: int, se
              "rejected": " " + text(rng.randint(lo, response_len))} for _ in range(n)]
 
 
-def write_jsonl(rows: list[dict], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    return path
-
-
 def preference_inputs(root: Path, shape: LlamaShape, *, prompt_len: int, response_len: int, pairs: int,
                       seed: int = 0) -> tuple[Path, Path]:
     """Save a random Llama of ``shape`` with the word tokenizer to ``root/model`` and ``pairs`` random pairs to
     ``root/pairs.jsonl``; returns both paths. The model is saved in float32 (mixed precision keeps float32
     master weights)."""
+    from finegrain.ifeval.sampling import write_jsonl
+
     model_dir = root / "model"
     max_positions = prompt_len + response_len + 8
     build_model(shape, max_positions, seed=seed).save_pretrained(model_dir)
     word_tokenizer(shape.vocab).save_pretrained(model_dir)
-    data = write_jsonl(random_pairs(pairs, shape.vocab, prompt_len, response_len, seed), root / "pairs.jsonl")
+    data = write_jsonl(root / "pairs.jsonl", random_pairs(pairs, shape.vocab, prompt_len, response_len, seed))
     return model_dir, data
 
 

@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ppo": ("finegrain.cli.commands:ppo", "PPO / REINFORCE with dense per-token rewards from any reward source"),
     "eval": ("finegrain.cli.commands:eval_command", "sample from a policy and judge it against its reference"),
     "report": ("finegrain.report.cli:main", "one self-contained HTML report of run directories"),
-    "bench": ("finegrain.bench:main", "benchmarks measured side by side (speed and memory ratios)"),
+    "bench": ("finegrain.bench.cli:main", "benchmarks measured side by side (speed and memory ratios)"),
     "ifeval": ("finegrain.ifeval.cli:main",
                "the real-model task: SmolLM2-135M-Instruct, IFEval checkers, exact token truth"),
 }
