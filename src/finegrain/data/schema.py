@@ -314,12 +314,11 @@ def _spans(r: _Row, value: Any, response: str) -> list[tuple[int, int, float | i
     spans = []
     for j, s in enumerate(value):
         if isinstance(s, Mapping):
-            parts = [s.get("start"), s.get("end"), s.get("label")]
+            start, end, label = s.get("start"), s.get("end"), s.get("label")
         elif isinstance(s, (list, tuple)) and len(s) == 3:
-            parts = list(s)
+            start, end, label = s
         else:
             raise r.error("wrong type", "spans", f"span {j} must be {{'start', 'end', 'label'}}")
-        start, end, label = parts
         if any(isinstance(x, bool) or not isinstance(x, int) for x in (start, end)):
             raise r.error("wrong type", "spans", f"span {j} start/end must be integers")
         if not 0 <= start < end <= len(response):

@@ -324,17 +324,13 @@ def insert_end_tokens(
     if eos_token_id is not None and any(response_ids[e] == eos_token_id for e in ends):
         raise DataError("a sentence ends on the EOS token; EOS has no text and belongs to no sentence", field="response")
     out, boundaries, start = [], [], 0
-    for e in ends[:-1]:
-        out.extend(response_ids[start : e + 1])
+    # the last sentence's <END> goes after everything that follows it (EOS, tokens of no sentence)
+    for cut in ([e + 1 for e in ends[:-1]] + [len(response_ids)]) if ends else []:
+        out.extend(response_ids[start:cut])
         boundaries.append(len(out))
         out.append(end_token_id)
-        start = e + 1
-    if ends:
-        out.extend(response_ids[start:])
-        boundaries.append(len(out))
-        out.append(end_token_id)
-    else:
-        out.extend(response_ids)
+        start = cut
+    out.extend(response_ids[start:])  # everything when there is no sentence
     return SentenceBoundaries([*prompt_ids, end_token_id], out, boundaries)
 
 

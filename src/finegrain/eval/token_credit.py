@@ -414,18 +414,15 @@ def score_token_credit(
     shown = [{"prompt": examples[i].prompt if isinstance(examples[i].prompt, str) else json.dumps(examples[i].prompt),
               "tokens": _token_texts(examples[i], tokenizer), "sources": {"truth": truth[i].tolist()}} for i in picked]
     result: dict[str, Any] = {"examples": shown, "auroc": {}, "precision_at_k": {}, "k": {}}
-    counts = None
     for name, source in sources.items():
         rows = _score_rows(source, examples, pad_id, batch_size, device)
         res = evaluate_token_credit(rows, truth, eps=eps)
         result["auroc"][name] = json_value(res.auroc)
         result["precision_at_k"][name] = json_value(res.precision_at_k)
         result["k"][name] = res.k
-        counts = res
         for item, i in zip(shown, picked):
             item["sources"][name] = rows[i].tolist()
-    if counts is None:
-        counts = evaluate_token_credit(truth, truth, eps=eps)
+    counts = evaluate_token_credit(truth, truth, eps=eps)  # the class sizes depend on the truth alone
     result.update(n_pos=counts.n_pos, n_neg=counts.n_neg, n_neutral=counts.n_neutral, num_responses=len(examples))
     return result
 

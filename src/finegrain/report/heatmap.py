@@ -122,8 +122,7 @@ def render_heatmap(
         values = [float(v) if v is not None else math.nan for v in sources[name]]
         if len(values) != len(tokens):
             raise ValueError(f"heatmap source '{name}' has {len(values)} values for {len(tokens)} tokens")
-        finite = [abs(v) for v in values if math.isfinite(v)]
-        scale = max(finite, default=0.0)
+        scale = max((abs(v) for v in values if math.isfinite(v)), default=0.0)
         parts.append(f'<div class="heatmap-row" data-source="{html.escape(name, quote=True)}">')
         parts.append(f'<div class="heatmap-label">{html.escape(name)}<small>max |v| = {scale:.3g}</small></div>')
         parts.append('<div class="heatmap-tokens">')
