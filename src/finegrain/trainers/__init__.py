@@ -1,5 +1,6 @@
-"""One explicit training loop per family: ``sft``, ``po`` (offline preference optimisation), ``rm``, ``ppo``.
+"""One training module per family: ``sft``, ``po`` (offline preference optimisation), ``rm``, ``ppo``.
 
-Shared pieces (run directory, checkpoints, logging, optimizer set-up, the data position) are plain functions
-and small classes in :mod:`finegrain.trainers.loop`; there is no base trainer class.
+Shared pieces (run directory, checkpoints, logging, optimizer set-up, the data position, and the loop of sft,
+po and rm, which each supply their step as a function) are plain functions and small classes in
+:mod:`finegrain.trainers.loop`; there is no base trainer class.
 """

@@ -1,15 +1,20 @@
-"""Small shared pieces of every training loop: the accelerator, optimizer and schedule, the guarded optimizer step,
-micro-batches. The run directory (config, metrics, checkpoints, resuming) is :mod:`finegrain.trainers.rundir`; its
-public names are importable from here too.
-
-Nothing here owns the loop itself; each trainer file reads top to bottom and calls these functions.
+"""The shared pieces of every training loop: the accelerator, optimizer and schedule, the guarded optimizer
+step, micro-batches, and the loop of sft, po and rm (:func:`fit`: each of them supplies its step, its
+evaluation and its final save). The run directory (config, metrics, checkpoints, resuming) is
+:mod:`finegrain.trainers.rundir`; its public names are importable from here too. ppo samples, scores and
+updates in phases of its own and keeps its own loop.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import os
 import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 
@@ -27,9 +32,10 @@ from finegrain.trainers.rundir import (
     quiet_library_progress_bars,
 )
 
-__all__ = ["CHECKPOINTS", "STATE_FILE", "Run", "RunState", "checkpoint_dirs", "checkpoint_problem", "make_accelerator",
-           "make_optimizer", "make_scheduler", "micro_batches", "num_training_steps", "optimizer_step",
-           "quiet_library_progress_bars"]
+__all__ = ["CHECKPOINTS", "STATE_FILE", "Run", "RunState", "Training", "adapt_model", "checkpoint_dirs",
+           "checkpoint_problem", "eval_batches", "fit", "make_accelerator", "make_optimizer",
+           "make_scheduler", "micro_batches", "micro_steps", "num_training_steps", "optimizer_step",
+           "prepare", "quiet_library_progress_bars"]
 
 
 # ----------------------------------------------------------------------------------------------- accelerate
@@ -82,16 +88,16 @@ def _cpu_only_multiprocess() -> bool:
     return not (torch.cuda.is_available() or has_xpu)
 
 
-def num_training_steps(cfg: TrainConfig, num_examples: int, global_batch_size: int) -> int:
-    """``max_steps`` if set, else epochs x (full global batches per epoch)."""
+def num_training_steps(cfg: TrainConfig, num_examples: int, global_batch_size: int, too_few: str = "") -> int:
+    """``max_steps`` if set, else epochs x (full global batches per epoch); ``too_few``: the error when the
+    data hold less than one global batch (default: sft's, po's and rm's)."""
     if cfg.max_steps > 0:
         return cfg.max_steps
     per_epoch = num_examples // global_batch_size
     if per_epoch == 0:
-        raise ConfigError(
+        raise ConfigError(too_few or (
             f"the training data has {num_examples} rows, fewer than one global batch ({global_batch_size} = "
-            "per_device_train_batch_size x processes x gradient_accumulation_steps); lower the batch size"
-        )
+            "per_device_train_batch_size x processes x gradient_accumulation_steps); lower the batch size"))
     return max(1, int(math.ceil(per_epoch * cfg.num_train_epochs)))
 
 
@@ -190,3 +196,156 @@ def micro_batches(indices: list[int], cfg: TrainConfig, rank: int, num_processes
 
     m = cfg.per_device_train_batch_size * num_processes
     return [shard_batch(indices[i * m : (i + 1) * m], num_processes, rank) for i in range(cfg.gradient_accumulation_steps)]
+
+
+def eval_batches(data, batch_size: int, acc) -> Iterator[tuple[list[int], Any]]:
+    """This process's share of ``data`` for an evaluation (rows ``rank, rank + processes, ...``) in batches of
+    ``batch_size`` rows: ``(row indices, collated batch on the accelerator's device)``."""
+    indices = list(range(len(data)))[acc.process_index :: acc.num_processes]
+    for lo in range(0, len(indices), batch_size):
+        chunk = indices[lo : lo + batch_size]
+        yield chunk, data.collate(chunk).to(acc.device)
+
+
+def micro_steps(run: Run, model, indices: list[int]) -> Iterator[list[int]]:
+    """This process's micro-batches of the global batch ``indices`` (:func:`micro_batches`), each but the last
+    yielded inside ``no_sync``: DDP all-reduces the accumulated gradients once, in the last backward."""
+    acc, cfg = run.accelerator, run.cfg
+    for k, mb in enumerate(micro_batches(indices, cfg, acc.process_index, acc.num_processes)):
+        with acc.no_sync(model) if k != cfg.gradient_accumulation_steps - 1 else contextlib.nullcontext():
+            yield mb
+
+
+# ----------------------------------------------------------------------------------------------- the loop
+
+
+def adapt_model(cfg: TrainConfig, model):
+    """Dropout off (``--disable_dropout``), gradient checkpointing and a LoRA adapter (``--use_peft``) as
+    ``cfg`` asks; returns the model to train (the peft model with LoRA)."""
+    from finegrain.models.build import apply_lora, disable_dropout
+
+    if cfg.disable_dropout:
+        disable_dropout(model)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if cfg.use_peft:
+        model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+    return model
+
+
+@dataclasses.dataclass
+class Training:
+    """A model with its optimizer and schedule, prepared by accelerate, and the sizes of the run
+    (:func:`prepare`).
+
+    Fields:
+        global_batch: examples per optimizer step, ``per_device_train_batch_size x processes x
+            gradient_accumulation_steps``.
+        total_steps: optimizer steps of the run (:func:`num_training_steps`).
+    """
+
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    global_batch: int
+    total_steps: int
+
+
+def prepare(run: Run, model, num_examples: int) -> Training:
+    """The global batch, the number of steps over ``num_examples`` examples, the optimizer and the schedule of
+    ``model``; model and optimizer prepared by the run's accelerator."""
+    cfg, acc = run.cfg, run.accelerator
+    global_batch = cfg.per_device_train_batch_size * acc.num_processes * cfg.gradient_accumulation_steps
+    total_steps = num_training_steps(cfg, num_examples, global_batch)
+    optimizer = make_optimizer(cfg, model.parameters())
+    scheduler = make_scheduler(cfg, optimizer, total_steps)
+    model, optimizer = acc.prepare(model, optimizer)
+    return Training(model, optimizer, scheduler, global_batch, total_steps)
+
+
+def fit(run: Run, t: Training, data, step: Callable[[list[int]], tuple[torch.Tensor, dict[str, Any]]], *,
+        tokenizer, desc: str, postfix: Callable[[dict[str, Any]], dict[str, str]] | None = None,
+        evaluate: Callable[[RunState], dict[str, float] | None] | None = None,
+        last_eval: Literal["repeat", "periodic", "final"] = "repeat",
+        save_final: Callable[[RunState], None] | None = None, flops_of=None, lm_head: bool = True,
+        reference: bool = False, summary: dict[str, Any] | None = None) -> Path:
+    """The loop of sft, po and rm: resume (:meth:`Run.resume`), one optimizer step per global batch of
+    ``data`` (:func:`~finegrain.data.sampler.batch_indices`, a new permutation each epoch) until
+    ``t.total_steps``, then the last evaluation and the final save. Returns the run directory.
+
+    ``step(indices) -> (loss, metrics)`` runs this process's micro-batches of a global batch
+    (:func:`micro_steps`); then come the guarded optimizer step on ``loss``, the throughput meter
+    (:func:`~finegrain.trainers.throughput.example_work` of the rows with ``lm_head`` and ``reference``, FLOPs
+    of ``flops_of``, default ``t.model``), the progress bar (``desc``; the loss, ``postfix(metrics)``,
+    tokens/s) and a metrics line (``metrics``, the optimizer step's, ``epoch``) every ``logging_steps``, at
+    the last step and at every skipped step. ``evaluate(state)`` (metrics logged as ``split="eval"``; None
+    logs nothing) runs every ``eval_steps`` and, in a completed run, once more by ``last_eval``: ``repeat``
+    always (the last step may be evaluated twice), ``periodic`` unless the last step just was, ``final``
+    always but never periodically at the last step. A checkpoint is written every ``save_steps`` and after an
+    interrupt, which stops the run (``run.close``, then KeyboardInterrupt). A completed run ends with
+    ``save_final(state)`` (default :meth:`Run.save_final` of the model and ``tokenizer``) and ``run.close``
+    with ``summary``.
+    """
+    from finegrain.data.sampler import batch_indices
+    from finegrain.trainers.throughput import example_work, flops_model, lora_weights
+
+    cfg = run.cfg
+    state = run.resume(t.model, t.optimizer, t.scheduler)
+    counted = t.model if flops_of is None else flops_of
+    mf, lora = flops_model(counted), lora_weights(counted)
+    t.model.train()
+    bar = run.progress(t.total_steps, state.step, desc)
+    status = "completed"
+
+    def evaluation_due() -> bool:
+        return evaluate is not None and bool(cfg.eval_steps) and state.step % cfg.eval_steps == 0
+
+    def log_evaluation() -> None:
+        metrics = evaluate(state)
+        if metrics is not None:
+            run.log(metrics, state, split="eval")
+
+    with run.catch_interrupts():
+        while state.step < t.total_steps:
+            epoch_batches = batch_indices(len(data), t.global_batch, cfg.seed, state.epoch)
+            if state.batch_in_epoch >= len(epoch_batches):
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                continue
+            indices = epoch_batches[state.batch_in_epoch]
+            started = time.perf_counter()
+            run.record_batch(state, indices)  # --record_consumed: proves resumes repeat and skip nothing
+            loss, metrics = step(indices)
+            stats = optimizer_step(run, state, t.model, t.optimizer, t.scheduler, loss)
+            run.throughput.add(time.perf_counter() - started, *example_work(
+                mf, (data[i] for i in indices), lm_head=lm_head, lora=lora, reference=reference))
+            state.step += 1
+            state.batch_in_epoch += 1
+            state.samples += len(indices)
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", **(postfix(metrics) if postfix else {}),
+                            tok_s=f"{run.throughput.last_rate:.0f}")
+            # a skipped (non-finite) step is always logged, so metrics.jsonl shows every one
+            if state.step % cfg.logging_steps == 0 or state.step == t.total_steps or stats["skipped"]:
+                epoch = state.epoch + state.batch_in_epoch / len(epoch_batches)
+                run.log({**metrics, **stats, "epoch": epoch}, state)
+            if evaluation_due() and (last_eval != "final" or state.step < t.total_steps):
+                log_evaluation()
+            if cfg.save_steps and state.step % cfg.save_steps == 0:
+                run.save_checkpoint(state, t.model, t.optimizer, t.scheduler, tokenizer)
+            if run.interrupted():
+                run.save_checkpoint(state, t.model, t.optimizer, t.scheduler, tokenizer)
+                status = "interrupted"
+                break
+    bar.close()
+    if status == "completed":
+        if evaluate is not None and not (last_eval == "periodic" and evaluation_due()):
+            log_evaluation()
+        if save_final is None:
+            run.save_final(t.model, tokenizer)
+        else:
+            save_final(state)
+    # prints the summary line
+    run.close(status, steps=state.step, skipped_steps=state.nonfinite_total, **(summary or {}))
+    if status == "interrupted":
+        raise KeyboardInterrupt
+    return run.dir

@@ -31,9 +31,7 @@ token-reward diagnostic (:func:`~finegrain.trainers.po_stats.shared_token_masks`
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,7 +47,7 @@ from finegrain.losses import (
     treg_loss,
 )
 from finegrain.losses.dpo import dpo_sft_loss
-from finegrain.models.forward import hidden_states, predicting_states
+from finegrain.models.forward import hidden_states, lm_head, predicting_states
 from finegrain.ops import masked_sum
 from finegrain.ops.chunked import completion_stats
 from finegrain.trainers import loop
@@ -62,7 +60,7 @@ from finegrain.trainers.po_config import (  # noqa: F401 (re-exported: finegrain
     needs_reference_model,
     reg_source_is_spec,
 )
-from finegrain.trainers.po_reference import Reference, frozen_reference, head_of, precompute_reference
+from finegrain.trainers.po_reference import Reference, frozen_reference, precompute_reference
 from finegrain.trainers.po_stats import (  # noqa: F401 (re-exported: finegrain.trainers.po.pair_metrics etc.)
     BASE_METRICS,
     TREG_DIAGNOSTICS,
@@ -172,7 +170,7 @@ def batch_stats(model, reference: Reference | None, batch, plan: Plan, cfg: POCo
     if (plan.ref_logps and cached is None) or plan.ref_kl:
         ref_h = reference.hidden(batch)  # before the policy forward: its activations are freed first
     h = predicting_states(hidden_states(model, batch), batch)
-    w, b, cap = head_of(model)  # after the forward: under FSDP2 the root's parameters are gathered only then
+    w, b, cap = lm_head(model)  # after the forward: under FSDP2 the root's parameters are gathered only then
     chunked = completion_stats(
         h, w, batch.completion_input_ids, mask, policy_bias=b, ref_hidden=ref_h,
         ref_weight=reference.weight if ref_h is not None else None,
@@ -203,9 +201,7 @@ def evaluate(model, data, plan: Plan, loss_fn, reference, cfg: POConfig, acc, co
     """Mean of every pair metric over ``data`` (all processes share the work)."""
     model.eval()
     total: dict[str, torch.Tensor] = {}
-    indices = list(range(len(data)))[acc.process_index :: acc.num_processes]
-    for lo in range(0, len(indices), cfg.per_device_eval_batch_size):
-        batch = data.collate(indices[lo : lo + cfg.per_device_eval_batch_size]).to(acc.device)
+    for _, batch in loop.eval_batches(data, cfg.per_device_eval_batch_size, acc):
         stats = batch_stats(model, reference, batch, plan, cfg, data, contrastive)
         accumulate(total, pair_metrics(loss_fn(stats), stats))
     model.train()
@@ -287,8 +283,6 @@ def train(cfg: POConfig, model, tokenizer, train_data, eval_data=None, *, ref_mo
         ref_model: the reference model; None: ``cfg.ref_model_name_or_path``, else a frozen copy of ``model`` as
             given (or, with ``use_peft``, the policy with its adapter disabled).
     """
-    from finegrain.models.build import apply_lora, disable_dropout
-
     acc = loop.make_accelerator(cfg)
     loss_fn, names = make_loss(cfg), metric_names(cfg)
     train_plan = make_plan(cfg, train_data)
@@ -297,19 +291,10 @@ def train(cfg: POConfig, model, tokenizer, train_data, eval_data=None, *, ref_mo
     template = _template(cfg, tokenizer, train_data) if any(p.token_rewards == "contrastive" for p in plans) else None
     run = loop.Run(cfg, "po", cfg.loss, acc)  # after the plans and the template are checked: nothing written before
     live = any(p.reference_model or p.ref_logps for p in plans)
-    if cfg.disable_dropout:
-        disable_dropout(model)
+    # the reference copies the starting weights before LoRA (frozen_reference turns its dropout off itself)
     ref_model = frozen_reference(cfg, model, ref_model, acc.device) if live else None
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    if cfg.use_peft:
-        model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
-    num_processes = acc.num_processes
-    global_pairs = cfg.per_device_train_batch_size * num_processes * cfg.gradient_accumulation_steps
-    total_steps = loop.num_training_steps(cfg, len(train_data), global_pairs)
-    optimizer = loop.make_optimizer(cfg, model.parameters())
-    scheduler = loop.make_scheduler(cfg, optimizer, total_steps)
-    model, optimizer = acc.prepare(model, optimizer)
+    t = loop.prepare(run, loop.adapt_model(cfg, model), len(train_data))
+    model, num_processes = t.model, acc.num_processes
     unwrapped = acc.unwrap_model(model)
     reference = contrastive = None
     if live:
@@ -346,78 +331,30 @@ def train(cfg: POConfig, model, tokenizer, train_data, eval_data=None, *, ref_mo
     if cfg.precompute_ref_log_probs:
         if not any(p.reference_model for p in (train_plan, eval_plan) if p is not None):
             reference = contrastive = ref_model = None  # everything is cached: free the reference copy
-    state = loop.RunState()
-    if run.resume_from is not None:
-        state = run.load_checkpoint(run.resume_from, model, optimizer, scheduler)
-        run.print(f"resumed from {run.resume_from} at step {state.step}")
-
-    from finegrain.data.sampler import batch_indices
-    from finegrain.trainers.throughput import example_work, flops_model, lora_weights
-
     # FLOPs per step: the policy's training on both responses, plus the reference's forward when it reads the batch
     # (TDPO's KL, or log-probs not cached); contrastive prompting's reference passes are not counted
-    mf, lora = flops_model(model), lora_weights(model)
     ref_live = train_plan.ref_kl or (train_plan.ref_logps and not cfg.precompute_ref_log_probs)
-    model.train()
-    bar = run.progress(total_steps, state.step, f"po {cfg.loss}")
-    status = "completed"
 
-    def run_eval():
+    def step(indices):
+        total: dict[str, torch.Tensor] = {}
+        for mb in loop.micro_steps(run, model, indices):
+            batch = train_data.collate(mb).to(acc.device)
+            stats = batch_stats(model, reference, batch, train_plan, cfg, train_data, contrastive)
+            out = loss_fn(stats)
+            # DDP averages gradients over processes; multiplying by their number keeps the global mean
+            acc.backward(out.losses.sum() * num_processes / t.global_batch)
+            accumulate(total, pair_metrics(out, stats))
+        metrics = reduce_metrics(total, len(indices), acc, names)
+        return torch.tensor(metrics["loss"], device=acc.device), metrics
+
+    def run_eval(state):
         return evaluate(model, eval_data, eval_plan, loss_fn, reference, cfg, acc, contrastive)
 
-    with run.catch_interrupts():
-        while state.step < total_steps:
-            epoch_batches = batch_indices(len(train_data), global_pairs, cfg.seed, state.epoch)
-            if state.batch_in_epoch >= len(epoch_batches):
-                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-                continue
-            indices = epoch_batches[state.batch_in_epoch]
-            started = time.perf_counter()
-            run.record_batch(state, indices)  # --record_consumed: proves resumes repeat and skip nothing
-            total: dict[str, torch.Tensor] = {}
-            for k, mb in enumerate(loop.micro_batches(indices, cfg, acc.process_index, num_processes)):
-                batch = train_data.collate(mb).to(acc.device)
-                sync = k == cfg.gradient_accumulation_steps - 1
-                with acc.no_sync(model) if not sync else contextlib.nullcontext():
-                    stats = batch_stats(model, reference, batch, train_plan, cfg, train_data, contrastive)
-                    out = loss_fn(stats)
-                    # DDP averages gradients over processes; multiplying by their number keeps the global mean
-                    acc.backward(out.losses.sum() * num_processes / global_pairs)
-                accumulate(total, pair_metrics(out, stats))
-            metrics = reduce_metrics(total, len(indices), acc, names)
-            stats_step = loop.optimizer_step(run, state, model, optimizer, scheduler,
-                                             torch.tensor(metrics["loss"], device=acc.device))
-            run.throughput.add(time.perf_counter() - started, *example_work(
-                mf, (train_data[i] for i in indices), lora=lora, reference=ref_live))
-            state.step += 1
-            state.batch_in_epoch += 1
-            state.samples += len(indices)
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['rewards/accuracies']:.2f}",
-                            tok_s=f"{run.throughput.last_rate:.0f}")
-            # a skipped (non-finite) step is always logged, so metrics.jsonl shows every one
-            if state.step % cfg.logging_steps == 0 or state.step == total_steps or stats_step["skipped"]:
-                run.log({**metrics, **stats_step, "epoch": state.epoch + state.batch_in_epoch / len(epoch_batches)},
-                        state)
-            if eval_data is not None and cfg.eval_steps and state.step % cfg.eval_steps == 0:
-                run.log(run_eval(), state, split="eval")
-            if cfg.save_steps and state.step % cfg.save_steps == 0:
-                run.save_checkpoint(state, model, optimizer, scheduler, tokenizer)
-            if run.interrupted():
-                run.save_checkpoint(state, model, optimizer, scheduler, tokenizer)
-                status = "interrupted"
-                break
-    bar.close()
-    if status == "completed":
-        if eval_data is not None and not (cfg.eval_steps and state.step % cfg.eval_steps == 0):
-            run.log(run_eval(), state, split="eval")
-        run.save_final(model, tokenizer)
-    # prints the summary line; run.json records the resolved β, α, γ
-    run.close(status, steps=state.step, skipped_steps=state.nonfinite_total, beta=cfg.beta, alpha=cfg.alpha,
-              gamma=cfg.gamma)
-    if status == "interrupted":
-        raise KeyboardInterrupt
-    return run.dir
+    # run.json records the resolved β, α, γ
+    return loop.fit(run, t, train_data, step, tokenizer=tokenizer, desc=f"po {cfg.loss}",
+                    postfix=lambda m: {"acc": f"{m['rewards/accuracies']:.2f}"},
+                    evaluate=run_eval if eval_data is not None else None, last_eval="periodic",
+                    reference=ref_live, summary=dict(beta=cfg.beta, alpha=cfg.alpha, gamma=cfg.gamma))
 
 
 # ----------------------------------------------------------------------------------------------- inputs and CLI

@@ -21,13 +21,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from finegrain.models.forward import hidden_states, predicting_states
+from finegrain.models.forward import hidden_states, lm_head, predicting_states
 from finegrain.ops.chunked import completion_stats
+from finegrain.trainers.loop import eval_batches
 
 if TYPE_CHECKING:
     from finegrain.trainers.po_config import Plan, POConfig
 
-__all__ = ["Reference", "frozen_reference", "head_of", "precompute_reference"]
+__all__ = ["Reference", "frozen_reference", "precompute_reference"]
 
 
 class Reference:
@@ -56,13 +57,6 @@ class Reference:
     def hidden(self, batch) -> torch.Tensor:
         with self.enter(), self.autocast():
             return predicting_states(hidden_states(self.scorer, batch), batch)
-
-
-def head_of(model):
-    unwrapped = getattr(model, "module", model)
-    head = unwrapped.get_output_embeddings()
-    cap = getattr(getattr(unwrapped, "config", None), "final_logit_softcapping", None)
-    return head.weight, getattr(head, "bias", None), cap
 
 
 def frozen_reference(cfg: POConfig, model, ref_model, device):
@@ -127,16 +121,12 @@ def precompute_reference(data, reference: Reference, plan: Plan, cfg: POConfig, 
     blob = torch.load(cache, weights_only=True) if cache.is_file() else None
     if blob is None or blob.get("fingerprint") != fp:
         rows = {f"{side}_{name}": [None] * len(data) for side in ("chosen", "rejected") for name in fields}
-        rank, num_processes = acc.process_index, acc.num_processes
-        mine = list(range(len(data)))[rank::num_processes]
-        bs = cfg.per_device_eval_batch_size
-        for lo in range(0, len(mine), bs):
-            idx = mine[lo : lo + bs]
-            batch = data.collate(idx).to(acc.device)
+        mine = list(range(len(data)))[acc.process_index :: acc.num_processes]
+        for idx, batch in eval_batches(data, cfg.per_device_eval_batch_size, acc):
             values = {}
             if plan.ref_logps:
                 h = reference.hidden(batch)
-                w, b, cap = head_of(reference.scorer)
+                w, b, cap = lm_head(reference.scorer)
                 values["ref_token_logps"] = completion_stats(
                     h, reference.weight if reference.weight is not None else w, batch.completion_input_ids,
                     batch.completion_mask, policy_bias=reference.bias if reference.weight is not None else b,
@@ -149,7 +139,7 @@ def precompute_reference(data, reference: Reference, plan: Plan, cfg: POConfig, 
                     for side, row in (("chosen", k), ("rejected", len(idx) + k)):
                         n = len(data[i][f"{side}_input_ids"])
                         rows[f"{side}_{name}"][i] = v[row, :n].tolist()
-        if num_processes > 1:
+        if acc.num_processes > 1:
             from accelerate.utils import gather_object
 
             for col in rows.values():

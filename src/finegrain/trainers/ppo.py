@@ -229,12 +229,6 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def _prompt_batches(data, indices: list[int], size: int):
-    for lo in range(0, len(indices), size):
-        chunk = indices[lo : lo + size]
-        yield chunk, data.collate(chunk)
-
-
 @torch.no_grad()
 def evaluate(cfg: PPOConfig, m: Models, tokenizer, data, sources, acc, step: int, judge=None) -> dict[str, float]:
     """Responses to held-out prompts (greedy, or sampled with a generator seeded by ``seed`` and ``step``, so
@@ -248,15 +242,13 @@ def evaluate(cfg: PPOConfig, m: Models, tokenizer, data, sources, acc, step: int
 
     policy = m.policy_u
     policy.eval()
-    rank, num_processes = acc.process_index, acc.num_processes
-    indices = list(range(len(data)))[rank::num_processes]
+    num_processes = acc.num_processes
     greedy = cfg.eval_sampling == "greedy"
     gen = None if greedy else torch.Generator(device=acc.device).manual_seed(cfg.seed * 1_000_003 + step)
     keys = ["count", "kl", "length", "raw"]
     sums = torch.zeros(len(keys), dtype=torch.float64, device=acc.device)
     judged_sums: dict[str, float] = {}
-    for chunk, batch in _prompt_batches(data, indices, cfg.per_device_eval_batch_size):
-        batch = batch.to(acc.device)
+    for chunk, batch in loop.eval_batches(data, cfg.per_device_eval_batch_size, acc):
         roll = sample_rollouts(policy, batch.prompt_input_ids, batch.prompt_attention_mask,
                                max_new_tokens=cfg.max_new_tokens, do_sample=not greedy, temperature=cfg.temperature,
                                top_k=cfg.top_k, top_p=cfg.top_p, tokenizer=tokenizer, generator=gen)
@@ -290,16 +282,6 @@ def evaluate(cfg: PPOConfig, m: Models, tokenizer, data, sources, acc, step: int
 # ----------------------------------------------------------------------------------------------- the loop
 
 
-def _num_steps(cfg: PPOConfig, num_prompts: int) -> int:
-    if cfg.max_steps > 0:
-        return cfg.max_steps
-    per_epoch = num_prompts // cfg.rollout_batch_size
-    if per_epoch == 0:
-        raise ConfigError(f"the prompt set has {num_prompts} rows, fewer than one rollout batch "
-                          f"(--rollout_batch_size {cfg.rollout_batch_size}); lower it or add prompts")
-    return max(1, math.ceil(per_epoch * cfg.num_train_epochs))
-
-
 def train(cfg: PPOConfig, policy, tokenizer, prompts, eval_prompts=None, *, sources=None, method: str | None = None) -> Path:
     """Run online RL and return the run directory (``final/`` holds the policy).
 
@@ -330,7 +312,9 @@ def train(cfg: PPOConfig, policy, tokenizer, prompts, eval_prompts=None, *, sour
         raise ConfigError(f"each process samples {group_size * cfg.num_samples} rows per group, which do not split into "
                           f"num_mini_batches ({cfg.num_mini_batches}) equal parts; set --generation_batch_size or "
                           "change --num_mini_batches")
-    total_steps = _num_steps(cfg, len(prompts))
+    total_steps = loop.num_training_steps(cfg, len(prompts), cfg.rollout_batch_size, (
+        f"the prompt set has {len(prompts)} rows, fewer than one rollout batch (--rollout_batch_size "
+        f"{cfg.rollout_batch_size}); lower it or add prompts"))
     m = setup_models(cfg, policy, acc, updates=total_steps * cfg.ppo_epochs * cfg.num_mini_batches)
     from finegrain.trainers.throughput import count_ppo_work, flops_model, lora_weights
 
@@ -342,11 +326,9 @@ def train(cfg: PPOConfig, policy, tokenizer, prompts, eval_prompts=None, *, sour
     judge = build_judge(cfg, tokenizer, device)
     run = loop.Run(cfg, "ppo", method or cfg.estimator, acc)  # after every input is validated: nothing written before
     running = RunningMoments()
-    state = loop.RunState()
+    state = run.resume(m.policy, m.optimizers, m.schedulers, extra_models=m.saved_extra)
     if run.resume_from is not None:
-        state = run.load_checkpoint(run.resume_from, m.policy, m.optimizers, m.schedulers, extra_models=m.saved_extra)
         running.load_state_dict(state.extra.get("running_reward", running.state_dict()))
-        run.print(f"resumed from {run.resume_from} at step {state.step}")
     else:
         from accelerate.utils import set_seed
 

@@ -57,7 +57,7 @@ class _CheckpointView(nn.Module):
     """What a checkpoint stores of the critic (or the shared value head): all of its state, or only its
     trainable parameters (a LoRA critic: the adapter and the head).
 
-    ``Run.save_checkpoint`` saves ``state_dict()`` through ``save_pretrained`` and ``Run.load_checkpoint``
+    ``Run.save_checkpoint`` saves ``state_dict()`` through ``save_pretrained`` and ``Run.resume``
     matches keys with ``state_dict()`` before ``load_state_dict``; the critic is no Hugging Face model, so this
     view provides the three methods (safetensors, one file).
     """

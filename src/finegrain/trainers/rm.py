@@ -30,16 +30,15 @@ final model goes to ``RUN_DIR/final`` (:func:`finegrain.models.reward_model.load
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from finegrain.data.collate import pad_token_id
 from finegrain.errors import ConfigError
 from finegrain.trainers import loop
 from finegrain.trainers.rm_config import RMConfig
@@ -81,12 +80,6 @@ class RMData:
 # ----------------------------------------------------------------------------------------------- forward / loss
 
 
-def _pad_id(tokenizer) -> int:
-    from finegrain.data.collate import pad_token_id
-
-    return pad_token_id(tokenizer)
-
-
 def collate_pairs(model, examples: list[dict], pad_id: int):
     """Chosen rows ``[0, B)`` then rejected rows ``[B, 2B)`` for the sequence / sentence / token models."""
     from finegrain.data.collate import collate_preferences
@@ -121,9 +114,19 @@ def pair_losses(model, cfg: RMConfig, examples: list[dict], pad_id: int, device)
     return bt.losses, {"accuracy": bt.accuracies, "margin": bt.margins}
 
 
+def _labelled_forward(model, rows: list[dict], pad_id: int, device):
+    """Collate rows with ``token_labels`` and run ``model`` on them: ``(batch, out, labels, mask)``, where
+    ``mask`` marks the labelled response tokens and unlabelled ones (EOS, padding) are neutral (label 0)."""
+    from finegrain.data.collate import collate_completions
+
+    batch = collate_completions(rows, pad_id).to(device)
+    labels = batch.extras["token_labels"]
+    mask = batch.completion_mask & (labels != -100)
+    return batch, model(batch), torch.where(mask, labels, torch.zeros_like(labels)), mask
+
+
 def revision_forward(model, cfg: RMConfig, examples: list[dict], pad_id: int, device) -> tuple[torch.Tensor, dict]:
     """Token RM / discriminator objective ``(B,)`` on revision pairs, plus the token rewards and labels."""
-    from finegrain.data.collate import collate_completions
     from finegrain.losses.token_cls import minimal_edit_loss, tlcr_sequence_loss
 
     B = len(examples)
@@ -135,18 +138,13 @@ def revision_forward(model, cfg: RMConfig, examples: list[dict], pad_id: int, de
         rows += [{"prompt_input_ids": examples[i]["prompt_input_ids"],
                   "completion_input_ids": examples[i]["chosen_input_ids"],
                   "token_labels": [0] * len(examples[i]["chosen_input_ids"])} for i in with_chosen]
-    batch = collate_completions(rows, pad_id).to(device)
-    labels = batch.extras["token_labels"]
-    mask = batch.completion_mask & (labels != -100)
-    labels = torch.where(mask, labels, torch.zeros_like(labels))  # unlabelled tokens (EOS, padding) are neutral
-    out = model(batch)
-    core = _unwrap(model)
+    batch, out, labels, mask = _labelled_forward(model, rows, pad_id, device)
+    values = _unwrap(model).token_values(batch, out)
     if model_level(model) == "discriminator":
         pos = tlcr_sequence_loss(out[:B], labels[:B], mask[:B], hard=cfg.hard_labels)
         neg = tlcr_sequence_loss(out[B : 2 * B], labels[B : 2 * B], mask[B : 2 * B], hard=cfg.hard_labels)
-        losses, values = pos + neg, core.token_values(batch, out)
+        losses = pos + neg
     else:
-        values = core.token_values(batch, out)
         full = batch.completion_mask
         chosen_scores = None
         if cfg.objective == "edit_bt":
@@ -165,17 +163,12 @@ def revision_forward(model, cfg: RMConfig, examples: list[dict], pad_id: int, de
 
 def token_row_losses(model, cfg: RMConfig, examples: list[dict], pad_id: int, device) -> tuple[torch.Tensor, dict]:
     """Per-row losses ``(N,)`` on token rows (labels given): TLCR cross-entropy or objective B."""
-    from finegrain.data.collate import collate_completions
     from finegrain.losses.token_cls import tlcr_sequence_loss
     from finegrain.ops.masked import masked_mean
 
-    batch = collate_completions([{k: ex[k] for k in ("prompt_input_ids", "completion_input_ids", "token_labels")}
-                                 for ex in examples], pad_id).to(device)
-    labels = batch.extras["token_labels"]
-    mask = batch.completion_mask & (labels != -100)
-    labels = torch.where(mask, labels, torch.zeros_like(labels))  # unlabelled tokens (EOS, padding) are neutral
-    out = model(batch)
-    core = _unwrap(model)
+    keep = ("prompt_input_ids", "completion_input_ids", "token_labels")
+    rows = [{k: ex[k] for k in keep} for ex in examples]
+    batch, out, labels, mask = _labelled_forward(model, rows, pad_id, device)
     if model_level(model) == "discriminator":
         losses = tlcr_sequence_loss(out, labels, mask, hard=cfg.hard_labels)
     elif cfg.cls_loss == "ce":  # classes (−1, 0, +1) at indices (0, 1, 2)
@@ -183,7 +176,8 @@ def token_row_losses(model, cfg: RMConfig, examples: list[dict], pad_id: int, de
         losses = masked_mean(-logp, mask, dim=-1)
     else:
         losses = masked_mean((out - labels.to(out.dtype)) ** 2, mask, dim=-1)
-    return losses, {"values": core.token_values(batch, out).detach(), "labels": labels, "mask": mask}
+    values = _unwrap(model).token_values(batch, out).detach()
+    return losses, {"values": values, "labels": labels, "mask": mask}
 
 
 def _unwrap(model):
@@ -223,7 +217,7 @@ def evaluate(model, cfg: RMConfig, data: RMData, device) -> dict[str, float]:
 
     core = _unwrap(model)
     core.eval()
-    pad_id = _pad_id(data.tokenizer)
+    pad_id = pad_token_id(data.tokenizer)
     bs = cfg.per_device_eval_batch_size
     metrics: dict[str, float] = {}
     if data.eval_pairs:
@@ -269,93 +263,47 @@ def evaluate(model, cfg: RMConfig, data: RMData, device) -> dict[str, float]:
 
 def train(cfg: RMConfig, data: RMData) -> Path:
     """Train the reward model of ``data`` and return the run directory (``final/`` holds the model)."""
-    from finegrain.data.sampler import batch_indices
     from finegrain.models.reward_model import save_reward_model
 
     acc = loop.make_accelerator(cfg)
-    model, tokenizer, kind = data.model, data.tokenizer, data.kind
+    tokenizer, kind = data.tokenizer, data.kind
     method = f"{cfg.level}-rm" if cfg.level != "discriminator" else "tlcr-discriminator"
     run = loop.Run(cfg, "rm", method, acc)
-    num_processes = acc.num_processes
-    global_batch = cfg.per_device_train_batch_size * num_processes * cfg.gradient_accumulation_steps
-    total_steps = loop.num_training_steps(cfg, len(data.train), global_batch)
-    optimizer = loop.make_optimizer(cfg, model.parameters())
-    scheduler = loop.make_scheduler(cfg, optimizer, total_steps)
-    model, optimizer = acc.prepare(model, optimizer)
-    state = loop.RunState()
-    if run.resume_from is not None:
-        state = run.load_checkpoint(run.resume_from, model, optimizer, scheduler)
-        run.print(f"resumed from {run.resume_from} at step {state.step}")
-    pad_id = _pad_id(tokenizer)
-    model.train()
-    from finegrain.trainers.throughput import example_work, flops_model, lora_weights
+    t = loop.prepare(run, data.model, len(data.train))
+    model, num_processes, pad_id = t.model, acc.num_processes, pad_token_id(tokenizer)
 
-    backbone = acc.unwrap_model(model).backbone
-    mf, lora = flops_model(backbone), lora_weights(backbone)
-    bar = run.progress(total_steps, state.step, f"rm {cfg.level}")
-    status = "completed"
-    with run.catch_interrupts():
-        while state.step < total_steps:
-            epoch_batches = batch_indices(len(data.train), global_batch, cfg.seed, state.epoch)
-            if state.batch_in_epoch >= len(epoch_batches):
-                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+    def step(indices):
+        sums = torch.zeros(3, device=acc.device)  # loss, accuracy, margin (sums over examples)
+        for mb in loop.micro_steps(run, model, indices):
+            if not mb:
                 continue
-            indices = epoch_batches[state.batch_in_epoch]
-            started = time.perf_counter()
-            run.record_batch(state, indices)  # --record_consumed: proves resumes repeat and skip nothing
-            sums = torch.zeros(3, device=acc.device)  # loss, accuracy, margin (sums over examples)
-            for k, mb in enumerate(loop.micro_batches(indices, cfg, acc.process_index, num_processes)):
-                if not mb:
-                    continue
-                sync = k == cfg.gradient_accumulation_steps - 1
-                with acc.no_sync(model) if not sync else contextlib.nullcontext():
-                    losses, stats = example_losses(model, cfg, kind, [data.train[i] for i in mb], pad_id, acc.device)
-                    # DDP averages gradients over processes; multiplying by their number keeps the global mean
-                    acc.backward(losses.sum() * num_processes / len(indices))
-                sums[0] += losses.detach().sum()
-                if "accuracy" in stats:
-                    sums[1] += stats["accuracy"].sum()
-                    sums[2] += stats["margin"].sum()
-                else:
-                    sums[1] += _edit_accuracy(stats) * len(mb)
-            if num_processes > 1:
-                sums = acc.reduce(sums, reduction="sum")
-            loss = sums[0] / len(indices)
-            step_stats = loop.optimizer_step(run, state, model, optimizer, scheduler, loss)
-            run.throughput.add(time.perf_counter() - started,
-                               *example_work(mf, (data.train[i] for i in indices), lm_head=False, lora=lora))
-            state.step += 1
-            state.batch_in_epoch += 1
-            state.samples += len(indices)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{run.throughput.last_rate:.0f}")
-            # a skipped (non-finite) step is always logged, so metrics.jsonl shows every one
-            if state.step % cfg.logging_steps == 0 or state.step == total_steps or step_stats["skipped"]:
-                logged = {"loss": loss, "accuracy" if kind == "pairs" else "edit_accuracy": sums[1] / len(indices)}
-                if kind == "pairs":
-                    logged["margin"] = sums[2] / len(indices)
-                epoch = state.epoch + state.batch_in_epoch / len(epoch_batches)
-                run.log({**logged, **step_stats, "epoch": epoch}, state)
-            if cfg.eval_steps and state.step % cfg.eval_steps == 0 and state.step < total_steps:
-                _evaluate_and_log(run, model, cfg, data, state)
-            if cfg.save_steps and state.step % cfg.save_steps == 0:
-                run.save_checkpoint(state, model, optimizer, scheduler, tokenizer)
-            if run.interrupted():
-                run.save_checkpoint(state, model, optimizer, scheduler, tokenizer)
-                status = "interrupted"
-                break
-    bar.close()
-    if status == "completed":
-        _evaluate_and_log(run, model, cfg, data, state)
+            losses, stats = example_losses(model, cfg, kind, [data.train[i] for i in mb], pad_id, acc.device)
+            # DDP averages gradients over processes; multiplying by their number keeps the global mean
+            acc.backward(losses.sum() * num_processes / len(indices))
+            sums[0] += losses.detach().sum()
+            if "accuracy" in stats:
+                sums[1] += stats["accuracy"].sum()
+                sums[2] += stats["margin"].sum()
+            else:
+                sums[1] += _edit_accuracy(stats) * len(mb)
+        if num_processes > 1:
+            sums = acc.reduce(sums, reduction="sum")
+        metrics = {"loss": sums[0] / len(indices),
+                   "accuracy" if kind == "pairs" else "edit_accuracy": sums[1] / len(indices)}
+        if kind == "pairs":
+            metrics["margin"] = sums[2] / len(indices)
+        return metrics["loss"], metrics
+
+    def save_final(state):
         full = acc.get_state_dict(model) if num_processes > 1 else None
         if run.is_main:
             save_reward_model(acc.unwrap_model(model), run.dir / "final", state_dict=full,
                               extra={"trained_with": {"level": cfg.level, "steps": state.step, "kind": kind}})
         acc.wait_for_everyone()
-    run.close(status, steps=state.step, skipped_steps=state.nonfinite_total)  # prints the summary line
-    if status == "interrupted":
-        raise KeyboardInterrupt
-    return run.dir
+
+    return loop.fit(run, t, data.train, step, tokenizer=tokenizer, desc=f"rm {cfg.level}",
+                    evaluate=lambda state: _evaluate_and_log(run, model, cfg, data, state), last_eval="final",
+                    save_final=save_final, flops_of=acc.unwrap_model(model).backbone, lm_head=False)
 
 
 def _evaluate_and_log(run, model, cfg: RMConfig, data: RMData, state) -> None:

@@ -161,7 +161,6 @@ class Run:
                 self.print(f"warning: trackers {', '.join(missing)} not available (pip install "
                            f"'finegrain[{','.join(missing)}]'); metrics.jsonl is still written")
         self._interrupted = False
-        self._old_sigint = None
         self._last_saved_step: int | None = None
         self._last: dict[str, dict[str, Any]] = {}
         self._started = time.monotonic()
@@ -422,10 +421,14 @@ class Run:
         self._last_saved_step = state.step
         return final if self.is_main else None
 
-    def load_checkpoint(self, path: Path, model, optimizer, scheduler, extra_models: dict[str, Any] | None = None) -> RunState:
-        """Restore weights, optimizer, scheduler, RNG and the data position from ``path``."""
+    def resume(self, model, optimizer, scheduler, extra_models: dict[str, Any] | None = None) -> RunState:
+        """Restore weights, optimizer, scheduler, RNG and the data position from the checkpoint to resume
+        (``--resume_from_checkpoint``) and say so; a fresh :class:`RunState` when there is none."""
         from safetensors.torch import load_file
 
+        path = self.resume_from
+        if path is None:
+            return RunState()
         for name, m in {"model": model, **(extra_models or {})}.items():
             target = self.accelerator.unwrap_model(m)
             files = sorted((path / name).glob("*.safetensors"))
@@ -441,6 +444,7 @@ class Run:
         set_rng_state(torch.load(rng_file(path, self.accelerator.process_index), map_location="cpu", weights_only=True))
         state = RunState.from_json(json.loads((path / STATE_FILE).read_text()))
         self._last_saved_step = state.step
+        self.print(f"resumed from {path} at step {state.step}")
         return state
 
     def save_final(self, model, tokenizer=None, name: str = "final") -> Path:
