@@ -201,11 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if any("error" in r for r in results) else 0
 
 
-def script_main(run, argv: list[str] | None, doc: str, *, help: dict[str, str] | None = None,
-                choices: dict[str, tuple] | None = None, defaults: dict | None = None, skip: tuple[str, ...] = (),
-                adjust=None, worker=None, json_flags: tuple[str, ...] = ("--json",),
-                json_default: str | None = None) -> int:
-    """``main(argv)`` of a benchmark module, which the scripts under ``bench/`` run: every size as an option.
+def make_main(run, doc: str, *, help: dict[str, str] | None = None, choices: dict[str, tuple] | None = None,
+              defaults: dict | None = None, skip: tuple[str, ...] = (), adjust=None, worker=None,
+              json_flags: tuple[str, ...] = ("--json",), json_default: str | None = None):
+    """``main(argv=None) -> int`` of a benchmark module, which the scripts under ``bench/`` run: every size as
+    an option (``doc``'s first paragraph is the description).
 
     One option per keyword of ``run`` but those in ``skip`` (``--kebab-name``, and ``--snake_name`` too), typed as
     ``run`` declares it (``--flag`` / ``--no-flag`` for booleans, several values for lists), with ``run``'s default
@@ -213,47 +213,52 @@ def script_main(run, argv: list[str] | None, doc: str, *, help: dict[str, str] |
     cuda); ``--threads 0`` means None (the benchmark's own default). ``adjust(kwargs) -> kwargs`` converts the
     parsed options (a ``ValueError`` it raises is a usage error); ``worker``: first serve ``--worker JSON``
     (:func:`finegrain.bench.measure.serve_worker`). Then the result is written, with the command line and the
-    machine, to the file of ``json_flags`` when given, and its table is printed. Returns the exit status.
+    machine, to the file of ``json_flags`` when given, and its table is printed; the exit status is 0.
     """
-    from finegrain.bench.measure import machine, serve_worker
-    from finegrain.bench.table import format_table, write_json
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if worker is not None and serve_worker(argv, worker):
-        return 0
     help = {"threads": "torch threads (0: torch's default)", **(help or {})}
     defaults, choices = defaults or {}, {"device": ("cpu", "cuda"), **(choices or {})}
-    hints = typing.get_type_hints(run)
-    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    for name, param in inspect.signature(run).parameters.items():
-        if name in skip:
-            continue
-        tp = hints[name]
-        if isinstance(tp, types.UnionType):  # X | None, or tuple[...] | list[...]
-            tp = next(t for t in typing.get_args(tp) if t is not type(None))
-        flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
-        spec = dict(default=defaults.get(name, param.default), help=help.get(name), choices=choices.get(name))
-        if tp is bool:
-            p.add_argument(*flags, action=argparse.BooleanOptionalAction, **spec)
-        elif typing.get_origin(tp) in (tuple, list):
-            p.add_argument(*flags, nargs="*", type=typing.get_args(tp)[0], **dict(spec, default=list(spec["default"])))
-        else:
-            p.add_argument(*flags, type=tp, **spec)
-    p.add_argument(*json_flags, dest="json", default=json_default, help="also write the result to this JSON file "
-                   "(with the command line and the machine; '' for none; default: %(default)s)")
-    kwargs = vars(p.parse_args(argv))
-    json_path = kwargs.pop("json")
-    if "threads" in kwargs:
-        kwargs["threads"] = kwargs["threads"] or None
-    if adjust is not None:
-        try:
-            kwargs = adjust(kwargs)
-        except ValueError as exc:
-            p.error(str(exc))
-    result = run(**kwargs)
-    if json_path:
-        device = result.get("settings", {}).get("device", "cpu")
-        result = dict(result, command=shlex.join(["python", *sys.argv]), machine=machine(device))
-        print(f"wrote {write_json(result, json_path)}")
-    print(format_table([result]))
-    return 0
+
+    def main(argv: list[str] | None = None) -> int:
+        from finegrain.bench.measure import machine, serve_worker
+        from finegrain.bench.table import format_table, write_json
+
+        argv = list(sys.argv[1:] if argv is None else argv)
+        if worker is not None and serve_worker(argv, worker):
+            return 0
+        hints = typing.get_type_hints(run)
+        p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+        for name, param in inspect.signature(run).parameters.items():
+            if name in skip:
+                continue
+            tp = hints[name]
+            if isinstance(tp, types.UnionType):  # X | None, or tuple[...] | list[...]
+                tp = next(t for t in typing.get_args(tp) if t is not type(None))
+            flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
+            default = defaults.get(name, param.default)
+            spec = dict(help=help.get(name), choices=choices.get(name))
+            if tp is bool:
+                p.add_argument(*flags, action=argparse.BooleanOptionalAction, default=default, **spec)
+            elif typing.get_origin(tp) in (tuple, list):
+                p.add_argument(*flags, nargs="*", type=typing.get_args(tp)[0], default=list(default), **spec)
+            else:
+                p.add_argument(*flags, type=tp, default=default, **spec)
+        p.add_argument(*json_flags, dest="json", default=json_default, help="also write the result to this "
+                       "JSON file (with the command line and the machine; '' for none; default: %(default)s)")
+        kwargs = vars(p.parse_args(argv))
+        json_path = kwargs.pop("json")
+        if "threads" in kwargs:
+            kwargs["threads"] = kwargs["threads"] or None
+        if adjust is not None:
+            try:
+                kwargs = adjust(kwargs)
+            except ValueError as exc:
+                p.error(str(exc))
+        result = run(**kwargs)
+        if json_path:
+            device = result.get("settings", {}).get("device", "cpu")
+            result = dict(result, command=shlex.join(["python", *sys.argv]), machine=machine(device))
+            print(f"wrote {write_json(result, json_path)}")
+        print(format_table([result]))
+        return 0
+
+    return main

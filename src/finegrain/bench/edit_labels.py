@@ -23,6 +23,8 @@ import statistics
 import string
 import sys
 
+from finegrain.bench.cli import make_main
+
 QUICK = dict(pairs=2000, repeats=2)
 GPU = {}
 GPU_QUICK = QUICK
@@ -112,10 +114,7 @@ def run(*, pairs: int = 10_000, units: tuple[str, ...] | list[str] = ("word", "t
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    from finegrain.bench.cli import script_main
-
-    return script_main(run, argv, __doc__, choices={"units": UNITS})
+main = make_main(run, __doc__, choices={"units": UNITS})
 
 
 if __name__ == "__main__":

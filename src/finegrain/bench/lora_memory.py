@@ -40,6 +40,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from finegrain.bench.cli import make_main
 from finegrain.bench.synthetic import LLAMA_1B
 
 VARIANTS = ("full_copy", "lora_copy", "lora_shared")
@@ -142,10 +143,7 @@ def run(*, hidden: int = 768, layers: int = 8, heads: int = 12, kv_heads: int | 
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    from finegrain.bench.cli import script_main
-
-    return script_main(run, argv, __doc__, worker=worker, help={"bf16": "bfloat16 mixed precision"})
+main = make_main(run, __doc__, worker=worker, help={"bf16": "bfloat16 mixed precision"})
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from finegrain.bench.cli import make_main
 from finegrain.bench.synthetic import LLAMA_1B
 
 DEFAULT_CONFIGS = ("finegrain-dpo", "trl-dpo", "finegrain-tdpo2", "finegrain-dpo-precomputed")
@@ -339,10 +340,7 @@ HELP = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    from finegrain.bench.cli import script_main
-
-    return script_main(run, argv, __doc__, help=HELP, choices={"configs": CONFIGS, "profile": CONFIGS})
+main = make_main(run, __doc__, help=HELP, choices={"configs": CONFIGS, "profile": CONFIGS})
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from finegrain.bench.cli import make_main
+
 PHASES = ("generate", "score", "train")
 QUICK = dict(steps=3, warmup=1, rollout_batch_size=8, max_new_tokens=16, ppo_epochs=2, micro_batch=8,
              throughput_repeats=2)
@@ -186,16 +188,16 @@ HELP = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    from finegrain.bench.cli import script_main
+def _policy(kwargs: dict) -> dict:
+    """The command line's ``--hidden 0`` (its default) is the world's SFT model, another size a random
+    policy."""
+    return dict(kwargs, policy="world" if kwargs["hidden"] == 0 else "random", hidden=kwargs["hidden"] or 128)
 
-    def policy(kwargs: dict) -> dict:
-        return dict(kwargs, policy="world" if kwargs["hidden"] == 0 else "random", hidden=kwargs["hidden"] or 128)
 
-    return script_main(run, argv, __doc__, help=HELP, defaults={"hidden": 0, "layers": 4}, skip=("policy",),
-                       adjust=policy, choices={"estimator": ("gae", "reinforce", "rloo"),
-                                               "critic": ("separate", "shared"),
-                                               "kl_estimator": ("k1", "k2", "k3", "full")})
+main = make_main(run, __doc__, help=HELP, defaults={"hidden": 0, "layers": 4}, skip=("policy",),
+                 adjust=_policy, choices={"estimator": ("gae", "reinforce", "rloo"),
+                                          "critic": ("separate", "shared"),
+                                          "kl_estimator": ("k1", "k2", "k3", "full")})
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from finegrain.bench.cli import make_main
+
 QUICK = dict(hidden_size=64, layers=2, pairs=4, sentences=4, repeats=6, warmup=1)
 GPU = dict(hidden_size=2048, layers=8, heads=16, pairs=16, sentences=16, sentence_tokens=20, repeats=20, warmup=3,
            bf16=True)
@@ -99,13 +101,10 @@ def run(*, hidden_size: int = 256, layers: int = 4, heads: int = 4, pairs: int =
     backbone = build_model(LlamaShape(hidden=hidden_size, layers=layers, heads=heads, vocab=len(tok) + 8),
                            max(1024, sentences * (sentence_tokens + 2) + 16), seed=seed)
     splitter = PunctuationSplitter()
-    models = {
-        "sequence": build_reward_model("sequence", backbone, tok, seed=seed),
-        "sentence_mark": build_reward_model("sentence", backbone, tok, boundary_mode="mark", embed_dim=embed_dim,
-                                            splitter=splitter, seed=seed),
-        "sentence_insert": build_reward_model("sentence", backbone, tok, boundary_mode="insert", embed_dim=embed_dim,
-                                              splitter=splitter, seed=seed),
-    }
+    models = {"sequence": build_reward_model("sequence", backbone, tok, seed=seed),
+              **{f"sentence_{mode}": build_reward_model("sentence", backbone, tok, boundary_mode=mode,
+                                                         embed_dim=embed_dim, splitter=splitter, seed=seed)
+                 for mode in ("mark", "insert")}}
     for m in models.values():
         m.to(device).train()
     examples = _examples(tok, rng, pairs, sentences, sentence_tokens)
@@ -160,11 +159,8 @@ def run(*, hidden_size: int = 256, layers: int = 4, heads: int = 4, pairs: int =
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    from finegrain.bench.cli import script_main
-
-    return script_main(run, argv, __doc__, help={"bf16": "bfloat16 autocast"}, json_flags=("--out", "--json"),
-                       json_default=str(Path("bench") / "results" / "rm_speed.json"))
+main = make_main(run, __doc__, help={"bf16": "bfloat16 autocast"}, json_flags=("--out", "--json"),
+                 json_default=str(Path("bench") / "results" / "rm_speed.json"))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import sys
 
 import torch
 
+from finegrain.bench.cli import make_main
 from finegrain.bench.synthetic import BOS, EOS, LLAMA_1B, PAD
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -39,6 +40,8 @@ def build(shape, *, batch: int, min_prompt: int, max_prompt: int, new_tokens: in
           model_dir: str | None = None):
     """A random Llama of ``shape`` (or the model saved in ``model_dir``; eval mode, SDPA attention) and ``batch``
     left-padded random prompts (BOS, then random token ids from 3 up)."""
+    from finegrain.data.collate import collate_completions
+
     if model_dir is None:
         from finegrain.bench.synthetic import build_model
 
@@ -49,15 +52,11 @@ def build(shape, *, batch: int, min_prompt: int, max_prompt: int, new_tokens: in
         model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa")
     model = model.to(device=device, dtype=DTYPES[dtype]).eval()
     g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(min_prompt, max_prompt + 1, (batch,), generator=g)
-    width = int(lengths.max())
-    ids = torch.full((batch, width), PAD, dtype=torch.long)
-    attn = torch.zeros(batch, width, dtype=torch.long)
-    for i, n in enumerate(lengths.tolist()):
-        ids[i, width - n] = BOS
-        ids[i, width - n + 1:] = torch.randint(3, model.config.vocab_size, (n - 1,), generator=g)
-        attn[i, width - n:] = 1
-    return model, ids.to(device), attn.to(device)
+    lengths = torch.randint(min_prompt, max_prompt + 1, (batch,), generator=g).tolist()
+    vocab = model.config.vocab_size
+    prompts = [[BOS] + torch.randint(3, vocab, (n - 1,), generator=g).tolist() for n in lengths]
+    b = collate_completions([{"prompt_input_ids": p, "completion_input_ids": []} for p in prompts], PAD)
+    return model, b.prompt_input_ids.to(device), b.prompt_attention_mask.to(device)
 
 
 def counted_tokens(tokens: torch.Tensor, eos: int = EOS) -> torch.Tensor:
@@ -186,11 +185,8 @@ def run(*, hidden: int = 256, layers: int = 4, heads: int = 4, kv_heads: int | N
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    from finegrain.bench.cli import script_main
-
-    return script_main(run, argv, __doc__, choices={"dtype": sorted(DTYPES)},
-                       help={"model": "a saved model directory (default: a random Llama of the shape above)"})
+main = make_main(run, __doc__, choices={"dtype": sorted(DTYPES)},
+                 help={"model": "a saved model directory (default: a random Llama of the shape above)"})
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ import tempfile
 import traceback
 from pathlib import Path
 
+from finegrain.bench.cli import make_main
+
 PARTS = ("roofline", "po", "tdpo_memory", "rollout", "ppo")
 PO_CONFIGS = ("finegrain-dpo", "trl-dpo", "finegrain-dpo-lora", "trl-dpo-lora", "finegrain-tdpo2")
 QUICK = dict(model="config", layers=2, prompt_len=8, response_len=16, pairs=8, batch=1, steps=3, warmup=1, rounds=1,
@@ -237,12 +239,9 @@ def run(*, model: str = "auto", layers: int | None = None, parts: tuple[str, ...
             "errors": errors, "notes": notes}
 
 
-def main(argv: list[str] | None = None) -> int:
-    from finegrain.bench.cli import script_main
-
-    return script_main(run, argv, __doc__, help={"model": "auto | real | config | a model directory",
-                                                 "layers": "layers of the config model (default: SmolLM2's 30)"},
-                       choices={"parts": PARTS})
+main = make_main(run, __doc__, choices={"parts": PARTS},
+                 help={"model": "auto | real | config | a model directory",
+                       "layers": "layers of the config model (default: SmolLM2's 30)"})
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from finegrain.bench.cli import make_main
+
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 QUICK = dict(rows=4, seq_len=256, vocab=8000, hidden=128, chunk_size=256)
 GPU = dict(rows=4, seq_len=2048, vocab=128256, hidden=2048, chunk_size=2048, dtype="bfloat16")
@@ -134,13 +136,10 @@ def _check_rows(kwargs: dict) -> dict:
     return kwargs
 
 
-def main(argv: list[str] | None = None) -> int:
-    from finegrain.bench.cli import script_main
-
-    return script_main(run, argv, __doc__, worker=worker, adjust=_check_rows, choices={"dtype": sorted(DTYPES)},
-                       help={"rows": "sequences N (chosen rows, then rejected rows; even)", "seq_len": "response "
-                             "length T", "vocab": "vocabulary size V", "hidden": "hidden size H", "chunk_size":
-                             "rows per chunk of the chunked variant"})
+main = make_main(run, __doc__, worker=worker, adjust=_check_rows, choices={"dtype": sorted(DTYPES)},
+                 help={"rows": "sequences N (chosen rows, then rejected rows; even)",
+                       "seq_len": "response length T", "vocab": "vocabulary size V",
+                       "hidden": "hidden size H", "chunk_size": "rows per chunk of the chunked variant"})
 
 
 if __name__ == "__main__":
