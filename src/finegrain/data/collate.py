@@ -126,9 +126,9 @@ def _collate(
             if r:
                 out[i, : len(r)] = torch.as_tensor(r, dtype=dtype)
         extras[name] = out
-    extras.update({name: torch.as_tensor(v, dtype=_PER_ROW[name]) for name, v in per_row.items() if v is not None})
-    return dict(prompt_input_ids=prompt_ids, prompt_attention_mask=prompt_mask, completion_input_ids=completion_ids,
-                completion_mask=completion_mask, extras=extras)
+    extras.update({k: torch.as_tensor(v, dtype=_PER_ROW[k]) for k, v in per_row.items() if v is not None})
+    return dict(prompt_input_ids=prompt_ids, prompt_attention_mask=prompt_mask,
+                completion_input_ids=completion_ids, completion_mask=completion_mask, extras=extras)
 
 
 def collate_completions(
@@ -158,12 +158,14 @@ def collate_completions(
     """
     per_token = {k: _values(examples, k) for k in _PER_TOKEN}
     per_row = {k: _values(examples, k) for k in _PER_ROW}
-    prompts, completions = [ex["prompt_input_ids"] for ex in examples], [ex["completion_input_ids"] for ex in examples]
-    return CompletionBatch(**_collate(prompts, completions, per_token, per_row, pad_token_id, pad_to_multiple_of))
+    prompts = [ex["prompt_input_ids"] for ex in examples]
+    completions = [ex["completion_input_ids"] for ex in examples]
+    return CompletionBatch(**_collate(prompts, completions, per_token, per_row, pad_token_id,
+                                      pad_to_multiple_of))
 
 
 def _both(examples: Sequence[Mapping], chosen_key: str, rejected_key: str) -> list | None:
-    """The ``chosen_key`` values then the ``rejected_key`` values of every example, or None when none has them."""
+    """The ``chosen_key`` then the ``rejected_key`` values of every example, or None when none has them."""
     chosen, rejected = _values(examples, chosen_key), _values(examples, rejected_key)
     if (chosen is None) != (rejected is None):
         raise ValueError(f"collate: examples have only one of {chosen_key} / {rejected_key}")
@@ -205,7 +207,8 @@ class CompletionCollator:
     collate: ClassVar[Callable] = staticmethod(collate_completions)
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> CompletionBatch:
-        return self.collate(examples, pad_token_id(self.tokenizer), pad_to_multiple_of=self.pad_to_multiple_of)
+        pad_id = pad_token_id(self.tokenizer)
+        return self.collate(examples, pad_id, pad_to_multiple_of=self.pad_to_multiple_of)
 
 
 class PreferenceCollator(CompletionCollator):

@@ -18,7 +18,7 @@ Typical use::
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
 from finegrain.data.collate import collate_completions, collate_preferences, pad_token_id
@@ -27,11 +27,12 @@ from finegrain.data.sampler import batch_indices, check_divisible, shard_batch
 from finegrain.data.schema import detect_kind, validate_rows
 from finegrain.data.tokenize import TokenLimits, tokenize_rows
 from finegrain.errors import DataError
-from finegrain.types import CompletionBatch, PreferenceBatch
 
 
 class _Prepared(Sequence):
     kinds: ClassVar[tuple[str, ...]] = ()
+    collate_examples: ClassVar[Callable]  # examples, pad id -> batch
+    text_keys: ClassVar[tuple[str, ...]]  # the response texts of an example, in the batch's row order
 
     def __init__(
         self, examples: list[dict], *, pad_token_id: int, source: str = "<examples>", kind: str | None = None,
@@ -103,8 +104,15 @@ class _Prepared(Sequence):
         return self.examples[i]
 
     def collate(self, indices: Sequence[int], pad_to_multiple_of: int | None = None):
-        """The batch of the examples at ``indices`` (in that order)."""
-        raise NotImplementedError
+        """The examples at ``indices`` as one batch (in that order), with their raw prompts
+        (``batch.prompts``) and, unless the rows are prompts only, their response texts (``batch.responses``;
+        pairs: chosen rows first) for reward sources that read text."""
+        exs = [self.examples[i] for i in indices]
+        batch = self.collate_examples(exs, self.pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
+        batch.prompts = [ex["prompt"] for ex in exs] * len(self.text_keys)
+        if self.kind != "prompt":
+            batch.responses = [ex[key] for key in self.text_keys for ex in exs]
+        return batch
 
     def batches(
         self,
@@ -143,36 +151,23 @@ class _Prepared(Sequence):
 
 def _revision_as_pair(ex: dict) -> dict:
     """A tokenized revision row as a pair: the revision is the chosen response (an optional ``chosen`` is dropped)."""
-    return {("chosen_" + k.removeprefix("revised_") if k.startswith("revised_") else k): v for k, v in ex.items()
-            if not k.startswith("chosen_")}
+    return {("chosen_" + k.removeprefix("revised_") if k.startswith("revised_") else k): v
+            for k, v in ex.items() if not k.startswith("chosen_")}
 
 
 class PreferenceData(_Prepared):
-    """Tokenized preference pairs (see the module docstring); ``collate`` gives a :class:`PreferenceBatch`."""
+    """Tokenized preference pairs (see the module docstring); ``collate`` gives a
+    :class:`~finegrain.types.PreferenceBatch`."""
 
     kinds = ("preference", "revision")
-
-    def collate(self, indices: Sequence[int], pad_to_multiple_of: int | None = None) -> PreferenceBatch:
-        """The pairs ``indices`` as one batch, with their raw prompts and response texts (``batch.prompts``,
-        ``batch.responses``: chosen rows first) for reward sources that read text."""
-        exs = [self.examples[i] for i in indices]
-        batch = collate_preferences(exs, self.pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
-        batch.prompts = [ex["prompt"] for ex in exs] * 2
-        batch.responses = [ex["chosen_text"] for ex in exs] + [ex["rejected_text"] for ex in exs]
-        return batch
+    collate_examples = staticmethod(collate_preferences)
+    text_keys = ("chosen_text", "rejected_text")
 
 
 class CompletionData(_Prepared):
-    """Tokenized one-response rows (see the module docstring); ``collate`` gives a :class:`CompletionBatch`."""
+    """Tokenized one-response rows (see the module docstring); ``collate`` gives a
+    :class:`~finegrain.types.CompletionBatch`."""
 
     kinds = ("sft", "token", "prompt")
-
-    def collate(self, indices: Sequence[int], pad_to_multiple_of: int | None = None) -> CompletionBatch:
-        """The rows ``indices`` as one batch, with their raw prompts (``batch.prompts``) and, for rows with a
-        response, its text (``batch.responses``)."""
-        exs = [self.examples[i] for i in indices]
-        batch = collate_completions(exs, self.pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
-        batch.prompts = [ex["prompt"] for ex in exs]
-        if self.kind != "prompt":
-            batch.responses = [ex["completion_text"] for ex in exs]
-        return batch
+    collate_examples = staticmethod(collate_completions)
+    text_keys = ("completion_text",)

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from numbers import Real
@@ -70,8 +71,8 @@ PREFERENCE_EXTRAS: tuple[str, ...] = (
 )
 """Optional columns of preference rows that are kept (all others are dropped)."""
 
-# The columns every data set of a kind needs (the alternatives of token and sft rows are checked apart), and how
-# messages describe the kind's columns.
+# The columns every data set of a kind needs (the alternatives of token and sft rows are checked apart), and
+# how messages describe the kind's columns.
 _COLUMNS = {
     "preference": (("chosen", "rejected"), "chosen, rejected and optionally prompt"),
     "revision": (("rejected", "revised"), "rejected, revised and optionally prompt, chosen"),
@@ -171,7 +172,8 @@ class _Row:
             msgs = self.messages(value, field)
             if len(msgs) != 1 or msgs[0]["role"] != "assistant":
                 roles = [m["role"] for m in msgs]
-                raise self.error("wrong type", field, f"a response must be one assistant message, got roles {roles}")
+                raise self.error("wrong type", field,
+                                 f"a response must be one assistant message, got roles {roles}")
             value = msgs[0]["content"]
         if allow_empty and not value.strip():
             self.encodable(value, field)
@@ -226,15 +228,8 @@ def extract_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
         ('The', ' cat sat', ' cap sat')
     """
     if isinstance(chosen, str) and isinstance(rejected, str):
-        n = 0
-        for a, b in zip(chosen, rejected):
-            if a != b:
-                break
-            n += 1
-        k = n - 1
-        while k >= 0 and not chosen[k].isspace():
-            k -= 1
-        k = max(k, 0)
+        n = len(os.path.commonprefix([chosen, rejected]))
+        k = max((i for i in range(n) if chosen[i].isspace()), default=0)  # the last whitespace of the prefix
         return chosen[:k], chosen[k:], rejected[k:]
     if isinstance(chosen, list) and isinstance(rejected, list):
         if chosen[:-1] != rejected[:-1]:
@@ -299,13 +294,8 @@ def _revision(r: _Row, columns: frozenset[str]) -> dict:
     chosen = r.raw.get("chosen")  # optional per row: revisions are trained on (rejected, revised)
     if chosen is not None:
         chosen = r.response(chosen, "chosen")
-    return {
-        "prompt": prompt,
-        "rejected": rejected,
-        "revised": revised,
-        "chosen": chosen,
-        "conversational": isinstance(prompt, list),
-    }
+    return {"prompt": prompt, "rejected": rejected, "revised": revised, "chosen": chosen,
+            "conversational": isinstance(prompt, list)}
 
 
 def _spans(r: _Row, value: Any, response: str) -> list[tuple[int, int, float | int]]:

@@ -122,9 +122,9 @@ class RuleSplitter:
 
 
 def _spans_between(text: str, cuts: Sequence[int], min_chars: int) -> list[Span]:
-    """The trimmed spans between consecutive cut positions (from 0; the last cut is ``len(text)``), whitespace-only
-    ones dropped, then those with fewer than ``min_chars`` non-space characters merged into a neighbour (the
-    previous one, or the next one for a tiny first span)."""
+    """The trimmed spans between consecutive cut positions (from 0; the last cut is ``len(text)``),
+    whitespace-only ones dropped, then those with fewer than ``min_chars`` non-space characters merged into a
+    neighbour (the previous one, or the next one for a tiny first span)."""
     merged: list[Span] = []
     pending: Span | None = None  # a tiny first span waiting to be merged into the next one
     for start, cut in zip([0, *cuts], cuts):

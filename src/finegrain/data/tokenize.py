@@ -251,7 +251,8 @@ class _Tokenized:
                 raise self.error("prompt too long", "prompt", f"{len(prompt_ids)} tokens > max_prompt_length "
                                  f"{limits.prompt_limit} (truncate_prompt is off)")
             prompt_ids = _keep_end(prompt_ids, limits.prompt_limit, tok.bos_token_id)
-        out: dict[str, Any] = {"prompt": row["prompt"], "prompt_input_ids": prompt_ids, "prompt_truncated": cut_prompt}
+        out: dict[str, Any] = {"prompt": row["prompt"], "prompt_input_ids": prompt_ids,
+                               "prompt_truncated": cut_prompt}
         room = min(math.inf if limits.max_length is None else limits.max_length - len(prompt_ids),
                    limits.max_completion_length or math.inf)
         single = self.kind in ("token", "sft", "prompt")
@@ -279,9 +280,9 @@ class _Tokenized:
         return out
 
     def _per_token(self, field: str, offsets: list, n_text: int, n_total: int) -> dict[str, list]:
-        """Token labels (token rows) or ``{field}_token_rewards`` (preference rows) of the response's ``n_total``
-        tokens: from spans, or values given per token without EOS (EOS then gets label IGNORE_INDEX, reward 0) or
-        with it."""
+        """Token labels (token rows) or ``{field}_token_rewards`` (preference rows) of the response's
+        ``n_total`` tokens: from spans, or values given per token without EOS (EOS then gets label
+        IGNORE_INDEX, reward 0) or with it."""
         if self.kind == "token":
             if "spans" in self.row:
                 return {"token_labels": spans_to_labels(offsets, self.row["spans"])}
@@ -297,7 +298,8 @@ class _Tokenized:
         if len(values) == n_text:
             return {name: values + [fill] * (n_total - n_text)}
         eos = f" ({n_total} with EOS)" if n_total != n_text else ""
-        raise self.error("length mismatch", column, f"{len(values)} values for a response of {n_text} tokens{eos}")
+        detail = f"{len(values)} values for a response of {n_text} tokens{eos}"
+        raise self.error("length mismatch", column, detail)
 
 
 def _keep_end(ids: list[int], limit: int, bos: int | None) -> list[int]:

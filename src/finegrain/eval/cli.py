@@ -209,15 +209,13 @@ class _Side:
 
         lengths = np.asarray(self.length)
         nonempty = lengths > 0
-        out: dict[str, Any] = {}
-        out["mean_reward"], out["mean_reward_stderr"] = mean_and_stderr(per_prompt(self.rewards))
-        out["entropy"] = float(np.asarray(self.entropy)[nonempty].mean()) if nonempty.any() else math.nan
-        out["distinct_1"] = distinct_n(self.tokens, 1)
-        out["distinct_2"] = distinct_n(self.tokens, 2)
-        out["length"] = float(lengths.mean())
-        out["truncated_rate"] = float(np.mean(self.truncated))
-        for key, values in self.metrics.items():  # the judge's per-row metrics, e.g. the oracle's well_formed
-            out[f"{key}_rate"] = float(np.mean(values))
+        mean_reward = mean_and_stderr(per_prompt(self.rewards))
+        out: dict[str, Any] = dict(zip(("mean_reward", "mean_reward_stderr"), mean_reward))
+        out.update(entropy=float(np.asarray(self.entropy)[nonempty].mean()) if nonempty.any() else math.nan,
+                   distinct_1=distinct_n(self.tokens, 1), distinct_2=distinct_n(self.tokens, 2),
+                   length=float(lengths.mean()), truncated_rate=float(np.mean(self.truncated)))
+        # the judge's per-row metrics, e.g. the oracle's well_formed
+        out.update({f"{key}_rate": float(np.mean(values)) for key, values in self.metrics.items()})
         if self.seq_kl:
             out["seq_kl"], out["seq_kl_stderr"] = mean_and_stderr(per_prompt(self.seq_kl))
             out["seq_kl_k1"] = float(np.mean(self.seq_kl_k1))
@@ -225,7 +223,7 @@ class _Side:
 
 
 def _name(value: Any, default: str) -> str:
-    """How eval.json names a model, judge or prompt set: ``str(value)`` for a path or spec, else ``default``."""
+    """How eval.json names a model, judge or prompts: ``str(value)`` for a path or spec, else ``default``."""
     return str(value) if isinstance(value, (str, Path)) else default
 
 
@@ -264,10 +262,11 @@ def _comparison(pol: _Side, ref: _Side, num_samples: int, tie_tolerance: float) 
     p, r = pol.summary(num_samples), ref.summary(num_samples)
     out = {"num_responses": len(pol.rewards), "win_rate": outcome.win, "tie_rate": outcome.tie,
            "loss_rate": outcome.loss}
-    # each group of keys for the policy, then for the reference (the KL is the policy's alone); <metric>_rate: the
-    # judge's per-row metrics, averaged
+    # each group of keys for the policy, then for the reference (the KL is the policy's alone); <metric>_rate:
+    # the judge's per-row metrics, averaged
     groups = [("mean_reward", "mean_reward_stderr"), ("seq_kl", "seq_kl_stderr", "seq_kl_k1"), ("entropy",),
-              ("distinct_1", "distinct_2"), ("length",), ("truncated_rate",), *((f"{k}_rate",) for k in pol.metrics)]
+              ("distinct_1", "distinct_2"), ("length",), ("truncated_rate",),
+              *((f"{k}_rate",) for k in pol.metrics)]
     for keys in groups:
         out.update({k: p[k] for k in keys})
         if keys[0] != "seq_kl":
@@ -344,9 +343,9 @@ def evaluate_policy(
     judge_source = make_judge(cfg.judge, tokenizer, dev)
     judge_name = _name(cfg.judge, judge_source.name)
     max_new_tokens = 256 if cfg.max_new_tokens is None else cfg.max_new_tokens
+    limits = TokenLimits(max_length=None, max_prompt_length=cfg.max_prompt_length)
     data = CompletionData.from_source(cfg.prompts, tokenizer, split=cfg.prompts_split, kind="prompt",
-                                      limits=TokenLimits(max_length=None, max_prompt_length=cfg.max_prompt_length),
-                                      max_examples=cfg.max_prompts)
+                                      limits=limits, max_examples=cfg.max_prompts)
     eos_ids, _ = resolve_special_ids(policy_model, tokenizer)
     sampling = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature,
                     top_k=cfg.top_k, top_p=cfg.top_p, num_samples=num_samples, tokenizer=tokenizer)
@@ -361,9 +360,9 @@ def evaluate_policy(
             batch = data.collate(idx).to(dev)
             roll = sample_rollouts(model, batch.prompt_input_ids, batch.prompt_attention_mask, generator=gen,
                                    **sampling)
-            scores = score_rollout(model, roll, ref_model=ref_model if with_kl else None, chunk_rows=cfg.chunk_rows,
-                                   temperature=temperature if temperature > 0 else 1.0, with_entropy=True,
-                                   with_full_kl=with_kl)
+            scores = score_rollout(model, roll, ref_model=ref_model if with_kl else None,
+                                   chunk_rows=cfg.chunk_rows, with_entropy=True,
+                                   temperature=temperature if temperature > 0 else 1.0, with_full_kl=with_kl)
             texts = decode_responses(tokenizer, roll)
             roll.prompts = raw_prompts[lo * num_samples : (lo + len(idx)) * num_samples]
             roll.responses = texts
@@ -389,10 +388,11 @@ def evaluate_policy(
     # The reference's samples and scores depend only on the reference, the prompts, the judge and the sampling
     # settings: a shared ModelCache keeps them, so evaluating several policies against one reference samples it once.
     ref_key = None
-    if not isinstance(reference, torch.nn.Module) and all(isinstance(x, (str, Path)) for x in (cfg.judge, cfg.prompts)):
+    if not isinstance(reference, torch.nn.Module) and all(isinstance(x, (str, Path))
+                                                          for x in (cfg.judge, cfg.prompts)):
         ref_key = (ModelCache._key(reference), str(cfg.prompts), cfg.prompts_split, cfg.max_prompts,
-                   cfg.max_prompt_length, judge_name, num_samples, temperature, cfg.top_p, cfg.top_k, max_new_tokens,
-                   cfg.seed, per_batch, cfg.chunk_rows, str(dev))
+                   cfg.max_prompt_length, judge_name, num_samples, temperature, cfg.top_p, cfg.top_k,
+                   max_new_tokens, cfg.seed, per_batch, cfg.chunk_rows, str(dev))
     ref = models.reference_samples.get(ref_key) if ref_key else None
     if ref is None:
         ref = sample_side(ref_model, "reference", with_kl=False)

@@ -272,8 +272,8 @@ def evaluate_token_credit(
         raise ValueError(f"{len(score_rows)} score rows but {len(credit_rows)} credit rows")
     for i, (s_row, c_row) in enumerate(zip(score_rows, credit_rows)):
         if s_row.shape != c_row.shape:
-            raise DataError(f"{s_row.size} scores for {c_row.size} credit values", source="token credit", row=i,
-                            field="scores")
+            raise DataError(f"{s_row.size} scores for {c_row.size} credit values", source="token credit",
+                            row=i, field="scores")
     s = np.concatenate(score_rows) if score_rows else np.zeros(0)
     c = np.concatenate(credit_rows) if credit_rows else np.zeros(0)
     if np.isnan(c).any():
@@ -285,8 +285,8 @@ def evaluate_token_credit(
     n_kept = int(keep.sum())
     k = min(n_pos if k is None else k, n_kept)
     p_at_k = precision_at_k(s_kept, y_kept, k) if k >= 1 else math.nan
-    return TokenCreditResult(auroc=auroc(s_kept, y_kept), precision_at_k=p_at_k, k=k, n_pos=n_pos, n_neg=n_neg,
-                             n_neutral=int(c.size - n_kept))
+    return TokenCreditResult(auroc=auroc(s_kept, y_kept), precision_at_k=p_at_k, k=k, n_pos=n_pos,
+                             n_neg=n_neg, n_neutral=int(c.size - n_kept))
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -340,8 +340,9 @@ def _score_rows(source: Any, examples: list[CreditExample], pad_id: int, batch_s
     for lo in range(0, len(examples), batch_size):
         chunk = examples[lo : lo + batch_size]
         # the truth is padded as a per-token reward (float32, 0 on padding), then named for TruthSource
-        batch = collate_completions([{"prompt_input_ids": e.prompt_input_ids, "completion_input_ids": e.input_ids,
-                                      "token_rewards": e.truth} for e in chunk], pad_id)
+        batch = collate_completions([{"prompt_input_ids": e.prompt_input_ids,
+                                      "completion_input_ids": e.input_ids, "token_rewards": e.truth}
+                                     for e in chunk], pad_id)
         batch.extras["truth"] = batch.extras.pop("token_rewards")
         batch.prompts, batch.responses = [e.prompt for e in chunk], [e.text for e in chunk]
         batch = batch.to(device)
@@ -360,7 +361,7 @@ def _score_rows(source: Any, examples: list[CreditExample], pad_id: int, batch_s
 def _pick_examples(examples: list[CreditExample], k: int) -> list[int]:
     """Indices of ``k`` examples for the heatmaps: first those with both positive and negative truth."""
     mixed = [any(v > 0 for v in e.truth) and any(v < 0 for v in e.truth) for e in examples]
-    return sorted(sorted(range(len(examples)), key=lambda i: not mixed[i])[:k])  # a stable sort keeps the order
+    return sorted(sorted(range(len(examples)), key=lambda i: not mixed[i])[:k])  # a stable sort: order kept
 
 
 def json_value(value):

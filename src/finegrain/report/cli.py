@@ -19,7 +19,8 @@ def build_parser(prog: str = "finegrain report") -> argparse.ArgumentParser:
         description="Write one self-contained HTML report (metrics table, reward-versus-KL frontier, training "
         "curves, token-credit AUROC and token-reward heatmaps) from one or more run directories.",
     )
-    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run directories to compare")
+    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
+                        help="run directories to compare")
     parser.add_argument("--output", "-o", type=Path, default=Path("report.html"),
                         help="HTML file to write (default: report.html)")
     parser.add_argument("--title", default="finegrain report", help="page title (default: finegrain report)")

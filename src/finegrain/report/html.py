@@ -83,7 +83,7 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _read_text(path: Path, notes: list[str], missing: str = "; skipped", unreadable: str = "; skipped") -> str | None:
+def _read_text(path: Path, notes: list[str], missing: str = "; skipped", unreadable: str = "; skipped"):
     """The file's text, or None with a note (``"NAME not found" + missing``, ``"... could not be read" +
     unreadable``)."""
     if not path.is_file():
@@ -180,8 +180,8 @@ def _fmt(x, digits: int = 3) -> str:
     return html.escape(str(x))
 
 
-# (header, getter) for the metrics table, a string getter being a key of eval.json; a column is dropped when no
-# run has a value for it.
+# (header, getter) for the metrics table, a string getter being a key of eval.json; a column is dropped when
+# no run has a value for it.
 _METRIC_COLUMNS = (
     ("method", lambda r: r.method or None),
     ("status", lambda r: (r.run or {}).get("status")),
@@ -255,7 +255,8 @@ def _frontier_plot(runs: list[RunData], notes: list[str]) -> str:
         return '<p class="note">No eval.json with seq_kl and mean_reward: frontier not drawn.</p>'
     fig = _new_figure(6.4, 4.4)
     ax = fig.add_subplot()
-    refs = [float(r.eval["ref_mean_reward"]) for r, _, _ in points if _is_number(r.eval.get("ref_mean_reward"))]
+    refs = [float(r.eval["ref_mean_reward"]) for r, _, _ in points
+            if _is_number(r.eval.get("ref_mean_reward"))]
     if refs:
         ref = sum(refs) / len(refs)
         ax.scatter([0.0], [ref], marker="s", color="#555555", zorder=3)
@@ -268,8 +269,8 @@ def _frontier_plot(runs: list[RunData], notes: list[str]) -> str:
     ax.set_ylabel("mean reward (judge)")
     ax.set_title("reward versus KL")
     ax.grid(True, alpha=0.3)
-    return _plot_html(fig, "frontier-plot", "One point per run (from eval.json); up and to the left is better. "
-                      "The square is the reference.", "reward versus KL frontier")
+    return _plot_html(fig, "frontier-plot", "One point per run (from eval.json); up and to the left is "
+                      "better. The square is the reference.", "reward versus KL frontier")
 
 
 def _curves_plot(runs: list[RunData], notes: list[str]) -> str:
@@ -305,15 +306,16 @@ def _curves_plot(runs: list[RunData], notes: list[str]) -> str:
         if panel == 0:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    return _plot_html(fig, "training-curves", "Logged metrics versus optimizer step, one colour per run; solid: "
-                      "train, dashed: eval.", "training curves")
+    return _plot_html(fig, "training-curves", "Logged metrics versus optimizer step, one colour per run; "
+                      "solid: train, dashed: eval.", "training curves")
 
 
 def _credit_rows(run: RunData) -> list[tuple[str, dict]]:
     """(source, stats) per non-truth source: AUROC and precision@k over the run's examples."""
     examples, stored = run.credit_examples, (run.token_credit or {}).get("auroc")
     stored = stored if isinstance(stored, dict) else {}
-    names = dict.fromkeys([n for ex in examples for n in ex.get("sources") or {} if n != "truth"] + list(stored))
+    names = [n for ex in examples for n in ex.get("sources") or {} if n != "truth"]
+    names = dict.fromkeys(names + list(stored))  # in order of first appearance
     rows = []
     for name in names:
         stats: dict = {"auroc": stored.get(name) if _is_number(stored.get(name)) else None}
@@ -367,8 +369,8 @@ def _heatmaps(runs: list[RunData]) -> str:
         parts.append(f'<h3 class="run-heading">{html.escape(r.label)}</h3>')
         for j, ex in enumerate(examples[:MAX_HEATMAP_EXAMPLES]):
             try:
-                parts.append(render_heatmap(ex.get("tokens") or [], ex.get("sources") or {},
-                                            prompt=ex.get("prompt") if isinstance(ex.get("prompt"), str) else None,
+                prompt = ex.get("prompt") if isinstance(ex.get("prompt"), str) else None
+                parts.append(render_heatmap(ex.get("tokens") or [], ex.get("sources") or {}, prompt=prompt,
                                             title=f"example {j + 1}"))
             except (ValueError, TypeError) as exc:
                 r.notes.append(f"token_credit.json: example {j + 1} not drawn ({exc})")
@@ -425,8 +427,8 @@ def build_report(run_dirs: list[Path], out_path: Path, title: str = "finegrain r
         f"<li><strong>{html.escape(r.label)}</strong>: {html.escape(str(r.path))}"
         f"{' &mdash; ' + html.escape(r.method) if r.method else ''}"
         f"{' (' + html.escape(str(r.run.get('status'))) + ')' if r.run and r.run.get('status') else ''}"
-        + (f'<details class="config"><summary>config.yaml</summary><pre>{html.escape(r.config_text)}</pre></details>'
-           if r.config_text else "")
+        + (f'<details class="config"><summary>config.yaml</summary><pre>{html.escape(r.config_text)}</pre>'
+           "</details>" if r.config_text else "")
         + "</li>"
         for r in runs
     )
