@@ -116,7 +116,8 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     def train(title: str, command: str, name: str, *extra: str) -> None:
         """The recipe ``name`` (scaled) into ``runs/name`` on this world."""
-        argv = [*_scaled(name, cfg.scale), *extra, "--world_dir", str(world), "--output_dir", str(runs / name), *common]
+        argv = [*_scaled(name, cfg.scale), *extra, "--world_dir", str(world),
+                "--output_dir", str(runs / name), *common]
         timings[name] = _run_stage(title, command, argv, runs / name)
 
     print("\n[2/7] reward models", flush=True)

@@ -81,7 +81,8 @@ def _paths(cfg: IFEvalConfig):
     from finegrain.ifeval.data import TaskPaths
     from finegrain.ifeval.model import cache_home
 
-    return TaskPaths(Path(cfg.task_dir).expanduser() if cfg.task_dir else cache_home(cfg.cache_dir) / "ifeval")
+    root = Path(cfg.task_dir).expanduser() if cfg.task_dir else cache_home(cfg.cache_dir) / "ifeval"
+    return TaskPaths(root)
 
 
 def _device(cfg: IFEvalConfig):

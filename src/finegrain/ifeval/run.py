@@ -184,7 +184,8 @@ def _paths(cfg: RunConfig) -> Paths:
     from finegrain.ifeval.model import cache_home, model_dir
 
     root = Path(cfg.run_dir or ("runs/ifeval-quick" if cfg.quick else "runs/ifeval")).expanduser()
-    return Paths(root, cache_home(cfg.cache_dir) / (cfg.preset["task_dir"] or "ifeval"), model_dir(cfg.cache_dir))
+    task = cache_home(cfg.cache_dir) / (cfg.preset["task_dir"] or "ifeval")
+    return Paths(root, task, model_dir(cfg.cache_dir))
 
 
 def _selected(cfg: RunConfig) -> list[str]:

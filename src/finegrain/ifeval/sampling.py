@@ -84,7 +84,7 @@ def write_jsonl(path: str | Path, rows: Sequence[dict]) -> Path:
 
 
 def _left_pad(prompts: list[list[int]], pad_id: int):
-    """``(input_ids, attention_mask)`` of left-padded prompts (the prompt block of ``collate_completions``)."""
+    """``(input_ids, attention_mask)`` of left-padded prompts: the prompt block of ``collate_completions``."""
     from finegrain.data.collate import collate_completions
 
     rows = [{"prompt_input_ids": p, "completion_input_ids": []} for p in prompts]

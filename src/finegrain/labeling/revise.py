@@ -43,8 +43,8 @@ from finegrain.labeling.revisers import (
     reviser_factory,
 )
 
-__all__ = ["EndpointError", "ReviseConfig", "ReviseSummary", "RevisionJob", "load_jobs", "make_reviser", "run_revise",
-           "unchanged_path"]
+__all__ = ["EndpointError", "ReviseConfig", "ReviseSummary", "RevisionJob", "load_jobs", "make_reviser",
+           "run_revise", "unchanged_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -195,8 +195,8 @@ def _id_columns(raw: dict) -> dict[str, Any]:
 
 
 def _check_row(raw: dict, source: str, row: int) -> dict[str, Any]:
-    """Prompt and rejected text of a row without ``chosen`` (text or messages), checked by the preference schema's
-    own field checks (:mod:`finegrain.data.schema`)."""
+    """Prompt and rejected text of a row without ``chosen`` (text or messages), checked by the field checks of
+    the preference schema (:mod:`finegrain.data.schema`)."""
     from finegrain.data.schema import _Row
 
     r = _Row(raw, source, row)

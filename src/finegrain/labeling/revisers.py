@@ -1,8 +1,8 @@
 """The revisers of ``finegrain label revise``: the reviser prompt, the LLM backends and the registry of backends.
 
 A reviser is any object with ``run(jobs)`` (:class:`Reviser`): for each :class:`RevisionJob` it yields
-``(job, revised, None)`` or ``(job, None, reason)``, in any order, as each row finishes; a revised text equal to the
-rejected response means "nothing to change". ``--reviser NAME`` picks a backend from the registry: a
+``(job, revised, None)`` or ``(job, None, reason)``, in any order, as each row finishes; a revised text equal
+to the rejected response means "nothing to change". ``--reviser NAME`` picks a backend from the registry: a
 factory ``factory(cfg) -> reviser`` registered by :func:`register_reviser`, called with the command's
 :class:`~finegrain.labeling.revise.ReviseConfig` (plus any option an application added to it). The library
 defines two, registered by :mod:`finegrain.labeling.revise`, the command module that reads their options
@@ -329,7 +329,7 @@ class HFReviser:
         with torch.inference_mode():
             out = self.model.generate(**enc, **kwargs)
         new = out[:, enc["input_ids"].shape[1]:].tolist()
-        eos = set(resolve_special_ids(self.model, tok)[0])  # the generation config's and the tokenizer's EOS ids
+        eos = set(resolve_special_ids(self.model, tok)[0])  # the generation config's and tokenizer's EOS
         replies = []
         for ids in new:
             ended = next((j for j, t in enumerate(ids) if t in eos), None)
