@@ -33,7 +33,7 @@ from finegrain.trainers.rundir import (
 )
 
 __all__ = ["CHECKPOINTS", "STATE_FILE", "Run", "RunState", "Training", "adapt_model", "checkpoint_dirs",
-           "checkpoint_problem", "eval_batches", "fit", "make_accelerator", "make_optimizer",
+           "checkpoint_problem", "eval_batches", "fit", "load_inputs", "make_accelerator", "make_optimizer",
            "make_scheduler", "micro_batches", "micro_steps", "num_training_steps", "optimizer_step",
            "prepare", "quiet_library_progress_bars"]
 
@@ -217,6 +217,28 @@ def micro_steps(run: Run, model, indices: list[int]) -> Iterator[list[int]]:
 
 
 # ----------------------------------------------------------------------------------------------- the loop
+
+
+def load_inputs(cfg: TrainConfig, missing: str, read: Callable[[Any, Any, str | None, int | None], Any]):
+    """``(model, tokenizer, training data, held-out data or None)`` of a causal-LM command (sft, po, ppo).
+
+    The tokenizer is ``--tokenizer_name_or_path``'s, else the model's; ``read(source, tokenizer, split,
+    max_examples)`` reads ``--dataset_name`` and ``--eval_dataset_name``; ``missing`` is the error when
+    ``cfg`` names no model or no data set.
+    """
+    from finegrain.models.loading import load_causal_lm, load_tokenizer
+
+    if cfg.model_name_or_path is None or cfg.dataset_name is None:
+        raise ConfigError(missing)
+    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path,
+                               trust_remote_code=cfg.trust_remote_code)
+    train_data = read(cfg.dataset_name, tokenizer, cfg.dataset_split, cfg.max_train_samples)
+    eval_data = None
+    if cfg.eval_dataset_name is not None:
+        eval_data = read(cfg.eval_dataset_name, tokenizer, cfg.eval_split, cfg.max_eval_samples)
+    # the model last: a bad row or split is reported in seconds, not after the model's loading time
+    model = load_causal_lm(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    return model, tokenizer, train_data, eval_data
 
 
 def adapt_model(cfg: TrainConfig, model):

@@ -32,6 +32,7 @@ token-reward diagnostic (:func:`~finegrain.trainers.po_stats.shared_token_masks`
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -360,7 +361,7 @@ def train(cfg: POConfig, model, tokenizer, train_data, eval_data=None, *, ref_mo
 # ----------------------------------------------------------------------------------------------- inputs and CLI
 
 
-def _preference_data(source, tokenizer, cfg: POConfig, *, split: str | None, max_examples: int | None):
+def _preference_data(cfg: POConfig, source, tokenizer, split: str | None, max_examples: int | None):
     from finegrain.data.loading import Rows, load_rows
     from finegrain.data.prepared import PreferenceData
     from finegrain.data.tokenize import TokenLimits
@@ -382,19 +383,6 @@ def _preference_data(source, tokenizer, cfg: POConfig, *, split: str | None, max
 def load_inputs(cfg: POConfig):
     """Policy, tokenizer and pairs for ``cfg`` (``--model_name_or_path``, ``--dataset_name``, optionally
     ``--eval_dataset_name``; the command line fills them with the built-in world's when no model is named)."""
-    from finegrain.models.loading import load_causal_lm, load_tokenizer
-
-    if cfg.model_name_or_path is None or cfg.dataset_name is None:
-        raise ConfigError("po needs --model_name_or_path and --dataset_name (preference pairs); with neither, "
-                          "`finegrain po` runs on the built-in world")
-    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path,
-                               trust_remote_code=cfg.trust_remote_code)
-    train_data = _preference_data(cfg.dataset_name, tokenizer, cfg, split=cfg.dataset_split,
-                                  max_examples=cfg.max_train_samples)
-    eval_data = None
-    if cfg.eval_dataset_name is not None:
-        eval_data = _preference_data(cfg.eval_dataset_name, tokenizer, cfg, split=cfg.eval_split,
-                                     max_examples=cfg.max_eval_samples)
-    # the model last: a bad row or split is reported in seconds, not after the model's loading time
-    model = load_causal_lm(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
-    return model, tokenizer, train_data, eval_data
+    return loop.load_inputs(cfg, "po needs --model_name_or_path and --dataset_name (preference pairs); with "
+                            "neither, `finegrain po` runs on the built-in world",
+                            functools.partial(_preference_data, cfg))

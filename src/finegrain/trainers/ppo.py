@@ -456,22 +456,12 @@ def load_inputs(cfg: PPOConfig):
     with a ``prompt`` column serves as prompts (other columns are ignored)."""
     from finegrain.data.prepared import CompletionData
     from finegrain.data.tokenize import TokenLimits
-    from finegrain.models.loading import load_causal_lm, load_tokenizer
 
-    if cfg.model_name_or_path is None or cfg.dataset_name is None:
-        raise ConfigError("ppo needs --model_name_or_path and --dataset_name (prompts to train on); with neither, "
-                          "`finegrain ppo` runs on the built-in world")
     limits = TokenLimits(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
-    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path,
-                               trust_remote_code=cfg.trust_remote_code)
-    prompts = CompletionData.from_source(cfg.dataset_name, tokenizer, split=cfg.dataset_split, kind="prompt",
-                                         limits=limits, skip_invalid=cfg.skip_invalid_rows,
-                                         max_examples=cfg.max_train_samples)
-    eval_prompts = None
-    if cfg.eval_dataset_name is not None:
-        eval_prompts = CompletionData.from_source(cfg.eval_dataset_name, tokenizer, split=cfg.eval_split,
-                                                  kind="prompt", limits=limits, skip_invalid=cfg.skip_invalid_rows,
-                                                  max_examples=cfg.max_eval_samples)
-    # the model last: a bad row or split is reported in seconds, not after the model's loading time
-    policy = load_causal_lm(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
-    return policy, tokenizer, prompts, eval_prompts
+
+    def read(source, tokenizer, split, max_examples):
+        return CompletionData.from_source(source, tokenizer, split=split, kind="prompt", limits=limits,
+                                          skip_invalid=cfg.skip_invalid_rows, max_examples=max_examples)
+
+    return loop.load_inputs(cfg, "ppo needs --model_name_or_path and --dataset_name (prompts to train on); "
+                            "with neither, `finegrain ppo` runs on the built-in world", read)

@@ -91,21 +91,12 @@ def load_inputs(cfg: SFTConfig):
     them with the built-in world's when no model is named)."""
     from finegrain.data.prepared import CompletionData
     from finegrain.data.tokenize import TokenLimits
-    from finegrain.models.loading import load_causal_lm, load_tokenizer
 
-    if cfg.model_name_or_path is None or cfg.dataset_name is None:
-        raise ConfigError("sft needs --model_name_or_path and --dataset_name (the data to fine-tune on); with neither, "
-                          "`finegrain sft` trains the built-in world's base model")
     limits = TokenLimits(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
-    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path,
-                               trust_remote_code=cfg.trust_remote_code)
-    train_data = CompletionData.from_source(cfg.dataset_name, tokenizer, split=cfg.dataset_split, kind=None,
-                                            limits=limits, skip_invalid=cfg.skip_invalid_rows,
-                                            max_examples=cfg.max_train_samples)
-    eval_data = None
-    if cfg.eval_dataset_name is not None:
-        eval_data = CompletionData.from_source(cfg.eval_dataset_name, tokenizer, split=cfg.eval_split, limits=limits,
-                                               skip_invalid=cfg.skip_invalid_rows, max_examples=cfg.max_eval_samples)
-    # the model last: a bad row or split is reported in seconds, not after the model's loading time
-    model = load_causal_lm(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
-    return model, tokenizer, train_data, eval_data
+
+    def read(source, tokenizer, split, max_examples):
+        return CompletionData.from_source(source, tokenizer, split=split, limits=limits,
+                                          skip_invalid=cfg.skip_invalid_rows, max_examples=max_examples)
+
+    return loop.load_inputs(cfg, "sft needs --model_name_or_path and --dataset_name (the data to fine-tune "
+                            "on); with neither, `finegrain sft` trains the built-in world's base model", read)
