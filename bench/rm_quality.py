@@ -155,8 +155,8 @@ def edit_label_lookup_auroc(world: Path) -> dict:
     from collections import Counter
 
     from finegrain.data.alignment import edit_tags
+    from finegrain.data.files import read_jsonl
     from finegrain.eval.metrics import evaluate_token_credit
-    from finegrain.world.build import read_jsonl
     from finegrain.world.oracle import prompt_topic
 
     pos, neg, seen = Counter(), Counter(), Counter()
@@ -218,12 +218,12 @@ def length_bias(models: dict[str, str], world_dir: str | None = None, *, batch_s
         accuracy, score_per_token}}``.
     """
     from finegrain.data.collate import collate_completions, pad_token_id
+    from finegrain.data.files import read_jsonl
     from finegrain.data.tokenize import tokenize_prompt, tokenize_response
     from finegrain.models.loading import load_tokenizer
     from finegrain.rewards.base import sequence_scores
     from finegrain.rewards.registry import SourceContext, reward_source
     from finegrain.world import ensure_world
-    from finegrain.world.build import read_jsonl
     from finegrain.world.sources import register
 
     world = ensure_world(world_dir)

@@ -16,10 +16,11 @@ import torch
 
 pytest.importorskip("if_verifiable", reason="needs finegrain[ifeval] (if-verifiable, Python >= 3.11)")
 
+from finegrain.data.files import read_jsonl  # noqa: E402
 from finegrain.errors import ConfigError, DataError  # noqa: E402
 from finegrain.ifeval import model as ifeval_model  # noqa: E402
 from finegrain.ifeval.data import make_pairs, make_revisions, make_truth, pair_key  # noqa: E402
-from finegrain.ifeval.sampling import SampleSettings, read_jsonl, sample_rows  # noqa: E402
+from finegrain.ifeval.sampling import SampleSettings, sample_rows  # noqa: E402
 from finegrain.models.build import causal_lm_from_config, tiny_llama_config  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))

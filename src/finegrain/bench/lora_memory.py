@@ -103,7 +103,7 @@ def run(*, hidden: int = 768, layers: int = 8, heads: int = 12, kv_heads: int | 
     """Run the three variants in fresh processes; returns the result dict (``ratios`` of peak memory)."""
     from finegrain.bench.measure import run_worker
     from finegrain.bench.synthetic import LlamaShape, random_pairs
-    from finegrain.ifeval.sampling import write_jsonl
+    from finegrain.data.files import write_jsonl
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")

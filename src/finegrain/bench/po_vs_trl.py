@@ -177,7 +177,7 @@ def _throughput(s: dict, model_dir: Path, data: Path, median: dict[str, float], 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from finegrain.bench.synthetic import pair_token_counts
-    from finegrain.ifeval.sampling import read_jsonl
+    from finegrain.data.files import read_jsonl
     from finegrain.models.flops import lora_params, mfu, model_flops, peak_bf16_flops
 
     counts = pair_token_counts(read_jsonl(data), tokenizer)
@@ -239,7 +239,7 @@ def run(*, hidden: int = 256, layers: int = 4, heads: int = 4, kv_heads: int | N
 
     from finegrain.bench.measure import use_device
     from finegrain.bench.synthetic import LlamaShape, preference_inputs, random_pairs, single_token_words
-    from finegrain.ifeval.sampling import write_jsonl
+    from finegrain.data.files import write_jsonl
 
     unknown = [c for c in list(configs) + list(profile) if c not in CONFIGS]
     if unknown:

@@ -45,7 +45,7 @@ GPU_QUICK = dict(GPU, steps=4, warmup=1, throughput_repeats=2)
 def _random_policy_inputs(root: Path, hidden: int, layers: int, heads: int, prompts: int, seed: int) -> tuple[str, str]:
     """A random Llama with the world tokenizer saved to ``root/model``, and ``prompts`` world prompts."""
     from finegrain.bench.synthetic import LlamaShape, build_model
-    from finegrain.ifeval.sampling import write_jsonl
+    from finegrain.data.files import write_jsonl
     from finegrain.world.corpus import eval_prompts
     from finegrain.world.tokenizer import build_tokenizer
 
@@ -72,7 +72,7 @@ def _dir_policy_inputs(root: Path, model_dir: str, prompt_len: int, prompts: int
     from transformers import AutoTokenizer
 
     from finegrain.bench.synthetic import random_pairs, single_token_words
-    from finegrain.ifeval.sampling import write_jsonl
+    from finegrain.data.files import write_jsonl
 
     words = single_token_words(AutoTokenizer.from_pretrained(model_dir))
     rows = random_pairs(prompts, 0, prompt_len, 1, seed, words=words)
@@ -83,7 +83,7 @@ def step_breakdown(s: dict) -> dict:
     """Run PPO for ``steps`` steps and summarise the per-phase times it logged."""
     from finegrain.bench.measure import reset_accelerate, use_device
     from finegrain.config import parse
-    from finegrain.ifeval.sampling import read_jsonl
+    from finegrain.data.files import read_jsonl
     from finegrain.trainers.ppo import PPOConfig, load_inputs, train
     from finegrain.world.app import parse_config
 

@@ -99,7 +99,7 @@ def preference_inputs(root: Path, shape: LlamaShape, *, prompt_len: int, respons
     """Save a random Llama of ``shape`` with the word tokenizer to ``root/model`` and ``pairs`` random pairs to
     ``root/pairs.jsonl``; returns both paths. The model is saved in float32 (mixed precision keeps float32
     master weights)."""
-    from finegrain.ifeval.sampling import write_jsonl
+    from finegrain.data.files import write_jsonl
 
     model_dir = root / "model"
     max_positions = prompt_len + response_len + 8

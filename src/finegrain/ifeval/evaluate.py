@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from finegrain.data.files import read_jsonl, write_text
 from finegrain.errors import ConfigError
-from finegrain.ifeval.sampling import read_jsonl, write_text
 
 __all__ = ["IFEVAL_KEYS", "check_eval_settings", "evaluate_on_task", "format_eval", "rescore",
            "samples_as_task_rows"]

@@ -63,8 +63,8 @@ from pathlib import Path
 from typing import Any
 
 from finegrain.config import option, parse
+from finegrain.data.files import write_text
 from finegrain.errors import ConfigError
-from finegrain.ifeval.sampling import write_text
 
 __all__ = ["METHODS", "PRESETS", "RunConfig", "main", "plan", "run"]
 

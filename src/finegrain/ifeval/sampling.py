@@ -18,14 +18,15 @@ only when complete.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SampleSettings", "read_jsonl", "sample_rows", "write_jsonl", "write_text"]
+from finegrain.data.files import read_jsonl, write_jsonl
+
+__all__ = ["SampleSettings", "sample_rows"]
 
 
 @dataclass(frozen=True)
@@ -47,40 +48,6 @@ class SampleSettings:
     top_p: float = 1.0
     batch_size: int = 64
     seed: int = 0
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Rows of a JSON Lines file (a bad line is a :class:`~finegrain.errors.DataError` naming file and row)."""
-    from finegrain.errors import DataError
-
-    rows = []
-    with Path(path).open(encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except ValueError as exc:
-                raise DataError(f"not a JSON line: {exc}", source=str(path), row=i) from None
-    return rows
-
-
-def write_text(path: str | Path, text: str) -> Path:
-    """Write a file atomically: a temporary sibling, then a rename (a reader never sees half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def write_jsonl(path: str | Path, rows: Sequence[dict]) -> Path:
-    """Write rows atomically (:func:`write_text`), one JSON line each."""
-    return write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def _left_pad(prompts: list[list[int]], pad_id: int):

@@ -25,8 +25,6 @@ always have the full length. ``finegrain po --loss treg-dpo --reg_source externa
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import sys
 from pathlib import Path
 from typing import Literal
@@ -112,6 +110,7 @@ def label_pairs(source, data, *, batch_size: int, full_lengths: list[tuple[int, 
 
 def run_contrastive(cfg: ContrastiveLabelConfig) -> Path:
     """Label the pairs of ``cfg`` and write the output JSONL; returns its path."""
+    from finegrain.data.files import write_jsonl
     from finegrain.data.loading import load_rows
     from finegrain.data.prepared import PreferenceData
     from finegrain.data.tokenize import TokenLimits, tokenize_response
@@ -163,15 +162,8 @@ def run_contrastive(cfg: ContrastiveLabelConfig) -> Path:
     rewards = label_pairs(source, data, batch_size=cfg.batch_size, full_lengths=full, show_progress=True)
 
     raw = {rows.locate(i): row for i, row in enumerate(rows)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    with tmp.open("w") as f:
-        for ex, (chosen, rejected) in zip(data, rewards):
-            row = dict(raw[(ex["source"], ex["row"])])
-            row["chosen_token_rewards"] = chosen
-            row["rejected_token_rewards"] = rejected
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, out)
+    write_jsonl(out, (dict(raw[(ex["source"], ex["row"])], chosen_token_rewards=chosen, rejected_token_rewards=rejected)
+                      for ex, (chosen, rejected) in zip(data, rewards)), ensure_ascii=True)
     note = f"; {cut} responses were cut by max_length (their cut tokens have reward 0)" if cut else ""
     skipped = sum(data.skipped.values())
     print(f"contrastive rewards of {len(data)} pairs ({template.form} template) written to {out}"

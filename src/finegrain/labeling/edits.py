@@ -27,9 +27,7 @@ them, all 0).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
@@ -185,6 +183,7 @@ def run_edits(cfg: EditsConfig) -> EditsSummary:
         ConfigError: the output exists (without ``overwrite_output``), or a tokenizer without offsets.
         DataError: a bad input row (unless ``skip_invalid_rows``).
     """
+    from finegrain.data.files import write_jsonl
     from finegrain.data.loading import Rows, load_rows
     from finegrain.data.schema import validate_rows
     from finegrain.models.loading import load_tokenizer
@@ -207,13 +206,5 @@ def run_edits(cfg: EditsConfig) -> EditsSummary:
     summary = EditsSummary(skipped=sum(skipped.values()), output_file=str(out_path))
     out = label_rows(valid, tokenizer, unit=cfg.unit, fmt=cfg.format, sides=cfg.sides,
                      keep_identical=cfg.keep_identical, summary=summary)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("w") as f:
-            for row in out:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_jsonl(out_path, out)
     return summary

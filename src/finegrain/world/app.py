@@ -128,8 +128,9 @@ def eval_revisions_file(world: Path) -> str:
     edit set of the token-level reward models), written once."""
     path = world / "data" / "revisions_test.jsonl"
     if not path.is_file():
+        from finegrain.data.files import read_jsonl
         from finegrain.world import load_world_config
-        from finegrain.world.build import make_revisions, read_jsonl, write_jsonl
+        from finegrain.world.build import make_revisions, write_jsonl
 
         wcfg = load_world_config(world)
         pairs = [p for p in read_jsonl(world / "data" / "pairs_test.jsonl") if p["rejected"].strip()]

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from pathlib import Path
 from typing import Any
 
+from finegrain.data import files
 from finegrain.world.config import WORLD_FORMAT, WorldConfig
 from finegrain.world.corpus import Perception, Sampler, eval_prompts, revision_corpus, sft_corpus
 from finegrain.world.oracle import OracleRules, judge
@@ -33,18 +33,8 @@ from finegrain.world.reviser import revise
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write ``rows`` as JSON Lines atomically: a temporary sibling of this process, then a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    tmp.replace(path)
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with Path(path).open() as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """Write ``rows`` as JSON Lines atomically (non-ASCII escaped, as every world file has been written)."""
+    files.write_jsonl(path, rows, ensure_ascii=True)
 
 
 def make_pairs(prompts: list[str], samples: list[tuple[str, str]], rules: OracleRules, bt_temperature: float,

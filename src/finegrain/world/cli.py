@@ -30,8 +30,8 @@ def _build(argv: list[str]) -> int:
 
 
 def _show(argv: list[str]) -> int:
+    from finegrain.data.files import read_jsonl
     from finegrain.world import default_world_dir, ensure_world
-    from finegrain.world.build import read_jsonl
 
     parser = argparse.ArgumentParser(prog="finegrain world show", description="Print example pairs with the oracle's word credit.")
     parser.add_argument("dir", nargs="?", default=None, help=f"world directory (default {default_world_dir()})")
