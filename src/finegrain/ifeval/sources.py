@@ -47,6 +47,7 @@ import torch
 
 from finegrain.errors import ConfigError, DataError
 from finegrain.rewards.registry import SourceContext, register_reward_source
+from finegrain.rewards.rule import JudgedRewardSource
 
 __all__ = ["MODES", "IFEvalRewardSource", "Judgement", "register"]
 
@@ -87,7 +88,7 @@ class Judgement:
         return all(self.strict)
 
 
-class IFEvalRewardSource:
+class IFEvalRewardSource(JudgedRewardSource):
     """IFEval's checkers as a reward source (see the module docstring).
 
     Args:
@@ -132,7 +133,21 @@ class IFEvalRewardSource:
             out.append(Judgement(ids, kwargs, strict, loose))
         return out
 
-    def _credit_row(self, token_ids: list[int], j: Judgement) -> list[float]:
+    def score(self, judgement: Judgement) -> float:
+        return float(judgement.passed) if self.mode == "pass" else judgement.score
+
+    def metrics(self, judgements: list[Judgement]) -> dict[str, torch.Tensor]:
+        metrics = {
+            "prompt_strict": torch.tensor([j.passed for j in judgements], dtype=torch.bool),
+            "instruction_strict": torch.tensor([j.score for j in judgements], dtype=torch.float32),
+        }
+        if self.loose:
+            metrics["prompt_loose"] = torch.tensor([all(j.loose) for j in judgements], dtype=torch.bool)
+            metrics["instruction_loose"] = torch.tensor([sum(j.loose) / len(j.loose) for j in judgements],
+                                                        dtype=torch.float32)
+        return metrics
+
+    def credit_row(self, token_ids: list[int], text: str, j: Judgement) -> list[float]:
         """Per-token credit of one response (module docstring), on the tokens ``token_ids`` (EOS included)."""
         from finegrain.ifeval.instructions import TOKEN_LOCAL
         from finegrain.ifeval.truth import Violation, token_truth, violations
@@ -161,40 +176,6 @@ class IFEvalRewardSource:
                 values[t] -= 1.0 / (k * len(tokens))
         values[-1] += 1.0 - unlocated / k
         return values
-
-    def token_rewards(self, batch) -> Any:
-        """Rewards of the ``B`` rows of ``batch`` (see the class docstring)."""
-        from finegrain.rewards.base import check_finite, prompt_texts, response_texts
-        from finegrain.rewards.placement import place_on_last_token
-        from finegrain.types import TokenRewards
-
-        mask = batch.completion_mask.to(torch.bool)
-        responses = response_texts(batch, self.tokenizer)
-        judgements = self.judge(prompt_texts(batch, self.tokenizer), responses)
-        if self.mode == "pass":
-            scores = torch.tensor([float(j.passed) for j in judgements], dtype=torch.float32)
-        else:
-            scores = torch.tensor([j.score for j in judgements], dtype=torch.float32)
-        if self.mode == "credit":
-            values = torch.zeros(mask.shape, dtype=torch.float32)
-            ids = batch.completion_input_ids.cpu()
-            cpu_mask = mask.cpu()
-            for b, j in enumerate(judgements):
-                values[b, cpu_mask[b]] = torch.tensor(self._credit_row(ids[b][cpu_mask[b]].tolist(), j))
-            values = values.to(mask.device)
-        else:
-            values = place_on_last_token(scores.to(mask.device), mask)
-        metrics = {
-            "prompt_strict": torch.tensor([j.passed for j in judgements], dtype=torch.bool),
-            "instruction_strict": torch.tensor([j.score for j in judgements], dtype=torch.float32),
-        }
-        if self.loose:
-            metrics["prompt_loose"] = torch.tensor([all(j.loose) for j in judgements], dtype=torch.bool)
-            metrics["instruction_loose"] = torch.tensor([sum(j.loose) / len(j.loose) for j in judgements],
-                                                        dtype=torch.float32)
-        meta = {"score": scores.to(mask.device), "metrics": {k: v.to(mask.device) for k, v in metrics.items()},
-                "responses": responses}
-        return check_finite(TokenRewards(values=values, mask=mask, meta=meta), self.name)
 
 
 def _make(arg: str | None, context: SourceContext) -> IFEvalRewardSource:

@@ -2,7 +2,7 @@
 
 Every source returns a :class:`finegrain.types.TokenRewards`; the placement functions put scalar and span scores
 on the right tokens of the ``(B, T)`` response layout. The sources themselves (contrastive prompting, implicit DPO
-rewards, reward models, the world's oracle, a Python function) and :func:`load_reward_source` are imported on first
+rewards, reward models, a Python function, the base of judged rule rewards) and :func:`load_reward_source` are imported on first
 use, so that ``import finegrain.rewards`` stays light.
 """
 
@@ -26,8 +26,8 @@ _LAZY = {
     "SentenceRMSource": "finegrain.rewards.models",
     "TokenRMSource": "finegrain.rewards.models",
     "DiscriminatorSource": "finegrain.rewards.models",
-    "OracleRewardSource": "finegrain.rewards.rule",
     "FunctionRewardSource": "finegrain.rewards.rule",
+    "JudgedRewardSource": "finegrain.rewards.rule",
     "load_reward_source": "finegrain.rewards.registry",
     "register_reward_source": "finegrain.rewards.registry",
 }

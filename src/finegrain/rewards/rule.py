@@ -27,7 +27,7 @@ from finegrain.rewards.base import check_finite, prompt_texts, response_texts
 from finegrain.rewards.placement import place_on_last_token
 from finegrain.types import CompletionBatch, TokenRewards
 
-__all__ = ["FunctionRewardSource", "load_function", "word_end_tokens"]
+__all__ = ["FunctionRewardSource", "JudgedRewardSource", "load_function", "word_end_tokens"]
 
 
 # ------------------------------------------------------------------------------------------------ text of a batch
@@ -72,6 +72,51 @@ def word_end_tokens(tokenizer: Any, token_ids: Sequence[int], text: str) -> list
         if k == len(ends):
             break
     return out + [len(ids) - 1] * (len(ends) - k)
+
+
+# ------------------------------------------------------------------------------------------------ judged texts
+
+
+class JudgedRewardSource:
+    """Base of the rule sources that judge each (prompt, response) text pair (the built-in world's oracle, the
+    IFEval task's checkers): it decodes the batch, asks :meth:`judge`, and places the result.
+
+    A subclass sets ``tokenizer``, ``name`` and ``dense`` and implements ``judge(prompts, responses)`` (one
+    judgement per row), ``score(judgement)`` (its sequence score), optionally :meth:`metrics` and, when ``dense``,
+    ``credit_row(token_ids, text, judgement)`` (one reward per valid token of the response ``text``, EOS
+    included). ``token_rewards(batch)`` returns ``values (B, T)``:
+    the score on the last valid token (EOS when the response has one), or, when dense, each row's
+    :meth:`credit_row` on its valid tokens; ``mask = completion_mask``; ``meta["score"] (B,)``,
+    ``meta["metrics"]`` (``(B,)`` tensors, read by ``finegrain eval --judge`` and ``ppo --judge``) and
+    ``meta["responses"]`` (the texts).
+    """
+
+    tokenizer: Any
+    name: str
+    dense: bool = False
+
+    def metrics(self, judgements: list) -> dict[str, torch.Tensor]:
+        """Per-row judgements by name, ``(B,)`` each (none by default)."""
+        return {}
+
+    def token_rewards(self, batch: CompletionBatch) -> TokenRewards:
+        """Rewards of the ``B`` rows of ``batch`` (see the class docstring)."""
+        mask = batch.completion_mask.to(torch.bool)
+        responses = response_texts(batch, self.tokenizer)
+        judgements = self.judge(prompt_texts(batch, self.tokenizer), responses)
+        scores = torch.tensor([self.score(j) for j in judgements], dtype=torch.float32, device=mask.device)
+        if self.dense:
+            values = torch.zeros(mask.shape, dtype=torch.float32)
+            ids, cpu_mask = batch.completion_input_ids.cpu(), mask.cpu()
+            for b, (j, text) in enumerate(zip(judgements, responses)):
+                row = self.credit_row(ids[b][cpu_mask[b]].tolist(), text, j)
+                values[b, cpu_mask[b]] = torch.tensor(row, dtype=torch.float32)
+            values = values.to(mask.device)
+        else:
+            values = place_on_last_token(scores, mask)
+        meta = {"score": scores, "metrics": {k: v.to(mask.device) for k, v in self.metrics(judgements).items()},
+                "responses": responses}
+        return check_finite(TokenRewards(values=values, mask=mask, meta=meta), self.name)
 
 
 # ----------------------------------------------------------------------------------------------------- function

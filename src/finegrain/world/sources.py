@@ -20,11 +20,9 @@ from typing import Any
 import torch
 
 from finegrain.errors import ConfigError, DataError
-from finegrain.rewards.base import check_finite, prompt_as_text, prompt_texts, response_texts
-from finegrain.rewards.placement import place_on_last_token
+from finegrain.rewards.base import prompt_as_text
 from finegrain.rewards.registry import SourceContext, register_reward_source
-from finegrain.rewards.rule import word_end_tokens
-from finegrain.types import CompletionBatch, TokenRewards
+from finegrain.rewards.rule import JudgedRewardSource, word_end_tokens
 from finegrain.world.oracle import DEFAULT_RULES, OracleRules, judge
 
 __all__ = ["ORACLE_MODES", "OracleRewardSource", "register"]
@@ -33,7 +31,7 @@ ORACLE_MODES = {None: False, "sequence": False, "credit": True}
 """``oracle[:MODE]``: whether the mode is dense (per-word credit)."""
 
 
-class OracleRewardSource:
+class OracleRewardSource(JudgedRewardSource):
     """The built-in world's oracle as a rule reward (see the module docstring).
 
     Args:
@@ -43,8 +41,9 @@ class OracleRewardSource:
         rules: the world's :class:`finegrain.world.oracle.OracleRules` (default: the default world's).
         name: the source name in metrics and errors (default ``"oracle"`` / ``"oracle_credit"``).
 
-    ``token_rewards(batch)`` returns ``TokenRewards`` with ``meta["score"]`` ``(B,)`` (oracle scores),
-    ``meta["metrics"]["well_formed"]`` ``(B,)`` bool and ``meta["responses"]`` (the texts).
+    ``token_rewards(batch)`` (:class:`~finegrain.rewards.rule.JudgedRewardSource`) returns ``TokenRewards`` with
+    ``meta["score"]`` ``(B,)`` (oracle scores), ``meta["metrics"]["well_formed"]`` ``(B,)`` bool and
+    ``meta["responses"]`` (the texts).
     """
 
     def __init__(self, tokenizer: Any, *, dense: bool = False, rules: Any = None, name: str | None = None):
@@ -63,24 +62,18 @@ class OracleRewardSource:
                 raise DataError(f"reward source '{self.name}' judges world prompts only: {exc}", row=i) from None
         return out
 
-    def token_rewards(self, batch: CompletionBatch) -> TokenRewards:
-        """Oracle rewards of the ``B`` rows of ``batch``: ``values (B, T)``, ``mask = completion_mask``."""
-        mask = batch.completion_mask.to(torch.bool)
-        responses = response_texts(batch, self.tokenizer)
-        judgements = self.judge(prompt_texts(batch, self.tokenizer), responses)
-        scores = torch.tensor([j.score for j in judgements], dtype=torch.float32)
-        if self.dense:
-            values = torch.zeros(mask.shape, dtype=torch.float32)
-            ids = batch.completion_input_ids.cpu()
-            for b, (j, text) in enumerate(zip(judgements, responses)):
-                for word, token in enumerate(word_end_tokens(self.tokenizer, ids[b][mask[b].cpu()].tolist(), text)):
-                    values[b, token] += j.credit[word]
-            values = values.to(mask.device)
-        else:
-            values = place_on_last_token(scores.to(mask.device), mask)
-        well_formed = torch.tensor([j.well_formed for j in judgements], dtype=torch.bool, device=mask.device)
-        meta = {"score": scores.to(mask.device), "metrics": {"well_formed": well_formed}, "responses": responses}
-        return check_finite(TokenRewards(values=values, mask=mask, meta=meta), self.name)
+    def score(self, judgement) -> float:
+        return judgement.score
+
+    def metrics(self, judgements: list) -> dict[str, torch.Tensor]:
+        return {"well_formed": torch.tensor([j.well_formed for j in judgements], dtype=torch.bool)}
+
+    def credit_row(self, token_ids: list[int], text: str, judgement) -> list[float]:
+        """Each word's credit on the token that completes it."""
+        values = [0.0] * len(token_ids)
+        for word, token in enumerate(word_end_tokens(self.tokenizer, token_ids, text)):
+            values[token] += judgement.credit[word]
+        return values
 
 
 def register(world_dir: str | Path | None = None) -> None:
