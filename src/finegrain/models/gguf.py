@@ -45,6 +45,7 @@ __all__ = [
     "ensure_converted",
     "is_converted",
     "is_gguf_path",
+    "sha256_file",
 ]
 
 GGUF_MARKER = "finegrain_gguf.json"
@@ -142,7 +143,8 @@ def is_converted(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> bo
     return all(marker.get(k) == v for k, v in stamp.items() if k != "source")
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The SHA-256 hex digest of a file, read in 4 MiB blocks."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -243,7 +245,7 @@ def convert_gguf(
             tmp.mkdir(parents=True)
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-            marker = {"format": _FORMAT, **stamp, "sha256": _sha256(path), "dtype": dtype,
+            marker = {"format": _FORMAT, **stamp, "sha256": sha256_file(path), "dtype": dtype,
                       "architecture": type(model).__name__, "seconds": round(time.perf_counter() - start, 1)}
             (tmp / GGUF_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
             old = out.parent / f".{out.name}.old-{os.getpid()}"
