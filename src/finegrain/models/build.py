@@ -1,4 +1,4 @@
-"""Model builders: tiny causal LMs from a transformers config, dropout switches, LoRA wrapping."""
+"""Model builders: tiny causal LMs from a transformers config, dtype names, dropout switches, LoRA wrapping."""
 
 from __future__ import annotations
 
@@ -8,6 +8,16 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from finegrain.errors import ConfigError
+
+
+def torch_dtype(name: str, where: str = "") -> torch.dtype:
+    """The torch dtype called ``name``: float32, bfloat16 or float16 (``where`` goes into the error)."""
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    except KeyError:
+        raise ConfigError(f"unknown dtype {name!r}{where}; choose float32, bfloat16 or float16") from None
 
 
 def tiny_llama_config(vocab_size: int, *, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,

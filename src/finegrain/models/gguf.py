@@ -224,7 +224,7 @@ def convert_gguf(
     out = Path(out_dir).expanduser() if out_dir is not None else default_converted_dir(path)
     if not force and path.is_file() and is_converted(path, out):
         return out
-    from finegrain.models.loading import torch_dtype
+    from finegrain.models.build import torch_dtype
 
     path = check_gguf_file(path)
     weights_dtype = torch_dtype(dtype, " for a GGUF conversion")

@@ -13,15 +13,8 @@ from typing import Any
 import torch
 
 from finegrain.errors import ConfigError
+from finegrain.models.build import torch_dtype
 from finegrain.models.gguf import ensure_converted
-
-
-def torch_dtype(name: str, where: str = "") -> torch.dtype:
-    """The torch dtype called ``name``: float32, bfloat16 or float16 (``where`` goes into the error)."""
-    try:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-    except KeyError:
-        raise ConfigError(f"unknown dtype {name!r}{where}; choose float32, bfloat16 or float16") from None
 
 
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
