@@ -1,5 +1,6 @@
 """Imports run one way: every finegrain import (function-level ones included) goes to a lower layer or stays
-inside its own package, and no generic package imports an application (the built-in world, the real-model task).
+inside its own package, no generic package imports an application (the built-in world, the real-model task), and
+no modules import each other in a circle.
 
 Layers, from the ground up (CONTRIBUTING.md, "Layout and layering"):
 
@@ -92,6 +93,50 @@ def violations(sources: dict[str, str]) -> list[str]:
     return found
 
 
+def circles(sources: dict[str, str]) -> list[list[str]]:
+    """Every import circle between modules (function-level imports included), as sorted module lists: the strongly
+    connected components of more than one module (Tarjan). An import of a name resolves to the longest module
+    prefix that exists (``from finegrain.data import files`` -> ``finegrain.data.files`` when that module exists,
+    else the package ``finegrain.data``)."""
+    graph: dict[str, set[str]] = {m: set() for m in sources}
+    for module, text in sources.items():
+        tree = ast.parse(text)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and not node.level and node.module and node.module in sources:
+                targets = [f"{node.module}.{a.name}" for a in node.names]  # submodules named by "from pkg import"
+                graph[module] |= {t for t in targets if t in sources and t != module}
+        for _, target in _imported(tree, module):
+            while target and target not in sources:
+                target = target.rpartition(".")[0]
+            if target and target != module:
+                graph[module].add(target)
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while not component or component[-1] != v:
+                component.append(stack.pop())
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
 def _package_sources() -> dict[str, str]:
     out = {}
     for path in SRC.rglob("*.py"):
@@ -107,6 +152,23 @@ def test_the_package_imports_run_one_way():
     sources = _package_sources()
     assert len(sources) > 80
     assert violations(sources) == []
+
+
+def test_no_import_circles():
+    """No two modules import each other, directly or through others (a split file imports its config from a lower
+    module, as ``trainers/po_config.py`` does for ``po.py``)."""
+    assert circles(_package_sources()) == []
+
+
+def test_planted_circles_are_found():
+    planted = {
+        "finegrain.trainers.po": "from finegrain.trainers.po_stats import accumulate\n",
+        "finegrain.trainers.po_stats": "def f():\n    from finegrain.trainers import po\n",
+        "finegrain.trainers": "",
+        "finegrain.rewards.base": "from finegrain.ops.masked import zero_masked\n",
+        "finegrain.ops.masked": "",
+    }
+    assert circles(planted) == [["finegrain.trainers.po", "finegrain.trainers.po_stats"]]
 
 
 def test_planted_violations_are_found():
