@@ -269,8 +269,9 @@ class RewardModelSource:
         out = self._finish(values.to(device), mask, scores.to(device), meta)
         return check_finite(out, self.name)
 
-    def _finish(self, values: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor, meta: dict) -> TokenRewards:
-        return TokenRewards(values=values, mask=mask, seq_reward=None, meta={"scores": scores, **meta})
+    def _finish(self, values: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor, meta: dict,
+                seq_reward: torch.Tensor | None = None) -> TokenRewards:
+        return TokenRewards(values=values, mask=mask, seq_reward=seq_reward, meta={"scores": scores, **meta})
 
     # -- shared machinery -----------------------------------------------------------------------------------
 
@@ -281,6 +282,16 @@ class RewardModelSource:
     def _chunks(self, n: int) -> list[range]:
         size = self.batch_size or max(n, 1)
         return [range(lo, min(n, lo + size)) for lo in range(0, n, size)]
+
+    def _same_chunks(self, batch: CompletionBatch, score) -> torch.Tensor:
+        """``score`` of every chunk of ``batch`` (the policy's own ids) on the model's device, joined on the CPU in
+        float32 (a batch without rows: zeros shaped like its completion mask)."""
+        parts = [score(_take(batch, c).to(self.device)).float().cpu() for c in self._chunks(batch.num_rows)]
+        return torch.cat(parts) if parts else torch.zeros(batch.completion_mask.shape)
+
+    def _row_chunks(self, rows: list[_Row]) -> list[tuple[list[int], list[_Row]]]:
+        """``(indices, rows)`` of every chunk of ``rows``."""
+        return [(list(c), [rows[i] for i in c]) for c in self._chunks(len(rows))]
 
     def _rows(self, batch: CompletionBatch) -> list[_Row]:
         """Decode every row; re-tokenise it with the reward model's tokenizer unless the vocabularies agree."""
@@ -337,10 +348,8 @@ class RewardModelSource:
         """Token RM / discriminator through the text: score in RM tokens, map onto the policy's tokens."""
         values = np.zeros((len(rows), T))
         scores = np.zeros(len(rows))
-        for chunk in self._chunks(len(rows)):
-            part = [rows[i] for i in chunk]
-            rm_batch = self._rm_batch(part)
-            rm_values = self._values(rm_batch).float().cpu().numpy()
+        for chunk, part in self._row_chunks(rows):
+            rm_values = self._values(self._rm_batch(part)).float().cpu().numpy()
             for k, (i, r) in enumerate(zip(chunk, part)):
                 n = len(r.rm_response)
                 mapped = map_token_values(rm_values[k, :n], r.rm_offsets[:n], r.policy_offsets, reduce=reduce,
@@ -367,20 +376,17 @@ class SequenceRMSource(RewardModelSource):
         self.as_seq_reward = seq_reward
 
     def _score_same(self, batch):
-        scores = torch.cat([self.model.score(_take(batch, c).to(self.device)).float().cpu()
-                            for c in self._chunks(batch.num_rows)])
-        return torch.zeros(batch.completion_mask.shape), scores
+        return torch.zeros(batch.completion_mask.shape), self._same_chunks(batch, self.model.score)
 
     def _score_rows(self, rows, T):
         scores = np.zeros(len(rows))
-        for chunk in self._chunks(len(rows)):
-            scores[list(chunk)] = self.model.score(self._rm_batch([rows[i] for i in chunk])).float().cpu().numpy()
+        for chunk, part in self._row_chunks(rows):
+            scores[chunk] = self.model.score(self._rm_batch(part)).float().cpu().numpy()
         return np.zeros((len(rows), T)), scores, {}
 
     def _finish(self, values, mask, scores, meta):
         if self.as_seq_reward:
-            return TokenRewards(values=torch.zeros_like(values), mask=mask, seq_reward=scores,
-                                meta={"scores": scores, **meta})
+            return super()._finish(torch.zeros_like(values), mask, scores, meta, seq_reward=scores)
         return super()._finish(place_on_last_token(scores.to(values.dtype), mask), mask, scores, meta)
 
 
@@ -400,8 +406,7 @@ class TokenRMSource(RewardModelSource):
         self.reduce = reduce
 
     def _score_same(self, batch):
-        parts = [self._values(_take(batch, c).to(self.device)).float().cpu() for c in self._chunks(batch.num_rows)]
-        values = torch.cat(parts) if parts else torch.zeros(batch.completion_mask.shape)
+        values = self._same_chunks(batch, self._values)
         return values, values.sum(dim=1)
 
     def _score_rows(self, rows, T):
@@ -491,8 +496,7 @@ class SentenceRMSource(RewardModelSource):
         values = torch.zeros(N, T, dtype=torch.float64)
         scores, prompt_terms, counts = np.zeros(N), np.zeros(N), np.zeros(N, dtype=np.int64)
         pad = pad_token_id(self.model.tokenizer)
-        for chunk in self._chunks(N):
-            part = [rows[i] for i in chunk]
+        for chunk, part in self._row_chunks(rows):
             examples = [self.model.prepare(r.rm_prompt, r.rm_response, r.text, r.rm_offsets) for r in part]
             out = self.model(collate_sentence_examples(examples, pad).to(self.device))
             terms = out.terms.double().cpu()
@@ -513,10 +517,10 @@ class SentenceRMSource(RewardModelSource):
                 placed = spread_over_spans(span_values, token_groups, part_mask)
             else:  # a group with no policy token (e.g. cut off) has nowhere to go: drop its term
                 placed = place_at_span_ends(torch.where(ends >= 0, span_values, 0.0), ends, part_mask)
-            values[list(chunk)] = placed
-            scores[list(chunk)] = out.score.double().cpu().numpy()
-            prompt_terms[list(chunk)] = terms[:, 0].numpy()
-            counts[list(chunk)] = [len(ex.boundaries) for ex in examples]
+            values[chunk] = placed
+            scores[chunk] = out.score.double().cpu().numpy()
+            prompt_terms[chunk] = terms[:, 0].numpy()
+            counts[chunk] = [len(ex.boundaries) for ex in examples]
         meta = {"prompt_terms": torch.from_numpy(prompt_terms).float(), "num_sentences": torch.from_numpy(counts)}
         return values.numpy(), scores, meta
 
