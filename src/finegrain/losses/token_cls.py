@@ -364,16 +364,10 @@ def minimal_edit_loss(
 
     if objective != "token_cls":
         raise ConfigError(f"minimal_edit_loss: objective must be 'edit_bt' or 'token_cls', got {objective!r}")
-    if cls_loss == "mse":
-        rev_tok = (revised_outputs - revised_labels.to(revised_outputs.dtype)) ** 2
-        rej_tok = (rejected_outputs - rejected_labels.to(rejected_outputs.dtype)) ** 2
-        rev_r, rej_r = revised_outputs, rejected_outputs
-    elif cls_loss == "ce":
-        rev_tok = _three_way_ce(revised_outputs, revised_labels)
-        rej_tok = _three_way_ce(rejected_outputs, rejected_labels)
-        rev_r, rej_r = expected_label_rewards(revised_outputs), expected_label_rewards(rejected_outputs)
-    else:
+    if cls_loss not in ("mse", "ce"):
         raise ConfigError(f"minimal_edit_loss: cls_loss must be 'mse' or 'ce', got {cls_loss!r}")
+    rev_tok, rev_r = _token_cls_terms(revised_outputs, revised_labels, cls_loss)
+    rej_tok, rej_r = _token_cls_terms(rejected_outputs, rejected_labels, cls_loss)
     token_losses = masked_mean(rev_tok, rev_mask, dim=-1) + masked_mean(rej_tok, rej_mask, dim=-1)
     margin = masked_sum(rev_r, rev_mask & (revised_labels > 0), dim=-1) - masked_sum(
         rej_r, rej_mask & (rejected_labels < 0), dim=-1
@@ -382,7 +376,14 @@ def minimal_edit_loss(
     return MinimalEditOutput(token_losses, token_losses, torch.zeros_like(token_losses), accuracies)
 
 
-def _three_way_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``−log softmax(z)_{y+1}`` per token, ``(B, T, 3), (B, T) -> (B, T)``; padding labels are clamped."""
-    logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-    return -logp.gather(-1, (labels.long() + 1).clamp(0, 2).unsqueeze(-1)).squeeze(-1)
+def _token_cls_terms(outputs: torch.Tensor, labels: torch.Tensor, cls_loss: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Objective B on one side: ``(token losses, token rewards)``, each ``(B, T)``.
+
+    ``"mse"``: ``(r_t − y_t)²`` on the scalar rewards ``r``; ``"ce"``: ``−log softmax(z)_{y+1}`` on ``(B, T, 3)``
+    logits (padding labels are clamped), rewards :func:`expected_label_rewards`.
+    """
+    if cls_loss == "mse":
+        return (outputs - labels.to(outputs.dtype)) ** 2, outputs
+    logp = F.log_softmax(outputs.to(torch.promote_types(outputs.dtype, torch.float32)), dim=-1)
+    ce = -logp.gather(-1, (labels.long() + 1).clamp(0, 2).unsqueeze(-1)).squeeze(-1)
+    return ce, expected_label_rewards(outputs)
