@@ -71,15 +71,12 @@ class ImplicitRewardSource:
 
         mask = batch.completion_mask.to(torch.bool)
         h = predicting_states(hidden_states(self.policy, batch), batch)
-        if self.ref_model is not None:
-            hr = predicting_states(hidden_states(self.ref_model, batch), batch)
-            ref_w, ref_b, _ = lm_head(self.ref_model)
-        else:
-            with self.ref_context() if self.ref_context is not None else contextlib.nullcontext():
-                hr = predicting_states(hidden_states(self.policy, batch), batch)
-            ref_w = ref_b = None  # the adapter-disabled policy shares the policy's (frozen) head
+        ref = self.policy if self.ref_model is None else self.ref_model  # the policy: under ref_context
+        with self.ref_context() if self.ref_model is None else contextlib.nullcontext():
+            hr = predicting_states(hidden_states(ref, batch), batch)
         w, b, cap = lm_head(self.policy)
-        if ref_w is not None and ref_w is w:
+        ref_w, ref_b, _ = lm_head(ref)
+        if ref_w is w:  # one head (the adapter-disabled policy's is the policy's frozen one): read once
             ref_w, ref_b = None, None
         stats = completion_stats(h, w, batch.completion_input_ids, mask, policy_bias=b, ref_hidden=hr,
                                  ref_weight=ref_w, ref_bias=ref_b, compute_kl=self.kind == "tdpo",
