@@ -93,21 +93,16 @@ __all__ = [
     "splitter_config",
 ]
 
-LEVELS: tuple[str, ...] = ("sequence", "sentence", "token", "discriminator")
+_CLASSES: dict[str, type[RewardModel]] = {
+    cls.level: cls for cls in (SequenceRewardModel, SentenceRewardModel, TokenRewardModel, TokenDiscriminator)
+}
+LEVELS: tuple[str, ...] = tuple(_CLASSES)  # sequence, sentence, token, discriminator
 CONFIG_FILE = REWARD_MODEL_FILE
 HEAD_FILE = "reward_head.safetensors"
 FORMAT = 1
 
 
 # ----------------------------------------------------------------------------------------------- build / save
-
-
-_CLASSES: dict[str, type[RewardModel]] = {
-    "sequence": SequenceRewardModel,
-    "sentence": SentenceRewardModel,
-    "token": TokenRewardModel,
-    "discriminator": TokenDiscriminator,
-}
 
 
 def _hidden_size(backbone: nn.Module) -> int:
@@ -206,13 +201,9 @@ def build_reward_model(
                         end_token=end_token, double_softmax=double_softmax, lag=lag)
 
 
-_SETTINGS = {"sentence": ("boundary_mode", "splitter", "end_token"),
-             "discriminator": ("double_softmax", "lag")}
-"""The constructor settings of each level (what ``finegrain_reward.json`` records besides the head)."""
-
-
 def _instantiate(level: str, backbone, tokenizer, head, **settings) -> RewardModel:
-    return _CLASSES[level](backbone, tokenizer, head, **{k: settings[k] for k in _SETTINGS.get(level, ())})
+    cls = _CLASSES[level]
+    return cls(backbone, tokenizer, head, **{k: settings[k] for k in cls.setting_names})
 
 
 def save_reward_model(model: RewardModel, path: str | Path, *, state_dict: dict[str, torch.Tensor] | None = None,

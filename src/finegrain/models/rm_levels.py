@@ -57,6 +57,8 @@ class RewardModel(nn.Module):
     """
 
     level: ClassVar[str] = ""
+    setting_names: ClassVar[tuple[str, ...]] = ()
+    """The constructor's keyword settings, recorded in ``finegrain_reward.json`` by :meth:`settings`."""
 
     def __init__(self, backbone: nn.Module, tokenizer: Any, head: nn.Module):
         super().__init__()
@@ -77,7 +79,7 @@ class RewardModel(nn.Module):
 
     def settings(self) -> dict[str, Any]:
         """Level-specific settings recorded in ``finegrain_reward.json`` (besides the head config)."""
-        return {}
+        return {k: getattr(self, k) for k in self.setting_names}
 
     def forward(self, batch: CompletionBatch) -> torch.Tensor:
         """The head's outputs at the reading states ``(N, T, ...)`` (token levels; the others override it)."""
@@ -194,6 +196,7 @@ class TokenDiscriminator(RewardModel):
     """
 
     level = "discriminator"
+    setting_names = ("double_softmax", "lag")
 
     def __init__(self, backbone: nn.Module, tokenizer: Any, head: nn.Module, *, double_softmax: bool = False,
                  lag: int = 0):
@@ -204,9 +207,6 @@ class TokenDiscriminator(RewardModel):
 
     def head_config(self) -> dict[str, Any]:
         return {"hidden_size": self.head.proj.in_features}
-
-    def settings(self) -> dict[str, Any]:
-        return {"double_softmax": self.double_softmax, "lag": self.lag}
 
     def token_values(self, batch: CompletionBatch, logits: torch.Tensor | None = None, **reward: Any) -> torch.Tensor:
         """``2·P(+) − 1`` per token ``(N, T)`` (with the compatibility flags), 0 outside the response mask.
@@ -263,6 +263,7 @@ class SentenceRewardModel(RewardModel):
     """
 
     level = "sentence"
+    setting_names = ("boundary_mode", "splitter", "end_token")
 
     def __init__(self, backbone: nn.Module, tokenizer: Any, head: SentenceRewardHead, *,
                  boundary_mode: str = "insert", splitter: SentenceSplitter | None = None,
@@ -287,8 +288,7 @@ class SentenceRewardModel(RewardModel):
                 "max_sentences": h.max_sentences, "weighted_sum": h.weighted_sum}
 
     def settings(self) -> dict[str, Any]:
-        return {"boundary_mode": self.boundary_mode, "splitter": splitter_config(self.splitter),
-                "end_token": self.end_token}
+        return {**super().settings(), "splitter": splitter_config(self.splitter)}
 
     @property
     def max_response_sentences(self) -> int:
