@@ -28,7 +28,7 @@ from finegrain.ops.logprobs import token_entropy, token_logps
 from finegrain.ops.masked import zero_masked
 from finegrain.types import CompletionBatch
 
-__all__ = ["resolve_special_ids", "sample_next_token", "sample_rollouts", "score_rollout"]
+__all__ = ["resolve_special_ids", "sample_next_token", "sample_rollouts", "score_rollout", "take_rows"]
 
 
 def _as_list(ids: Any) -> list[int]:
@@ -261,9 +261,10 @@ def sample_rollouts(
     )
 
 
-def _trimmed(batch: CompletionBatch, rows: slice) -> tuple[CompletionBatch, int]:
+def take_rows(batch: CompletionBatch, rows: slice | torch.Tensor) -> tuple[CompletionBatch, int]:
     """Rows ``rows`` of ``batch`` without the prompt columns that are padding in all of them and without the
-    response columns after their longest response. Returns the sub-batch and its response width."""
+    response columns after their longest response. Returns the sub-batch and its response width ``T'``;
+    per-token tensors of the rows are ``x[rows, :T']``."""
     attn = batch.prompt_attention_mask[rows].to(torch.bool)
     mask = batch.completion_mask[rows].to(torch.bool)
     first = int(attn.any(dim=0).long().argmax()) if bool(attn.any()) else 0
@@ -333,7 +334,7 @@ def score_rollout(
     out = {key: torch.zeros(n, t, dtype=torch.float32, device=device) for key in keys}
     for start in range(0, n, chunk_rows):
         rows = slice(start, min(start + chunk_rows, n))
-        sub, width = _trimmed(batch, rows)
+        sub, width = take_rows(batch, rows)
         ids, mask = sub.completion_input_ids, sub.completion_mask
         logits = _predicting_logits(model, sub, temperature)
         out["token_logps"][rows, :width] = token_logps(logits, ids, mask).float()

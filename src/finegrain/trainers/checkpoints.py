@@ -16,13 +16,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
+from finegrain.data.files import write_text
 from finegrain.errors import ConfigError
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 
-__all__ = ["CHECKPOINTS", "STATE_FILE", "WRITE_ERRORS", "atomic_write_text", "checkpoint_dirs", "checkpoint_problem",
+__all__ = ["CHECKPOINTS", "STATE_FILE", "WRITE_ERRORS", "checkpoint_dirs", "checkpoint_problem",
            "describe_write_error", "load_state_dict_into", "replace_dir", "rng_file", "rng_state", "set_rng_state",
            "step_of", "truncate_jsonl"]
 
@@ -87,12 +89,9 @@ def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
     return sorted(dirs, key=lambda d: int(d.name.split("-")[1]))
 
 
-try:  # safetensors raises its own exception type for I/O errors (e.g. ENOSPC)
-    from safetensors import SafetensorError as _SafetensorError
-except ImportError:  # pragma: no cover
-    _SafetensorError = OSError
-# torch.save reports a failed write as RuntimeError ("PytorchStreamWriter failed writing file ...")
-WRITE_ERRORS = (OSError, RuntimeError, _SafetensorError)
+# torch.save reports a failed write as RuntimeError ("PytorchStreamWriter failed writing file ...");
+# safetensors raises its own exception type for I/O errors (e.g. ENOSPC)
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 
 def describe_write_error(exc: BaseException) -> str:
@@ -125,7 +124,7 @@ def truncate_jsonl(path: Path, step: int) -> None:
             continue
         if isinstance(row, dict) and int(row.get("step", 0)) <= step:
             kept.append(line)
-    atomic_write_text(path, "".join(x + "\n" for x in kept))
+    write_text(path, "".join(x + "\n" for x in kept))
 
 
 def load_state_dict_into(model, weights: dict[str, torch.Tensor], where: Path) -> None:
@@ -151,12 +150,6 @@ def load_state_dict_into(model, weights: dict[str, torch.Tensor], where: Path) -
 def _is_tied(model, key: str) -> bool:
     tied = getattr(model, "_tied_weights_keys", None) or getattr(model, "all_tied_weights_keys", None) or {}
     return key in tied or key.endswith("lm_head.weight")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict[str, Any]:

@@ -70,12 +70,7 @@ def metric_names(cfg: POConfig) -> tuple[str, ...]:
 
 def _summed_names(names: tuple[str, ...]) -> tuple[str, ...]:
     """The per-pair values summed over pairs for ``names``: ratio metrics become their numerators and denominators."""
-    out: list[str] = []
-    for name in names:
-        for key in _RATIOS.get(name, (name,)):
-            if key not in out:
-                out.append(key)
-    return tuple(out)
+    return tuple(dict.fromkeys(key for name in names for key in _RATIOS.get(name, (name,))))
 
 
 def shared_token_masks(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -117,13 +112,9 @@ def pair_metrics(out: PreferenceLossOutput, stats: PreferenceStats) -> dict[str,
     metrics = {"loss": out.losses.detach(), "rewards/chosen": out.chosen_rewards,
                "rewards/rejected": out.rejected_rewards, "rewards/margins": margins,
                "rewards/accuracies": (margins > 0).float(), "logps/chosen": chosen, "logps/rejected": rejected}
-    for key in ("kl/chosen", "kl/rejected", "kl/margin"):
-        if key in out.extras:
-            metrics[key] = out.extras[key]
-    if "weights" in out.extras:
-        metrics["treg/weight"] = out.extras["weights"]
-    if "nll_loss" in out.extras:
-        metrics["nll_loss"] = out.extras["nll_loss"]
+    logged = {"kl/chosen": "kl/chosen", "kl/rejected": "kl/rejected", "kl/margin": "kl/margin",
+              "weights": "treg/weight", "nll_loss": "nll_loss"}  # the loss's extras: their metric names
+    metrics.update({name: out.extras[key] for key, name in logged.items() if key in out.extras})
     if stats.token_rewards is not None and stats.shared is not None:
         (rw, rl), (mw, ml), (sw, sl) = halves(stats.token_rewards), halves(stats.mask), halves(stats.shared)
         metrics.update(shared_token_rewards(rw, rl, sw, sl, mw, ml))

@@ -51,10 +51,11 @@ import torch
 
 from finegrain.errors import ConfigError
 from finegrain.models.forward import hidden_states, output_head, predicting_states
+from finegrain.rl.rollout import take_rows
 from finegrain.rl.streams import RolloutPlace, minibatch_rows, sample_groups
 from finegrain.trainers import loop
 from finegrain.trainers.ppo_config import PPOConfig  # re-exported: finegrain.trainers.ppo.PPOConfig
-from finegrain.trainers.ppo_models import Models, critic_values, rollout_values, setup_models, take_rows
+from finegrain.trainers.ppo_models import Models, critic_values, rollout_values, setup_models
 from finegrain.types import CompletionBatch
 
 # ----------------------------------------------------------------------------------------------- reward sources

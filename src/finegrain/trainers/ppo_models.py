@@ -17,14 +17,15 @@ from torch import nn
 
 from finegrain.errors import ConfigError
 from finegrain.models.forward import hidden_states, model_inputs, predicting_states
+from finegrain.rl.rollout import take_rows
 from finegrain.trainers import loop
 from finegrain.types import CompletionBatch
 
 if TYPE_CHECKING:
     from finegrain.trainers.ppo_config import PPOConfig
 
-__all__ = ["Models", "ValueModel", "critic_values", "make_critic", "make_reference", "rollout_values", "setup_models",
-           "take_rows"]
+__all__ = ["Models", "ValueModel", "critic_values", "make_critic", "make_reference", "rollout_values",
+           "setup_models"]
 
 
 class ValueModel(nn.Module):
@@ -40,12 +41,8 @@ class ValueModel(nn.Module):
 
     def __init__(self, body: nn.Module, hidden_size: int):
         super().__init__()
-        from finegrain.models.heads import ScalarHead
-
         self.body = body
-        self.head = ScalarHead(hidden_size)
-        nn.init.zeros_(self.head.proj.weight)
-        nn.init.zeros_(self.head.proj.bias)
+        self.head = _zero_head(hidden_size)
 
     def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
         out = self.body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -113,6 +110,16 @@ def make_reference(cfg: PPOConfig, policy: nn.Module):
     return freeze(copy.deepcopy(policy)), None
 
 
+def _zero_head(hidden_size: int) -> nn.Module:
+    """A ``ScalarHead`` that starts at zero, so the first advantages are the returns themselves."""
+    from finegrain.models.heads import ScalarHead
+
+    head = ScalarHead(hidden_size)
+    nn.init.zeros_(head.proj.weight)
+    nn.init.zeros_(head.proj.bias)
+    return head
+
+
 def _hidden_size(model: nn.Module) -> int:
     config = model.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -125,12 +132,7 @@ def make_critic(cfg: PPOConfig, policy: nn.Module) -> nn.Module | None:
     if cfg.estimator != "gae":
         return None
     if cfg.critic == "shared":
-        from finegrain.models.heads import ScalarHead
-
-        head = ScalarHead(_hidden_size(policy))
-        nn.init.zeros_(head.proj.weight)
-        nn.init.zeros_(head.proj.bias)
-        return head
+        return _zero_head(_hidden_size(policy))
     from finegrain.models.forward import decoder
 
     critic = ValueModel(copy.deepcopy(decoder(policy)), _hidden_size(policy))
@@ -211,19 +213,6 @@ def setup_models(cfg: PPOConfig, policy: nn.Module, acc, updates: int) -> Models
     if critic is not None:  # a LoRA critic stores its adapter and head only
         m.saved_extra = {"critic": _CheckpointView(m.critic_u, trainable_only=cfg.use_peft and critic_optimizer is not None)}
     return m
-
-
-def take_rows(batch: CompletionBatch, rows: torch.Tensor) -> tuple[CompletionBatch, int]:
-    """Rows of ``batch`` without the prompt columns that are padding in all of them and without the response
-    columns after their longest response. Returns the sub-batch and its response width ``T'``; per-token tensors
-    of the rows are ``x[rows, :T']``."""
-    attn = batch.prompt_attention_mask[rows]
-    mask = batch.completion_mask[rows].to(torch.bool)
-    first = int(attn.to(torch.bool).any(dim=0).long().argmax())
-    width = int(mask.any(dim=0).nonzero().max()) + 1 if bool(mask.any()) else 1
-    sub = CompletionBatch(prompt_input_ids=batch.prompt_input_ids[rows, first:], prompt_attention_mask=attn[:, first:],
-                          completion_input_ids=batch.completion_input_ids[rows, :width], completion_mask=mask[:, :width])
-    return sub, width
 
 
 def critic_values(critic, policy, sub: CompletionBatch, hidden: torch.Tensor | None = None) -> torch.Tensor:

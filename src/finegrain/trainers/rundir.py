@@ -40,12 +40,12 @@ import torch
 
 from finegrain import __version__
 from finegrain.config import TrainConfig, dump_yaml
+from finegrain.data.files import write_text
 from finegrain.errors import ConfigError, FinegrainError
 from finegrain.trainers.checkpoints import (
     CHECKPOINTS,
     STATE_FILE,
     WRITE_ERRORS,
-    atomic_write_text,
     checkpoint_dirs,
     checkpoint_problem,
     describe_write_error,
@@ -66,15 +66,11 @@ CHECKPOINT_PAUSE_ENV = "FINEGRAIN_TEST_CHECKPOINT_PAUSE"
 def quiet_library_progress_bars() -> None:
     """Silence transformers' and datasets' own progress bars ("Loading weights", "Writing model shards", map
     progress), so that ``--disable_tqdm`` means quiet."""
+    import datasets
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    try:
-        import datasets
-
-        datasets.disable_progress_bars()
-    except ImportError:  # pragma: no cover - datasets is a dependency
-        pass
+    datasets.disable_progress_bars()
 
 
 def _env_seconds(name: str) -> float:
@@ -274,7 +270,7 @@ class Run:
         info.setdefault("started", _now())
         info["finished"] = _now() if status != "running" else None
         info.update(extra)
-        atomic_write_text(path, json.dumps(info, indent=2))
+        write_text(path, json.dumps(info, indent=2))
 
     # -- logging -----------------------------------------------------------------------------------------
 
@@ -352,10 +348,7 @@ class Run:
 
     def interrupted(self) -> bool:
         """Whether any process was interrupted (agreed across processes)."""
-        flag = torch.tensor([1.0 if self._interrupted else 0.0], device=self.accelerator.device)
-        if self.accelerator.num_processes > 1:
-            flag = self.accelerator.reduce(flag, reduction="sum")
-        return bool(flag.item() > 0)
+        return _any_process(self.accelerator, self._interrupted)
 
     # -- checkpoints -------------------------------------------------------------------------------------
 
@@ -399,7 +392,7 @@ class Run:
                 if tokenizer is not None:
                     tokenizer.save_pretrained(tmp / "model")
                 torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
-                atomic_write_text(tmp / STATE_FILE, json.dumps(state.to_json(), indent=2))
+                write_text(tmp / STATE_FILE, json.dumps(state.to_json(), indent=2))
                 pause = _env_seconds(CHECKPOINT_PAUSE_ENV)
                 if pause:
                     time.sleep(pause)
