@@ -279,19 +279,16 @@ class RewardModelSource:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _chunks(self, n: int) -> list[range]:
-        size = self.batch_size or max(n, 1)
-        return [range(lo, min(n, lo + size)) for lo in range(0, n, size)]
+    def _chunks(self, items: Sequence) -> list[tuple[list[int], Sequence]]:
+        """``(indices, items)`` of every chunk of ``batch_size`` items (rows, or a range of row indices)."""
+        n, size = len(items), self.batch_size or max(len(items), 1)
+        return [(list(range(lo, min(n, lo + size))), items[lo : lo + size]) for lo in range(0, n, size)]
 
     def _same_chunks(self, batch: CompletionBatch, score) -> torch.Tensor:
-        """``score`` of every chunk of ``batch`` (the policy's own ids) on the model's device, joined on the CPU in
-        float32 (a batch without rows: zeros shaped like its completion mask)."""
-        parts = [score(_take(batch, c).to(self.device)).float().cpu() for c in self._chunks(batch.num_rows)]
+        """``score`` of every chunk of ``batch`` on the model's device, joined on the CPU in float32."""
+        rows = self._chunks(range(batch.num_rows))
+        parts = [score(_take(batch, c).to(self.device)).float().cpu() for _, c in rows]
         return torch.cat(parts) if parts else torch.zeros(batch.completion_mask.shape)
-
-    def _row_chunks(self, rows: list[_Row]) -> list[tuple[list[int], list[_Row]]]:
-        """``(indices, rows)`` of every chunk of ``rows``."""
-        return [(list(c), [rows[i] for i in c]) for c in self._chunks(len(rows))]
 
     def _rows(self, batch: CompletionBatch) -> list[_Row]:
         """Decode every row; re-tokenise it with the reward model's tokenizer unless the vocabularies agree."""
@@ -348,7 +345,7 @@ class RewardModelSource:
         """Token RM / discriminator through the text: score in RM tokens, map onto the policy's tokens."""
         values = np.zeros((len(rows), T))
         scores = np.zeros(len(rows))
-        for chunk, part in self._row_chunks(rows):
+        for chunk, part in self._chunks(rows):
             rm_values = self._values(self._rm_batch(part)).float().cpu().numpy()
             for k, (i, r) in enumerate(zip(chunk, part)):
                 n = len(r.rm_response)
@@ -380,7 +377,7 @@ class SequenceRMSource(RewardModelSource):
 
     def _score_rows(self, rows, T):
         scores = np.zeros(len(rows))
-        for chunk, part in self._row_chunks(rows):
+        for chunk, part in self._chunks(rows):
             scores[chunk] = self.model.score(self._rm_batch(part)).float().cpu().numpy()
         return np.zeros((len(rows), T)), scores, {}
 
@@ -496,7 +493,7 @@ class SentenceRMSource(RewardModelSource):
         values = torch.zeros(N, T, dtype=torch.float64)
         scores, prompt_terms, counts = np.zeros(N), np.zeros(N), np.zeros(N, dtype=np.int64)
         pad = pad_token_id(self.model.tokenizer)
-        for chunk, part in self._row_chunks(rows):
+        for chunk, part in self._chunks(rows):
             examples = [self.model.prepare(r.rm_prompt, r.rm_response, r.text, r.rm_offsets) for r in part]
             out = self.model(collate_sentence_examples(examples, pad).to(self.device))
             terms = out.terms.double().cpu()
