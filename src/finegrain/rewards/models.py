@@ -496,18 +496,16 @@ class SentenceRMSource(RewardModelSource):
         for chunk, part in self._chunks(rows):
             examples = [self.model.prepare(r.rm_prompt, r.rm_response, r.text, r.rm_offsets) for r in part]
             out = self.model(collate_sentence_examples(examples, pad).to(self.device))
-            terms = out.terms.double().cpu()
-            K = max(1, max(len(ex.boundaries) for ex in examples))
-            span_values = torch.zeros(len(part), K, dtype=torch.float64)
-            ends = torch.full((len(part), K), -1, dtype=torch.long)
+            terms = out.terms.double().cpu()  # (n, 1 + K): e_0, then e_1 .. e_N; 0 on padding slots
+            n = torch.tensor([len(ex.boundaries) for ex in examples])
+            span_values = terms[:, 1:].clone()
+            if self.prompt_term:
+                span_values[:, 0] += torch.where(n > 0, terms[:, 0], 0.0)
+            ends = torch.full(span_values.shape, -1, dtype=torch.long)
             token_groups = torch.full((len(part), T), -1, dtype=torch.long)
             for k, (r, ex) in enumerate(zip(part, examples)):
-                n = len(ex.boundaries)
-                span_values[k, :n] = terms[k, 1 : n + 1]
-                if self.prompt_term and n:
-                    span_values[k, 0] += terms[k, 0]
                 g_ends, t_groups = sentence_token_groups(ex.spans, ex.groups, r.policy_offsets)
-                ends[k, :n] = torch.as_tensor(g_ends, dtype=torch.long)
+                ends[k, : len(g_ends)] = torch.as_tensor(g_ends, dtype=torch.long)
                 token_groups[k, : len(t_groups)] = torch.as_tensor(t_groups, dtype=torch.long)
             part_mask = torch.arange(T) < torch.tensor([len(r.response_ids) for r in part]).unsqueeze(1)
             if self.spread:
@@ -517,7 +515,7 @@ class SentenceRMSource(RewardModelSource):
             values[chunk] = placed
             scores[chunk] = out.score.double().cpu().numpy()
             prompt_terms[chunk] = terms[:, 0].numpy()
-            counts[chunk] = [len(ex.boundaries) for ex in examples]
+            counts[chunk] = n.numpy()
         meta = {"prompt_terms": torch.from_numpy(prompt_terms).float(), "num_sentences": torch.from_numpy(counts)}
         return values.numpy(), scores, meta
 
