@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from finegrain.errors import ConfigError, DataError
@@ -234,16 +235,10 @@ class SentenceRewardHead(nn.Module):
             logits = logits.masked_fill(~valid, float("-inf"))
             attention = torch.softmax(logits, dim=1)
         terms = attention * sentence_rewards
-        return SentenceRewardOutput(
-            score=terms.sum(dim=1),
-            terms=terms,
-            term_mask=valid,
-            attention=attention,
-            sentence_rewards=sentence_rewards,
-            boundary_positions=torch.where(valid, positions, torch.full_like(positions, -1)),
-            num_boundaries=counts,
-            fell_back=fell_back,
-        )
+        return SentenceRewardOutput(score=terms.sum(dim=1), terms=terms, term_mask=valid, attention=attention,
+                                    sentence_rewards=sentence_rewards,
+                                    boundary_positions=torch.where(valid, positions, -1), num_boundaries=counts,
+                                    fell_back=fell_back)
 
     @staticmethod
     def _positions(
@@ -257,13 +252,11 @@ class SentenceRewardHead(nn.Module):
                 raise DataError(f"boundary_mask {tuple(boundary_mask.shape)} must be (B, L) = {(B, L)}")
             mask = boundary_mask.to(torch.bool)
             K = max(int(mask.sum(dim=1).max()) if B else 0, 1)
-            # Non-boundaries sort after every real position, so the first K columns are the boundaries in order.
-            ar = torch.arange(L, device=mask.device).expand(B, L)
-            pos = torch.where(mask, ar, torch.full_like(ar, L)).sort(dim=1).values
-            if pos.shape[1] < K:  # L == 0
-                pos = torch.full((B, K), L, dtype=torch.long, device=mask.device)
-            pos = pos[:, :K]
-            return torch.where(pos < L, pos, torch.full_like(pos, -1))
+            # Non-boundaries sort after every real position, so the first K columns are the boundaries in order
+            # (padded to K columns when L == 0).
+            pos = torch.where(mask, torch.arange(L, device=mask.device), L).sort(dim=1).values
+            pos = F.pad(pos, (0, max(K - L, 0)), value=L)[:, :K]
+            return torch.where(pos < L, pos, -1)
         pos = boundary_positions.long()
         if pos.dim() != 2 or pos.shape[0] != B:
             raise DataError(f"boundary_positions {tuple(pos.shape)} must be (B, K) with B = {B}")
