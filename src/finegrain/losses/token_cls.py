@@ -344,14 +344,14 @@ def minimal_edit_loss(
     _check(revised_outputs, revised_labels, revised_mask, "revised", classes)
     _check(rejected_outputs, rejected_labels, rejected_mask, "rejected", classes)
     rev_mask, rej_mask = revised_mask.to(torch.bool), rejected_mask.to(torch.bool)
+    added, deleted = rev_mask & (revised_labels > 0), rej_mask & (rejected_labels < 0)  # A and D
 
     if objective == "edit_bt":
         if edit_weight < 0 or seq_weight < 0 or not (edit_weight > 0 or seq_weight > 0):
             raise ConfigError(f"minimal_edit_loss: edit_weight ({edit_weight}) and seq_weight ({seq_weight}) must be "
                               ">= 0 and one of them > 0")
-        added = masked_sum(revised_outputs, rev_mask & (revised_labels > 0), dim=-1)
-        deleted = masked_sum(rejected_outputs, rej_mask & (rejected_labels < 0), dim=-1)
-        edit = bradley_terry_loss(added, deleted)
+        edit = bradley_terry_loss(masked_sum(revised_outputs, added, dim=-1),
+                                  masked_sum(rejected_outputs, deleted, dim=-1))
         seq_losses = torch.zeros_like(edit.losses)
         if seq_weight:
             s_w = masked_sum(revised_outputs, rev_mask, dim=-1) if chosen_scores is None else chosen_scores
@@ -369,9 +369,7 @@ def minimal_edit_loss(
     rev_tok, rev_r = _token_cls_terms(revised_outputs, revised_labels, cls_loss)
     rej_tok, rej_r = _token_cls_terms(rejected_outputs, rejected_labels, cls_loss)
     token_losses = masked_mean(rev_tok, rev_mask, dim=-1) + masked_mean(rej_tok, rej_mask, dim=-1)
-    margin = masked_sum(rev_r, rev_mask & (revised_labels > 0), dim=-1) - masked_sum(
-        rej_r, rej_mask & (rejected_labels < 0), dim=-1
-    )
+    margin = masked_sum(rev_r, added, dim=-1) - masked_sum(rej_r, deleted, dim=-1)
     accuracies = (margin.detach() > 0).to(token_losses.dtype)
     return MinimalEditOutput(token_losses, token_losses, torch.zeros_like(token_losses), accuracies)
 
