@@ -22,10 +22,10 @@ docs/evaluation.md.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -120,16 +120,6 @@ def default_output_dir(policy: str | Path) -> Path:
     if p.name == "final" and ((p.parent / "run.json").is_file() or (p.parent / "metrics.jsonl").is_file()):
         return p.parent
     return Path("runs") / f"eval-{p.resolve().name if p.exists() else p.name}"
-
-
-def _same_vocabulary(policy_model, ref_model, tokenizer, ref_tokenizer) -> None:
-    v_pol = policy_model.get_output_embeddings().weight.shape[0]
-    v_ref = ref_model.get_output_embeddings().weight.shape[0]
-    if v_pol != v_ref or (ref_tokenizer is not None and ref_tokenizer.get_vocab() != tokenizer.get_vocab()):
-        raise ConfigError(
-            f"the policy and the reference have different vocabularies ({v_pol} vs {v_ref} output tokens, or different "
-            "tokenizers): KL and paired sampling need the same tokenizer; pass the policy's own --reference"
-        )
 
 
 # ------------------------------------------------------------------------------------------------ judges
@@ -234,23 +224,21 @@ def _load_models(policy, reference, tokenizer, models: ModelCache) -> tuple:
     for role, path in (("policy", policy), ("reference", reference)):
         if not isinstance(path, torch.nn.Module):
             refuse_reward_model(path, f"--{role}")
-    if isinstance(policy, torch.nn.Module):
-        if tokenizer is None:
-            raise ConfigError("evaluate_policy: a policy given as a model needs its tokenizer (tokenizer=...)")
-        policy_model = policy.eval()
-    else:
-        policy_model = models.model(policy)
-        tokenizer = tokenizer if tokenizer is not None else models.tokenizer(policy)
+    if isinstance(policy, torch.nn.Module) and tokenizer is None:
+        raise ConfigError("evaluate_policy: a policy given as a model needs its tokenizer (tokenizer=...)")
+    policy_model = policy.eval() if isinstance(policy, torch.nn.Module) else models.model(policy)
+    tokenizer = tokenizer if tokenizer is not None else models.tokenizer(policy)
+    ref_model = reference.eval() if isinstance(reference, torch.nn.Module) else models.model(reference)
     ref_tokenizer = None
-    if isinstance(reference, torch.nn.Module):
-        ref_model = reference.eval()
-    else:
-        ref_model = models.model(reference)
-        try:
+    if not isinstance(reference, torch.nn.Module):
+        with contextlib.suppress(ConfigError):  # a directory without a tokenizer: the head sizes are still compared
             ref_tokenizer = models.tokenizer(reference)
-        except ConfigError:  # a directory without a tokenizer: the head sizes are still compared
-            pass
-    _same_vocabulary(policy_model, ref_model, tokenizer, ref_tokenizer)
+    v_pol, v_ref = (m.get_output_embeddings().weight.shape[0] for m in (policy_model, ref_model))
+    if v_pol != v_ref or (ref_tokenizer is not None and ref_tokenizer.get_vocab() != tokenizer.get_vocab()):
+        raise ConfigError(
+            f"the policy and the reference have different vocabularies ({v_pol} vs {v_ref} output tokens, or different "
+            "tokenizers): KL and paired sampling need the same tokenizer; pass the policy's own --reference"
+        )
     return policy, reference, policy_model, ref_model, tokenizer
 
 
@@ -327,6 +315,7 @@ def evaluate_policy(
     from finegrain.data.prepared import CompletionData
     from finegrain.data.tokenize import TokenLimits
     from finegrain.rewards.base import decode_responses
+    from finegrain.rewards.registry import split_name
     from finegrain.rl.rollout import resolve_special_ids, sample_rollouts, score_rollout
 
     unknown = sorted(set(options) - {f.name for f in dataclasses.fields(EvalConfig)})
@@ -372,8 +361,6 @@ def evaluate_policy(
                 for name, selector in selectors.items():
                     picks[name] += _judge_rows(selector, roll)[0].tolist()
         return side
-
-    from finegrain.rewards.registry import split_name
 
     selectors = {}
     for spec in cfg.best_of:
@@ -437,31 +424,25 @@ def best_of_n(judge_scores: Sequence[float], selector_scores: Sequence[float], n
     """
     judge = np.asarray(judge_scores, dtype=np.float64).reshape(-1, num_samples)
     select = np.asarray(selector_scores, dtype=np.float64).reshape(-1, num_samples)
-    out = {}
-    for n in sorted(set(sizes)):
-        if n > num_samples:
-            continue
-        pick = select[:, :n].argmax(axis=1)
-        out[str(n)] = float(judge[np.arange(len(judge)), pick].mean())
-    return out
+    return {str(n): float(judge[np.arange(len(judge)), select[:, :n].argmax(axis=1)].mean())
+            for n in sorted(set(sizes)) if n <= num_samples}
 
 
 def _write_outputs(out: Path, result: dict, prompts: list, pol: _Side, ref: _Side, num_samples: int) -> None:
+    from finegrain.data.files import write_jsonl, write_text
+
+    rows = []
+    for i, prompt in enumerate(prompts):
+        row = {"prompt": prompt, "sample": i % num_samples, "response": pol.texts[i], "ref_response": ref.texts[i],
+               "reward": pol.rewards[i], "ref_reward": ref.rewards[i], "seq_kl": pol.seq_kl[i],
+               "entropy": pol.entropy[i], "length": pol.length[i], "ref_length": ref.length[i],
+               "truncated": pol.truncated[i], "ref_truncated": ref.truncated[i]}
+        for key in pol.metrics:  # the judge's per-row metrics (the world's oracle: well_formed)
+            row.update({key: pol.metrics[key][i], f"ref_{key}": ref.metrics[key][i]})
+        rows.append({k: json_value(v) for k, v in row.items()})
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".eval.json.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
-        os.replace(tmp, out / "eval.json")
-        with (out / "samples.jsonl").open("w") as f:
-            for i, prompt in enumerate(prompts):
-                row = {"prompt": prompt, "sample": i % num_samples, "response": pol.texts[i],
-                       "ref_response": ref.texts[i], "reward": pol.rewards[i], "ref_reward": ref.rewards[i],
-                       "seq_kl": pol.seq_kl[i], "entropy": pol.entropy[i], "length": pol.length[i],
-                       "ref_length": ref.length[i],
-                       "truncated": pol.truncated[i], "ref_truncated": ref.truncated[i]}
-                for key in pol.metrics:  # the judge's per-row metrics (the world's oracle: well_formed)
-                    row.update({key: pol.metrics[key][i], f"ref_{key}": ref.metrics[key][i]})
-                f.write(json.dumps({k: json_value(v) for k, v in row.items()}) + "\n")
+        write_text(out / "eval.json", json.dumps(result, indent=1, allow_nan=False) + "\n")
+        write_jsonl(out / "samples.jsonl", rows, ensure_ascii=True)
         mark_eval_dir(out)
     except OSError as exc:
         raise ConfigError(f"cannot write the evaluation to {out}: {exc.strerror or exc}; choose another "
@@ -511,15 +492,6 @@ def format_eval(result: dict[str, Any], output_dir: str | Path | None = None) ->
 # ------------------------------------------------------------------------------------------------ command
 
 
-def _template(cfg: EvalConfig):
-    from finegrain.rewards.contrastive import resolve_template
-
-    try:
-        return resolve_template(cfg.contrastive_template, cfg.contrastive_positive, cfg.contrastive_negative)
-    except ValueError as exc:
-        raise ConfigError(f"--contrastive_template/positive/negative: {exc}") from None
-
-
 def run(cfg: EvalConfig) -> dict[str, Any]:
     """Run ``finegrain eval`` for a parsed config; returns ``{"eval": ..., "token_credit": ...}`` (None if not run)."""
     dev = resolve_device(cfg.device)
@@ -532,11 +504,16 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
                                           models=models)
     if cfg.token_credit:
         from finegrain.eval.token_credit import evaluate_token_credit_sources
+        from finegrain.rewards.contrastive import resolve_template
 
+        try:
+            template = resolve_template(cfg.contrastive_template, cfg.contrastive_positive, cfg.contrastive_negative)
+        except ValueError as exc:
+            raise ConfigError(f"--contrastive_template/positive/negative: {exc}") from None
         results["token_credit"] = evaluate_token_credit_sources(
             cfg.token_credit, data=cfg.credit_data, split=cfg.credit_split, policy=cfg.policy,
             reference=cfg.reference, output_dir=out, max_rows=cfg.max_credit_rows, tokenizer=cfg.tokenizer_name_or_path,
-            contrastive_template=_template(cfg),
+            contrastive_template=template,
             num_examples=cfg.num_credit_examples, unit=cfg.credit_unit, batch_size=max(1, cfg.chunk_rows),
             device=dev, models=models,
         )

@@ -22,24 +22,18 @@ from finegrain.ops.logprobs import token_entropy
 from finegrain.ops.masked import masked_mean, masked_sum
 
 
-def _float64(x) -> np.ndarray:
-    """A float64 numpy copy of ``x`` (list, numpy array or tensor on any device)."""
+def _float64(x, name: str | None = None) -> np.ndarray:
+    """A float64 numpy copy of ``x`` (list, numpy array or tensor on any device); with a ``name``, ``x`` must
+    be 1-D (the error names it)."""
     if isinstance(x, torch.Tensor):
         x = x.detach().to("cpu", torch.float64).numpy()
-    return np.asarray(x, dtype=np.float64)
-
-
-def _as_1d_float(x, name: str) -> np.ndarray:
-    """:func:`_float64` of a 1-D ``x``."""
-    arr = _float64(x)
-    if arr.ndim != 1:
+    arr = np.asarray(x, dtype=np.float64)
+    if name is not None and arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(arr.shape)}")
     return arr
 
 
-# --------------------------------------------------------------------------------------------------------
-# Sequence-level comparisons
-# --------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------- sequence-level comparisons
 
 
 @dataclass(frozen=True)
@@ -81,8 +75,8 @@ def win_rate(rewards, ref_rewards, tol: float = 0.0) -> WinRate:
         ValueError: on mismatched shapes, an empty input or a negative ``tol``.
         NonFiniteError: if a score is NaN (a NaN comparison is neither win, tie nor loss).
     """
-    r = _as_1d_float(rewards, "rewards")
-    r_ref = _as_1d_float(ref_rewards, "ref_rewards")
+    r = _float64(rewards, "rewards")
+    r_ref = _float64(ref_rewards, "ref_rewards")
     if r.shape != r_ref.shape:
         raise ValueError(f"rewards {r.shape} and ref_rewards {r_ref.shape} must have the same shape")
     if r.size == 0:
@@ -111,7 +105,7 @@ def mean_and_stderr(values) -> tuple[float, float]:
     Returns:
         ``(mean, stderr)`` as Python floats.
     """
-    x = _as_1d_float(values, "values")
+    x = _float64(values, "values")
     if x.size == 0:
         raise ValueError("mean_and_stderr needs at least one value")
     mean = float(x.mean())
@@ -120,9 +114,7 @@ def mean_and_stderr(values) -> tuple[float, float]:
     return mean, float(x.std(ddof=1) / math.sqrt(x.size))
 
 
-# --------------------------------------------------------------------------------------------------------
-# Ranking metrics (token credit)
-# --------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------- ranking metrics (token credit)
 
 
 def _average_ranks(x: np.ndarray) -> np.ndarray:
@@ -135,8 +127,8 @@ def _average_ranks(x: np.ndarray) -> np.ndarray:
 
 def _scores_and_labels(scores, labels, caller: str) -> tuple[np.ndarray, np.ndarray]:
     """``(scores, labels != 0)`` as 1-D numpy arrays of one shape, with no NaN score."""
-    s = _as_1d_float(scores, "scores")
-    y = _as_1d_float(labels, "labels") != 0
+    s = _float64(scores, "scores")
+    y = _float64(labels, "labels") != 0
     if s.shape != y.shape:
         raise ValueError(f"scores {s.shape} and labels {y.shape} must have the same shape")
     if np.isnan(s).any():
@@ -231,7 +223,7 @@ def _pool_tokens(values, mask, name: str) -> list[np.ndarray]:
         return [row[m] for row, m in zip(values, mask)]
     if mask is not None:
         raise ValueError(f"a mask is only accepted with a 2-D {name} tensor or array")
-    return [_as_1d_float(row, f"{name}[{i}]") for i, row in enumerate(values)]
+    return [_float64(row, f"{name}[{i}]") for i, row in enumerate(values)]
 
 
 def evaluate_token_credit(
@@ -289,9 +281,7 @@ def evaluate_token_credit(
                              n_neg=n_neg, n_neutral=int(c.size - n_kept))
 
 
-# --------------------------------------------------------------------------------------------------------
-# Per-token statistics of generations
-# --------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------ per-token statistics of generations
 
 
 def response_entropy(

@@ -280,12 +280,11 @@ class TruthSource:
 
 
 def _unique(name: str, taken: Mapping[str, Any]) -> str:
-    if name not in taken and name != "truth":
-        return name
-    k = 2
-    while f"{name}#{k}" in taken:
+    unique, k = name, 1
+    while unique in taken or unique == "truth":
         k += 1
-    return f"{name}#{k}"
+        unique = f"{name}#{k}"
+    return unique
 
 
 def resolve_credit_sources(specs: Sequence[Any] | Mapping[str, Any], context: Any) -> dict[str, Any]:
@@ -485,6 +484,7 @@ def evaluate_token_credit_sources(
     Returns:
         The content of ``token_credit.json`` (see :func:`score_token_credit`) plus ``data``.
     """
+    from finegrain.data.files import write_text
     from finegrain.models.loading import ModelCache, resolve_device
     from finegrain.rewards.registry import SourceContext
 
@@ -506,10 +506,8 @@ def evaluate_token_credit_sources(
                                 num_examples=num_examples)
     result["data"] = str(data) if isinstance(data, (str, Path)) else type(data).__name__
     if output_dir is not None:
-        out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "token_credit.json").write_text(json.dumps(result, indent=1, allow_nan=False))
-        mark_eval_dir(out)
+        write_text(Path(output_dir) / "token_credit.json", json.dumps(result, indent=1, allow_nan=False))
+        mark_eval_dir(Path(output_dir))
     if not quiet:
         print(format_token_credit(result, None if output_dir is None else Path(output_dir) / "token_credit.json"))
     return result
