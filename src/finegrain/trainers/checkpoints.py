@@ -103,13 +103,11 @@ def describe_write_error(exc: BaseException) -> str:
 
 def replace_dir(tmp: Path, final: Path) -> None:
     """Move the complete directory ``tmp`` to ``final``; an existing ``final`` is moved aside first, then removed."""
+    aside = final.with_name(f".old-{final.name}-{os.getpid()}")
     if final.exists():
-        aside = final.with_name(f".old-{final.name}-{os.getpid()}")
         os.replace(final, aside)
-        os.replace(tmp, final)
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    os.replace(tmp, final)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def truncate_jsonl(path: Path, step: int) -> None:

@@ -68,11 +68,6 @@ def metric_names(cfg: POConfig) -> tuple[str, ...]:
     return BASE_METRICS + extra + treg + sft
 
 
-def _summed_names(names: tuple[str, ...]) -> tuple[str, ...]:
-    """The per-pair values summed over pairs for ``names``: ratio metrics become their numerators and denominators."""
-    return tuple(dict.fromkeys(key for name in names for key in _RATIOS.get(name, (name,))))
-
-
 def shared_token_masks(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``(2B, T)`` bool: the response tokens that a pair's chosen and rejected responses share.
 
@@ -129,8 +124,9 @@ def accumulate(total: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor])
 def reduce_metrics(total: dict[str, torch.Tensor], count: int, acc, names: tuple[str, ...]) -> dict[str, float]:
     """Means over ``count`` pairs of the summed per-pair values; ratio metrics (:data:`_RATIOS`) as the quotient of
     their summed numerator and denominator (0 when no token counts)."""
-    # every process reduces the same keys, also one that had no pairs (a short evaluation split)
-    keys = sorted(_summed_names(names))
+    # every process reduces the same keys, also one that had no pairs (a short evaluation split); the per-pair
+    # values summed over pairs: ratio metrics become their numerators and denominators
+    keys = sorted({key for name in names for key in _RATIOS.get(name, (name,))})
     values = torch.stack([torch.as_tensor(total.get(k, 0.0), dtype=torch.float64, device=acc.device) for k in keys])
     if acc.num_processes > 1:
         values = acc.reduce(values, reduction="sum")

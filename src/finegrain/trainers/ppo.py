@@ -49,13 +49,22 @@ from typing import Any
 
 import torch
 
+from finegrain.data.sampler import batch_indices, shard_batch
 from finegrain.errors import ConfigError
+from finegrain.losses.ppo import entropy_bonus, ppo_policy_loss, ppo_value_loss
 from finegrain.models.forward import hidden_states, output_head, predicting_states
-from finegrain.rl.rollout import take_rows
+from finegrain.ops.kl import kl_k1, kl_penalty
+from finegrain.ops.logprobs import token_entropy, token_logps
+from finegrain.ops.masked import masked_sum
+from finegrain.rewards.base import decode_responses, row_metrics, sequence_scores
+from finegrain.rl.advantages import discounted_returns, gae_advantages, rloo_advantages, whiten_advantages
+from finegrain.rl.rewards import RunningMoments, dense_rewards, lag_rewards, reward_metrics
+from finegrain.rl.rollout import sample_rollouts, score_rollout, take_rows
 from finegrain.rl.streams import RolloutPlace, minibatch_rows, sample_groups
 from finegrain.trainers import loop
 from finegrain.trainers.ppo_config import PPOConfig  # re-exported: finegrain.trainers.ppo.PPOConfig
 from finegrain.trainers.ppo_models import Models, critic_values, rollout_values, setup_models
+from finegrain.trainers.throughput import count_ppo_work, flops_model, lora_weights
 from finegrain.types import CompletionBatch
 
 # ----------------------------------------------------------------------------------------------- reward sources
@@ -97,8 +106,6 @@ def build_judge(cfg: PPOConfig, tokenizer, device):
 
 def judge_metrics(judge, batch: CompletionBatch) -> dict[str, torch.Tensor]:
     """``<name>/reward`` (the judge's score per row) and ``<name>/<metric>`` per row for a rollout batch."""
-    from finegrain.rewards.base import row_metrics, sequence_scores
-
     judged = judge.token_rewards(batch)
     out = {f"{judge.name}/reward": sequence_scores(judged)}
     out.update({f"{judge.name}/{k}": v for k, v in row_metrics(judged).items()})
@@ -111,8 +118,6 @@ def judge_metrics(judge, batch: CompletionBatch) -> dict[str, torch.Tensor]:
 def whiten(x: torch.Tensor, mask: torch.Tensor, acc) -> torch.Tensor:
     """``(x − mean) / sqrt(var + 1e-8)`` over the valid tokens of every process (unbiased variance, as
     :func:`finegrain.ops.masked_whiten`, which it equals on one process); 0 outside ``mask``."""
-    from finegrain.rl.advantages import whiten_advantages
-
     if acc.num_processes == 1:
         return whiten_advantages(x, mask)
     m = mask.to(torch.bool)
@@ -127,9 +132,6 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, acc) -> torch.Tensor:
 def compute_advantages(cfg: PPOConfig, penalized: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None,
                        acc) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(advantages, returns)`` of the estimator (returns: the value targets, GAE only; else None)."""
-    from finegrain.ops.masked import masked_sum
-    from finegrain.rl.advantages import discounted_returns, gae_advantages, rloo_advantages
-
     returns = None
     if cfg.estimator == "gae":
         advantages, returns = gae_advantages(penalized, values, mask, cfg.gamma, cfg.lam)
@@ -160,9 +162,6 @@ def ppo_update(cfg: PPOConfig, run, state, m: Models, roll: CompletionBatch, dat
     weighted by its share of the minibatch's tokens (responses), times the number of processes because DDP
     averages gradients. Returns the mean of the per-minibatch statistics.
     """
-    from finegrain.losses.ppo import entropy_bonus, ppo_policy_loss, ppo_value_loss
-    from finegrain.ops.logprobs import token_entropy, token_logps
-
     acc, num_processes = run.accelerator, run.accelerator.num_processes
     policy, critic = m.policy, m.critic
     shared = critic is not None and m.critic_optimizer is None
@@ -236,11 +235,6 @@ def evaluate(cfg: PPOConfig, m: Models, tokenizer, data, sources, acc, step: int
     the training RNG is untouched); the judge's score and metrics (when there is one), the sources' raw reward,
     and the KL to the reference summed over each response, ``Σ_t KL(π_θ(·|s_t) ‖ π_ref(·|s_t))`` over the full
     vocabulary."""
-    from finegrain.ops.masked import masked_sum
-    from finegrain.rewards.base import decode_responses
-    from finegrain.rl.rewards import dense_rewards
-    from finegrain.rl.rollout import sample_rollouts, score_rollout
-
     policy = m.policy_u
     policy.eval()
     num_processes = acc.num_processes
@@ -295,12 +289,6 @@ def train(cfg: PPOConfig, policy, tokenizer, prompts, eval_prompts=None, *, sour
         sources: name -> (reward source, scale); default :func:`build_reward_sources` of ``cfg``.
         method: the method name in run.json (default: the estimator).
     """
-    from finegrain.data.sampler import batch_indices, shard_batch
-    from finegrain.ops.kl import kl_k1, kl_penalty
-    from finegrain.ops.masked import masked_sum
-    from finegrain.rl.rewards import RunningMoments, dense_rewards, lag_rewards, reward_metrics
-    from finegrain.rl.rollout import score_rollout
-
     acc = loop.make_accelerator(cfg)
     num_processes, device = acc.num_processes, acc.device
     if cfg.rollout_batch_size % num_processes:
@@ -317,8 +305,6 @@ def train(cfg: PPOConfig, policy, tokenizer, prompts, eval_prompts=None, *, sour
         f"the prompt set has {len(prompts)} rows, fewer than one rollout batch (--rollout_batch_size "
         f"{cfg.rollout_batch_size}); lower it or add prompts"))
     m = setup_models(cfg, policy, acc, updates=total_steps * cfg.ppo_epochs * cfg.num_mini_batches)
-    from finegrain.trainers.throughput import count_ppo_work, flops_model, lora_weights
-
     mf, lora = flops_model(m.policy_u), lora_weights(m.policy_u)
     if sources is None:
         sources = build_reward_sources(cfg, tokenizer, device, reference=m.ref_model or m.policy_u,
@@ -376,10 +362,9 @@ def train(cfg: PPOConfig, policy, tokenizer, prompts, eval_prompts=None, *, sour
 
             # 3. train
             m.policy.train()
-            if m.critic is not None:
-                m.critic.train()
             data = {"old_logps": scored["token_logps"], "advantages": advantages}
             if m.critic is not None:
+                m.critic.train()
                 data.update(old_values=old_values, returns=returns)
             update = ppo_update(cfg, run, state, m, roll, data, place)
             _sync(device)
@@ -433,8 +418,6 @@ def train(cfg: PPOConfig, policy, tokenizer, prompts, eval_prompts=None, *, sour
 def _token_mean(x: torch.Tensor, mask: torch.Tensor, acc) -> torch.Tensor:
     """This process's share of the token mean over every process: ``Σ_local x · P / Σ_all tokens``, so that the
     mean over processes (:func:`_mean_over_processes`) is the token mean of the whole rollout batch."""
-    from finegrain.ops.masked import masked_sum
-
     tokens = mask.sum().float()
     if acc.num_processes > 1:
         tokens = acc.reduce(tokens.to(acc.device), reduction="sum")

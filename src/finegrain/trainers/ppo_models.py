@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from finegrain.errors import ConfigError
-from finegrain.models.forward import hidden_states, model_inputs, predicting_states
+from finegrain.models.build import apply_lora, disable_dropout, freeze
+from finegrain.models.forward import decoder, hidden_states, model_inputs, predicting_states
+from finegrain.models.heads import ScalarHead
 from finegrain.rl.rollout import take_rows
 from finegrain.trainers import loop
 from finegrain.types import CompletionBatch
@@ -105,15 +107,11 @@ def make_reference(cfg: PPOConfig, policy: nn.Module):
         if not hasattr(policy, "disable_adapter"):
             raise ConfigError("use_peft is on but the policy has no LoRA adapter to disable")
         return None, policy.disable_adapter
-    from finegrain.models.build import freeze
-
     return freeze(copy.deepcopy(policy)), None
 
 
 def _zero_head(hidden_size: int) -> nn.Module:
     """A ``ScalarHead`` that starts at zero, so the first advantages are the returns themselves."""
-    from finegrain.models.heads import ScalarHead
-
     head = ScalarHead(hidden_size)
     nn.init.zeros_(head.proj.weight)
     nn.init.zeros_(head.proj.bias)
@@ -133,12 +131,8 @@ def make_critic(cfg: PPOConfig, policy: nn.Module) -> nn.Module | None:
         return None
     if cfg.critic == "shared":
         return _zero_head(_hidden_size(policy))
-    from finegrain.models.forward import decoder
-
     critic = ValueModel(copy.deepcopy(decoder(policy)), _hidden_size(policy))
     if cfg.use_peft:
-        from finegrain.models.build import apply_lora
-
         critic.body = apply_lora(critic.body, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
                                  task_type="FEATURE_EXTRACTION")
     return critic
@@ -180,13 +174,9 @@ def setup_models(cfg: PPOConfig, policy: nn.Module, acc, updates: int) -> Models
     """Dropout off, critic (copied before LoRA), LoRA, reference, optimizers and schedulers over ``updates``
     optimizer steps, all prepared by ``acc``."""
     if cfg.disable_dropout:
-        from finegrain.models.build import disable_dropout
-
         disable_dropout(policy)
     critic = make_critic(cfg, policy)
     if cfg.use_peft:
-        from finegrain.models.build import apply_lora
-
         policy = apply_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable()

@@ -172,18 +172,15 @@ def credit_items(source: Any, tokenizer, cfg: RMConfig, *, limit: int | None, sk
             items.append({"prompt_input_ids": prompt, "completion_input_ids": ids[:keep], "offsets": offs[:keep],
                           "credit": [float(c) for c in credit], "spans": spans})
         return items
-    if {"rejected", "revised"} <= cols:
-        for ex in revision_examples(source, tokenizer, cfg, split=None, limit=limit, skip=skip):
-            for side in ("rejected", "revised"):
-                items.append({"prompt_input_ids": ex["prompt_input_ids"],
-                              "completion_input_ids": ex[f"{side}_input_ids"], "offsets": ex[f"{side}_offsets"],
-                              "credit": [0.0 if v == -100 else float(v) for v in ex[f"{side}_labels"]]})
-        return items
-    for ex in token_examples(source, tokenizer, cfg, split=None, limit=limit, skip=skip):
-        items.append({"prompt_input_ids": ex["prompt_input_ids"], "completion_input_ids": ex["completion_input_ids"],
-                      "offsets": ex["completion_offsets"],
-                      "credit": [0.0 if v == -100 else float(v) for v in ex["token_labels"]]})
-    return items
+    if {"rejected", "revised"} <= cols:  # one item per side: (example, side, its labels' column)
+        examples = revision_examples(source, tokenizer, cfg, split=None, limit=limit, skip=skip)
+        sides = [(ex, side, f"{side}_labels") for ex in examples for side in ("rejected", "revised")]
+    else:
+        examples = token_examples(source, tokenizer, cfg, split=None, limit=limit, skip=skip)
+        sides = [(ex, "completion", "token_labels") for ex in examples]
+    return [{"prompt_input_ids": ex["prompt_input_ids"], "completion_input_ids": ex[f"{side}_input_ids"],
+             "offsets": ex[f"{side}_offsets"], "credit": [0.0 if v == -100 else float(v) for v in ex[labels]]}
+            for ex, side, labels in sides]
 
 
 def score_credit(source, items: list[dict], pad_token_id: int, *, reduce: str = "sum",

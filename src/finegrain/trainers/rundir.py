@@ -224,8 +224,7 @@ class Run:
         try:
             if self.resume_from is None:
                 for name in ("metrics.jsonl", CONSUMED_FILE):
-                    if (self.dir / name).exists():
-                        (self.dir / name).unlink()
+                    (self.dir / name).unlink(missing_ok=True)
             else:
                 # lines written after the checkpoint by the stopped run would be repeated by this one
                 step = RunState.from_json(json.loads((self.resume_from / STATE_FILE).read_text())).step
@@ -427,10 +426,7 @@ class Run:
             files = sorted((path / name).glob("*.safetensors"))
             if not files:
                 raise ConfigError(f"checkpoint {path} has no weights for '{name}'")
-            weights: dict[str, torch.Tensor] = {}
-            for f in files:
-                weights.update(load_file(f))
-            load_state_dict_into(target, weights, path / name)
+            load_state_dict_into(target, {k: v for f in files for k, v in load_file(f).items()}, path / name)
         blob = torch.load(path / "optim.pt", map_location="cpu", weights_only=True)
         optimizer.load_state_dict(blob["optimizer"])
         scheduler.load_state_dict(blob["scheduler"])
@@ -454,13 +450,13 @@ class Run:
         out = self.dir / name
         error = ""
         if self.is_main:
+            from finegrain.models.build import is_peft_model, save_merged_lora
+
             tmp = self.dir / f".tmp-{name}-{os.getpid()}"
             try:
                 shutil.rmtree(tmp, ignore_errors=True)
                 unwrapped = acc.unwrap_model(model)
-                if _is_peft(unwrapped):
-                    from finegrain.models.build import save_merged_lora
-
+                if is_peft_model(unwrapped):
                     unwrapped.save_pretrained(tmp / "adapter", state_dict=state_dict, safe_serialization=True)
                     save_merged_lora(unwrapped, tmp, state_dict)
                 else:
@@ -543,10 +539,6 @@ def _check_process_count(acc) -> None:
             "`finegrain <command> --accelerate_config multi_gpu --num_processes N` (which selects the CPU backend) "
             "or set ACCELERATE_USE_CPU=1"
         )
-
-
-def _is_peft(model) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
 def _scalar(v: Any) -> Any:
