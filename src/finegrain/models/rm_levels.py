@@ -361,14 +361,9 @@ def collate_sentence_examples(examples: Sequence[SentenceExample | dict], pad_to
     from finegrain.data.collate import collate_completions
 
     rows = [ex if isinstance(ex, dict) else ex.__dict__ for ex in examples]
-    batch = collate_completions(
-        [{"prompt_input_ids": r["prompt_input_ids"], "completion_input_ids": r["completion_input_ids"]} for r in rows],
-        pad_token_id,
-    )
+    batch = collate_completions([{k: r[k] for k in ("prompt_input_ids", "completion_input_ids")} for r in rows],
+                                pad_token_id)
     K = max([1] + [len(r["boundaries"]) for r in rows])
-    bounds = torch.full((len(rows), K), -1, dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r["boundaries"]:
-            bounds[i, : len(r["boundaries"])] = torch.as_tensor(r["boundaries"], dtype=torch.long)
-    batch.extras["srm_boundaries"] = bounds
+    bounds = [[int(b) for b in r["boundaries"]] + [-1] * (K - len(r["boundaries"])) for r in rows]
+    batch.extras["srm_boundaries"] = torch.tensor(bounds, dtype=torch.long).reshape(len(rows), K)
     return batch

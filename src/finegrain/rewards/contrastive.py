@@ -308,11 +308,12 @@ class ContrastiveRewardSource:
             ``mask = completion_mask`` and ``meta`` holding ``logp_plus`` / ``logp_minus`` ``(N, T)``.
         """
         import contextlib
+        import dataclasses
 
         from finegrain.data.collate import collate_completions, pad_token_id
         from finegrain.models.forward import completion_token_logps
         from finegrain.rewards.base import prompt_texts, response_texts
-        from finegrain.types import CompletionBatch, TokenRewards
+        from finegrain.types import TokenRewards
 
         ids, mask = batch.completion_input_ids, batch.completion_mask.to(torch.bool)
         n = ids.shape[0]
@@ -320,16 +321,11 @@ class ContrastiveRewardSource:
         responses = response_texts(batch, self.tokenizer) if self.template.form == "draft" else None
         plus, minus = zip(*(self.template.token_ids(self.tokenizer, p, None if responses is None else responses[i])
                             for i, p in enumerate(prompts)))
-        prompt_block = collate_completions(
-            [{"prompt_input_ids": list(p), "completion_input_ids": []} for p in plus + minus],
-            pad_token_id(self.tokenizer),
-        )
-        both = CompletionBatch(
-            prompt_input_ids=prompt_block.prompt_input_ids.to(ids.device),
-            prompt_attention_mask=prompt_block.prompt_attention_mask.to(ids.device),
-            completion_input_ids=torch.cat([ids, ids]),  # the same response ids under both prompts
-            completion_mask=torch.cat([mask, mask]),
-        )
+        rows = [{"prompt_input_ids": list(p), "completion_input_ids": []} for p in plus + minus]
+        prompt_block = collate_completions(rows, pad_token_id(self.tokenizer)).to(ids.device)
+        # the same response ids under both prompts
+        both = dataclasses.replace(prompt_block, completion_input_ids=torch.cat([ids, ids]),
+                                   completion_mask=torch.cat([mask, mask]))
         enter = self.context or contextlib.nullcontext
         cast = self.autocast or contextlib.nullcontext
         with enter(), cast():
