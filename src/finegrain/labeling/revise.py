@@ -151,7 +151,7 @@ class ReviseConfig:
             raise ConfigError(f"option 'reviser' needs a name; registered: {', '.join(registered_revisers())}")
         # Names are checked against the registry when the run starts: an application (the finegrain command) may
         # register its revisers after the options are read.
-        backend = self.reviser or self._inferred()
+        backend = self._backend()
         if backend == "hf" and not self.model_name_or_path:
             raise ConfigError("--reviser hf needs --model_name_or_path (a local path or hub id of a chat model)")
         if backend == "openai" and not self.model:
@@ -161,18 +161,13 @@ class ReviseConfig:
         if not self.dataset_name and (self.model_name_or_path or self.model or self.base_url):
             raise ConfigError("give --dataset_name, the pairs to revise")
 
-    def _inferred(self) -> str | None:
-        if self.model_name_or_path:
-            return "hf"
-        if self.model or self.base_url:
-            return "openai"
-        return None
+    def _backend(self) -> str | None:
+        return self.reviser or ("hf" if self.model_name_or_path else "openai" if self.model or self.base_url else None)
 
     @property
     def backend(self) -> str:
         """The reviser that runs: ``reviser`` if set, else ``hf`` or ``openai`` from the model options."""
-        backend = self.reviser or self._inferred()
-        if backend is None:
+        if (backend := self._backend()) is None:
             raise ConfigError(_NEEDS_REVISER)
         return backend
 
@@ -194,16 +189,6 @@ def _id_columns(raw: dict) -> dict[str, Any]:
             if (k in _ID_COLUMNS or k.endswith("_id")) and isinstance(v, (str, int)) and not isinstance(v, bool)}
 
 
-def _check_row(raw: dict, source: str, row: int) -> dict[str, Any]:
-    """Prompt and rejected text of a row without ``chosen`` (text or messages), checked by the field checks of
-    the preference schema (:mod:`finegrain.data.schema`)."""
-    from finegrain.data.schema import _Row
-
-    r = _Row(raw, source, row)
-    prompt, rejected = r.prompt(r.get("prompt")), r.response(r.get("rejected"), "rejected")
-    return {"prompt": prompt, "rejected": rejected, "chosen": None, "source": source, "row": row}
-
-
 def load_jobs(rows: Any, *, template: str | None = None, skip_invalid: bool = False,
               skipped: collections.Counter | None = None) -> list[RevisionJob]:
     """Validate input rows into :class:`RevisionJob` s.
@@ -215,7 +200,7 @@ def load_jobs(rows: Any, *, template: str | None = None, skip_invalid: bool = Fa
         DataError: naming the file, the row and the field of the first bad row (unless ``skip_invalid``).
     """
     from finegrain.data.loading import load_rows
-    from finegrain.data.schema import log_skips, row_error, skip_key, validate_rows
+    from finegrain.data.schema import _Row, log_skips, row_error, skip_key, validate_rows
 
     rows = load_rows(rows)
     columns = set(rows.column_names)
@@ -234,8 +219,10 @@ def load_jobs(rows: Any, *, template: str | None = None, skip_invalid: bool = Fa
         checked = ((i, raw) for i, raw in enumerate(rows))
     for i, it in checked:
         try:
-            if "chosen" not in columns:
-                it = _check_row(it, *rows.locate(i))
+            if "chosen" not in columns:  # prompt and rejected checked by the preference schema's field checks
+                r = _Row(it, *rows.locate(i))
+                it = {"prompt": r.prompt(r.get("prompt")), "rejected": r.response(r.get("rejected"), "rejected"),
+                      "chosen": None, "source": r.source, "row": r.row}
             elif not it["rejected"].strip():  # kept by the preference schema (an EOS-only sample): nothing to edit
                 raise row_error("empty response", source=it["source"], row=it["row"], field="rejected")
             normal.append((i, it))
@@ -243,9 +230,7 @@ def load_jobs(rows: Any, *, template: str | None = None, skip_invalid: bool = Fa
             if not skip_invalid:
                 raise
             counts[skip_key(e)] += 1
-    log_skips(counts, rows.source, len(rows), "validation")
-    if skipped is not None:
-        skipped.update(counts)
+    log_skips(counts, rows.source, len(rows), "validation", skipped)
     jobs = []
     for index, it in normal:
         if template is not None and "{chosen}" in template and it["chosen"] is None:
@@ -287,43 +272,34 @@ class ReviseSummary:
 def unchanged_path(output_file: str | Path) -> Path:
     """The side file that records rows whose revision equals the rejected response."""
     p = Path(output_file)
-    stem = p.name[: -len(".jsonl")] if p.name.endswith(".jsonl") else p.name
-    return p.with_name(f"{stem}.unchanged.jsonl")
+    return p.with_name(f"{p.name.removesuffix('.jsonl')}.unchanged.jsonl")
 
 
-def _read_done(path: Path) -> list[tuple[int, dict]]:
-    """``(line number, row)`` of every complete line of ``path``; a torn last line (a killed writer) is cut off."""
-    if not path.exists():
-        return []
-    raw = path.read_bytes()
-    if raw and not raw.endswith(b"\n"):
-        cut = raw.rfind(b"\n") + 1
-        logger.warning("%s: dropping an incomplete last line (the previous run was interrupted while writing)", path)
-        with path.open("r+b") as f:
-            f.truncate(cut)
-        raw = raw[:cut]
-    out = []
-    for lineno, line in enumerate(raw.split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            index = row["index"]
-            if isinstance(index, bool) or not isinstance(index, int):
-                raise TypeError
-        except (ValueError, KeyError, TypeError):
-            raise DataError(f"line {lineno} is not a row written by finegrain label revise (no integer 'index'); "
-                            "use another --output_file or --overwrite_output", source=str(path), row=len(out),
-                            field="index") from None
-        out.append((lineno, row))
-    return out
-
-
-def _done_indices(cfg: ReviseConfig, jobs_by_index: dict[int, RevisionJob], n_rows: int) -> set[int]:
+def _done_indices(out: Path, jobs_by_index: dict[int, RevisionJob], n_rows: int) -> set[int]:
+    """The indices already in ``out`` and its side file, checked against the input rows; a torn last line (a
+    killed writer) is cut off first."""
     done: set[int] = set()
-    out = Path(cfg.output_file)
     for path in (out, unchanged_path(out)):
-        for lineno, row in _read_done(path):
+        raw = path.read_bytes() if path.exists() else b""
+        if raw and not raw.endswith(b"\n"):
+            logger.warning("%s: dropping an incomplete last line (the previous run was interrupted while writing)",
+                           path)
+            with path.open("r+b") as f:
+                f.truncate(raw.rfind(b"\n") + 1)
+        rows: list[tuple[int, dict]] = []  # (line number, row) of every complete line
+        for lineno, line in enumerate(raw.split(b"\n")[:-1], start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if isinstance(row["index"], bool) or not isinstance(row["index"], int):
+                    raise TypeError
+            except (ValueError, KeyError, TypeError):
+                raise DataError(f"line {lineno} is not a row written by finegrain label revise (no integer 'index'); "
+                                "use another --output_file or --overwrite_output", source=str(path), row=len(rows),
+                                field="index") from None
+            rows.append((lineno, row))
+        for lineno, row in rows:
             i = row["index"]
             job = jobs_by_index.get(i)
             stale = not 0 <= i < n_rows or (job is not None and "rejected" in row and row["rejected"] != job.rejected)
@@ -381,7 +357,7 @@ def run_revise(cfg: ReviseConfig, reviser: Reviser | None = None) -> ReviseSumma
     if cfg.overwrite_output:
         for p in (out, unchanged_path(out)):
             p.unlink(missing_ok=True)
-    done = _done_indices(cfg, {j.index: j for j in jobs}, n_rows)
+    done = _done_indices(out, {j.index: j for j in jobs}, n_rows)
     todo = [j for j in jobs if j.index not in done]
     summary = ReviseSummary(str(out), total=len(rows), skipped=len(jobs) - len(todo), invalid=sum(invalid.values()),
                             keep_unchanged=cfg.keep_unchanged)
@@ -390,11 +366,6 @@ def run_revise(cfg: ReviseConfig, reviser: Reviser | None = None) -> ReviseSumma
         out.parent.mkdir(parents=True, exist_ok=True)
         _revise_into(reviser, todo, out, cfg, summary)
     return summary
-
-
-def _append(f: Any, row: dict[str, Any]) -> None:
-    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    f.flush()
 
 
 def _revise_into(reviser: Reviser, todo: list[RevisionJob], out: Path, cfg: ReviseConfig, summary: ReviseSummary) -> None:
@@ -429,6 +400,11 @@ def _revise_into(reviser: Reviser, todo: list[RevisionJob], out: Path, cfg: Revi
         bar.close()
         if side is not None:
             side.close()
+
+
+def _append(f: Any, row: dict[str, Any]) -> None:
+    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    f.flush()
 
 
 # --------------------------------------------------------------------------------------------- built-in backends
