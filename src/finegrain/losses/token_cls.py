@@ -374,11 +374,12 @@ def minimal_edit_loss(
     return MinimalEditOutput(token_losses, token_losses, torch.zeros_like(token_losses), accuracies)
 
 
-def _token_cls_terms(outputs: torch.Tensor, labels: torch.Tensor, cls_loss: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _token_cls_terms(outputs: torch.Tensor, labels: torch.Tensor, cls_loss: str
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Objective B on one side: ``(token losses, token rewards)``, each ``(B, T)``.
 
-    ``"mse"``: ``(r_t − y_t)²`` on the scalar rewards ``r``; ``"ce"``: ``−log softmax(z)_{y+1}`` on ``(B, T, 3)``
-    logits (padding labels are clamped), rewards :func:`expected_label_rewards`.
+    ``"mse"``: ``(r_t − y_t)²`` on the scalar rewards ``r``; ``"ce"``: ``−log softmax(z)_{y+1}`` on
+    ``(B, T, 3)`` logits (padding labels are clamped), rewards :func:`expected_label_rewards`.
     """
     if cls_loss == "mse":
         return (outputs - labels.to(outputs.dtype)) ** 2, outputs

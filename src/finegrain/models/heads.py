@@ -148,15 +148,8 @@ class SentenceRewardHead(nn.Module):
         weighted_sum: the attention aggregation (True) or the plain-sum ablation (False).
     """
 
-    def __init__(
-        self,
-        hidden_size: int,
-        embed_dim: int = 128,
-        *,
-        rope_theta: float = 10000.0,
-        max_sentences: int = 100,
-        weighted_sum: bool = True,
-    ):
+    def __init__(self, hidden_size: int, embed_dim: int = 128, *, rope_theta: float = 10000.0,
+                 max_sentences: int = 100, weighted_sum: bool = True):
         super().__init__()
         if embed_dim % 2:
             raise ConfigError(f"SentenceRewardHead: embed_dim must be even for RoPE, got {embed_dim}")
@@ -169,14 +162,9 @@ class SentenceRewardHead(nn.Module):
             self.query = nn.Linear(hidden_size, embed_dim)
             self.key = nn.Linear(hidden_size, embed_dim)
 
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        boundary_mask: torch.Tensor | None = None,
-        *,
-        boundary_positions: torch.Tensor | None = None,
-        fallback_positions: torch.Tensor | None = None,
-    ) -> SentenceRewardOutput:
+    def forward(self, hidden: torch.Tensor, boundary_mask: torch.Tensor | None = None, *,
+                boundary_positions: torch.Tensor | None = None,
+                fallback_positions: torch.Tensor | None = None) -> SentenceRewardOutput:
         """Score every row from its boundary hidden states.
 
         Args:
@@ -237,8 +225,8 @@ class SentenceRewardHead(nn.Module):
         terms = attention * sentence_rewards
         return SentenceRewardOutput(score=terms.sum(dim=1), terms=terms, term_mask=valid, attention=attention,
                                     sentence_rewards=sentence_rewards,
-                                    boundary_positions=torch.where(valid, positions, -1), num_boundaries=counts,
-                                    fell_back=fell_back)
+                                    boundary_positions=torch.where(valid, positions, -1),
+                                    num_boundaries=counts, fell_back=fell_back)
 
     @staticmethod
     def _positions(
@@ -252,8 +240,8 @@ class SentenceRewardHead(nn.Module):
                 raise DataError(f"boundary_mask {tuple(boundary_mask.shape)} must be (B, L) = {(B, L)}")
             mask = boundary_mask.to(torch.bool)
             K = max(int(mask.sum(dim=1).max()) if B else 0, 1)
-            # Non-boundaries sort after every real position, so the first K columns are the boundaries in order
-            # (padded to K columns when L == 0).
+            # Non-boundaries sort after every real position, so the first K columns are the boundaries in
+            # order (padded to K columns when L == 0).
             pos = torch.where(mask, torch.arange(L, device=mask.device), L).sort(dim=1).values
             pos = F.pad(pos, (0, max(K - L, 0)), value=L)[:, :K]
             return torch.where(pos < L, pos, -1)

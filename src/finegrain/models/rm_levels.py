@@ -361,8 +361,8 @@ def collate_sentence_examples(examples: Sequence[SentenceExample | dict], pad_to
     from finegrain.data.collate import collate_completions
 
     rows = [ex if isinstance(ex, dict) else ex.__dict__ for ex in examples]
-    batch = collate_completions([{k: r[k] for k in ("prompt_input_ids", "completion_input_ids")} for r in rows],
-                                pad_token_id)
+    keys = ("prompt_input_ids", "completion_input_ids")
+    batch = collate_completions([{k: r[k] for k in keys} for r in rows], pad_token_id)
     K = max([1] + [len(r["boundaries"]) for r in rows])
     bounds = [[int(b) for b in r["boundaries"]] + [-1] * (K - len(r["boundaries"])) for r in rows]
     batch.extras["srm_boundaries"] = torch.tensor(bounds, dtype=torch.long).reshape(len(rows), K)
