@@ -27,20 +27,9 @@ from finegrain.report.heatmap import HEATMAP_CSS, heatmap_legend, render_heatmap
 __all__ = ["RunData", "RunDirError", "build_report", "load_run"]
 
 # Training metrics plotted when present, in this order (names from CONTRIBUTING.md's vocabulary).
-CURVE_METRICS = (
-    "loss",
-    "rewards/margins",
-    "rewards/accuracies",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/penalized",
-    "rewards/raw",
-    "rewards/kl",
-    "objective/kl",
-    "kl/chosen",
-    "kl/rejected",
-    "accuracy",
-)
+CURVE_METRICS = ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected",
+                 "rewards/penalized", "rewards/raw", "rewards/kl", "objective/kl", "kl/chosen", "kl/rejected",
+                 "accuracy")
 MAX_CURVE_PANELS = 6
 MAX_HEATMAP_EXAMPLES = 3
 
@@ -165,9 +154,7 @@ def _labels(paths: list[Path]) -> list[str]:
     return labels
 
 
-# --------------------------------------------------------------------------------------------------------
-# Page pieces
-# --------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------- page pieces
 
 
 def _fmt(x, digits: int = 3) -> str:
@@ -223,7 +210,9 @@ def _metrics_table(runs: list[RunData]) -> str:
 
 
 def _plot_html(fig, plot_id: str, caption: str, alt: str) -> str:
-    """The figure as a ``<figure>`` holding its PNG as a base64 ``data:`` URI."""
+    """The figure as a ``<figure>`` holding its PNG as a base64 ``data:`` URI. Plots use matplotlib's
+    object-oriented API (``matplotlib.figure.Figure``) with the Agg canvas: no pyplot state, no GUI backend,
+    safe in threads."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
@@ -237,14 +226,9 @@ def _plot_html(fig, plot_id: str, caption: str, alt: str) -> str:
     )
 
 
-def _new_figure(width: float, height: float):
-    # The object-oriented API with the Agg canvas: no pyplot state, no GUI backend, safe in threads.
+def _frontier_plot(runs: list[RunData], notes: list[str]) -> str:
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(width, height))
-
-
-def _frontier_plot(runs: list[RunData], notes: list[str]) -> str:
     points = []
     for r in runs:
         ev = r.eval or {}
@@ -253,8 +237,7 @@ def _frontier_plot(runs: list[RunData], notes: list[str]) -> str:
     if not points:
         notes.append("reward-versus-KL frontier: no run has both seq_kl and mean_reward in eval.json")
         return '<p class="note">No eval.json with seq_kl and mean_reward: frontier not drawn.</p>'
-    fig = _new_figure(6.4, 4.4)
-    ax = fig.add_subplot()
+    ax = (fig := Figure(figsize=(6.4, 4.4))).add_subplot()
     refs = [float(r.eval["ref_mean_reward"]) for r, _, _ in points
             if _is_number(r.eval.get("ref_mean_reward"))]
     if refs:
@@ -274,6 +257,8 @@ def _frontier_plot(runs: list[RunData], notes: list[str]) -> str:
 
 
 def _curves_plot(runs: list[RunData], notes: list[str]) -> str:
+    from matplotlib.figure import Figure
+
     present = {k for r in runs for row in r.metrics for k, v in row.items() if _is_number(v)}
     present -= {"step", "samples", "split"}
     names = [m for m in CURVE_METRICS if m in present]
@@ -287,7 +272,7 @@ def _curves_plot(runs: list[RunData], notes: list[str]) -> str:
         return '<p class="note">No metrics.jsonl with plottable metrics: training curves not drawn.</p>'
     cols = min(3, len(names))
     rows = math.ceil(len(names) / cols)
-    fig = _new_figure(4.2 * cols, 3.0 * rows)
+    fig = Figure(figsize=(4.2 * cols, 3.0 * rows))
     for panel, name in enumerate(names):
         ax = fig.add_subplot(rows, cols, panel + 1)
         for i, r in enumerate(runs):
@@ -314,17 +299,14 @@ def _credit_rows(run: RunData) -> list[tuple[str, dict]]:
     """(source, stats) per non-truth source: AUROC and precision@k over the run's examples."""
     examples, stored = run.credit_examples, (run.token_credit or {}).get("auroc")
     stored = stored if isinstance(stored, dict) else {}
-    names = [n for ex in examples for n in ex.get("sources") or {} if n != "truth"]
-    names = dict.fromkeys(names + list(stored))  # in order of first appearance
+    sources = [ex.get("sources") or {} for ex in examples]
+    # in order of first appearance
+    names = dict.fromkeys([n for srcs in sources for n in srcs if n != "truth"] + list(stored))
     rows = []
     for name in names:
         stats: dict = {"auroc": stored.get(name) if _is_number(stored.get(name)) else None}
-        scores, credit = [], []
-        for ex in examples:
-            srcs = ex.get("sources") or {}
-            if name in srcs and "truth" in srcs:
-                scores.append(srcs[name])
-                credit.append(srcs["truth"])
+        scored = [srcs for srcs in sources if name in srcs and "truth" in srcs]
+        scores, credit = [srcs[name] for srcs in scored], [srcs["truth"] for srcs in scored]
         if scores:
             try:
                 res = evaluate_token_credit(scores, credit)
@@ -339,14 +321,10 @@ def _credit_rows(run: RunData) -> list[tuple[str, dict]]:
 
 
 def _token_credit_table(runs: list[RunData]) -> str:
-    body = []
-    for r in runs:
-        for name, st in _credit_rows(r):
-            body.append(
-                f'<tr><th scope="row">{html.escape(r.label)}</th><td>{html.escape(name)}</td>'
-                f"<td>{_fmt(st.get('auroc'))}</td><td>{_fmt(st.get('precision_at_k'))}</td>"
-                f"<td>{_fmt(st.get('k'))}</td><td>{_fmt(st.get('n_pos'))}</td><td>{_fmt(st.get('n_neg'))}</td></tr>"
-            )
+    keys = ("auroc", "precision_at_k", "k", "n_pos", "n_neg")
+    body = [f'<tr><th scope="row">{html.escape(r.label)}</th><td>{html.escape(name)}</td>'
+            + "".join(f"<td>{_fmt(st.get(key))}</td>" for key in keys) + "</tr>"
+            for r in runs for name, st in _credit_rows(r)]
     if not body:
         return '<p class="note">No token_credit.json with reward sources: token-credit table empty.</p>'
     return (
