@@ -231,13 +231,14 @@ def _load_models(policy, reference, tokenizer, models: ModelCache) -> tuple:
     ref_model = reference.eval() if isinstance(reference, torch.nn.Module) else models.model(reference)
     ref_tokenizer = None
     if not isinstance(reference, torch.nn.Module):
-        with contextlib.suppress(ConfigError):  # a directory without a tokenizer: the head sizes are still compared
+        # a directory without a tokenizer: the head sizes are still compared
+        with contextlib.suppress(ConfigError):
             ref_tokenizer = models.tokenizer(reference)
     v_pol, v_ref = (m.get_output_embeddings().weight.shape[0] for m in (policy_model, ref_model))
     if v_pol != v_ref or (ref_tokenizer is not None and ref_tokenizer.get_vocab() != tokenizer.get_vocab()):
         raise ConfigError(
-            f"the policy and the reference have different vocabularies ({v_pol} vs {v_ref} output tokens, or different "
-            "tokenizers): KL and paired sampling need the same tokenizer; pass the policy's own --reference"
+            f"the policy and the reference have different vocabularies ({v_pol} vs {v_ref} output tokens, or "
+            "different tokenizers): KL and paired sampling need the same tokenizer; pass the policy's own --reference"
         )
     return policy, reference, policy_model, ref_model, tokenizer
 
@@ -433,10 +434,10 @@ def _write_outputs(out: Path, result: dict, prompts: list, pol: _Side, ref: _Sid
 
     rows = []
     for i, prompt in enumerate(prompts):
-        row = {"prompt": prompt, "sample": i % num_samples, "response": pol.texts[i], "ref_response": ref.texts[i],
-               "reward": pol.rewards[i], "ref_reward": ref.rewards[i], "seq_kl": pol.seq_kl[i],
-               "entropy": pol.entropy[i], "length": pol.length[i], "ref_length": ref.length[i],
-               "truncated": pol.truncated[i], "ref_truncated": ref.truncated[i]}
+        row = {"prompt": prompt, "sample": i % num_samples, "response": pol.texts[i],
+               "ref_response": ref.texts[i], "reward": pol.rewards[i], "ref_reward": ref.rewards[i],
+               "seq_kl": pol.seq_kl[i], "entropy": pol.entropy[i], "length": pol.length[i],
+               "ref_length": ref.length[i], "truncated": pol.truncated[i], "ref_truncated": ref.truncated[i]}
         for key in pol.metrics:  # the judge's per-row metrics (the world's oracle: well_formed)
             row.update({key: pol.metrics[key][i], f"ref_{key}": ref.metrics[key][i]})
         rows.append({k: json_value(v) for k, v in row.items()})
@@ -507,7 +508,8 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         from finegrain.rewards.contrastive import resolve_template
 
         try:
-            template = resolve_template(cfg.contrastive_template, cfg.contrastive_positive, cfg.contrastive_negative)
+            template = resolve_template(cfg.contrastive_template, cfg.contrastive_positive,
+                                        cfg.contrastive_negative)
         except ValueError as exc:
             raise ConfigError(f"--contrastive_template/positive/negative: {exc}") from None
         results["token_credit"] = evaluate_token_credit_sources(

@@ -131,12 +131,10 @@ def render_heatmap(
             # NaN stays NaN (grey); an all-zero row is all white
             background, foreground = token_color(v if math.isnan(v) else v / scale if scale > 0 else 0.0)
             shown, is_ws = _display_text(token)
-            hover = f"{name} | {token!r} = {v:+.4f}"
-            cls = "tok ws" if is_ws else "tok"
-            parts.append(
-                f'<span class="{cls}" style="background:{background};color:{foreground}" '
-                f'data-value="{v!r}" title="{html.escape(hover, quote=True)}">{html.escape(shown)}</span>'
-            )
+            hover = html.escape(f"{name} | {token!r} = {v:+.4f}", quote=True)
+            parts.append(f'<span class="{"tok ws" if is_ws else "tok"}" style="background:{background};'
+                         f'color:{foreground}" data-value="{v!r}" title="{hover}">'
+                         f"{html.escape(shown)}</span>")
         parts.append("</div></div>")
     parts.append("</div>")
     return "".join(parts)

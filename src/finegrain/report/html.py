@@ -160,9 +160,7 @@ def _labels(paths: list[Path]) -> list[str]:
 def _fmt(x, digits: int = 3) -> str:
     if x is None:
         return "&ndash;"
-    if _is_number(x):
-        if isinstance(x, float) and not math.isfinite(x):
-            return html.escape(str(x))
+    if _is_number(x) and not (isinstance(x, float) and not math.isfinite(x)):
         return f"{x:.{digits}g}" if isinstance(x, float) else str(x)
     return html.escape(str(x))
 
@@ -229,11 +227,8 @@ def _plot_html(fig, plot_id: str, caption: str, alt: str) -> str:
 def _frontier_plot(runs: list[RunData], notes: list[str]) -> str:
     from matplotlib.figure import Figure
 
-    points = []
-    for r in runs:
-        ev = r.eval or {}
-        if _is_number(ev.get("seq_kl")) and _is_number(ev.get("mean_reward")):
-            points.append((r, float(ev["seq_kl"]), float(ev["mean_reward"])))
+    points = [(r, float(r.eval["seq_kl"]), float(r.eval["mean_reward"])) for r in runs
+              if _is_number((r.eval or {}).get("seq_kl")) and _is_number((r.eval or {}).get("mean_reward"))]
     if not points:
         notes.append("reward-versus-KL frontier: no run has both seq_kl and mean_reward in eval.json")
         return '<p class="note">No eval.json with seq_kl and mean_reward: frontier not drawn.</p>'
@@ -263,9 +258,8 @@ def _curves_plot(runs: list[RunData], notes: list[str]) -> str:
     present -= {"step", "samples", "split"}
     names = [m for m in CURVE_METRICS if m in present]
     # Other reward-like or KL metrics a trainer logs, after the known ones.
-    names += sorted(
-        m for m in present if m not in names and m.split("/")[0] in {"rewards", "objective", "kl"}
-    )
+    names += sorted(m for m in present if m not in names
+                    and m.split("/")[0] in {"rewards", "objective", "kl"})
     names = names[:MAX_CURVE_PANELS]
     if not names:
         notes.append("training curves: no metrics.jsonl with plottable metrics")
