@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import dataclasses
+import itertools
 import logging
 import random
 import re
@@ -228,13 +229,8 @@ ReviserFactory = Callable[[Any], Reviser]
 """``factory(cfg) -> reviser``, ``cfg`` the command's :class:`~finegrain.labeling.revise.ReviseConfig`."""
 
 
-@dataclasses.dataclass(frozen=True)
-class _Backend:
-    factory: ReviserFactory
-    summary: str
-
-
-_REGISTRY: dict[str, _Backend] = {}
+_REGISTRY: dict[str, tuple[ReviserFactory, str]] = {}
+"""Name -> (factory, one-line summary)."""
 
 
 def register_reviser(name: str, factory: ReviserFactory, summary: str = "") -> None:
@@ -242,7 +238,7 @@ def register_reviser(name: str, factory: ReviserFactory, summary: str = "") -> N
     application registering again with other settings). ``summary`` is one line for help texts and errors."""
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ValueError(f"a reviser name is a plain word (letters, digits, '_', '-', '.'), got {name!r}")
-    _REGISTRY[name] = _Backend(factory, summary)
+    _REGISTRY[name] = (factory, summary)
 
 
 def registered_revisers() -> list[str]:
@@ -252,7 +248,8 @@ def registered_revisers() -> list[str]:
 
 def describe_revisers() -> str:
     """One entry per registered reviser, for help texts and error messages."""
-    return "; ".join(f"{name}{': ' + b.summary if b.summary else ''}" for name, b in sorted(_REGISTRY.items()))
+    return "; ".join(f"{name}{': ' + summary if summary else ''}"
+                     for name, (_, summary) in sorted(_REGISTRY.items()))
 
 
 def reviser_factory(name: str) -> ReviserFactory:
@@ -265,7 +262,7 @@ def reviser_factory(name: str) -> ReviserFactory:
         raise ConfigError(f"--reviser {name!r} is not a registered reviser; registered: {describe_revisers()} "
                           "(applications register more: the finegrain command adds the built-in world's rule "
                           "reviser 'world')")
-    return _REGISTRY[name].factory
+    return _REGISTRY[name][0]
 
 
 # ------------------------------------------------------------------------------------ local Hugging Face model
@@ -319,13 +316,12 @@ class HFReviser:
             tok.padding_side = side
         device = next(self.model.parameters()).device
         enc = {k: v.to(device) for k, v in enc.items()}
-        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "pad_token_id": tok.pad_token_id}
+        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "pad_token_id": tok.pad_token_id,
+                                  "do_sample": self.temperature > 0}
         if self.model.generation_config.eos_token_id is None and tok.eos_token_id is not None:
             kwargs["eos_token_id"] = tok.eos_token_id
         if self.temperature > 0:
-            kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
-        else:
-            kwargs.update(do_sample=False)
+            kwargs.update(temperature=self.temperature, top_p=self.top_p)
         with torch.inference_mode():
             out = self.model.generate(**enc, **kwargs)
         new = out[:, enc["input_ids"].shape[1]:].tolist()
@@ -348,14 +344,13 @@ class HFReviser:
             batch = [queue.popleft() for _ in range(min(self.batch_size, len(queue)))]
             for job, (reply, cut_off) in zip(batch, self.generate([j.messages for j in batch])):
                 revised = None if cut_off else parse_revision(reply)
-                if revised is not None:
-                    yield job, revised, None
-                    continue
-                tries[job.index] += 1
-                if tries[job.index] <= self.max_retries:
+                if revised is None and tries[job.index] < self.max_retries:
+                    tries[job.index] += 1
                     queue.append(job)
-                else:
+                elif revised is None:
                     yield job, None, ("reply cut off at max_tokens" if cut_off else "reply without the marker")
+                else:
+                    yield job, revised, None
 
 
 # --------------------------------------------------------------------------------- OpenAI-compatible endpoint
@@ -480,13 +475,11 @@ class ChatCompletionsClient:
                 continue
             except openai.APIConnectionError as e:
                 reason = _unreachable(e)
-                if reason is None:
-                    last = f"connection dropped ({type(e.__cause__ or e).__name__})"
-                    continue
-                last = f"no connection ({reason})"
-                if attempt == self.max_retries:
+                if reason is not None and attempt == self.max_retries:
                     raise EndpointError(f"cannot reach {self.url}: {reason}; check that the server is running and "
                                         "that --base_url is right") from None
+                dropped = f"connection dropped ({type(e.__cause__ or e).__name__})"
+                last = f"no connection ({reason})" if reason else dropped
                 continue
             except openai.APIError as e:  # e.g. an answer the SDK cannot read
                 raise RuntimeError(f"malformed chat-completions answer ({type(e).__name__}: {e})") from None
@@ -529,22 +522,16 @@ class OpenAIReviser:
 
     def run(self, jobs: Iterable[RevisionJob]) -> Iterator[Result]:
         it = iter(jobs)
-        window = 2 * self.concurrency
         pool = cf.ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="finegrain-revise")
         pending: dict[cf.Future, RevisionJob] = {}
         try:
-            while True:
-                while len(pending) < window:
-                    job = next(it, None)
-                    if job is None:
-                        break
+            while True:  # at most 2 * concurrency rows submitted and not yet yielded
+                for job in itertools.islice(it, 2 * self.concurrency - len(pending)):
                     pending[pool.submit(self.revise_one, job)] = job
                 if not pending:
                     break
                 done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
                 for fut in done:
-                    job = pending.pop(fut)
-                    revised, reason = fut.result()
-                    yield job, revised, reason
+                    yield pending.pop(fut), *fut.result()
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
