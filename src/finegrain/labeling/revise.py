@@ -127,15 +127,13 @@ class ReviseConfig:
                                   "to 60 s; a Retry-After header is honoured)")
 
     def __post_init__(self) -> None:
-        for name in ("max_tokens", "batch_size", "concurrency"):
-            if getattr(self, name) <= 0:
+        for name in ("max_tokens", "batch_size", "concurrency", "max_edits"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"option '{name}' must be positive, got {getattr(self, name)}")
         if self.max_retries < 0:
             raise ConfigError(f"option 'max_retries' must be >= 0, got {self.max_retries}")
         if self.limit is not None and self.limit <= 0:
             raise ConfigError(f"option 'limit' must be positive (or unset for all rows), got {self.limit}")
-        if self.max_edits is not None and self.max_edits <= 0:
-            raise ConfigError(f"option 'max_edits' must be positive, got {self.max_edits}")
         if self.timeout <= 0 or self.retry_backoff < 0:
             raise ConfigError("options 'timeout' must be > 0 and 'retry_backoff' >= 0")
         if self.temperature < 0 or not 0.0 < self.top_p <= 1.0:
@@ -231,13 +229,12 @@ def load_jobs(rows: Any, *, template: str | None = None, skip_invalid: bool = Fa
                 raise
             counts[skip_key(e)] += 1
     log_skips(counts, rows.source, len(rows), "validation", skipped)
-    jobs = []
-    for index, it in normal:
-        if template is not None and "{chosen}" in template and it["chosen"] is None:
-            raise DataError("the reviser prompt template uses {chosen} but this row has no chosen response",
-                            source=it["source"], row=it["row"], field="chosen")
-        jobs.append(RevisionJob(index, it["prompt"], it["rejected"], it["chosen"], _id_columns(rows[index]), template))
-    return jobs
+    if normal and template is not None and "{chosen}" in template and "chosen" not in columns:
+        # rows with a chosen column all have one (the preference schema needs it)
+        raise DataError("the reviser prompt template uses {chosen} but this row has no chosen response",
+                        source=normal[0][1]["source"], row=normal[0][1]["row"], field="chosen")
+    return [RevisionJob(i, it["prompt"], it["rejected"], it["chosen"], _id_columns(rows[i]), template)
+            for i, it in normal]
 
 
 # ------------------------------------------------------------------------------------------------ output, resume

@@ -304,18 +304,14 @@ class HFReviser:
         """``(reply, cut_off)`` per conversation: the decoded new tokens, and whether ``max_new_tokens`` ended it."""
         import torch
 
+        from finegrain.data.collate import collate_completions
         from finegrain.rl.rollout import resolve_special_ids
 
         tok = self.tokenizer
-        side = tok.padding_side
-        tok.padding_side = "left"
-        try:
-            enc = tok([self.render(m) for m in conversations], return_tensors="pt", padding=True,
-                      add_special_tokens=False)
-        finally:
-            tok.padding_side = side
-        device = next(self.model.parameters()).device
-        enc = {k: v.to(device) for k, v in enc.items()}
+        prompts = [{"prompt_input_ids": tok(self.render(m), add_special_tokens=False)["input_ids"],
+                    "completion_input_ids": []} for m in conversations]
+        batch = collate_completions(prompts, tok.pad_token_id).to(next(self.model.parameters()).device)
+        enc = {"input_ids": batch.prompt_input_ids, "attention_mask": batch.prompt_attention_mask}  # left-padded
         kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "pad_token_id": tok.pad_token_id,
                                   "do_sample": self.temperature > 0}
         if self.model.generation_config.eos_token_id is None and tok.eos_token_id is not None:
