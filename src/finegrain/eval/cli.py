@@ -199,8 +199,8 @@ class _Side:
 
         lengths = np.asarray(self.length)
         nonempty = lengths > 0
-        mean_reward = mean_and_stderr(per_prompt(self.rewards))
-        out: dict[str, Any] = dict(zip(("mean_reward", "mean_reward_stderr"), mean_reward))
+        out: dict[str, Any] = dict(zip(("mean_reward", "mean_reward_stderr"),
+                                       mean_and_stderr(per_prompt(self.rewards))))
         out.update(entropy=float(np.asarray(self.entropy)[nonempty].mean()) if nonempty.any() else math.nan,
                    distinct_1=distinct_n(self.tokens, 1), distinct_2=distinct_n(self.tokens, 2),
                    length=float(lengths.mean()), truncated_rate=float(np.mean(self.truncated)))
@@ -462,15 +462,12 @@ def format_eval(result: dict[str, Any], output_dir: str | Path | None = None) ->
 
     rows = [("mean reward", pm(result["mean_reward"], result["mean_reward_stderr"]),
              pm(result["ref_mean_reward"], result["ref_mean_reward_stderr"]))]
-    if "well_formed_rate" in result:
-        rows.append(("well-formed", _pct(result["well_formed_rate"]), _pct(result["ref_well_formed_rate"])))
-    rows += [
-        ("length (tokens)", _f(result["length"], 1), _f(result["ref_length"], 1)),
-        ("entropy (nats/token)", _f(result["entropy"]), _f(result["ref_entropy"])),
-        ("distinct-1", _f(result["distinct_1"]), _f(result["ref_distinct_1"])),
-        ("distinct-2", _f(result["distinct_2"]), _f(result["ref_distinct_2"])),
-        ("no EOS (truncated)", _pct(result["truncated_rate"]), _pct(result["ref_truncated_rate"])),
-    ]
+    # (label, key, format) of the rows with the policy's result[key] and the reference's result["ref_" + key]
+    both = [("well-formed", "well_formed_rate", _pct)] if "well_formed_rate" in result else []
+    both += [("length (tokens)", "length", lambda x: _f(x, 1)), ("entropy (nats/token)", "entropy", _f),
+             ("distinct-1", "distinct_1", _f), ("distinct-2", "distinct_2", _f),
+             ("no EOS (truncated)", "truncated_rate", _pct)]
+    rows += [(label, fmt(result[key]), fmt(result[f"ref_{key}"])) for label, key, fmt in both]
     width = max(len(a) for a, _, _ in rows) + 2
     lines = [
         f"eval of {result['policy']} against {result['reference']}: {result['num_prompts']} prompts x "

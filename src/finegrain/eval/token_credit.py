@@ -128,8 +128,7 @@ def word_credit_to_tokens(
 
     if len(words) != len(credit):
         raise DataError(f"{len(words)} words but {len(credit)} credit values", source=source, row=row, field="credit")
-    spans = []
-    cursor = 0
+    spans, cursor = [], 0
     for j, (word, value) in enumerate(zip(words, credit)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise DataError(f"credit {j} is {value!r}, not a finite number", source=source, row=row, field="credit")
@@ -417,9 +416,8 @@ def score_token_credit(
     for name, source in sources.items():
         rows = _score_rows(source, examples, pad_id, batch_size, device)
         res = evaluate_token_credit(rows, truth, eps=eps)
-        result["auroc"][name] = json_value(res.auroc)
-        result["precision_at_k"][name] = json_value(res.precision_at_k)
-        result["k"][name] = res.k
+        for key in ("auroc", "precision_at_k", "k"):
+            result[key][name] = json_value(getattr(res, key))
         for item, i in zip(shown, picked):
             item["sources"][name] = rows[i].tolist()
     counts = evaluate_token_credit(truth, truth, eps=eps)  # the class sizes depend on the truth alone

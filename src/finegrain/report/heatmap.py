@@ -124,9 +124,8 @@ def render_heatmap(
             raise ValueError(f"heatmap source '{name}' has {len(values)} values for {len(tokens)} tokens")
         scale = max((abs(v) for v in values if math.isfinite(v)), default=0.0)
         parts.append(f'<div class="heatmap-row" data-source="{html.escape(name, quote=True)}">')
-        parts.append(f'<div class="heatmap-label">{html.escape(name)}'
-                     f'<small>max |v| = {scale:.3g}</small></div>')
-        parts.append('<div class="heatmap-tokens">')
+        parts.append(f'<div class="heatmap-label">{html.escape(name)}<small>max |v| = {scale:.3g}</small></div>'
+                     '<div class="heatmap-tokens">')
         for token, v in zip(tokens, values):
             # NaN stays NaN (grey); an all-zero row is all white
             background, foreground = token_color(v if math.isnan(v) else v / scale if scale > 0 else 0.0)

@@ -109,8 +109,7 @@ def _read_metrics(path: Path, notes: list[str]) -> list[dict]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            bad.append(lineno)
-            continue
+            row = None
         if isinstance(row, dict) and _is_number(row.get("step")):
             rows.append(row)
         else:
