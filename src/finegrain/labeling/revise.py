@@ -176,10 +176,9 @@ class ReviseConfig:
 def _with_spacing(revised: str, rejected: str) -> str:
     """``revised`` with the leading and trailing whitespace of ``rejected`` (TRL responses often start with a
     space that belongs to the response's first token)."""
-    core = revised.strip()
     lead = rejected[: len(rejected) - len(rejected.lstrip())]
     trail = rejected[len(rejected.rstrip()):] if rejected.strip() else ""
-    return f"{lead}{core}{trail}"
+    return f"{lead}{revised.strip()}{trail}"
 
 
 def _id_columns(raw: dict) -> dict[str, Any]:
@@ -335,6 +334,8 @@ def run_revise(cfg: ReviseConfig, reviser: Reviser | None = None) -> ReviseSumma
         ConfigError / EndpointError: options (an unregistered ``--reviser``, no data set) or an endpoint that
             cannot work; rows finished so far stay written.
     """
+    from tqdm.auto import tqdm
+
     from finegrain.data.loading import load_rows
 
     if not cfg.dataset_name:
@@ -358,18 +359,12 @@ def run_revise(cfg: ReviseConfig, reviser: Reviser | None = None) -> ReviseSumma
     todo = [j for j in jobs if j.index not in done]
     summary = ReviseSummary(str(out), total=len(rows), skipped=len(jobs) - len(todo), invalid=sum(invalid.values()),
                             keep_unchanged=cfg.keep_unchanged)
-    if todo:
-        reviser = reviser or factory(cfg)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        _revise_into(reviser, todo, out, cfg, summary)
-    return summary
-
-
-def _revise_into(reviser: Reviser, todo: list[RevisionJob], out: Path, cfg: ReviseConfig, summary: ReviseSummary) -> None:
-    from tqdm.auto import tqdm
-
+    if not todo:
+        return summary
+    reviser = reviser or factory(cfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(todo), desc="revise", unit="row", disable=cfg.disable_tqdm, dynamic_ncols=True)
-    side = None
+    side = None  # the side file, opened at the first unchanged row
     try:
         with out.open("a", encoding="utf-8") as f:
             for job, revised, reason in reviser.run(todo):
@@ -397,6 +392,7 @@ def _revise_into(reviser: Reviser, todo: list[RevisionJob], out: Path, cfg: Revi
         bar.close()
         if side is not None:
             side.close()
+    return summary
 
 
 def _append(f: Any, row: dict[str, Any]) -> None:

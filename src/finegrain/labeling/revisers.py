@@ -352,15 +352,6 @@ class HFReviser:
 # --------------------------------------------------------------------------------- OpenAI-compatible endpoint
 
 
-def _import_openai() -> Any:
-    try:
-        import openai
-    except ImportError:
-        raise ConfigError("the openai reviser (--base_url / --model) needs the openai package: "
-                          "pip install 'finegrain[openai]'") from None
-    return openai
-
-
 def _unreachable(error: BaseException) -> str | None:
     """Why the server could not be reached (the innermost cause), or None when the connection was made and then
     lost. Transport-neutral: the SDK's transports all raise a ``ConnectError`` before a connection exists."""
@@ -400,7 +391,12 @@ class ChatCompletionsClient:
     def __init__(self, base_url: str, *, api_key: str | None = None, api_key_env: str = "OPENAI_API_KEY",
                  timeout: float = 120.0, max_retries: int = 3, backoff: float = 1.0,
                  sleep: Callable[[float], None] = time.sleep):
-        self._openai = _import_openai()
+        try:
+            import openai
+        except ImportError:
+            raise ConfigError("the openai reviser (--base_url / --model) needs the openai package: "
+                              "pip install 'finegrain[openai]'") from None
+        self._openai = openai
         base = base_url.rstrip("/").removesuffix("/chat/completions").rstrip("/")
         self.url = f"{base}/chat/completions"
         self.api_key_env = api_key_env
