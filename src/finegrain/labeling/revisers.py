@@ -37,27 +37,10 @@ from typing import Any, Protocol
 
 from finegrain.errors import ConfigError, FinegrainError
 
-__all__ = [
-    "DEFAULT_BASE_URL",
-    "MARKER",
-    "REVISER_PROMPT",
-    "REVISER_PROMPT_NO_CHOSEN",
-    "REVISER_SYSTEM",
-    "ChatCompletionsClient",
-    "EndpointError",
-    "HFReviser",
-    "OpenAIReviser",
-    "Reviser",
-    "RevisionJob",
-    "build_messages",
-    "conversation_text",
-    "describe_revisers",
-    "parse_revision",
-    "read_prompt_template",
-    "register_reviser",
-    "registered_revisers",
-    "reviser_factory",
-]
+__all__ = ["DEFAULT_BASE_URL", "MARKER", "REVISER_PROMPT", "REVISER_PROMPT_NO_CHOSEN", "REVISER_SYSTEM",
+           "ChatCompletionsClient", "EndpointError", "HFReviser", "OpenAIReviser", "Reviser", "RevisionJob",
+           "build_messages", "conversation_text", "describe_revisers", "parse_revision",
+           "read_prompt_template", "register_reviser", "registered_revisers", "reviser_factory"]
 
 logger = logging.getLogger(__name__)
 
