@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -288,7 +288,6 @@ def prepare(run: Run, model, num_examples: int) -> Training:
 def fit(run: Run, t: Training, data, step: Callable[[list[int]], tuple[torch.Tensor, dict[str, Any]]], *,
         tokenizer, desc: str, postfix: Callable[[dict[str, Any]], dict[str, str]] | None = None,
         evaluate: Callable[[RunState], dict[str, float] | None] | None = None,
-        last_eval: Literal["repeat", "periodic", "final"] = "repeat",
         save_final: Callable[[RunState], None] | None = None, flops_of=None, lm_head: bool = True,
         reference: bool = False, summary: dict[str, Any] | None = None) -> Path:
     """The loop of sft, po and rm: resume (:meth:`Run.resume`), one optimizer step per global batch of
@@ -301,9 +300,8 @@ def fit(run: Run, t: Training, data, step: Callable[[list[int]], tuple[torch.Ten
     of ``flops_of``, default ``t.model``), the progress bar (``desc``; the loss, ``postfix(metrics)``,
     tokens/s) and a metrics line (``metrics``, the optimizer step's, ``epoch``) every ``logging_steps``, at
     the last step and at every skipped step. ``evaluate(state)`` (metrics logged as ``split="eval"``; None
-    logs nothing) runs every ``eval_steps`` and, in a completed run, once more by ``last_eval``: ``repeat``
-    always (the last step may be evaluated twice), ``periodic`` unless the last step just was, ``final``
-    always but never periodically at the last step. A checkpoint is written every ``save_steps`` and after an
+    logs nothing) runs every ``eval_steps`` and once more at the end of a completed run, unless its last step
+    was just evaluated. A checkpoint is written every ``save_steps`` and after an
     interrupt, which stops the run (``run.close``, then KeyboardInterrupt). A completed run ends with
     ``save_final(state)`` (default :meth:`Run.save_final` of the model and ``tokenizer``) and ``run.close``
     with ``summary``.
@@ -350,7 +348,7 @@ def fit(run: Run, t: Training, data, step: Callable[[list[int]], tuple[torch.Ten
             if state.step % cfg.logging_steps == 0 or state.step == t.total_steps or stats["skipped"]:
                 epoch = state.epoch + state.batch_in_epoch / len(epoch_batches)
                 run.log({**metrics, **stats, "epoch": epoch}, state)
-            if evaluation_due() and (last_eval != "final" or state.step < t.total_steps):
+            if evaluation_due():
                 log_evaluation()
             if cfg.save_steps and state.step % cfg.save_steps == 0:
                 run.save_checkpoint(state, t.model, t.optimizer, t.scheduler, tokenizer)
@@ -360,7 +358,7 @@ def fit(run: Run, t: Training, data, step: Callable[[list[int]], tuple[torch.Ten
                 break
     bar.close()
     if status == "completed":
-        if evaluate is not None and not (last_eval == "periodic" and evaluation_due()):
+        if evaluate is not None and not evaluation_due():
             log_evaluation()
         if save_final is None:
             run.save_final(t.model, tokenizer)

@@ -354,7 +354,7 @@ def train(cfg: POConfig, model, tokenizer, train_data, eval_data=None, *, ref_mo
     # run.json records the resolved β, α, γ
     return loop.fit(run, t, train_data, step, tokenizer=tokenizer, desc=f"po {cfg.loss}",
                     postfix=lambda m: {"acc": f"{m['rewards/accuracies']:.2f}"},
-                    evaluate=run_eval if eval_data is not None else None, last_eval="periodic",
+                    evaluate=run_eval if eval_data is not None else None,
                     reference=ref_live, summary=dict(beta=cfg.beta, alpha=cfg.alpha, gamma=cfg.gamma))
 
 

@@ -302,7 +302,7 @@ def train(cfg: RMConfig, data: RMData) -> Path:
         acc.wait_for_everyone()
 
     return loop.fit(run, t, data.train, step, tokenizer=tokenizer, desc=f"rm {cfg.level}",
-                    evaluate=lambda state: _evaluate_and_log(run, model, cfg, data, state), last_eval="final",
+                    evaluate=lambda state: _evaluate_and_log(run, model, cfg, data, state),
                     save_final=save_final, flops_of=acc.unwrap_model(model).backbone, lm_head=False)
 
 
