@@ -149,7 +149,7 @@ def stage_model(cfg: IFEvalConfig) -> None:
 
 
 def stage_prompts(cfg: IFEvalConfig) -> None:
-    from finegrain.ifeval.data import write_jsonl
+    from finegrain.data.files import write_jsonl
     from finegrain.ifeval.prompts import make_prompts
 
     paths = _paths(cfg)
@@ -179,7 +179,8 @@ def stage_sample(cfg: IFEvalConfig) -> None:
 
 
 def stage_pairs(cfg: IFEvalConfig) -> None:
-    from finegrain.ifeval.data import load_rows_checked, make_pairs, write_jsonl
+    from finegrain.data.files import write_jsonl
+    from finegrain.ifeval.data import load_rows_checked, make_pairs
 
     paths = _paths(cfg)
     if _done(paths.pairs):
@@ -191,7 +192,8 @@ def stage_pairs(cfg: IFEvalConfig) -> None:
 
 
 def stage_revise(cfg: IFEvalConfig) -> None:
-    from finegrain.ifeval.data import load_rows_checked, make_revision_pairs, make_revisions, write_jsonl
+    from finegrain.data.files import write_jsonl
+    from finegrain.ifeval.data import load_rows_checked, make_revision_pairs, make_revisions
 
     paths = _paths(cfg)
     if not _done(paths.revisions):
@@ -254,7 +256,8 @@ def stage_eval(cfg: IFEvalConfig, models=None) -> dict:
 
 
 def stage_truth(cfg: IFEvalConfig) -> None:
-    from finegrain.ifeval.data import load_rows_checked, make_truth, write_jsonl
+    from finegrain.data.files import write_jsonl
+    from finegrain.ifeval.data import load_rows_checked, make_truth
     from finegrain.models.loading import load_tokenizer
 
     paths = _paths(cfg)

@@ -37,13 +37,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finegrain.data.files import read_jsonl, write_jsonl, write_text
+from finegrain.data.files import read_jsonl, write_text
 from finegrain.errors import ConfigError, DataError
 from finegrain.ifeval.instructions import TOKEN_LOCAL, check_instructions
 from finegrain.ifeval.truth import minimal_fix, token_truth, violations
 
 __all__ = ["TaskPaths", "check_task_settings", "load_rows_checked", "make_pairs", "make_revision_pairs",
-           "make_revisions", "make_truth", "pair_key", "write_jsonl"]
+           "make_revisions", "make_truth", "pair_key"]
 
 
 @dataclass(frozen=True)
