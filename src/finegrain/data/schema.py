@@ -110,8 +110,9 @@ def log_skips(
         logger.warning("%s: skipped %d of %d rows at %s (%s)", source, n, total, stage, detail)
 
 
-class _Row:
-    """Where a row came from, and checks that raise errors naming it."""
+class RowCheck:
+    """Where a row came from, and checks that raise errors naming it (the field checks of :func:`validate_rows`;
+    ``label revise`` checks rows without a ``chosen`` column with them)."""
 
     def __init__(self, raw: Mapping[str, Any], source: str, row: int):
         self.raw, self.source, self.row = raw, source, row
@@ -238,7 +239,7 @@ def extract_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
     raise ValueError("chosen and rejected must both be strings or both lists of messages")
 
 
-def _pair(r: _Row, first: str, second: str, explicit_prompt: bool,
+def _pair(r: RowCheck, first: str, second: str, explicit_prompt: bool,
           allow_empty: bool = False) -> tuple[Any, str, str]:
     """Prompt and the two response texts of a row with two responses, explicit or implicit prompt (with an explicit
     prompt, ``allow_empty`` keeps empty responses: EOS-only samples)."""
@@ -268,7 +269,7 @@ def _pair(r: _Row, first: str, second: str, explicit_prompt: bool,
 # ------------------------------------------------------------------------------------------------ normalisers
 
 
-def _preference(r: _Row, columns: frozenset[str]) -> dict:
+def _preference(r: RowCheck, columns: frozenset[str]) -> dict:
     # an empty response is a legitimate sample (a policy that ends at once): it is scored as EOS only
     prompt, chosen, rejected = _pair(r, "chosen", "rejected", "prompt" in columns, allow_empty=True)
     if chosen == rejected:
@@ -287,7 +288,7 @@ def _preference(r: _Row, columns: frozenset[str]) -> dict:
     return out
 
 
-def _revision(r: _Row, columns: frozenset[str]) -> dict:
+def _revision(r: RowCheck, columns: frozenset[str]) -> dict:
     prompt, rejected, revised = _pair(r, "rejected", "revised", "prompt" in columns)
     if revised == rejected:
         raise r.error("revised identical to rejected", "revised")
@@ -298,7 +299,7 @@ def _revision(r: _Row, columns: frozenset[str]) -> dict:
             "conversational": isinstance(prompt, list)}
 
 
-def _spans(r: _Row, value: Any, response: str) -> list[tuple[int, int, float | int]]:
+def _spans(r: RowCheck, value: Any, response: str) -> list[tuple[int, int, float | int]]:
     if not isinstance(value, (list, tuple)):
         raise r.error("wrong type", "spans", f"expected a list of spans, got {type(value).__name__}")
     spans = []
@@ -324,7 +325,7 @@ def _spans(r: _Row, value: Any, response: str) -> list[tuple[int, int, float | i
     return spans
 
 
-def _token(r: _Row, columns: frozenset[str]) -> dict:
+def _token(r: RowCheck, columns: frozenset[str]) -> dict:
     prompt = r.prompt(r.get("prompt"))
     response = r.response(r.get("response"), "response")
     out = {"prompt": prompt, "response": response, "conversational": isinstance(prompt, list)}
@@ -341,12 +342,12 @@ def _token(r: _Row, columns: frozenset[str]) -> dict:
     return out
 
 
-def _prompt_only(r: _Row, columns: frozenset[str]) -> dict:
+def _prompt_only(r: RowCheck, columns: frozenset[str]) -> dict:
     prompt = r.prompt(r.get("prompt"))
     return {"prompt": prompt, "conversational": isinstance(prompt, list)}
 
 
-def _sft(r: _Row, columns: frozenset[str]) -> dict:
+def _sft(r: RowCheck, columns: frozenset[str]) -> dict:
     if "prompt" in columns and "completion" in columns:
         prompt = r.prompt(r.get("prompt"))
         completion = r.response(r.get("completion"), "completion", allow_empty=True)
@@ -361,7 +362,7 @@ def _sft(r: _Row, columns: frozenset[str]) -> dict:
     return {"prompt": prompt, "completion": completion, "conversational": isinstance(prompt, list)}
 
 
-_NORMALISERS: dict[str, Callable[[_Row, frozenset[str]], dict]] = {
+_NORMALISERS: dict[str, Callable[[RowCheck, frozenset[str]], dict]] = {
     "preference": _preference,
     "revision": _revision,
     "token": _token,
@@ -483,7 +484,7 @@ def validate_rows(
     for i, raw in enumerate(rows):
         source, row = rows.locate(i)
         try:
-            item = normalise(_Row(raw, source, row), columns)
+            item = normalise(RowCheck(raw, source, row), columns)
         except DataError as e:
             if not skip_invalid:
                 raise e.add_hint(SKIP_HINT) from None

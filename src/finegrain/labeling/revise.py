@@ -197,7 +197,7 @@ def load_jobs(rows: Any, *, template: str | None = None, skip_invalid: bool = Fa
         DataError: naming the file, the row and the field of the first bad row (unless ``skip_invalid``).
     """
     from finegrain.data.loading import load_rows
-    from finegrain.data.schema import _Row, log_skips, row_error, skip_key, validate_rows
+    from finegrain.data.schema import RowCheck, log_skips, row_error, skip_key, validate_rows
 
     rows = load_rows(rows)
     columns = set(rows.column_names)
@@ -217,7 +217,7 @@ def load_jobs(rows: Any, *, template: str | None = None, skip_invalid: bool = Fa
     for i, it in checked:
         try:
             if "chosen" not in columns:  # prompt and rejected checked by the preference schema's field checks
-                r = _Row(it, *rows.locate(i))
+                r = RowCheck(it, *rows.locate(i))
                 it = {"prompt": r.prompt(r.get("prompt")), "rejected": r.response(r.get("rejected"), "rejected"),
                       "chosen": None, "source": r.source, "row": r.row}
             elif not it["rejected"].strip():  # kept by the preference schema (an EOS-only sample): nothing to edit
