@@ -115,11 +115,12 @@ def lm_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, float 
 def completion_token_logps(model: nn.Module, batch: CompletionBatch, chunk_size: int = 1024) -> torch.Tensor:
     """``(N, T)`` token log-probs of ``batch``'s responses under ``model``, 0 outside the completion mask; the
     head is applied in chunks (:func:`finegrain.ops.chunked.completion_stats`), so no ``(N, T, V)`` logits are
-    built."""
+    built. The head is read after the forward: under FSDP2 the root module's parameters (the head's among them)
+    are gathered only then."""
     from finegrain.ops.chunked import completion_stats
 
-    weight, bias, cap = lm_head(model)
     h = predicting_states(hidden_states(model, batch), batch)
+    weight, bias, cap = lm_head(model)
     return completion_stats(h, weight, batch.completion_input_ids, batch.completion_mask, policy_bias=bias,
                             compute_kl=False, chunk_size=chunk_size, logit_softcap=cap).token_logps
 

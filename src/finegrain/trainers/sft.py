@@ -22,7 +22,7 @@ import torch
 
 from finegrain.config import TrainConfig, option
 from finegrain.errors import ConfigError
-from finegrain.models.forward import hidden_states, lm_head, predicting_states
+from finegrain.models.forward import completion_token_logps
 from finegrain.trainers import loop
 
 
@@ -40,13 +40,7 @@ class SFTConfig(TrainConfig):
 
 def completion_nll_sum(model, batch, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum over completion tokens of ``-log p(y_t | x, y_<t)`` and the number of tokens, for one batch."""
-    from finegrain.ops.chunked import completion_stats
-
-    h = predicting_states(hidden_states(model, batch), batch)
-    weight, bias, cap = lm_head(model)  # after the forward (FSDP2 gathers the root's parameters in it)
-    stats = completion_stats(h, weight, batch.completion_input_ids, batch.completion_mask, policy_bias=bias,
-                             compute_kl=False, chunk_size=chunk_size, logit_softcap=cap)
-    return -stats.token_logps.sum(), batch.completion_mask.sum()
+    return -completion_token_logps(model, batch, chunk_size).sum(), batch.completion_mask.sum()
 
 
 @torch.no_grad()
