@@ -164,13 +164,13 @@ def _locked(out_dir: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _load_and_rebuild(path: Path, torch_dtype):
+def _load_and_rebuild(path: Path, weights_dtype):
     """The GGUF's tokenizer and a plain model (no quantization config) holding its de-quantized weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch_dtype)
+        loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=weights_dtype)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ConfigError(f"transformers could not load the GGUF file {path}: {type(exc).__name__}: {exc}") from None
     config = loaded.config
@@ -179,8 +179,8 @@ def _load_and_rebuild(path: Path, torch_dtype):
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.name_or_path = ""
-    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
-    state = {k: v.detach().to(torch_dtype) for k, v in loaded.state_dict().items()}
+    model = AutoModelForCausalLM.from_config(config, dtype=weights_dtype)
+    state = {k: v.detach().to(weights_dtype) for k, v in loaded.state_dict().items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
