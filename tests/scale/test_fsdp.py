@@ -85,7 +85,10 @@ def test_fsdp2_preset_on_cpu_falls_back_to_ddp(tmp_path):
         "import torch\n"
         "acc = Accelerator(cpu=True)\n"
         "model = acc.prepare(torch.nn.Linear(4, 4))\n"
-        "print('probe', acc.distributed_type, type(next(model.parameters())).__name__, flush=True)\n"
+        "import sys\n"
+        # one write per report: print() writes each argument apart, and the two processes' words interleaved
+        "sys.stdout.write(f'probe {acc.distributed_type} {type(next(model.parameters())).__name__}\\n')\n"
+        "sys.stdout.flush()\n"
     )
     script = tmp_path / "probe.py"
     script.write_text(probe)
@@ -95,6 +98,6 @@ def test_fsdp2_preset_on_cpu_falls_back_to_ddp(tmp_path):
            "--num_processes", "2", str(script)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=R.cli_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # the two processes share stdout, so their lines may interleave: count the reports
+    # the two processes share stdout, so their lines may come in any order: count the reports
     assert proc.stdout.count("DistributedType.MULTI_CPU Parameter") == 2, proc.stdout
     assert "FSDP" not in proc.stdout and "DTensor" not in proc.stdout, proc.stdout
