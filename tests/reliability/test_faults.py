@@ -30,7 +30,7 @@ import _runs as R  # noqa: E402
 
 from finegrain.cli import commands  # noqa: E402
 from finegrain.errors import FinegrainError, NonFiniteError  # noqa: E402
-from finegrain.trainers import loop, rm, sft  # noqa: E402
+from finegrain.trainers import loop, rm  # noqa: E402
 
 pytestmark = pytest.mark.smoke
 
@@ -240,7 +240,7 @@ def test_transient_nan_in_sft_is_logged_and_training_goes_on(tiny, tmp_path, mon
         h = real(model, batch, *a, **k)
         return h * float("nan") if calls["n"] in (2, 3) else h
 
-    monkeypatch.setattr(sft, "hidden_states", poisoned)
+    monkeypatch.setattr(forward, "hidden_states", poisoned)  # sft reads it through forward.completion_token_logps
     out = tmp_path / "run"
     model, data = tiny
     commands.sft(R.model_args(model, data, out, steps=5, batch=4, extra=["--logging_steps", "10"]))
