@@ -8,23 +8,15 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from finegrain.errors import DataError
+from finegrain.data.loading import _read_json_lines
 
 __all__ = ["read_jsonl", "write_jsonl", "write_text"]
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """Rows of a JSON Lines file (a bad line is a :class:`~finegrain.errors.DataError` naming file and row)."""
-    rows = []
-    with Path(path).open(encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except ValueError as exc:
-                raise DataError(f"not a JSON line: {exc}", source=str(path), row=i) from None
-    return rows
+    """Rows of a JSON Lines file, read as :func:`~finegrain.data.loading.load_rows` reads one (a bad line is a
+    :class:`~finegrain.errors.DataError` naming file, row and line)."""
+    return _read_json_lines(Path(path), Path(path).read_bytes())
 
 
 def write_text(path: str | Path, text: str) -> Path:
