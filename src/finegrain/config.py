@@ -17,10 +17,13 @@ import argparse
 import copy
 import dataclasses
 import difflib
+import importlib
 import math
 import os
+import sys
 import types
 import typing
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
@@ -270,6 +273,33 @@ def parse(cls: type[C], argv: list[str] | None, prog: str, description: str = ""
     values: dict[str, Any] = load_yaml(config_path) if config_path else {}
     values.update(ns)
     return build(cls, values, source=f"config file {config_path}" if config_path else "options")
+
+
+def dispatch(prog: str, argv: list[str] | None, commands: Mapping[str, str | Callable[[list[str]], Any]], usage: str,
+             noun: str = "sub-command") -> int:
+    """Run ``prog <name> [options]`` with ``commands[name]``: a function of the remaining arguments returning the exit
+    status, or ``"module:function"``, imported only when it runs. No name, ``-h``, ``--help`` or ``help`` prints
+    ``usage`` (status 0); an unknown name prints one line, with the closest name if there is one, and ``usage`` on
+    stderr (status 2)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in commands:
+        close = difflib.get_close_matches(name, list(commands), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        print(f"{prog}: unknown {noun} '{name}'{hint}\n\n{usage}", file=sys.stderr)
+        return 2
+    return int(load_function(commands[name])(rest) or 0)
+
+
+def load_function(target: str | Callable) -> Callable:
+    """``target`` itself, or the function a ``"module:function"`` string names (its module imported now)."""
+    if not isinstance(target, str):
+        return target
+    module, _, function = target.partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def non_defaults(cfg: Any) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import shutil
 import time
 from pathlib import Path
 
-from finegrain.config import option, parse
+from finegrain.config import load_function, option, parse
 from finegrain.world.app import world_control_template
 
 
@@ -64,17 +64,14 @@ def _completed(run_dir: Path) -> bool:
 
 def _run_stage(title: str, command: str, argv: list[str], run_dir: Path) -> float:
     """Run ``finegrain <command> argv`` in this process unless ``run_dir`` already holds a completed run."""
-    import importlib
-
     from finegrain.cli.main import COMMANDS
 
-    module, _, function = COMMANDS[command][0].partition(":")
     if _completed(run_dir):
         print(f"  {title}: done earlier ({run_dir})", flush=True)
         return 0.0
     print(f"  {title}: finegrain {command} {' '.join(argv)}", flush=True)
     t = time.time()
-    getattr(importlib.import_module(module), function)([*argv, "--overwrite_output_dir"])
+    load_function(COMMANDS[command][0])([*argv, "--overwrite_output_dir"])
     return time.time() - t
 
 

@@ -12,6 +12,8 @@ import logging
 import sys
 from typing import Any
 
+from finegrain.config import dispatch
+
 __all__ = ["command_config", "eval_command", "label", "po", "ppo", "rm", "sft"]
 
 _ON_WORLD = {
@@ -117,11 +119,20 @@ def _label_revise(argv: list[str]) -> int:
     return 0
 
 
-LABEL_RUNNERS = {"revise": _label_revise, "contrastive": _label_contrastive, "edits": _label_edits}
+LABEL_COMMANDS = {
+    "revise": (_label_revise, "minimal-edit revisions of rejected responses by an LLM (local HF chat model, "
+                              "OpenAI-compatible endpoint) or a registered rule reviser (the built-in world's)"),
+    "contrastive": (_label_contrastive, "per-token rewards by contrastive prompting (T-REG): log-prob differences "
+                                        "under opposite prompts"),
+    "edits": (_label_edits, "token labels from {prompt, rejected, revised} rows by edit alignment (TLCR, minimal-edit "
+                            "token RM)"),
+}
+"""Sub-command of ``finegrain label`` -> (runner, one line of help)."""
 
 
 def label(argv: list[str] | None = None) -> int:
     """``finegrain label <sub-command> ...``: usage, then the sub-command's runner."""
-    from finegrain.labeling import dispatch
-
-    return dispatch(list(sys.argv[1:] if argv is None else argv), LABEL_RUNNERS)
+    usage = "\n".join(["usage: finegrain label <sub-command> [--config file.yaml] [--option value ...]",
+                       "       finegrain label <sub-command> --help", "", "sub-commands:",
+                       *(f"  {name:<12} {doc}" for name, (_, doc) in LABEL_COMMANDS.items())])
+    return dispatch("finegrain label", argv, {name: run for name, (run, _) in LABEL_COMMANDS.items()}, usage)

@@ -7,11 +7,12 @@ traceback; set ``FINEGRAIN_DEBUG=1`` to see the traceback.
 
 from __future__ import annotations
 
-import importlib
+import functools
 import os
 import sys
 
 from finegrain import __version__
+from finegrain.config import dispatch, load_function
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("finegrain.demo:main", "the whole pipeline on the built-in world, with a report (start here)"),
@@ -47,20 +48,14 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(_usage())
-        return 0
-    if argv[0] in ("-V", "--version", "version"):
+    if argv[:1] in (["-V"], ["--version"], ["version"]):
         print(f"finegrain {__version__}")
         return 0
-    name, rest = argv[0], argv[1:]
-    if name not in COMMANDS:
-        import difflib
+    return dispatch("finegrain", argv, {name: functools.partial(_run, name) for name in COMMANDS}, _usage(), "command")
 
-        close = difflib.get_close_matches(name, list(COMMANDS), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        print(f"finegrain: unknown command '{name}'{hint}\n\n{_usage()}", file=sys.stderr)
-        return 2
+
+def _run(name: str, rest: list[str]) -> int:
+    """``finegrain <name> rest``: a user's error as one line on stderr (status 1), Ctrl-C as status 130."""
     from finegrain.errors import FinegrainError
 
     try:
@@ -68,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if name in launch.LAUNCHABLE and launch.wants_launch(rest):  # --accelerate_config / --num_processes: re-run under `accelerate launch`
             return launch.relaunch(name, rest)
-        module_name, _, function = COMMANDS[name][0].partition(":")
-        result = getattr(importlib.import_module(module_name), function)(rest)
+        return load_function(COMMANDS[name][0])(rest)
     except FinegrainError as exc:
         if os.environ.get("FINEGRAIN_DEBUG"):
             raise
@@ -78,7 +72,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\nfinegrain {name}: interrupted", file=sys.stderr)
         return 130
-    return int(result or 0)
 
 
 if __name__ == "__main__":

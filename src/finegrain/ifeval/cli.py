@@ -18,13 +18,13 @@ Stages (each skipped when its output exists; ``build`` runs them all in order; d
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Literal
 
-from finegrain.config import option, parse
+from finegrain.config import dispatch, option, parse
 from finegrain.errors import ConfigError
 from finegrain.ifeval.evaluate import format_eval
 
@@ -340,18 +340,10 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``finegrain ifeval <stage> [options]``; returns the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(_usage())
-        return 0
-    stage, rest = argv[0], argv[1:]
-    if stage == "run":
-        from finegrain.ifeval.run import main as run_main
+    return dispatch("finegrain ifeval", argv, {"run": "finegrain.ifeval.run:main", **{
+        stage: functools.partial(_stage_main, stage) for stage in (*_STAGE_FUNCS, "build")}}, _usage(), "stage")
 
-        return run_main(rest)
-    if stage not in (*_STAGE_FUNCS, "build"):
-        print(f"finegrain ifeval: unknown stage '{stage}'\n\n{_usage()}", file=sys.stderr)
-        return 2
-    cfg = parse(IFEvalConfig, rest, prog=f"finegrain ifeval {stage}", description=_usage())
-    run_stage(stage, cfg)
+
+def _stage_main(stage: str, argv: list[str]) -> int:
+    run_stage(stage, parse(IFEvalConfig, argv, prog=f"finegrain ifeval {stage}", description=_usage()))
     return 0

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from finegrain.config import add_arguments, build
+from finegrain.config import add_arguments, build, dispatch
 
 
 def _build(argv: list[str]) -> int:
@@ -46,16 +45,7 @@ def _show(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: finegrain world {build DIR, show [DIR]} [options]\n\n"
-              "  build DIR   build the built-in world into DIR (about a minute on 2 cores)\n"
-              "  show [DIR]  print example responses with the oracle's word credit")
-        return 0
-    sub, rest = argv[0], argv[1:]
-    if sub == "build":
-        return _build(rest)
-    if sub == "show":
-        return _show(rest)
-    print(f"finegrain world: unknown sub-command '{sub}' (choose build or show)", file=sys.stderr)
-    return 2
+    return dispatch("finegrain world", argv, {"build": _build, "show": _show},
+                    "usage: finegrain world {build DIR, show [DIR]} [options]\n\n"
+                    "  build DIR   build the built-in world into DIR (about a minute on 2 cores)\n"
+                    "  show [DIR]  print example responses with the oracle's word credit")
