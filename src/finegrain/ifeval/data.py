@@ -46,42 +46,25 @@ __all__ = ["TaskPaths", "check_task_settings", "load_rows_checked", "make_pairs"
            "make_revisions", "make_truth", "pair_key"]
 
 
+def _file(relative: str) -> property:
+    return property(lambda self: self.root / relative)
+
+
 @dataclass(frozen=True)
 class TaskPaths:
     """The files of a task directory (see the module docstring)."""
 
     root: Path
-
-    @property
-    def settings(self) -> Path:
-        return self.root / "task.json"
+    settings = _file("task.json")
+    samples = _file("samples/train.jsonl")
+    pairs = _file("data/pairs.jsonl")
+    revisions = _file("data/revisions.jsonl")
+    revision_pairs = _file("data/revision_pairs.jsonl")
+    edit_labels = _file("data/edit_labels.jsonl")
+    truth = _file("data/truth_test.jsonl")
 
     def prompts(self, split: str) -> Path:
         return self.root / "prompts" / f"{split}.jsonl"
-
-    @property
-    def samples(self) -> Path:
-        return self.root / "samples" / "train.jsonl"
-
-    @property
-    def pairs(self) -> Path:
-        return self.root / "data" / "pairs.jsonl"
-
-    @property
-    def revisions(self) -> Path:
-        return self.root / "data" / "revisions.jsonl"
-
-    @property
-    def revision_pairs(self) -> Path:
-        return self.root / "data" / "revision_pairs.jsonl"
-
-    @property
-    def edit_labels(self) -> Path:
-        return self.root / "data" / "edit_labels.jsonl"
-
-    @property
-    def truth(self) -> Path:
-        return self.root / "data" / "truth_test.jsonl"
 
     def eval_dir(self, name: str) -> Path:
         return self.root / "eval" / name

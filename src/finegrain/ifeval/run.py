@@ -6,30 +6,11 @@ output exists, so an interrupted run is resumed by running the same command agai
 1. ``task``: the task (``finegrain ifeval build``: model, prompts, samples, pairs, revisions, edit labels, the start
    model's evaluation, token truth);
 2. one run directory per method under ``RUN_DIR``, each a normal ``finegrain`` command on the converted model and
-   the task's data (LoRA, ``--use_peft``; the command's own run directory, checkpoints and ``final/``):
-
-   ===================  ================================================================================
-   dpo                  ``finegrain po --loss dpo`` on the on-policy pairs (Rafailov et al. 2023)
-   tdpo2                ``finegrain po --loss tdpo2`` (Zeng et al. 2024)
-   treg                 ``finegrain po --loss treg-dpo --contrastive_template draft`` (T-REG, Zhou et al. 2025:
-                        token rewards by contrastive prompting in the paper's revision form, :data:`CONTRASTIVE`)
-   dpo-rev, tdpo2-rev   DPO and TDPO2 on the minimal-edit pairs (chosen = the rule-based revision of the
-                        rejected response): the sequence- and token-level loss on the data the token RM and the
-                        TLCR discriminator learn from
-   dpo-rev-sft          DPO-SFT (``--rpo_alpha 1``: DPO plus the chosen response's NLL, T-REG's ablation) on the
-                        minimal-edit pairs, 3 epochs
-   rm-sequence          ``finegrain rm --level sequence`` on the pairs (Bradley-Terry)
-   rm-sentence          ``finegrain rm --level sentence`` on the pairs (Qiu et al. 2025)
-   rm-token             ``finegrain rm --level token`` on the rule-based revisions (Xu et al. 2024)
-   rm-discriminator     ``finegrain rm --level discriminator`` on the revisions (TLCR, Yoon et al. 2024)
-   ppo-pass             ``finegrain ppo --reward ifeval:pass``: the checkers' pass/fail at the end
-   ppo-credit           ``finegrain ppo --reward ifeval:credit``: exact per-token credit (same return as the
-                        score, placed on the violating tokens)
-   ppo-rm-LEVEL         ``finegrain ppo --reward RUN_DIR/rm-LEVEL/final`` for each learned reward model
-   ===================  ================================================================================
-
-   A run with a checkpoint is resumed (``--resume_from_checkpoint latest``); a run directory without one is
-   started afresh.
+   the task's data (LoRA, ``--use_peft``; the command's own run directory, checkpoints and ``final/``): the methods
+   of :data:`METHODS` -- ``finegrain po`` with :data:`PO_METHODS`' flags, ``finegrain rm --level LEVEL``,
+   ``finegrain ppo`` with :data:`PPO_REWARDS` or each reward model (``ppo-rm-LEVEL``); docs/ifeval.md's table gives
+   each run's command, paper and data. A run with a checkpoint is resumed (``--resume_from_checkpoint latest``); a
+   run directory without one is started afresh.
 3. ``eval``: every trained policy and the start model on the held-out test prompts, greedy
    (:func:`finegrain.ifeval.evaluate.evaluate_on_task`: ``finegrain eval --judge ifeval`` plus IFEval's pooled
    accuracies, KL to the start model), into each run directory's ``eval.json``; the start model's responses are

@@ -39,8 +39,10 @@ instructions -- ``finegrain ifeval eval`` reports the pooled one). ``finegrain e
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -56,26 +58,22 @@ MODES: dict[str | None, str] = {None: "score", "score": "score", "pass": "pass",
 
 
 @functools.lru_cache(maxsize=4096)
-def _instructions(text: str) -> tuple[tuple[str, ...], tuple[tuple[tuple[str, Any], ...], ...]]:
+def _instructions(text: str) -> tuple[list[str], list[dict]]:
+    """:func:`~finegrain.ifeval.instructions.parse_instructions` of a prompt text, cached (callers get copies)."""
     from finegrain.ifeval.instructions import parse_instructions
 
-    ids, kwargs = parse_instructions(text)
-    frozen = tuple(tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kw.items())) for kw in kwargs)
-    return tuple(ids), frozen
+    return parse_instructions(text)
 
 
-def _kwargs(frozen) -> list[dict]:
-    return [{k: list(v) if isinstance(v, tuple) else v for k, v in kw} for kw in frozen]
-
-
+@dataclass(slots=True)
 class Judgement:
     """The checkers' verdicts on one response: ``ids``, ``kwargs``, ``strict`` and ``loose`` (one bool per
     instruction)."""
 
-    __slots__ = ("ids", "kwargs", "strict", "loose")
-
-    def __init__(self, ids: list[str], kwargs: list[dict], strict: list[bool], loose: list[bool]):
-        self.ids, self.kwargs, self.strict, self.loose = ids, kwargs, strict, loose
+    ids: list[str]
+    kwargs: list[dict]
+    strict: list[bool]
+    loose: list[bool]
 
     @property
     def score(self) -> float:
@@ -123,11 +121,10 @@ class IFEvalRewardSource(JudgedRewardSource):
         out = []
         for i, (prompt, response) in enumerate(zip(prompts, responses)):
             try:
-                ids, frozen = _instructions(prompt_content(prompt, row=i))
+                ids, kwargs = copy.deepcopy(_instructions(prompt_content(prompt, row=i)))
             except DataError as err:
                 raise DataError(f"reward source '{self.name}' judges the IFEval task's prompts only: {err.reason}",
                                 row=i, field="prompt") from None
-            ids, kwargs = list(ids), _kwargs(frozen)
             strict = check_instructions(response, ids, kwargs)
             loose = check_instructions(response, ids, kwargs, loose=True) if self.loose else strict
             out.append(Judgement(ids, kwargs, strict, loose))
