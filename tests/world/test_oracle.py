@@ -82,3 +82,14 @@ def test_grammar_forms():
     forms = [s.form for s in parse_response("it is cold . it roars . it flows gently . the fox is wild and fast . perhaps , it sleeps .".split())]
     assert forms == ["is_adj", "verb", "verb_adv", "topic_adjs", "verb"]
     assert parse_response("it is gently .".split())[0].form is None  # adverb in an adjective slot
+
+
+def test_lexicon_tables_are_consistent():
+    # (was a check run when finegrain.world.lexicon was imported)
+    from finegrain.world.lexicon import CLASHES, DESCRIPTIVE_ADJECTIVES, FITS, TOPICS, VERBS
+
+    for topic in TOPICS:
+        overlap = FITS[topic] & CLASHES[topic]
+        assert not overlap, f"{topic}: words both fit and clash: {sorted(overlap)}"
+        unknown = (FITS[topic] | CLASHES[topic]) - set(DESCRIPTIVE_ADJECTIVES) - set(VERBS)
+        assert not unknown, f"{topic}: unknown words {sorted(unknown)}"

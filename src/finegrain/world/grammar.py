@@ -104,8 +104,3 @@ def parse_response(words: list[str]) -> list[Sentence]:
     if current:
         sentences.append(parse_sentence(current, start))
     return sentences
-
-
-def render(words: list[str]) -> str:
-    """Words back to text (the inverse of :func:`split_words`)."""
-    return " ".join(words)

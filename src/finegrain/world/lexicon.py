@@ -108,15 +108,3 @@ def word_value(word: str, topic: str) -> float:
     """True value of a content word for a topic: universal style value plus topic-dependent accuracy."""
     return STYLE.get(word, 0.0) + accuracy(word, topic)
 
-
-def _check_tables() -> None:
-    for topic in TOPICS:
-        overlap = FITS[topic] & CLASHES[topic]
-        if overlap:
-            raise AssertionError(f"{topic}: words both fit and clash: {sorted(overlap)}")
-        unknown = (FITS[topic] | CLASHES[topic]) - set(DESCRIPTIVE_ADJECTIVES) - set(VERBS)
-        if unknown:
-            raise AssertionError(f"{topic}: unknown words {sorted(unknown)}")
-
-
-_check_tables()

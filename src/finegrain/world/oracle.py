@@ -22,7 +22,7 @@ broken text cannot farm reward. Sentences beyond ``max_sentences`` earn no credi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from finegrain.world.grammar import CONTENT_ROLES, ROLE_HEDGE, ROLE_TOPIC, parse_response, split_words
 from finegrain.world.lexicon import STYLE, TOPICS, word_value
@@ -54,7 +54,6 @@ class Judgement:
         credit: one float per word.
         well_formed: every sentence parses and the response is non-empty.
         num_sentences: sentences counted (a trailing fragment counts as one).
-        sentence_of_word: index of the sentence each word belongs to.
     """
 
     score: float
@@ -62,7 +61,6 @@ class Judgement:
     credit: list[float]
     well_formed: bool
     num_sentences: int
-    sentence_of_word: list[int] = field(default_factory=list)
 
 
 def prompt_topic(prompt: str) -> str:
@@ -82,13 +80,10 @@ def judge(prompt: str, response: str, rules: OracleRules = DEFAULT_RULES) -> Jud
     topic = prompt_topic(prompt)
     words = split_words(response)
     credit = [0.0] * len(words)
-    sentence_of_word = [0] * len(words)
     seen: set[str] = set()
     sentences = parse_response(words)
     for k, sent in enumerate(sentences):
         n = len(sent.words)
-        for j in range(n):
-            sentence_of_word[sent.start + j] = k
         if k >= rules.max_sentences or not sent.well_formed:
             penalty = rules.overlong_penalty if k >= rules.max_sentences else rules.malformed_penalty
             for j in range(n):
@@ -106,5 +101,5 @@ def judge(prompt: str, response: str, rules: OracleRules = DEFAULT_RULES) -> Jud
     well_formed = bool(sentences) and all(s.well_formed for s in sentences)
     return Judgement(
         score=float(sum(credit)), words=words, credit=credit, well_formed=well_formed,
-        num_sentences=len(sentences), sentence_of_word=sentence_of_word,
+        num_sentences=len(sentences),
     )

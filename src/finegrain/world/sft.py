@@ -54,8 +54,9 @@ def train_base_model(cfg: WorldConfig, corpus: list[dict], tokenizer, out_dir: P
 
 @torch.no_grad()
 def sample_responses(model, tokenizer, prompts: list[str], *, num_samples: int, cfg: WorldConfig,
-                     batch_size: int = 256, show_progress: bool = True, seed: int | None = None) -> list[tuple[str, ...]]:
-    """``num_samples`` sampled responses (decoded text) per prompt from ``model``."""
+                     batch_size: int = 256, show_progress: bool = True) -> list[tuple[str, ...]]:
+    """``num_samples`` sampled responses (decoded text) per prompt from ``model``, one generator seeded with
+    ``cfg.seed`` for all batches."""
     from tqdm.auto import tqdm
 
     from finegrain.data.collate import collate_completions
@@ -64,7 +65,7 @@ def sample_responses(model, tokenizer, prompts: list[str], *, num_samples: int, 
     from finegrain.rl.rollout import sample_rollouts
 
     model.eval()
-    gen = torch.Generator().manual_seed(cfg.seed if seed is None else seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
     out: list[tuple[str, ...]] = []
     for lo in tqdm(range(0, len(prompts), batch_size), desc="sampling", disable=not show_progress):
         chunk = prompts[lo : lo + batch_size]
