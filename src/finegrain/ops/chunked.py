@@ -82,13 +82,11 @@ def _project(
 _LSE_ROWS = 64
 
 
-def _ref_rows(chunk_size: int) -> int:
-    """Rows per sub-block of the reference's logits: a quarter of a chunk."""
-    return max(1, -(-chunk_size // 4))
-
-
-def _blocks(start: int, stop: int, size: int) -> list[slice]:
-    return [slice(i, min(i + size, stop)) for i in range(start, stop, size)]
+def _ref_blocks(start: int, m: int, chunk_size: int) -> list[tuple[slice, slice]]:
+    """The reference's sub-blocks of the chunk at ``start`` (of ``m`` rows), a quarter of a chunk each, as
+    ``(rows, rows within the chunk)``."""
+    stop, size = min(start + chunk_size, m), max(1, -(-chunk_size // 4))
+    return [(slice(i, min(i + size, stop)), slice(i - start, min(i + size, stop) - start)) for i in range(start, stop, size)]
 
 
 def _logsumexp(z: torch.Tensor) -> torch.Tensor:
@@ -125,8 +123,7 @@ class _ChunkedCompletionStats(torch.autograd.Function):
                     del z
                     continue
                 # the reference's logits in sub-blocks: one (c, V) buffer for the chunk plus a quarter of one
-                for sub in _blocks(start, min(start + chunk_size, m), _ref_rows(chunk_size)):
-                    local = slice(sub.start - start, sub.stop - start)
+                for sub, local in _ref_blocks(start, m, chunk_size):
                     zr, _ = _project(hr[sub], wr, br, softcap)
                     ref_lse_s = _logsumexp(zr)
                     ref_lse[sub] = ref_lse_s
@@ -168,8 +165,7 @@ class _ChunkedCompletionStats(torch.autograd.Function):
                     gk = g_kl[rows].unsqueeze(1)
                     # g_logp·(onehot − p) + g_kl·(p − q) = p·(g_kl − g_logp) − g_kl·q + g_logp·onehot
                     g.mul_(gk - gl)
-                    for sub in _blocks(start, min(start + chunk_size, h.shape[0]), _ref_rows(chunk_size)):
-                        local = slice(sub.start - start, sub.stop - start)
+                    for sub, local in _ref_blocks(start, h.shape[0], chunk_size):
                         zr, _ = _project(hr[sub], wr, br, softcap)
                         q = zr.sub_(ref_lse[sub].unsqueeze(1)).exp_()
                         g[local].addcmul_(q, gk[local], value=-1.0)
