@@ -161,17 +161,11 @@ def _columns_kind(columns: set[str], source: str) -> str:
     )
 
 
-def _as_sft(items: list[dict], field: str) -> list[dict]:
-    """Validated rows as ``sft`` rows whose completion is ``item[field]`` (source and row kept)."""
-    return [{"prompt": it["prompt"], "completion": it[field], "conversational": it["conversational"],
-             "source": it["source"], "row": it["row"]} for it in items]
-
-
-def _example(tok_row: dict, truth: list[float]) -> CreditExample:
+def _example(tok_row: dict, truth: list[float], response: str = "completion") -> CreditExample:
     return CreditExample(
         prompt=tok_row["prompt"], prompt_input_ids=list(tok_row["prompt_input_ids"]),
-        text=tok_row["completion_text"], input_ids=list(tok_row["completion_input_ids"]),
-        offsets=[tuple(o) for o in tok_row["completion_offsets"]], truth=[float(v) for v in truth],
+        text=tok_row[f"{response}_text"], input_ids=list(tok_row[f"{response}_input_ids"]),
+        offsets=[tuple(o) for o in tok_row[f"{response}_offsets"]], truth=[float(v) for v in truth],
         source=tok_row.get("source"), row=tok_row.get("row"),
     )
 
@@ -224,20 +218,17 @@ def load_credit_examples(
         tokenized = tokenize_rows(validate_rows(rows, "token"), tokenizer, "token", limits)
         return [_example(t, [0.0 if v == IGNORE_INDEX else float(v) for v in t["token_labels"]]) for t in tokenized]
 
-    if kind == "revision":
-        valid = validate_rows(rows, "revision")
-        rejected = tokenize_rows(_as_sft(valid, "rejected"), tokenizer, "sft", limits)
-        revised = tokenize_rows(_as_sft(valid, "revised"), tokenizer, "sft", limits)
+    if kind == "revision":  # the optional chosen response is not scored
+        valid = [{**v, "chosen": None} for v in validate_rows(rows, "revision")]
         out = []
-        for rej, rev in zip(rejected, revised):
+        for t in tokenize_rows(valid, tokenizer, "revision", limits):
             try:
-                labels = edit_token_labels(rej["completion_text"], rev["completion_text"], rej["completion_offsets"],
-                                           rev["completion_offsets"], unit=unit,
-                                           rejected_ids=rej["completion_input_ids"],
-                                           revised_ids=rev["completion_input_ids"])
+                labels = edit_token_labels(t["rejected_text"], t["revised_text"], t["rejected_offsets"],
+                                           t["revised_offsets"], unit=unit, rejected_ids=t["rejected_input_ids"],
+                                           revised_ids=t["revised_input_ids"])
             except DataError as err:
-                raise DataError(err.reason, source=rej["source"], row=rej["row"], field=err.field) from err
-            out += [_example(rej, labels.rejected_labels), _example(rev, labels.revised_labels)]
+                raise DataError(err.reason, source=t["source"], row=t["row"], field=err.field) from err
+            out += [_example(t, labels.rejected_labels, "rejected"), _example(t, labels.revised_labels, "revised")]
         return out
 
     # Word credit: validate prompt and response as an sft row (the response is the completion), then map words.
