@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from finegrain.ops.masked import masked_whiten
+from finegrain.ops.masked import masked_whiten, zero_masked
 
 __all__ = [
     "discounted_returns",
@@ -71,9 +71,7 @@ def gae_advantages(
     _check("rewards", rewards, response_mask)
     _check("values", values, response_mask)
     mask = response_mask.to(torch.bool)
-    zero = torch.zeros((), dtype=values.dtype, device=values.device)
-    rewards = torch.where(mask, rewards, zero)
-    values = torch.where(mask, values, zero)
+    rewards, values = zero_masked(rewards, mask), zero_masked(values, mask)
     next_value = torch.zeros_like(values[:, 0])
     next_adv = torch.zeros_like(values[:, 0])
     advantages = torch.zeros_like(values)
@@ -81,11 +79,11 @@ def gae_advantages(
         m = mask[:, t]
         delta = rewards[:, t] + gamma * next_value - values[:, t]
         adv = delta + gamma * lam * next_adv
-        advantages[:, t] = torch.where(m, adv, zero)
+        advantages[:, t] = zero_masked(adv, m)
         # A masked position passes the next valid action's value and advantage through unchanged.
         next_value = torch.where(m, values[:, t], next_value)
         next_adv = torch.where(m, adv, next_adv)
-    returns = torch.where(mask, advantages + values, zero)
+    returns = zero_masked(advantages + values, mask)
     return advantages, returns
 
 
@@ -106,12 +104,11 @@ def discounted_returns(rewards: torch.Tensor, response_mask: torch.Tensor, gamma
     """
     _check("rewards", rewards, response_mask)
     mask = response_mask.to(torch.bool)
-    zero = torch.zeros((), dtype=rewards.dtype, device=rewards.device)
     running = torch.zeros_like(rewards[:, 0])
     returns = torch.zeros_like(rewards)
     for t in reversed(range(rewards.shape[1])):
         running = torch.where(mask[:, t], rewards[:, t] + gamma * running, running)
-        returns[:, t] = torch.where(mask[:, t], running, zero)
+        returns[:, t] = zero_masked(running, mask[:, t])
     return returns
 
 
@@ -186,8 +183,4 @@ def rloo_advantages(
     grouped = seq_returns.view(-1, num_samples)
     baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (num_samples - 1)
     advantages = (grouped - baseline).reshape(-1)
-    if response_mask is None:
-        return advantages
-    mask = response_mask.to(torch.bool)
-    zero = torch.zeros((), dtype=advantages.dtype, device=advantages.device)
-    return torch.where(mask, advantages[:, None], zero)
+    return advantages if response_mask is None else zero_masked(advantages[:, None], response_mask)

@@ -173,7 +173,6 @@ def dense_rewards(
         raise ValueError("dense_rewards needs at least one reward source")
     mask = response_mask.to(torch.bool)
     named = {"reward": sources} if isinstance(sources, TokenRewards) else dict(sources)
-    zero = torch.zeros((), dtype=torch.float32, device=mask.device)
 
     out: dict[str, torch.Tensor] = {}
     raw = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
@@ -183,7 +182,7 @@ def dense_rewards(
         # Checked where rewards enter: a NaN must name its source, not surface later as a NaN loss.
         check_finite(src, name)
         scale = scales.get(name, 1.0) if isinstance(scales, Mapping) else scales
-        share = torch.where(src.mask.to(torch.bool) & mask, src.values.float(), zero)
+        share = zero_masked(src.values.float(), src.mask.to(torch.bool) & mask)
         if src.seq_reward is not None:
             share = share + _place_sequence_scores(src.seq_reward.float(), mask, name)
         share = scale * share
@@ -207,7 +206,7 @@ def dense_rewards(
             score = score - _place_sequence_scores(torch.full_like(returns, mean / std), mask, "normalize")
     if clip is not None:
         score = score.clamp(-clip, clip)
-    out["score"] = torch.where(mask, score, zero)
+    out["score"] = zero_masked(score, mask)
 
     if kl is None:
         out["kl"] = torch.zeros_like(raw)
@@ -215,7 +214,7 @@ def dense_rewards(
         if kl.shape != mask.shape:
             raise ValueError(f"kl {tuple(kl.shape)} != response_mask {tuple(mask.shape)}")
         _check_kl(kl, mask)
-        out["kl"] = torch.where(mask, kl.float(), zero)
+        out["kl"] = zero_masked(kl.float(), mask)
     out["penalized"] = out["score"] - kl_coef * out["kl"]
     return out
 

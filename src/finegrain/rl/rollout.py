@@ -95,28 +95,26 @@ def sample_next_token(
     """Draw one token per row from ``logits`` ``(N, V)`` → ``(N,)`` long.
 
     Greedy (``argmax``) when ``do_sample`` is False or ``temperature`` is 0. Otherwise, as ``transformers``'
-    warpers in this order: divide by ``temperature``; keep the ``top_k`` largest logits (0 = all; ties with the
-    k-th are kept); keep the smallest set of largest-probability tokens whose mass reaches ``top_p`` (at least
-    one); then sample from the softmax with ``torch.multinomial`` (float32).
+    warpers (``TopKLogitsWarper``, ``TopPLogitsWarper``) in this order: divide by ``temperature``; keep the
+    ``top_k`` largest logits (0 = all; ties with the k-th are kept); keep the smallest set of largest-probability
+    tokens whose mass reaches ``top_p`` (at least one); then sample from the softmax with ``torch.multinomial``
+    (float32).
 
     Example:
         >>> sample_next_token(torch.tensor([[0.0, 5.0, 1.0]]), do_sample=False)
         tensor([1])
     """
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
     if not do_sample or temperature == 0:
         return logits.argmax(dim=-1)
     scores = logits.float()
     if temperature != 1.0:
         scores = scores / temperature
     if top_k and top_k < scores.shape[-1]:
-        kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
+        scores = TopKLogitsWarper(top_k)(None, scores)
     if top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=False)
-        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-        remove = cumulative <= (1.0 - top_p)
-        remove[..., -1:] = False
-        scores = scores.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+        scores = TopPLogitsWarper(top_p)(None, scores)
     probs = scores.softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
 
