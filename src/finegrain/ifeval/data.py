@@ -175,9 +175,8 @@ def make_revisions(pairs: Sequence[dict], prompts_by_key: dict[Any, dict], *,
         try:
             revised = minimal_fix(rejected, ids, kwargs)
         except DataError:
-            counts["unfixable"] += 1
-            continue
-        if not revised.strip():
+            revised = ""
+        if not revised.strip():  # no fix, or one that deletes the whole response
             counts["unfixable"] += 1
             continue
         rows.append({"prompt": pair["prompt"], "rejected": _assistant(rejected), "revised": _assistant(revised),

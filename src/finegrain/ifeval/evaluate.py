@@ -57,7 +57,7 @@ def _check_order(rows: Sequence[dict], samples: Sequence[dict], source: str) -> 
                             field="prompt")
 
 
-def samples_as_task_rows(rows: Sequence[dict], samples_path: Path, side: str = "response") -> list[dict]:
+def samples_as_task_rows(rows: Sequence[dict], samples_path: Path) -> list[dict]:
     """The responses of an evaluation's ``samples.jsonl`` joined with the task's test rows, in the task's sample
     layout (each test row plus ``responses``: a list of one text), what :func:`finegrain.ifeval.data.make_truth`
     reads. A ``samples.jsonl`` already in that layout (rows with ``responses``) is returned as it is."""
@@ -66,7 +66,7 @@ def samples_as_task_rows(rows: Sequence[dict], samples_path: Path, side: str = "
         return samples
     rows = list(rows)[: len(samples)]
     _check_order(rows, samples, str(samples_path))
-    return [dict(row, responses=[s[side]]) for row, s in zip(rows, samples)]
+    return [dict(row, responses=[s["response"]]) for row, s in zip(rows, samples)]
 
 
 def evaluate_on_task(policy: str | Path, rows: Sequence[dict], prompts_path: str | Path, out_dir: str | Path, *,
@@ -131,7 +131,6 @@ def rescore(out_dir: str | Path, rows: Sequence[dict]) -> dict[str, Any]:
     return result
 
 
-
 def check_eval_settings(path: Path, asked: dict[str, Any]) -> dict[str, Any]:
     """The eval.json at ``path``, refused when it was made with other settings than ``asked``."""
     old = json.loads(path.read_text())
@@ -141,7 +140,6 @@ def check_eval_settings(path: Path, asked: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"{path} holds an evaluation with other settings ({detail}); pass --name to keep both, "
                           "or delete that directory")
     return old
-
 
 
 def format_eval(name: str, r: dict) -> str:

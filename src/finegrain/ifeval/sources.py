@@ -1,37 +1,22 @@
-"""The task's judge and rewards as reward sources, registered under the kind ``ifeval`` (docs/ifeval.md).
+"""The task's judge and rewards as reward sources, registered under the kind ``ifeval`` (docs/ifeval.md, "As a judge
+and a reward", gives the modes' table and the reasons for the credit's design).
 
-IFEval's checkers (Zhou et al. 2023, "Instruction-Following Evaluation for Large Language Models", arXiv
-2311.07911) judge each response against the instructions read back from its prompt's text
-(:func:`finegrain.ifeval.instructions.parse_instructions`: a source sees only prompts and responses). Three modes:
-
-* ``ifeval`` (= ``ifeval:score``): the fraction of the prompt's instructions followed (strict), on the last valid
-  response token (EOS when the response has one) -- the sequence-level reward;
-* ``ifeval:pass``: 1 when every instruction is followed (IFEval's prompt-level strict verdict), else 0, on the
-  last valid token -- the checkers' pass/fail at the end of the response;
-* ``ifeval:credit``: the same return as ``ifeval:score``, placed where the token truth
-  (:mod:`finegrain.ifeval.truth`) says it belongs -- the dense upper bound of credit assignment, the analogue of
-  the built-in world's ``oracle:credit``. With ``K`` instructions, every instruction is worth ``1/K`` of the score:
-
-  - a failed token-local instruction whose violations are located on ``n`` tokens of the policy's tokenization
-    puts ``-1/(K n)`` on each of them (a token that violates two instructions gets both shares): the truth's
-    ``-1`` tokens, and only they, carry the loss it causes;
-  - the last valid token carries ``1 - (failed instructions without a located violation) / K``: the failed
-    content instructions (at least N words, the keyword) and the case checkers' English test, which have no
-    token-level truth, stay sequence-level;
-  - every other token gets 0 (a clean token did not *make* the response good: see docs/ifeval.md).
-
-  So ``Σ_t r_t`` equals the ``ifeval:score`` of every response and only *where* the reward lands differs. Why not
-  ``-1`` per violating token: an all-capitals instruction answered in normal case has ~100 violating tokens, so a
-  per-token count would outweigh every other instruction (and reward answering less) instead of costing one
-  instruction, as the checker does.
+IFEval's checkers (Zhou et al. 2023, arXiv 2311.07911) judge each response against the instructions read back from
+its prompt's text (:func:`finegrain.ifeval.instructions.parse_instructions`: a source sees only prompts and
+responses). Three modes: ``ifeval`` (= ``ifeval:score``, the fraction of instructions followed, strict) and
+``ifeval:pass`` (1 when all are followed, else 0) on the last valid response token (EOS when it has one);
+``ifeval:credit``, the same return as ``ifeval:score`` placed by the token truth (:mod:`finegrain.ifeval.truth`),
+the analogue of the world's ``oracle:credit``. With ``K`` instructions, each worth ``1/K``: a failed token-local
+instruction located on ``n`` tokens of the policy's tokenization puts ``-1/(K n)`` on each of them (a token that
+violates two gets both shares); the last valid token carries ``1 - u/K``, ``u`` the failed instructions without a
+located violation (the content instructions, the case checkers' English test); every other token gets 0. So
+``Σ_t r_t`` equals the ``ifeval:score`` of every response.
 
 Every mode reports the score in ``meta["score"]`` and per-row judgements in ``meta["metrics"]``
 (:func:`finegrain.rewards.base.sequence_scores`, :func:`~finegrain.rewards.base.row_metrics`, which ``finegrain eval
 --judge`` and ``ppo --judge`` read): ``prompt_strict`` / ``prompt_loose`` (every instruction followed, strict or on
-IFEval's relaxed variants) and ``instruction_strict`` / ``instruction_loose`` (the row's fraction followed; their
-mean over responses equals IFEval's pooled instruction-level accuracy only when every prompt has the same number of
-instructions -- ``finegrain ifeval eval`` reports the pooled one). ``finegrain eval`` averages them into
-``prompt_strict_rate`` etc.
+IFEval's relaxed variants) and ``instruction_strict`` / ``instruction_loose`` (the row's fraction followed, not
+IFEval's pooled accuracy: docs/ifeval.md).
 
 :func:`register` adds the kind to :mod:`finegrain.rewards.registry`; it imports neither a model nor the checkers
 (``if-verifiable`` is imported when a source first judges).

@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 
+from finegrain.errors import ConfigError
 from finegrain.world.config import WORLD_FORMAT, WorldConfig
 from finegrain.world.oracle import OracleRules, judge, prompt_topic
 
@@ -60,8 +61,16 @@ def ensure_world(world_dir: str | Path | None = None, cfg: WorldConfig | None = 
 
 
 def load_world_config(world_dir: str | Path) -> WorldConfig:
-    data = json.loads((Path(world_dir) / "world.json").read_text())["config"]
-    return WorldConfig(**data)
+    """The :class:`WorldConfig` recorded in ``world_dir/world.json``.
+
+    Raises:
+        ConfigError: the file is not a world summary finegrain can read.
+    """
+    meta = Path(world_dir) / "world.json"
+    try:
+        return WorldConfig(**json.loads(meta.read_text())["config"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{meta} is not a world summary finegrain can read ({e}); rebuild the world") from None
 
 
 def world_base_model(world_dir: str | Path, tokenizer, seed: int | None = None):

@@ -17,7 +17,6 @@ LLM annotator plays for real data (TLCR, minimal-edit token reward models).
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -112,33 +111,20 @@ class WorldReviser:
             yield job, (job.rejected if out is None else out), None
 
 
-def world_settings(world_dir: str | Path | None) -> tuple[OracleRules, int]:
-    """The oracle rules and ``revision_max_edits`` of a world directory (the defaults when it is None or has no
-    ``world.json``)."""
-    from finegrain.errors import ConfigError
-    from finegrain.world.config import WorldConfig
-
-    meta = Path(world_dir) / "world.json" if world_dir else None
-    if meta is None or not meta.is_file():
-        return WorldConfig().rules, WorldConfig().revision_max_edits
-    try:
-        cfg = WorldConfig(**json.loads(meta.read_text())["config"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"{meta} is not a world summary finegrain can read ({e}); rebuild the world") from None
-    return cfg.rules, cfg.revision_max_edits
-
-
 def register_reviser_backend(world_dir: str | Path | None = None) -> None:
     """Register ``--reviser world``: :class:`WorldReviser` with the rules and ``revision_max_edits`` of
     ``world_dir`` (else of the config's ``world_dir``, else the defaults); ``--max_edits`` overrides the latter."""
     from finegrain.errors import ConfigError
     from finegrain.labeling.revisers import register_reviser
+    from finegrain.world import load_world_config
+    from finegrain.world.config import WorldConfig
 
     def make(cfg) -> WorldReviser:
         if any(getattr(cfg, name, None) for name in ("model_name_or_path", "model", "base_url")):
             raise ConfigError("--reviser world uses the world's rule-based reviser: drop --model_name_or_path, "
                               "--model and --base_url, or choose --reviser hf / openai")
-        rules, max_edits = world_settings(world_dir or getattr(cfg, "world_dir", None))
-        return WorldReviser(rules, getattr(cfg, "max_edits", None) or max_edits)
+        world = world_dir or getattr(cfg, "world_dir", None)  # no world.json there: the default world's settings
+        wcfg = load_world_config(world) if world and (Path(world) / "world.json").is_file() else WorldConfig()
+        return WorldReviser(wcfg.rules, getattr(cfg, "max_edits", None) or wcfg.revision_max_edits)
 
     register_reviser("world", make, "the built-in world's rule reviser (no LLM; --max_edits)")
