@@ -11,13 +11,18 @@ import finegrain.data.alignment as alignment
 from finegrain.data.alignment import (
     edit_tags,
     edit_token_labels,
-    label_revision,
     label_revisions,
     label_tokens_by_spans,
     tag_labels,
     unit_spans,
 )
 from finegrain.errors import ConfigError, DataError
+
+
+def label_revision(tokenizer, rejected, revised, **kwargs):
+    """One pair through :func:`label_revisions`."""
+    return label_revisions(tokenizer, [rejected], [revised], **kwargs)[0]
+
 
 WORDS = (
     "the a cat dog sat ran on under mat rug quickly slowly unbelievable remarkable results were good bad "

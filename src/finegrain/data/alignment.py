@@ -331,17 +331,3 @@ def label_revisions(
                                   rejected_offsets=rej_off, revised_offsets=rev_off))
     return out
 
-
-def label_revision(tokenizer: Any, rejected: str, revised: str, *, unit: Unit = "word") -> RevisionLabels:
-    """:func:`label_revisions` for a single pair.
-
-    Args:
-        tokenizer: a Hugging Face fast tokenizer.
-        rejected: the rejected response text.
-        revised: its revision.
-        unit: the alignment unit, see :func:`edit_token_labels`.
-
-    Returns:
-        One :class:`RevisionLabels`.
-    """
-    return label_revisions(tokenizer, [rejected], [revised], unit=unit)[0]
