@@ -15,7 +15,6 @@ from finegrain.data.tokenize import (
     spans_to_labels,
     tokenize_prompt,
     tokenize_response,
-    tokenize_row,
     tokenize_rows,
 )
 from finegrain.errors import ConfigError, DataError
@@ -222,7 +221,7 @@ def test_revision_prompt_only_and_sft_rows():
 def test_extras_and_origins_are_carried():
     row = {"prompt": "p", "chosen": "a", "rejected": "b", "margin": 1.5, "subset": "math",
            "ref_chosen_logps": -1.0, "ref_rejected_logps": -2.0}
-    ex = tokenize_row(validate_rows([row])[0], WORD, "preference")
+    (ex,) = tokenize_rows(validate_rows([row]), WORD, "preference")
     assert {k: ex[k] for k in ("margin", "subset", "ref_chosen_logps", "ref_rejected_logps", "source", "row")} == {
         "margin": 1.5, "subset": "math", "ref_chosen_logps": -1.0, "ref_rejected_logps": -2.0, "source": "<list>",
         "row": 0}

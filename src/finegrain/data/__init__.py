@@ -25,7 +25,6 @@ from finegrain.data.tokenize import (
     spans_to_labels,
     tokenize_prompt,
     tokenize_response,
-    tokenize_row,
     tokenize_rows,
 )
 
@@ -51,7 +50,6 @@ __all__ = [
     "spans_to_labels",
     "tokenize_prompt",
     "tokenize_response",
-    "tokenize_row",
     "tokenize_rows",
     "validate_rows",
 ]

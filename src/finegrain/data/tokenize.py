@@ -395,7 +395,3 @@ def _encode_prompts(encode: _Encoder, prompts: list[Any]) -> list[Any]:
             out[i] = enc
     return out
 
-
-def tokenize_row(row: dict, tokenizer: Any, kind: str, limits: TokenLimits | None = None, *, add_eos: bool = True) -> dict:
-    """Tokenize one validated row (see :func:`tokenize_rows`); raises :class:`DataError` on a bad row."""
-    return tokenize_rows([row], tokenizer, kind, limits, add_eos=add_eos)[0]
