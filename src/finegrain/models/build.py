@@ -20,6 +20,18 @@ def torch_dtype(name: str, where: str = "") -> torch.dtype:
         raise ConfigError(f"unknown dtype {name!r}{where}; choose float32, bfloat16 or float16") from None
 
 
+def hidden_size(model: nn.Module) -> int:
+    """The width ``H`` of a model's hidden states: its config's (the text config's, for a multimodal model)
+    ``hidden_size``, ``n_embd`` or ``d_model``, else the width of its input embeddings."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(text, name, None)
+        if isinstance(value, int):
+            return value
+    return int(model.get_input_embeddings().weight.shape[1])
+
+
 def tiny_llama_config(vocab_size: int, *, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
                       intermediate_size: int | None = None, max_position_embeddings: int = 128,
                       pad_token_id: int = 0, bos_token_id: int = 1, eos_token_id: int = 2):

@@ -63,24 +63,21 @@ def refuse_reward_model(path: str | Path, role: str = "--model_name_or_path") ->
 
 
 def load_causal_lm(name_or_path: str, *, trust_remote_code: bool = False, dtype: str | None = None,
-                   attn_implementation: str | None = None, role: str = "--model_name_or_path",
                    allow_reward_model: bool = False):
     """Load an ``AutoModelForCausalLM`` (float32 by default on CPU).
 
-    A run directory loads its ``final/`` model. A reward-model directory is refused (naming ``role``, the option it
-    came from) unless ``allow_reward_model`` (the reward-model loader reading its own backbone).
+    A run directory loads its ``final/`` model. A reward-model directory is refused
+    (:func:`refuse_reward_model`) unless ``allow_reward_model`` (the reward-model loader reading its own backbone).
     """
     from transformers import AutoModelForCausalLM
 
     name_or_path = ensure_converted(name_or_path)  # issue 13: a .gguf file loads from its converted directory
     if not allow_reward_model:
-        refuse_reward_model(name_or_path, role)
+        refuse_reward_model(name_or_path)
     name_or_path = model_dir(name_or_path)
     kwargs = {"trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = dtype if dtype == "auto" else torch_dtype(dtype)
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
     try:
         return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as exc:

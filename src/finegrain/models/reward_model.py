@@ -54,7 +54,7 @@ from torch import nn
 
 from finegrain.data.segmentation import PunctuationSplitter, SentenceSplitter, make_splitter, splitter_config
 from finegrain.errors import ConfigError
-from finegrain.models.build import is_peft_model, save_merged_lora
+from finegrain.models.build import hidden_size, is_peft_model, save_merged_lora
 from finegrain.models.heads import ScalarHead, SentenceRewardHead, TwoClassHead
 from finegrain.models.loading import REWARD_MODEL_FILE
 from finegrain.models.rm_levels import (
@@ -103,15 +103,6 @@ FORMAT = 1
 
 
 # ----------------------------------------------------------------------------------------------- build / save
-
-
-def _hidden_size(backbone: nn.Module) -> int:
-    config = getattr(backbone, "config", None)
-    for name in ("hidden_size", "n_embd", "d_model"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    return int(backbone.get_input_embeddings().weight.shape[1])
 
 
 def _make_head(level: str, config: dict[str, Any]) -> nn.Module:
@@ -182,15 +173,13 @@ def build_reward_model(
     Returns:
         The model; its head is float32.
     """
-    if level not in _CLASSES:
-        raise ConfigError(f"unknown reward-model level {level!r}; choose one of {', '.join(LEVELS)}")
     if level == "sentence" and boundary_mode == "insert":
         if tokenizer.convert_tokens_to_ids(end_token) in (None, tokenizer.unk_token_id):
             tokenizer.add_tokens([end_token], special_tokens=True)
         vocab = backbone.get_input_embeddings().weight.shape[0]
         if len(tokenizer) > vocab:
             backbone.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8)
-    config = {"hidden_size": _hidden_size(backbone), "num_outputs": num_outputs, "embed_dim": embed_dim,
+    config = {"hidden_size": hidden_size(backbone), "num_outputs": num_outputs, "embed_dim": embed_dim,
               "max_sentences": max_sentences, "weighted_sum": weighted_sum, "rope_theta": rope_theta,
               "bias": score_bias}
     with torch.random.fork_rng(devices=[]):

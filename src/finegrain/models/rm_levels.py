@@ -1,5 +1,5 @@
-"""The reward-model classes: a causal-LM backbone and a head, at four granularities (the table, the saved format and
-the builders are in :mod:`finegrain.models.reward_model`, which re-exports every name here)."""
+"""The reward-model classes: a causal-LM backbone and a head, at four granularities (table, saved format and
+builders: :mod:`finegrain.models.reward_model`, whose ``__all__`` re-exports every public name here)."""
 
 from __future__ import annotations
 
@@ -24,19 +24,6 @@ from finegrain.models.forward import hidden_states, reading_states
 from finegrain.models.heads import ScalarHead, SentenceRewardHead, SentenceRewardOutput
 from finegrain.ops.masked import last_token_index, zero_masked
 from finegrain.types import CompletionBatch
-
-__all__ = [
-    "BOUNDARY_MODES",
-    "END_TOKEN",
-    "FLAT_FILE",
-    "RewardModel",
-    "SentenceExample",
-    "SentenceRewardModel",
-    "SequenceRewardModel",
-    "TokenDiscriminator",
-    "TokenRewardModel",
-    "collate_sentence_examples",
-]
 
 BOUNDARY_MODES: tuple[str, ...] = ("insert", "mark")
 FLAT_FILE = "reward_model.safetensors"

@@ -8,12 +8,7 @@ use, so that ``import finegrain.rewards`` stays light.
 
 from finegrain.lazy import lazy_attributes
 from finegrain.rewards.base import RewardSource, check_finite
-from finegrain.rewards.placement import (
-    last_token_index,
-    place_at_span_ends,
-    place_on_last_token,
-    spread_over_spans,
-)
+from finegrain.rewards.placement import place_at_span_ends, place_on_last_token, spread_over_spans
 
 _LAZY = {
     "ContrastiveRewardSource": "finegrain.rewards.contrastive",
@@ -40,7 +35,6 @@ __all__ = [
     *_LAZY,
     "RewardSource",
     "check_finite",
-    "last_token_index",
     "place_at_span_ends",
     "place_on_last_token",
     "spread_over_spans",

@@ -205,8 +205,8 @@ def same_vocabulary(a: Any, b: Any) -> bool:
 class _Row:
     """One row of a policy batch, in the policy's and in the reward model's tokenization."""
 
-    __slots__ = ("prompt_ids", "response_ids", "text", "policy_offsets", "rm_prompt", "rm_response", "rm_offsets",
-                 "end_index")
+    __slots__ = ("prompt_ids", "response_ids", "text", "policy_offsets", "rm_prompt", "rm_response",
+                 "rm_offsets")
 
 
 class RewardModelSource:
@@ -302,7 +302,6 @@ class RewardModelSource:
             r.prompt_ids = batch.prompt_input_ids[i][batch.prompt_attention_mask[i].bool()].tolist()
             r.response_ids = batch.completion_input_ids[i][batch.completion_mask[i].bool()].tolist()
             r.text, r.policy_offsets = decode_with_offsets(ptok, r.response_ids)
-            r.end_index = len(r.response_ids) - 1
             if self.same_tokenizer:
                 r.rm_prompt, r.rm_response, r.rm_offsets = r.prompt_ids, r.response_ids, r.policy_offsets
             else:
@@ -336,24 +335,6 @@ class RewardModelSource:
 
         examples = [{"prompt_input_ids": r.rm_prompt, "completion_input_ids": r.rm_response} for r in rows]
         return collate_completions(examples, pad_token_id(self.model.tokenizer)).to(self.device)
-
-    def _values(self, batch: CompletionBatch) -> torch.Tensor:
-        """Token rewards ``(n, T)`` of the reward model on a batch in its own tokenization."""
-        return self.model.token_values(batch)
-
-    def _token_level_rows(self, rows: list[_Row], T: int, reduce: str) -> tuple[np.ndarray, np.ndarray, dict]:
-        """Token RM / discriminator through the text: score in RM tokens, map onto the policy's tokens."""
-        values = np.zeros((len(rows), T))
-        scores = np.zeros(len(rows))
-        for chunk, part in self._chunks(rows):
-            rm_values = self._values(self._rm_batch(part)).float().cpu().numpy()
-            for k, (i, r) in enumerate(zip(chunk, part)):
-                n = len(r.rm_response)
-                mapped = map_token_values(rm_values[k, :n], r.rm_offsets[:n], r.policy_offsets, reduce=reduce,
-                                          end_index=r.end_index)
-                values[i, : len(mapped)] = mapped
-                scores[i] = rm_values[k, :n].sum()
-        return values, scores, {}
 
 
 class SequenceRMSource(RewardModelSource):
@@ -402,12 +383,27 @@ class TokenRMSource(RewardModelSource):
         super().__init__(model, policy_tokenizer, **kwargs)
         self.reduce = reduce
 
+    def _values(self, batch: CompletionBatch) -> torch.Tensor:
+        """Token rewards ``(n, T)`` of the reward model on a batch in its own tokenization."""
+        return self.model.token_values(batch)
+
     def _score_same(self, batch):
         values = self._same_chunks(batch, self._values)
         return values, values.sum(dim=1)
 
     def _score_rows(self, rows, T):
-        return self._token_level_rows(rows, T, self.reduce)
+        """Through the text: score in RM tokens, map onto the policy's tokens."""
+        values = np.zeros((len(rows), T))
+        scores = np.zeros(len(rows))
+        for chunk, part in self._chunks(rows):
+            rm_values = self._values(self._rm_batch(part)).float().cpu().numpy()
+            for k, (i, r) in enumerate(zip(chunk, part)):
+                n = len(r.rm_response)
+                mapped = map_token_values(rm_values[k, :n], r.rm_offsets[:n], r.policy_offsets,
+                                          reduce=self.reduce)
+                values[i, : len(mapped)] = mapped
+                scores[i] = rm_values[k, :n].sum()
+        return values, scores, {}
 
 
 class DiscriminatorSource(TokenRMSource):
