@@ -8,6 +8,8 @@ an application. :func:`command_config` is the same step for Python callers and t
 
 from __future__ import annotations
 
+import functools
+import importlib
 import logging
 import sys
 from typing import Any
@@ -51,37 +53,20 @@ def command_config(command: str, cls: type, argv: list[str] | None, description:
     return cfg
 
 
-def sft(argv: list[str] | None = None) -> int:
-    from finegrain.trainers import sft as trainer
-
-    cfg = command_config("sft", trainer.SFTConfig, argv)
-    trainer.train(cfg, *trainer.load_inputs(cfg))
+def _train(command: str, argv: list[str] | None = None) -> int:
+    """``finegrain sft|po|rm|ppo``: parse ``finegrain.trainers.<command>``'s config (``SFTConfig``, ...), load its
+    inputs and train."""
+    trainer = importlib.import_module(f"finegrain.trainers.{command}")
+    cfg = command_config(command, getattr(trainer, f"{command.upper()}Config"), argv)
+    if command == "rm":
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        trainer.train(cfg, trainer.load_inputs(cfg))
+    else:
+        trainer.train(cfg, *trainer.load_inputs(cfg))
     return 0
 
 
-def po(argv: list[str] | None = None) -> int:
-    from finegrain.trainers import po as trainer
-
-    cfg = command_config("po", trainer.POConfig, argv)
-    trainer.train(cfg, *trainer.load_inputs(cfg))
-    return 0
-
-
-def rm(argv: list[str] | None = None) -> int:
-    from finegrain.trainers import rm as trainer
-
-    cfg = command_config("rm", trainer.RMConfig, argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    trainer.train(cfg, trainer.load_inputs(cfg))
-    return 0
-
-
-def ppo(argv: list[str] | None = None) -> int:
-    from finegrain.trainers import ppo as trainer
-
-    cfg = command_config("ppo", trainer.PPOConfig, argv)
-    trainer.train(cfg, *trainer.load_inputs(cfg))
-    return 0
+sft, po, rm, ppo = (functools.partial(_train, command) for command in ("sft", "po", "rm", "ppo"))
 
 
 def eval_command(argv: list[str] | None = None) -> int:
