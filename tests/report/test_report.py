@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from finegrain.cli.main import main as finegrain_main
 from finegrain.report import RunDirError, build_report
 from finegrain.report.cli import main
 
@@ -181,5 +182,5 @@ def test_cli_writes_report_and_prints_its_path(tmp_path, capsys):
     page = out.read_text()
     assert "<title>two runs</title>" in page
     assert "x/final" in page and "y/final" in page  # equal directory names get distinguishing labels
-    assert main([str(tmp_path / "missing")]) == 1
+    assert finegrain_main(["report", str(tmp_path / "missing")]) == 1  # the dispatcher prints a user's error
     assert "run directory not found" in capsys.readouterr().err

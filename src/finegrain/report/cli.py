@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
-
-from finegrain.errors import FinegrainError
 
 __all__ = ["build_parser", "main"]
 
@@ -28,19 +25,13 @@ def build_parser(prog: str = "finegrain report") -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``finegrain report``; print the written report's path and return the exit status (0 on success)."""
+    """Run ``finegrain report``; print the written report's path and return 0 (a user's error is printed in one
+    line by the ``finegrain`` dispatcher, as for every command)."""
     args = build_parser().parse_args(argv)
     # Imported here so that `--help` does not pay for matplotlib and torch.
     from finegrain.report.html import build_report
 
-    try:
-        path = build_report(args.run_dirs, args.output, title=args.title)
-    except FinegrainError as exc:
-        if os.environ.get("FINEGRAIN_DEBUG"):
-            raise  # the same switch as the `finegrain` dispatcher: show the traceback
-        print(f"finegrain report: error: {exc}", file=sys.stderr)
-        return 1
-    print(path)
+    print(build_report(args.run_dirs, args.output, title=args.title))
     return 0
 
 
