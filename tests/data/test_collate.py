@@ -8,13 +8,7 @@ import pytest
 import torch
 
 from finegrain.data import collate
-from finegrain.data.collate import (
-    CompletionCollator,
-    PreferenceCollator,
-    collate_completions,
-    collate_preferences,
-    pad_token_id,
-)
+from finegrain.data.collate import collate_completions, collate_preferences, pad_token_id
 from finegrain.data.prepared import CompletionData, PreferenceData
 from finegrain.models.forward import model_inputs
 from finegrain.types import CompletionBatch, PreferenceBatch
@@ -98,9 +92,9 @@ def test_pad_token_id_from_the_tokenizer():
     bpe.pad_token = None
     assert pad_token_id(bpe) == bpe.eos_token_id
     ex = [{"prompt_input_ids": [1, 2], "completion_input_ids": [3]}, {"prompt_input_ids": [1], "completion_input_ids": [3, 3]}]
-    assert CompletionCollator(bpe)(ex).prompt_input_ids[1, 0].item() == bpe.eos_token_id
+    assert collate_completions(ex, pad_token_id(bpe)).prompt_input_ids[1, 0].item() == bpe.eos_token_id
     pair = [{"prompt_input_ids": [1], "chosen_input_ids": [4], "rejected_input_ids": [5, 6]}]
-    assert isinstance(PreferenceCollator(word_tokenizer(), pad_to_multiple_of=8)(pair), PreferenceBatch)
+    assert isinstance(collate_preferences(pair, pad_token_id(word_tokenizer()), pad_to_multiple_of=8), PreferenceBatch)
 
 
 def test_batches_feed_the_model_layout():

@@ -8,13 +8,7 @@ Pipeline: :func:`load_rows` (a hub id, local files, a ``datasets`` object or a l
 (:func:`batch_indices`, :func:`shard_batch`).
 """
 
-from finegrain.data.collate import (
-    CompletionCollator,
-    PreferenceCollator,
-    collate_completions,
-    collate_preferences,
-    pad_token_id,
-)
+from finegrain.data.collate import collate_completions, collate_preferences, pad_token_id
 from finegrain.data.loading import Rows, load_rows
 from finegrain.data.prepared import CompletionData, PreferenceData
 from finegrain.data.sampler import batch_indices, num_batches, shard_batch
@@ -31,9 +25,7 @@ from finegrain.data.tokenize import (
 __all__ = [
     "IGNORE_INDEX",
     "KINDS",
-    "CompletionCollator",
     "CompletionData",
-    "PreferenceCollator",
     "PreferenceData",
     "Rows",
     "TokenLimits",

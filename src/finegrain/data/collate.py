@@ -54,9 +54,8 @@ values that look real).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -197,21 +196,3 @@ def collate_preferences(
     return PreferenceBatch(**_collate(prompts + prompts, completions, per_token, per_row, pad_token_id,
                                       pad_to_multiple_of))
 
-
-@dataclass
-class CompletionCollator:
-    """``collate_completions`` with the pad id taken from a tokenizer; a callable for ``DataLoader(collate_fn=)``."""
-
-    tokenizer: Any
-    pad_to_multiple_of: int | None = None
-    collate: ClassVar[Callable] = staticmethod(collate_completions)
-
-    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> CompletionBatch:
-        pad_id = pad_token_id(self.tokenizer)
-        return self.collate(examples, pad_id, pad_to_multiple_of=self.pad_to_multiple_of)
-
-
-class PreferenceCollator(CompletionCollator):
-    """``collate_preferences`` with the pad id taken from a tokenizer; a callable for ``DataLoader(collate_fn=)``."""
-
-    collate: ClassVar[Callable] = staticmethod(collate_preferences)
