@@ -277,18 +277,10 @@ def evaluate_policy(
     """Sample the policy and the reference on the same prompts, judge both, and compute the comparison metrics.
 
     (``finegrain eval`` with no ``--prompts`` fills in the built-in world's prompts, reference and judge.)
-    Definitions of every metric are in docs/evaluation.md; in short, over the ``N·k`` responses (``N`` prompts,
-    ``k = num_samples``):
-
-    * ``win_rate`` / ``tie_rate`` / ``loss_rate``: the policy's ``j``-th response to a prompt against the
-      reference's ``j``-th, ``Δ = r − r_ref``, tie when ``|Δ| <= tie_tolerance``; the three sum to 1;
-    * ``mean_reward`` (``ref_mean_reward``) and its standard error over prompts (per-prompt means);
-    * ``seq_kl``: mean over responses of ``Σ_t KL(π(·|s_t) ‖ π_ref(·|s_t))``, full vocabulary, on the policy's
-      samples (``seq_kl_k1``: the same with the sampled-token estimator ``log π(y_t) − log π_ref(y_t)``);
-    * ``entropy``: mean over non-empty responses of the mean per-token entropy of the model on its own samples;
-    * ``distinct_1`` / ``distinct_2``: corpus-level distinct n-grams over all n-grams (EOS left out);
-    * ``length``: mean tokens per response, EOS included; ``truncated_rate``: share without EOS;
-    * ``<metric>_rate``: the mean of each per-row metric the judge reports (the world's oracle: ``well_formed``).
+    The metrics are summed up in the module docstring and defined exactly in docs/evaluation.md ("Metrics"):
+    ``win_rate`` / ``tie_rate`` / ``loss_rate``, ``mean_reward`` and ``ref_mean_reward`` with standard errors over
+    prompts, ``seq_kl`` (and ``seq_kl_k1``), ``entropy``, ``distinct_1`` / ``distinct_2``, ``length``,
+    ``truncated_rate`` and ``<metric>_rate`` per judge metric, each but the KL also for the reference (``ref_``).
 
     Args:
         policy: the policy's directory or a loaded causal LM (then pass ``tokenizer``).

@@ -7,26 +7,16 @@ responses: AUROC of positive-credit versus negative-credit tokens (neutral token
 result is the run directory's ``token_credit.json`` (docs/run-directory.md), whose examples are drawn as heatmaps by
 ``finegrain report``.
 
-Ground truth (one of, by the data set's columns):
+Ground truth, by the data set's columns (each described in docs/evaluation.md, "Token-credit evaluation"):
+``{prompt, response, words, credit}`` per-word credit, as the built-in world writes ``data/credit_test.jsonl``
+(mapped to tokens by :func:`word_credit_to_tokens`); ``{prompt, response, labels | spans}`` token supervision rows
+(``finegrain label edits`` output); ``{prompt, rejected, revised}`` revision rows, whose two responses are labelled
+by edit alignment (:func:`finegrain.data.alignment.edit_token_labels`: changed tokens of the rejected response -1,
+of the revision +1, everything else neutral).
 
-* ``{prompt, response, words, credit}``: per-word credit, as the built-in world writes ``data/credit_test.jsonl``.
-  Words are located in the response text in order, and each policy token takes the credit of the word its
-  character offsets overlap most (:func:`word_credit_to_tokens`); tokens that overlap no word (EOS, whitespace)
-  are neutral. With the world's tokenizer token ``i`` is word ``i``.
-* ``{prompt, response, labels | spans}``: token supervision rows (``finegrain label edits`` output, TRL-style):
-  ``labels`` per token of this tokenizer, or character ``spans`` mapped through the offsets.
-* ``{prompt, rejected, revised}``: revision rows; each gives two responses labelled by edit alignment
-  (:func:`finegrain.data.alignment.edit_token_labels`): changed tokens of the rejected response -1, changed tokens
-  of the revision +1, everything else neutral.
-
-Sources (:func:`resolve_credit_sources`; ``NAME=SPEC`` names a source):
-
-* ``oracle-credit``: the truth itself (a sanity check: AUROC 1);
-* any reward spec of :mod:`finegrain.rewards.registry`: ``contrastive`` (contrastive prompting with the reference
-  model, T-REG), ``implicit`` / ``implicit:<policy_dir>`` (the implicit reward ``β (log π − log π_ref)`` per token of
-  a preference-trained policy; ``β (ρ_t + K_t)`` for a TDPO run), a reward-model directory,
-  ``python:module:function``, a registered kind;
-* in Python, any object with ``token_rewards(batch) -> TokenRewards``.
+Sources (:func:`resolve_credit_sources`; ``NAME=SPEC`` names a source; the table is in docs/evaluation.md):
+``oracle-credit`` (the truth itself, AUROC 1), any reward spec of :mod:`finegrain.rewards.registry`, and in Python
+any object with ``token_rewards(batch) -> TokenRewards``.
 """
 
 from __future__ import annotations
@@ -182,7 +172,7 @@ def load_credit_examples(
 ) -> list[CreditExample]:
     """Load a data set with ground-truth credit and tokenize it with the policy tokenizer.
 
-    The three row formats are in the module docstring. Prompts and responses are tokenized as the data layer does
+    The three row formats are in the module docstring (docs/evaluation.md in full). Prompts and responses are tokenized as the data layer does
     (:func:`finegrain.data.tokenize.tokenize_rows`: EOS appended, an over-long prompt keeps its end, a response cut
     at ``max_length`` loses its EOS), so the batches are exactly those a trainer would see.
 
