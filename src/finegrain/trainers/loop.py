@@ -1,8 +1,8 @@
 """The shared pieces of every training loop: the accelerator, optimizer and schedule, the guarded optimizer
-step, micro-batches, and the loop of sft, po and rm (:func:`fit`: each of them supplies its step, its
-evaluation and its final save). The run directory (config, metrics, checkpoints, resuming) is
-:mod:`finegrain.trainers.rundir`; its public names are importable from here too. ppo samples, scores and
-updates in phases of its own and keeps its own loop.
+step, micro-batches, and the loop itself (:func:`run_steps`; sft, po and rm enter it through :func:`fit`, ppo,
+which samples, scores and takes its own optimizer steps, directly: each supplies its step, its evaluation and
+its final save). The run directory (config, metrics, checkpoints, resuming) is
+:mod:`finegrain.trainers.rundir`; its public names are importable from here too.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from finegrain.trainers.rundir import (
 __all__ = ["CHECKPOINTS", "STATE_FILE", "Run", "RunState", "Training", "adapt_model", "checkpoint_dirs",
            "checkpoint_problem", "eval_batches", "fit", "load_inputs", "make_accelerator", "make_optimizer",
            "make_scheduler", "micro_batches", "micro_steps", "num_training_steps", "optimizer_step",
-           "prepare", "quiet_library_progress_bars"]
+           "prepare", "quiet_library_progress_bars", "run_steps"]
 
 
 # ----------------------------------------------------------------------------------------------- accelerate
@@ -262,8 +262,11 @@ class Training:
 
     Fields:
         global_batch: examples per optimizer step, ``per_device_train_batch_size x processes x
-            gradient_accumulation_steps``.
-        total_steps: optimizer steps of the run (:func:`num_training_steps`).
+            gradient_accumulation_steps``; ppo: the prompts of a rollout batch.
+        total_steps: optimizer steps of the run (:func:`num_training_steps`); ppo: rollout batches.
+        extra_models: name -> further model saved in checkpoints and restored (ppo's critic).
+        samples_per_step: what a step adds to ``RunState.samples``, also recorded in run.json (ppo: the
+            responses of a rollout batch); 0: the rows of the global batch, not recorded.
     """
 
     model: Any
@@ -271,6 +274,8 @@ class Training:
     scheduler: Any
     global_batch: int
     total_steps: int
+    extra_models: dict[str, Any] = dataclasses.field(default_factory=dict)
+    samples_per_step: int = 0
 
 
 def prepare(run: Run, model, num_examples: int) -> Training:
@@ -286,34 +291,60 @@ def prepare(run: Run, model, num_examples: int) -> Training:
 
 
 def fit(run: Run, t: Training, data, step: Callable[[list[int]], tuple[torch.Tensor, dict[str, Any]]], *,
-        tokenizer, desc: str, postfix: Callable[[dict[str, Any]], dict[str, str]] | None = None,
-        evaluate: Callable[[RunState], dict[str, float] | None] | None = None,
-        save_final: Callable[[RunState], None] | None = None, flops_of=None, lm_head: bool = True,
-        reference: bool = False, summary: dict[str, Any] | None = None) -> Path:
-    """The loop of sft, po and rm: resume (:meth:`Run.resume`), one optimizer step per global batch of
-    ``data`` (:func:`~finegrain.data.sampler.batch_indices`, a new permutation each epoch) until
-    ``t.total_steps``, then the last evaluation and the final save. Returns the run directory.
+        postfix: Callable[[dict[str, Any]], dict[str, str]] | None = None, flops_of=None, lm_head: bool = True,
+        reference: bool = False, **loop_args) -> Path:
+    """The loop of sft, po and rm: :func:`run_steps` (``loop_args``: its keywords) over the rows of ``data``.
 
     ``step(indices) -> (loss, metrics)`` runs this process's micro-batches of a global batch
-    (:func:`micro_steps`); then come the guarded optimizer step on ``loss``, the throughput meter
+    (:func:`micro_steps`); then come the guarded optimizer step on ``loss`` and the throughput meter
     (:func:`~finegrain.trainers.throughput.example_work` of the rows with ``lm_head`` and ``reference``, FLOPs
-    of ``flops_of``, default ``t.model``), the progress bar (``desc``; the loss, ``postfix(metrics)``,
-    tokens/s) and a metrics line (``metrics``, the optimizer step's, ``epoch``) every ``logging_steps``, at
-    the last step and at every skipped step. ``evaluate(state)`` (metrics logged as ``split="eval"``; None
-    logs nothing) runs every ``eval_steps`` and once more at the end of a completed run, unless its last step
-    was just evaluated. A checkpoint is written every ``save_steps`` and after an
-    interrupt, which stops the run (``run.close``, then KeyboardInterrupt). A completed run ends with
-    ``save_final(state)`` (default :meth:`Run.save_final` of the model and ``tokenizer``) and ``run.close``
-    with ``summary``.
+    of ``flops_of``, default ``t.model``). A metrics line holds ``metrics``, the optimizer step's and ``epoch``;
+    the progress bar shows the loss and ``postfix(metrics)``.
     """
-    from finegrain.data.sampler import batch_indices
     from finegrain.trainers.throughput import example_work, flops_model, lora_weights
 
-    cfg = run.cfg
-    state = run.resume(t.model, t.optimizer, t.scheduler)
     counted = t.model if flops_of is None else flops_of
     mf, lora = flops_model(counted), lora_weights(counted)
+    per_epoch = len(data) // t.global_batch  # global batches per epoch (batch_indices drops a partial last one)
     t.model.train()
+
+    def train_step(state: RunState, indices: list[int]) -> dict[str, Any]:
+        started = time.perf_counter()
+        loss, metrics = step(indices)
+        stats = optimizer_step(run, state, t.model, t.optimizer, t.scheduler, loss)
+        run.throughput.add(time.perf_counter() - started, *example_work(
+            mf, (data[i] for i in indices), lm_head=lm_head, lora=lora, reference=reference))
+        return {**metrics, **stats, "epoch": state.epoch + (state.batch_in_epoch + 1) / per_epoch}
+
+    def shown(metrics: dict[str, Any]) -> dict[str, str]:
+        return {"loss": f"{float(metrics['loss']):.3f}", **(postfix(metrics) if postfix else {})}
+
+    return run_steps(run, t, len(data), train_step, postfix=shown, **loop_args)
+
+
+def run_steps(run: Run, t: Training, num_rows: int, step: Callable[[RunState, list[int]], dict[str, Any]], *,
+              tokenizer, desc: str, postfix: Callable[[dict[str, Any]], dict[str, str]],
+              evaluate: Callable[[RunState], dict[str, float] | None] | None = None,
+              save_final: Callable[[RunState], None] | None = None, summary: dict[str, Any] | None = None) -> Path:
+    """The loop of every training command (sft, po and rm through :func:`fit`; ppo): resume (:meth:`Run.resume`
+    of ``t``'s models, optimizer and scheduler), then ``step(state, indices) -> metrics`` on each global batch of
+    ``num_rows`` rows (:func:`~finegrain.data.sampler.batch_indices`, a new permutation each epoch; ``state``
+    still counts the steps before it) until ``t.total_steps``, then the last evaluation and the final save.
+    Returns the run directory.
+
+    After each step come the progress bar (``desc``; ``postfix(metrics)``, tokens/s) and a metrics line every
+    ``logging_steps``, at the last step and at every skipped step (``metrics["skipped"]``). ``evaluate(state)``
+    (metrics logged as ``split="eval"``; None logs nothing) runs every ``eval_steps`` and once more at the end
+    of a completed run, unless its last step was just evaluated. Then ``run.interrupted()`` is asked once: a
+    checkpoint is written when ``save_steps`` is due or an interrupt arrived (one save, never two at a step),
+    and an interrupted run stops (``run.close``, then KeyboardInterrupt). A completed run ends with
+    ``save_final(state)`` (default :meth:`Run.save_final` of the model and ``tokenizer``) and ``run.close``
+    with the steps (the samples too when ``t.samples_per_step`` is set), the skipped steps and ``summary``.
+    """
+    from finegrain.data.sampler import batch_indices
+
+    cfg = run.cfg
+    state = run.resume(t.model, t.optimizer, t.scheduler, extra_models=t.extra_models)
     bar = run.progress(t.total_steps, state.step, desc)
     status = "completed"
 
@@ -327,33 +358,27 @@ def fit(run: Run, t: Training, data, step: Callable[[list[int]], tuple[torch.Ten
 
     with run.catch_interrupts():
         while state.step < t.total_steps:
-            epoch_batches = batch_indices(len(data), t.global_batch, cfg.seed, state.epoch)
+            epoch_batches = batch_indices(num_rows, t.global_batch, cfg.seed, state.epoch)
             if state.batch_in_epoch >= len(epoch_batches):
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                 continue
             indices = epoch_batches[state.batch_in_epoch]
-            started = time.perf_counter()
             run.record_batch(state, indices)  # --record_consumed: proves resumes repeat and skip nothing
-            loss, metrics = step(indices)
-            stats = optimizer_step(run, state, t.model, t.optimizer, t.scheduler, loss)
-            run.throughput.add(time.perf_counter() - started, *example_work(
-                mf, (data[i] for i in indices), lm_head=lm_head, lora=lora, reference=reference))
+            metrics = step(state, indices)
             state.step += 1
             state.batch_in_epoch += 1
-            state.samples += len(indices)
+            state.samples += t.samples_per_step or len(indices)
             bar.update(1)
-            bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", **(postfix(metrics) if postfix else {}),
-                            tok_s=f"{run.throughput.last_rate:.0f}")
+            bar.set_postfix(**postfix(metrics), tok_s=f"{run.throughput.last_rate:.0f}")
             # a skipped (non-finite) step is always logged, so metrics.jsonl shows every one
-            if state.step % cfg.logging_steps == 0 or state.step == t.total_steps or stats["skipped"]:
-                epoch = state.epoch + state.batch_in_epoch / len(epoch_batches)
-                run.log({**metrics, **stats, "epoch": epoch}, state)
+            if state.step % cfg.logging_steps == 0 or state.step == t.total_steps or metrics["skipped"]:
+                run.log(metrics, state)
             if evaluation_due():
                 log_evaluation()
-            if cfg.save_steps and state.step % cfg.save_steps == 0:
-                run.save_checkpoint(state, t.model, t.optimizer, t.scheduler, tokenizer)
-            if run.interrupted():
-                run.save_checkpoint(state, t.model, t.optimizer, t.scheduler, tokenizer)
+            stop = run.interrupted()
+            if (cfg.save_steps and state.step % cfg.save_steps == 0) or stop:
+                run.save_checkpoint(state, t.model, t.optimizer, t.scheduler, tokenizer, extra_models=t.extra_models)
+            if stop:
                 status = "interrupted"
                 break
     bar.close()
@@ -364,8 +389,9 @@ def fit(run: Run, t: Training, data, step: Callable[[list[int]], tuple[torch.Ten
             run.save_final(t.model, tokenizer)
         else:
             save_final(state)
+    samples = {"samples": state.samples} if t.samples_per_step else {}
     # prints the summary line
-    run.close(status, steps=state.step, skipped_steps=state.nonfinite_total, **(summary or {}))
+    run.close(status, steps=state.step, **samples, skipped_steps=state.nonfinite_total, **(summary or {}))
     if status == "interrupted":
         raise KeyboardInterrupt
     return run.dir

@@ -34,7 +34,7 @@ checkpoint restores it.
 
 The models (reference, critic, their optimizers) are set up in :mod:`finegrain.trainers.ppo_models`, the random
 streams live in :mod:`finegrain.rl.streams`, the config in :mod:`finegrain.trainers.ppo_config`; this file holds the
-update, the evaluation and the loop.
+update, the evaluation and the step, which runs in the loop every trainer shares (:func:`finegrain.trainers.loop.run_steps`).
 docs/methods/ppo.md lists the papers, keys, metrics and deviations.
 """
 
@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from finegrain.data.sampler import batch_indices, shard_batch
+from finegrain.data.sampler import shard_batch
 from finegrain.errors import ConfigError
 from finegrain.losses.ppo import entropy_bonus, ppo_policy_loss, ppo_value_loss
 from finegrain.models.forward import hidden_states, output_head, predicting_states
@@ -312,107 +312,82 @@ def train(cfg: PPOConfig, policy, tokenizer, prompts, eval_prompts=None, *, sour
     scales = {name: scale for name, (_, scale) in sources.items()}
     judge = build_judge(cfg, tokenizer, device)
     run = loop.Run(cfg, "ppo", method or cfg.estimator, acc)  # after every input is validated: nothing written before
-    running = RunningMoments()
-    state = run.resume(m.policy, m.optimizers, m.schedulers, extra_models=m.saved_extra)
-    if run.resume_from is not None:
-        running.load_state_dict(state.extra.get("running_reward", running.state_dict()))
-    else:
+    if run.resume_from is None:
         from accelerate.utils import set_seed
 
         set_seed(cfg.seed)  # the same seed samples the same first rollout whatever the set-up consumed (e.g. sources)
-
+    t = loop.Training(m.policy, m.optimizers, m.schedulers, cfg.rollout_batch_size, total_steps,
+                      extra_models=m.saved_extra, samples_per_step=cfg.rollout_batch_size * cfg.num_samples)
+    running = RunningMoments()
     gather = acc.gather if num_processes > 1 else None
     normalize = None if cfg.reward_normalization == "none" else cfg.reward_normalization
-    bar = run.progress(total_steps, state.step, f"ppo ({cfg.estimator})")
-    status = "completed"
-    with run.catch_interrupts():
-        while state.step < total_steps:
-            epoch_batches = batch_indices(len(prompts), cfg.rollout_batch_size, cfg.seed, state.epoch)
-            if state.batch_in_epoch >= len(epoch_batches):
-                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-                continue
-            run.record_batch(state, epoch_batches[state.batch_in_epoch])  # --record_consumed
-            local = shard_batch(epoch_batches[state.batch_in_epoch], num_processes, acc.process_index)
-            place = RolloutPlace(cfg.seed, state.epoch, state.batch_in_epoch, group_size,
-                                 acc.process_index * len(local) // group_size, cfg.generation_batch_size is not None)
 
-            # 1. generate
-            t0 = time.perf_counter()
-            m.policy_u.eval()
-            roll = sample_groups(m.policy_u, prompts, local, place, tokenizer, device, num_samples=cfg.num_samples,
-                                 max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                                 top_p=cfg.top_p)
-            mask = roll.completion_mask
-            _sync(device)
-            t1 = time.perf_counter()
+    def step(state, indices):
+        # the running reward moments live in state.extra, so that a resumed run continues with the checkpoint's
+        running.load_state_dict(state.extra.get("running_reward", running.state_dict()))
+        local = shard_batch(indices, num_processes, acc.process_index)
+        place = RolloutPlace(cfg.seed, state.epoch, state.batch_in_epoch, group_size,
+                             acc.process_index * len(local) // group_size, cfg.generation_batch_size is not None)
 
-            # 2. score: old and reference log-probs, values, rewards, advantages
-            scored = score_rollout(m.policy_u, roll, ref_model=m.ref_model, ref_context=m.ref_context,
-                                   chunk_rows=cfg.score_chunk_rows, temperature=cfg.temperature, with_entropy=True,
-                                   with_full_kl=cfg.kl_estimator == "full")
-            old_values = rollout_values(m.critic_u, m.policy_u, roll, cfg.score_chunk_rows) if m.critic is not None else None
-            token_rewards = {name: lag_rewards(src.token_rewards(roll), cfg.lag) for name, (src, _) in sources.items()}
-            kl = kl_penalty(scored["token_logps"], scored["ref_token_logps"], cfg.kl_estimator, mask,
-                            full_kl=scored.get("full_kl"))
-            rewards = dense_rewards(token_rewards, mask, scales=scales, kl=kl, kl_coef=cfg.kl_coef,
-                                    clip=cfg.reward_clip, normalize=normalize, running=running, gather=gather)
-            advantages, returns = compute_advantages(cfg, rewards["penalized"], mask, old_values, acc)
-            _sync(device)
-            t2 = time.perf_counter()
+        # 1. generate
+        t0 = time.perf_counter()
+        m.policy_u.eval()
+        roll = sample_groups(m.policy_u, prompts, local, place, tokenizer, device, num_samples=cfg.num_samples,
+                             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                             top_p=cfg.top_p)
+        mask = roll.completion_mask
+        _sync(device)
+        t1 = time.perf_counter()
 
-            # 3. train
-            m.policy.train()
-            data = {"old_logps": scored["token_logps"], "advantages": advantages}
-            if m.critic is not None:
-                m.critic.train()
-                data.update(old_values=old_values, returns=returns)
-            update = ppo_update(cfg, run, state, m, roll, data, place)
-            _sync(device)
-            t3 = time.perf_counter()
-            count_ppo_work(run.throughput, acc, mf, lora, roll, cfg.ppo_epochs, (t1 - t0, t2 - t1, t3 - t2))
+        # 2. score: old and reference log-probs, values, rewards, advantages
+        scored = score_rollout(m.policy_u, roll, ref_model=m.ref_model, ref_context=m.ref_context,
+                               chunk_rows=cfg.score_chunk_rows, temperature=cfg.temperature, with_entropy=True,
+                               with_full_kl=cfg.kl_estimator == "full")
+        old_values = rollout_values(m.critic_u, m.policy_u, roll, cfg.score_chunk_rows) if m.critic is not None else None
+        token_rewards = {name: lag_rewards(src.token_rewards(roll), cfg.lag) for name, (src, _) in sources.items()}
+        kl = kl_penalty(scored["token_logps"], scored["ref_token_logps"], cfg.kl_estimator, mask,
+                        full_kl=scored.get("full_kl"))
+        rewards = dense_rewards(token_rewards, mask, scales=scales, kl=kl, kl_coef=cfg.kl_coef,
+                                clip=cfg.reward_clip, normalize=normalize, running=running, gather=gather)
+        advantages, returns = compute_advantages(cfg, rewards["penalized"], mask, old_values, acc)
+        _sync(device)
+        t2 = time.perf_counter()
 
-            state.step += 1
-            state.batch_in_epoch += 1
-            state.samples += cfg.rollout_batch_size * cfg.num_samples
-            state.extra["running_reward"] = running.state_dict()
-            metrics = {
-                **reward_metrics(rewards, mask),
-                "objective/kl": masked_sum(kl_k1(scored["token_logps"], scored["ref_token_logps"]), mask, dim=-1).mean(),
-                "policy/entropy": _token_mean(scored["entropy"], mask, acc),
-                **update,
-                "response/length": mask.sum(dim=1).float().mean(),
-                "response/truncated": roll.extras["truncated"].float().mean(),
-                "time/generate": t1 - t0, "time/score": t2 - t1, "time/train": t3 - t2,
-            }
-            if judge is not None:
-                metrics.update({k: v.mean() for k, v in judge_metrics(judge, roll).items()})
-            metrics = _mean_over_processes(metrics, acc)
-            bar.update(1)
-            shown = metrics.get(f"{judge.name}/reward", metrics["rewards/raw"]) if judge else metrics["rewards/raw"]
-            bar.set_postfix(reward=f"{shown:.3f}", kl=f"{metrics['objective/kl']:.3f}",
-                            tok_s=f"{run.throughput.last_rate:.0f}")
-            # a step with a skipped (non-finite) update is always logged
-            if state.step % cfg.logging_steps == 0 or state.step == total_steps or metrics["skipped"]:
-                run.log(metrics, state)
-            if eval_prompts is not None and cfg.eval_steps and state.step % cfg.eval_steps == 0:
-                run.log(evaluate(cfg, m, tokenizer, eval_prompts, sources, acc, state.step, judge), state,
-                        split="eval")
-            stop = run.interrupted()
-            if (cfg.save_steps and state.step % cfg.save_steps == 0) or stop:
-                run.save_checkpoint(state, m.policy, m.optimizers, m.schedulers, tokenizer, extra_models=m.saved_extra)
-            if stop:
-                status = "interrupted"
-                break
-    bar.close()
-    if status == "completed":
-        if eval_prompts is not None and not (cfg.eval_steps and state.step % cfg.eval_steps == 0):
-            run.log(evaluate(cfg, m, tokenizer, eval_prompts, sources, acc, state.step, judge), state,
-                    split="eval")
-        run.save_final(m.policy, tokenizer)  # a LoRA policy: merged in final/, the adapter in final/adapter/
-    run.close(status, steps=state.step, samples=state.samples, skipped_steps=state.nonfinite_total)
-    if status == "interrupted":
-        raise KeyboardInterrupt
-    return run.dir
+        # 3. train
+        m.policy.train()
+        data = {"old_logps": scored["token_logps"], "advantages": advantages}
+        if m.critic is not None:
+            m.critic.train()
+            data.update(old_values=old_values, returns=returns)
+        update = ppo_update(cfg, run, state, m, roll, data, place)
+        _sync(device)
+        t3 = time.perf_counter()
+        count_ppo_work(run.throughput, acc, mf, lora, roll, cfg.ppo_epochs, (t1 - t0, t2 - t1, t3 - t2))
+
+        state.extra["running_reward"] = running.state_dict()
+        metrics = {
+            **reward_metrics(rewards, mask),
+            "objective/kl": masked_sum(kl_k1(scored["token_logps"], scored["ref_token_logps"]), mask, dim=-1).mean(),
+            "policy/entropy": _token_mean(scored["entropy"], mask, acc),
+            **update,
+            "response/length": mask.sum(dim=1).float().mean(),
+            "response/truncated": roll.extras["truncated"].float().mean(),
+            "time/generate": t1 - t0, "time/score": t2 - t1, "time/train": t3 - t2,
+        }
+        if judge is not None:
+            metrics.update({k: v.mean() for k, v in judge_metrics(judge, roll).items()})
+        return _mean_over_processes(metrics, acc)
+
+    def postfix(metrics):
+        shown = metrics.get(f"{judge.name}/reward", metrics["rewards/raw"]) if judge else metrics["rewards/raw"]
+        return {"reward": f"{shown:.3f}", "kl": f"{metrics['objective/kl']:.3f}"}
+
+    def evaluation(state):
+        return evaluate(cfg, m, tokenizer, eval_prompts, sources, acc, state.step, judge)
+
+    # a LoRA policy: merged in final/, the adapter in final/adapter/
+    return loop.run_steps(run, t, len(prompts), step, tokenizer=tokenizer, desc=f"ppo ({cfg.estimator})",
+                          postfix=postfix, evaluate=evaluation if eval_prompts is not None else None)
 
 
 def _token_mean(x: torch.Tensor, mask: torch.Tensor, acc) -> torch.Tensor:
