@@ -2,23 +2,12 @@
 
 A reviser is any object with ``run(jobs)`` (:class:`Reviser`): for each :class:`RevisionJob` it yields
 ``(job, revised, None)`` or ``(job, None, reason)``, in any order, as each row finishes; a revised text equal
-to the rejected response means "nothing to change". ``--reviser NAME`` picks a backend from the registry: a
-factory ``factory(cfg) -> reviser`` registered by :func:`register_reviser`, called with the command's
-:class:`~finegrain.labeling.revise.ReviseConfig` (plus any option an application added to it). The library
-defines two, registered by :mod:`finegrain.labeling.revise`, the command module that reads their options
-(docs/labeling.md):
-
-* ``hf``: a local Hugging Face chat model (:class:`HFReviser`), prompted through its chat template, batched;
-* ``openai``: any OpenAI-compatible chat-completions endpoint (:class:`OpenAIReviser`: OpenAI, vLLM, SGLang,
-  llama.cpp, TGI ...) through the ``openai`` SDK (the optional extra ``finegrain[openai]``), with retries with
-  backoff, timeouts and a concurrency limit.
-
-Applications register theirs; the ``finegrain`` command registers the built-in world's rule reviser, ``world``.
-
-An LLM reviser is asked (:data:`REVISER_PROMPT`) to compare the responses, explain, then print the marker line
-:data:`MARKER` and only the rewritten response, as in TLCR (Yoon et al., ACL Findings 2024); the text after the
-marker is the revision. A reply without the marker (or cut off at ``max_tokens``) is a failed row: it is asked again
-up to ``max_retries`` times, then counted and reported.
+to the rejected response means "nothing to change". ``--reviser NAME`` calls the factory ``factory(cfg)``
+registered as NAME by :func:`register_reviser` with the command's :class:`~finegrain.labeling.revise.ReviseConfig`.
+:mod:`finegrain.labeling.revise` registers ``hf`` (:class:`HFReviser`) and ``openai`` (:class:`OpenAIReviser`,
+through the ``openai`` SDK); the ``finegrain`` command adds the built-in world's rule reviser, ``world``. The
+backends, the prompt with its :data:`MARKER` line (TLCR's convention) and the retries of failed rows:
+docs/labeling.md, "finegrain label revise".
 """
 
 from __future__ import annotations
@@ -154,6 +143,14 @@ def parse_revision(reply: str) -> str | None:
         return None
     text = reply[k + len(MARKER):].strip()
     return text or None
+
+
+def _judge(reply: str, cut_off: bool) -> tuple[str | None, str | None]:
+    """``(revised, None)``, or ``(None, reason)`` for a reply cut off at the token limit or without the marker."""
+    revised = None if cut_off else parse_revision(reply)
+    if revised is None:
+        return None, "reply cut off at max_tokens" if cut_off else "reply without the marker"
+    return revised, None
 
 
 def read_prompt_template(path: str | Path) -> str:
@@ -322,14 +319,12 @@ class HFReviser:
         while queue:
             batch = [queue.popleft() for _ in range(min(self.batch_size, len(queue)))]
             for job, (reply, cut_off) in zip(batch, self.generate([j.messages for j in batch])):
-                revised = None if cut_off else parse_revision(reply)
+                revised, reason = _judge(reply, cut_off)
                 if revised is None and tries[job.index] < self.max_retries:
                     tries[job.index] += 1
                     queue.append(job)
-                elif revised is None:
-                    yield job, None, ("reply cut off at max_tokens" if cut_off else "reply without the marker")
                 else:
-                    yield job, revised, None
+                    yield job, revised, reason
 
 
 # --------------------------------------------------------------------------------- OpenAI-compatible endpoint
@@ -479,21 +474,16 @@ class OpenAIReviser:
 
     def revise_one(self, job: RevisionJob) -> tuple[str | None, str | None]:
         """``(revised, None)`` or ``(None, reason)`` for one row; a reply without the marker is asked again."""
-        reason = ""
         for _ in range(self.max_retries + 1):
             try:
                 reply, finish = self.client.complete(job.messages, model=self.model, temperature=self.temperature,
                                                      max_tokens=self.max_tokens, top_p=self.top_p)
             except RuntimeError as e:
                 return None, str(e)
-            revised = parse_revision(reply)
-            if finish == "length":
-                reason = "reply cut off at max_tokens"
-            elif revised is None:
-                reason = "reply without the marker"
-            else:
-                return revised, None
-        return None, reason
+            revised, reason = _judge(reply, finish == "length")
+            if revised is not None:
+                break
+        return revised, reason
 
     def run(self, jobs: Iterable[RevisionJob]) -> Iterator[Result]:
         it = iter(jobs)
