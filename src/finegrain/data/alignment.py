@@ -16,18 +16,10 @@ Labels reach the *policy's* tokens through character offsets, never by re-tokeni
 labels the response tokenised alone and writes the labels into the full sequence at the prompt length, which can
 be off by one token; docs/methods/tlcr.md): the two texts are cut into alignment units, changed units become
 character spans, and each policy token, given by its ``(start, end)`` offsets within the response text, takes the
-label if it overlaps a changed span by at least one character. The alignment unit is a choice (``unit=``):
-
-* ``"word"`` (default): runs of word characters and single punctuation marks (``\\w+|[^\\w\\s]``). The labels
-  then do not depend on the policy tokenizer, so the same revision gives the same supervision to every model,
-  and a changed word marks all of its sub-word tokens. Whitespace is not a unit, so edits that only change
-  spacing are not counted.
-* ``"token"``: the policy tokens themselves (their ids when given, else their text), the choice of the official
-  TLCR code; a changed sub-word marks only itself.
-* ``"char"``: single characters; the finest spans, but a character alignment can pair up unrelated letters.
-
-Tokens with an empty offset span (``start == end``) are always neutral. When the alignment finds no edit the
-labels are all 0 and :attr:`EditLabels.identical` is True, so callers can skip the pair (it has no signal).
+label if it overlaps a changed span by at least one character. The alignment unit (``unit=``) is ``"word"``
+(default; :func:`unit_spans`), ``"token"`` (the policy tokens, the official code's choice) or ``"char"``; their
+effects are tabled in docs/labeling.md ("How the labels are made"). Tokens with an empty offset span are always
+neutral; when the alignment finds no edit, :attr:`EditLabels.identical` is True (the pair has no signal).
 """
 
 from __future__ import annotations
