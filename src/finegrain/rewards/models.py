@@ -279,15 +279,14 @@ class RewardModelSource:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _chunks(self, items: Sequence) -> list[tuple[list[int], Sequence]]:
-        """``(indices, items)`` of every chunk of ``batch_size`` items (rows, or a range of row indices)."""
-        n, size = len(items), self.batch_size or max(len(items), 1)
-        return [(list(range(lo, min(n, lo + size))), items[lo : lo + size]) for lo in range(0, n, size)]
+    def _chunks(self, items: Sequence) -> list[tuple[slice, Sequence]]:
+        """``(where, items[where])`` for every slice of ``batch_size`` items (None: all at once)."""
+        size = self.batch_size or max(len(items), 1)
+        return [(slice(lo, lo + size), items[lo : lo + size]) for lo in range(0, len(items), size)]
 
     def _same_chunks(self, batch: CompletionBatch, score) -> torch.Tensor:
         """``score`` of every chunk of ``batch`` on the model's device, joined on the CPU in float32."""
-        rows = self._chunks(range(batch.num_rows))
-        parts = [score(_take(batch, c).to(self.device)).float().cpu() for _, c in rows]
+        parts = [score(_take(batch, c).to(self.device)).float().cpu() for c, _ in self._chunks(range(batch.num_rows))]
         return torch.cat(parts) if parts else torch.zeros(batch.completion_mask.shape)
 
     def _rows(self, batch: CompletionBatch) -> list[_Row]:
@@ -397,12 +396,12 @@ class TokenRMSource(RewardModelSource):
         scores = np.zeros(len(rows))
         for chunk, part in self._chunks(rows):
             rm_values = self._values(self._rm_batch(part)).float().cpu().numpy()
-            for k, (i, r) in enumerate(zip(chunk, part)):
+            for i, r in enumerate(part, chunk.start):
                 n = len(r.rm_response)
-                mapped = map_token_values(rm_values[k, :n], r.rm_offsets[:n], r.policy_offsets,
-                                          reduce=self.reduce)
+                v = rm_values[i - chunk.start, :n]
+                mapped = map_token_values(v, r.rm_offsets[:n], r.policy_offsets, reduce=self.reduce)
                 values[i, : len(mapped)] = mapped
-                scores[i] = rm_values[k, :n].sum()
+                scores[i] = v.sum()
         return values, scores, {}
 
 
@@ -516,9 +515,8 @@ class SentenceRMSource(RewardModelSource):
         return values.numpy(), scores, meta
 
 
-def _take(batch: CompletionBatch, rows: range) -> CompletionBatch:
-    """Rows ``rows`` of a batch (every tensor field and per-row/per-token extra)."""
-    sl = slice(rows.start, rows.stop)
+def _take(batch: CompletionBatch, sl: slice) -> CompletionBatch:
+    """Rows ``sl`` of a batch (every tensor field and per-row/per-token extra)."""
     return CompletionBatch(
         prompt_input_ids=batch.prompt_input_ids[sl], prompt_attention_mask=batch.prompt_attention_mask[sl],
         completion_input_ids=batch.completion_input_ids[sl], completion_mask=batch.completion_mask[sl],

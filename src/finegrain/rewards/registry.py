@@ -59,10 +59,8 @@ class SourceContext:
         policy: the policy directory that a bare ``implicit`` refers to.
         contrastive_template: the :class:`~finegrain.rewards.contrastive.ContrastiveTemplate` of ``contrastive``
             (None: the draft-revision form).
-        model_options: options of reward-model directories (``dtype``, ``double_softmax``, ``lag``, ``splitter``,
-            ``trust_remote_code``; ``spread``, ``reduce``, ``seq_reward``, ``batch_size``, ``max_length``, and the
-            discriminator's ``mode``, ``eos``, ``neutral_band``, ``positive_value``, ``negative_value``, ``seed``
-            for the source); options written in a spec (``DIR:KEY=VALUE``) win.
+        model_options: options of reward-model directories (:func:`load_reward_source` lists them); options
+            written in a spec (``DIR:KEY=VALUE``) win.
         chunk_size: response positions per chunk of an output projection.
     """
 
@@ -88,15 +86,7 @@ class SourceContext:
 
 
 Factory = Callable[[str | None, SourceContext], RewardSource]
-
-
-@dataclass(frozen=True)
-class _Kind:
-    factory: Factory
-    summary: str
-
-
-_REGISTRY: dict[str, _Kind] = {}
+_REGISTRY: dict[str, tuple[Factory, str]] = {}  # kind -> (factory, summary)
 
 
 def register_reward_source(kind: str, factory: Factory, summary: str = "") -> None:
@@ -104,7 +94,7 @@ def register_reward_source(kind: str, factory: Factory, summary: str = "") -> No
     replaced (an application re-registering with other settings)."""
     if not kind or ":" in kind or "=" in kind:
         raise ValueError(f"a reward-source kind is a plain word, got {kind!r}")
-    _REGISTRY[kind] = _Kind(factory, summary)
+    _REGISTRY[kind] = (factory, summary)
 
 
 def registered_sources() -> list[str]:
@@ -115,7 +105,7 @@ def registered_sources() -> list[str]:
 def describe_reward_specs() -> str:
     """One line per spec form, for ``--help`` texts and error messages."""
     lines = ["DIR (a finegrain rm run or its final/)"]
-    lines += [f"{kind}{'' if not k.summary else ': ' + k.summary}" for kind, k in sorted(_REGISTRY.items())]
+    lines += [f"{kind}{'' if not summary else ': ' + summary}" for kind, (_, summary) in sorted(_REGISTRY.items())]
     return "; ".join(lines)
 
 
@@ -178,9 +168,8 @@ def load_reward_source(path: str | Path, *, policy_tokenizer: Any, device: Any =
     """The source of a reward model saved by ``finegrain rm`` (its run directory or ``final/``).
 
     Options go to the model loader (``dtype``, ``double_softmax``, ``lag``, ``trust_remote_code``, ``splitter``) or
-    to the source (``spread``, ``prompt_term``, ``reduce``, ``seq_reward``, ``name``, ``batch_size``,
-    ``max_length``; the discriminator's ``mode``, ``eos``, ``neutral_band``, ``positive_value``, ``negative_value``,
-    ``seed``, docs/methods/tlcr.md); an option nobody takes is a :class:`~finegrain.errors.ConfigError`.
+    to the source (:func:`~finegrain.rewards.models.make_reward_source` lists them; the discriminator's,
+    docs/methods/tlcr.md); an option nobody takes is a :class:`~finegrain.errors.ConfigError`.
     """
     from finegrain.models.reward_model import is_reward_model_dir, load_reward_model
     from finegrain.rewards.models import make_reward_source
@@ -223,7 +212,7 @@ def reward_source(spec: str | Any, context: SourceContext) -> RewardSource:
         why = "no such directory" if "/" in body or body.startswith(".") else f"unknown kind {kind!r}"
         raise ConfigError(f"reward source {body!r}: {why}; a reward spec is one of: "
                           f"{describe_reward_specs()}")
-    source = _REGISTRY[kind].factory(arg if sep else None, context)
+    source = _REGISTRY[kind][0](arg if sep else None, context)
     if name:
         source.name = name
     return source
