@@ -225,7 +225,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
                 action.nargs = "*"
 
 
-class _Parser(argparse.ArgumentParser):
+class CommandParser(argparse.ArgumentParser):
     """argparse, but a bad command line raises :class:`ConfigError` (one clear line) instead of exiting with usage."""
 
     def error(self, message: str):  # type: ignore[override]
@@ -233,7 +233,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def make_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = CommandParser(
         prog=prog, description=description, usage="%(prog)s [--config YAML] [--option VALUE ...]",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -22,6 +22,7 @@ import types
 import typing
 from pathlib import Path
 
+from finegrain.config import CommandParser
 from finegrain.errors import ConfigError
 
 # name -> (summary, issue); the module is finegrain.bench.NAME
@@ -52,11 +53,6 @@ DESCRIPTION = ("Run speed and memory benchmarks; print their ratios, each measur
                "table; write one JSON result per benchmark.")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line through the CLI's FinegrainError path, not argparse's exit(2)
-        raise ConfigError(f"{message} (see finegrain bench --help)")
-
-
 def _epilog() -> str:
     lines = ["benchmarks (default: all of them):"]
     lines += [f"  {name:<19} {summary} [{issue}]" for name, (summary, issue) in BENCHMARKS.items()]
@@ -68,7 +64,7 @@ def _epilog() -> str:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="finegrain bench", description=DESCRIPTION,
+    p = CommandParser(prog="finegrain bench", description=DESCRIPTION,
                 epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("names", nargs="*", metavar="NAME", help="benchmarks to run (default: all; listed below)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, all benchmarks in about 1-2 minutes on 2 cores (a "
@@ -180,10 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     from finegrain.bench.measure import resolve_device
     from finegrain.bench.table import format_table, write_json
 
-    try:
-        device = resolve_device(args.device)
-    except RuntimeError:
-        raise ConfigError("--device cuda: no CUDA device is visible to torch; use --device cpu") from None
+    device = resolve_device(args.device)
     out = Path(args.out) if args.out else Path("bench") / "results" / ("quick" if args.quick else "")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a directory")

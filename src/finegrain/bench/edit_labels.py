@@ -21,7 +21,6 @@ import functools
 import random
 import statistics
 import string
-import sys
 
 from finegrain.bench.cli import make_main
 
@@ -116,6 +115,3 @@ def run(*, pairs: int = 10_000, units: tuple[str, ...] | list[str] = ("word", "t
 
 main = make_main(run, __doc__, choices={"units": UNITS})
 
-
-if __name__ == "__main__":
-    sys.exit(main())

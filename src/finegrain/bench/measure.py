@@ -29,6 +29,8 @@ import time
 
 import torch
 
+from finegrain.errors import ConfigError
+
 
 def _status_kib(key: str) -> int | None:
     try:
@@ -87,16 +89,11 @@ class PeakMemory:
         return hwm / 1024 - self.before_mib
 
 
-def sync(device: str | torch.device) -> None:
-    """Wait for queued device work, so that a wall-clock timer measures it."""
+def clock(device: str | torch.device) -> tuple[float, float]:
+    """``(wall-clock, process CPU)`` seconds now, once the device's queued work is done (so that a wall-clock timer
+    measures it). On a shared machine a one-thread process's CPU time leaves out the time it waited for a core."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
-
-
-def clock(device: str | torch.device) -> tuple[float, float]:
-    """``(wall-clock, process CPU)`` seconds now, once the device's queued work is done. On a shared machine a
-    one-thread process's CPU time leaves out the time it waited for a core."""
-    sync(device)
     return time.perf_counter(), time.process_time()
 
 
@@ -158,13 +155,14 @@ def serve_worker(argv: list[str], worker) -> bool:
 
 
 def resolve_device(device: str | None) -> str:
-    """``"cuda"`` when asked for or (``None``) when a CUDA device is visible, else ``"cpu"``."""
+    """``"cuda"`` when asked for (a ConfigError when none is visible) or (``None``) when a CUDA device is visible,
+    else ``"cpu"``."""
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("no CUDA device is visible to torch")
+        raise ConfigError("--device cuda: no CUDA device is visible to torch; use --device cpu")
     return device
 
 

@@ -342,6 +342,3 @@ HELP = {
 
 main = make_main(run, __doc__, help=HELP, choices={"configs": CONFIGS, "profile": CONFIGS})
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -27,7 +27,6 @@ Usage::
 from __future__ import annotations
 
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
@@ -199,6 +198,3 @@ main = make_main(run, __doc__, help=HELP, defaults={"hidden": 0, "layers": 4}, s
                                           "critic": ("separate", "shared"),
                                           "kl_estimator": ("k1", "k2", "k3", "full")})
 
-
-if __name__ == "__main__":
-    sys.exit(main())

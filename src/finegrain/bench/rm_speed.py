@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -162,6 +161,3 @@ def run(*, hidden_size: int = 256, layers: int = 4, heads: int = 4, pairs: int =
 main = make_main(run, __doc__, help={"bf16": "bfloat16 autocast"}, json_flags=("--out", "--json"),
                  json_default=str(Path("bench") / "results" / "rm_speed.json"))
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -23,7 +23,6 @@ Usage (defaults: hidden 256, 4 layers, vocab 4096, batch 32, prompts of 8-32 tok
 from __future__ import annotations
 
 import statistics
-import sys
 
 import torch
 
@@ -188,6 +187,3 @@ def run(*, hidden: int = 256, layers: int = 4, heads: int = 4, kv_heads: int | N
 main = make_main(run, __doc__, choices={"dtype": sorted(DTYPES)},
                  help={"model": "a saved model directory (default: a random Llama of the shape above)"})
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -243,6 +243,3 @@ main = make_main(run, __doc__, choices={"parts": PARTS},
                  help={"model": "auto | real | config | a model directory",
                        "layers": "layers of the config model (default: SmolLM2's 30)"})
 
-
-if __name__ == "__main__":
-    sys.exit(main())
