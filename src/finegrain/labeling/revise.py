@@ -8,11 +8,9 @@ token reward model (Xu et al., ACL 2024) through ``finegrain label edits``. This
 :mod:`finegrain.labeling.revisers`: ``hf`` and ``openai`` from the library, more from applications
 (:func:`~finegrain.labeling.revisers.register_reviser`).
 
-The output is resumable. Each finished row is appended to ``output_file`` at once (one JSON line, flushed) with
-``index``, its 0-based position in the input split; a second run skips every index already there, so an
-interrupted job loses nothing and repeats nothing. Revisions identical to the rejected response are counted and,
-unless ``keep_unchanged``, recorded in a side file ``<output stem>.unchanged.jsonl`` instead, so that they are
-not asked again either. Failed rows are not recorded: running the same command again retries them.
+The output is resumable: each finished row is appended at once with ``index``, its 0-based position in the input
+split, and a second run skips every index already in the output or its side file of unchanged rows
+(:func:`unchanged_path`); failed rows are not recorded, so they are retried (docs/labeling.md, "Output", "Resuming").
 """
 
 from __future__ import annotations
