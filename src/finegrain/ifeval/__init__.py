@@ -10,37 +10,3 @@ The library never imports this package; it imports only the library's public nam
 
 Importing this package imports only the standard library; the checkers need ``pip install 'finegrain[ifeval]'``.
 """
-
-from finegrain.ifeval.instructions import (
-    CONTENT,
-    INSTRUCTION_IDS,
-    TOKEN_LOCAL,
-    check_instructions,
-    describe,
-    parse_instructions,
-    require_checkers,
-)
-from finegrain.ifeval.prompts import TOPICS, make_prompts
-from finegrain.ifeval.score import IFEvalScores, count_words, reward, reward_all, score_responses
-from finegrain.ifeval.truth import Violation, minimal_fix, token_truth, violations
-
-__all__ = [
-    "CONTENT",
-    "INSTRUCTION_IDS",
-    "TOKEN_LOCAL",
-    "TOPICS",
-    "IFEvalScores",
-    "Violation",
-    "check_instructions",
-    "count_words",
-    "describe",
-    "make_prompts",
-    "minimal_fix",
-    "parse_instructions",
-    "require_checkers",
-    "reward",
-    "reward_all",
-    "score_responses",
-    "token_truth",
-    "violations",
-]

@@ -17,23 +17,18 @@ data/truth_test.jsonl      exact token truth {prompt, response, labels} of the s
 Every file is written atomically (a temporary name, then a rename), so a file that exists is complete, and a stage
 whose file exists is skipped; sampling also resumes inside a stage (finegrain.ifeval.sampling).
 
-**Pairs** (T-REG's on-policy construction, Zhou et al. 2025): each response is scored by the checkers with the key
-``(instructions followed (strict), -(located token-local violations))``; the chosen response has the highest key,
-the rejected the lowest, ties broken by sample order (the earlier sample wins both roles). A prompt whose best and
-worst keys are equal gives no pair. Empty responses are left out (they are not valid rows of any data set).
-
-**Revisions**: the rejected response of each pair, minimally fixed by :func:`finegrain.ifeval.truth.minimal_fix`
-(commas deleted, letters re-cased, forbidden words deleted) when it violates a token-local instruction; a pair
-whose rejected response has no located violation (it fails only content instructions) has no rule-based fix and is
-left out. The fix can break a content instruction (a deleted forbidden word shortens the answer); the revision is
-a minimal edit, not a guaranteed winner.
+**Pairs** (T-REG's on-policy construction, Zhou et al. 2025) and **revisions** as docs/ifeval.md ("Data from the
+model itself") describes them: the chosen response has the highest :func:`pair_key`, the rejected the lowest, ties
+broken by sample order (the earlier sample wins both roles), equal best and worst keys give no pair, empty responses
+are left out; a revision is :func:`finegrain.ifeval.truth.minimal_fix` of a pair's rejected response, left out when
+that has no located violation (it fails only content instructions), and may break a content instruction.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -228,7 +223,7 @@ def make_truth(samples: Sequence[dict], tokenizer, *, source: str | None = None)
             _, offsets, n_text = tokenize_response(tokenizer, response, add_eos=False)
             labels = token_truth(response, offsets[:n_text], found)
             rows.append({"prompt": sample["prompt"], "response": response, "labels": labels,
-                         "violations": [v.as_dict() for v in found], "key": sample["key"]})
+                         "violations": [asdict(v) for v in found], "key": sample["key"]})
             counts["rows"] += 1
             counts["negative_tokens"] += labels.count(-1)
             counts["positive_tokens"] += labels.count(1)

@@ -123,9 +123,7 @@ def describe(instruction_id: str, kwargs: Mapping[str, Any]) -> str:
 
 
 _PARSERS: tuple[tuple[str, re.Pattern], ...] = (
-    (NO_COMMA, re.compile(re.escape(PHRASES[NO_COMMA]))),
-    (LOWERCASE, re.compile(re.escape(PHRASES[LOWERCASE]))),
-    (CAPITAL, re.compile(re.escape(PHRASES[CAPITAL]))),
+    *((i, re.compile(re.escape(PHRASES[i]))) for i in (NO_COMMA, LOWERCASE, CAPITAL)),
     (FORBIDDEN, re.compile(r"Do not include the words (\"[^\"]+\"(?:(?:, | or )\"[^\"]+\")*) in your response\.")),
     (NUM_WORDS, re.compile(r"Answer with at least (\d+) words\.")),
     (KEYWORD, re.compile(r"Include the word \"([^\"]+)\" in your response\.")),

@@ -321,10 +321,6 @@ def stage_train(cfg: RunConfig, paths: Paths, jobs: list[Job], clock: Clock) -> 
         print(f"[train] {name}: {seconds:.0f} s", flush=True)
 
 
-def _policies(jobs: list[Job]) -> list[Job]:
-    return [j for j in jobs if not j.method.startswith("rm-") and _is_done(j.out)]
-
-
 def stage_eval(cfg: RunConfig, paths: Paths, jobs: list[Job], clock: Clock) -> None:
     import torch
 
@@ -340,8 +336,8 @@ def stage_eval(cfg: RunConfig, paths: Paths, jobs: list[Job], clock: Clock) -> N
     dtype = task_cfg.get("dtype", "float32")
     rows = load_rows_checked(paths.task / "prompts" / "test.jsonl", "prompts")[: preset["eval_prompts"]]
     asked = {"n": len(rows), "max_new_tokens": preset["eval_max_new_tokens"], "dtype": dtype}
-    targets = [("start", paths.model, paths.root / "start")] + [(j.out.name, j.out / "final", j.out)
-                                                                  for j in _policies(jobs)]
+    targets = [("start", paths.model, paths.root / "start")] + [
+        (j.out.name, j.out / "final", j.out) for j in jobs if not j.method.startswith("rm-") and _is_done(j.out)]
     torch.set_num_threads(cfg.threads)
     reference_samples: dict = {}  # the start model's responses, sampled once for every policy
     for name, policy, out in targets:

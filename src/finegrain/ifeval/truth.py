@@ -51,9 +51,6 @@ class Violation:
     end: int
     instruction_id: str
 
-    def as_dict(self) -> dict:
-        return {"start": self.start, "end": self.end, "instruction_id": self.instruction_id}
-
 
 def _runs(text: str, bad) -> list[tuple[int, int]]:
     out: list[tuple[int, int]] = []
