@@ -16,7 +16,7 @@ from finegrain.world.config import WORLD_FORMAT, WorldConfig
 from finegrain.world.oracle import OracleRules, judge, prompt_topic
 
 __all__ = ["OracleRules", "WorldConfig", "default_world_dir", "ensure_world", "judge", "load_world_config",
-           "prompt_topic", "world_base_model"]
+           "prompt_topic"]
 
 
 def default_world_dir(cfg: WorldConfig | None = None) -> Path:
@@ -71,15 +71,6 @@ def load_world_config(world_dir: str | Path) -> WorldConfig:
         return WorldConfig(**json.loads(meta.read_text())["config"])
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{meta} is not a world summary finegrain can read ({e}); rebuild the world") from None
-
-
-def world_base_model(world_dir: str | Path, tokenizer, seed: int | None = None):
-    """A freshly initialised model of the world's base architecture (for SFT from scratch)."""
-    from finegrain.models.build import causal_lm_from_config
-    from finegrain.world.sft import base_model_config
-
-    cfg = load_world_config(world_dir)
-    return causal_lm_from_config(base_model_config(cfg, tokenizer), seed=cfg.seed if seed is None else seed)
 
 
 def format_summary(summary: dict) -> str:

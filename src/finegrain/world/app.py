@@ -72,11 +72,12 @@ def base_model_dir(world: Path) -> Path:
     if (out / "config.json").is_file():
         return out
     from finegrain.models.loading import load_tokenizer, save_pretrained
-    from finegrain.world import world_base_model
+    from finegrain.world import load_world_config
+    from finegrain.world.sft import base_model
 
     tokenizer = load_tokenizer(str(world / "sft"))
     tmp = world / f".tmp-base-{os.getpid()}"
-    save_pretrained(world_base_model(world, tokenizer), tokenizer, tmp)
+    save_pretrained(base_model(load_world_config(world), tokenizer), tokenizer, tmp)
     try:
         os.replace(tmp, out)
     except OSError:  # another process wrote it first

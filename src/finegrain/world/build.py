@@ -18,6 +18,7 @@ Bradley-Terry noise: the first is chosen with probability ``sigmoid((s1 - s2) / 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -31,10 +32,8 @@ from finegrain.world.corpus import Perception, Sampler, eval_prompts, revision_c
 from finegrain.world.oracle import OracleRules, judge
 from finegrain.world.reviser import revise
 
-
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write ``rows`` as JSON Lines atomically (non-ASCII escaped, as every world file has been written)."""
-    files.write_jsonl(path, rows, ensure_ascii=True)
+write_jsonl = functools.partial(files.write_jsonl, ensure_ascii=True)
+"""Write rows as JSON Lines atomically, non-ASCII escaped, as every world file has been written."""
 
 
 def make_pairs(prompts: list[str], samples: list[tuple[str, str]], rules: OracleRules, bt_temperature: float,

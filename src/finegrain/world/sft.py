@@ -12,21 +12,22 @@ import torch
 from finegrain.world.config import WorldConfig
 
 
-def base_model_config(cfg: WorldConfig, tokenizer):
-    from finegrain.models.build import tiny_llama_config
+def base_model(cfg: WorldConfig, tokenizer):
+    """A freshly initialised model of the world's base architecture (seeded with the world's seed)."""
+    from finegrain.models.build import causal_lm_from_config, tiny_llama_config
 
-    return tiny_llama_config(
+    config = tiny_llama_config(
         len(tokenizer), hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
         max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
+    return causal_lm_from_config(config, seed=cfg.seed)
 
 
 def train_base_model(cfg: WorldConfig, corpus: list[dict], tokenizer, out_dir: Path, *, show_progress: bool = True):
     """SFT a fresh base model on ``corpus``; save it (with the tokenizer) to ``out_dir``. Returns (model, stats)."""
     from finegrain.data.prepared import CompletionData
     from finegrain.data.tokenize import TokenLimits
-    from finegrain.models.build import causal_lm_from_config
     from finegrain.trainers.sft import SFTConfig, train
 
     out_dir = Path(out_dir)
@@ -40,7 +41,7 @@ def train_base_model(cfg: WorldConfig, corpus: list[dict], tokenizer, out_dir: P
     )
     limits = TokenLimits(max_length=sft_cfg.max_length, max_prompt_length=sft_cfg.max_prompt_length)
     data = CompletionData.from_source(corpus, tokenizer, kind="sft", limits=limits)
-    model = causal_lm_from_config(base_model_config(cfg, tokenizer), seed=cfg.seed)
+    model = base_model(cfg, tokenizer)
     run = train(sft_cfg, model, tokenizer, data, method="world-base")
     if out_dir.exists():
         shutil.rmtree(out_dir)

@@ -85,14 +85,12 @@ def register(world_dir: str | Path | None = None) -> None:
 
         return load_world_config(world_dir).rules if world_dir and is_built(world_dir) else DEFAULT_RULES
 
-    def make(arg: str | None, context: SourceContext, dense: bool | None = None) -> OracleRewardSource:
-        if dense is None:
-            if arg not in ORACLE_MODES:
-                raise ConfigError(f"reward source 'oracle:{arg}': the oracle's modes are oracle, oracle:sequence "
-                                  "and oracle:credit")
-            dense = ORACLE_MODES[arg]
-        return OracleRewardSource(context.tokenizer, dense=dense, rules=rules())
+    def make(arg: str | None, context: SourceContext) -> OracleRewardSource:
+        if arg not in ORACLE_MODES:
+            raise ConfigError(f"reward source 'oracle:{arg}': the oracle's modes are oracle, oracle:sequence "
+                              "and oracle:credit")
+        return OracleRewardSource(context.tokenizer, dense=ORACLE_MODES[arg], rules=rules())
 
     register_reward_source("oracle", make, "oracle[:credit], the built-in world's score (or its per-word credit)")
-    register_reward_source("oracle_credit", lambda arg, ctx: make(None, ctx, dense=True),
+    register_reward_source("oracle_credit", lambda arg, ctx: make("credit", ctx),
                            "the built-in world's per-word credit (same as oracle:credit)")
