@@ -2,27 +2,13 @@
 
 Labels come from :mod:`finegrain.data.alignment`: on the rejected response ``y_l`` a token is -1 (substituted or
 deleted by the revision) or 0; on the revision ``y_e`` (TLCR's ``y_m``) a token is +1 (substituted or added) or 0.
-
-TLCR (Yoon et al., Findings ACL 2024, arXiv 2407.16574; docs/methods/tlcr.md):
-
-* :func:`tlcr_loss` -- soft-target cross-entropy of a two-class head, targets ``+1 -> (0, 1)``,
-  ``-1 -> (1, 0)``, ``0 -> (½, ½)``; ``L = L_pos + L_neg`` with ``L_pos`` on revision tokens and ``L_neg`` on
-  rejected tokens, each averaged over that sequence's response tokens, then over the batch. ``hard=True`` is the
-  official code's hard-label variant: plain cross-entropy on the non-neutral tokens only.
-* :func:`tlcr_token_rewards` -- ``r_t = 2·P(+ | x, y_≤t) − 1`` (``mode="continuous"``), or one of the discrete
-  baselines the paper compares it with, as the official code defines them (:data:`TLCR_REWARD_MODES`); the
-  end-of-response token can be given 0 (``end_mask``, the official code's choice).
-
-Minimal-edit token RM (Xu et al., ACL 2024, arXiv 2406.02756; docs/methods/token-rm.md). Both objectives are our
-choice, not the paper's (its training objective is not available to us):
-
-* ``objective="edit_bt"`` (A, default): ``edit_weight ·`` the edit term ``−log σ(Σ_{t∈A} r(y_e,≤t) −
-  Σ_{t∈D} r(y_l,≤t))`` plus ``seq_weight ·`` the sequence Bradley–Terry loss ``−log σ(S(y_w) − S(y_l))``,
-  ``S(y) = Σ_t m_t r(y_≤t)``; ``edit_weight=0`` leaves plain Bradley–Terry on the summed token rewards;
-* ``objective="token_cls"`` (B): targets +1 on A, −1 on D, 0 elsewhere, as MSE on the scalar reward or as a
-  3-way cross-entropy whose reward is the expected label (:func:`expected_label_rewards`).
-
 ``A`` = revision tokens labelled +1, ``D`` = rejected tokens labelled -1.
+
+* TLCR (Yoon et al., Findings ACL 2024, arXiv 2407.16574; docs/methods/tlcr.md): the discriminator loss
+  :func:`tlcr_loss` and the token rewards :func:`tlcr_token_rewards`.
+* Minimal-edit token RM (Xu et al., ACL 2024, arXiv 2406.02756; docs/methods/token-rm.md): :func:`minimal_edit_loss`,
+  objectives A (``edit_bt``) and B (``token_cls``). Both are our choice, not the paper's (its training objective is
+  not available to us).
 """
 
 from __future__ import annotations
@@ -79,8 +65,8 @@ def tlcr_sequence_loss(
     """Per-sequence TLCR token loss, averaged over the sequence's response tokens.
 
     Soft (default): ``(1/|m|) Σ_t m_t · (−Σ_c q_{t,c} log softmax(z_t)_c)`` with ``q`` = :func:`tlcr_soft_targets`.
-    Hard: ``(1/|m'|) Σ_t m'_t · (−log softmax(z_t)_{c_t})`` over non-neutral tokens ``m' = m ∧ (y ≠ 0)``,
-    ``c_t = 1`` for +1 and 0 for -1; a sequence without non-neutral tokens contributes 0.
+    Hard (the official code's variant): ``(1/|m'|) Σ_t m'_t · (−log softmax(z_t)_{c_t})`` over non-neutral tokens
+    ``m' = m ∧ (y ≠ 0)``, ``c_t = 1`` for +1 and 0 for -1; a sequence without non-neutral tokens contributes 0.
 
     Args:
         logits: ``(B, T, 2)`` discriminator logits (class 1 = positive).
