@@ -1,23 +1,11 @@
 """The per-action reward of online RL, built from any mix of reward sources (docs/methods/ppo.md).
 
-``R_t = Σ_s c_s·values_s[t] (+ c_s·seq_reward_s on the last valid token) − c_KL·KLterm_t`` (docs/methods/ppo.md),
-where every source ``s`` returns a :class:`finegrain.types.TokenRewards` aligned with the policy's response
-tokens and the KL term comes from :func:`finegrain.ops.kl.kl_penalty` (k1/k2/k3 or the full-vocabulary ``K̃_t``).
-
-Pipeline of :func:`dense_rewards`, in this order (each step optional):
-
-1. check every source for NaN/inf (:func:`finegrain.rewards.check_finite` raises
-   :class:`finegrain.errors.NonFiniteError` naming the source and the first bad row);
-2. ``raw``: scaled sum of the sources' token values, plus their scaled sequence scores on the last valid
-   response token (EOS when the response has one; the last generated token of a truncated response), placed by
-   :func:`finegrain.rewards.place_on_last_token`;
-3. normalise the *sequence return* ``Σ_t raw_t``, over the batch or with running moments (see
-   :func:`dense_rewards`);
-4. clip every token reward to ``[−clip, clip]`` (TLCR's official script uses 5) → ``score``;
-5. ``penalized = score − c_KL·kl``, the reward fed to GAE or REINFORCE.
-
-Everything is exactly 0 outside ``response_mask`` (actions after EOS and padding). This module imports only
-torch and finegrain's containers, errors and reward placement.
+``R_t = Σ_s c_s·values_s[t] (+ c_s·seq_reward_s on the last valid token) − c_KL·KLterm_t``, where every source ``s``
+returns a :class:`finegrain.types.TokenRewards` aligned with the policy's response tokens and the KL term comes from
+:func:`finegrain.ops.kl.kl_penalty` (k1/k2/k3 or the full-vocabulary ``K̃_t``). :func:`dense_rewards` runs the
+pipeline: check every source for NaN/inf (:func:`finegrain.rewards.check_finite`), mix, normalise, clip, subtract
+the KL penalty. Everything is exactly 0 outside ``response_mask`` (actions after EOS and padding). This module
+imports only torch and finegrain's containers, errors and reward placement.
 """
 
 from __future__ import annotations
@@ -118,11 +106,12 @@ def dense_rewards(
     """Per-action rewards ``R_t = clip(norm(Σ_s c_s·r^s_t)) − c_KL·KLterm_t`` in the response layout.
 
     ``r^s_t`` is source ``s``'s token value (0 outside its mask), plus its ``seq_reward`` on the last valid
-    token of ``response_mask``. The settings of the papers (docs/methods/ppo.md): TLCR (Yoon et al. 2024, its
-    official script): one source, ``clip=5``, ``kl`` = full-vocabulary ``K̃_t``, ``kl_coef=0.1``. Xu et al. (2024):
-    one token-RM source, ``kl`` = k1, no terminal bonus (the exact form is our reading of the paper). SRM (Qiu et
-    al. 2025, its released script): the sentence-RM source, ``kl`` = k1, ``kl_coef=0.01``. Sequence-RM baseline: a
-    source with zero ``values`` and a ``seq_reward``.
+    token of ``response_mask`` (EOS when the response has one; the last generated token of a truncated response;
+    :func:`finegrain.rewards.place_on_last_token`). The settings of the papers (docs/methods/ppo.md): TLCR (Yoon
+    et al. 2024, its official script): one source, ``clip=5``, ``kl`` = full-vocabulary ``K̃_t``, ``kl_coef=0.1``.
+    Xu et al. (2024): one token-RM source, ``kl`` = k1, no terminal bonus (the exact form is our reading of the
+    paper). SRM (Qiu et al. 2025, its released script): the sentence-RM source, ``kl`` = k1, ``kl_coef=0.01``.
+    Sequence-RM baseline: a source with zero ``values`` and a ``seq_reward``.
 
     Normalisation acts on the **sequence return** ``G_i = Σ_t raw_{i,t}`` so that sparse rewards stay sparse:
     every token reward of row ``i`` is divided by ``std(G)`` and, with ``center=True``, ``mean(G)`` is
