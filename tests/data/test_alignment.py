@@ -12,10 +12,10 @@ from finegrain.data.alignment import (
     edit_tags,
     edit_token_labels,
     label_revisions,
-    label_tokens_by_spans,
     tag_labels,
     unit_spans,
 )
+from finegrain.data.tokenize import spans_to_labels
 from finegrain.errors import ConfigError, DataError
 
 
@@ -161,14 +161,16 @@ def test_unit_spans_words_and_chars():
         unit_spans("ab", "token")
 
 
-def test_label_tokens_by_spans_against_character_loop():
+def test_changed_spans_label_tokens_as_the_character_loop():
+    """edit_token_labels labels tokens by the changed units (sorted, disjoint spans) through spans_to_labels."""
     rng = random.Random(1)
     for _ in range(100):
         n = rng.randrange(1, 30)
         cuts = sorted(rng.sample(range(n + 1), rng.randrange(1, min(n + 1, 8))))
         offsets = [(a, b) for a, b in zip(cuts, cuts[1:])] + [(cuts[-1], cuts[-1])]
-        changed = [(a, min(n, a + rng.randrange(0, 4))) for a in rng.sample(range(n), rng.randrange(0, min(n, 4) + 1))]
-        got = label_tokens_by_spans(offsets, n, changed, -1)
+        ends = sorted(rng.sample(range(n + 1), 2 * rng.randrange(0, (n + 1) // 2 + 1)))
+        changed = list(zip(ends[::2], ends[1::2]))
+        got = spans_to_labels(offsets, [(a, b, -1) for a, b in changed], fill=0)
         chars = {c for a, b in changed for c in range(a, b)}
         assert got == [-1 if any(c in chars for c in range(a, b)) else 0 for a, b in offsets]
 

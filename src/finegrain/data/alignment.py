@@ -16,10 +16,11 @@ Labels reach the *policy's* tokens through character offsets, never by re-tokeni
 labels the response tokenised alone and writes the labels into the full sequence at the prompt length, which can
 be off by one token; docs/methods/tlcr.md): the two texts are cut into alignment units, changed units become
 character spans, and each policy token, given by its ``(start, end)`` offsets within the response text, takes the
-label if it overlaps a changed span by at least one character. The alignment unit (``unit=``) is ``"word"``
-(default; :func:`unit_spans`), ``"token"`` (the policy tokens, the official code's choice) or ``"char"``; their
-effects are tabled in docs/labeling.md ("How the labels are made"). Tokens with an empty offset span are always
-neutral; when the alignment finds no edit, :attr:`EditLabels.identical` is True (the pair has no signal).
+label if it overlaps a changed span by at least one character (:func:`finegrain.data.tokenize.spans_to_labels`).
+The alignment unit (``unit=``) is ``"word"`` (default; :func:`unit_spans`), ``"token"`` (the policy tokens, the
+official code's choice) or ``"char"``; their effects are tabled in docs/labeling.md ("How the labels are made").
+Tokens with an empty offset span are always neutral; when the alignment finds no edit, :attr:`EditLabels.identical`
+is True (the pair has no signal).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any, Literal
 import numpy as np
 from rapidfuzz.distance import Levenshtein
 
+from finegrain.data.tokenize import spans_to_labels
 from finegrain.errors import ConfigError, DataError
 
 Unit = Literal["word", "token", "char"]
@@ -175,37 +177,6 @@ def unit_spans(text: str, unit: Literal["word", "char"]) -> list[tuple[int, int]
     raise ConfigError(f"unit_spans: unit must be 'word' or 'char', got {unit!r}")
 
 
-def label_tokens_by_spans(
-    offsets: Any, text_length: int, changed_spans: Sequence[tuple[int, int]], value: int
-) -> list[int]:
-    """Label every token that overlaps a changed character span.
-
-    A token ``[s, e)`` gets ``value`` when ``[s, e) ∩ [cs, ce) ≠ ∅`` for some changed span, else 0. Computed with a
-    prefix sum over a per-character "changed" flag: overlap ⇔ ``cum[e] - cum[s] > 0``. Empty tokens (``s == e``)
-    get 0.
-
-    Args:
-        offsets: ``(n, 2)`` token character offsets (already checked against the text).
-        text_length: number of characters of the text.
-        changed_spans: ``(start, end)`` character spans that changed.
-        value: the label of a changed token (-1 for the rejected response, +1 for the revision).
-
-    Returns:
-        ``n`` ints in ``{0, value}``.
-
-    Example:
-        >>> label_tokens_by_spans([(0, 3), (4, 7), (8, 11)], 11, [(5, 6)], -1)
-        [0, -1, 0]
-    """
-    arr = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-    changed = np.zeros(text_length, dtype=np.int64)
-    for s, e in changed_spans:
-        changed[s:e] = 1
-    cum = np.concatenate([[0], np.cumsum(changed)])
-    hit = cum[arr[:, 1]] - cum[arr[:, 0]] > 0
-    return (hit.astype(np.int64) * value).tolist()
-
-
 def edit_token_labels(
     rejected_text: str,
     revised_text: str,
@@ -259,10 +230,11 @@ def edit_token_labels(
         rej_tags, rev_tags = edit_tags(
             [rejected_text[s:e] for s, e in rej_spans], [revised_text[s:e] for s, e in rev_spans]
         )
-        rej_changed = [span for span, tag in zip(rej_spans, rej_tags) if tag != "U"]
-        rev_changed = [span for span, tag in zip(rev_spans, rev_tags) if tag != "U"]
-        rej_labels = label_tokens_by_spans(rej_off, len(rejected_text), rej_changed, -1)
-        rev_labels = label_tokens_by_spans(rev_off, len(revised_text), rev_changed, +1)
+        # changed units are sorted and disjoint, as spans_to_labels needs: a token overlapping one takes its label
+        rej_changed = [(s, e, -1) for (s, e), tag in zip(rej_spans, rej_tags) if tag != "U"]
+        rev_changed = [(s, e, 1) for (s, e), tag in zip(rev_spans, rev_tags) if tag != "U"]
+        rej_labels = spans_to_labels(rej_off.tolist(), rej_changed, fill=0)
+        rev_labels = spans_to_labels(rev_off.tolist(), rev_changed, fill=0)
     # Distance from the tags: every S pairs one source and one target tag, so count it once.
     distance = sum(t != "U" for t in rej_tags) + sum(t == "A" for t in rev_tags)
     return EditLabels(rej_labels, rev_labels, identical=distance == 0, distance=distance)
