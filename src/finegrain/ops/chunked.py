@@ -86,7 +86,8 @@ def _ref_blocks(start: int, m: int, chunk_size: int) -> list[tuple[slice, slice]
     """The reference's sub-blocks of the chunk at ``start`` (of ``m`` rows), a quarter of a chunk each, as
     ``(rows, rows within the chunk)``."""
     stop, size = min(start + chunk_size, m), max(1, -(-chunk_size // 4))
-    return [(slice(i, min(i + size, stop)), slice(i - start, min(i + size, stop) - start)) for i in range(start, stop, size)]
+    ends = [(i, min(i + size, stop)) for i in range(start, stop, size)]
+    return [(slice(i, j), slice(i - start, j - start)) for i, j in ends]
 
 
 def _logsumexp(z: torch.Tensor) -> torch.Tensor:
