@@ -234,9 +234,8 @@ def eval_settings(world_dir: str | Path | None = None, **overrides: Any) -> dict
 
     world = ensure_world(world_dir)
     register(world)
-    settings = {"prompts": _data(world, "prompts_test"), "judge": "oracle",
-                "max_new_tokens": load_world_config(world).max_new_tokens}
-    return {**settings, **overrides}
+    return {"prompts": _data(world, "prompts_test"), "judge": "oracle",
+            "max_new_tokens": load_world_config(world).max_new_tokens, **overrides}
 
 
 def credit_settings(world_dir: str | Path | None = None, **overrides: Any) -> dict[str, Any]:
@@ -247,9 +246,8 @@ def credit_settings(world_dir: str | Path | None = None, **overrides: Any) -> di
 
     world = ensure_world(world_dir)
     register(world)
-    settings = {"data": _data(world, "credit_test"), "reference": str(world / "sft"),
-                "contrastive_template": world_contrastive_template()}
-    return {**settings, **overrides}
+    return {"data": _data(world, "credit_test"), "reference": str(world / "sft"),
+            "contrastive_template": world_contrastive_template(), **overrides}
 
 
 def _label_contrastive(cfg: Any) -> None:
