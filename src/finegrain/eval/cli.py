@@ -39,8 +39,7 @@ from finegrain.eval.token_credit import format_number as _f
 from finegrain.eval.token_credit import json_value, mark_eval_dir
 from finegrain.models.loading import ModelCache, model_dir, refuse_reward_model, resolve_device
 
-__all__ = ["EvalConfig", "ModelCache", "best_of_n", "default_output_dir", "evaluate_policy", "format_eval", "make_judge", "run",
-           "resolve_device"]
+__all__ = ["EvalConfig", "best_of_n", "default_output_dir", "evaluate_policy", "format_eval", "make_judge", "run"]
 
 
 # ------------------------------------------------------------------------------------------------ config
