@@ -18,13 +18,11 @@ TokenDiscriminator      ``TwoClassHead``                   ``(N, T, 2)`` logits;
                                                            (TLCR, Yoon et al. 2024; docs/methods/tlcr.md)
 ======================  =================================  ============================================================
 
-Sentence boundaries (SRM's segmentation, docs/methods/reward-models.md) come from a pluggable splitter
-(:class:`~finegrain.data.segmentation.RuleSplitter` by default, SaT optional) mapped onto tokens through
-character offsets, in one of two modes:
-
-* ``"insert"``: an ``<END>`` token is added to the tokenizer (embedding matrix resized to a multiple of 8) and
-  inserted after the prompt and after every sentence (the SRM training layout);
-* ``"mark"``: no new token; the last prompt token and the last token of every sentence are the boundaries.
+Sentence boundaries (SRM's segmentation) come from a pluggable splitter (a
+:class:`~finegrain.data.segmentation.RuleSplitter` by default, SaT optional) mapped onto tokens through character
+offsets, in the ``"insert"`` mode (an added ``<END>`` token, :func:`build_reward_model`) or the ``"mark"`` mode
+(the last prompt and sentence tokens); both are laid out in :mod:`finegrain.data.segmentation` and
+docs/methods/reward-models.md.
 
 Saved directory (:func:`save_reward_model` / :func:`load_reward_model`)::
 

@@ -120,10 +120,8 @@ class SequenceRewardModel(RewardModel):
 
     ``h_last`` is the state after reading the last response token (EOS when the response has one), so the score
     sees the whole response; a row with an empty response is read at its last prompt token. The head has no bias by
-    default (TRL's score head has none): the Bradley–Terry loss depends only on ``r_w − r_l``, so a bias ``b`` gets
-    no gradient but rounding noise, which Adam's normalisation turns into steps of size ~lr. The head with ``b``
-    (``bias=True`` in ``finegrain_reward.json``; saved models from before the bias-free default, whose head
-    config has no ``bias`` entry) still loads.
+    default (as TRL's; why: docs/methods/reward-models.md); a head with ``b`` (``bias=True`` in
+    ``finegrain_reward.json``, or no ``bias`` entry: saved before the bias-free default) still loads.
     """
 
     level = "sequence"

@@ -338,12 +338,8 @@ class ContrastiveRewardSource:
         )
 
 
-SAMPLE_PROMPT, SAMPLE_RESPONSE = "question", "answer"
-"""What :func:`template_problems` renders when the caller has no data row at hand."""
-
-
-def template_problems(template: ContrastiveTemplate, tokenizer, prompt=SAMPLE_PROMPT,
-                      response: str = SAMPLE_RESPONSE, max_unknown_share: float = 0.1) -> list[str]:
+def template_problems(template: ContrastiveTemplate, tokenizer, prompt, response: str,
+                      max_unknown_share: float = 0.1) -> list[str]:
     """Why ``template`` would give meaningless rewards with ``tokenizer`` (empty when it looks fine).
 
     Contrastive rewards compare the scorer's log-probs under ``P+`` and ``P−``; if the text the template adds around
@@ -381,14 +377,13 @@ def template_problems(template: ContrastiveTemplate, tokenizer, prompt=SAMPLE_PR
     return problems
 
 
-CONTRASTIVE_OPTIONS = ("--contrastive_template", "--contrastive_positive", "--contrastive_negative")
-"""The options that set the template in ``po`` and ``eval`` (``label contrastive``: ``--template``, ...)."""
-
-
-def checked_template(template: ContrastiveTemplate, tokenizer, prompt=SAMPLE_PROMPT, response: str = SAMPLE_RESPONSE,
-                     options: tuple[str, str, str] = CONTRASTIVE_OPTIONS) -> ContrastiveTemplate:
-    """``template`` if :func:`template_problems` finds nothing, else a ConfigError that says what to pass instead
-    (naming the command's own ``options``: form, positive text, negative text)."""
+def checked_template(template: ContrastiveTemplate, tokenizer, prompt="question", response: str = "answer",
+                     options=("--contrastive_template", "--contrastive_positive", "--contrastive_negative")
+                     ) -> ContrastiveTemplate:
+    """``template`` if :func:`template_problems` finds nothing (rendering a data row's ``prompt`` and ``response``,
+    or a neutral sample when the caller has none at hand), else a ConfigError that says what to pass instead, naming
+    the command's own ``options``: form, positive text, negative text (by default those of ``po`` and ``eval``;
+    ``label contrastive`` has ``--template``, ...)."""
     from finegrain.errors import ConfigError
 
     problems = template_problems(template, tokenizer, prompt, response)
