@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from finegrain.ops.masked import zero_masked
+
 __all__ = ["CompletionStats", "completion_stats", "naive_completion_stats"]
 
 
@@ -338,22 +340,21 @@ def naive_completion_stats(
                   compute_kl, 1, logit_softcap)
     mask = mask.to(torch.bool)
     stat = _stat_dtype(policy_weight.dtype)
-    safe = torch.where(mask, labels, torch.zeros_like(labels)).unsqueeze(-1)
-    zero = torch.zeros((), dtype=stat, device=policy_hidden.device)
+    safe = zero_masked(labels, mask).unsqueeze(-1)
 
     def logits(h, w, b):
         z = F.linear(h.to(w.dtype), w, b).to(stat)
         return z if logit_softcap is None else torch.tanh(z / logit_softcap) * logit_softcap
 
     log_p = F.log_softmax(logits(policy_hidden, policy_weight, policy_bias), dim=-1)
-    stats = CompletionStats(token_logps=torch.where(mask, log_p.gather(-1, safe).squeeze(-1), zero))
+    stats = CompletionStats(token_logps=zero_masked(log_p.gather(-1, safe).squeeze(-1), mask))
     if ref_hidden is not None:
         with torch.no_grad():
             if ref_weight is None:
                 ref_weight, ref_bias = policy_weight, policy_bias
             log_q = F.log_softmax(logits(ref_hidden, ref_weight, ref_bias), dim=-1)
-        stats.ref_token_logps = torch.where(mask, log_q.gather(-1, safe).squeeze(-1), zero)
+        stats.ref_token_logps = zero_masked(log_q.gather(-1, safe).squeeze(-1), mask)
         if compute_kl:
             kl = (log_q.exp() * (log_q - log_p)).sum(dim=-1)
-            stats.token_kl = torch.where(mask, kl, zero)
+            stats.token_kl = zero_masked(kl, mask)
     return stats

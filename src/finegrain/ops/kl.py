@@ -106,8 +106,7 @@ def reverse_kl_from_logps(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch
         ``(...)`` KL in nats, ``>= 0`` up to rounding. Differentiable with respect to both inputs.
     """
     p = logps.exp()
-    diff = torch.where(p > 0, logps - ref_logps, torch.zeros((), dtype=logps.dtype, device=logps.device))
-    return (p * diff).sum(dim=-1)
+    return (p * zero_masked(logps - ref_logps, p > 0)).sum(dim=-1)
 
 
 def reverse_kl_from_logits(
