@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from finegrain.ops.kl import reverse_kl_from_logps
 from finegrain.ops.masked import masked_mean, masked_sum, zero_masked
 
 __all__ = ["selective_log_softmax", "sequence_logps", "token_entropy", "token_logps"]
@@ -135,9 +136,6 @@ def token_entropy(logits: torch.Tensor, chunk_size: int = 128) -> torch.Tensor:
     for chunk in flat.split(chunk_size, dim=0):
         if chunk.dtype not in (torch.float32, torch.float64):
             chunk = chunk.float()
-        logp = F.log_softmax(chunk, dim=-1)
-        p = logp.exp()
-        # Zero log p where p == 0 *before* multiplying, so neither the value nor the gradient sees 0 * (-inf).
-        logp = torch.where(p > 0, logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
-        out.append(-(p * logp).sum(dim=-1))
+        # H(p) = −Σ p (log p − log 1), with reverse_kl_from_logps's rule that terms with p = 0 count as 0
+        out.append(-reverse_kl_from_logps(F.log_softmax(chunk, dim=-1), torch.zeros((), dtype=chunk.dtype)))
     return torch.cat(out).reshape(shape)
