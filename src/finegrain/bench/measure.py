@@ -105,10 +105,11 @@ def timed(device: str | torch.device, fn, *args, **kwargs) -> tuple[float, float
     return wall_end - wall, cpu_end - cpu, out
 
 
-@contextlib.contextmanager
 def after_optimizer_step(callback):
     """Within this block, ``callback(*args)`` runs after every :func:`finegrain.trainers.loop.optimizer_step` (with
     the step's positional arguments, the loss last): how the benchmarks time and measure the trainers' steps."""
+    from unittest import mock
+
     from finegrain.trainers import loop
 
     original = loop.optimizer_step
@@ -118,11 +119,7 @@ def after_optimizer_step(callback):
         callback(*args)
         return out
 
-    loop.optimizer_step = hooked
-    try:
-        yield
-    finally:
-        loop.optimizer_step = original
+    return mock.patch.object(loop, "optimizer_step", hooked)
 
 
 def run_worker(module: str, options: dict, *, timeout: float | None = None) -> dict:

@@ -43,13 +43,12 @@ def summarize(prof, top: int = 12) -> dict:
     matmul_flops = sum((e.flops or 0) for e in events if e.key in MATMUL_OPS)
     attention = sum(e.self_cpu_time_total for e in events if _is_attention(e.key)) / 1e6
     optimizer = sum(e.cpu_time_total for e in events if e.key.startswith("Optimizer.step#")) / 1e6
-    rest = max(0.0, total - matmul - attention - optimizer)
+    seconds = {"matmul": matmul, "attention": attention, "optimizer": optimizer,
+               "other": max(0.0, total - matmul - attention - optimizer)}
     ops = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
     return {
-        "profiled_self_s": total,
-        "seconds": {"matmul": matmul, "attention": attention, "optimizer": optimizer, "other": rest},
-        "share": {k: v / total if total else 0.0 for k, v in
-                  {"matmul": matmul, "attention": attention, "optimizer": optimizer, "other": rest}.items()},
+        "profiled_self_s": total, "seconds": seconds,
+        "share": {k: v / total if total else 0.0 for k, v in seconds.items()},
         "matmul_flops": float(matmul_flops),
         "matmul_flops_per_s": matmul_flops / matmul if matmul else None,
         "top_ops": [{"op": e.key, "self_s": e.self_cpu_time_total / 1e6, "calls": e.count,

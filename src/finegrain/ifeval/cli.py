@@ -59,17 +59,14 @@ class IFEvalConfig:
     disable_tqdm: bool = option(False, "hide progress bars")
 
     def __post_init__(self) -> None:
-        for name in ("num_train_prompts", "num_test_prompts", "num_samples", "max_new_tokens", "batch_size"):
-            if getattr(self, name) < 1:
+        for name in ("num_train_prompts", "num_test_prompts", "num_samples", "max_new_tokens", "batch_size", "threads",
+                     "max_eval_prompts"):  # threads and max_eval_prompts may be unset (None)
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"option '{name}' must be >= 1, got {getattr(self, name)}")
         if self.temperature < 0:
             raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"threads must be >= 1, got {self.threads}")
-        if self.max_eval_prompts is not None and self.max_eval_prompts < 1:
-            raise ConfigError(f"max_eval_prompts must be >= 1 (or unset), got {self.max_eval_prompts}")
         if self.num_samples < 2:
             raise ConfigError("num_samples must be >= 2: a pair needs two responses to the same prompt")
 
