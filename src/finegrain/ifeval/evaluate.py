@@ -38,7 +38,7 @@ def _ifeval_scores(rows: Sequence[dict], samples: Sequence[dict], side: str, sou
     from finegrain.ifeval.score import score_responses
 
     responses = [s[side] for s in samples]
-    scores = score_responses(rows, responses, source=source).as_dict()
+    scores = vars(score_responses(rows, responses, source=source))
     length_key = "length" if side == "response" else "ref_length"
     cut_key = "truncated" if side == "response" else "ref_truncated"
     return {**{k: scores[k] for k in IFEVAL_KEYS if k in scores},

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from finegrain.errors import DataError
@@ -73,12 +73,6 @@ class IFEvalScores:
     """Per :data:`UNASKED` id: ``rate``, the fraction of responses to prompts *without* it that follow it anyway
     (strict), over ``count`` such responses."""
     followed_strict: list[list[bool]] = field(default_factory=list, repr=False)
-
-    def as_dict(self, *, with_rows: bool = False) -> dict:
-        out = asdict(self)
-        if not with_rows:
-            out.pop("followed_strict")
-        return out
 
 
 def _instructions(row: Mapping[str, Any], i: int, source: str | None) -> tuple[list[str], list[dict]]:
