@@ -121,6 +121,17 @@ def _make_head(level: str, config: dict[str, Any]) -> nn.Module:
     raise ConfigError(f"unknown reward-model level {level!r}; choose one of {', '.join(LEVELS)}")
 
 
+def _head_config(model: RewardModel) -> dict[str, Any]:
+    """The head's constructor arguments, which :func:`_make_head` reads back (``finegrain_reward.json``'s ``head``)."""
+    h = model.head
+    if model.level == "sentence":
+        return {"hidden_size": h.value.in_features, "embed_dim": h.embed_dim, "rope_theta": h.rope_theta,
+                "max_sentences": h.max_sentences, "weighted_sum": h.weighted_sum}
+    proj = getattr(h, "proj", h)  # the 3-way token head is a bare nn.Linear
+    level_keys = {"sequence": {"bias": proj.bias is not None}, "token": {"num_outputs": proj.out_features}}
+    return {"hidden_size": proj.in_features, **level_keys.get(model.level, {})}
+
+
 def input_embedding_name(backbone: nn.Module) -> str:
     """The attribute name of the backbone's input embedding module (e.g. ``embed_tokens``, ``wte``)."""
     emb = backbone.get_input_embeddings()
@@ -229,7 +240,7 @@ def save_reward_model(model: RewardModel, path: str | Path, *, state_dict: dict[
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(tmp)
         save_file({k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()}, str(tmp / HEAD_FILE))
-        info = {"format": FORMAT, "level": model.level, "head": model.head_config(), **model.settings(),
+        info = {"format": FORMAT, "level": model.level, "head": _head_config(model), **model.settings(),
                 "peft_merged": merged, "finegrain_version": __version__, **(extra or {})}
         (tmp / CONFIG_FILE).write_text(json.dumps(info, indent=2))
         shutil.rmtree(path, ignore_errors=True)

@@ -60,10 +60,6 @@ class RewardModel(nn.Module):
         h = hidden_states(self.backbone, batch)
         return h.to(next(self.head.parameters()).dtype)
 
-    def head_config(self) -> dict[str, Any]:
-        """Constructor arguments of the head (recorded in ``finegrain_reward.json``)."""
-        raise NotImplementedError
-
     def settings(self) -> dict[str, Any]:
         """Level-specific settings recorded in ``finegrain_reward.json`` (besides the head config)."""
         return {k: getattr(self, k) for k in self.setting_names}
@@ -126,9 +122,6 @@ class SequenceRewardModel(RewardModel):
 
     level = "sequence"
 
-    def head_config(self) -> dict[str, Any]:
-        return {"hidden_size": self.head.proj.in_features, "bias": self.head.proj.bias is not None}
-
     def forward(self, batch: CompletionBatch) -> torch.Tensor:
         """Scores ``(N,)``."""
         h = self.hidden(batch)
@@ -155,10 +148,6 @@ class TokenRewardModel(RewardModel):
     def __init__(self, backbone: nn.Module, tokenizer: Any, head: nn.Module):
         super().__init__(backbone, tokenizer, head)
         self.num_outputs = 1 if isinstance(head, ScalarHead) else head.out_features
-
-    def head_config(self) -> dict[str, Any]:
-        proj = self.head.proj if isinstance(self.head, ScalarHead) else self.head
-        return {"hidden_size": proj.in_features, "num_outputs": self.num_outputs}
 
     def token_values(self, batch: CompletionBatch, outputs: torch.Tensor | None = None) -> torch.Tensor:
         """Token rewards ``(N, T)``, 0 outside the response mask."""
@@ -189,9 +178,6 @@ class TokenDiscriminator(RewardModel):
         if lag < 0:
             raise ConfigError(f"TokenDiscriminator: lag must be >= 0, got {lag}")
         self.double_softmax, self.lag = double_softmax, lag
-
-    def head_config(self) -> dict[str, Any]:
-        return {"hidden_size": self.head.proj.in_features}
 
     def token_values(self, batch: CompletionBatch, logits: torch.Tensor | None = None, **reward: Any) -> torch.Tensor:
         """``2·P(+) − 1`` per token ``(N, T)`` (with the compatibility flags), 0 outside the response mask.
@@ -266,11 +252,6 @@ class SentenceRewardModel(RewardModel):
                 raise ConfigError(f"insert mode needs the {end_token!r} token in the tokenizer; build the model with "
                                   "build_reward_model(..., level='sentence') which adds it")
             self.end_token_id = int(end_id)
-
-    def head_config(self) -> dict[str, Any]:
-        h = self.head
-        return {"hidden_size": h.value.in_features, "embed_dim": h.embed_dim, "rope_theta": h.rope_theta,
-                "max_sentences": h.max_sentences, "weighted_sum": h.weighted_sum}
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "splitter": splitter_config(self.splitter)}
