@@ -248,16 +248,20 @@ def _comparison(pol: _Side, ref: _Side, num_samples: int, tie_tolerance: float) 
 
     outcome = win_rate(pol.rewards, ref.rewards, tol=tie_tolerance)
     p, r = pol.summary(num_samples), ref.summary(num_samples)
-    out = {"num_responses": len(pol.rewards), "win_rate": outcome.win, "tie_rate": outcome.tie,
-           "loss_rate": outcome.loss}
-    # each group of the policy's keys, then the reference's (ref_<key>; the KL is the policy's alone), and the
-    # judge's per-row metrics, averaged: <metric>_rate
-    groups = [("mean_reward", "mean_reward_stderr"), ("seq_kl", "seq_kl_stderr", "seq_kl_k1"), ("entropy",),
-              ("distinct_1", "distinct_2"), ("length",), ("truncated_rate",), *((f"{k}_rate",) for k in pol.metrics)]
-    for keys in groups:
-        out.update({k: p[k] for k in keys})
-        if keys[0] != "seq_kl":
-            out.update({f"ref_{k}": r[k] for k in keys})
+    out = {
+        "num_responses": len(pol.rewards),
+        "win_rate": outcome.win, "tie_rate": outcome.tie, "loss_rate": outcome.loss,
+        "mean_reward": p["mean_reward"], "mean_reward_stderr": p["mean_reward_stderr"],
+        "ref_mean_reward": r["mean_reward"], "ref_mean_reward_stderr": r["mean_reward_stderr"],
+        "seq_kl": p["seq_kl"], "seq_kl_stderr": p["seq_kl_stderr"], "seq_kl_k1": p["seq_kl_k1"],
+        "entropy": p["entropy"], "ref_entropy": r["entropy"],
+        "distinct_1": p["distinct_1"], "distinct_2": p["distinct_2"],
+        "ref_distinct_1": r["distinct_1"], "ref_distinct_2": r["distinct_2"],
+        "length": p["length"], "ref_length": r["length"],
+        "truncated_rate": p["truncated_rate"], "ref_truncated_rate": r["truncated_rate"],
+    }
+    for key in pol.metrics:  # the judge's per-row metrics, averaged: <metric>_rate
+        out[f"{key}_rate"], out[f"ref_{key}_rate"] = p[f"{key}_rate"], r[f"{key}_rate"]
     return out
 
 
