@@ -133,8 +133,7 @@ def output_head(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     head = model.get_output_embeddings()
     if head is None:
         raise TypeError(f"{type(model).__name__} has no output embeddings (LM head)")
-    config = getattr(model, "config", None)
-    cap = getattr(config, "final_logit_softcapping", None) if config is not None else None
+    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
     if not cap:
         return head
 

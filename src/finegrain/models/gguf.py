@@ -93,7 +93,16 @@ def check_gguf_file(gguf_path: str | os.PathLike) -> Path:
         magic = f.read(4)
     if magic != _MAGIC:
         raise ConfigError(f"{path} is not a GGUF file: it starts with {magic!r}, not {_MAGIC!r}")
-    reader = _reader(path)
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise ConfigError("reading GGUF files needs the 'gguf' package: pip install gguf "
+                          "(or pip install 'finegrain[ifeval]')") from None
+    try:
+        reader = GGUFReader(str(path), "r")
+    except Exception as exc:  # GGUFReader raises ValueError/IndexError/struct errors on damaged files
+        raise ConfigError(f"{path} is not a readable GGUF file (truncated or corrupt?): "
+                          f"{type(exc).__name__}: {exc}") from None
     size = path.stat().st_size
     for tensor in reader.tensors:
         end = int(tensor.data_offset) + int(tensor.n_bytes)
@@ -103,19 +112,6 @@ def check_gguf_file(gguf_path: str | os.PathLike) -> Path:
     if not reader.tensors:
         raise ConfigError(f"{path} holds no tensors: not a model file")
     return path.resolve()
-
-
-def _reader(path: Path):
-    try:
-        from gguf import GGUFReader
-    except ImportError:
-        raise ConfigError("reading GGUF files needs the 'gguf' package: pip install gguf "
-                          "(or pip install 'finegrain[ifeval]')") from None
-    try:
-        return GGUFReader(str(path), "r")
-    except Exception as exc:  # GGUFReader raises ValueError/IndexError/struct errors on damaged files
-        raise ConfigError(f"{path} is not a readable GGUF file (truncated or corrupt?): "
-                          f"{type(exc).__name__}: {exc}") from None
 
 
 def _source_stamp(path: Path) -> dict:
