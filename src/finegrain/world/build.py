@@ -1,16 +1,9 @@
 """``finegrain world build DIR``: tokenizer, SFT base model and every data set of the world.
 
-Layout of a world directory::
-
-    DIR/world.json                 config, summary, finegrain version
-    DIR/sft/                       the SFT base policy (Hugging Face format, safetensors) and its tokenizer
-    DIR/data/sft.jsonl             {prompt, completion}                      the SFT corpus (answers, then revisions)
-    DIR/data/pairs_train.jsonl     {prompt, chosen, rejected, chosen_score, rejected_score}
-    DIR/data/pairs_test.jsonl      same, held out
-    DIR/data/revisions.jsonl       {prompt, rejected, revised, chosen}       minimal edits of rejected responses
-    DIR/data/credit_test.jsonl     {prompt, response, words, credit, score}  token-credit ground truth
-    DIR/data/prompts_rl.jsonl      {prompt}                                  prompts for online RL
-    DIR/data/prompts_test.jsonl    {prompt}                                  held-out prompts for evaluation
+A world directory holds ``world.json`` (config, summary, finegrain version), ``sft/`` (the SFT base policy in Hugging
+Face format, safetensors, and its tokenizer) and ``data/``: ``sft``, ``pairs_train``, ``pairs_test`` (held out),
+``revisions``, ``credit_test``, ``prompts_rl`` and ``prompts_test`` (held out) ``.jsonl``, whose columns
+docs/world.md ("The data sets") lists.
 
 Preference pairs are two samples of the SFT model for the same prompt, labelled by the oracle with
 Bradley-Terry noise: the first is chosen with probability ``sigmoid((s1 - s2) / bt_temperature)``.

@@ -3,17 +3,10 @@
 The score is *defined* as the sum of per-word credits, so the credit decomposes the score exactly:
 ``sum(judge(prompt, response).credit) == judge(prompt, response).score``.
 
-Credit of a word in a well-formed sentence within the length limit:
-
-=================  =====================================================================
-role               credit
-=================  =====================================================================
-adjective / verb   ``STYLE[w] + accuracy(w, topic)``; ``repeat_penalty`` instead when the
-/ adverb           word already appeared earlier in the response
-hedge              ``STYLE[w]`` (negative)
-topic noun         0 when it names the prompt's topic, ``wrong_topic_penalty`` otherwise
-function words     0
-=================  =====================================================================
+Credit of a word in a well-formed sentence within the length limit (docs/world.md tabulates it with examples): an
+adjective, verb or adverb earns ``STYLE[w] + accuracy(w, topic)``, or ``repeat_penalty`` instead when the word already
+appeared earlier in the response; a hedge ``STYLE[w]`` (negative); a topic noun 0 when it names the prompt's topic,
+``wrong_topic_penalty`` otherwise; a function word 0.
 
 A malformed sentence earns no credit: each of its words carries ``malformed_penalty / len(sentence)``, so
 broken text cannot farm reward. Sentences beyond ``max_sentences`` earn no credit either and carry
