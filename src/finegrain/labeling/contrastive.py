@@ -5,21 +5,10 @@ chosen and the rejected response after two opposite prompts ``P+(x)`` and ``P−
 
 ``r̂_t = σ(log π_ref(y_t | P+(x), y_<t) − log π_ref(y_t | P−(x), y_<t)) − ½  ∈ (−½, ½)``
 
-(Zhou et al., ACL 2025, arXiv 2412.02685; docs/methods/treg.md). The templates
-(:class:`~finegrain.rewards.contrastive.ContrastiveTemplate`): ``control`` (a plain prefix; on the built-in world its
-"please answer well :" / "please answer badly :" prompts, the default there), ``system`` (a system turn through the
-tokenizer's chat template) and ``draft`` (a request to rewrite the response itself into a better / worse answer;
-the default for other models). The template's token ids
-are concatenated with the response's own token ids, so the rewards line up 1:1 with the response tokens.
-
-Output: a JSONL file with every input row unchanged plus ``chosen_token_rewards`` and ``rejected_token_rewards``,
-one number per response token as :mod:`finegrain.data.tokenize` tokenizes it alone, EOS included. A response
-cut by ``max_length`` gets rewards on its kept tokens and 0 on the rest (counted and reported), so the lists
-always have the full length. ``finegrain po --loss treg-dpo --reg_source external --dataset_name OUT`` trains on it.
-
-    finegrain label contrastive --output_file runs/labels/pairs_train.contrastive.jsonl        # on the world
-    finegrain label contrastive --model_name_or_path my-sft --dataset_name pairs.jsonl --template system \\
-        --output_file pairs.contrastive.jsonl
+(Zhou et al., ACL 2025, arXiv 2412.02685; docs/methods/treg.md). Every input row is written out with
+``chosen_token_rewards`` and ``rejected_token_rewards`` added, one number per response token (:func:`label_pairs`).
+The templates (:class:`~finegrain.rewards.contrastive.ContrastiveTemplate`), the output and examples:
+docs/labeling.md, "finegrain label contrastive".
 """
 
 from __future__ import annotations

@@ -1,27 +1,11 @@
 """``finegrain label edits``: token labels from minimal-edit revisions (TLCR, token RM; docs/labeling.md).
 
 Reads revision rows ``{prompt, rejected, revised[, chosen]}`` (the output of ``finegrain label revise``, or the
-built-in world's ``data/revisions.jsonl``), aligns each rejected response with its revision by a unit-cost
-Levenshtein alignment (:func:`finegrain.data.alignment.label_revisions`: rapidfuzz editops, labels projected onto
-the tokenizer's tokens through character offsets), and writes a data set of **token supervision rows**, two per
-pair, that :class:`finegrain.data.CompletionData` and ``finegrain rm --level discriminator|token`` load as they are:
-
-```json
-{"prompt": "...", "response": "<rejected>", "labels": [0, -1, 0, ...], "side": "rejected", "pair": 17}
-{"prompt": "...", "response": "<revised>",  "labels": [0, 1, 0, ...],  "side": "revised",  "pair": 17}
-```
-
-* ``labels`` (``--format labels``, default): one integer per response token of ``--tokenizer_name_or_path``, the
-  response tokenized alone without special tokens (EOS not included; the data layer gives it no label): -1 on
-  tokens of the rejected response that the revision deleted or substituted, +1 on tokens of the revision that it
-  added or substituted, 0 elsewhere. They are valid for that tokenizer only.
-* ``spans`` (``--format spans``): the same labels as character spans ``[{"start", "end", "label"}]`` of the
-  response (one span per run of equally labelled tokens), which any tokenizer can read; with ``--unit word`` they
-  do not depend on the tokenizer at all.
-
-``side`` and ``pair`` (the pair's 0-based row in its input file) say where a row came from; the data layer
-ignores them. Pairs whose alignment finds no edit carry no signal and are left out (``--keep_identical`` keeps
-them, all 0).
+built-in world's ``data/revisions.jsonl``), aligns each rejected response with its revision
+(:func:`finegrain.data.alignment.label_revisions`) and writes **token supervision rows**, two per pair, that
+:class:`finegrain.data.CompletionData` and ``finegrain rm --level discriminator|token`` load as they are (labels as
+in :data:`DESCRIPTION`). Their two formats (``labels`` for one tokenizer's tokens, or character ``spans`` any
+tokenizer can read), ``side``, ``pair`` and the pairs left out: docs/labeling.md, "finegrain label edits".
 """
 
 from __future__ import annotations
