@@ -102,14 +102,10 @@ def dpo_sft_loss(
     exactly :func:`dpo_loss`. Lengths below 1 are clamped to 1 (an empty response has NLL 0).
 
     Args:
-        chosen_logps: ``(B,)`` ``Σ_t m_t ℓ^θ_t`` of the chosen responses.
-        rejected_logps: ``(B,)`` same for the rejected responses.
-        ref_chosen_logps: ``(B,)`` reference log-probs of the chosen responses.
-        ref_rejected_logps: ``(B,)`` reference log-probs of the rejected responses.
+        chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, label_smoothing: as
+            :func:`dpo_loss` (``(B,)`` sequence log-probs, ``β > 0``, conservative DPO's ``ε``).
         chosen_lengths: ``(B,)`` ``|y_w|``, the number of chosen response tokens.
-        beta: ``β > 0``.
         sft_weight: ``λ ≥ 0``.
-        label_smoothing: conservative DPO's ``ε`` (see :func:`dpo_loss`).
 
     Returns:
         :class:`PreferenceLossOutput` with DPO's rewards and ``extras``: ``nll_loss`` (``NLL(y_w)``) and
