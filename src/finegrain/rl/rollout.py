@@ -5,12 +5,10 @@ shared layout (prompt block as given, response block right-padded with the pad i
 loop over the model's own KV cache rather than ``model.generate``, for three reasons: sampling draws from a
 caller-supplied ``torch.Generator`` (reproducible without touching the global RNG), no generation config is
 read or written (so no pad/EOS warnings and no hidden sampling defaults), and the per-step work is only the
-forward pass plus the sampling arithmetic. Temperature, top-k and top-p follow ``transformers``' logits
-warpers exactly (same order, same tie rules), so for one seed of the global RNG the two sample the same tokens.
+forward pass plus the sampling arithmetic. Temperature, top-k and top-p go through ``transformers``' logits
+warpers in their order, so for one seed of the global RNG the two sample the same tokens.
 
-:func:`score_rollout` computes, for a batch in that layout, the policy's and the reference's log-probs of the
-sampled tokens (and optionally the policy entropy and the full-vocabulary reverse KL) through
-:mod:`finegrain.models.forward`, a few rows at a time so that logits never exceed ``(chunk_rows, T, V)``.
+:func:`score_rollout` scores a batch in that layout under the policy and the reference, a few rows at a time.
 """
 
 from __future__ import annotations
