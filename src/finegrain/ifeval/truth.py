@@ -16,13 +16,10 @@ are not located on characters and are not part of the truth. A response has no v
 located part of every token-local instruction is satisfied.
 
 Token truth (:func:`token_truth`) maps the union of the violation spans through the tokenizer's character offsets
-with :func:`finegrain.data.spans_to_labels`: a token that overlaps any violating character is **-1** -- also when it
-mixes the violation with clean text (``" Hello"`` under all-lowercase). Every other token with non-whitespace text is
-**+1**: it contains no violation of the prompt's token-local instructions. Whitespace-only tokens and EOS are
-**0** (neutral; they could not violate any of these instructions). The +1 class makes the token-credit AUROC of
-``finegrain eval --token_credit`` defined: it is the probability that a reward source ranks a clean token above a
-violating one. It is *not* a claim that the clean tokens made the response good; the content instructions (word
-count, keyword) have no token-level truth and play no part here. See docs/ifeval.md.
+with :func:`finegrain.data.spans_to_labels`: **-1** for a token overlapping any violating character (also one that
+mixes it with clean text), **+1** for another token with non-whitespace text, **0** for whitespace-only tokens and
+EOS. docs/ifeval.md ("Token truth") gives the reasons: the +1 class makes the token-credit AUROC defined, without
+claiming that clean tokens made the response good.
 
 :func:`minimal_fix` is the rule-based reviser: it deletes commas, lowercases or uppercases the violating characters,
 and deletes forbidden words (with one adjacent space), touching nothing else, so that edit alignment between a
