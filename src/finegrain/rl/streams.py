@@ -21,12 +21,8 @@ __all__ = ["RolloutPlace", "concat_rollouts", "minibatch_rows", "sample_groups",
 
 
 def stream_seed(*parts: int | str) -> int:
-    """A 63-bit seed for the random stream named by ``parts`` (the run's seed, a purpose, a place in the data).
-
-    With ``ppo --generation_batch_size`` rollout sampling and minibatch shuffles draw from streams named by their place
-    in the run, not from the global RNG: a run on another number of processes draws the same numbers for the same
-    rows.
-    """
+    """A 63-bit seed for the random stream named by ``parts`` (the run's seed, a purpose, a place in the data; the
+    streams of ``ppo --generation_batch_size``, module docstring)."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
@@ -93,10 +89,9 @@ def sample_groups(policy, prompts, local: list[int], place: RolloutPlace, tokeni
     ``prompts`` (a :class:`~finegrain.data.CompletionData` of prompt rows), with their raw prompts and decoded texts.
 
     The prompts are sampled ``place.group_size`` at a time; with ``place.streams`` group ``g`` of the rollout batch
-    is collated on its own and draws from the stream ``(seed, "sample", epoch, batch, g)``. Its responses therefore
-    depend neither on the other groups, nor on the process that holds it, nor on what was sampled before: runs on
-    any number of processes with the same ``--generation_batch_size`` sample the same tokens (up to weights that
-    differ in their last bits). Rows are prompt-major, as :func:`finegrain.rl.rollout.sample_rollouts` gives.
+    is collated on its own and draws from its own stream (module docstring), so its responses do not depend on what
+    was sampled before either (up to weights that differ in their last bits). Rows are prompt-major, as
+    :func:`finegrain.rl.rollout.sample_rollouts` gives.
     """
     from finegrain.rewards.base import decode_responses
     from finegrain.rl.rollout import resolve_special_ids, sample_rollouts
