@@ -11,8 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from finegrain.errors import ConfigError
-from finegrain.world.config import WORLD_FORMAT, WorldConfig
+from finegrain.world.config import WORLD_FORMAT, WorldConfig, load_world_config
 from finegrain.world.oracle import OracleRules, judge, prompt_topic
 
 __all__ = ["OracleRules", "WorldConfig", "default_world_dir", "ensure_world", "judge", "load_world_config",
@@ -58,19 +57,6 @@ def ensure_world(world_dir: str | Path | None = None, cfg: WorldConfig | None = 
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return path
-
-
-def load_world_config(world_dir: str | Path) -> WorldConfig:
-    """The :class:`WorldConfig` recorded in ``world_dir/world.json``.
-
-    Raises:
-        ConfigError: the file is not a world summary finegrain can read.
-    """
-    meta = Path(world_dir) / "world.json"
-    try:
-        return WorldConfig(**json.loads(meta.read_text())["config"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"{meta} is not a world summary finegrain can read ({e}); rebuild the world") from None
 
 
 def format_summary(summary: dict) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 from typing import Literal
 
 from finegrain.config import option
@@ -91,3 +93,16 @@ class WorldConfig:
     def rules(self) -> OracleRules:
         """The oracle's rules: the fields of :class:`OracleRules`, as set here."""
         return OracleRules(**{f.name: getattr(self, f.name) for f in dataclasses.fields(OracleRules)})
+
+
+def load_world_config(world_dir: str | Path) -> WorldConfig:
+    """The :class:`WorldConfig` recorded in ``world_dir/world.json``.
+
+    Raises:
+        ConfigError: the file is not a world summary finegrain can read.
+    """
+    meta = Path(world_dir) / "world.json"
+    try:
+        return WorldConfig(**json.loads(meta.read_text())["config"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{meta} is not a world summary finegrain can read ({e}); rebuild the world") from None

@@ -116,8 +116,7 @@ def register_reviser_backend(world_dir: str | Path | None = None) -> None:
     ``world_dir`` (else of the config's ``world_dir``, else the defaults); ``--max_edits`` overrides the latter."""
     from finegrain.errors import ConfigError
     from finegrain.labeling.revisers import register_reviser
-    from finegrain.world import load_world_config
-    from finegrain.world.config import WorldConfig
+    from finegrain.world.config import WorldConfig, load_world_config
 
     def make(cfg) -> WorldReviser:
         if any(getattr(cfg, name, None) for name in ("model_name_or_path", "model", "base_url")):
