@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def make_main(run, doc: str, *, help: dict[str, str] | None = None, choices: dict[str, tuple] | None = None,
-              defaults: dict | None = None, skip: tuple[str, ...] = (), adjust=None, worker=None,
+              defaults: dict | None = None, skip: tuple[str, ...] = (), adjust=None,
               json_flags: tuple[str, ...] = ("--json",), json_default: str | None = None):
     """``main(argv=None) -> int`` of a benchmark module, which the scripts under ``bench/`` run: every size as
     an option (``doc``'s first paragraph is the description).
@@ -204,20 +204,17 @@ def make_main(run, doc: str, *, help: dict[str, str] | None = None, choices: dic
     ``run`` declares it (``--flag`` / ``--no-flag`` for booleans, several values for lists), with ``run``'s default
     unless ``defaults`` gives the command line another, ``help`` and ``choices`` where given (``--device``: cpu or
     cuda); ``--threads 0`` means None (the benchmark's own default). ``adjust(kwargs) -> kwargs`` converts the
-    parsed options (a ``ValueError`` it raises is a usage error); ``worker``: first serve ``--worker JSON``
-    (:func:`finegrain.bench.measure.serve_worker`). Then the result is written, with the command line and the
-    machine, to the file of ``json_flags`` when given, and its table is printed; the exit status is 0.
+    parsed options (a ``ValueError`` it raises is a usage error). Then the result is written, with the command line
+    and the machine, to the file of ``json_flags`` when given, and its table is printed; the exit status is 0.
     """
     help = {"threads": "torch threads (0: torch's default)", **(help or {})}
     defaults, choices = defaults or {}, {"device": ("cpu", "cuda"), **(choices or {})}
 
     def main(argv: list[str] | None = None) -> int:
-        from finegrain.bench.measure import machine, serve_worker
+        from finegrain.bench.measure import machine
         from finegrain.bench.table import format_table, write_json
 
         argv = list(sys.argv[1:] if argv is None else argv)
-        if worker is not None and serve_worker(argv, worker):
-            return 0
         hints = typing.get_type_hints(run)
         p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
         for name, param in inspect.signature(run).parameters.items():

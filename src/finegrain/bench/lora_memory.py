@@ -143,8 +143,5 @@ def run(*, hidden: int = 768, layers: int = 8, heads: int = 12, kv_heads: int | 
     }
 
 
-main = make_main(run, __doc__, worker=worker, help={"bf16": "bfloat16 mixed precision"})
+main = make_main(run, __doc__, help={"bf16": "bfloat16 mixed precision"})
 
-
-if __name__ == "__main__":
-    sys.exit(main())

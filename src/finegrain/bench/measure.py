@@ -123,11 +123,13 @@ def after_optimizer_step(callback):
 
 
 def run_worker(module: str, options: dict, *, timeout: float | None = None) -> dict:
-    """Run ``python -m module --worker JSON`` in a fresh process; return the JSON object of its last stdout line.
+    """Run ``module.worker(options)`` in a fresh Python process (:func:`serve_worker`); return the JSON object of its
+    last stdout line.
 
     The worker inherits this process's environment; a failure raises ``RuntimeError`` with the tail of its stderr.
     """
-    cmd = [sys.executable, "-m", module, "--worker", json.dumps(options)]
+    cmd = [sys.executable, "-c", "import sys; from finegrain.bench.measure import serve_worker; serve_worker(*sys.argv[1:])",
+           module, json.dumps(options)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
@@ -138,17 +140,15 @@ def run_worker(module: str, options: dict, *, timeout: float | None = None) -> d
     return json.loads(lines[-1])
 
 
-def serve_worker(argv: list[str], worker) -> bool:
-    """The worker side of :func:`run_worker`: when ``argv`` is ``--worker JSON``, print ``worker(options)`` as one JSON
-    line, with torch's thread count set to ``options["threads"]`` when given, and return True (the caller then
-    exits); otherwise return False."""
-    if argv[:1] != ["--worker"]:
-        return False
-    options = json.loads(argv[1])
+def serve_worker(module: str, options: str) -> None:
+    """The worker side of :func:`run_worker`: print ``module.worker(options)`` (``options`` a JSON object) as one
+    JSON line, with torch's thread count set to ``options["threads"]`` when given."""
+    import importlib
+
+    options = json.loads(options)
     if options.get("threads"):
         torch.set_num_threads(options["threads"])
-    print(json.dumps(worker(options)))
-    return True
+    print(json.dumps(importlib.import_module(module).worker(options)))
 
 
 def resolve_device(device: str | None) -> str:

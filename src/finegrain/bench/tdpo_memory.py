@@ -23,7 +23,6 @@ Usage (defaults: N = 4 sequences of T = 1024 tokens, V = 32000, H = 256, float32
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 
@@ -136,11 +135,8 @@ def _check_rows(kwargs: dict) -> dict:
     return kwargs
 
 
-main = make_main(run, __doc__, worker=worker, adjust=_check_rows, choices={"dtype": sorted(DTYPES)},
+main = make_main(run, __doc__, adjust=_check_rows, choices={"dtype": sorted(DTYPES)},
                  help={"rows": "sequences N (chosen rows, then rejected rows; even)",
                        "seq_len": "response length T", "vocab": "vocabulary size V",
                        "hidden": "hidden size H", "chunk_size": "rows per chunk of the chunked variant"})
 
-
-if __name__ == "__main__":
-    sys.exit(main())
