@@ -82,17 +82,13 @@ def label_pairs(source, data, *, batch_size: int, full_lengths: list[tuple[int, 
     for lo in tqdm(range(0, len(data), batch_size), desc="contrastive rewards", disable=not show_progress):
         idx = list(range(lo, min(lo + batch_size, len(data))))
         batch = data.collate(idx).to(device)
-        exs = [data[i] for i in idx]
         values = source.token_rewards(batch).values.cpu()  # the batch carries the raw prompts and texts
-        b = len(idx)
-        for k, ex in enumerate(exs):
+        for k, i in enumerate(idx):
             pair = []
-            for row, field in ((k, "chosen"), (b + k, "rejected")):
-                n = len(ex[f"{field}_input_ids"])
-                vals = values[row, :n].tolist()
-                if full_lengths is not None:
-                    vals += [0.0] * (full_lengths[lo + k][0 if field == "chosen" else 1] - n)
-                pair.append(vals)
+            for side, (row, field) in enumerate(((k, "chosen"), (len(idx) + k, "rejected"))):
+                n = len(data[i][f"{field}_input_ids"])
+                cut = 0 if full_lengths is None else full_lengths[i][side] - n
+                pair.append(values[row, :n].tolist() + [0.0] * cut)
             out.append((pair[0], pair[1]))
     return out
 
@@ -137,16 +133,10 @@ def run_contrastive(cfg: ContrastiveLabelConfig) -> Path:
     # the model is loaded last: every check above fails in seconds, not after the model's loading time
     model = freeze(load_causal_lm(model_path, trust_remote_code=cfg.trust_remote_code))
     model.to(resolve_device(cfg.device))
-    full, cut = [], 0
-    for ex in data:
-        lengths = []
-        for field in ("chosen", "rejected"):
-            n = len(ex[f"{field}_input_ids"])
-            if ex.get(f"{field}_truncated"):
-                n = len(tokenize_response(tokenizer, ex[f"{field}_text"])[0])
-                cut += 1
-            lengths.append(n)
-        full.append((lengths[0], lengths[1]))
+    sides = ("chosen", "rejected")
+    full = [tuple(len(tokenize_response(tokenizer, ex[f"{f}_text"])[0]) if ex.get(f"{f}_truncated")
+                  else len(ex[f"{f}_input_ids"]) for f in sides) for ex in data]
+    cut = sum(bool(ex.get(f"{f}_truncated")) for ex in data for f in sides)
     source = ContrastiveRewardSource(model, tokenizer, template, chunk_size=cfg.chunk_size)
     rewards = label_pairs(source, data, batch_size=cfg.batch_size, full_lengths=full, show_progress=True)
 

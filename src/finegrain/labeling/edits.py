@@ -142,13 +142,9 @@ def label_rows(rows: list[dict], tokenizer: Any, *, unit: str = "word", fmt: str
                                             ("revised", r["revised"], lab.revised_labels, lab.revised_offsets)):
             if sides not in ("both", side):
                 continue
-            row = {"prompt": r["prompt"], "response": text}
-            if fmt == "labels":
-                row["labels"] = [int(x) for x in labels]
-            else:
-                row["spans"] = spans_from_labels(labels, offsets)
-            row.update(side=side, pair=pair)
-            out.append(row)
+            value = [int(x) for x in labels] if fmt == "labels" else spans_from_labels(labels, offsets)
+            out.append({"prompt": r["prompt"], "response": text, "labels" if fmt == "labels" else "spans": value,
+                        "side": side, "pair": pair})
             counts = Counter(labels)
             summary.negative_tokens += counts[-1]
             summary.positive_tokens += counts[1]
