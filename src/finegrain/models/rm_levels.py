@@ -256,11 +256,6 @@ class SentenceRewardModel(RewardModel):
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "splitter": splitter_config(self.splitter)}
 
-    @property
-    def max_response_sentences(self) -> int:
-        """The most response boundaries a row may have (``max_sentences`` counts ``e_0`` too)."""
-        return self.head.max_sentences - 1 if self.head.weighted_sum else 1 << 30
-
     def prepare(self, prompt_ids: Sequence[int], response_ids: Sequence[int], text: str,
                 offsets: Sequence[tuple[int, int]]) -> SentenceExample:
         """Split ``text`` into sentences and build the row's ids and boundaries (docs/methods/reward-models.md).
@@ -282,7 +277,7 @@ class SentenceRewardModel(RewardModel):
         spans = self.splitter.split(text)
         ends = sentence_token_ends(spans, offsets) if spans else []
         kept = [(j, e) for j, e in enumerate(ends) if e >= 0]
-        limit = self.max_response_sentences
+        limit = self.head.max_sentences - 1 if self.head.weighted_sum else 1 << 30  # max_sentences counts e_0 too
         if len(kept) > limit:
             kept = kept[: limit - 1] + [kept[-1]] if limit > 1 else [kept[-1]]
         if kept:  # the last group also takes any later span that has no token

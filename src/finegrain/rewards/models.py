@@ -1,19 +1,10 @@
 """Reward sources backed by trained reward models: sequence RM, sentence RM, token RM, TLCR discriminator.
 
 Each source wraps a :class:`finegrain.models.reward_model.RewardModel` and the *policy's* tokenizer and returns
-:class:`finegrain.types.TokenRewards` in the policy's response layout (docs/reward-sources.md):
-
-========================  =====================================================================================
-source                    ``values[b, t]``
-========================  =====================================================================================
-:class:`SequenceRMSource`  the score ``r(x, y)`` on the last valid response token, 0 elsewhere
-                           (:func:`~finegrain.rewards.placement.place_on_last_token`)
-:class:`SentenceRMSource`  ``a_j s_j`` on the last token of response sentence ``j`` (SRM; the prompt term
-                           ``a_0 s_0`` is dropped), or spread uniformly over the sentence's tokens (``spread=True``)
-:class:`TokenRMSource`     ``r_φ(x, y_≤t)``
-:class:`DiscriminatorSource`  ``2·P(+ | x, y_≤t) − 1`` (compatibility flags of the model: double softmax, lag), or a
-                           discrete baseline of TLCR (``mode``); 0 on the end-of-response token (``eos="zero"``)
-========================  =====================================================================================
+:class:`finegrain.types.TokenRewards` in the policy's response layout (docs/reward-sources.md); each class says what
+its ``values[b, t]`` hold: the score ``r(x, y)`` on the last valid token (:class:`SequenceRMSource`), SRM's terms
+``a_j s_j`` at sentence ends (:class:`SentenceRMSource`), ``r_φ(x, y_≤t)`` (:class:`TokenRMSource`) or TLCR's
+``2·P(+ | x, y_≤t) − 1`` (:class:`DiscriminatorSource`).
 
 ``seq_reward`` is left None: every reward is already in ``values`` (a consumer such as
 :func:`finegrain.rl.rewards.dense_rewards` would add ``seq_reward`` a second time); the model's sequence scores are
@@ -337,8 +328,9 @@ class RewardModelSource:
 
 
 class SequenceRMSource(RewardModelSource):
-    """A sequence reward model's score on the last valid response token (the RLHF baseline; ``dense`` is False:
-    its reward is one score per response).
+    """A sequence reward model's score ``r(x, y)`` on the last valid response token, 0 elsewhere
+    (:func:`~finegrain.rewards.placement.place_on_last_token`; the RLHF baseline; ``dense`` is False: its reward is
+    one score per response).
 
     Args:
         seq_reward: return zero ``values`` and the score as ``seq_reward`` (for consumers that place it themselves).
