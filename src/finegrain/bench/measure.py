@@ -221,11 +221,7 @@ def matmul_flops_per_s(m: int = 2048, k: int = 2048, n: int = 2048, *, repeats: 
     b = torch.randn(k, n, generator=g).to(device=device, dtype=dtype)
     flops = 2.0 * m * k * n
     a @ b
-    wall, cpu = [], []
-    for _ in range(repeats):
-        seconds, cpu_seconds, _ = timed(device, torch.matmul, a, b)
-        wall.append(seconds)
-        cpu.append(cpu_seconds)
+    wall, cpu = map(list, zip(*(timed(device, torch.matmul, a, b)[:2] for _ in range(repeats))))
     return {"shape": [m, k, n], "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
             "flops_per_s": flops / min(wall), "cpu_flops_per_s": flops / max(min(cpu), 1e-9),
             "wall_s": wall, "cpu_s": cpu}
