@@ -108,10 +108,9 @@ def treg_loss(
         out = dpo_loss(
             chosen_logps, rejected_logps, masked_sum(ref_w, mask_w, dim=-1), masked_sum(ref_l, mask_l, dim=-1), beta
         )
-        margin = out.chosen_rewards - out.rejected_rewards
     else:
         out = simpo_loss(chosen_logps, rejected_logps, mask_w.sum(-1), mask_l.sum(-1), beta, gamma)
-        margin = out.chosen_rewards - out.rejected_rewards - gamma
+    margin = out.chosen_rewards - out.rejected_rewards - (gamma if base == "simpo" else 0.0)  # x − 0.0 is x
     # w = σ(Z_l − Z_w) is |∂L_base/∂(Z_w − Z_l)|, computed from detached rewards so it carries no gradient.
     weights = torch.sigmoid(-margin) if weighting == "dpo_grad" else torch.ones_like(margin)
 

@@ -247,8 +247,8 @@ def completion_stats(
 
     * ``token_logps[n, t] = log p^θ_t(y_t)`` (``ℓ^θ_t``),
     * ``ref_token_logps[n, t] = log p^ref_t(y_t)`` (``ℓ^ref_t``),
-    * ``token_kl[n, t] = Σ_v p^ref_t(v) (log p^ref_t(v) − log p^θ_t(v))`` (``K_t``, TDPO's sequential-KL term,
-      Zeng et al., ICML 2024, arXiv 2404.11999; docs/methods/tdpo.md), with ``p^ref = exp(log_softmax(z^ref))``.
+    * ``token_kl[n, t] = Σ_v p^ref_t(v) (log p^ref_t(v) − log p^θ_t(v))`` (``K_t``, TDPO's sequential-KL term; see
+      the module docstring), with ``p^ref = exp(log_softmax(z^ref))``.
 
     Only masked-in positions are computed; every output is 0 elsewhere (whatever the hidden states or labels
     hold there). Gradients flow exactly to ``policy_hidden``, ``policy_weight`` and ``policy_bias``, by a backward
@@ -270,14 +270,12 @@ def completion_stats(
             when the reference shares the policy's head (e.g. a LoRA policy with its adapter disabled).
         ref_bias: ``(V,)`` or None; only together with ``ref_weight``.
         compute_kl: compute ``token_kl`` (needs ``ref_hidden``).
-        chunk_size: gathered rows per chunk; peak memory grows as ``1.25 · chunk_size · V`` (the reference's
-            logits are computed in sub-blocks of a quarter chunk).
+        chunk_size: gathered rows per chunk; peak memory grows as ``1.25 · chunk_size · V`` (module docstring).
         logit_softcap: final-logit soft-cap of the model family (Gemma 2's ``final_logit_softcapping``), applied
             to both models, or None.
 
     Returns:
-        :class:`CompletionStats` with ``(N, T)`` tensors (``ref_token_logps`` None without ``ref_hidden``,
-        ``token_kl`` None unless ``compute_kl``).
+        :class:`CompletionStats` of ``(N, T)`` tensors (its fields say which are None).
 
     Example:
         >>> h, w = torch.zeros(1, 2, 3), torch.zeros(4, 3)
