@@ -35,7 +35,7 @@ from finegrain.trainers.rundir import (
 __all__ = ["CHECKPOINTS", "STATE_FILE", "Run", "RunState", "Training", "adapt_model", "checkpoint_dirs",
            "checkpoint_problem", "eval_batches", "fit", "load_inputs", "make_accelerator", "make_optimizer",
            "make_scheduler", "micro_batches", "micro_steps", "num_training_steps", "optimizer_step",
-           "prepare", "quiet_library_progress_bars", "run_steps"]
+           "prepare", "quiet_library_progress_bars", "run_steps", "token_limits"]
 
 
 # ----------------------------------------------------------------------------------------------- accelerate
@@ -142,14 +142,6 @@ def optimizer_step(run: Run, state: RunState, model, optimizer, scheduler, loss:
     Returns ``{"grad_norm", "skipped" (0/1), "nonfinite_total", "learning_rate"}``.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    stats = _guarded_step(run, state, params, optimizer, scheduler, loss)
-    pause = _env_seconds(STEP_SLEEP_ENV)
-    if pause:  # fault-injection tests only: lets a test stop the run at a known step
-        time.sleep(pause)
-    return stats
-
-
-def _guarded_step(run: Run, state: RunState, params, optimizer, scheduler, loss: torch.Tensor) -> dict[str, float]:
     acc = run.accelerator
     if run.cfg.max_grad_norm > 0:
         norm = acc.clip_grad_norm_(params, run.cfg.max_grad_norm)
@@ -180,6 +172,9 @@ def _guarded_step(run: Run, state: RunState, params, optimizer, scheduler, loss:
                 "The last good checkpoint is in " + str(run.dir / CHECKPOINTS)
             )
     optimizer.zero_grad(set_to_none=True)
+    pause = _env_seconds(STEP_SLEEP_ENV)
+    if pause:  # fault-injection tests only: lets a test stop the run at a known step
+        time.sleep(pause)
     return {"grad_norm": float(norm) if finite else float("nan"), "skipped": 0.0 if finite else 1.0,
             "nonfinite_total": float(state.nonfinite_total), "learning_rate": scheduler.get_last_lr()[0]}
 
@@ -219,17 +214,31 @@ def micro_steps(run: Run, model, indices: list[int]) -> Iterator[list[int]]:
 # ----------------------------------------------------------------------------------------------- the loop
 
 
-def load_inputs(cfg: TrainConfig, missing: str, read: Callable[[Any, Any, str | None, int | None], Any]):
+def token_limits(cfg: TrainConfig):
+    """The :class:`~finegrain.data.tokenize.TokenLimits` of ``--max_length`` and ``--max_prompt_length``."""
+    from finegrain.data.tokenize import TokenLimits
+
+    return TokenLimits(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+
+
+def load_inputs(cfg: TrainConfig, missing: str, read: Callable[[Any, Any, str | None, int | None], Any] | None = None,
+                kind: str | None = None):
     """``(model, tokenizer, training data, held-out data or None)`` of a causal-LM command (sft, po, ppo).
 
     The tokenizer is ``--tokenizer_name_or_path``'s, else the model's; ``read(source, tokenizer, split,
-    max_examples)`` reads ``--dataset_name`` and ``--eval_dataset_name``; ``missing`` is the error when
-    ``cfg`` names no model or no data set.
+    max_examples)`` reads ``--dataset_name`` and ``--eval_dataset_name`` (default: a
+    :class:`~finegrain.data.prepared.CompletionData` of ``kind`` rows within :func:`token_limits`, bad rows
+    skipped with ``--skip_invalid_rows``); ``missing`` is the error when ``cfg`` names no model or no data set.
     """
+    from finegrain.data.prepared import CompletionData
     from finegrain.models.loading import load_causal_lm, load_tokenizer
 
     if cfg.model_name_or_path is None or cfg.dataset_name is None:
         raise ConfigError(missing)
+    if read is None:
+        def read(source, tokenizer, split, max_examples):
+            return CompletionData.from_source(source, tokenizer, split=split, kind=kind, limits=token_limits(cfg),
+                                              skip_invalid=cfg.skip_invalid_rows, max_examples=max_examples)
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path,
                                trust_remote_code=cfg.trust_remote_code)
     train_data = read(cfg.dataset_name, tokenizer, cfg.dataset_split, cfg.max_train_samples)

@@ -63,7 +63,6 @@ from finegrain.trainers.po_config import (  # noqa: F401 (re-exported: finegrain
 )
 from finegrain.trainers.po_reference import Reference, frozen_reference, precompute_reference
 from finegrain.trainers.po_stats import (  # noqa: F401 (re-exported: finegrain.trainers.po.pair_metrics etc.)
-    BASE_METRICS,
     TREG_DIAGNOSTICS,
     PreferenceStats,
     accumulate,
@@ -364,9 +363,7 @@ def train(cfg: POConfig, model, tokenizer, train_data, eval_data=None, *, ref_mo
 def _preference_data(cfg: POConfig, source, tokenizer, split: str | None, max_examples: int | None):
     from finegrain.data.loading import Rows, load_rows
     from finegrain.data.prepared import PreferenceData
-    from finegrain.data.tokenize import TokenLimits
 
-    limits = TokenLimits(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
     rows = load_rows(source, split)
     column = cfg.token_rewards_column
     if column != "token_rewards":
@@ -376,7 +373,7 @@ def _preference_data(cfg: POConfig, source, tokenizer, split: str | None, max_ex
                 return {(k.replace(f"_{column}", "_token_rewards") if k in names else k): v for k, v in row.items()}
 
             rows = Rows([(name, [renamed(dict(r)) for r in part]) for name, part in rows.parts], rows.source)
-    return PreferenceData.from_source(rows, tokenizer, limits=limits, skip_invalid=cfg.skip_invalid_rows,
+    return PreferenceData.from_source(rows, tokenizer, limits=loop.token_limits(cfg), skip_invalid=cfg.skip_invalid_rows,
                                       max_examples=max_examples)
 
 

@@ -413,14 +413,5 @@ def load_inputs(cfg: PPOConfig):
     """Policy, tokenizer, training prompts and held-out prompts for ``cfg`` (``--model_name_or_path`` and
     ``--dataset_name``; the command line fills them with the built-in world's when no model is named). Any data set
     with a ``prompt`` column serves as prompts (other columns are ignored)."""
-    from finegrain.data.prepared import CompletionData
-    from finegrain.data.tokenize import TokenLimits
-
-    limits = TokenLimits(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
-
-    def read(source, tokenizer, split, max_examples):
-        return CompletionData.from_source(source, tokenizer, split=split, kind="prompt", limits=limits,
-                                          skip_invalid=cfg.skip_invalid_rows, max_examples=max_examples)
-
     return loop.load_inputs(cfg, "ppo needs --model_name_or_path and --dataset_name (prompts to train on); "
-                            "with neither, `finegrain ppo` runs on the built-in world", read)
+                            "with neither, `finegrain ppo` runs on the built-in world", kind="prompt")

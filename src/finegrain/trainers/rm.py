@@ -18,7 +18,7 @@ backbone starts from the world's SFT model, pairs are ``data/pairs_train.jsonl``
 revisions ``data/revisions.jsonl`` (held out: revisions of the test pairs by the world's reviser), and token credit
 ``data/credit_test.jsonl``. The data preparation lives in :mod:`finegrain.trainers.rm_data`.
 
-The loop is explicit (the structure of :mod:`finegrain.trainers.sft`): each optimizer step takes one global batch
+The loop is :func:`finegrain.trainers.loop.fit`, as for sft and po: each optimizer step takes one global batch
 of examples, splits it into this process's micro-batches, and back-propagates ``Σ loss / global_batch_size`` (times
 the number of processes, which DDP averages away), so any process count and accumulation give the same update.
 Every ``eval_steps`` (and at the end) the main process evaluates: pairwise ``accuracy`` / ``margin`` on held-out
@@ -31,7 +31,6 @@ final model goes to ``RUN_DIR/final`` (:func:`finegrain.models.reward_model.load
 from __future__ import annotations
 
 import dataclasses
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +52,6 @@ from finegrain.trainers.rm_data import (
 
 __all__ = ["LEVELS", "RMConfig", "RMData", "build_model", "credit_items", "evaluate", "load_inputs",
            "pair_examples", "revision_examples", "score_credit", "token_examples", "train"]
-
-logger = logging.getLogger(__name__)
 
 LEVELS = ("sequence", "sentence", "token", "discriminator")
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from finegrain.errors import DataError
+from finegrain.trainers.loop import token_limits
 
 if TYPE_CHECKING:
     from finegrain.trainers.rm_config import RMConfig
@@ -21,12 +22,6 @@ if TYPE_CHECKING:
 __all__ = ["credit_items", "pair_examples", "prepare_sentences", "revision_examples", "score_credit", "token_examples"]
 
 logger = logging.getLogger("finegrain.trainers.rm")
-
-
-def _limits(cfg: RMConfig):
-    from finegrain.data.tokenize import TokenLimits
-
-    return TokenLimits(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
 
 
 def _blank_chosen_as_missing(rows, *, keep_identical: bool = False):
@@ -39,9 +34,8 @@ def _blank_chosen_as_missing(rows, *, keep_identical: bool = False):
     Returns:
         ``(rows, identical)``: the cleaned :class:`~finegrain.data.loading.Rows` and a set of ``(file, row)``.
     """
-    from finegrain.data.loading import Rows, load_rows
+    from finegrain.data.loading import Rows
 
-    rows = load_rows(rows) if not isinstance(rows, Rows) else rows
     identical: set[tuple[str, int]] = set()
 
     def clean(name: str, j: int, r: dict) -> dict:
@@ -62,7 +56,7 @@ def pair_examples(source: Any, tokenizer, cfg: RMConfig, *, split: str, limit: i
     """Tokenized preference pairs (``prompt_input_ids``, ``chosen_*``, ``rejected_*``, ``subset``...)."""
     from finegrain.data.prepared import PreferenceData
 
-    data = PreferenceData.from_source(source, tokenizer, split=split, kind="preference", limits=_limits(cfg),
+    data = PreferenceData.from_source(source, tokenizer, split=split, kind="preference", limits=token_limits(cfg),
                                       skip_invalid=skip, max_examples=limit)
     return list(data.examples)
 
@@ -93,7 +87,7 @@ def revision_examples(source: Any, tokenizer, cfg: RMConfig, *, split: str, limi
     for item in valid:  # revisions that changed nothing: the rejected response is its own revision
         if (item["source"], item["row"]) in unchanged:
             item["revised"] = item["rejected"]
-    examples = tokenize_rows(valid, tokenizer, "revision", _limits(cfg), skip_invalid=skip, skipped=skipped)
+    examples = tokenize_rows(valid, tokenizer, "revision", token_limits(cfg), skip_invalid=skip, skipped=skipped)
     out, identical = [], 0
     for ex in examples:
         n_rej, n_rev = _text_tokens(ex, "rejected"), _text_tokens(ex, "revised")
@@ -131,7 +125,7 @@ def token_examples(source: Any, tokenizer, cfg: RMConfig, *, split: str, limit: 
     """Tokenized token-supervision rows (``completion_input_ids``, ``token_labels`` with −100 on unlabelled tokens)."""
     from finegrain.data.prepared import CompletionData
 
-    data = CompletionData.from_source(source, tokenizer, split=split, kind="token", limits=_limits(cfg),
+    data = CompletionData.from_source(source, tokenizer, split=split, kind="token", limits=token_limits(cfg),
                                       skip_invalid=skip, max_examples=limit)
     for ex in data.examples:
         bad = [v for v in ex["token_labels"] if v not in (-1, 0, 1, -100)]
@@ -216,6 +210,5 @@ def prepare_sentences(model, examples: list[dict], fields: tuple[str, ...]) -> N
     """Add the sentence RM's prepared rows (``{field}_srm``) to tokenized examples, in place."""
     for ex in examples:
         for f in fields:
-            prefix = "completion" if f == "completion" else f
-            ex[f"{f}_srm"] = model.prepare(ex["prompt_input_ids"], ex[f"{prefix}_input_ids"], ex[f"{prefix}_text"],
-                                           ex[f"{prefix}_offsets"])
+            ex[f"{f}_srm"] = model.prepare(ex["prompt_input_ids"], ex[f"{f}_input_ids"], ex[f"{f}_text"],
+                                           ex[f"{f}_offsets"])

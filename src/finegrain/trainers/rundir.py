@@ -99,9 +99,6 @@ class RunState:
     nonfinite_total: int = 0
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RunState:
         known = {f.name for f in dataclasses.fields(cls)}
@@ -157,7 +154,6 @@ class Run:
                 self.print(f"warning: trackers {', '.join(missing)} not available (pip install "
                            f"'finegrain[{','.join(missing)}]'); metrics.jsonl is still written")
         self._interrupted = False
-        self._last_saved_step: int | None = None
         self._last: dict[str, dict[str, Any]] = {}
         self._started = time.monotonic()
         if cfg.disable_tqdm:
@@ -357,14 +353,11 @@ class Run:
 
         Layout: ``model/`` (and one folder per extra model) in Hugging Face format (safetensors; a LoRA run
         stores its adapter), ``optim.pt`` (optimizer + scheduler), ``rng.pt``, ``trainer_state.json``. The copy is
-        written to ``checkpoints/.tmp-step-N-PID`` and renamed to ``checkpoints/step-N`` only when complete. A
-        second call for the same step (an interrupt right after a scheduled save) returns the existing one.
+        written to ``checkpoints/.tmp-step-N`` and renamed to ``checkpoints/step-N`` only when complete.
         """
         acc = self.accelerator
         acc.wait_for_everyone()
         final = self.dir / CHECKPOINTS / f"step-{state.step:06d}"
-        if self._last_saved_step == state.step:
-            return final if self.is_main else None
         models = {"model": model, **(extra_models or {})}
         state_dicts = {name: acc.get_state_dict(m) for name, m in models.items()}
         tmp = self.dir / CHECKPOINTS / f".tmp-{final.name}"
@@ -391,7 +384,7 @@ class Run:
                 if tokenizer is not None:
                     tokenizer.save_pretrained(tmp / "model")
                 torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
-                write_text(tmp / STATE_FILE, json.dumps(state.to_json(), indent=2))
+                write_text(tmp / STATE_FILE, json.dumps(dataclasses.asdict(state), indent=2))
                 pause = _env_seconds(CHECKPOINT_PAUSE_ENV)
                 if pause:
                     time.sleep(pause)
@@ -410,7 +403,6 @@ class Run:
                 f"could not write checkpoint {final}: {error or 'the main process failed to write it'}{keep}. Free "
                 "disk space or fix the output directory's permissions, then resume with --resume_from_checkpoint latest"
             )
-        self._last_saved_step = state.step
         return final if self.is_main else None
 
     def resume(self, model, optimizer, scheduler, extra_models: dict[str, Any] | None = None) -> RunState:
@@ -432,11 +424,10 @@ class Run:
         scheduler.load_state_dict(blob["scheduler"])
         set_rng_state(torch.load(rng_file(path, self.accelerator.process_index), map_location="cpu", weights_only=True))
         state = RunState.from_json(json.loads((path / STATE_FILE).read_text()))
-        self._last_saved_step = state.step
         self.print(f"resumed from {path} at step {state.step}")
         return state
 
-    def save_final(self, model, tokenizer=None, name: str = "final") -> Path:
+    def save_final(self, model, tokenizer=None) -> Path:
         """Save the trained model in Hugging Face format (safetensors) under ``RUN_DIR/final``.
 
         A LoRA (peft) model is saved twice: merged into its base weights in ``final/`` (loads with
@@ -447,12 +438,12 @@ class Run:
         acc = self.accelerator
         acc.wait_for_everyone()
         state_dict = acc.get_state_dict(model)
-        out = self.dir / name
+        out = self.dir / "final"
         error = ""
         if self.is_main:
             from finegrain.models.build import is_peft_model, save_merged_lora
 
-            tmp = self.dir / f".tmp-{name}-{os.getpid()}"
+            tmp = self.dir / f".tmp-final-{os.getpid()}"
             try:
                 shutil.rmtree(tmp, ignore_errors=True)
                 unwrapped = acc.unwrap_model(model)

@@ -83,14 +83,5 @@ def train(cfg: SFTConfig, model, tokenizer, train_data, eval_data=None, *, metho
 def load_inputs(cfg: SFTConfig):
     """Model, tokenizer and data for ``cfg`` (``--model_name_or_path`` and ``--dataset_name``; the command line fills
     them with the built-in world's when no model is named)."""
-    from finegrain.data.prepared import CompletionData
-    from finegrain.data.tokenize import TokenLimits
-
-    limits = TokenLimits(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
-
-    def read(source, tokenizer, split, max_examples):
-        return CompletionData.from_source(source, tokenizer, split=split, limits=limits,
-                                          skip_invalid=cfg.skip_invalid_rows, max_examples=max_examples)
-
     return loop.load_inputs(cfg, "sft needs --model_name_or_path and --dataset_name (the data to fine-tune "
-                            "on); with neither, `finegrain sft` trains the built-in world's base model", read)
+                            "on); with neither, `finegrain sft` trains the built-in world's base model")
