@@ -72,10 +72,8 @@ _NEEDS_REVISER = ("a data set needs an LLM reviser: give --model_name_or_path (a
 
 @dataclasses.dataclass
 class ReviseConfig:
-    """Minimal-edit revisions of rejected responses by an LLM or a registered rule reviser.
-
-    Writes JSON Lines {index, [id], prompt, rejected, revised, chosen}; a re-run skips rows already written.
-    """
+    """Minimal-edit revisions of rejected responses by an LLM or a registered rule reviser (the command's help:
+    :data:`DESCRIPTION`)."""
 
     output_file: str = option(help="JSONL file the revisions are appended to (created if missing; a re-run resumes it)")
     # input

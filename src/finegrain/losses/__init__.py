@@ -1,9 +1,7 @@
 """Pure loss functions on tensors (imports torch only), and what each preference loss needs from a trainer.
 
 A trainer resolves the configured loss name once, with :func:`get_preference_loss_spec`, and computes only what
-the returned :class:`PreferenceLossSpec` asks for: a reference forward pass at all, the reference's full
-per-position distribution (TDPO's KL, via :func:`finegrain.ops.chunked.completion_stats`), token rewards (T-REG),
-and whether sequence log-probs are length-normalised.
+the returned :class:`PreferenceLossSpec` asks for (its fields).
 """
 
 from __future__ import annotations
