@@ -240,7 +240,10 @@ def save_reward_model(model: RewardModel, path: str | Path, *, state_dict: dict[
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(tmp)
         save_file({k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()}, str(tmp / HEAD_FILE))
-        info = {"format": FORMAT, "level": model.level, "head": _head_config(model), **model.settings(),
+        settings = {k: getattr(model, k) for k in model.setting_names}
+        if "splitter" in settings:  # recorded as its config, which make_splitter reads back
+            settings["splitter"] = splitter_config(model.splitter)
+        info = {"format": FORMAT, "level": model.level, "head": _head_config(model), **settings,
                 "peft_merged": merged, "finegrain_version": __version__, **(extra or {})}
         (tmp / CONFIG_FILE).write_text(json.dumps(info, indent=2))
         shutil.rmtree(path, ignore_errors=True)

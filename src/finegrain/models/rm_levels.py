@@ -17,7 +17,6 @@ from finegrain.data.segmentation import (
     insert_end_tokens,
     mark_sentence_ends,
     sentence_token_ends,
-    splitter_config,
 )
 from finegrain.errors import ConfigError, DataError
 from finegrain.models.forward import hidden_states, reading_states
@@ -40,12 +39,12 @@ class RewardModel(nn.Module):
 
     Subclasses define ``forward(batch)`` (what training differentiates; by default the head on the reading
     states), :meth:`score` (one number per row, for pairwise accuracy; by default the summed ``token_values``)
-    and :meth:`settings` (what ``finegrain_reward.json`` records besides the head).
+    and ``setting_names``.
     """
 
     level: ClassVar[str] = ""
     setting_names: ClassVar[tuple[str, ...]] = ()
-    """The constructor's keyword settings, recorded in ``finegrain_reward.json`` by :meth:`settings`."""
+    """The constructor's keyword settings, recorded in ``finegrain_reward.json`` (besides the head config)."""
 
     def __init__(self, backbone: nn.Module, tokenizer: Any, head: nn.Module):
         super().__init__()
@@ -59,10 +58,6 @@ class RewardModel(nn.Module):
         """Final hidden states ``(N, P+T, H)`` cast to the head's dtype."""
         h = hidden_states(self.backbone, batch)
         return h.to(next(self.head.parameters()).dtype)
-
-    def settings(self) -> dict[str, Any]:
-        """Level-specific settings recorded in ``finegrain_reward.json`` (besides the head config)."""
-        return {k: getattr(self, k) for k in self.setting_names}
 
     def forward(self, batch: CompletionBatch) -> torch.Tensor:
         """The head's outputs at the reading states ``(N, T, ...)`` (token levels; the others override it)."""
@@ -252,9 +247,6 @@ class SentenceRewardModel(RewardModel):
                 raise ConfigError(f"insert mode needs the {end_token!r} token in the tokenizer; build the model with "
                                   "build_reward_model(..., level='sentence') which adds it")
             self.end_token_id = int(end_id)
-
-    def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "splitter": splitter_config(self.splitter)}
 
     def prepare(self, prompt_ids: Sequence[int], response_ids: Sequence[int], text: str,
                 offsets: Sequence[tuple[int, int]]) -> SentenceExample:
