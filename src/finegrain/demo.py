@@ -20,9 +20,11 @@ import dataclasses
 import json
 import shutil
 import time
+from importlib import resources
 from pathlib import Path
 
-from finegrain.config import load_function, option, parse
+from finegrain.cli.main import COMMANDS
+from finegrain.config import load_function, load_yaml, option, parse
 from finegrain.world.app import world_control_template
 
 
@@ -44,10 +46,6 @@ PO_LOSSES = ("dpo", "tdpo2", "treg-dpo")
 def recipe(name: str) -> tuple[list[str], int]:
     """``["--config", <shipped configs/world/NAME.yaml>]`` and the recipe's ``max_steps`` (every stage's settings
     live in those files, each key commented; the demo adds only its directories, the seed and the scale)."""
-    from importlib import resources
-
-    from finegrain.config import load_yaml
-
     path = resources.files("finegrain") / "configs" / "world" / f"{name}.yaml"
     return ["--config", str(path)], int(load_yaml(str(path))["max_steps"])
 
@@ -64,8 +62,6 @@ def _completed(run_dir: Path) -> bool:
 
 def _run_stage(title: str, command: str, argv: list[str], run_dir: Path) -> float:
     """Run ``finegrain <command> argv`` in this process unless ``run_dir`` already holds a completed run."""
-    from finegrain.cli.main import COMMANDS
-
     if _completed(run_dir):
         print(f"  {title}: done earlier ({run_dir})", flush=True)
         return 0.0
