@@ -106,10 +106,8 @@ def run_contrastive(cfg: ContrastiveLabelConfig) -> Path:
     if cfg.model_name_or_path is None or cfg.dataset_name is None:
         raise ConfigError("label contrastive needs --model_name_or_path (the scorer) and --dataset_name (pairs); with "
                           "neither, it labels the built-in world's pairs")
-    model_path, tok_path = cfg.model_name_or_path, cfg.tokenizer_name_or_path or cfg.model_name_or_path
-    dataset = cfg.dataset_name
     out = Path(cfg.output_file) if cfg.output_file else (
-        Path("runs/label-contrastive") / f"{Path(str(dataset)).stem or 'pairs'}.contrastive.jsonl")
+        Path("runs/label-contrastive") / f"{Path(str(cfg.dataset_name)).stem or 'pairs'}.contrastive.jsonl")
     if out.exists() and not cfg.overwrite:
         raise ConfigError(f"{out} exists; pass --overwrite to replace it or choose another --output_file")
     try:
@@ -117,8 +115,9 @@ def run_contrastive(cfg: ContrastiveLabelConfig) -> Path:
     except ValueError as exc:
         raise ConfigError(f"--template/--positive/--negative: {exc}") from None
 
-    tokenizer = load_tokenizer(tok_path, trust_remote_code=cfg.trust_remote_code)
-    rows = load_rows(dataset, cfg.dataset_split)
+    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path,
+                               trust_remote_code=cfg.trust_remote_code)
+    rows = load_rows(cfg.dataset_name, cfg.dataset_split)
     if cfg.max_samples is not None:
         rows = rows.head(cfg.max_samples)
     limits = TokenLimits(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
@@ -131,7 +130,7 @@ def run_contrastive(cfg: ContrastiveLabelConfig) -> Path:
                          options=("--template", "--positive", "--negative"))
     print(f"label contrastive: {template!r}", file=sys.stderr, flush=True)  # the template actually used
     # the model is loaded last: every check above fails in seconds, not after the model's loading time
-    model = freeze(load_causal_lm(model_path, trust_remote_code=cfg.trust_remote_code))
+    model = freeze(load_causal_lm(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code))
     model.to(resolve_device(cfg.device))
     sides = ("chosen", "rejected")
     full = [tuple(len(tokenize_response(tokenizer, ex[f"{f}_text"])[0]) if ex.get(f"{f}_truncated")
