@@ -185,12 +185,15 @@ class ContrastiveTemplate:
     to the tokenized template, so every reward lines up with one response token.
 
     Args:
-        form: one of :data:`CONTRASTIVE_FORMS`.
+        form: one of :data:`CONTRASTIVE_FORMS`, or ``"auto"`` (the commands' default): ``draft``, the paper's
+            revision form (the built-in world's command line sets ``draft`` with the revision requests in world words
+            that its SFT model was trained on).
         positive: text of the positive instruction (None: the form's default).
         negative: text of the negative instruction (None: the form's default).
     """
 
     def __init__(self, form: str = "draft", positive: str | None = None, negative: str | None = None):
+        form = "draft" if form == "auto" else form
         if form not in CONTRASTIVE_FORMS:
             raise ValueError(f"contrastive template form must be one of {', '.join(CONTRASTIVE_FORMS)}; got {form!r}")
         default_pos, default_neg = _DEFAULT_TEXTS[form]
@@ -399,16 +402,4 @@ def checked_template(template: ContrastiveTemplate, tokenizer, prompt="question"
     return template
 
 
-def resolve_template(form: str, positive: str | None = None, negative: str | None = None) -> ContrastiveTemplate:
-    """The template a command uses: ``form="auto"`` is ``draft``, the paper's revision form (the built-in world's
-    command line sets ``draft`` with the revision requests in world words that its SFT model was trained on).
-
-    Args:
-        form: ``"auto"`` or one of :data:`CONTRASTIVE_FORMS`.
-        positive: positive text, or None for the form's default.
-        negative: negative text, or None for the form's default.
-
-    Returns:
-        A :class:`ContrastiveTemplate`.
-    """
-    return ContrastiveTemplate("draft" if form == "auto" else form, positive, negative)
+resolve_template = ContrastiveTemplate  # the name po, eval and label call it by (with their form "auto")
