@@ -117,24 +117,20 @@ def _command(name: str, args: argparse.Namespace, device: str) -> str:
     return shlex.join(parts)
 
 
-@contextlib.contextmanager
-def _quiet_libraries():
-    """No download/progress bars from transformers and datasets while benchmarks run (restored afterwards)."""
+def _quiet_libraries() -> contextlib.ExitStack:
+    """No download/progress bars from transformers and datasets while benchmarks run (restored when the returned
+    context exits)."""
     import datasets
     from transformers.utils import logging as hf
 
-    restore = []
+    restore = contextlib.ExitStack()
     for enabled, disable, enable in ((hf.is_progress_bar_enabled, hf.disable_progress_bar, hf.enable_progress_bar),
                                      (datasets.is_progress_bar_enabled, datasets.disable_progress_bars,
                                       datasets.enable_progress_bars)):
         if enabled():
             disable()
-            restore.append(enable)
-    try:
-        yield
-    finally:
-        for fn in restore:
-            fn()
+            restore.callback(enable)
+    return restore
 
 
 def run_one(name: str, args: argparse.Namespace, device: str) -> dict:
