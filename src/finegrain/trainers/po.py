@@ -1,32 +1,19 @@
 """``finegrain po``: offline preference optimisation — DPO, SimPO, TDPO1/TDPO2, T-REG (DPO-REG, SimPO-REG).
 
-One explicit accelerate loop for every pairwise loss. The loss is resolved once from the registry
-(:func:`finegrain.losses.get_preference_loss_spec`), and each step computes only what that loss declares:
+One step for every pairwise loss, run by the shared loop (:func:`finegrain.trainers.loop.fit`). The loss is resolved
+once from the registry (:func:`finegrain.losses.get_preference_loss_spec`, :func:`make_loss`), and each micro-batch
+computes only what that loss declares (:func:`make_plan`): the reference's hidden states without gradient (the
+frozen copy, or the LoRA policy with its adapter disabled), unless the loss is reference-free or its log-probs were
+precomputed; ONE policy forward of all 2B rows (chosen first); the LM heads in chunks (:func:`batch_stats`); T-REG's
+token rewards as the :class:`Plan` says. The batch loss is ``Σ_pairs loss / (pairs in the global batch)``, known on
+every process, so any number of processes and accumulation steps gives the same update. The reference and
+``precompute_ref_log_probs`` (its per-token values cached in the run directory) live in
+:mod:`finegrain.trainers.po_reference`; docs/methods/dpo.md, tdpo.md and treg.md describe the losses.
 
-    for each optimizer step:
-        for each micro-batch of this process (B pairs = 2B rows, chosen rows first):
-            reference (no grad): hidden states of the frozen copy, or of the LoRA policy with its adapter
-                disabled, unless the loss is reference-free or reference log-probs were precomputed
-            policy: ONE forward of all 2B rows -> final hidden states
-            LM head in chunks (ops.chunked.completion_stats): policy token log-probs, reference token log-probs
-                and, for TDPO, the forward KL(π_ref ‖ π_θ) over the whole vocabulary at every response position
-            T-REG token rewards: a data column (also where a reward spec was computed into once before
-                training), contrastive prompting with the reference, or the policy's own detached implicit rewards
-                squashed to (-1/2, 1/2)
-            loss = Σ_pairs loss / (pairs in the global batch)
-        clip, check finiteness, step; log; evaluate on held-out pairs; checkpoint
-
-Normalising by the global number of pairs (known on every process) gives the same update for any number of
-processes and accumulation steps. The reference and ``precompute_ref_log_probs`` (its per-token values cached in the
-run directory) live in :mod:`finegrain.trainers.po_reference`.
-
-Metrics: ``loss``, ``rewards/{chosen,rejected,margins,accuracies}`` (the loss's implicit rewards; accuracy counts
-``chosen > rejected``, ties as wrong, as TRL does), ``logps/{chosen,rejected}`` (summed policy log-probs),
-``kl/{chosen,rejected,margin}`` (TDPO, un-scaled sequential KLs), ``treg/weight`` (T-REG's ``w``) and T-REG's
-token-reward diagnostic (:func:`~finegrain.trainers.po_stats.shared_token_masks`,
-:data:`~finegrain.trainers.po_stats.TREG_DIAGNOSTICS`), ``nll_loss`` (DPO-SFT's NLL term); the same names with
-``split="eval"`` on held-out pairs (:mod:`finegrain.trainers.po_stats`). Throughput: ``perf/*`` as in every trainer
-(docs/run-directory.md), the reference's forward counted when it runs live.
+Metrics (:mod:`finegrain.trainers.po_stats`; docs/methods/dpo.md and tdpo.md): ``loss``, ``rewards/*`` (accuracy
+counts ties as wrong, as TRL does), ``logps/*``, TDPO's ``kl/*``, T-REG's ``treg/weight`` and token-reward
+diagnostic, DPO-SFT's ``nll_loss``; the same names with ``split="eval"`` on held-out pairs. Throughput: ``perf/*`` as
+in every trainer (docs/run-directory.md), the reference's forward counted when it runs live.
 """
 
 from __future__ import annotations

@@ -1,29 +1,13 @@
 """``finegrain ppo``: online RL with dense per-token rewards -- PPO (GAE + critic), REINFORCE or RLOO.
 
-Any reward source gives a dense ``(B, T)`` reward (docs/reward-sources.md): a saved reward-model directory
-(sequence, sentence, token RM or TLCR discriminator), a user's function (``--reward python:module:function``),
-contrastive or implicit rewards, or a kind an application registers (the built-in world's ``oracle`` and its
-per-word ground-truth credit ``oracle:credit``); several sources mix with ``--reward_scales``. One step of the loop
-is one rollout batch:
-
-    1. generate   the policy (eval mode) samples num_samples responses to each of rollout_batch_size prompts
-                  with the KV cache (rl.rollout.sample_rollouts), generation_batch_size prompts per call
-    2. score      policy and reference log-probs of the samples (PPO's old log-probs), entropy, the
-                  full-vocabulary KL when asked (rl.rollout.score_rollout); critic values; each source's rewards
-    3. reward     R_t = clip(norm(Σ_s c_s·r^s_t)) − c_KL·KL_t                       (rl.rewards.dense_rewards)
-    4. advantage  GAE with the critic | REINFORCE return-to-go | RLOO, then optional whitening (rl.advantages)
-    5. train      ppo_epochs passes over num_mini_batches shuffled minibatches, each an equal share of every
-                  sampling group: clipped policy loss (+ clipped value loss), one optimizer step per minibatch,
-                  micro-batches of per_device_train_batch_size rows accumulated with weights that make the
-                  result the loss of the whole minibatch
-    log, evaluate on held-out prompts, checkpoint
-
-The reference is a frozen copy of the initial policy, or -- with ``--use_peft`` -- the policy itself with its LoRA
-adapter disabled (no second copy). The critic is a value head on a separate copy of the policy's transformer
-body (``--critic separate``, default) or on the policy's own hidden states (``--critic shared``, trained with
-``vf_coef``·value loss in the policy's objective). ``--judge SPEC`` names a source that is logged but not trained
-on: its score and per-row metrics of every rollout batch and evaluation (``<name>/reward``, ``<name>/<metric>``;
-on the built-in world the oracle, so curves of true reward against samples exist for any training reward).
+docs/methods/ppo.md gives the papers, the reward ``R_t = clip(norm(Σ_s c_s·r^s_t)) − c_KL·KL_t``, the estimators,
+keys, metrics and deviations, and the step this file implements for the shared loop
+(:func:`finegrain.trainers.loop.run_steps`). One step is one rollout batch: generate (the policy in eval mode samples
+with the KV cache, :func:`finegrain.rl.streams.sample_groups`), score (:func:`finegrain.rl.rollout.score_rollout`,
+critic values, each source's token rewards, :func:`finegrain.rl.rewards.dense_rewards`, :func:`compute_advantages`),
+train (:func:`ppo_update`: minibatches that are each an equal share of every sampling group), then log, evaluate on
+held-out prompts and checkpoint. Reward sources are those of docs/reward-sources.md, mixed with ``--reward_scales``;
+``--judge SPEC`` names one that is logged (``<name>/reward``, ``<name>/<metric>``), not trained on.
 
 Processes: each takes a contiguous share of the rollout batch's prompts; losses are normalised over all of them
 and whitening and reward normalisation reduce across them. With ``--generation_batch_size`` every sampling group
@@ -33,9 +17,7 @@ number of processes (tests/scale/test_multiprocess.py); without it they draw fro
 checkpoint restores it.
 
 The models (reference, critic, their optimizers) are set up in :mod:`finegrain.trainers.ppo_models`, the random
-streams live in :mod:`finegrain.rl.streams`, the config in :mod:`finegrain.trainers.ppo_config`; this file holds the
-update, the evaluation and the step, which runs in the loop every trainer shares (:func:`finegrain.trainers.loop.run_steps`).
-docs/methods/ppo.md lists the papers, keys, metrics and deviations.
+streams live in :mod:`finegrain.rl.streams`, the config in :mod:`finegrain.trainers.ppo_config`.
 """
 
 from __future__ import annotations

@@ -8,15 +8,9 @@ partial copy. Every process learns of a failed write, so none is left waiting fo
 the directory is written, the inputs are validated: a corrupt checkpoint, an existing run without
 ``--overwrite_output_dir`` are refused (docs/reliability.md).
 
-Resuming truncates ``metrics.jsonl`` (and ``consumed.jsonl``) to the checkpoint's step, so lines written after the
-checkpoint by the killed run are not repeated. With ``--record_consumed`` each optimizer step's global batch of
-example indices is appended to ``consumed.jsonl`` (:meth:`Run.record_batch`): the resume tests read it to show that
-no example was repeated or skipped.
-
-Two environment variables exist for fault-injection tests only (documented in docs/reliability.md):
-``FINEGRAIN_TEST_STEP_SLEEP`` (seconds to sleep after each optimizer step, so a test can kill a run at a known
-point) and ``FINEGRAIN_TEST_CHECKPOINT_PAUSE`` (seconds to sleep between writing a checkpoint's temporary
-directory and renaming it into place, so a test can kill a run in the middle of a write).
+Resuming truncates ``metrics.jsonl`` (and ``consumed.jsonl``, :meth:`Run.record_batch`) to the checkpoint's step,
+so lines written after the checkpoint by the killed run are not repeated. The fault-injection switches
+``FINEGRAIN_TEST_STEP_SLEEP`` and ``FINEGRAIN_TEST_CHECKPOINT_PAUSE`` are for tests only (docs/reliability.md).
 """
 
 from __future__ import annotations

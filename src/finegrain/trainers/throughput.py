@@ -1,19 +1,10 @@
 """Throughput in every training log: step time, tokens per second, model-FLOPs utilisation (MFU).
 
-A trainer times each phase of a step (the whole step for sft / po / rm; rollout and update apart for ppo) and tells
-the :class:`Throughput` meter how many non-padding tokens that work processed and how many model FLOPs it needed
-(:class:`finegrain.models.flops.ModelFlops`: ``2 N`` per token forward, ``3x`` that to train, attention over the
-full square, PaLM's convention; padding and recomputation do not count). At each log line the meter reports, per
-phase, since the previous line::
-
-    perf/<phase>step_time          seconds per optimizer step
-    perf/<phase>tokens_per_second  non-padding tokens / seconds
-    perf/<phase>mfu                model FLOPs / seconds / peak
-
-with ``<phase>`` empty for sft / po / rm and ``rollout_`` / ``update_`` for ppo. The peak is the device's data-sheet
-bf16 figure on a known GPU, else a matmul measured on the device in the run's dtype and thread count
-(:func:`finegrain.models.flops.device_peak_flops`); run.json records which (``perf_peak``). The run's final summary
-line adds the means over the whole run.
+A trainer times each phase of a step (the whole step for sft / po / rm; rollout, score and update apart for ppo)
+and tells the :class:`Throughput` meter how many non-padding tokens that work processed and how many model FLOPs it
+needed (:class:`finegrain.models.flops.ModelFlops`). At each log line the meter reports ``perf/<phase>step_time``,
+``perf/<phase>tokens_per_second`` and ``perf/<phase>mfu`` (the peak: :func:`finegrain.models.flops.device_peak_flops`)
+since the previous line; docs/run-directory.md, "Throughput", defines them and the FLOP convention.
 """
 
 from __future__ import annotations
