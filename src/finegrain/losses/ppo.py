@@ -23,7 +23,6 @@ from finegrain.ops.kl import kl_k3
 from finegrain.ops.masked import masked_mean
 
 __all__ = [
-    "REDUCTIONS",
     "PolicyLossOutput",
     "ValueLossOutput",
     "aggregate",
@@ -31,8 +30,6 @@ __all__ = [
     "ppo_policy_loss",
     "ppo_value_loss",
 ]
-
-REDUCTIONS = ("token", "sequence")
 
 
 class PolicyLossOutput(NamedTuple):
