@@ -1,8 +1,6 @@
 """``finegrain bench``: run speed and memory benchmarks, print their ratios as one table, write one JSON per benchmark.
 
-Every benchmark compares configurations measured side by side in the same run (interleaved timings, or fresh
-processes for memory peaks), so its ratios hold on a loaded machine where absolute times do not. Nothing is judged
-against a fixed threshold: the table shows the ratios and the absolute figures behind them.
+Why every figure is a ratio measured side by side in one run, and what each benchmark measures: docs/benchmarks.md.
 """
 
 from __future__ import annotations
