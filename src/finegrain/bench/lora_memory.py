@@ -9,20 +9,15 @@ weights built from a config) on the same synthetic pairs, same batch and steps:
 * ``lora_shared``: the same LoRA adapter, the reference the policy itself run with its adapter disabled
   (``--use_peft``'s default: no second copy of the weights).
 
-``lora_shared / lora_copy`` isolates what sharing the weights saves (issue: LoRA reference without a second copy);
-``lora_shared / full_copy`` is the whole saving of LoRA training against full fine-tuning with a reference copy.
-The saving of sharing is one copy of the weights, so its share of the peak depends on how the weights compare with
-the activations: the default shape (hidden 768, 8 layers, 2 pairs of ~100 tokens per step) is weight-dominated, as
-LoRA fine-tuning of a large model with modest batches is.
-The two LoRA variants compute the same losses (the reference values are identical), which the result checks.
+``lora_shared / lora_copy`` isolates what sharing the weights saves: one copy of them, so its share of the peak is
+largest where the weights outweigh the activations, as in the default shape and in LoRA fine-tuning of a large model
+with modest batches. ``lora_shared / full_copy`` is the whole saving of LoRA against full fine-tuning with a reference
+copy. The two LoRA variants compute the same losses (identical reference values), which the result checks.
 
-Each variant runs in a fresh process (:func:`finegrain.bench.measure.run_worker`): it builds the tokenizer and the
-data and runs a tiny warm-up, then starts measuring (:class:`finegrain.bench.measure.PeakMemory`), builds the
-policy, the reference copy where there is one, and trains; the peak is read after every optimizer step, so the
-final save is not counted. On CPU the figure is the peak resident set size above the process's size before the
-policy was built (everything the process touched: weights, reference copy, gradients, optimizer state,
-activations, allocator slack); on CUDA it is ``torch.cuda.max_memory_allocated`` above what was allocated before
-(tensors only).
+Each variant runs in a fresh process (:func:`finegrain.bench.measure.run_worker`): tokenizer, data and a tiny
+warm-up first, then :class:`finegrain.bench.measure.PeakMemory` measures from before the policy (and the reference
+copy where there is one) is built to the last optimizer step, read after every step (the final save is not counted).
+What the CPU and CUDA figures count, the default shape and measured figures: docs/benchmarks.md (lora_memory).
 
 Usage::
 

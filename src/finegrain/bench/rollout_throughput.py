@@ -1,17 +1,12 @@
 """Rollout throughput: finegrain's sampler (:func:`finegrain.rl.rollout.sample_rollouts`) vs ``model.generate``.
 
-Both decode the same left-padded prompts with the same randomly initialised Llama, the same sampling settings and,
-for each repetition, the same seed of the global RNG (finegrain's warpers follow ``transformers``', so the two
-normally sample identical tokens; the result says in how many repetitions they did). Throughput counts only
-generated tokens up to and including each row's first EOS, or up to ``new_tokens`` when no EOS came. The two
-measurements are interleaved (alternating which goes first) after one untimed warm-up of each, and repeated; the
-ratio finegrain / transformers is the median of the per-repetition ratios (robust to load from other processes),
-reported beside the best/best and median/median ratios.
-
-On CUDA (the GPU path: bf16, SDPA attention, by default the ~1B Llama of :data:`finegrain.bench.synthetic.LLAMA_1B`)
-the result also gives each sampler's model-FLOPs utilisation (prefill of the prompts plus one cached forward per
-counted token, :mod:`finegrain.models.flops`). Decoding a batch is limited by memory bandwidth, not arithmetic, so
-its MFU is low by nature; it is reported to compare the two samplers, not to judge the device.
+Both decode the same left-padded prompts with the same model, sampling settings and, per repetition, seed of the
+global RNG (finegrain's warpers follow ``transformers``', so the two normally sample identical tokens; the result
+says in how many repetitions they did). A row's tokens count up to and including its first EOS (all ``new_tokens``
+without one). The ratio finegrain / transformers is the median of the per-repetition ratios (robust to load from
+other processes), reported beside the best/best and median/median ratios; on CUDA each sampler's MFU too
+(:func:`_decode_flops`; decoding is memory-bound, so it only compares the samplers). Interleaving, warm-up and the
+GPU sizes: docs/benchmarks.md (rollout_throughput, The GPU path).
 
 Usage (defaults: hidden 256, 4 layers, vocab 4096, batch 32, prompts of 8-32 tokens, 64 new tokens)::
 

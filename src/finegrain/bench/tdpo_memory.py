@@ -9,11 +9,10 @@ reference token log-probs and the forward token KL over the full vocabulary, the
 * ``naive``: :func:`finegrain.ops.chunked.naive_completion_stats` (``(N, T, V)`` logits of both models, then
   ``log_softmax``; autograd keeps what it needs).
 
-Each variant runs in a fresh process (:func:`finegrain.bench.measure.run_worker`). After its inputs are allocated
-and a warm-up on tiny shapes has run, the worker measures the peak extra memory of one forward + backward
-(:class:`finegrain.bench.measure.PeakMemory`: resident-set high-water mark on CPU, allocator peak on CUDA). The
-parent compares the two variants' values and gradients and reports the ratio chunked / naive of the peaks (the
-times of the two single runs are given, not compared).
+Each variant runs in a fresh process (:func:`finegrain.bench.measure.run_worker`) that runs a warm-up on tiny shapes
+and allocates its inputs, then measures one forward + backward (:class:`finegrain.bench.measure.PeakMemory`).
+The parent compares the two variants' values and gradients and reports the ratio chunked / naive of the peaks (the
+times of the two single runs are given, not compared). Measured figures: docs/benchmarks.md (tdpo_memory).
 
 Usage (defaults: N = 4 sequences of T = 1024 tokens, V = 32000, H = 256, float32)::
 
