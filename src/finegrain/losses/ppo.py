@@ -108,8 +108,7 @@ def ppo_policy_loss(
         (tensor(-0.8500), tensor(0.5000))
     """
     mask = response_mask.to(torch.bool)
-    log_ratio = token_logps - old_token_logps
-    ratio = torch.exp(log_ratio)
+    ratio = torch.exp(token_logps - old_token_logps)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
     per_token = torch.maximum(unclipped, clipped)

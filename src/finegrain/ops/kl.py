@@ -196,8 +196,7 @@ def kl_penalty(
         rho = _log_ratio(token_logps, ref_token_logps)
         if log_ratio_clip is not None:
             rho = rho.clamp(-log_ratio_clip, log_ratio_clip)
-        zero = torch.zeros_like(rho)
-        kl = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}[estimator](rho, zero)
+        kl = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}[estimator](rho, torch.zeros_like(rho))  # ρ − 0 is ρ
     if mask is not None:
         kl = zero_masked(kl, mask)
     return kl

@@ -64,9 +64,8 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) 
     positions are set (instead of NaN).
     """
     mean = masked_mean(values, mask)
-    centered_sq = (values - mean) ** 2
     count = mask.to(values.dtype).sum()
-    total = masked_sum(centered_sq, mask)
+    total = masked_sum((values - mean) ** 2, mask)
     if unbiased:
         return torch.where(count > 1, total / (count - 1).clamp(min=1.0), torch.zeros_like(total))
     return total / count.clamp(min=1.0)
