@@ -42,8 +42,6 @@ class ImplicitRewardSource:
         ``ImplicitRewardSource(policy, 0.1, ref_model=sft_model).token_rewards(batch).values`` is ``(N, T)``.
     """
 
-    name = "implicit"
-
     def __init__(self, policy, beta: float, *, ref_model=None, ref_context=None, kind: str = "dpo",
                  chunk_size: int = 1024):
         if kind not in IMPLICIT_KINDS:
