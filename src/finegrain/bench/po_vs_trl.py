@@ -1,9 +1,8 @@
 """Step time of ``finegrain po`` against TRL's ``DPOTrainer``, and of TDPO2 and precomputed-reference DPO against DPO.
 
-All runs train the same Llama (built from a config with random weights, saved once to a temporary directory) on
-the same synthetic pairs (random words of a word-level tokenizer, one local JSONL file), with the same per-device
-batch, lengths, optimizer (AdamW, constant learning rate, gradient clipping at 1.0), beta, precision, and no
-evaluation, no checkpoints, no gradient checkpointing, no precomputation unless named:
+All runs train the same random Llama (saved once to a temporary directory) on the same synthetic pairs with the
+same batch, lengths, optimizer, beta and precision, and no precomputation unless named (the settings in full:
+docs/benchmarks.md, po_vs_trl):
 
 * ``finegrain-dpo``: :func:`finegrain.trainers.po.train` with ``loss="dpo"`` (frozen reference copy);
 * ``trl-dpo``: ``trl.DPOTrainer`` (sigmoid loss, the same explicit reference copy, ``report_to=[]``);
@@ -28,8 +27,7 @@ first ``warmup`` steps of every run are discarded and the median over all rounds
 Every configuration also reports tokens per second (prompt + response tokens of both rows of every pair) and its
 model FLOPs per step (:mod:`finegrain.models.flops`: the policy's forward + backward, plus the reference forward
 where it runs live; for LoRA the backward computes no gradient of the frozen weights: see :func:`step_flops`). On
-CUDA (the GPU path: bf16 mixed precision, SDPA attention, by default the ~1B Llama of
-:data:`finegrain.bench.synthetic.LLAMA_1B`) they give the model-FLOPs utilisation against the device's peak; given
+CUDA (the GPU path of docs/benchmarks.md) they give the model-FLOPs utilisation against the device's peak; given
 ``peak_flops`` (FLOP/s, e.g. a measured matmul peak on CPU), the fraction of that peak.
 
 Usage::
