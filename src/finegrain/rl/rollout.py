@@ -325,9 +325,8 @@ def score_rollout(
     enter_ref = ref_context if ref_context is not None else contextlib.nullcontext
 
     n, t = batch.completion_input_ids.shape
-    device = batch.completion_input_ids.device
     keys = ["token_logps"] + ["ref_token_logps"] * has_ref + ["entropy"] * with_entropy + ["full_kl"] * with_full_kl
-    out = {key: torch.zeros(n, t, dtype=torch.float32, device=device) for key in keys}
+    out = {key: torch.zeros(n, t, dtype=torch.float32, device=batch.completion_input_ids.device) for key in keys}
     for start in range(0, n, chunk_rows):
         rows = slice(start, min(start + chunk_rows, n))
         sub, width = take_rows(batch, rows)
