@@ -488,18 +488,14 @@ class SentenceRMSource(RewardModelSource):
             span_values = terms[:, 1:].clone()
             if self.prompt_term:
                 span_values[:, 0] += torch.where(n > 0, terms[:, 0], 0.0)
-            ends = torch.full(span_values.shape, -1, dtype=torch.long)
-            token_groups = torch.full((len(part), T), -1, dtype=torch.long)
+            # each term goes on its group's last policy token (group ends) or over its tokens (token groups); a group
+            # with no policy token (e.g. cut off) has nowhere to go and its term is dropped
+            where = torch.full((len(part), T if self.spread else span_values.shape[1]), -1, dtype=torch.long)
             for k, (r, ex) in enumerate(zip(part, examples)):
-                g_ends, t_groups = sentence_token_groups(ex.spans, ex.groups, r.policy_offsets)
-                ends[k, : len(g_ends)] = torch.as_tensor(g_ends, dtype=torch.long)
-                token_groups[k, : len(t_groups)] = torch.as_tensor(t_groups, dtype=torch.long)
+                at = sentence_token_groups(ex.spans, ex.groups, r.policy_offsets)[1 if self.spread else 0]
+                where[k, : len(at)] = torch.as_tensor(at, dtype=torch.long)
             part_mask = torch.arange(T) < torch.tensor([len(r.response_ids) for r in part]).unsqueeze(1)
-            if self.spread:
-                placed = spread_over_spans(span_values, token_groups, part_mask)
-            else:  # a group with no policy token (e.g. cut off) has nowhere to go: drop its term
-                placed = place_at_span_ends(torch.where(ends >= 0, span_values, 0.0), ends, part_mask)
-            values[chunk] = placed
+            values[chunk] = (spread_over_spans if self.spread else place_at_span_ends)(span_values, where, part_mask)
             scores[chunk] = out.score.double().cpu().numpy()
             prompt_terms[chunk] = terms[:, 0].numpy()
             counts[chunk] = n.numpy()
