@@ -137,5 +137,5 @@ def token_entropy(logits: torch.Tensor, chunk_size: int = 128) -> torch.Tensor:
         if chunk.dtype not in (torch.float32, torch.float64):
             chunk = chunk.float()
         # H(p) = −Σ p (log p − log 1), with reverse_kl_from_logps's rule that terms with p = 0 count as 0
-        out.append(-reverse_kl_from_logps(F.log_softmax(chunk, dim=-1), torch.zeros((), dtype=chunk.dtype)))
+        out.append(-reverse_kl_from_logps(F.log_softmax(chunk, dim=-1), chunk.new_zeros(())))
     return torch.cat(out).reshape(shape)
