@@ -350,11 +350,14 @@ def run_steps(run: Run, t: Training, num_rows: int, step: Callable[[RunState, li
     ``save_final(state)`` (default :meth:`Run.save_final` of the model and ``tokenizer``) and ``run.close``
     with the steps (the samples too when ``t.samples_per_step`` is set), the skipped steps and ``summary``.
     """
+    from tqdm.auto import tqdm
+
     from finegrain.data.sampler import batch_indices
 
     cfg = run.cfg
     state = run.resume(t.model, t.optimizer, t.scheduler, extra_models=t.extra_models)
-    bar = run.progress(t.total_steps, state.step, desc)
+    bar = tqdm(total=t.total_steps, initial=state.step, desc=desc, dynamic_ncols=True,
+               disable=cfg.disable_tqdm or not run.is_main)
     status = "completed"
 
     def evaluation_due() -> bool:

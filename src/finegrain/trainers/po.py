@@ -297,27 +297,20 @@ def train(cfg: POConfig, model, tokenizer, train_data, eval_data=None, *, ref_mo
         source = spec_reward_source(cfg, tokenizer, acc.device, reference)
         tag = f"reg_source={cfg.reg_source} reg_map={cfg.reg_map or 'squash'}"
         run.print(f"T-REG token rewards from {cfg.reg_source} ({source.how}), computed once over the data")
-    if cfg.precompute_ref_log_probs:
-        train_plan = precompute_reference(train_data, reference, train_plan, cfg, acc,
-                                          run.dir / "ref_cache" / "train.pt", contrastive or source, template or tag,
-                                          run)
-        if eval_plan is not None:
-            eval_plan = precompute_reference(eval_data, reference, eval_plan, cfg, acc,
-                                             run.dir / "ref_cache" / "eval.pt", contrastive or source,
-                                             template or tag, run)
-    if source is not None:
-        done = []
-        for data, plan, name in ((train_data, train_plan, "train"), (eval_data, eval_plan, "eval")):
-            if plan is not None and plan.token_rewards == "source":
-                precompute_reference(data, reference, dataclasses.replace(plan, ref_logps=False), cfg, acc,
-                                     run.dir / "ref_cache" / f"{name}_token_rewards.pt", source, tag, run)
-                plan = dataclasses.replace(plan, token_rewards="column")
-            done.append(plan)
-        train_plan, eval_plan = done
-        source = None  # its models are no longer needed
-    if cfg.precompute_ref_log_probs:
-        if not any(p.reference_model for p in (train_plan, eval_plan) if p is not None):
-            reference = contrastive = ref_model = None  # everything is cached: free the reference copy
+    done = []  # each split's reference pass, cached: log-probs (and token rewards), or a reward spec's token rewards
+    for data, plan, name in ((train_data, train_plan, "train"), (eval_data, eval_plan, "eval")):
+        if plan is not None and cfg.precompute_ref_log_probs:
+            plan = precompute_reference(data, reference, plan, cfg, acc, run.dir / "ref_cache" / f"{name}.pt",
+                                        contrastive or source, template or tag, run)
+        elif plan is not None and plan.token_rewards == "source":
+            precompute_reference(data, reference, dataclasses.replace(plan, ref_logps=False), cfg, acc,
+                                 run.dir / "ref_cache" / f"{name}_token_rewards.pt", source, tag, run)
+            plan = dataclasses.replace(plan, token_rewards="column")
+        done.append(plan)
+    train_plan, eval_plan = done
+    source = None  # its models are no longer needed
+    if cfg.precompute_ref_log_probs and not any(p.reference_model for p in done if p is not None):
+        reference = contrastive = ref_model = None  # everything is cached: free the reference copy
     # FLOPs per step: the policy's training on both responses, plus the reference's forward when it reads the batch
     # (TDPO's KL, or log-probs not cached); contrastive prompting's reference passes are not counted
     ref_live = train_plan.ref_kl or (train_plan.ref_logps and not cfg.precompute_ref_log_probs)

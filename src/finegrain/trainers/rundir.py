@@ -291,12 +291,6 @@ class Run:
                                              "indices": [int(i) for i in indices]}) + "\n")
             self._consumed.flush()
 
-    def progress(self, total: int, initial: int, desc: str):
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
-                    disable=self.cfg.disable_tqdm or not self.is_main)
-
     # -- interruption ------------------------------------------------------------------------------------
 
     @contextlib.contextmanager
