@@ -10,7 +10,7 @@ Reduction over tokens (``reduction``):
 * ``"sequence"``: the mean over rows of each row's token mean -- each response weighs the same (the original
   per-sample PPO-for-RLHF reduction, verl's ``seq-mean-token-mean``); rows without valid actions are skipped.
 
-This module imports only torch.
+This module imports only torch and :mod:`finegrain.ops`.
 """
 
 from __future__ import annotations

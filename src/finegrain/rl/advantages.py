@@ -9,7 +9,7 @@ at ``max_new_tokens`` (the common choice of RLHF code, e.g. OpenRLHF and verl).
 
 All functions are vectorised over the batch; the recursions run one reversed loop over ``T``. Advantages and
 returns are targets: pass detached rewards and old values (or call under ``torch.no_grad()``). This module
-imports only torch.
+imports only torch and :mod:`finegrain.ops`.
 """
 
 from __future__ import annotations
