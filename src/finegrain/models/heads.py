@@ -1,8 +1,8 @@
 """Reward heads on top of a backbone's final hidden states.
 
 * :class:`ScalarHead` -- ``v_i = w·h_i + b`` at every position: the token RM ``r_φ(x, y_≤t)`` (Xu et al.,
-  ACL 2024; docs/methods/token-rm.md) on the reading states, or a sequence RM's score at the last token (without
-  ``b`` by default: Bradley–Terry cannot determine it; docs/methods/reward-models.md).
+  ACL 2024; docs/methods/token-rm.md) on the reading states, or a sequence RM's score at the last token
+  (without ``b`` by default: Bradley–Terry cannot determine it; docs/methods/reward-models.md).
 * :class:`TwoClassHead` -- ``Linear(H, 2, bias=False)``: the TLCR token discriminator (Yoon et al. 2024;
   docs/methods/tlcr.md); class 1 = positive, class 0 = negative.
 * :class:`SentenceRewardHead` -- the SRM aggregation (Qiu et al. 2025; docs/methods/reward-models.md):

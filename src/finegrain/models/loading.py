@@ -66,8 +66,8 @@ def load_causal_lm(name_or_path: str, *, trust_remote_code: bool = False, dtype:
                    allow_reward_model: bool = False):
     """Load an ``AutoModelForCausalLM`` (float32 by default on CPU).
 
-    A run directory loads its ``final/`` model. A reward-model directory is refused
-    (:func:`refuse_reward_model`) unless ``allow_reward_model`` (the reward-model loader reading its own backbone).
+    A run directory loads its ``final/`` model. A reward-model directory is refused (by
+    :func:`refuse_reward_model`) unless ``allow_reward_model`` (the reward-model loader reading its backbone).
     """
     from transformers import AutoModelForCausalLM
 

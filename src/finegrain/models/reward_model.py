@@ -19,10 +19,10 @@ TokenDiscriminator      ``TwoClassHead``                   ``(N, T, 2)`` logits;
 ======================  =================================  ============================================================
 
 Sentence boundaries (SRM's segmentation) come from a pluggable splitter (a
-:class:`~finegrain.data.segmentation.RuleSplitter` by default, SaT optional) mapped onto tokens through character
-offsets, in the ``"insert"`` mode (an added ``<END>`` token, :func:`build_reward_model`) or the ``"mark"`` mode
-(the last prompt and sentence tokens); both are laid out in :mod:`finegrain.data.segmentation` and
-docs/methods/reward-models.md.
+:class:`~finegrain.data.segmentation.RuleSplitter` by default, SaT optional) mapped onto tokens through
+character offsets, in the ``"insert"`` mode (an added ``<END>`` token, :func:`build_reward_model`) or the
+``"mark"`` mode (the last prompt and sentence tokens); both are laid out in :mod:`finegrain.data.segmentation`
+and docs/methods/reward-models.md.
 
 Saved directory (:func:`save_reward_model` / :func:`load_reward_model`)::
 
@@ -122,7 +122,7 @@ def _make_head(level: str, config: dict[str, Any]) -> nn.Module:
 
 
 def _head_config(model: RewardModel) -> dict[str, Any]:
-    """The head's constructor arguments, which :func:`_make_head` reads back (``finegrain_reward.json``'s ``head``)."""
+    """The head's constructor arguments (``head`` in ``finegrain_reward.json``), for :func:`_make_head`."""
     h = model.head
     if model.level == "sentence":
         return {"hidden_size": h.value.in_features, "embed_dim": h.embed_dim, "rope_theta": h.rope_theta,

@@ -20,7 +20,7 @@ from finegrain.data.segmentation import (
 )
 from finegrain.errors import ConfigError, DataError
 from finegrain.models.forward import hidden_states, reading_states
-from finegrain.models.heads import ScalarHead, SentenceRewardHead, SentenceRewardOutput
+from finegrain.models.heads import SentenceRewardHead, SentenceRewardOutput
 from finegrain.ops.masked import last_token_index, zero_masked
 from finegrain.types import CompletionBatch
 
@@ -131,8 +131,9 @@ class SequenceRewardModel(RewardModel):
 class TokenRewardModel(RewardModel):
     """Token-level reward model ``r_φ(x, y_≤t)`` on every response position (docs/methods/token-rm.md).
 
-    With ``num_outputs=1`` (objective A, and B with MSE) the head is a :class:`ScalarHead` and the token reward is
-    its output; with ``num_outputs=3`` (objective B with cross-entropy over labels −1, 0, +1) the reward is the
+    With ``num_outputs=1`` (objective A, and B with MSE) the head is a
+    :class:`~finegrain.models.heads.ScalarHead` and the token reward is its output; with ``num_outputs=3``
+    (objective B with cross-entropy over labels −1, 0, +1; an ``nn.Linear(H, 3)`` head) the reward is the
     expected label :func:`finegrain.losses.token_cls.expected_label_rewards`. ``forward`` gives the head
     outputs on the response: ``(N, T)`` rewards, or ``(N, T, 3)`` logits with ``num_outputs=3``. The sequence
     score is ``S(y) = Σ_t m_t r_t``.
@@ -140,16 +141,12 @@ class TokenRewardModel(RewardModel):
 
     level = "token"
 
-    def __init__(self, backbone: nn.Module, tokenizer: Any, head: nn.Module):
-        super().__init__(backbone, tokenizer, head)
-        self.num_outputs = 1 if isinstance(head, ScalarHead) else head.out_features
-
     def token_values(self, batch: CompletionBatch, outputs: torch.Tensor | None = None) -> torch.Tensor:
         """Token rewards ``(N, T)``, 0 outside the response mask."""
         from finegrain.losses.token_cls import expected_label_rewards
 
         out = self.forward(batch) if outputs is None else outputs
-        values = expected_label_rewards(out) if self.num_outputs == 3 else out
+        values = expected_label_rewards(out) if getattr(self.head, "out_features", 1) == 3 else out
         return zero_masked(values, batch.completion_mask)
 
 
@@ -269,7 +266,7 @@ class SentenceRewardModel(RewardModel):
         spans = self.splitter.split(text)
         ends = sentence_token_ends(spans, offsets) if spans else []
         kept = [(j, e) for j, e in enumerate(ends) if e >= 0]
-        limit = self.head.max_sentences - 1 if self.head.weighted_sum else 1 << 30  # max_sentences counts e_0 too
+        limit = self.head.max_sentences - 1 if self.head.weighted_sum else 1 << 30  # max_sentences counts e_0
         if len(kept) > limit:
             kept = kept[: limit - 1] + [kept[-1]] if limit > 1 else [kept[-1]]
         if kept:  # the last group also takes any later span that has no token

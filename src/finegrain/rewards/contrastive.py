@@ -186,8 +186,8 @@ class ContrastiveTemplate:
 
     Args:
         form: one of :data:`CONTRASTIVE_FORMS`, or ``"auto"`` (the commands' default): ``draft``, the paper's
-            revision form (the built-in world's command line sets ``draft`` with the revision requests in world words
-            that its SFT model was trained on).
+            revision form (the built-in world's command line sets ``draft`` with the revision requests in
+            world words that its SFT model was trained on).
         positive: text of the positive instruction (None: the form's default).
         negative: text of the negative instruction (None: the form's default).
     """
@@ -383,10 +383,10 @@ def template_problems(template: ContrastiveTemplate, tokenizer, prompt, response
 def checked_template(template: ContrastiveTemplate, tokenizer, prompt="question", response: str = "answer",
                      options=("--contrastive_template", "--contrastive_positive", "--contrastive_negative")
                      ) -> ContrastiveTemplate:
-    """``template`` if :func:`template_problems` finds nothing (rendering a data row's ``prompt`` and ``response``,
-    or a neutral sample when the caller has none at hand), else a ConfigError that says what to pass instead, naming
-    the command's own ``options``: form, positive text, negative text (by default those of ``po`` and ``eval``;
-    ``label contrastive`` has ``--template``, ...)."""
+    """``template`` if :func:`template_problems` finds nothing (rendering a data row's ``prompt`` and
+    ``response``, or a neutral sample when the caller has none at hand), else a ConfigError that says what to
+    pass instead, naming the command's own ``options``: form, positive text, negative text (by default those
+    of ``po`` and ``eval``; ``label contrastive`` has ``--template``, ...)."""
     from finegrain.errors import ConfigError
 
     problems = template_problems(template, tokenizer, prompt, response)

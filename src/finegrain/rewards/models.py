@@ -1,10 +1,10 @@
 """Reward sources backed by trained reward models: sequence RM, sentence RM, token RM, TLCR discriminator.
 
 Each source wraps a :class:`finegrain.models.reward_model.RewardModel` and the *policy's* tokenizer and returns
-:class:`finegrain.types.TokenRewards` in the policy's response layout (docs/reward-sources.md); each class says what
-its ``values[b, t]`` hold: the score ``r(x, y)`` on the last valid token (:class:`SequenceRMSource`), SRM's terms
-``a_j s_j`` at sentence ends (:class:`SentenceRMSource`), ``r_φ(x, y_≤t)`` (:class:`TokenRMSource`) or TLCR's
-``2·P(+ | x, y_≤t) − 1`` (:class:`DiscriminatorSource`).
+:class:`finegrain.types.TokenRewards` in the policy's response layout (docs/reward-sources.md); each class
+says what its ``values[b, t]`` hold: the score ``r(x, y)`` on the last token (:class:`SequenceRMSource`),
+SRM's ``a_j s_j`` at sentence ends (:class:`SentenceRMSource`), ``r_φ(x, y_≤t)`` (:class:`TokenRMSource`) or
+TLCR's ``2·P(+ | x, y_≤t) − 1`` (:class:`DiscriminatorSource`).
 
 ``seq_reward`` is left None: every reward is already in ``values`` (a consumer such as
 :func:`finegrain.rl.rewards.dense_rewards` would add ``seq_reward`` a second time); the model's sequence scores are
@@ -277,7 +277,8 @@ class RewardModelSource:
 
     def _same_chunks(self, batch: CompletionBatch, score) -> torch.Tensor:
         """``score`` of every chunk of ``batch`` on the model's device, joined on the CPU in float32."""
-        parts = [score(_take(batch, c).to(self.device)).float().cpu() for c, _ in self._chunks(range(batch.num_rows))]
+        chunks = self._chunks(range(batch.num_rows))
+        parts = [score(_take(batch, c).to(self.device)).float().cpu() for c, _ in chunks]
         return torch.cat(parts) if parts else torch.zeros(batch.completion_mask.shape)
 
     def _rows(self, batch: CompletionBatch) -> list[_Row]:
@@ -329,8 +330,8 @@ class RewardModelSource:
 
 class SequenceRMSource(RewardModelSource):
     """A sequence reward model's score ``r(x, y)`` on the last valid response token, 0 elsewhere
-    (:func:`~finegrain.rewards.placement.place_on_last_token`; the RLHF baseline; ``dense`` is False: its reward is
-    one score per response).
+    (:func:`~finegrain.rewards.placement.place_on_last_token`; the RLHF baseline; ``dense`` is False: its
+    reward is one score per response).
 
     Args:
         seq_reward: return zero ``values`` and the score as ``seq_reward`` (for consumers that place it themselves).
@@ -488,14 +489,15 @@ class SentenceRMSource(RewardModelSource):
             span_values = terms[:, 1:].clone()
             if self.prompt_term:
                 span_values[:, 0] += torch.where(n > 0, terms[:, 0], 0.0)
-            # each term goes on its group's last policy token (group ends) or over its tokens (token groups); a group
-            # with no policy token (e.g. cut off) has nowhere to go and its term is dropped
+            # each term goes on its group's last policy token (group ends) or over its tokens (token groups);
+            # a group with no policy token (e.g. cut off) has nowhere to go and its term is dropped
             where = torch.full((len(part), T if self.spread else span_values.shape[1]), -1, dtype=torch.long)
             for k, (r, ex) in enumerate(zip(part, examples)):
                 at = sentence_token_groups(ex.spans, ex.groups, r.policy_offsets)[1 if self.spread else 0]
                 where[k, : len(at)] = torch.as_tensor(at, dtype=torch.long)
             part_mask = torch.arange(T) < torch.tensor([len(r.response_ids) for r in part]).unsqueeze(1)
-            values[chunk] = (spread_over_spans if self.spread else place_at_span_ends)(span_values, where, part_mask)
+            place = spread_over_spans if self.spread else place_at_span_ends
+            values[chunk] = place(span_values, where, part_mask)
             scores[chunk] = out.score.double().cpu().numpy()
             prompt_terms[chunk] = terms[:, 0].numpy()
             counts[chunk] = n.numpy()

@@ -105,7 +105,7 @@ def registered_sources() -> list[str]:
 def describe_reward_specs() -> str:
     """One line per spec form, for ``--help`` texts and error messages."""
     lines = ["DIR (a finegrain rm run or its final/)"]
-    lines += [f"{kind}{'' if not summary else ': ' + summary}" for kind, (_, summary) in sorted(_REGISTRY.items())]
+    lines += [f"{kind}{': ' + text if text else ''}" for kind, (_, text) in sorted(_REGISTRY.items())]
     return "; ".join(lines)
 
 
