@@ -34,7 +34,7 @@ from finegrain.trainers.rundir import (
 
 __all__ = ["CHECKPOINTS", "STATE_FILE", "Run", "RunState", "Training", "adapt_model", "checkpoint_dirs",
            "checkpoint_problem", "eval_batches", "fit", "load_inputs", "make_accelerator", "make_optimizer",
-           "make_scheduler", "micro_batches", "micro_steps", "num_training_steps", "optimizer_step",
+           "make_scheduler", "micro_steps", "num_training_steps", "optimizer_step",
            "prepare", "quiet_library_progress_bars", "run_steps", "token_limits"]
 
 
@@ -179,20 +179,6 @@ def optimizer_step(run: Run, state: RunState, model, optimizer, scheduler, loss:
             "nonfinite_total": float(state.nonfinite_total), "learning_rate": scheduler.get_last_lr()[0]}
 
 
-def micro_batches(indices: list[int], cfg: TrainConfig, rank: int, num_processes: int) -> list[list[int]]:
-    """Split one global batch of row indices into this process's micro-batches.
-
-    The global batch is ``per_device_train_batch_size x num_processes x gradient_accumulation_steps`` rows;
-    micro-step ``i`` covers rows ``[i*m, (i+1)*m)`` with ``m = per_device x num_processes``, and process ``r``
-    takes the ``r``-th contiguous slice of it (:func:`finegrain.data.sampler.shard_batch`). Any process count and
-    accumulation setting thus sees the same global batch.
-    """
-    from finegrain.data.sampler import shard_batch
-
-    m = cfg.per_device_train_batch_size * num_processes
-    return [shard_batch(indices[i * m : (i + 1) * m], num_processes, rank) for i in range(cfg.gradient_accumulation_steps)]
-
-
 def eval_batches(data, batch_size: int, acc) -> Iterator[tuple[list[int], Any]]:
     """This process's share of ``data`` for an evaluation (rows ``rank, rank + processes, ...``) in batches of
     ``batch_size`` rows: ``(row indices, collated batch on the accelerator's device)``."""
@@ -203,12 +189,21 @@ def eval_batches(data, batch_size: int, acc) -> Iterator[tuple[list[int], Any]]:
 
 
 def micro_steps(run: Run, model, indices: list[int]) -> Iterator[list[int]]:
-    """This process's micro-batches of the global batch ``indices`` (:func:`micro_batches`), each but the last
-    yielded inside ``no_sync``: DDP all-reduces the accumulated gradients once, in the last backward."""
+    """This process's micro-batches of the global batch ``indices``, each but the last yielded inside ``no_sync``:
+    DDP all-reduces the accumulated gradients once, in the last backward.
+
+    The global batch is ``per_device_train_batch_size x num_processes x gradient_accumulation_steps`` rows;
+    micro-step ``i`` covers rows ``[i*m, (i+1)*m)`` with ``m = per_device x num_processes``, and process ``r``
+    takes the ``r``-th contiguous slice of it (:func:`finegrain.data.sampler.shard_batch`). Any process count and
+    accumulation setting thus sees the same global batch.
+    """
+    from finegrain.data.sampler import shard_batch
+
     acc, cfg = run.accelerator, run.cfg
-    for k, mb in enumerate(micro_batches(indices, cfg, acc.process_index, acc.num_processes)):
+    m = cfg.per_device_train_batch_size * acc.num_processes
+    for k in range(cfg.gradient_accumulation_steps):
         with acc.no_sync(model) if k != cfg.gradient_accumulation_steps - 1 else contextlib.nullcontext():
-            yield mb
+            yield shard_batch(indices[k * m : (k + 1) * m], acc.num_processes, acc.process_index)
 
 
 # ----------------------------------------------------------------------------------------------- the loop

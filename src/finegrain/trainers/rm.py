@@ -18,14 +18,11 @@ backbone starts from the world's SFT model, pairs are ``data/pairs_train.jsonl``
 revisions ``data/revisions.jsonl`` (held out: revisions of the test pairs by the world's reviser), and token credit
 ``data/credit_test.jsonl``. The data preparation lives in :mod:`finegrain.trainers.rm_data`.
 
-The loop is :func:`finegrain.trainers.loop.fit`, as for sft and po: each optimizer step takes one global batch
-of examples, splits it into this process's micro-batches, and back-propagates ``Σ loss / global_batch_size`` (times
-the number of processes, which DDP averages away), so any process count and accumulation give the same update.
-Every ``eval_steps`` (and at the end) the main process evaluates: pairwise ``accuracy`` / ``margin`` on held-out
-pairs (per ``subset`` when the rows have one, RewardBench style), token-credit ``auroc`` / ``precision_at_k`` of
-the model's token rewards (as :mod:`finegrain.rewards.models` produces them) against ground truth, and for the
-token levels the held-out edit metrics ``edit_accuracy`` / ``edit_auroc`` and the objective as ``loss``. The
-final model goes to ``RUN_DIR/final`` (:func:`finegrain.models.reward_model.load_reward_model` reads it).
+The loop is :func:`finegrain.trainers.loop.fit`, as for sft and po: each optimizer step back-propagates
+``Σ loss / global_batch_size`` over this process's micro-batches (times the number of processes, which DDP averages
+away), so any process count and accumulation give the same update. Every ``eval_steps`` (and at the end) the main
+process evaluates (:func:`evaluate`). The final model goes to ``RUN_DIR/final``
+(:func:`finegrain.models.reward_model.load_reward_model` reads it).
 """
 
 from __future__ import annotations
@@ -208,7 +205,10 @@ def _edit_accuracy(stats: dict) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, cfg: RMConfig, data: RMData, device) -> dict[str, float]:
-    """Held-out metrics (main process; see the module docstring)."""
+    """Held-out metrics (main process): pairwise ``accuracy`` / ``margin`` on held-out pairs (per ``subset`` when the
+    rows have one, RewardBench style), token-credit ``auroc`` / ``precision_at_k`` of the model's token rewards (as
+    :mod:`finegrain.rewards.models` produces them) against ground truth, and for the token levels the held-out edit
+    metrics ``edit_accuracy`` / ``edit_auroc`` and the objective as ``loss``."""
     from finegrain.eval.metrics import evaluate_token_credit
     from finegrain.rewards.models import make_reward_source
 
