@@ -150,14 +150,12 @@ def sha256_file(path: Path) -> str:
 
 @contextlib.contextmanager
 def _locked(out_dir: Path):
-    """An exclusive lock beside ``out_dir`` (one converter per target; others wait, then find it done)."""
+    """An exclusive lock beside ``out_dir`` (one converter per target; others wait, then find it done); closing
+    the lock file releases it."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with (out_dir.parent / f".{out_dir.name}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+        yield
 
 
 def _load_and_rebuild(path: Path, weights_dtype):

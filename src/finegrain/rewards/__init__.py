@@ -1,9 +1,8 @@
 """Reward sources and the placement of scores on response tokens (imports torch only).
 
 Every source returns a :class:`finegrain.types.TokenRewards`; the placement functions put scalar and span scores
-on the right tokens of the ``(B, T)`` response layout. The sources themselves (contrastive prompting, implicit DPO
-rewards, reward models, a Python function, the base of judged rule rewards) and :func:`load_reward_source` are imported on first
-use, so that ``import finegrain.rewards`` stays light.
+on the right tokens of the ``(B, T)`` response layout. The sources themselves and :func:`load_reward_source`
+(``_LAZY``) are imported on first use, so that ``import finegrain.rewards`` stays light.
 """
 
 from finegrain.lazy import lazy_attributes

@@ -11,10 +11,9 @@ rewards`` read the same grammar (docs/reward-sources.md)::
           | implicit[:POLICY]        implicit token rewards of a DPO / TDPO-trained policy against the reference
           | KIND[:ARG]               a registered kind; applications add theirs (the built-in world's oracle[:credit])
 
-``NAME=`` renames the source in logs and tables (a name has no ``/`` or ``:``). A new kind is one call of :func:`register_reward_source` with a
-factory ``(arg, context) -> RewardSource``; the :class:`SourceContext` carries what sources may need (the policy's
-tokenizer, the device, a model loader, the reference and policy, the contrastive template, options for reward
-models). Nothing here knows an application.
+``NAME=`` renames the source in logs and tables (a name has no ``/`` or ``:``). A new kind is one call of
+:func:`register_reward_source` with a factory ``(arg, context) -> RewardSource``; the :class:`SourceContext`
+carries what sources may need. Nothing here knows an application.
 """
 
 from __future__ import annotations
