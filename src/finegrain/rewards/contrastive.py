@@ -145,11 +145,6 @@ positive or negative text, unless that text is a whole request of its own (it ho
 _PLACEHOLDER = re.compile(r"\{(prompt|draft)\}")
 
 
-def _fill(text: str, prompt: str, draft: str) -> str:
-    # one pass, so a prompt or draft that itself contains "{draft}" is not substituted again
-    return _PLACEHOLDER.sub(lambda m: prompt if m.group(1) == "prompt" else draft, text)
-
-
 def _messages(prompt) -> list[dict]:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
 
@@ -246,8 +241,8 @@ class ContrastiveTemplate:
             content = DRAFT_REQUEST.format(goal=text, prompt=_prompt_as_text(prompt), draft=response)
             return [{"role": "user", "content": content}]
         if self.form == "draft":
-            def put(x: str) -> str:
-                return _fill(text, x, response)
+            def put(x: str) -> str:  # one pass: a prompt or draft holding "{draft}" is not substituted again
+                return _PLACEHOLDER.sub(lambda m: x if m.group(1) == "prompt" else response, text)
         else:
             def put(x: str) -> str:
                 return text.replace("{prompt}", x) if "{prompt}" in text else f"{text} {x}" if x else text
