@@ -81,7 +81,7 @@ def revision_examples(source: Any, tokenizer, cfg: RMConfig, *, split: str, limi
     if limit is not None:
         rows = rows.head(limit)
     skipped: Counter = Counter()
-    keep = getattr(cfg, "keeps_no_edit_pairs", False)
+    keep = cfg.keeps_no_edit_pairs
     cleaned, unchanged = _blank_chosen_as_missing(rows, keep_identical=keep)
     valid = validate_rows(cleaned, "revision", skip_invalid=skip, skipped=skipped)
     for item in valid:  # revisions that changed nothing: the rejected response is its own revision

@@ -134,7 +134,8 @@ class Run:
             self._prepare_dir()
         accelerator.wait_for_everyone()
         self._metrics = (self.dir / "metrics.jsonl").open("a") if self.is_main else None
-        self._consumed = (self.dir / CONSUMED_FILE).open("a") if self.is_main and _record_consumed(cfg) else None
+        record = cfg.record_consumed or os.environ.get("FINEGRAIN_RECORD_CONSUMED", "") in ("1", "true")
+        self._consumed = (self.dir / CONSUMED_FILE).open("a") if self.is_main and record else None
         self._trackers = bool(cfg.report_to)
         if self._trackers:
             try:
@@ -324,8 +325,6 @@ class Run:
                 signal.signal(sig, h)
 
     def _safe_close(self, status: str, **extra: Any) -> None:
-        if self._closed:
-            return
         with contextlib.suppress(Exception):  # the original error matters more than a second one here
             self.close(status, **extra)
 
@@ -503,10 +502,6 @@ def _any_process(acc, flag: bool) -> bool:
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=acc.device)
     return bool(acc.reduce(t, reduction="sum").item() > 0)
-
-
-def _record_consumed(cfg: TrainConfig) -> bool:
-    return bool(getattr(cfg, "record_consumed", False)) or os.environ.get("FINEGRAIN_RECORD_CONSUMED", "") in ("1", "true")
 
 
 def _check_process_count(acc) -> None:
