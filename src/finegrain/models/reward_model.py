@@ -33,8 +33,8 @@ Saved directory (:func:`save_reward_model` / :func:`load_reward_model`)::
 ``RewardModel.save_pretrained`` writes the whole module as one flat safetensors file instead; the training loop's
 resumable checkpoints use it (:func:`finegrain.trainers.loop.Run.save_checkpoint`).
 
-The classes live in :mod:`finegrain.models.rm_levels`, the splitters in :mod:`finegrain.data.segmentation`; both
-are re-exported here.
+The classes live in :mod:`finegrain.models.rm_levels`, the splitters in :mod:`finegrain.data.segmentation`; those
+that callers use are re-exported here.
 """
 
 
@@ -56,9 +56,7 @@ from finegrain.models.build import hidden_size, is_peft_model, save_merged_lora
 from finegrain.models.heads import ScalarHead, SentenceRewardHead, TwoClassHead
 from finegrain.models.loading import REWARD_MODEL_FILE
 from finegrain.models.rm_levels import (
-    BOUNDARY_MODES,
     END_TOKEN,
-    FLAT_FILE,
     RewardModel,
     SentenceExample,
     SentenceRewardModel,
@@ -69,10 +67,7 @@ from finegrain.models.rm_levels import (
 )
 
 __all__ = [
-    "BOUNDARY_MODES",
     "CONFIG_FILE",
-    "END_TOKEN",
-    "FLAT_FILE",
     "LEVELS",
     "PunctuationSplitter",
     "RewardModel",
@@ -88,7 +83,6 @@ __all__ = [
     "load_reward_model",
     "make_splitter",
     "save_reward_model",
-    "splitter_config",
 ]
 
 _CLASSES: dict[str, type[RewardModel]] = {

@@ -1,5 +1,5 @@
 """The reward-model classes: a causal-LM backbone and a head, at four granularities (table, saved format and
-builders: :mod:`finegrain.models.reward_model`, whose ``__all__`` re-exports every public name here)."""
+builders: :mod:`finegrain.models.reward_model`, which re-exports the classes)."""
 
 from __future__ import annotations
 
