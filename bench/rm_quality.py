@@ -84,8 +84,8 @@ def _final_eval(run_dir: Path) -> dict:
 def train_rm(level: str, seed: int, out: Path, *, world: Path, steps: int, batch: int, lr: float,
              extra: list[str], name: str | None = None) -> dict:
     """Train one reward model with ``finegrain rm`` and return its final evaluation."""
-    from finegrain.config import parse
     from finegrain.trainers.rm import RMConfig, load_inputs, train
+    from finegrain.world.app import parse_config
 
     args = ["--level", level, "--world_dir", str(world), "--output_dir", str(out / f"{name or level}-{seed}"),
             "--overwrite_output_dir", "--seed", str(seed), "--max_steps", str(steps),
@@ -93,15 +93,15 @@ def train_rm(level: str, seed: int, out: Path, *, world: Path, steps: int, batch
             "--learning_rate", str(lr), "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.05",
             "--logging_steps", str(max(1, steps // 4)), "--max_eval_samples", "1000", "--max_credit_samples", "1000",
             "--disable_tqdm", *extra]
-    cfg = parse(RMConfig, args, "finegrain rm")
+    cfg = parse_config("rm", RMConfig, args)  # as `finegrain rm`: the world fills its data and base model
     return _final_eval(train(cfg, load_inputs(cfg)))
 
 
 def _credit(world: Path, tokenizer, limit: int | None = None):
-    from finegrain.config import parse
     from finegrain.trainers.rm import RMConfig, credit_items
+    from finegrain.world.app import parse_config
 
-    cfg = parse(RMConfig, ["--world_dir", str(world)], "finegrain rm")
+    cfg = parse_config("rm", RMConfig, ["--world_dir", str(world)])
     return credit_items(str(world / "data" / "credit_test.jsonl"), tokenizer, cfg, limit=limit, skip=True)
 
 
@@ -117,22 +117,23 @@ def credit_auroc(source, items, pad_id: int) -> float:
 def contrastive_auroc(world: Path) -> float:
     """T-REG contrastive prompting with the world's SFT model and its control prompts."""
     from finegrain.models.loading import load_causal_lm, load_tokenizer
-    from finegrain.rewards.contrastive import ContrastiveRewardSource, resolve_template
+    from finegrain.rewards.contrastive import ContrastiveRewardSource
+    from finegrain.world.app import world_control_template
 
     tok = load_tokenizer(str(world / "sft"))
     sft = load_causal_lm(str(world / "sft")).eval()
-    source = ContrastiveRewardSource(sft, tok, resolve_template("auto", on_world=True))
+    source = ContrastiveRewardSource(sft, tok, world_control_template())
     return credit_auroc(source, _credit(world, tok), tok.pad_token_id)
 
 
 def implicit_auroc(world: Path, seed: int, out: Path, *, steps: int, batch: int, lr: float, beta: float) -> float:
     """Implicit DPO token rewards ``β ρ_t`` of a policy trained by ``finegrain po --loss dpo``."""
+    from finegrain.cli.commands import po
     from finegrain.models.loading import load_causal_lm, load_tokenizer
     from finegrain.rewards.implicit import ImplicitRewardSource
-    from finegrain.trainers import po
 
     run = out / f"dpo-{seed}"
-    po.main(["--loss", "dpo", "--beta", str(beta), "--world_dir", str(world), "--output_dir", str(run),
+    po(["--loss", "dpo", "--beta", str(beta), "--world_dir", str(world), "--output_dir", str(run),
              "--overwrite_output_dir", "--seed", str(seed), "--max_steps", str(steps),
              "--per_device_train_batch_size", str(batch), "--learning_rate", str(lr), "--lr_scheduler_type",
              "constant", "--warmup_steps", "10", "--logging_steps", str(max(1, steps // 4)), "--disable_tqdm",

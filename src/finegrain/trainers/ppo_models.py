@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from finegrain.errors import ConfigError
-from finegrain.models.build import apply_lora, disable_dropout, freeze
+from finegrain.models.build import apply_lora, disable_dropout, freeze, hidden_size
 from finegrain.models.forward import decoder, hidden_states, model_inputs, predicting_states
 from finegrain.models.heads import ScalarHead
 from finegrain.rl.rollout import take_rows
@@ -118,20 +118,14 @@ def _zero_head(hidden_size: int) -> nn.Module:
     return head
 
 
-def _hidden_size(model: nn.Module) -> int:
-    config = model.config
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return int(text.hidden_size)
-
-
 def make_critic(cfg: PPOConfig, policy: nn.Module) -> nn.Module | None:
     """The critic of ``--critic separate`` (a :class:`ValueModel` on a copy of the policy's body), the value head
     of ``--critic shared`` (a ``ScalarHead``), or None when the estimator needs no values. Call before LoRA."""
     if cfg.estimator != "gae":
         return None
     if cfg.critic == "shared":
-        return _zero_head(_hidden_size(policy))
-    critic = ValueModel(copy.deepcopy(decoder(policy)), _hidden_size(policy))
+        return _zero_head(hidden_size(policy))
+    critic = ValueModel(copy.deepcopy(decoder(policy)), hidden_size(policy))
     if cfg.use_peft:
         critic.body = apply_lora(critic.body, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
                                  task_type="FEATURE_EXTRACTION")
