@@ -26,7 +26,8 @@ from finegrain.ops.logprobs import token_entropy, token_logps
 from finegrain.ops.masked import zero_masked
 from finegrain.types import CompletionBatch
 
-__all__ = ["resolve_special_ids", "sample_next_token", "sample_rollouts", "score_rollout", "take_rows"]
+__all__ = ["left_pad_prompts", "resolve_special_ids", "sample_next_token", "sample_prompts", "sample_rollouts",
+           "score_rollout", "take_rows"]
 
 
 def _as_list(ids: Any) -> list[int]:
@@ -255,6 +256,32 @@ def sample_rollouts(
         completion_mask=completion_mask,
         extras={"truncated": ~is_eos.any(dim=1)},
     )
+
+
+def left_pad_prompts(model: nn.Module, tokenizer: Any, prompts: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` ``(N, P)`` of raw prompts on the model's device: each rendered by
+    :func:`finegrain.data.tokenize.tokenize_prompt` (chat template for a conversation), left-padded with the pad id
+    of :func:`resolve_special_ids` (the prompt block of :func:`finegrain.data.collate.collate_completions`)."""
+    from finegrain.data.collate import collate_completions
+    from finegrain.data.tokenize import tokenize_prompt
+
+    _, pad_id = resolve_special_ids(model, tokenizer)
+    rows = [{"prompt_input_ids": tokenize_prompt(tokenizer, p), "completion_input_ids": []} for p in prompts]
+    batch = collate_completions(rows, pad_id)
+    device = next(model.parameters()).device
+    return batch.prompt_input_ids.to(device), batch.prompt_attention_mask.to(device)
+
+
+def sample_prompts(model: nn.Module, tokenizer: Any, prompts: Sequence[Any], **sampling: Any) -> CompletionBatch:
+    """:func:`sample_rollouts` (``**sampling``: its keyword arguments but ``tokenizer``) on the prompts of
+    :func:`left_pad_prompts`, with ``responses`` set to the decoded texts
+    (:func:`finegrain.rewards.base.decode_responses`: up to the first EOS, special tokens dropped, stripped); rows
+    are prompt-major."""
+    from finegrain.rewards.base import decode_responses
+
+    batch = sample_rollouts(model, *left_pad_prompts(model, tokenizer, prompts), tokenizer=tokenizer, **sampling)
+    batch.responses = decode_responses(tokenizer, batch)
+    return batch
 
 
 def take_rows(batch: CompletionBatch, rows: slice | torch.Tensor) -> tuple[CompletionBatch, int]:

@@ -53,30 +53,20 @@ def train_base_model(cfg: WorldConfig, corpus: list[dict], tokenizer, out_dir: P
     return model, {"final_loss": losses[-1] if losses else float("nan"), "steps": cfg.sft_steps}
 
 
-@torch.no_grad()
 def sample_responses(model, tokenizer, prompts: list[str], *, num_samples: int, cfg: WorldConfig,
                      batch_size: int = 256, show_progress: bool = True) -> list[tuple[str, ...]]:
-    """``num_samples`` sampled responses (decoded text) per prompt from ``model``, one generator seeded with
-    ``cfg.seed`` for all batches."""
+    """``num_samples`` sampled responses (decoded text) per prompt from ``model``
+    (:func:`finegrain.rl.rollout.sample_prompts`), one generator seeded with ``cfg.seed`` for all batches."""
     from tqdm.auto import tqdm
 
-    from finegrain.data.collate import collate_completions
-    from finegrain.data.tokenize import tokenize_prompt
-    from finegrain.rewards.base import decode_responses
-    from finegrain.rl.rollout import sample_rollouts
+    from finegrain.rl.rollout import sample_prompts
 
     model.eval()
     gen = torch.Generator().manual_seed(cfg.seed)
     out: list[tuple[str, ...]] = []
     for lo in tqdm(range(0, len(prompts), batch_size), desc="sampling", disable=not show_progress):
         chunk = prompts[lo : lo + batch_size]
-        batch = collate_completions(
-            [{"prompt_input_ids": tokenize_prompt(tokenizer, p), "completion_input_ids": []} for p in chunk],
-            tokenizer.pad_token_id,
-        )
-        roll = sample_rollouts(model, batch.prompt_input_ids, batch.prompt_attention_mask,
-                               max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                               num_samples=num_samples, tokenizer=tokenizer, generator=gen)
-        texts = decode_responses(tokenizer, roll)
+        texts = sample_prompts(model, tokenizer, chunk, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                               num_samples=num_samples, generator=gen).responses
         out += [tuple(texts[i * num_samples : (i + 1) * num_samples]) for i in range(len(chunk))]
     return out
