@@ -275,17 +275,14 @@ def stage_speed(cfg: IFEvalConfig) -> None:
     """Time ``sample_rollouts`` and ``generate`` (greedy) on the first ``batch_size`` test prompts."""
     import torch
 
-    from finegrain.data import tokenize_prompt
     from finegrain.ifeval.data import load_rows_checked
-    from finegrain.ifeval.sampling import _left_pad
-    from finegrain.rl import resolve_special_ids, sample_rollouts
+    from finegrain.rl.rollout import left_pad_prompts, resolve_special_ids, sample_rollouts
 
     paths = _paths(cfg)
     rows = load_rows_checked(paths.prompts("test"), "prompts")[: cfg.batch_size]
     model, tok = _load(_start_model(cfg), cfg)
     _, pad_id = resolve_special_ids(model, tok)
-    ids, attn = _left_pad([tokenize_prompt(tok, r["prompt"]) for r in rows], pad_id)
-    ids, attn = ids.to(_device(cfg)), attn.to(_device(cfg))
+    ids, attn = left_pad_prompts(model, tok, [r["prompt"] for r in rows])
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"  {len(rows)} prompts ({ids.shape[1]} tokens, left-padded), {resolve_dtype(cfg)}, "
           f"{torch.get_num_threads()} thread(s), load average {load:.2f} before")

@@ -1,14 +1,13 @@
-"""Sampling a chat model on prompt rows, resumably, with :func:`finegrain.rl.sample_rollouts`.
+"""Sampling a chat model on prompt rows, resumably, with :func:`finegrain.rl.rollout.sample_prompts`.
 
 Why finegrain's sampler and not ``model.generate``: on SmolLM2-135M (float32, greedy, batch 16, 160 new tokens, one
 thread) both took the same time and gave identical tokens (docs/ifeval.md, "Sampling speed"), and the sampler draws
 from a seeded ``torch.Generator`` per batch, so a resumed run samples exactly what an uninterrupted one would.
 
-Prompts are rendered with the tokenizer's chat template (:func:`finegrain.data.tokenize_prompt`, as every finegrain
-command does) and left-padded; each batch holds ``batch_size // num_samples`` prompts, each sampled
-``num_samples`` times. Batch ``b`` draws from ``torch.Generator().manual_seed(seed * 1_000_003 + b)``. A response
-is the decoded tokens up to its first EOS (special tokens dropped, stripped), as
-:class:`finegrain.rewards.FunctionRewardSource` decodes them.
+Prompts are rendered with the tokenizer's chat template as every finegrain command does, and a response is decoded
+as :class:`finegrain.rewards.FunctionRewardSource` decodes it (``sample_prompts``). Each batch holds
+``batch_size // num_samples`` prompts, each sampled ``num_samples`` times; batch ``b`` draws from
+``torch.Generator().manual_seed(seed * 1_000_003 + b)``.
 
 Resume: each finished batch is appended (one JSON line per prompt, flushed) to ``<out>.partial``; a restart skips
 the batches already there and the file is renamed to ``<out>`` when the last batch is written, so ``<out>`` exists
@@ -50,15 +49,6 @@ class SampleSettings:
     seed: int = 0
 
 
-def _left_pad(prompts: list[list[int]], pad_id: int):
-    """``(input_ids, attention_mask)`` of left-padded prompts: the prompt block of ``collate_completions``."""
-    from finegrain.data.collate import collate_completions
-
-    rows = [{"prompt_input_ids": p, "completion_input_ids": []} for p in prompts]
-    batch = collate_completions(rows, pad_id)
-    return batch.prompt_input_ids, batch.prompt_attention_mask
-
-
 def sample_rows(model, tokenizer, rows: Sequence[dict], settings: SampleSettings, out_path: str | Path, *,
                 reference=None, desc: str = "sampling", show_progress: bool = True) -> list[dict]:
     """Sample ``settings.num_samples`` responses to every row's prompt and write them to ``out_path`` (resumable).
@@ -83,10 +73,9 @@ def sample_rows(model, tokenizer, rows: Sequence[dict], settings: SampleSettings
     import torch
     from tqdm.auto import tqdm
 
-    from finegrain.data import tokenize_prompt
     from finegrain.errors import DataError
-    from finegrain.rewards.base import decode_responses
-    from finegrain.rl import resolve_special_ids, sample_rollouts, score_rollout
+    from finegrain.rl import score_rollout
+    from finegrain.rl.rollout import sample_prompts
 
     out_path = Path(out_path)
     if out_path.is_file():
@@ -107,7 +96,6 @@ def sample_rows(model, tokenizer, rows: Sequence[dict], settings: SampleSettings
             done[row["key"]] = row
     per_batch = max(1, settings.batch_size // settings.num_samples)
     batches = [list(rows[i: i + per_batch]) for i in range(0, len(rows), per_batch)]
-    _, pad_id = resolve_special_ids(model, tokenizer)
     device = next(model.parameters()).device
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with partial.open("a", encoding="utf-8") as sink, \
@@ -117,18 +105,15 @@ def sample_rows(model, tokenizer, rows: Sequence[dict], settings: SampleSettings
                 bar.update(len(batch_rows))
                 continue
             start = time.perf_counter()
-            ids, attn = _left_pad([tokenize_prompt(tokenizer, r["prompt"]) for r in batch_rows], pad_id)
             generator = torch.Generator(device=device).manual_seed(settings.seed * 1_000_003 + b)
-            roll = sample_rollouts(
-                model, ids.to(device), attn.to(device), max_new_tokens=settings.max_new_tokens,
-                do_sample=settings.temperature > 0, temperature=settings.temperature, top_p=settings.top_p,
-                num_samples=settings.num_samples, tokenizer=tokenizer, generator=generator,
-            )
+            roll = sample_prompts(model, tokenizer, [r["prompt"] for r in batch_rows],
+                                  max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                                  top_p=settings.top_p, num_samples=settings.num_samples, generator=generator)
             kl = None
             if reference is not None:
                 scored = score_rollout(model, roll, ref_model=reference, with_full_kl=True)
                 kl = (scored["full_kl"] * roll.completion_mask).sum(dim=1).tolist()
-            texts = decode_responses(tokenizer, roll)
+            texts = roll.responses
             lengths = roll.completion_mask.sum(dim=1).tolist()
             truncated = roll.extras["truncated"].cpu().tolist()
             seconds = round(time.perf_counter() - start, 3)
