@@ -9,7 +9,14 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
-from finegrain.rl.rollout import resolve_special_ids, sample_next_token, sample_rollouts, score_rollout
+from finegrain.rl.rollout import (
+    left_pad_prompts,
+    resolve_special_ids,
+    sample_next_token,
+    sample_prompts,
+    sample_rollouts,
+    score_rollout,
+)
 from finegrain.types import CompletionBatch
 
 SPECIALS = ["[PAD]", "[BOS]", "[EOS]", "[UNK]"]
@@ -282,3 +289,15 @@ def test_lora_policy_with_the_adapter_disabled_as_reference(tokenizer, prompts):
     mask = batch.completion_mask
     assert (out["full_kl"][mask] > 0).all()
     assert not torch.allclose(out["token_logps"][mask], out["ref_token_logps"][mask])
+
+
+def test_sample_prompts_renders_left_pads_samples_and_decodes(model, tokenizer, prompts):
+    ids, attn = prompts
+    assert all(torch.equal(a, b) for a, b in zip(left_pad_prompts(model, tokenizer, PROMPTS), prompts))
+    batch = sample_prompts(model, tokenizer, PROMPTS, max_new_tokens=6, num_samples=2,
+                           generator=torch.Generator().manual_seed(3))
+    alone = sample_rollouts(model, ids, attn, max_new_tokens=6, num_samples=2, tokenizer=tokenizer,
+                            generator=torch.Generator().manual_seed(3))
+    assert torch.equal(batch.completion_input_ids, alone.completion_input_ids)
+    assert batch.responses == [tokenizer.decode(row[m], skip_special_tokens=True).strip()
+                               for row, m in zip(alone.completion_input_ids, alone.completion_mask)]
