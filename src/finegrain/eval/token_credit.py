@@ -192,7 +192,7 @@ def load_credit_examples(
         DataError: unknown columns or a bad row (naming the file, row and field).
     """
     from finegrain.data.alignment import edit_token_labels
-    from finegrain.data.loading import Rows, load_rows
+    from finegrain.data.loading import load_rows
     from finegrain.data.schema import validate_rows
     from finegrain.data.tokenize import IGNORE_INDEX, TokenLimits, tokenize_rows
 
@@ -226,8 +226,7 @@ def load_credit_examples(
         if name not in rows.column_names:
             raise DataError(f"missing column '{name}'; word-credit rows need prompt, response, words, credit",
                             source=rows.source, field=name)
-    as_sft = Rows([(name, [{"prompt": r.get("prompt"), "completion": r.get("response")} for r in data])
-                   for name, data in rows.parts], rows.source)  # the same files and rows, for the messages
+    as_sft = rows.map(lambda r, _: {"prompt": r.get("prompt"), "completion": r.get("response")})  # same origins
     try:
         valid = validate_rows(as_sft, "sft")
     except DataError as err:
@@ -252,19 +251,12 @@ class TruthSource:
     """The ground truth itself as a reward source (``oracle-credit``; its AUROC is 1 whenever both classes exist):
     reads ``batch.extras["truth"]`` ``(N, T)``, which :func:`score_token_credit` puts on every batch."""
 
-    name = ORACLE_CREDIT
+    def __init__(self, name: str | None = None):
+        self.name = name or ORACLE_CREDIT
 
     def token_rewards(self, batch: CompletionBatch) -> TokenRewards:
         mask = batch.completion_mask.to(torch.bool)
         return TokenRewards(values=batch.extras["truth"].float() * mask, mask=mask)
-
-
-def _unique(name: str, taken: Mapping[str, Any]) -> str:
-    unique, k = name, 1
-    while unique in taken or unique == "truth":
-        k += 1
-        unique = f"{name}#{k}"
-    return unique
 
 
 def resolve_credit_sources(specs: Sequence[Any] | Mapping[str, Any], context: Any) -> dict[str, Any]:
@@ -280,20 +272,20 @@ def resolve_credit_sources(specs: Sequence[Any] | Mapping[str, Any], context: An
         context: the :class:`~finegrain.rewards.registry.SourceContext` (policy tokenizer, reference, model loader).
 
     Returns:
-        An ordered mapping name -> source ("truth" is kept for the ground truth's own row).
+        An ordered mapping name -> source, named as :func:`~finegrain.rewards.registry.reward_sources` names them
+        ("truth" is kept for the ground truth's own row).
     """
-    from finegrain.rewards.registry import reward_source, split_name
+    from finegrain.rewards.registry import reward_sources, split_name
 
-    items = list(specs.items()) if isinstance(specs, Mapping) else [(None, s) for s in specs]
-    out: dict[str, Any] = {}
-    for given, spec in items:
+    def truth(spec: Any) -> Any:  # NAME=oracle-credit -> TruthSource(NAME); anything else is the registry's
         name, body = split_name(spec) if isinstance(spec, str) else (None, spec)
-        name = given or name
-        source = TruthSource() if body == ORACLE_CREDIT else reward_source(body, context)
+        return TruthSource(name) if body == ORACLE_CREDIT else spec
+
+    specs = {k: truth(v) for k, v in specs.items()} if isinstance(specs, Mapping) else [truth(s) for s in specs]
+    out = reward_sources(specs, context, reserved=("truth",))
+    for source in out.values():
         if getattr(source, "spread", True) is False:
             source.spread = True
-        source.name = _unique(name or str(getattr(source, "name", type(source).__name__)), out)
-        out[source.name] = source
     return out
 
 

@@ -217,17 +217,19 @@ def reward_source(spec: str | Any, context: SourceContext) -> RewardSource:
     return source
 
 
-def reward_sources(specs: Sequence[Any] | Mapping[str, Any], context: SourceContext) -> dict[str, RewardSource]:
-    """Several sources, by unique name (a repeated name gets ``#2``, ``#3``, ...); a mapping gives the names."""
+def reward_sources(specs: Sequence[Any] | Mapping[str, Any], context: SourceContext,
+                   reserved: Sequence[str] = ()) -> dict[str, RewardSource]:
+    """Several sources, by unique name: a mapping gives the names, else each source's own (its class name when it has
+    none); a name already taken or ``reserved`` gets ``#2``, ``#3``, ... Each ``source.name`` is set to its key."""
     items = list(specs.items()) if isinstance(specs, Mapping) else [(None, s) for s in specs]
     out: dict[str, RewardSource] = {}
     for given, spec in items:
         source = reward_source(spec, context)
-        if given:
-            source.name = given
-        name, k = str(source.name), 2
-        while name in out:
-            name, k = f"{source.name}#{k}", k + 1
+        base = given or str(getattr(source, "name", type(source).__name__))
+        name, k = base, 2
+        while name in out or name in reserved:
+            name, k = f"{base}#{k}", k + 1
+        source.name = name
         out[name] = source
     return out
 
