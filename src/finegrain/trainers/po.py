@@ -341,7 +341,7 @@ def train(cfg: POConfig, model, tokenizer, train_data, eval_data=None, *, ref_mo
 
 
 def _preference_data(cfg: POConfig, source, tokenizer, split: str | None, max_examples: int | None):
-    from finegrain.data.loading import Rows, load_rows
+    from finegrain.data.loading import load_rows
     from finegrain.data.prepared import PreferenceData
 
     rows = load_rows(source, split)
@@ -349,10 +349,8 @@ def _preference_data(cfg: POConfig, source, tokenizer, split: str | None, max_ex
     if column != "token_rewards":
         names = [f"chosen_{column}", f"rejected_{column}"]
         if any(n in rows.column_names for n in names):
-            def renamed(row):
-                return {(k.replace(f"_{column}", "_token_rewards") if k in names else k): v for k, v in row.items()}
-
-            rows = Rows([(name, [renamed(dict(r)) for r in part]) for name, part in rows.parts], rows.source)
+            rows = rows.map(lambda row, _: {(k.replace(f"_{column}", "_token_rewards") if k in names else k): v
+                                            for k, v in row.items()})
     return PreferenceData.from_source(rows, tokenizer, limits=loop.token_limits(cfg), skip_invalid=cfg.skip_invalid_rows,
                                       max_examples=max_examples)
 

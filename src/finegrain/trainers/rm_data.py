@@ -34,22 +34,19 @@ def _blank_chosen_as_missing(rows, *, keep_identical: bool = False):
     Returns:
         ``(rows, identical)``: the cleaned :class:`~finegrain.data.loading.Rows` and a set of ``(file, row)``.
     """
-    from finegrain.data.loading import Rows
-
     identical: set[tuple[str, int]] = set()
 
-    def clean(name: str, j: int, r: dict) -> dict:
+    def clean(r: dict, origin: tuple[str, int]) -> dict:
         c = r.get("chosen")
         if isinstance(c, str) and not c.strip():
             r = {**r, "chosen": None}
         rej = r.get("rejected")
         if keep_identical and r.get("prompt") is not None and rej is not None and r.get("revised") == rej:
-            identical.add((name, j))
+            identical.add(origin)
             r = {**r, "revised": "x" if rej != "x" else "y"}  # any other valid response; replaced after validation
         return r
 
-    parts = [(name, [clean(name, j, dict(r)) for j, r in enumerate(data)]) for name, data in rows.parts]
-    return Rows(parts, rows.source), identical
+    return rows.map(clean), identical
 
 
 def pair_examples(source: Any, tokenizer, cfg: RMConfig, *, split: str, limit: int | None, skip: bool) -> list[dict]:
@@ -198,7 +195,7 @@ def score_credit(source, items: list[dict], pad_token_id: int, *, reduce: str = 
             if "spans" in it:
                 text_tokens = [k for k, (a, b) in enumerate(it["offsets"][:n]) if b > a]
                 s = map_token_values(v[:n][text_tokens], [it["offsets"][k] for k in text_tokens], it["spans"],
-                                     reduce=reduce, end_index=len(it["spans"]) - 1)
+                                     reduce=reduce)
             else:
                 s = v[:n]
             scores.append(s)
