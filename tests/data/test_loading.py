@@ -184,6 +184,9 @@ def test_directory_of_shards_names_the_file_of_a_bad_row(tmp_path):
     write_jsonl(sub / "validation-00000-of-00001.jsonl", [dict(PAIRS[0], chosen=None)])
     rows = load_rows(tmp_path, split="train")
     assert len(rows) == 4 and rows.locate(3) == (str(sub / "train-00001-of-00002.parquet"), 1)
+    mapped = rows.map(lambda r, origin: {**r, "origin": origin})  # same parts, each row told its origin
+    assert [p for p, _ in mapped.parts] == [p for p, _ in rows.parts] and mapped.source == rows.source
+    assert [r["origin"] for r in mapped] == [rows.locate(i) for i in range(4)] and mapped[0]["chosen"] == rows[0]["chosen"]
     with pytest.raises(DataError) as e:
         validate_rows(load_rows(tmp_path, split="validation"))
     assert (e.value.source, e.value.row, e.value.field) == (str(sub / "validation-00000-of-00001.jsonl"), 0, "chosen")

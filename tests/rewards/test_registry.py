@@ -52,6 +52,10 @@ def test_several_sources_get_unique_names(constant_kind):
     assert list(sources) == ["constant", "constant#2", "x"]
     sources = reward_sources({"a": "constant", "b": Constant(5.0)}, ctx)  # a mapping names them; objects pass through
     assert list(sources) == ["a", "b"] and sources["b"].value == 5.0
+    # a reserved name is suffixed as a taken one; each source carries its key as its name
+    sources = reward_sources(["truth=constant", "constant", "constant"], ctx, reserved=("truth",))
+    assert list(sources) == ["truth#2", "constant", "constant#2"]
+    assert [s.name for s in sources.values()] == list(sources)
 
 
 def test_unknown_specs_list_the_grammar(tmp_path):
