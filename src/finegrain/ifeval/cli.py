@@ -220,13 +220,6 @@ def stage_labels(cfg: IFEvalConfig) -> None:
     print(f"  {summary}")
 
 
-def _eval_name(cfg: IFEvalConfig, start: Path) -> tuple[str, Path, bool]:
-    policy = Path(cfg.policy).expanduser() if cfg.policy else start
-    is_start = policy.resolve() == start.resolve()
-    name = cfg.name or ("start" if is_start else (policy.parent.name if policy.name == "final" else policy.name))
-    return name, policy, is_start
-
-
 def stage_eval(cfg: IFEvalConfig, models=None) -> dict:
     """Greedy responses of a policy (default: the start model) and of the start model to the test prompts, judged by
     IFEval's checkers, with the KL to the start model (:func:`finegrain.ifeval.evaluate.evaluate_on_task`: the
@@ -236,7 +229,9 @@ def stage_eval(cfg: IFEvalConfig, models=None) -> dict:
 
     paths = _paths(cfg)
     start_dir = _start_model(cfg)
-    name, policy_dir, is_start = _eval_name(cfg, start_dir)
+    policy_dir = Path(cfg.policy).expanduser() if cfg.policy else start_dir
+    own_name = policy_dir.parent.name if policy_dir.name == "final" else policy_dir.name
+    name = cfg.name or ("start" if policy_dir.resolve() == start_dir.resolve() else own_name)
     out_dir = paths.eval_dir(name)
     rows = load_rows_checked(paths.prompts("test"), "prompts")[: cfg.max_eval_prompts]
     if (out_dir / "eval.json").is_file():
@@ -255,13 +250,12 @@ def stage_eval(cfg: IFEvalConfig, models=None) -> dict:
 def stage_truth(cfg: IFEvalConfig) -> None:
     from finegrain.data.files import write_jsonl
     from finegrain.ifeval.data import load_rows_checked, make_truth
+    from finegrain.ifeval.evaluate import samples_as_task_rows
     from finegrain.models.loading import load_tokenizer
 
     paths = _paths(cfg)
     if _done(paths.truth):
         return
-    from finegrain.ifeval.evaluate import samples_as_task_rows
-
     samples_path = paths.eval_dir("start") / "samples.jsonl"
     load_rows_checked(samples_path, "eval")
     samples = samples_as_task_rows(load_rows_checked(paths.prompts("test"), "prompts"), samples_path)
