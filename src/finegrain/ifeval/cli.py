@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 from finegrain.config import dispatch, option, parse
+from finegrain.data.files import write_jsonl
 from finegrain.errors import ConfigError
 from finegrain.ifeval.evaluate import format_eval
 
@@ -146,7 +147,6 @@ def stage_model(cfg: IFEvalConfig) -> None:
 
 
 def stage_prompts(cfg: IFEvalConfig) -> None:
-    from finegrain.data.files import write_jsonl
     from finegrain.ifeval.prompts import make_prompts
 
     paths = _paths(cfg)
@@ -176,7 +176,6 @@ def stage_sample(cfg: IFEvalConfig) -> None:
 
 
 def stage_pairs(cfg: IFEvalConfig) -> None:
-    from finegrain.data.files import write_jsonl
     from finegrain.ifeval.data import load_rows_checked, make_pairs
 
     paths = _paths(cfg)
@@ -189,7 +188,6 @@ def stage_pairs(cfg: IFEvalConfig) -> None:
 
 
 def stage_revise(cfg: IFEvalConfig) -> None:
-    from finegrain.data.files import write_jsonl
     from finegrain.ifeval.data import load_rows_checked, make_revision_pairs, make_revisions
 
     paths = _paths(cfg)
@@ -248,7 +246,6 @@ def stage_eval(cfg: IFEvalConfig, models=None) -> dict:
 
 
 def stage_truth(cfg: IFEvalConfig) -> None:
-    from finegrain.data.files import write_jsonl
     from finegrain.ifeval.data import load_rows_checked, make_truth
     from finegrain.ifeval.evaluate import samples_as_task_rows
     from finegrain.models.loading import load_tokenizer
