@@ -28,6 +28,7 @@ def train_base_model(cfg: WorldConfig, corpus: list[dict], tokenizer, out_dir: P
     """SFT a fresh base model on ``corpus``; save it (with the tokenizer) to ``out_dir``. Returns (model, stats)."""
     from finegrain.data.prepared import CompletionData
     from finegrain.data.tokenize import TokenLimits
+    from finegrain.models.loading import load_causal_lm
     from finegrain.trainers.sft import SFTConfig, train
 
     out_dir = Path(out_dir)
@@ -47,8 +48,6 @@ def train_base_model(cfg: WorldConfig, corpus: list[dict], tokenizer, out_dir: P
         shutil.rmtree(out_dir)
     os.replace(run / "final", out_dir)
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
-    from finegrain.models.loading import load_causal_lm
-
     model = load_causal_lm(str(out_dir)).eval()
     return model, {"final_loss": losses[-1] if losses else float("nan"), "steps": cfg.sft_steps}
 
