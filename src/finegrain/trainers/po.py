@@ -128,7 +128,7 @@ def make_loss(cfg: POConfig) -> Callable[[PreferenceStats], PreferenceLossOutput
     return loss
 
 
-def batch_stats(model, reference: Reference | None, batch, plan: Plan, cfg: POConfig, data=None,
+def batch_stats(model, reference: Reference | None, batch, plan: Plan, cfg: POConfig,
                 contrastive=None) -> PreferenceStats:
     """Everything the loss needs for one :class:`~finegrain.types.PreferenceBatch`, in one policy forward.
 
@@ -144,7 +144,6 @@ def batch_stats(model, reference: Reference | None, batch, plan: Plan, cfg: POCo
         batch: a :class:`~finegrain.types.PreferenceBatch` on the model's device.
         plan: what to compute (:func:`make_plan`).
         cfg: the config (β, chunk size).
-        data: the batch's data set (raw prompts and response texts for contrastive rewards).
         contrastive: the :class:`~finegrain.rewards.contrastive.ContrastiveRewardSource` for
             ``plan.token_rewards == "contrastive"``.
 
@@ -189,7 +188,7 @@ def evaluate(model, data, plan: Plan, loss_fn, reference, cfg: POConfig, acc, co
     model.eval()
     total: dict[str, torch.Tensor] = {}
     for _, batch in loop.eval_batches(data, cfg.per_device_eval_batch_size, acc):
-        stats = batch_stats(model, reference, batch, plan, cfg, data, contrastive)
+        stats = batch_stats(model, reference, batch, plan, cfg, contrastive)
         accumulate(total, pair_metrics(loss_fn(stats), stats))
     model.train()
     return reduce_metrics(total, len(data), acc, metric_names(cfg))
@@ -319,7 +318,7 @@ def train(cfg: POConfig, model, tokenizer, train_data, eval_data=None, *, ref_mo
         total: dict[str, torch.Tensor] = {}
         for mb in loop.micro_steps(run, model, indices):
             batch = train_data.collate(mb).to(acc.device)
-            stats = batch_stats(model, reference, batch, train_plan, cfg, train_data, contrastive)
+            stats = batch_stats(model, reference, batch, train_plan, cfg, contrastive)
             out = loss_fn(stats)
             # DDP averages gradients over processes; multiplying by their number keeps the global mean
             acc.backward(out.losses.sum() * num_processes / t.global_batch)
