@@ -25,7 +25,6 @@ from pathlib import Path
 
 from finegrain.cli.main import COMMANDS
 from finegrain.config import load_function, load_yaml, option, parse
-from finegrain.world.app import world_control_template
 
 
 @dataclasses.dataclass
@@ -143,13 +142,13 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     print("\n[6/7] token credit of every reward source against the world's ground truth", flush=True)
     from finegrain.eval.token_credit import evaluate_token_credit_sources
+    from finegrain.world.app import credit_settings
 
     t = time.time()
     sources = ["truth=oracle-credit", "contrastive", f"implicit-tdpo2=implicit:{runs / 'po-tdpo2'}"] + [
         f"{level}-rm={runs / f'rm-{level}' / 'final'}" for level in RM_LEVELS]
-    credit = evaluate_token_credit_sources(sources, data=str(world / "data" / "credit_test.jsonl"),
-                                           reference=str(world / "sft"), output_dir=out / "token-credit",
-                                           max_rows=300, models=cache, contrastive_template=world_control_template())
+    credit = evaluate_token_credit_sources(sources, **credit_settings(world), output_dir=out / "token-credit",
+                                           max_rows=300, models=cache)  # the world's credit rows, SFT, template
     timings["token-credit"] = time.time() - t
 
     print("\n[7/7] report", flush=True)
