@@ -133,6 +133,8 @@ def run(*, model: str = "auto", layers: int | None = None, parts: tuple[str, ...
     cpu_ratios: dict[str, float] = {}
     figures: dict = {}
     notes: list[str] = []
+    if workdir is not None:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         model_dir, source = resolve_model(model, Path(tmp), layers)
         c = AutoConfig.from_pretrained(model_dir)
