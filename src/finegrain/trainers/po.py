@@ -240,20 +240,14 @@ def spec_reward_source(cfg: POConfig, tokenizer, device, reference: Reference | 
     ``cfg.reg_map``. Sources that read the reference (``implicit:RUN``) get the frozen reference when there is one,
     else the starting weights (``ref_model_name_or_path`` or ``model_name_or_path``) loaded once."""
     from finegrain.models.build import freeze
-    from finegrain.models.loading import load_causal_lm
+    from finegrain.models.loading import ModelCache
     from finegrain.rewards.registry import SourceContext, reward_source
 
-    loaded: dict[str, torch.nn.Module] = {}
-
-    def load(path: str):
-        if path not in loaded:
-            loaded[path] = freeze(load_causal_lm(path, trust_remote_code=cfg.trust_remote_code)).to(device).eval()
-        return loaded[path]
-
+    cache = ModelCache(device, trust_remote_code=cfg.trust_remote_code)  # each directory loaded once
     ref = reference.model if reference is not None and reference.model is not None else (
         cfg.ref_model_name_or_path or cfg.model_name_or_path)
-    context = SourceContext(tokenizer=tokenizer, device=device, load_model=load, reference=ref,
-                            chunk_size=cfg.chunk_size)
+    context = SourceContext(tokenizer=tokenizer, device=device, load_model=lambda path: freeze(cache.model(path)),
+                            reference=ref, chunk_size=cfg.chunk_size)
     return MappedRewards(reward_source(cfg.reg_source, context), cfg.reg_map or "squash")
 
 
