@@ -25,6 +25,7 @@ from pathlib import Path
 
 from finegrain.cli.main import COMMANDS
 from finegrain.config import load_function, load_yaml, option, parse
+from finegrain.data.files import read_jsonl
 
 
 @dataclasses.dataclass
@@ -80,8 +81,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def _last_eval(run_dir: Path) -> dict:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    evals = [r for r in rows if r.get("split") == "eval"]
+    evals = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("split") == "eval"]
     return evals[-1] if evals else {}
 
 
