@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from finegrain.config import config_fields, dump_yaml, parse
+from finegrain.config import check_ranges, config_fields, dump_yaml, parse
 from finegrain.errors import ConfigError
 
 COMMANDS = {"sft": "finegrain.trainers.sft:SFTConfig", "po": "finegrain.trainers.po:POConfig",
@@ -136,13 +136,27 @@ def test_values_are_coerced_with_messages_that_name_the_option():
              ("--learning_rate", "x" * 500): "option 'learning_rate' must be a number, got 'xxxxx",
              ("--optim", "adam"): "optim",
              ("--output_dir", "a\0b"): "option 'output_dir' contains a NUL character",
-             ("--max_length", "0"): "option 'max_length' must be positive, got 0"}
+             ("--max_length", "0"): "option 'max_length' must be > 0, got 0"}
     for argv, message in cases.items():
         with pytest.raises(ConfigError) as info:
             parse(SFTConfig, list(argv), "finegrain sft")
         assert message in str(info.value), (argv, str(info.value))
         assert len(str(info.value)) < 300  # long junk is cut: one readable line
     assert parse(SFTConfig, ["--learning_rate", "1e-3"], "t").learning_rate == 1e-3
+
+
+def test_check_ranges_names_the_first_option_out_of_range():
+    cfg = dataclasses.make_dataclass("C", [("a", float), ("b", float), ("c", object)])
+    check_ranges(cfg(1.0, 0.0, None), positive=("a", "c"), nonnegative=("b",))  # None (unset) passes
+    for values, message in {(0.0, 0.0, 1): "option 'a' must be > 0, got 0.0",
+                            (1.0, -1e-9, 1): "option 'b' must be >= 0, got -1e-09",
+                            (1.0, 0.0, -2): "option 'c' must be > 0, got -2",
+                            (float("nan"), 0.0, 1): "option 'a' must be > 0, got nan"}.items():
+        with pytest.raises(ConfigError) as info:
+            check_ranges(cfg(*values), positive=("a", "c"), nonnegative=("b",))
+        assert str(info.value) == message
+    with pytest.raises(ConfigError, match="option 'b' must be >= 0, got nan"):
+        check_ranges(cfg(1.0, float("nan"), 1), nonnegative=("b",))
 
 
 def test_unknown_flags_and_stray_words():

@@ -43,6 +43,16 @@ def option(default: Any = _MISSING, help: str = "", *, default_factory: Any = _M
     return dataclasses.field(default=default, metadata=meta)
 
 
+def check_ranges(cfg: Any, *, positive: tuple[str, ...] = (), nonnegative: tuple[str, ...] = ()) -> None:
+    """Raise :class:`ConfigError` naming the first option of ``cfg`` out of its range: ``positive`` options must be
+    > 0, ``nonnegative`` ones >= 0 (NaN fails both); an unset option (``None``) passes."""
+    for names, bound, ok in ((positive, "> 0", lambda v: v > 0), (nonnegative, ">= 0", lambda v: v >= 0)):
+        for name in names:
+            value = getattr(cfg, name)
+            if value is not None and not ok(value):
+                raise ConfigError(f"option '{name}' must be {bound}, got {value}")
+
+
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     origin = get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -391,11 +401,9 @@ class TrainConfig:
     record_consumed: bool = option(False, "write each step's example indices to RUN_DIR/consumed.jsonl (shows that a resumed run repeats and skips nothing)")
 
     def __post_init__(self) -> None:
-        positive = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                    "max_length", "max_prompt_length", "max_nonfinite_steps")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"option '{name}' must be positive, got {getattr(self, name)}")
+        check_ranges(self, positive=("per_device_train_batch_size", "per_device_eval_batch_size",
+                                     "gradient_accumulation_steps", "max_length", "max_prompt_length",
+                                     "max_nonfinite_steps"), nonnegative=("learning_rate", "warmup_steps"))
         if self.max_prompt_length >= self.max_length:
             raise ConfigError(
                 f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length ({self.max_length}) "
@@ -405,9 +413,6 @@ class TrainConfig:
             raise ConfigError("nothing to train: set --max_steps > 0 or --num_train_epochs > 0")
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"option 'seed' must be in [0, 2**32), got {self.seed}")
-        for name in ("learning_rate", "warmup_steps"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.resume_from_checkpoint and self.overwrite_output_dir:

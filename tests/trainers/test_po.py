@@ -48,7 +48,7 @@ def test_config_defaults_and_contradictions():
         "T-REG option": ["--loss", "dpo", "--reg_source", "external"],
         "full distribution": ["--loss", "tdpo1", "--precompute_ref_log_probs"],
         "uses no reference": ["--loss", "simpo", "--precompute_ref_log_probs"],
-        "beta must be positive": ["--beta", "0"],
+        "option 'beta' must be > 0": ["--beta", "0"],
     }
     for message, argv in bad.items():
         with pytest.raises(ConfigError, match=message):
@@ -271,7 +271,7 @@ def test_treg_defaults_and_the_new_options():
     assert parse(po.POConfig, ["--rpo_alpha", "0.5"], "po").rpo_alpha == 0.5
     bad = {
         "adds an SFT term to DPO": ["--loss", "simpo", "--rpo_alpha", "1"],
-        "rpo_alpha must be": ["--rpo_alpha", "-1"],
+        "option 'rpo_alpha' must be >= 0": ["--rpo_alpha", "-1"],
         "maps the rewards of a reward spec": ["--loss", "treg-dpo", "--reg_map", "half"],
         "T-REG option": ["--loss", "dpo", "--reg_source", "implicit:x"],
         "must name a source": ["--loss", "treg-dpo", "--reg_source", " "],

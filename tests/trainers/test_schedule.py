@@ -122,7 +122,7 @@ def test_state_saved_and_loaded_resumes_the_same_rates(kind):
 def test_warmup_options_are_checked():
     from finegrain.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="warmup_steps must be >= 0"):
+    with pytest.raises(ConfigError, match="option 'warmup_steps' must be >= 0, got -1"):
         TrainConfig(warmup_steps=-1)
     with pytest.raises(ConfigError, match="warmup_ratio must be in"):
         TrainConfig(warmup_ratio=1.0)

@@ -33,7 +33,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from finegrain.config import option
+from finegrain.config import check_ranges, option
 from finegrain.errors import ConfigError, NonFiniteError
 from finegrain.eval.token_credit import format_number as _f
 from finegrain.eval.token_credit import json_value, mark_eval_dir
@@ -89,19 +89,11 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if not self.policy and not self.token_credit:
             raise ConfigError("nothing to evaluate: pass --policy MODEL_DIR and/or --token_credit SOURCE ...")
-        for name in ("num_samples", "batch_size", "chunk_rows", "max_prompt_length"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"option '{name}' must be >= 1, got {getattr(self, name)}")
-        for name in ("max_new_tokens", "max_prompts", "max_credit_rows"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ConfigError(f"option '{name}' must be >= 1 (or unset), got {getattr(self, name)}")
-        if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        check_ranges(self, positive=("num_samples", "batch_size", "chunk_rows", "max_prompt_length", "max_new_tokens",
+                                     "max_prompts", "max_credit_rows"),
+                     nonnegative=("temperature", "top_k", "tie_tolerance", "num_credit_examples"))
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        for name in ("top_k", "tie_tolerance", "num_credit_examples"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.prompts and not self.reference and self.policy:
             raise ConfigError("--prompts given without --reference: on your own prompts, name the reference model")
         if self.prompts and self.policy and not self.judge:

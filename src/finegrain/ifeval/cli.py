@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from finegrain.config import dispatch, option, parse
+from finegrain.config import check_ranges, dispatch, option, parse
 from finegrain.data.files import write_jsonl
 from finegrain.errors import ConfigError
 from finegrain.ifeval.evaluate import format_eval
@@ -60,12 +60,8 @@ class IFEvalConfig:
     disable_tqdm: bool = option(False, "hide progress bars")
 
     def __post_init__(self) -> None:
-        for name in ("num_train_prompts", "num_test_prompts", "num_samples", "max_new_tokens", "batch_size", "threads",
-                     "max_eval_prompts"):  # threads and max_eval_prompts may be unset (None)
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ConfigError(f"option '{name}' must be >= 1, got {getattr(self, name)}")
-        if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        check_ranges(self, positive=("num_train_prompts", "num_test_prompts", "num_samples", "max_new_tokens",
+                                     "batch_size", "threads", "max_eval_prompts"), nonnegative=("temperature",))
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.num_samples < 2:

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from finegrain.config import option
+from finegrain.config import check_ranges, option
 from finegrain.errors import ConfigError
 
 __all__ = ["ContrastiveLabelConfig", "label_pairs", "run_contrastive"]
@@ -49,9 +49,7 @@ class ContrastiveLabelConfig:
     trust_remote_code: bool = option(False, "allow models/tokenizers with custom code from the hub")
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "max_length", "max_prompt_length", "chunk_size"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"option '{name}' must be positive, got {getattr(self, name)}")
+        check_ranges(self, positive=("batch_size", "max_length", "max_prompt_length", "chunk_size"))
         if self.max_prompt_length >= self.max_length:
             raise ConfigError(f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length "
                               f"({self.max_length})")

@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
-from finegrain.config import option
+from finegrain.config import check_ranges, option
 from finegrain.errors import ConfigError
 
 __all__ = ["EditsConfig", "EditsSummary", "label_rows", "run_edits", "spans_from_labels"]
@@ -60,8 +60,7 @@ class EditsConfig:
     overwrite_output: bool = option(False, "replace output_file if it exists")
 
     def __post_init__(self) -> None:
-        if self.limit is not None and self.limit <= 0:
-            raise ConfigError(f"option 'limit' must be positive (or unset for all rows), got {self.limit}")
+        check_ranges(self, positive=("limit",))
         if self.dataset_name is not None and self.tokenizer_name_or_path is None:
             raise ConfigError("--dataset_name needs --tokenizer_name_or_path: labels belong to one tokenizer's tokens "
                               "(or use --format spans --unit word for tokenizer-free labels, still with a tokenizer "

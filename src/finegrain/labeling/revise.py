@@ -24,7 +24,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from finegrain.config import option
+from finegrain.config import check_ranges, option
 from finegrain.errors import ConfigError, DataError
 from finegrain.labeling.revisers import (
     DEFAULT_BASE_URL,
@@ -123,17 +123,10 @@ class ReviseConfig:
                                   "to 60 s; a Retry-After header is honoured)")
 
     def __post_init__(self) -> None:
-        for name in ("max_tokens", "batch_size", "concurrency", "max_edits"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ConfigError(f"option '{name}' must be positive, got {getattr(self, name)}")
-        if self.max_retries < 0:
-            raise ConfigError(f"option 'max_retries' must be >= 0, got {self.max_retries}")
-        if self.limit is not None and self.limit <= 0:
-            raise ConfigError(f"option 'limit' must be positive (or unset for all rows), got {self.limit}")
-        if self.timeout <= 0 or self.retry_backoff < 0:
-            raise ConfigError("options 'timeout' must be > 0 and 'retry_backoff' >= 0")
-        if self.temperature < 0 or not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"temperature must be >= 0 and top_p in (0, 1]; got {self.temperature}, {self.top_p}")
+        check_ranges(self, positive=("max_tokens", "batch_size", "concurrency", "max_edits", "limit", "timeout"),
+                     nonnegative=("max_retries", "retry_backoff", "temperature"))
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if not self.output_file:
             raise ConfigError("give --output_file, the JSONL file to write the revisions to")
         if not _ENV_NAME.fullmatch(self.api_key_env):

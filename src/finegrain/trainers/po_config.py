@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from finegrain.config import TrainConfig, option
+from finegrain.config import TrainConfig, check_ranges, option
 from finegrain.errors import ConfigError
 from finegrain.losses import get_preference_loss_spec
 
@@ -66,8 +66,7 @@ class POConfig(TrainConfig):
         tdpo = spec.needs_ref_distribution
         if self.beta is None:
             self.beta = DEFAULT_BETA[self.loss]
-        if not self.beta > 0:
-            raise ConfigError(f"beta must be positive, got {self.beta}")
+        check_ranges(self, positive=("beta", "chunk_size"), nonnegative=("rpo_alpha",))
         if self.alpha is None:
             self.alpha = TREG_DEFAULT_ALPHA if treg else DEFAULT_ALPHA if self.loss == "tdpo2" else None
         elif not (treg or self.loss == "tdpo2"):
@@ -84,8 +83,6 @@ class POConfig(TrainConfig):
             raise ConfigError(f"label_smoothing must lie in [0, 0.5), got {self.label_smoothing}")
         if self.rpo_alpha is not None and self.loss != "dpo":
             raise ConfigError(f"--rpo_alpha adds an SFT term to DPO (DPO-SFT); it does not apply to --loss {self.loss}")
-        if self.rpo_alpha is not None and not self.rpo_alpha >= 0:
-            raise ConfigError(f"rpo_alpha must be >= 0, got {self.rpo_alpha}")
         treg_only = dict(reg_source="contrastive", reg_map=None, weighting="dpo_grad", token_reduction=None,
                          token_rewards_column="token_rewards", contrastive_template="auto",
                          contrastive_positive=None, contrastive_negative=None)
@@ -107,8 +104,6 @@ class POConfig(TrainConfig):
             flag = "--precompute_ref_log_probs" if self.precompute_ref_log_probs else "--ref_model_name_or_path"
             raise ConfigError(f"--loss {self.loss}{' with --reg_source ' + self.reg_source if treg else ''} uses no "
                               f"reference model; drop {flag}")
-        if self.chunk_size <= 0:
-            raise ConfigError(f"chunk_size must be positive, got {self.chunk_size}")
 
 
 def reg_source_is_spec(cfg: POConfig) -> bool:

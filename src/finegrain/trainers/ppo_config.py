@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from finegrain.config import TrainConfig, option
+from finegrain.config import TrainConfig, check_ranges, option
 from finegrain.errors import ConfigError
 
 
@@ -69,10 +69,10 @@ class PPOConfig(TrainConfig):
         if self.gradient_accumulation_steps != 1:
             raise ConfigError("ppo accumulates micro-batches of --per_device_train_batch_size rows within each minibatch; "
                               "set the minibatch with --num_mini_batches and leave --gradient_accumulation_steps at 1")
-        for name in ("ppo_epochs", "num_mini_batches", "rollout_batch_size", "num_samples", "max_new_tokens",
-                     "score_chunk_rows"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"option '{name}' must be >= 1, got {getattr(self, name)}")
+        check_ranges(self, positive=("ppo_epochs", "num_mini_batches", "rollout_batch_size", "num_samples",
+                                     "max_new_tokens", "score_chunk_rows", "clip_eps", "reward_clip",
+                                     "value_clip_eps", "critic_learning_rate"),
+                     nonnegative=("kl_coef", "vf_coef", "entropy_coef", "lag"))
         if (self.rollout_batch_size * self.num_samples) % self.num_mini_batches:
             raise ConfigError(f"rollout_batch_size x num_samples ({self.rollout_batch_size * self.num_samples}) must be a "
                               f"multiple of num_mini_batches ({self.num_mini_batches})")
@@ -90,14 +90,6 @@ class PPOConfig(TrainConfig):
             raise ConfigError(f"temperature must be > 0 (PPO needs the sampling distribution), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0 or self.top_k < 0:
             raise ConfigError(f"top_p must be in (0, 1] and top_k >= 0, got {self.top_p} and {self.top_k}")
-        for name in ("kl_coef", "clip_eps", "vf_coef", "entropy_coef", "lag"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"option '{name}' must be >= 0, got {getattr(self, name)}")
-        if self.clip_eps == 0:
-            raise ConfigError("clip_eps must be > 0")
-        for name in ("reward_clip", "value_clip_eps", "critic_learning_rate"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ConfigError(f"option '{name}' must be > 0 or none, got {getattr(self, name)}")
         if self.max_new_tokens > self.max_length - self.max_prompt_length:
             raise ConfigError(f"max_new_tokens ({self.max_new_tokens}) exceeds max_length - max_prompt_length "
                               f"({self.max_length - self.max_prompt_length}); raise --max_length or lower one of them")

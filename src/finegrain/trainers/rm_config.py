@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from finegrain.config import TrainConfig, option
+from finegrain.config import TrainConfig, check_ranges, option
 from finegrain.errors import ConfigError
 
 
@@ -63,11 +63,7 @@ class RMConfig(TrainConfig):
             raise ConfigError(f"reward_embed_dim must be a positive even number (RoPE), got {self.reward_embed_dim}")
         if self.max_sentences < 2:
             raise ConfigError(f"max_sentences must be >= 2 (the prompt boundary and one sentence), got {self.max_sentences}")
-        if self.lag < 0:
-            raise ConfigError(f"lag must be >= 0, got {self.lag}")
-        for name in ("seq_weight", "edit_weight", "center_rewards_coefficient", "srm_l2_coef"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        check_ranges(self, nonnegative=("lag", "seq_weight", "edit_weight", "center_rewards_coefficient", "srm_l2_coef"))
         if self.level == "token" and self.objective == "edit_bt" and self.edit_weight == 0 and self.seq_weight == 0:
             raise ConfigError("--edit_weight 0 and --seq_weight 0 leave objective A without a loss; set one > 0")
 

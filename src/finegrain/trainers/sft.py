@@ -20,8 +20,7 @@ from pathlib import Path
 
 import torch
 
-from finegrain.config import TrainConfig, option
-from finegrain.errors import ConfigError
+from finegrain.config import TrainConfig, check_ranges, option
 from finegrain.models.forward import completion_token_logps
 from finegrain.trainers import loop
 
@@ -34,8 +33,7 @@ class SFTConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.chunk_size <= 0:
-            raise ConfigError(f"chunk_size must be positive, got {self.chunk_size}")
+        check_ranges(self, positive=("chunk_size",))
 
 
 def completion_nll_sum(model, batch, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:

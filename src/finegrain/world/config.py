@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from finegrain.config import option
+from finegrain.config import check_ranges, option
 from finegrain.errors import ConfigError
 from finegrain.world.oracle import OracleRules
 
@@ -61,18 +61,9 @@ class WorldConfig:
             raise ConfigError(f"control_fidelity must be in [0, 1], got {f}")
         if self.revision_sides not in ("rejected", "both"):
             raise ConfigError(f"revision_sides must be 'rejected' or 'both', got {self.revision_sides!r}")
-        if self.revision_max_edits < 1:
-            raise ConfigError(f"revision_max_edits must be >= 1, got {self.revision_max_edits}")
-        if self.misperception_scale < 0:
-            raise ConfigError(f"misperception must be >= 0, got {self.misperception_scale}")
-        if self.bt_temperature <= 0:
-            raise ConfigError(f"bt_temperature must be > 0, got {self.bt_temperature}")
-        if self.revision_examples is not None and self.revision_examples < 0:
-            raise ConfigError(f"revision_examples must be >= 0, got {self.revision_examples}")
-        for name in ("sft_examples", "sft_steps", "sft_batch_size", "train_prompts", "test_prompts",
-                     "max_new_tokens", "max_sentences", "hidden_size", "num_layers", "num_heads"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        check_ranges(self, nonnegative=("misperception", "revision_examples"), positive=(
+            "revision_max_edits", "bt_temperature", "sft_examples", "sft_steps", "sft_batch_size", "train_prompts", "test_prompts",
+            "max_new_tokens", "max_sentences", "hidden_size", "num_layers", "num_heads"))
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"hidden_size ({self.hidden_size}) must be a multiple of num_heads ({self.num_heads})")
 
