@@ -64,7 +64,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from finegrain.bench.cli import ScriptParser
+
+    p = ScriptParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", nargs="*", default=list(DEFAULT_METHODS), choices=METHODS)
     p.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=150, help="optimizer steps per run (the budget; ~2.4 epochs)")

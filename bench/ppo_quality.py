@@ -86,7 +86,9 @@ CONDITIONS = tuple(ORACLE_CONDITIONS) + tuple(RM_CONDITIONS)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from finegrain.bench.cli import ScriptParser
+
+    p = ScriptParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--conditions", nargs="*", default=list(DEFAULT_CONDITIONS), choices=CONDITIONS)
     p.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=40, help="rollout batches per run (the sample budget)")

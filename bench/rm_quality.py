@@ -43,7 +43,6 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -355,7 +354,9 @@ def run(*, seeds=(0, 1, 2), pair_steps: int = 300, edit_steps: int = 1000, batch
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from finegrain.bench.cli import ScriptParser
+
+    p = ScriptParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--pair_steps", type=int, default=300, help="steps of the sequence and sentence RMs (16 pairs each)")
     p.add_argument("--edit_steps", type=int, default=1000, help="steps of the token RM and the discriminator")

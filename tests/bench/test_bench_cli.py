@@ -146,3 +146,23 @@ def test_benchmarks_doc_covers_every_benchmark():
     assert named <= set(cli.BENCHMARKS), named - set(cli.BENCHMARKS)
     for script in set(re.findall(r"bench/([a-z_]+)\.py", doc)):
         assert os.path.exists(os.path.join(os.path.dirname(__file__), "..", "..", "bench", f"{script}.py")), script
+
+
+def test_script_parser_takes_both_spellings_of_every_long_option():
+    p = cli.ScriptParser(prog="x")
+    p.add_argument("--world-dir", default=None)
+    p.add_argument("--work_dir", default=None)
+    p.add_argument("-q", "--reuse-rms", action="store_true")
+    for argv in (["--world-dir", "w", "--work_dir", "k", "-q"], ["--world_dir", "w", "--work-dir", "k", "--reuse_rms"]):
+        assert vars(p.parse_args(argv)) == {"world_dir": "w", "work_dir": "k", "reuse_rms": True}
+    assert vars(p.parse_args([])) == {"world_dir": None, "work_dir": None, "reuse_rms": False}
+
+
+@pytest.mark.parametrize("script", ["po_quality", "ppo_quality", "rm_quality"])
+def test_quality_scripts_take_both_spellings(script):
+    """The bench/ quality scripts parse --world-dir and --world_dir alike (their --help lists both)."""
+    bench = os.path.join(os.path.dirname(__file__), "..", "..", "bench", f"{script}.py")
+    out = subprocess.run([sys.executable, bench, "--help"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "--world-dir" in out.stdout and "--world_dir" in out.stdout

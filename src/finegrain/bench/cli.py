@@ -61,6 +61,17 @@ def _epilog() -> str:
     return "\n".join(lines)
 
 
+class ScriptParser(argparse.ArgumentParser):
+    """The parser of a benchmark script: every long option takes both spellings, ``--snake_case`` and
+    ``--kebab-case``, as the ``finegrain`` commands do."""
+
+    def add_argument(self, *flags: str, **kwargs: typing.Any) -> argparse.Action:  # type: ignore[override]
+        spelled = []
+        for f in flags:
+            spelled += [f, "--" + f[2:].replace("_", "-"), "--" + f[2:].replace("-", "_")] if f.startswith("--") else [f]
+        return super().add_argument(*dict.fromkeys(spelled), **kwargs)  # the flag as given first: it names the dest
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = CommandParser(prog="finegrain bench", description=DESCRIPTION,
                 epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -210,14 +221,14 @@ def make_main(run, doc: str, *, help: dict[str, str] | None = None, choices: dic
 
         argv = list(sys.argv[1:] if argv is None else argv)
         hints = typing.get_type_hints(run)
-        p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+        p = ScriptParser(description=doc.split("\n\n")[0])
         for name, param in inspect.signature(run).parameters.items():
             if name in skip:
                 continue
             tp = hints[name]
             if isinstance(tp, types.UnionType):  # X | None, or tuple[...] | list[...]
                 tp = next(t for t in typing.get_args(tp) if t is not type(None))
-            flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
+            flags = [f"--{name.replace('_', '-')}"]
             default = defaults.get(name, param.default)
             spec = dict(help=help.get(name), choices=choices.get(name))
             if tp is bool:
