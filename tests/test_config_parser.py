@@ -157,6 +157,10 @@ def test_check_ranges_names_the_first_option_out_of_range():
         assert str(info.value) == message
     with pytest.raises(ConfigError, match="option 'b' must be >= 0, got nan"):
         check_ranges(cfg(1.0, float("nan"), 1), nonnegative=("b",))
+    check_ranges(cfg(1.0, 1e-9, None), unit_interval=("a", "b", "c"))  # (0, 1]: both ends as written
+    for a, b in ((1.0 + 1e-9, 0.5), (0.5, 0.0), (float("nan"), 0.5)):
+        with pytest.raises(ConfigError, match=r"option '[ab]' must be in \(0, 1\], got"):
+            check_ranges(cfg(a, b, None), unit_interval=("a", "b"))
 
 
 def test_unknown_flags_and_stray_words():

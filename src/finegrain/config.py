@@ -43,10 +43,13 @@ def option(default: Any = _MISSING, help: str = "", *, default_factory: Any = _M
     return dataclasses.field(default=default, metadata=meta)
 
 
-def check_ranges(cfg: Any, *, positive: tuple[str, ...] = (), nonnegative: tuple[str, ...] = ()) -> None:
+def check_ranges(cfg: Any, *, positive: tuple[str, ...] = (), nonnegative: tuple[str, ...] = (),
+                 unit_interval: tuple[str, ...] = ()) -> None:
     """Raise :class:`ConfigError` naming the first option of ``cfg`` out of its range: ``positive`` options must be
-    > 0, ``nonnegative`` ones >= 0 (NaN fails both); an unset option (``None``) passes."""
-    for names, bound, ok in ((positive, "> 0", lambda v: v > 0), (nonnegative, ">= 0", lambda v: v >= 0)):
+    > 0, ``nonnegative`` ones >= 0, ``unit_interval`` ones in (0, 1] (``top_p``); NaN fails all three, an unset
+    option (``None``) passes."""
+    for names, bound, ok in ((positive, "> 0", lambda v: v > 0), (nonnegative, ">= 0", lambda v: v >= 0),
+                             (unit_interval, "in (0, 1]", lambda v: 0 < v <= 1)):
         for name in names:
             value = getattr(cfg, name)
             if value is not None and not ok(value):

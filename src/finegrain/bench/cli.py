@@ -68,7 +68,8 @@ class ScriptParser(argparse.ArgumentParser):
     def add_argument(self, *flags: str, **kwargs: typing.Any) -> argparse.Action:  # type: ignore[override]
         spelled = []
         for f in flags:
-            spelled += [f, "--" + f[2:].replace("_", "-"), "--" + f[2:].replace("-", "_")] if f.startswith("--") else [f]
+            long = f.startswith("--")
+            spelled += [f, "--" + f[2:].replace("_", "-"), "--" + f[2:].replace("-", "_")] if long else [f]
         return super().add_argument(*dict.fromkeys(spelled), **kwargs)  # the flag as given first: it names the dest
 
 

@@ -91,9 +91,8 @@ class EvalConfig:
             raise ConfigError("nothing to evaluate: pass --policy MODEL_DIR and/or --token_credit SOURCE ...")
         check_ranges(self, positive=("num_samples", "batch_size", "chunk_rows", "max_prompt_length", "max_new_tokens",
                                      "max_prompts", "max_credit_rows"),
-                     nonnegative=("temperature", "top_k", "tie_tolerance", "num_credit_examples"))
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+                     nonnegative=("temperature", "top_k", "tie_tolerance", "num_credit_examples"),
+                     unit_interval=("top_p",))
         if self.prompts and not self.reference and self.policy:
             raise ConfigError("--prompts given without --reference: on your own prompts, name the reference model")
         if self.prompts and self.policy and not self.judge:

@@ -61,9 +61,8 @@ class IFEvalConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self, positive=("num_train_prompts", "num_test_prompts", "num_samples", "max_new_tokens",
-                                     "batch_size", "threads", "max_eval_prompts"), nonnegative=("temperature",))
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+                                     "batch_size", "threads", "max_eval_prompts"), nonnegative=("temperature",),
+                     unit_interval=("top_p",))
         if self.num_samples < 2:
             raise ConfigError("num_samples must be >= 2: a pair needs two responses to the same prompt")
 

@@ -124,9 +124,7 @@ class ReviseConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self, positive=("max_tokens", "batch_size", "concurrency", "max_edits", "limit", "timeout"),
-                     nonnegative=("max_retries", "retry_backoff", "temperature"))
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+                     nonnegative=("max_retries", "retry_backoff", "temperature"), unit_interval=("top_p",))
         if not self.output_file:
             raise ConfigError("give --output_file, the JSONL file to write the revisions to")
         if not _ENV_NAME.fullmatch(self.api_key_env):

@@ -72,7 +72,7 @@ class PPOConfig(TrainConfig):
         check_ranges(self, positive=("ppo_epochs", "num_mini_batches", "rollout_batch_size", "num_samples",
                                      "max_new_tokens", "score_chunk_rows", "clip_eps", "reward_clip",
                                      "value_clip_eps", "critic_learning_rate"),
-                     nonnegative=("kl_coef", "vf_coef", "entropy_coef", "lag"))
+                     nonnegative=("kl_coef", "vf_coef", "entropy_coef", "lag", "top_k"), unit_interval=("top_p",))
         if (self.rollout_batch_size * self.num_samples) % self.num_mini_batches:
             raise ConfigError(f"rollout_batch_size x num_samples ({self.rollout_batch_size * self.num_samples}) must be a "
                               f"multiple of num_mini_batches ({self.num_mini_batches})")
@@ -88,8 +88,6 @@ class PPOConfig(TrainConfig):
             raise ConfigError(f"gamma and lam must lie in [0, 1], got {self.gamma} and {self.lam}")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0 (PPO needs the sampling distribution), got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0 or self.top_k < 0:
-            raise ConfigError(f"top_p must be in (0, 1] and top_k >= 0, got {self.top_p} and {self.top_k}")
         if self.max_new_tokens > self.max_length - self.max_prompt_length:
             raise ConfigError(f"max_new_tokens ({self.max_new_tokens}) exceeds max_length - max_prompt_length "
                               f"({self.max_length - self.max_prompt_length}); raise --max_length or lower one of them")

@@ -63,7 +63,8 @@ class RMConfig(TrainConfig):
             raise ConfigError(f"reward_embed_dim must be a positive even number (RoPE), got {self.reward_embed_dim}")
         if self.max_sentences < 2:
             raise ConfigError(f"max_sentences must be >= 2 (the prompt boundary and one sentence), got {self.max_sentences}")
-        check_ranges(self, nonnegative=("lag", "seq_weight", "edit_weight", "center_rewards_coefficient", "srm_l2_coef"))
+        check_ranges(self, nonnegative=("lag", "seq_weight", "edit_weight", "center_rewards_coefficient",
+                                        "srm_l2_coef"))
         if self.level == "token" and self.objective == "edit_bt" and self.edit_weight == 0 and self.seq_weight == 0:
             raise ConfigError("--edit_weight 0 and --seq_weight 0 leave objective A without a loss; set one > 0")
 

@@ -62,8 +62,8 @@ class WorldConfig:
         if self.revision_sides not in ("rejected", "both"):
             raise ConfigError(f"revision_sides must be 'rejected' or 'both', got {self.revision_sides!r}")
         check_ranges(self, nonnegative=("misperception", "revision_examples"), positive=(
-            "revision_max_edits", "bt_temperature", "sft_examples", "sft_steps", "sft_batch_size", "train_prompts", "test_prompts",
-            "max_new_tokens", "max_sentences", "hidden_size", "num_layers", "num_heads"))
+            "revision_max_edits", "bt_temperature", "sft_examples", "sft_steps", "sft_batch_size", "train_prompts",
+            "test_prompts", "max_new_tokens", "max_sentences", "hidden_size", "num_layers", "num_heads"))
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"hidden_size ({self.hidden_size}) must be a multiple of num_heads ({self.num_heads})")
 
