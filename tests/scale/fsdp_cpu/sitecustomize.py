@@ -11,7 +11,6 @@ sharded model, which the test counts. Nothing else changes: finegrain's loop, ac
 """
 
 import os
-import sys
 
 if os.environ.get("FINEGRAIN_TEST_FSDP_ON_CPU") == "1":
     import accelerate.accelerator as _accelerator
@@ -35,8 +34,9 @@ if os.environ.get("FINEGRAIN_TEST_FSDP_ON_CPU") == "1":
     def _announced_prepare(accelerator, model):
         out = _prepare(accelerator, model)
         sharded = sum(type(p).__name__ == "DTensor" for p in out.parameters())
-        print(f"fsdp2-on-cpu: rank {accelerator.process_index} sharded {sharded} parameters", file=sys.stderr,
-              flush=True)
+        # one write(2) of a short line, so that the two ranks' lines cannot interleave on the shared pipe
+        # (print writes the text and its newline apart; CI once read "...parametersfsdp2-on-cpu: rank 1 ...")
+        os.write(2, f"fsdp2-on-cpu: rank {accelerator.process_index} sharded {sharded} parameters\n".encode())
         return out
 
     _accelerator.fsdp2_prepare_model = _announced_prepare
