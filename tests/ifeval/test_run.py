@@ -58,6 +58,8 @@ def test_the_plan_runs_every_method_as_a_normal_command(tmp_path):
     assert jobs[0].argv[jobs[0].argv.index("--max_steps") + 1] == "2"  # the quick preset
     with pytest.raises(ConfigError, match="unknown method"):
         _cfg(tmp_path, "--methods", "grpo")
+    with pytest.raises(ConfigError, match="option 'threads' must be > 0, got 0"):
+        _cfg(tmp_path, "--threads", "0")
 
 
 def test_resume_flags_follow_the_run_directory(tmp_path):

@@ -49,6 +49,7 @@ def test_config_defaults_and_contradictions():
         "full distribution": ["--loss", "tdpo1", "--precompute_ref_log_probs"],
         "uses no reference": ["--loss", "simpo", "--precompute_ref_log_probs"],
         "option 'beta' must be > 0": ["--beta", "0"],
+        "option 'alpha' must be >= 0, got -1": ["--loss", "tdpo2", "--alpha", "-1"],
     }
     for message, argv in bad.items():
         with pytest.raises(ConfigError, match=message):

@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from finegrain.config import option, parse
+from finegrain.config import check_ranges, option, parse
 from finegrain.data.files import write_text
 from finegrain.errors import ConfigError
 
@@ -129,8 +129,7 @@ class RunConfig:
             raise ConfigError(f"unknown stage(s) {', '.join(bad)}; the stages are {', '.join(STAGES)}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
             raise ConfigError(f"seeds must be distinct non-negative integers, got {self.seeds}")
-        if self.threads < 1:
-            raise ConfigError(f"threads must be >= 1, got {self.threads}")
+        check_ranges(self, positive=("threads",))
 
     @property
     def setting(self) -> str:

@@ -66,13 +66,11 @@ class POConfig(TrainConfig):
         tdpo = spec.needs_ref_distribution
         if self.beta is None:
             self.beta = DEFAULT_BETA[self.loss]
-        check_ranges(self, positive=("beta", "chunk_size"), nonnegative=("rpo_alpha",))
         if self.alpha is None:
             self.alpha = TREG_DEFAULT_ALPHA if treg else DEFAULT_ALPHA if self.loss == "tdpo2" else None
         elif not (treg or self.loss == "tdpo2"):
             raise ConfigError(f"--alpha is used by tdpo2 and treg-* only; drop it for --loss {self.loss}")
-        elif self.alpha < 0:
-            raise ConfigError(f"alpha must be >= 0, got {self.alpha}")
+        check_ranges(self, positive=("beta", "chunk_size"), nonnegative=("alpha", "rpo_alpha"))
         if self.gamma is None:
             self.gamma = SIMPO_GAMMA_RATIO * self.beta if simpo else None
         elif not simpo:
